@@ -91,6 +91,15 @@ pub enum Error {
         /// Which input.
         what: &'static str,
     },
+    /// A cache configured to stop when full was asked to hold more tokens than its capacity.
+    ContextFull {
+        /// Tokens the cache holds.
+        held: usize,
+        /// Tokens the append asked to add.
+        adding: usize,
+        /// Tokens it can hold.
+        capacity: usize,
+    },
 }
 
 impl fmt::Display for Error {
@@ -122,6 +131,9 @@ impl fmt::Display for Error {
                 write!(f, "permutation entry {index} repeats or is out of range")
             }
             Self::EmptyInput { what } => write!(f, "{what} is empty"),
+            Self::ContextFull { held, adding, capacity } => {
+                write!(f, "context full: holding {held} tokens, adding {adding}, capacity {capacity}")
+            }
         }
     }
 }

@@ -70,10 +70,15 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod attention;
+pub mod cache;
 pub mod error;
 pub mod pack;
 pub mod quant;
 pub mod view;
+
+#[cfg(test)]
+pub(crate) mod testutil;
 
 pub use error::{Error, Result};
 

@@ -1,0 +1,556 @@
+//! Attention over a [`Cache`]: decode (one position, all query heads) and prefill (a causal chunk).
+//!
+//! The packed codes are read in place; no full-precision copy of the history is made. For each KV head,
+//! the query heads of its GQA group (`q_head / (q_heads / kv_heads)`, as KIVI's GEMV maps them) are scored
+//! together so each code is read once:
+//!
+//! ```text
+//! scores[h][t] = scale * q_h . k_t         over sinks, quantized body, full-precision window (token order)
+//! p[h]         = softmax(scores[h])        max-subtracted, in f32
+//! out[h]       = sum_t p[h][t] * v_t
+//! ```
+//!
+//! Kernels come in two twins: [`Kernel::Portable`] (scalar, `libm::expf`; what Miri and the firmware run)
+//! and [`Kernel::Avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them). The probabilities
+//! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use crate::cache::{Axis, Cache, Precision, Stream, StreamView, window::ring_runs};
+use crate::error::{Error, Result, need};
+use crate::pack::Width;
+
+/// Which kernels to run: the portable scalar twins, or AVX2 + FMA + F16C on x86-64.
+///
+/// A `Kernel` that uses AVX2 can only be made where the CPU has the features ([`Kernel::avx2`] checks at
+/// run time with the `std` feature, or at compile time without it), so choosing one is always sound.
+/// Shapes the vector kernels do not cover (`head_dim % 8 != 0`, 1- or 3-bit codes, groups not a multiple
+/// of 32) run the portable twins either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Kernel {
+    avx2: bool,
+}
+
+impl Kernel {
+    /// Scalar code, any target.
+    pub const PORTABLE: Self = Self { avx2: false };
+
+    /// The AVX2 kernels, if this CPU runs them.
+    pub fn avx2() -> Option<Self> {
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Some(Self { avx2: true });
+            }
+        }
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        {
+            return Some(Self { avx2: true });
+        }
+        #[allow(unreachable_code)]
+        None
+    }
+
+    /// The fastest kernels this CPU runs.
+    pub fn detect() -> Self {
+        Self::avx2().unwrap_or(Self::PORTABLE)
+    }
+
+    /// `"avx2"` or `"portable"`.
+    pub fn name(&self) -> &'static str {
+        if self.avx2 { "avx2" } else { "portable" }
+    }
+
+    /// Whether the vector path is usable for a head dimension.
+    fn vector(self, d: usize) -> bool {
+        self.avx2 && d % 8 == 0
+    }
+}
+
+/// `nq` query rows of `d`, already multiplied by the softmax scale.
+pub(crate) struct Queries<'q> {
+    pub(crate) q: &'q [f32],
+    pub(crate) nq: usize,
+    pub(crate) d: usize,
+}
+
+impl Queries<'_> {
+    #[inline]
+    pub(crate) fn row(&self, i: usize) -> &[f32] {
+        &self.q[i * self.d..][..self.d]
+    }
+}
+
+/// Score rows: query `qi`, token `t` of the current run, at `data[qi * stride + pos + t]`.
+pub(crate) struct Scores<'s> {
+    pub(crate) data: &'s mut [f32],
+    pub(crate) stride: usize,
+    pub(crate) pos: usize,
+}
+
+impl Scores<'_> {
+    #[inline]
+    pub(crate) fn at(&mut self, qi: usize, t: usize) -> &mut f32 {
+        &mut self.data[qi * self.stride + self.pos + t]
+    }
+}
+
+/// Probability rows, laid out as [`Scores`].
+pub(crate) struct Probs<'p> {
+    pub(crate) data: &'p [f32],
+    pub(crate) stride: usize,
+    pub(crate) pos: usize,
+}
+
+impl Probs<'_> {
+    #[inline]
+    pub(crate) fn at(&self, qi: usize, t: usize) -> f32 {
+        self.data[qi * self.stride + self.pos + t]
+    }
+}
+
+/// One head of a per-channel quantized body.
+pub(crate) struct ChannelBody<'c> {
+    pub(crate) codes: &'c [u32],
+    pub(crate) row_words: usize,
+    pub(crate) scale: &'c [u16],
+    pub(crate) zero: &'c [u16],
+    pub(crate) width: Width,
+    pub(crate) group: usize,
+}
+
+/// One head of a per-token quantized body.
+pub(crate) struct TokenBody<'c> {
+    pub(crate) codes: &'c [u32],
+    pub(crate) row_words: usize,
+    pub(crate) scale: &'c [u16],
+    pub(crate) zero: &'c [u16],
+    pub(crate) ring: usize,
+    pub(crate) width: Width,
+    pub(crate) group: usize,
+}
+
+/// Widths the vector kernels unpack (ternary codes are stored as 2-bit).
+fn vector_width(w: Width) -> bool {
+    matches!(w, Width::B2 | Width::Ternary | Width::B4 | Width::B8)
+}
+
+/// The probabilities an attention call left in the scratch: row `h` holds query head `h`'s weights over the
+/// held tokens in order (sinks, then body oldest first).
+#[derive(Debug)]
+pub struct AttnProbs<'s> {
+    data: &'s [f32],
+    tokens: usize,
+}
+
+impl<'s> AttnProbs<'s> {
+    /// Tokens per row.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Query head `h`'s probabilities (empty past the last head).
+    pub fn head(&self, h: usize) -> &'s [f32] {
+        self.data.get(h * self.tokens..(h + 1) * self.tokens).unwrap_or(&[])
+    }
+}
+
+/// Scratch floats a decode over a cache of `capacity` tokens needs with `q_heads` query heads.
+pub const fn decode_scratch_len(capacity: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> usize {
+    prefill_scratch_len(capacity, 1, q_heads, kv_heads, head_dim)
+}
+
+/// Scratch floats a prefill of `chunk` tokens over a cache holding at most `capacity` tokens needs.
+pub const fn prefill_scratch_len(
+    capacity: usize,
+    chunk: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> usize {
+    let ratio = if kv_heads == 0 { 0 } else { q_heads / kv_heads };
+    let nq = ratio * chunk;
+    // scores + scaled queries + folded queries + per-token parameter products
+    nq * (capacity + chunk) + 2 * nq * head_dim + nq * (head_dim + 8) * 8 + 64
+}
+
+struct Shape {
+    kv_heads: usize,
+    d: usize,
+    ratio: usize,
+}
+
+fn check_shape(cache: &Cache<'_>, q_heads: usize, scale: f32) -> Result<Shape> {
+    let cfg = cache.config();
+    if q_heads == 0 || q_heads % cfg.kv_heads != 0 {
+        return Err(Error::ShapeMismatch { what: "q_heads (a multiple of kv_heads)", expected: cfg.kv_heads, got: q_heads });
+    }
+    if !scale.is_finite() {
+        return Err(Error::NonFinite { index: 0 });
+    }
+    Ok(Shape { kv_heads: cfg.kv_heads, d: cfg.head_dim, ratio: q_heads / cfg.kv_heads })
+}
+
+fn check_finite(x: &[f32]) -> Result<()> {
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(Error::NonFinite { index }),
+        None => Ok(()),
+    }
+}
+
+/// Decode attention of one position over everything the cache holds.
+///
+/// `q` is `[q_heads][head_dim]`, `out` receives `[q_heads][head_dim]`; `scale` multiplies the scores
+/// (usually `1/sqrt(head_dim)`). The caller appends the position's key and value first. `scratch` needs
+/// [`decode_scratch_len`] floats for the cache's capacity.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] for lengths that do not fit the cache; [`Error::NonFinite`] for a NaN or
+/// infinite query or scale; [`Error::BufferTooSmall`] for a short scratch; [`Error::EmptyInput`] if the
+/// cache holds no token.
+pub fn decode<'s>(
+    cache: &Cache<'_>,
+    q: &[f32],
+    q_heads: usize,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &'s mut [f32],
+    kernel: Kernel,
+) -> Result<AttnProbs<'s>> {
+    let sh = check_shape(cache, q_heads, scale)?;
+    let d = sh.d;
+    if q.len() != q_heads * d {
+        return Err(Error::ShapeMismatch { what: "query length", expected: q_heads * d, got: q.len() });
+    }
+    if out.len() != q_heads * d {
+        return Err(Error::ShapeMismatch { what: "output length", expected: q_heads * d, got: out.len() });
+    }
+    check_finite(q)?;
+    let held = cache.held();
+    if held == 0 {
+        return Err(Error::EmptyInput { what: "cache" });
+    }
+    let cap = cache.config().capacity;
+    need("attention scratch", decode_scratch_len(cap, q_heads, sh.kv_heads, d), scratch.len())?;
+    let (scores, rest) = scratch.split_at_mut(q_heads * held);
+    let (qs, work) = rest.split_at_mut(sh.ratio * d);
+    let keys = cache.view(Stream::Keys);
+    let values = cache.view(Stream::Values);
+    for h in 0..sh.kv_heads {
+        let rows = h * sh.ratio..(h + 1) * sh.ratio;
+        for (o, &x) in qs.iter_mut().zip(&q[rows.start * d..rows.end * d]) {
+            *o = x * scale;
+        }
+        let qv = Queries { q: qs, nq: sh.ratio, d };
+        let sc = &mut scores[rows.start * held..rows.end * held];
+        key_scores(cache, &keys, h, &qv, sc, held, work, kernel);
+        for row in sc.chunks_exact_mut(held) {
+            softmax(row, kernel);
+        }
+        let o = &mut out[rows.start * d..rows.end * d];
+        o.fill(0.0);
+        value_sums(cache, &values, h, &Probs { data: sc, stride: held, pos: 0 }, sh.ratio, o, work, kernel);
+    }
+    Ok(AttnProbs { data: scores, tokens: held })
+}
+
+/// Prefill attention of a chunk of `n` positions that follow what the cache holds.
+///
+/// `q` is `[n][q_heads][head_dim]`; `k` and `v` are the chunk's keys and values `[n][kv_heads][head_dim]`
+/// in full precision (as KIVI's prefill attends); `out` receives `[n][q_heads][head_dim]`. Position `i`
+/// attends to every held token and to chunk positions `0..=i`. The caller appends `k` and `v` to the cache
+/// afterwards. `scratch` needs [`prefill_scratch_len`] floats.
+///
+/// # Errors
+/// As [`decode`], and [`Error::ShapeMismatch`] if `k`, `v` or `out` do not match `q`.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill(
+    cache: &Cache<'_>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q_heads: usize,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut [f32],
+    kernel: Kernel,
+) -> Result<()> {
+    let sh = check_shape(cache, q_heads, scale)?;
+    let d = sh.d;
+    let n = q.len() / (q_heads * d);
+    if n == 0 || q.len() != n * q_heads * d {
+        return Err(Error::ShapeMismatch { what: "query length (n * q_heads * head_dim)", expected: q_heads * d, got: q.len() });
+    }
+    let kv = n * sh.kv_heads * d;
+    if k.len() != kv || v.len() != kv {
+        return Err(Error::ShapeMismatch { what: "chunk key/value length", expected: kv, got: k.len().min(v.len()) });
+    }
+    if out.len() != q.len() {
+        return Err(Error::ShapeMismatch { what: "output length", expected: q.len(), got: out.len() });
+    }
+    check_finite(q)?;
+    check_finite(k)?;
+    check_finite(v)?;
+    let held = cache.held();
+    let cap = cache.config().capacity;
+    need("attention scratch", prefill_scratch_len(cap, n, q_heads, sh.kv_heads, d), scratch.len())?;
+    let nq = sh.ratio * n;
+    let stride = held + n;
+    let (scores, rest) = scratch.split_at_mut(nq * stride);
+    let (qs, rest) = rest.split_at_mut(nq * d);
+    let (acc, work) = rest.split_at_mut(nq * d);
+    let keys = cache.view(Stream::Keys);
+    let values = cache.view(Stream::Values);
+    for h in 0..sh.kv_heads {
+        // Query rows in order (position i, head r of the group) -> row i * ratio + r.
+        for i in 0..n {
+            for r in 0..sh.ratio {
+                let src = &q[(i * q_heads + h * sh.ratio + r) * d..][..d];
+                for (o, &x) in qs[(i * sh.ratio + r) * d..][..d].iter_mut().zip(src) {
+                    *o = x * scale;
+                }
+            }
+        }
+        let qv = Queries { q: qs, nq, d };
+        if held > 0 {
+            key_scores(cache, &keys, h, &qv, scores, stride, work, kernel);
+        }
+        for (row, qrow) in qs.chunks_exact(d).enumerate() {
+            let i = row / sh.ratio;
+            let srow = &mut scores[row * stride..][..stride];
+            for (j, s) in srow[held..].iter_mut().enumerate() {
+                *s = if j <= i { dot(qrow, &k[(j * sh.kv_heads + h) * d..][..d]) } else { f32::NEG_INFINITY };
+            }
+            softmax(&mut srow[..held + i + 1], kernel);
+            srow[held + i + 1..].fill(0.0);
+        }
+        acc.fill(0.0);
+        if held > 0 {
+            value_sums(cache, &values, h, &Probs { data: scores, stride, pos: 0 }, nq, acc, work, kernel);
+        }
+        for (row, a) in acc.chunks_exact_mut(d).enumerate() {
+            let i = row / sh.ratio;
+            for j in 0..=i {
+                let p = scores[row * stride + held + j];
+                for (o, &x) in a.iter_mut().zip(&v[(j * sh.kv_heads + h) * d..][..d]) {
+                    *o += p * x;
+                }
+            }
+            let r = row % sh.ratio;
+            out[(i * q_heads + h * sh.ratio + r) * d..][..d].copy_from_slice(a);
+        }
+    }
+    Ok(())
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+fn softmax(x: &mut [f32], kernel: Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.avx2 {
+        // SAFETY: a `Kernel` with `avx2` set exists only where the CPU has AVX2, FMA and F16C (`Kernel::avx2`).
+        unsafe { avx2::softmax(x) };
+        return;
+    }
+    let _ = kernel;
+    portable::softmax(x);
+}
+
+/// Fills `scores[qi * stride + t]` for every held token `t` of KV head `h`.
+#[allow(clippy::too_many_arguments)]
+#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+fn key_scores(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    h: usize,
+    q: &Queries<'_>,
+    scores: &mut [f32],
+    stride: usize,
+    work: &mut [f32],
+    kernel: Kernel,
+) {
+    let c = cache.counts();
+    let cfg = cache.config();
+    let (d, r, l) = (q.d, cfg.residual, sv.layout);
+    let vector = kernel.vector(d);
+    let mut pos = 0;
+    let sinks = &sv.sinks[h * cfg.sinks * d..][..cfg.sinks * d];
+    dot_rows(sinks, c.sinks, q, &mut Scores { data: scores, stride, pos }, vector);
+    pos += c.sinks;
+    let q_end = sv.q_end.max(c.base);
+    if q_end > c.base {
+        for run in ring_runs(c.base, q_end, l.ring) {
+            if run.len == 0 {
+                continue;
+            }
+            let mut out = Scores { data: scores, stride, pos: pos + run.offset };
+            match sv.precision {
+                Precision::F16 => {
+                    let body = &sv.body_f16()[h * d * l.ring..][..d * l.ring];
+                    #[cfg(target_arch = "x86_64")]
+                    if vector {
+                        // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
+                        unsafe { avx2::scores_f16_channel(body, l.ring, run.start, run.len, q, &mut out) };
+                        continue;
+                    }
+                    portable::scores_f16_channel(body, l.ring, run.start, run.len, q, &mut out);
+                }
+                Precision::Quant(spec) if spec.axis == Axis::PerChannel => {
+                    let gd = l.row_groups * d;
+                    let b = ChannelBody {
+                        codes: &sv.codes[h * d * l.row_words..][..d * l.row_words],
+                        row_words: l.row_words,
+                        scale: &sv.scale[h * gd..][..gd],
+                        zero: &sv.zero[h * gd..][..gd],
+                        width: spec.width,
+                        group: spec.group,
+                    };
+                    #[cfg(target_arch = "x86_64")]
+                    if vector && vector_width(spec.width) && spec.group % 32 == 0 {
+                        // SAFETY: as above.
+                        unsafe { avx2::scores_q_channel(&b, run.start, run.len, q, &mut out, work) };
+                        continue;
+                    }
+                    portable::scores_q_channel(&b, run.start, run.len, q, &mut out, work);
+                }
+                Precision::Quant(spec) => {
+                    let b = token_body(sv, h, spec.width, spec.group);
+                    portable::scores_q_token(&b, run.start, run.len, q, &mut out);
+                }
+            }
+        }
+    }
+    pos += q_end - c.base;
+    if c.n > q_end {
+        let win = &sv.window[h * r * d..][..r * d];
+        for run in ring_runs(q_end, c.n, r) {
+            if run.len > 0 {
+                let rows = &win[run.start * d..][..run.len * d];
+                dot_rows(rows, run.len, q, &mut Scores { data: scores, stride, pos: pos + run.offset }, vector);
+            }
+        }
+    }
+}
+
+fn token_body<'c>(sv: &StreamView<'c>, h: usize, width: Width, group: usize) -> TokenBody<'c> {
+    let l = sv.layout;
+    let gr = l.row_groups * l.ring;
+    TokenBody {
+        codes: &sv.codes[h * l.ring * l.row_words..][..l.ring * l.row_words],
+        row_words: l.row_words,
+        scale: &sv.scale[h * gr..][..gr],
+        zero: &sv.zero[h * gr..][..gr],
+        ring: l.ring,
+        width,
+        group,
+    }
+}
+
+#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+fn dot_rows(rows: &[u16], n: usize, q: &Queries<'_>, out: &mut Scores<'_>, vector: bool) {
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and F16C.
+        unsafe { avx2::dot_rows_f16(rows, n, q, out) };
+        return;
+    }
+    let _ = vector;
+    portable::dot_rows_f16(rows, n, q, out);
+}
+
+#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+fn axpy_rows(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], vector: bool) {
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector && d % 32 == 0 {
+        // SAFETY: as in `dot_rows`.
+        unsafe { avx2::axpy_rows_f16(rows, n, p, d, out) };
+        return;
+    }
+    let _ = vector;
+    portable::axpy_rows_f16(rows, n, p, d, out);
+}
+
+/// Adds `sum_t p[qi][t] * v_t` over every held token of KV head `h` into `out[qi]`.
+#[allow(clippy::too_many_arguments)]
+#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+fn value_sums(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    h: usize,
+    p: &Probs<'_>,
+    nq: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    kernel: Kernel,
+) {
+    let c = cache.counts();
+    let cfg = cache.config();
+    let (d, r, l) = (cfg.head_dim, cfg.residual, sv.layout);
+    let vector = kernel.vector(d);
+    let out = &mut out[..nq * d];
+    let mut pos = 0;
+    let sinks = &sv.sinks[h * cfg.sinks * d..][..cfg.sinks * d];
+    axpy_rows(sinks, c.sinks, &Probs { pos, ..*p }, d, out, vector);
+    pos += c.sinks;
+    let q_end = sv.q_end.max(c.base);
+    if q_end > c.base {
+        for run in ring_runs(c.base, q_end, l.ring) {
+            if run.len == 0 {
+                continue;
+            }
+            let pr = Probs { pos: pos + run.offset, ..*p };
+            match sv.precision {
+                Precision::F16 => {
+                    let body = &sv.body_f16()[h * l.ring * d..][..l.ring * d];
+                    axpy_rows(&body[run.start * d..][..run.len * d], run.len, &pr, d, out, vector);
+                }
+                Precision::Quant(spec) => {
+                    let b = token_body(sv, h, spec.width, spec.group);
+                    #[cfg(target_arch = "x86_64")]
+                    if vector && vector_width(spec.width) && spec.group % 32 == 0 {
+                        // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
+                        unsafe { avx2::values_q_token(&b, run.start, run.len, &pr, d, out, work) };
+                        continue;
+                    }
+                    portable::values_q_token(&b, run.start, run.len, &pr, d, out);
+                }
+            }
+        }
+    }
+    pos += q_end - c.base;
+    if c.n > q_end {
+        let win = &sv.window[h * r * d..][..r * d];
+        for run in ring_runs(q_end, c.n, r) {
+            if run.len > 0 {
+                let rows = &win[run.start * d..][..run.len * d];
+                axpy_rows(rows, run.len, &Probs { pos: pos + run.offset, ..*p }, d, out, vector);
+            }
+        }
+    }
+    let _ = work;
+}
+
+impl Clone for Probs<'_> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for Probs<'_> {}
+
+#[cfg(test)]
+mod tests;

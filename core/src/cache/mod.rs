@@ -1,0 +1,507 @@
+//! A quantized KV cache for one layer, in memory the caller owns.
+//!
+//! Tokens arrive in order. The first `S` go to the sinks and stay f16 for good. Later ones (body tokens,
+//! numbered `j = 0, 1, ...`) go, per stream, into a full-precision window and from there into the
+//! quantized body, by the stream's rule ([`window::Residual`]):
+//!
+//! - **fp16**: straight into the body, in f16.
+//! - **KIVI keys** (per channel, methods.md §1.4): the window fills to `R`; when it is full its `R` tokens
+//!   are quantized as `R/G` groups per channel and it empties. So `n mod R` keys are full precision, and a
+//!   prefill of `T` tokens leaves `T - T mod R` quantized (none if `T < R`).
+//! - **KIVI values** (per token): a FIFO of the last `R` tokens; each new token pushes the oldest into
+//!   the body. So `min(n, R)` values are full precision.
+//!
+//! The state after every append equals KIVI's state after each step. KIVI's decode reads the step's
+//! attention before its flush (its window briefly holds `R` keys and `R + 1` values); kvq quantizes first
+//! and attention reads the stored state, so the arena never holds more than `R` window tokens.
+//!
+//! At capacity the cache stops ([`Overflow::Stop`], an error that changes nothing) or slides
+//! ([`Overflow::Slide`]): the oldest body tokens go, a key group at a time, and the sinks stay.
+//!
+//! The arena layout is in [`layout`]; attention over the cache is [`crate::attention`].
+
+pub mod config;
+pub mod layout;
+pub mod window;
+
+pub use config::{Axis, CacheConfig, Overflow, Precision, QuantSpec};
+pub use layout::{Layout, Region, StreamLayout};
+pub use window::Residual;
+
+use crate::error::{Error, Result};
+use crate::pack;
+use crate::quant::uniform::{GroupParams, UniformSpec};
+use crate::view::Strided;
+use half::f16;
+
+/// Largest magnitude the cache accepts. Any group of values within `±MAX_ABS` has a zero point and a step
+/// that f16 represents (the step is at most `2 * MAX_ABS` plus rounding, below f16's 65504), so a
+/// quantization can never fail half-way through an append.
+pub const MAX_ABS: f32 = 16384.0;
+
+/// Which of a cache's two streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Stream {
+    /// Keys (post-RoPE, as the caller hands them in).
+    Keys,
+    /// Values.
+    Values,
+}
+
+/// Bytes a cache holds in each region for the tokens it holds, and the average bits per element.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Usage {
+    /// Tokens held.
+    pub tokens: usize,
+    /// f16 bytes of the sinks (keys and values).
+    pub sink_bytes: usize,
+    /// f16 bytes of the full-precision windows.
+    pub window_bytes: usize,
+    /// Bytes of the body: packed codes, or f16 tokens for fp16 streams.
+    pub body_bytes: usize,
+    /// Bytes of the body's group scales and zero points.
+    pub param_bytes: usize,
+}
+
+impl Usage {
+    /// All bytes held.
+    pub const fn total_bytes(&self) -> usize {
+        self.sink_bytes + self.window_bytes + self.body_bytes + self.param_bytes
+    }
+
+    /// Average bits per stored element (keys and values, every head and channel); 0 when empty.
+    pub fn bits_per_element(&self, cfg: &CacheConfig) -> f64 {
+        let elements = self.tokens * cfg.kv_heads * cfg.head_dim * 2;
+        if elements == 0 { 0.0 } else { (self.total_bytes() * 8) as f64 / elements as f64 }
+    }
+}
+
+/// Token counts of a cache: sinks held, body tokens appended, first body token still held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Counts {
+    /// Sinks held (at most `S`).
+    pub sinks: usize,
+    /// Body tokens appended since the start, evicted ones included.
+    pub n: usize,
+    /// First body token still held.
+    pub base: usize,
+}
+
+impl Counts {
+    /// Tokens held.
+    pub const fn held(&self) -> usize {
+        self.sinks + self.n - self.base
+    }
+}
+
+impl CacheConfig {
+    /// The counts after appending `tokens` tokens to an empty cache, with sliding where configured.
+    ///
+    /// # Errors
+    /// [`Error::ContextFull`] when `tokens` exceeds the capacity of a [`Overflow::Stop`] cache.
+    pub const fn counts_after(&self, tokens: usize) -> Result<Counts> {
+        let sinks = if tokens < self.sinks { tokens } else { self.sinks };
+        let n = tokens - sinks;
+        let mut base = 0;
+        if tokens > self.capacity {
+            match self.overflow {
+                Overflow::Stop => {
+                    return Err(Error::ContextFull { held: 0, adding: tokens, capacity: self.capacity });
+                }
+                Overflow::Slide => {
+                    let step = self.slide_step();
+                    base = (tokens - self.capacity).div_ceil(step) * step;
+                }
+            }
+        }
+        Ok(Counts { sinks, n, base })
+    }
+
+    /// Bytes held in each region at the given counts.
+    pub const fn usage(&self, c: Counts) -> Usage {
+        let hd = self.kv_heads * self.head_dim;
+        let mut u = Usage { tokens: c.held(), sink_bytes: 0, window_bytes: 0, body_bytes: 0, param_bytes: 0 };
+        let streams = [self.keys, self.values];
+        let mut i = 0;
+        while i < 2 {
+            u.sink_bytes += c.sinks * hd * 2;
+            let q = streams[i].residual().quantized_end(c.n, self.residual);
+            u.window_bytes += (c.n - q) * hd * 2;
+            let live = q - c.base;
+            match streams[i] {
+                Precision::F16 => u.body_bytes += live * hd * 2,
+                Precision::Quant(s) => {
+                    u.body_bytes += live * hd * s.width.bits() as usize / 8;
+                    u.param_bytes += live * hd / s.group * 4;
+                }
+            }
+            i += 1;
+        }
+        u
+    }
+}
+
+/// One layer's KV cache over a borrowed arena.
+#[derive(Debug)]
+pub struct Cache<'a> {
+    cfg: CacheConfig,
+    layout: Layout,
+    arena: &'a mut [u32],
+    counts: Counts,
+}
+
+/// Read-only views of one stream's regions, for attention kernels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamView<'c> {
+    pub(crate) precision: Precision,
+    pub(crate) layout: StreamLayout,
+    pub(crate) sinks: &'c [u16],
+    pub(crate) window: &'c [u16],
+    pub(crate) codes: &'c [u32],
+    pub(crate) scale: &'c [u16],
+    pub(crate) zero: &'c [u16],
+    /// End of the quantized run (logical body index).
+    pub(crate) q_end: usize,
+}
+
+impl StreamView<'_> {
+    /// The body as f16 values (fp16 streams).
+    pub(crate) fn body_f16(&self) -> &[u16] {
+        bytemuck::cast_slice(self.codes)
+    }
+}
+
+fn f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+fn f32_of(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+fn uniform(s: &QuantSpec) -> UniformSpec {
+    UniformSpec::new(s.width).with_clip(s.clip)
+}
+
+impl<'a> Cache<'a> {
+    /// A cache over `arena`, empty.
+    ///
+    /// # Errors
+    /// The errors of [`CacheConfig::layout`]; [`Error::ArenaTooSmall`] (in bytes) if `arena` is shorter
+    /// than the layout.
+    pub fn new(cfg: CacheConfig, arena: &'a mut [u32]) -> Result<Self> {
+        let layout = cfg.layout()?;
+        if arena.len() < layout.total_words {
+            return Err(Error::ArenaTooSmall { needed: layout.total_bytes, got: arena.len() * 4 });
+        }
+        Ok(Self { cfg, layout, arena, counts: Counts::default() })
+    }
+
+    /// A cache over a byte arena; its first bytes are skipped up to a 4-byte boundary.
+    ///
+    /// # Errors
+    /// As [`Cache::new`]; `got` counts the aligned bytes.
+    pub fn from_bytes(cfg: CacheConfig, arena: &'a mut [u8]) -> Result<Self> {
+        let (_, words, _) = bytemuck::pod_align_to_mut::<u8, u32>(arena);
+        Self::new(cfg, words)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// The arena layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Token counts.
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Tokens held.
+    pub fn held(&self) -> usize {
+        self.counts.held()
+    }
+
+    /// Bytes held per region now.
+    pub fn usage(&self) -> Usage {
+        self.cfg.usage(self.counts)
+    }
+
+    /// Forgets every token (the arena's contents are left as they are and overwritten later).
+    pub fn reset(&mut self) {
+        self.counts = Counts::default();
+    }
+
+    fn stream_cfg(&self, s: Stream) -> (Precision, StreamLayout) {
+        match s {
+            Stream::Keys => (self.cfg.keys, self.layout.keys),
+            Stream::Values => (self.cfg.values, self.layout.values),
+        }
+    }
+
+    /// Read-only views of one stream.
+    pub(crate) fn view(&self, s: Stream) -> StreamView<'_> {
+        let (precision, layout) = self.stream_cfg(s);
+        let words = |r: Region| &self.arena[r.offset..r.end()];
+        StreamView {
+            precision,
+            layout,
+            sinks: bytemuck::cast_slice(words(layout.sinks)),
+            window: bytemuck::cast_slice(words(layout.window)),
+            codes: words(layout.codes),
+            scale: bytemuck::cast_slice(words(layout.scale)),
+            zero: bytemuck::cast_slice(words(layout.zero)),
+            q_end: precision.residual().quantized_end(self.counts.n, self.cfg.residual),
+        }
+    }
+
+    /// Appends tokens: `keys` and `values` are `[tokens][kv_heads][head_dim]`, row-major.
+    ///
+    /// Either every token is appended or, on error, none is and the cache is unchanged.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if the lengths are not equal multiples of `kv_heads * head_dim`;
+    /// [`Error::NonFinite`] (index into the key buffer, then the value buffer offset by its length) for
+    /// NaN or infinite input; [`Error::ParamOverflow`] for a magnitude above [`MAX_ABS`];
+    /// [`Error::ContextFull`] when a [`Overflow::Stop`] cache would exceed its capacity.
+    pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
+        let hd = self.cfg.kv_heads * self.cfg.head_dim;
+        if keys.len() % hd != 0 {
+            return Err(Error::ShapeMismatch { what: "keys length (multiple of kv_heads*head_dim)", expected: hd, got: keys.len() });
+        }
+        if values.len() != keys.len() {
+            return Err(Error::ShapeMismatch { what: "values length", expected: keys.len(), got: values.len() });
+        }
+        for (i, &x) in keys.iter().chain(values).enumerate() {
+            if !x.is_finite() {
+                return Err(Error::NonFinite { index: i });
+            }
+            if x.abs() > MAX_ABS {
+                return Err(Error::ParamOverflow { value: x, max: MAX_ABS });
+            }
+        }
+        let tokens = keys.len() / hd;
+        if self.cfg.overflow == Overflow::Stop && self.held() + tokens > self.cfg.capacity {
+            return Err(Error::ContextFull { held: self.held(), adding: tokens, capacity: self.cfg.capacity });
+        }
+        for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
+            self.push(k, v)?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
+        if self.held() == self.cfg.capacity {
+            // Only a sliding cache gets here (`append` refused the rest); validation guarantees the
+            // oldest `step` body tokens are quantized in both streams.
+            self.counts.base += self.cfg.slide_step();
+        }
+        if self.counts.sinks < self.cfg.sinks {
+            let slot = self.counts.sinks;
+            for s in [Stream::Keys, Stream::Values] {
+                let x = if s == Stream::Keys { k } else { v };
+                let (_, l) = self.stream_cfg(s);
+                let d = self.cfg.head_dim;
+                let sinks: &mut [u16] = bytemuck::cast_slice_mut(&mut self.arena[l.sinks.offset..l.sinks.end()]);
+                for (h, row) in x.chunks_exact(d).enumerate() {
+                    let dst = &mut sinks[(h * self.cfg.sinks + slot) * d..][..d];
+                    for (o, &y) in dst.iter_mut().zip(row) {
+                        *o = f16_bits(y);
+                    }
+                }
+            }
+            self.counts.sinks += 1;
+            return Ok(());
+        }
+        self.push_stream(Stream::Keys, k)?;
+        self.push_stream(Stream::Values, v)?;
+        self.counts.n += 1;
+        Ok(())
+    }
+
+    fn push_stream(&mut self, s: Stream, x: &[f32]) -> Result<()> {
+        let (p, l) = self.stream_cfg(s);
+        let (heads, d, r) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual);
+        let j = self.counts.n;
+        match p {
+            Precision::F16 => {
+                let body: &mut [u16] = bytemuck::cast_slice_mut(&mut self.arena[l.codes.offset..l.codes.end()]);
+                let slot = j % l.ring;
+                for (h, row) in x.chunks_exact(d).enumerate() {
+                    for (c, &y) in row.iter().enumerate() {
+                        let at = match s {
+                            Stream::Keys => (h * d + c) * l.ring + slot,
+                            Stream::Values => (h * l.ring + slot) * d + c,
+                        };
+                        body[at] = f16_bits(y);
+                    }
+                }
+            }
+            Precision::Quant(q) => match q.axis {
+                Axis::PerChannel => {
+                    self.write_window(l, j % r, x);
+                    if (j + 1) % r == 0 {
+                        self.flush_block(l, &q, j + 1 - r)?;
+                    }
+                }
+                Axis::PerToken => {
+                    if r == 0 {
+                        for h in 0..heads {
+                            self.quantize_token(l, &q, h, j % l.ring, &x[h * d..][..d])?;
+                        }
+                    } else {
+                        if j >= r {
+                            let mut buf = [0.0f32; crate::cache::config::MAX_GROUP];
+                            let old = j - r;
+                            for h in 0..heads {
+                                for g0 in (0..d).step_by(q.group) {
+                                    let win: &[u16] = bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
+                                    let row = &win[(h * r + old % r) * d + g0..][..q.group];
+                                    for (o, &b) in buf[..q.group].iter_mut().zip(row) {
+                                        *o = f32_of(b);
+                                    }
+                                    self.quantize_token_group(l, &q, h, old % l.ring, g0, &buf[..q.group])?;
+                                }
+                            }
+                        }
+                        self.write_window(l, j % r, x);
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn write_window(&mut self, l: StreamLayout, slot: usize, x: &[f32]) {
+        let (d, r) = (self.cfg.head_dim, self.cfg.residual);
+        let win: &mut [u16] = bytemuck::cast_slice_mut(&mut self.arena[l.window.offset..l.window.end()]);
+        for (h, row) in x.chunks_exact(d).enumerate() {
+            for (o, &y) in win[(h * r + slot) * d..][..d].iter_mut().zip(row) {
+                *o = f16_bits(y);
+            }
+        }
+    }
+
+    fn quantize_token(&mut self, l: StreamLayout, q: &QuantSpec, h: usize, slot: usize, x: &[f32]) -> Result<()> {
+        for g0 in (0..x.len()).step_by(q.group) {
+            self.quantize_token_group(l, q, h, slot, g0, &x[g0..g0 + q.group])?;
+        }
+        Ok(())
+    }
+
+    /// Quantizes channels `g0..g0 + G` of one token of head `h` into body slot `slot`.
+    fn quantize_token_group(
+        &mut self,
+        l: StreamLayout,
+        q: &QuantSpec,
+        h: usize,
+        slot: usize,
+        g0: usize,
+        x: &[f32],
+    ) -> Result<()> {
+        let codes = &mut self.arena[l.codes.offset..l.codes.end()];
+        let row = &mut codes[(h * l.ring + slot) * l.row_words..][..l.row_words];
+        let p = uniform(q).quantize(Strided::contiguous(x), row, g0)?;
+        self.store_params(l, (h * l.row_groups + g0 / q.group) * l.ring + slot, p);
+        Ok(())
+    }
+
+    fn store_params(&mut self, l: StreamLayout, at: usize, p: GroupParams) {
+        let [s, z] = p.to_raw(crate::quant::param::ParamFormat::F16);
+        bytemuck::cast_slice_mut::<u32, u16>(&mut self.arena[l.scale.offset..l.scale.end()])[at] = s;
+        bytemuck::cast_slice_mut::<u32, u16>(&mut self.arena[l.zero.offset..l.zero.end()])[at] = z;
+    }
+
+    /// Quantizes the full window (`R` tokens from logical `t0`) per channel into the body.
+    fn flush_block(&mut self, l: StreamLayout, q: &QuantSpec, t0: usize) -> Result<()> {
+        let (heads, d, r, g) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual, q.group);
+        let mut buf = [0.0f32; crate::cache::config::MAX_GROUP];
+        for gs in (t0..t0 + r).step_by(g) {
+            let slot = gs % l.ring;
+            for h in 0..heads {
+                for c in 0..d {
+                    let win: &[u16] = bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
+                    for (i, o) in buf[..g].iter_mut().enumerate() {
+                        *o = f32_of(win[(h * r + (gs + i) % r) * d + c]);
+                    }
+                    let codes = &mut self.arena[l.codes.offset..l.codes.end()];
+                    let row = &mut codes[(h * d + c) * l.row_words..][..l.row_words];
+                    let p = uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot)?;
+                    self.store_params(l, (h * l.row_groups + slot / g) * d + c, p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reconstructs every held token of `stream`, head `head`, into `out` as `[held][head_dim]` in token
+    /// order (sinks, then body oldest first): the plain reference that attention is tested against.
+    ///
+    /// # Errors
+    /// [`Error::OutOfBounds`] for a head past `kv_heads`; [`Error::BufferTooSmall`] if `out` is short.
+    pub fn dequantize(&self, stream: Stream, head: usize, out: &mut [f32]) -> Result<usize> {
+        let (heads, d, r) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual);
+        if head >= heads {
+            return Err(Error::OutOfBounds { index: head, len: heads });
+        }
+        let held = self.held();
+        crate::error::need("dequantize output", held * d, out.len())?;
+        let v = self.view(stream);
+        let l = v.layout;
+        let mut rows = out.chunks_exact_mut(d);
+        for i in 0..self.counts.sinks {
+            let row = rows.next().unwrap_or_default();
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = f32_of(v.sinks[(head * self.cfg.sinks + i) * d + c]);
+            }
+        }
+        for j in self.counts.base..self.counts.n {
+            let row = rows.next().unwrap_or_default();
+            if j >= v.q_end {
+                for (c, o) in row.iter_mut().enumerate() {
+                    *o = f32_of(v.window[(head * r + j % r) * d + c]);
+                }
+                continue;
+            }
+            let slot = j % l.ring;
+            match v.precision {
+                Precision::F16 => {
+                    let body = v.body_f16();
+                    for (c, o) in row.iter_mut().enumerate() {
+                        *o = f32_of(match stream {
+                            Stream::Keys => body[(head * d + c) * l.ring + slot],
+                            Stream::Values => body[(head * l.ring + slot) * d + c],
+                        });
+                    }
+                }
+                Precision::Quant(q) => {
+                    for (c, o) in row.iter_mut().enumerate() {
+                        let (code, at) = match q.axis {
+                            Axis::PerChannel => (
+                                pack::get(&v.codes[(head * d + c) * l.row_words..][..l.row_words], q.width, slot)?,
+                                (head * l.row_groups + slot / q.group) * d + c,
+                            ),
+                            Axis::PerToken => (
+                                pack::get(&v.codes[(head * l.ring + slot) * l.row_words..][..l.row_words], q.width, c)?,
+                                (head * l.row_groups + c / q.group) * l.ring + slot,
+                            ),
+                        };
+                        let p = GroupParams { scale: f32_of(v.scale[at]), zero: f32_of(v.zero[at]) };
+                        *o = p.decode(code);
+                    }
+                }
+            }
+        }
+        Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests;
