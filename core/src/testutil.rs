@@ -52,7 +52,8 @@ pub(crate) fn group_bound(xs: &[f32], width: Width) -> f32 {
     let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let f = ParamFormat::F16;
     let zero = f.round(lo, Round::Down).unwrap();
-    let step = f.round_f64((f64::from(hi) - f64::from(zero)) / f64::from(width.max_code()), Round::Up).unwrap();
+    let step =
+        f.round_f64((f64::from(hi) - f64::from(zero)) / f64::from(width.max_code()), Round::Up).unwrap();
     // decode = code * step + zero in f32: two roundings of magnitude up to |zero| + max_code * step
     let mag = zero.abs() + f32::from(width.max_code()) * step;
     step / 2.0 + 2.0 * f32::EPSILON * mag

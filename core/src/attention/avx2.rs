@@ -6,9 +6,14 @@
 //! given after a bounds-checked reslice. The vector path is what makes the quantized cache faster than
 //! fp16 (the `decode_bench` example reports both kernels side by side).
 //!
-//! Code unpacking: a run of 32 codes starts on a word (`G * b` is a multiple of 32, runs start on a group),
-//! so 2-bit codes are 2 words, 4-bit 4 words, 8-bit 8 words; each word is broadcast and shifted by a lane
-//! vector (`vpsrlvd`), masked and converted, 8 codes to a register.
+//! Code unpacking: a run of 16 codes starts on a word (`G * b` is a multiple of 32 and `G` of 16, runs
+//! start on a group), so 2-bit codes are 1 word, 4-bit 2 words, 8-bit 4 words; each word is broadcast and
+//! shifted by a lane vector (`vpsrlvd`), masked and converted, 8 codes to a register.
+//!
+//! Register blocking: a GQA group's 3 queries share each unpacked vector. Accumulators must stay in
+//! registers (a spilled one turns each FMA into a store-forwarding round trip, measured 2x slower), so the
+//! blocks are 16 tokens or channels by 3 queries (6 accumulators) where codes are unpacked, and 24 tokens
+//! by 3 (9) for fp16 keys.
 #![allow(unsafe_code)]
 
 use super::{ChannelBody, Probs, Queries, Scores, TokenBody, portable};
@@ -40,6 +45,16 @@ fn ld_ph(s: &[u16]) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
 }
 
+/// Hints the cache line `ahead` elements past the start of `s` into L1: channel-major rows are 64 streams
+/// at once, more than the hardware prefetchers follow. A prefetch never faults, so the address may lie past
+/// the slice.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch<T>(s: &[T], ahead: usize) {
+    let p = s.as_ptr().wrapping_add(ahead).cast::<i8>();
+    _mm_prefetch::<_MM_HINT_T0>(p);
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn hsum(v: __m256) -> f32 {
@@ -58,36 +73,44 @@ fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// 32 codes of `B` bits from the start of `w`, as four vectors of 8 f32.
+/// 16 codes of `B` bits from the start of `w`, as two vectors of 8 f32.
+///
+/// Each lane shifts its code to the top of the word (`vpsllvd` by one constant vector) and back down by
+/// an immediate, so the only vector constant is that shift vector: the callers keep 12 accumulators in
+/// registers, and every further constant would push one onto the stack.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn unpack32<const B: u32>(w: &[u32]) -> [__m256; 4] {
+fn unpack16<const B: u32>(w: &[u32]) -> [__m256; 2] {
     match B {
         2 => {
-            let w = &w[..2];
-            let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-            let hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
-            let m = _mm256_set1_epi32(3);
-            let a = _mm256_set1_epi32(w[0] as i32);
-            let b = _mm256_set1_epi32(w[1] as i32);
+            let up = _mm256_setr_epi32(30, 28, 26, 24, 22, 20, 18, 16);
+            let lo = _mm256_set1_epi32(w[0] as i32);
+            let hi = _mm256_set1_epi32((w[0] >> 16) as i32);
             [
-                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(a, lo), m)),
-                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(a, hi), m)),
-                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, lo), m)),
-                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, hi), m)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<30>(_mm256_sllv_epi32(lo, up))),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<30>(_mm256_sllv_epi32(hi, up))),
             ]
         }
         4 => {
-            let w = &w[..4];
-            let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-            let m = _mm256_set1_epi32(15);
-            let f = |x: u32| _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(x as i32), sh), m));
-            [f(w[0]), f(w[1]), f(w[2]), f(w[3])]
+            let w = &w[..2];
+            let up = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+            [
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<28>(_mm256_sllv_epi32(
+                    _mm256_set1_epi32(w[0] as i32),
+                    up,
+                ))),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<28>(_mm256_sllv_epi32(
+                    _mm256_set1_epi32(w[1] as i32),
+                    up,
+                ))),
+            ]
         }
         _ => {
-            let w = &w[..8];
-            let f = |a: u32, b: u32| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(a as i32, b as i32, 0, 0)));
-            [f(w[0], w[1]), f(w[2], w[3]), f(w[4], w[5]), f(w[6], w[7])]
+            let w = &w[..4];
+            [
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(w[0] as i32, w[1] as i32, 0, 0))),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(w[2] as i32, w[3] as i32, 0, 0))),
+            ]
         }
     }
 }
@@ -108,7 +131,7 @@ pub(crate) fn dot_rows_f16(rows: &[u16], n: usize, q: &Queries<'_>, out: &mut Sc
     }
 }
 
-/// See [`portable::axpy_rows_f16`]. `d % 32 == 0`.
+/// See [`portable::axpy_rows_f16`]. `d % 16 == 0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn axpy_rows_f16(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32]) {
     let nq = out.len() / d;
@@ -121,87 +144,108 @@ pub(crate) fn axpy_rows_f16(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out
     }
 }
 
+/// 16 channels at a time by up to 3 queries (6 accumulators) over a tile of tokens.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], qb: usize) {
     const TILE: usize = 64;
     for t0 in (0..n).step_by(TILE) {
         let t1 = (t0 + TILE).min(n);
-        for c0 in (0..d).step_by(32) {
-            let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        for c0 in (0..d).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for (m, a) in acc.iter_mut().enumerate() {
-                for (k, v) in a.iter_mut().enumerate() {
-                    *v = ld(&out[(qb + m) * d + c0 + 8 * k..]);
-                }
+                let o = &out[(qb + m) * d + c0..][..16];
+                *a = [ld(&o[0..]), ld(&o[8..])];
             }
             for t in t0..t1 {
-                let row = &rows[t * d + c0..][..32];
-                let x = [ld_ph(&row[0..]), ld_ph(&row[8..]), ld_ph(&row[16..]), ld_ph(&row[24..])];
+                let row = &rows[t * d + c0..][..16];
+                let x = [ld_ph(&row[0..]), ld_ph(&row[8..])];
                 for (m, a) in acc.iter_mut().enumerate() {
                     let pt = _mm256_set1_ps(p.at(qb + m, t));
-                    for k in 0..4 {
-                        a[k] = _mm256_fmadd_ps(pt, x[k], a[k]);
-                    }
+                    a[0] = _mm256_fmadd_ps(pt, x[0], a[0]);
+                    a[1] = _mm256_fmadd_ps(pt, x[1], a[1]);
                 }
             }
             for (m, a) in acc.iter().enumerate() {
-                for (k, v) in a.iter().enumerate() {
-                    st(&mut out[(qb + m) * d + c0 + 8 * k..], *v);
-                }
+                let o = &mut out[(qb + m) * d + c0..][..16];
+                st(&mut o[0..], a[0]);
+                st(&mut o[8..], a[1]);
             }
         }
     }
 }
 
-/// See [`portable::scores_f16_channel`].
+/// See [`portable::scores_f16_channel`]; `stride` is the row length of one channel.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn scores_f16_channel(body: &[u16], ring: usize, start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
-    let whole = n - n % 32;
-    for t0 in (0..whole).step_by(32) {
+pub(crate) fn scores_f16_channel(
+    body: &[u16],
+    stride: usize,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
+    let whole = n - n % 24;
+    for t0 in (0..whole).step_by(24) {
         for qb in (0..q.nq).step_by(3) {
             match q.nq - qb {
-                1 => f16_chunk::<1>(body, ring, start + t0, q, out, qb, t0),
-                2 => f16_chunk::<2>(body, ring, start + t0, q, out, qb, t0),
-                _ => f16_chunk::<3>(body, ring, start + t0, q, out, qb, t0),
+                1 => f16_chunk::<1>(body, stride, start + t0, q, out, qb, t0),
+                2 => f16_chunk::<2>(body, stride, start + t0, q, out, qb, t0),
+                _ => f16_chunk::<3>(body, stride, start + t0, q, out, qb, t0),
             }
         }
     }
     if whole < n {
         let mut rest = Scores { data: &mut *out.data, stride: out.stride, pos: out.pos + whole };
-        portable::scores_f16_channel(body, ring, start + whole, n - whole, q, &mut rest);
+        portable::scores_f16_channel(body, stride, start + whole, n - whole, q, &mut rest);
     }
 }
 
+/// 24 tokens from `slot` of every channel row, queries `qb..qb + M`: 9 accumulators (enough chains to
+/// cover the FMA latency; 12 spill), each f16 vector converted straight from memory.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_chunk<const M: usize>(body: &[u16], ring: usize, slot: usize, q: &Queries<'_>, out: &mut Scores<'_>, qb: usize, col: usize) {
-    let mut acc = [[_mm256_setzero_ps(); 4]; M];
-    for c in 0..q.d {
-        let x = &body[c * ring + slot..][..32];
-        let x = [ld_ph(&x[0..]), ld_ph(&x[8..]), ld_ph(&x[16..]), ld_ph(&x[24..])];
-        for (m, a) in acc.iter_mut().enumerate() {
-            let qc = _mm256_set1_ps(q.q[(qb + m) * q.d + c]);
-            for k in 0..4 {
-                a[k] = _mm256_fmadd_ps(qc, x[k], a[k]);
+fn f16_chunk<const M: usize>(
+    body: &[u16],
+    stride: usize,
+    slot: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 3]; M];
+    let d = q.d;
+    let qs = &q.q[qb * d..][..M * d];
+    for c in 0..d {
+        let row = &body[c * stride + slot..];
+        prefetch(row, 128);
+        let x = &row[..24];
+        let mut qv = [_mm256_setzero_ps(); M];
+        for (m, v) in qv.iter_mut().enumerate() {
+            *v = _mm256_set1_ps(qs[m * d + c]);
+        }
+        for k in 0..3 {
+            let xk = ld_ph(&x[8 * k..]);
+            for (m, a) in acc.iter_mut().enumerate() {
+                a[k] = _mm256_fmadd_ps(qv[m], xk, a[k]);
             }
         }
     }
-    store_scores(&acc, out, qb, col);
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn store_scores<const M: usize>(acc: &[[__m256; 4]; M], out: &mut Scores<'_>, qb: usize, col: usize) {
     for (m, a) in acc.iter().enumerate() {
         let at = (qb + m) * out.stride + out.pos + col;
-        let dst = &mut out.data[at..][..32];
+        let dst = &mut out.data[at..][..24];
         for (k, v) in a.iter().enumerate() {
             st(&mut dst[8 * k..], *v);
         }
     }
 }
 
-/// See [`portable::scores_q_channel`]. Widths 2 (or ternary), 4 and 8 bits; `group % 32 == 0`, `d % 8 == 0`.
+/// See [`portable::scores_q_channel`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`, `d % 8 == 0`.
+///
+/// 16 tokens by up to 3 queries: 6 accumulators, 3 broadcast queries, 2 code vectors and the unpack
+/// constants fit the 16 registers (12 accumulators do not, and a spilled accumulator turns each FMA into a
+/// store-forwarding round trip, measured 2x slower overall).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn scores_q_channel(
     b: &ChannelBody<'_>,
@@ -227,16 +271,15 @@ pub(crate) fn scores_q_channel(
             }
             bias[qi] = hsum(zacc);
         }
-        let fq = Queries { q: folded, nq, d };
-        for t0 in (g0..g0 + g).step_by(32) {
-            let word = t0 / 32 * b.width.bits() as usize;
+        for t0 in (g0..g0 + g).step_by(16) {
+            let word = t0 / 16 * b.width.bits() as usize / 2;
             let col = t0 - start;
             for qb in (0..nq).step_by(3) {
                 let m = nq - qb;
                 match b.width {
-                    Width::B4 => q_chunk::<4>(b, word, &fq, bias, out, qb, col, m),
-                    Width::B8 => q_chunk::<8>(b, word, &fq, bias, out, qb, col, m),
-                    _ => q_chunk::<2>(b, word, &fq, bias, out, qb, col, m),
+                    Width::B4 => q_chunk::<4>(b, word, folded, d, bias, out, qb, col, m),
+                    Width::B8 => q_chunk::<8>(b, word, folded, d, bias, out, qb, col, m),
+                    _ => q_chunk::<2>(b, word, folded, d, bias, out, qb, col, m),
                 }
             }
         }
@@ -246,40 +289,79 @@ pub(crate) fn scores_q_channel(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q_chunk<const B: u32>(b: &ChannelBody<'_>, word: usize, fq: &Queries<'_>, bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize, m: usize) {
+fn q_chunk<const B: u32>(
+    b: &ChannelBody<'_>,
+    word: usize,
+    folded: &[f32],
+    d: usize,
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+    m: usize,
+) {
     match m {
-        1 => q_chunk_m::<B, 1>(b, word, fq, bias, out, qb, col),
-        2 => q_chunk_m::<B, 2>(b, word, fq, bias, out, qb, col),
-        _ => q_chunk_m::<B, 3>(b, word, fq, bias, out, qb, col),
+        1 => q_chunk_m::<B, 1>(b, word, folded, d, bias, out, qb, col),
+        2 => q_chunk_m::<B, 2>(b, word, folded, d, bias, out, qb, col),
+        _ => q_chunk_m::<B, 3>(b, word, folded, d, bias, out, qb, col),
     }
 }
 
+/// 16 tokens from word `word` of every channel row, queries `qb..qb + M`.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q_chunk_m<const B: u32, const M: usize>(b: &ChannelBody<'_>, word: usize, fq: &Queries<'_>, bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize) {
-    let mut acc = [[_mm256_setzero_ps(); 4]; M];
+fn q_chunk_m<const B: u32, const M: usize>(
+    b: &ChannelBody<'_>,
+    word: usize,
+    folded: &[f32],
+    d: usize,
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
     for (m, a) in acc.iter_mut().enumerate() {
-        *a = [_mm256_set1_ps(bias[qb + m]); 4];
+        *a = [_mm256_set1_ps(bias[qb + m]); 2];
     }
-    let d = fq.d;
+    let qs = &folded[qb * d..][..M * d];
+    let codes = &b.codes[word..];
     for c in 0..d {
-        let x = unpack32::<B>(&b.codes[c * b.row_words + word..]);
+        let row = &codes[c * b.row_words..];
+        prefetch(row, 32);
+        let x = unpack16::<B>(row);
         for (m, a) in acc.iter_mut().enumerate() {
-            let qs = _mm256_set1_ps(fq.q[(qb + m) * d + c]);
-            for k in 0..4 {
-                a[k] = _mm256_fmadd_ps(qs, x[k], a[k]);
-            }
+            let q = _mm256_set1_ps(qs[m * d + c]);
+            a[0] = _mm256_fmadd_ps(q, x[0], a[0]);
+            a[1] = _mm256_fmadd_ps(q, x[1], a[1]);
         }
     }
-    store_scores(&acc, out, qb, col);
+    for (m, a) in acc.iter().enumerate() {
+        let at = (qb + m) * out.stride + out.pos + col;
+        let dst = &mut out.data[at..][..16];
+        st(&mut dst[0..], a[0]);
+        st(&mut dst[8..], a[1]);
+    }
 }
 
-/// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 32 == 0`, `d % 32 == 0`.
+/// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`.
+///
+/// Per tile of 8 tokens the products `p_t * s_t` are formed 8 at a time (the scales of a group's tokens
+/// are contiguous), then 16 channels by up to 3 queries accumulate in 6 registers.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], work: &mut [f32]) {
+pub(crate) fn values_q_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
     let nq = out.len() / d;
     let groups = d / b.group;
-    // work: ps[qi][g][8] products p * scale for the current tile, zacc[qi][g][8] partial sums of p * zero
+    // work: ps[qi][g][8] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
     let (ps, rest) = work.split_at_mut(nq * groups * 8);
     let zacc = &mut rest[..nq * groups * 8];
     zacc.fill(0.0);
@@ -323,7 +405,16 @@ pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Prob
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn v_tile<const B: u32>(b: &TokenBody<'_>, slot: usize, d: usize, ps: &[f32], groups: usize, out: &mut [f32], qb: usize, m: usize) {
+fn v_tile<const B: u32>(
+    b: &TokenBody<'_>,
+    slot: usize,
+    d: usize,
+    ps: &[f32],
+    groups: usize,
+    out: &mut [f32],
+    qb: usize,
+    m: usize,
+) {
     match m {
         1 => v_tile_m::<B, 1>(b, slot, d, ps, groups, out, qb),
         2 => v_tile_m::<B, 2>(b, slot, d, ps, groups, out, qb),
@@ -331,32 +422,41 @@ fn v_tile<const B: u32>(b: &TokenBody<'_>, slot: usize, d: usize, ps: &[f32], gr
     }
 }
 
-/// Eight tokens from `slot`, all channels, queries `qb..qb + M`.
+/// Eight tokens from `slot`, all channels 16 at a time, queries `qb..qb + M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn v_tile_m<const B: u32, const M: usize>(b: &TokenBody<'_>, slot: usize, d: usize, ps: &[f32], groups: usize, out: &mut [f32], qb: usize) {
-    for c0 in (0..d).step_by(32) {
+fn v_tile_m<const B: u32, const M: usize>(
+    b: &TokenBody<'_>,
+    slot: usize,
+    d: usize,
+    ps: &[f32],
+    groups: usize,
+    out: &mut [f32],
+    qb: usize,
+) {
+    let rows = &b.codes[slot * b.row_words..][..8 * b.row_words];
+    let half = B as usize / 2;
+    for c0 in (0..d).step_by(16) {
         let gi = c0 / b.group;
-        let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
         for (m, a) in acc.iter_mut().enumerate() {
-            for (k, v) in a.iter_mut().enumerate() {
-                *v = ld(&out[(qb + m) * d + c0 + 8 * k..]);
-            }
+            let o = &out[(qb + m) * d + c0..][..16];
+            *a = [ld(&o[0..]), ld(&o[8..])];
         }
-        let word = c0 / 32 * B as usize;
+        let word = c0 / 16 * half;
+        let pt = &ps[(qb * groups + gi) * 8..];
         for t in 0..8 {
-            let x = unpack32::<B>(&b.codes[(slot + t) * b.row_words + word..]);
+            let x = unpack16::<B>(&rows[t * b.row_words + word..]);
             for (m, a) in acc.iter_mut().enumerate() {
-                let pt = _mm256_set1_ps(ps[((qb + m) * groups + gi) * 8 + t]);
-                for k in 0..4 {
-                    a[k] = _mm256_fmadd_ps(pt, x[k], a[k]);
-                }
+                let p = _mm256_set1_ps(pt[m * groups * 8 + t]);
+                a[0] = _mm256_fmadd_ps(p, x[0], a[0]);
+                a[1] = _mm256_fmadd_ps(p, x[1], a[1]);
             }
         }
         for (m, a) in acc.iter().enumerate() {
-            for (k, v) in a.iter().enumerate() {
-                st(&mut out[(qb + m) * d + c0 + 8 * k..], *v);
-            }
+            let o = &mut out[(qb + m) * d + c0..][..16];
+            st(&mut o[0..], a[0]);
+            st(&mut o[8..], a[1]);
         }
     }
 }
@@ -368,7 +468,10 @@ fn v_tile_m<const B: u32, const M: usize>(b: &TokenBody<'_>, slot: usize, d: usi
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.7));
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(core::f32::consts::LOG2_E),
+    ));
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
     let mut y = _mm256_set1_ps(1.987_569_1e-4);

@@ -14,9 +14,9 @@
 //! and [`Kernel::Avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them). The probabilities
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
 
-mod portable;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod portable;
 
 use crate::cache::{Axis, Cache, Precision, Stream, StreamView, window::ring_runs};
 use crate::error::{Error, Result, need};
@@ -27,7 +27,7 @@ use crate::pack::Width;
 /// A `Kernel` that uses AVX2 can only be made where the CPU has the features ([`Kernel::avx2`] checks at
 /// run time with the `std` feature, or at compile time without it), so choosing one is always sound.
 /// Shapes the vector kernels do not cover (`head_dim % 8 != 0`, 1- or 3-bit codes, groups not a multiple
-/// of 32) run the portable twins either way.
+/// of 16) run the portable twins either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Kernel {
@@ -49,7 +49,12 @@ impl Kernel {
                 return Some(Self { avx2: true });
             }
         }
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
         {
             return Some(Self { avx2: true });
         }
@@ -161,14 +166,23 @@ impl<'s> AttnProbs<'s> {
     }
 }
 
-/// Scratch floats a decode over a cache of `capacity` tokens needs with `q_heads` query heads.
-pub const fn decode_scratch_len(capacity: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> usize {
-    prefill_scratch_len(capacity, 1, q_heads, kv_heads, head_dim)
+/// Scratch floats the kernels need for `nq` query rows of `d`: folded queries and biases (per-channel
+/// keys), per-token probability products and zero-point partial sums (per-token values).
+const fn work_len(nq: usize, d: usize) -> usize {
+    nq * (2 * d + 32)
 }
 
-/// Scratch floats a prefill of `chunk` tokens over a cache holding at most `capacity` tokens needs.
+/// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
+/// scores of every query head, which come back as [`AttnProbs`], plus working space.
+pub const fn decode_scratch_len(tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> usize {
+    let ratio = if kv_heads == 0 { 0 } else { q_heads / kv_heads };
+    q_heads * tokens + ratio * head_dim + work_len(ratio, head_dim)
+}
+
+/// Scratch floats a prefill of `chunk` tokens needs over `tokens` held tokens (pass the capacity to size
+/// it once): one KV head's scores, scaled queries and output sums at a time, plus working space.
 pub const fn prefill_scratch_len(
-    capacity: usize,
+    tokens: usize,
     chunk: usize,
     q_heads: usize,
     kv_heads: usize,
@@ -176,8 +190,7 @@ pub const fn prefill_scratch_len(
 ) -> usize {
     let ratio = if kv_heads == 0 { 0 } else { q_heads / kv_heads };
     let nq = ratio * chunk;
-    // scores + scaled queries + folded queries + per-token parameter products
-    nq * (capacity + chunk) + 2 * nq * head_dim + nq * (head_dim + 8) * 8 + 64
+    nq * (tokens + chunk) + 2 * nq * head_dim + work_len(nq, head_dim)
 }
 
 struct Shape {
@@ -189,7 +202,11 @@ struct Shape {
 fn check_shape(cache: &Cache<'_>, q_heads: usize, scale: f32) -> Result<Shape> {
     let cfg = cache.config();
     if q_heads == 0 || q_heads % cfg.kv_heads != 0 {
-        return Err(Error::ShapeMismatch { what: "q_heads (a multiple of kv_heads)", expected: cfg.kv_heads, got: q_heads });
+        return Err(Error::ShapeMismatch {
+            what: "q_heads (a multiple of kv_heads)",
+            expected: cfg.kv_heads,
+            got: q_heads,
+        });
     }
     if !scale.is_finite() {
         return Err(Error::NonFinite { index: 0 });
@@ -236,8 +253,7 @@ pub fn decode<'s>(
     if held == 0 {
         return Err(Error::EmptyInput { what: "cache" });
     }
-    let cap = cache.config().capacity;
-    need("attention scratch", decode_scratch_len(cap, q_heads, sh.kv_heads, d), scratch.len())?;
+    need("attention scratch", decode_scratch_len(held, q_heads, sh.kv_heads, d), scratch.len())?;
     let (scores, rest) = scratch.split_at_mut(q_heads * held);
     let (qs, work) = rest.split_at_mut(sh.ratio * d);
     let keys = cache.view(Stream::Keys);
@@ -285,11 +301,19 @@ pub fn prefill(
     let d = sh.d;
     let n = q.len() / (q_heads * d);
     if n == 0 || q.len() != n * q_heads * d {
-        return Err(Error::ShapeMismatch { what: "query length (n * q_heads * head_dim)", expected: q_heads * d, got: q.len() });
+        return Err(Error::ShapeMismatch {
+            what: "query length (n * q_heads * head_dim)",
+            expected: q_heads * d,
+            got: q.len(),
+        });
     }
     let kv = n * sh.kv_heads * d;
     if k.len() != kv || v.len() != kv {
-        return Err(Error::ShapeMismatch { what: "chunk key/value length", expected: kv, got: k.len().min(v.len()) });
+        return Err(Error::ShapeMismatch {
+            what: "chunk key/value length",
+            expected: kv,
+            got: k.len().min(v.len()),
+        });
     }
     if out.len() != q.len() {
         return Err(Error::ShapeMismatch { what: "output length", expected: q.len(), got: out.len() });
@@ -298,8 +322,7 @@ pub fn prefill(
     check_finite(k)?;
     check_finite(v)?;
     let held = cache.held();
-    let cap = cache.config().capacity;
-    need("attention scratch", prefill_scratch_len(cap, n, q_heads, sh.kv_heads, d), scratch.len())?;
+    need("attention scratch", prefill_scratch_len(held, n, q_heads, sh.kv_heads, d), scratch.len())?;
     let nq = sh.ratio * n;
     let stride = held + n;
     let (scores, rest) = scratch.split_at_mut(nq * stride);
@@ -395,14 +418,15 @@ fn key_scores(
             let mut out = Scores { data: scores, stride, pos: pos + run.offset };
             match sv.precision {
                 Precision::F16 => {
-                    let body = &sv.body_f16()[h * d * l.ring..][..d * l.ring];
+                    let stride = 2 * l.row_words;
+                    let body = &sv.body_f16()[h * d * stride..][..d * stride];
                     #[cfg(target_arch = "x86_64")]
                     if vector {
                         // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
-                        unsafe { avx2::scores_f16_channel(body, l.ring, run.start, run.len, q, &mut out) };
+                        unsafe { avx2::scores_f16_channel(body, stride, run.start, run.len, q, &mut out) };
                         continue;
                     }
-                    portable::scores_f16_channel(body, l.ring, run.start, run.len, q, &mut out);
+                    portable::scores_f16_channel(body, stride, run.start, run.len, q, &mut out);
                 }
                 Precision::Quant(spec) if spec.axis == Axis::PerChannel => {
                     let gd = l.row_groups * d;
@@ -415,7 +439,7 @@ fn key_scores(
                         group: spec.group,
                     };
                     #[cfg(target_arch = "x86_64")]
-                    if vector && vector_width(spec.width) && spec.group % 32 == 0 {
+                    if vector && vector_width(spec.width) && spec.group % 16 == 0 {
                         // SAFETY: as above.
                         unsafe { avx2::scores_q_channel(&b, run.start, run.len, q, &mut out, work) };
                         continue;
@@ -435,7 +459,13 @@ fn key_scores(
         for run in ring_runs(q_end, c.n, r) {
             if run.len > 0 {
                 let rows = &win[run.start * d..][..run.len * d];
-                dot_rows(rows, run.len, q, &mut Scores { data: scores, stride, pos: pos + run.offset }, vector);
+                dot_rows(
+                    rows,
+                    run.len,
+                    q,
+                    &mut Scores { data: scores, stride, pos: pos + run.offset },
+                    vector,
+                );
             }
         }
     }
@@ -476,7 +506,7 @@ fn axpy_rows(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], v
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if vector && d % 32 == 0 {
+    if vector && d % 16 == 0 {
         // SAFETY: as in `dot_rows`.
         unsafe { avx2::axpy_rows_f16(rows, n, p, d, out) };
         return;
@@ -522,7 +552,7 @@ fn value_sums(
                 Precision::Quant(spec) => {
                     let b = token_body(sv, h, spec.width, spec.group);
                     #[cfg(target_arch = "x86_64")]
-                    if vector && vector_width(spec.width) && spec.group % 32 == 0 {
+                    if vector && vector_width(spec.width) && spec.group % 16 == 0 {
                         // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
                         unsafe { avx2::values_q_token(&b, run.start, run.len, &pr, d, out, work) };
                         continue;

@@ -42,15 +42,22 @@ pub(crate) fn axpy_rows_f16(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out
     }
 }
 
-/// Scores of tokens `start..start + n` of a channel-major f16 body (`d` rows of `ring` slots).
-pub(crate) fn scores_f16_channel(body: &[u16], ring: usize, start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
+/// Scores of tokens `start..start + n` of a channel-major f16 body (`d` rows of `stride` values).
+pub(crate) fn scores_f16_channel(
+    body: &[u16],
+    stride: usize,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
     for qi in 0..q.nq {
         for t in 0..n {
             *out.at(qi, t) = 0.0;
         }
     }
     for c in 0..q.d {
-        let col = &body[c * ring + start..][..n];
+        let col = &body[c * stride + start..][..n];
         for qi in 0..q.nq {
             let qc = q.row(qi)[c];
             for (t, &b) in col.iter().enumerate() {
@@ -102,7 +109,13 @@ pub(crate) fn scores_q_channel(
 
 /// Scores of tokens `start..start + n` of a per-token quantized body:
 /// `score = sum_g s_g (sum_{c in g} q_c code_c) + z_g (sum_{c in g} q_c)`.
-pub(crate) fn scores_q_token(b: &TokenBody<'_>, start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
+pub(crate) fn scores_q_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
     let (d, g) = (q.d, b.group);
     let mut codes = [0u8; MAX_GROUP];
     for t in 0..n {
@@ -130,7 +143,14 @@ pub(crate) fn scores_q_token(b: &TokenBody<'_>, start: usize, n: usize, q: &Quer
 }
 
 /// `out[qi] += sum_t p[qi][t] * v_t` over tokens `start..start + n` of a per-token quantized body.
-pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Probs<'_>, d: usize, out: &mut [f32]) {
+pub(crate) fn values_q_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+) {
     let g = b.group;
     let mut codes = [0u8; MAX_GROUP];
     for t in 0..n {

@@ -80,7 +80,7 @@ pub enum Overflow {
 /// let cfg = CacheConfig::kivi(Width::B2, 32, 128, 3, 64, 8192);
 /// const FP16: CacheConfig = CacheConfig::fp16(3, 64, 8192);
 /// const BYTES: usize = match FP16.layout() { Ok(l) => l.total_bytes, Err(_) => panic!() };
-/// assert_eq!(BYTES, 2 * 8192 * 3 * 64 * 2);
+/// assert_eq!(BYTES, 2 * 8192 * 3 * 64 * 2 + 3 * 64 * 64); // + 64 bytes of padding per key channel row
 /// assert!(cfg.layout()?.total_bytes < BYTES / 4);
 /// # Ok::<(), kvq_core::Error>(())
 /// ```
@@ -214,7 +214,10 @@ impl CacheConfig {
             return Err(Error::InvalidConfig { what: "group size", value: q.group });
         }
         if q.group * q.width.bits() as usize % 32 != 0 {
-            return Err(Error::InvalidConfig { what: "group size (G * bits must fill u32 words)", value: q.group });
+            return Err(Error::InvalidConfig {
+                what: "group size (G * bits must fill u32 words)",
+                value: q.group,
+            });
         }
         match q.axis {
             Axis::PerChannel => {
@@ -250,7 +253,10 @@ mod tests {
             (CacheConfig { head_dim: 0, ..ok }, "head_dim"),
             (CacheConfig { kv_heads: 0, ..ok }, "kv_heads"),
             (CacheConfig { head_dim: 48, ..ok }, "head_dim (per-token groups must divide it)"),
-            (CacheConfig { residual: 100, ..ok }, "residual (per-channel keys need a positive multiple of G)"),
+            (
+                CacheConfig { residual: 100, ..ok },
+                "residual (per-channel keys need a positive multiple of G)",
+            ),
             (CacheConfig { residual: 0, ..ok }, "residual (per-channel keys need a positive multiple of G)"),
             (CacheConfig::kivi(Width::B3, 16, 128, 3, 64, 1024), "group size (G * bits must fill u32 words)"),
             (CacheConfig::kivi(Width::B2, 512, 512, 3, 512, 1024), "group size"),

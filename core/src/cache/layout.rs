@@ -6,15 +6,20 @@
 //! ```text
 //! sinks   f16  [kv_heads][S][head_dim]                  first S tokens, token-major
 //! window  f16  [kv_heads][R][head_dim]                  full-precision residual, slot j % R
-//! body, fp16 keys     f16 [kv_heads][head_dim][ring]    channel-major: one channel's tokens contiguous
+//! body, fp16 keys     f16 [kv_heads][head_dim][2*row_words]   channel-major: a channel's tokens contiguous
 //! body, fp16 values   f16 [kv_heads][ring][head_dim]    token-major
-//! body, per-channel   codes u32 [kv_heads][head_dim][ring*b/32]   a channel's tokens, LSB first (KIVI)
+//! body, per-channel   codes u32 [kv_heads][head_dim][row_words]   a channel's tokens, LSB first (KIVI)
 //!                     scale f16 [kv_heads][ring/G][head_dim]      a group's channels contiguous
 //!                     zero  f16 [kv_heads][ring/G][head_dim]
 //! body, per-token     codes u32 [kv_heads][ring][head_dim*b/32]   a token's channels, LSB first (KIVI)
 //!                     scale f16 [kv_heads][head_dim/G][ring]      a group's tokens contiguous
 //!                     zero  f16 [kv_heads][head_dim/G][ring]
 //! ```
+//!
+//! Channel-major rows (fp16 and per-channel keys) are `ring` tokens plus 64 bytes of padding
+//! (`row_words = ring*b/32 + 16`, or `ring/2 + 16` for f16): without it a power-of-two ring puts every
+//! channel's row at the same L1 set and a 16-token block across 64 channels thrashes (measured with
+//! `decode_bench`: fp16 at 16k tokens took 77 ms a step at a 32 KiB row stride, 47 ms just off it).
 //!
 //! Body token `j` sits in ring slot `j % ring`. Per-channel rows are what KIVI's GEMV reads (a warp takes
 //! consecutive words of one channel, 32/b tokens a word); per-token rows are one token's channels. The
@@ -64,7 +69,8 @@ pub struct StreamLayout {
     pub ring: usize,
     /// Window slots, in tokens.
     pub window_tokens: usize,
-    /// Words of one packed row: a channel's `ring` tokens (per-channel) or a token's channels (per-token).
+    /// Words of one row: a channel's `ring` tokens plus padding (per-channel and fp16 keys), or a token's
+    /// channels (per-token).
     pub row_words: usize,
     /// Groups per row: `ring / G` (per-channel) or `head_dim / G` (per-token).
     pub row_groups: usize,
@@ -83,6 +89,9 @@ pub struct Layout {
     /// Bytes of the whole arena (`4 * total_words`).
     pub total_bytes: usize,
 }
+
+/// Padding words after each channel-major row (see the module docs).
+pub const ROW_PAD_WORDS: usize = 16;
 
 const OVERFLOW: Error = Error::InvalidConfig { what: "capacity (layout overflows usize)", value: 0 };
 
@@ -128,7 +137,12 @@ impl CacheConfig {
         }
     }
 
-    const fn stream_layout(&self, p: &Precision, _values: bool, start: usize) -> Result<(StreamLayout, usize)> {
+    const fn stream_layout(
+        &self,
+        p: &Precision,
+        values: bool,
+        start: usize,
+    ) -> Result<(StreamLayout, usize)> {
         let hd = tri!(mul(self.kv_heads, self.head_dim));
         let body = self.capacity - self.sinks;
         let mut s = ZERO;
@@ -137,7 +151,12 @@ impl CacheConfig {
         match *p {
             Precision::F16 => {
                 s.ring = body;
-                s.codes = Region { offset: at, words: f16_words(tri!(mul(hd, body))) };
+                if values {
+                    s.codes = Region { offset: at, words: f16_words(tri!(mul(hd, body))) };
+                } else {
+                    s.row_words = body.div_ceil(2) + ROW_PAD_WORDS;
+                    s.codes = Region { offset: at, words: tri!(mul(hd, s.row_words)) };
+                }
                 at = s.codes.end();
             }
             Precision::Quant(QuantSpec { width, group, axis, .. }) => {
@@ -153,7 +172,7 @@ impl CacheConfig {
                             Overflow::Slide => group,
                         };
                         s.ring = body - body % unit;
-                        s.row_words = s.ring / 32 * bits + (s.ring % 32) * bits / 32;
+                        s.row_words = s.ring / 32 * bits + (s.ring % 32) * bits / 32 + ROW_PAD_WORDS;
                         s.row_groups = s.ring / group;
                         s.codes = Region { offset: at, words: tri!(mul(hd, s.row_words)) };
                         let params = f16_words(tri!(mul(hd, s.row_groups)));
@@ -165,7 +184,10 @@ impl CacheConfig {
                         s.ring = body.saturating_sub(r);
                         s.row_words = self.head_dim * bits / 32;
                         s.row_groups = self.head_dim / group;
-                        s.codes = Region { offset: at, words: tri!(mul(tri!(mul(self.kv_heads, s.ring)), s.row_words)) };
+                        s.codes = Region {
+                            offset: at,
+                            words: tri!(mul(tri!(mul(self.kv_heads, s.ring)), s.row_words)),
+                        };
                         let params = f16_words(tri!(mul(tri!(mul(self.kv_heads, s.ring)), s.row_groups)));
                         s.scale = Region { offset: s.codes.end(), words: params };
                         s.zero = Region { offset: s.scale.end(), words: params };
@@ -205,8 +227,8 @@ mod tests {
         assert_eq!(k.sinks.words, hd * 4 / 2);
         assert_eq!(k.window.words, hd * 128 / 2);
         assert_eq!(k.ring, 1020 - 1020 % 128); // 896: Stop mode flushes whole residual blocks
-        assert_eq!(k.row_words, 896 * 2 / 32);
-        assert_eq!(k.codes.words, hd * 56);
+        assert_eq!(k.row_words, 896 * 2 / 32 + ROW_PAD_WORDS);
+        assert_eq!(k.codes.words, hd * (56 + ROW_PAD_WORDS));
         assert_eq!(k.scale.words, hd * 28 / 2);
         let v = l.values;
         assert_eq!(v.ring, 1020 - 128);
@@ -214,7 +236,8 @@ mod tests {
         assert_eq!(v.row_groups, 2);
         assert_eq!(v.codes.words, 3 * 892 * 4);
         assert_eq!(v.scale.words, 3 * 2 * 892 / 2);
-        let regions = [k.sinks, k.window, k.codes, k.scale, k.zero, v.sinks, v.window, v.codes, v.scale, v.zero];
+        let regions =
+            [k.sinks, k.window, k.codes, k.scale, k.zero, v.sinks, v.window, v.codes, v.scale, v.zero];
         let mut at = 0;
         for r in regions {
             assert_eq!(r.offset, at);
@@ -229,7 +252,7 @@ mod tests {
     #[test]
     fn fp16_is_two_bytes_per_element() {
         let l = CacheConfig::fp16(3, 64, 4096).layout().unwrap();
-        assert_eq!(l.total_bytes, 2 * 4096 * 3 * 64 * 2);
+        assert_eq!(l.total_bytes, 2 * 4096 * 3 * 64 * 2 + 3 * 64 * ROW_PAD_WORDS * 4);
         assert_eq!(CacheConfig::fp16(3, 64, 0).arena_bytes(), 0);
         let huge = CacheConfig::fp16(usize::MAX / 2, 64, 4096);
         assert!(matches!(huge.layout(), Err(Error::InvalidConfig { .. })));

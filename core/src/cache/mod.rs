@@ -274,10 +274,18 @@ impl<'a> Cache<'a> {
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
         let hd = self.cfg.kv_heads * self.cfg.head_dim;
         if keys.len() % hd != 0 {
-            return Err(Error::ShapeMismatch { what: "keys length (multiple of kv_heads*head_dim)", expected: hd, got: keys.len() });
+            return Err(Error::ShapeMismatch {
+                what: "keys length (multiple of kv_heads*head_dim)",
+                expected: hd,
+                got: keys.len(),
+            });
         }
         if values.len() != keys.len() {
-            return Err(Error::ShapeMismatch { what: "values length", expected: keys.len(), got: values.len() });
+            return Err(Error::ShapeMismatch {
+                what: "values length",
+                expected: keys.len(),
+                got: values.len(),
+            });
         }
         for (i, &x) in keys.iter().chain(values).enumerate() {
             if !x.is_finite() {
@@ -289,7 +297,11 @@ impl<'a> Cache<'a> {
         }
         let tokens = keys.len() / hd;
         if self.cfg.overflow == Overflow::Stop && self.held() + tokens > self.cfg.capacity {
-            return Err(Error::ContextFull { held: self.held(), adding: tokens, capacity: self.cfg.capacity });
+            return Err(Error::ContextFull {
+                held: self.held(),
+                adding: tokens,
+                capacity: self.cfg.capacity,
+            });
         }
         for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
             self.push(k, v)?;
@@ -309,7 +321,8 @@ impl<'a> Cache<'a> {
                 let x = if s == Stream::Keys { k } else { v };
                 let (_, l) = self.stream_cfg(s);
                 let d = self.cfg.head_dim;
-                let sinks: &mut [u16] = bytemuck::cast_slice_mut(&mut self.arena[l.sinks.offset..l.sinks.end()]);
+                let sinks: &mut [u16] =
+                    bytemuck::cast_slice_mut(&mut self.arena[l.sinks.offset..l.sinks.end()]);
                 for (h, row) in x.chunks_exact(d).enumerate() {
                     let dst = &mut sinks[(h * self.cfg.sinks + slot) * d..][..d];
                     for (o, &y) in dst.iter_mut().zip(row) {
@@ -332,12 +345,13 @@ impl<'a> Cache<'a> {
         let j = self.counts.n;
         match p {
             Precision::F16 => {
-                let body: &mut [u16] = bytemuck::cast_slice_mut(&mut self.arena[l.codes.offset..l.codes.end()]);
+                let body: &mut [u16] =
+                    bytemuck::cast_slice_mut(&mut self.arena[l.codes.offset..l.codes.end()]);
                 let slot = j % l.ring;
                 for (h, row) in x.chunks_exact(d).enumerate() {
                     for (c, &y) in row.iter().enumerate() {
                         let at = match s {
-                            Stream::Keys => (h * d + c) * l.ring + slot,
+                            Stream::Keys => (h * d + c) * 2 * l.row_words + slot,
                             Stream::Values => (h * l.ring + slot) * d + c,
                         };
                         body[at] = f16_bits(y);
@@ -362,7 +376,8 @@ impl<'a> Cache<'a> {
                             let old = j - r;
                             for h in 0..heads {
                                 for g0 in (0..d).step_by(q.group) {
-                                    let win: &[u16] = bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
+                                    let win: &[u16] =
+                                        bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
                                     let row = &win[(h * r + old % r) * d + g0..][..q.group];
                                     for (o, &b) in buf[..q.group].iter_mut().zip(row) {
                                         *o = f32_of(b);
@@ -389,7 +404,14 @@ impl<'a> Cache<'a> {
         }
     }
 
-    fn quantize_token(&mut self, l: StreamLayout, q: &QuantSpec, h: usize, slot: usize, x: &[f32]) -> Result<()> {
+    fn quantize_token(
+        &mut self,
+        l: StreamLayout,
+        q: &QuantSpec,
+        h: usize,
+        slot: usize,
+        x: &[f32],
+    ) -> Result<()> {
         for g0 in (0..x.len()).step_by(q.group) {
             self.quantize_token_group(l, q, h, slot, g0, &x[g0..g0 + q.group])?;
         }
@@ -476,7 +498,7 @@ impl<'a> Cache<'a> {
                     let body = v.body_f16();
                     for (c, o) in row.iter_mut().enumerate() {
                         *o = f32_of(match stream {
-                            Stream::Keys => body[(head * d + c) * l.ring + slot],
+                            Stream::Keys => body[(head * d + c) * 2 * l.row_words + slot],
                             Stream::Values => body[(head * l.ring + slot) * d + c],
                         });
                     }
@@ -485,11 +507,19 @@ impl<'a> Cache<'a> {
                     for (c, o) in row.iter_mut().enumerate() {
                         let (code, at) = match q.axis {
                             Axis::PerChannel => (
-                                pack::get(&v.codes[(head * d + c) * l.row_words..][..l.row_words], q.width, slot)?,
+                                pack::get(
+                                    &v.codes[(head * d + c) * l.row_words..][..l.row_words],
+                                    q.width,
+                                    slot,
+                                )?,
                                 (head * l.row_groups + slot / q.group) * d + c,
                             ),
                             Axis::PerToken => (
-                                pack::get(&v.codes[(head * l.ring + slot) * l.row_words..][..l.row_words], q.width, c)?,
+                                pack::get(
+                                    &v.codes[(head * l.ring + slot) * l.row_words..][..l.row_words],
+                                    q.width,
+                                    c,
+                                )?,
                                 (head * l.row_groups + c / q.group) * l.ring + slot,
                             ),
                         };

@@ -18,7 +18,8 @@ fn check_against_input(cache: &Cache<'_>, keys: &[f32], values: &[f32], first: u
     let c = cache.counts();
     let held = cache.held();
     // token index (into the inputs) of each held row
-    let tokens: Vec<usize> = (0..c.sinks).chain((c.base..c.n).map(|j| j + c.sinks)).map(|t| t + first).collect();
+    let tokens: Vec<usize> =
+        (0..c.sinks).chain((c.base..c.n).map(|j| j + c.sinks)).map(|t| t + first).collect();
     assert_eq!(tokens.len(), held);
     let mut out = vec![0.0f32; held * d];
     for (stream, input) in [(Stream::Keys, keys), (Stream::Values, values)] {
@@ -91,7 +92,8 @@ fn dequantized_cache_is_within_the_quantizer_bound() {
     let mut rng = Rng::new(7);
     for cfg in configs() {
         let clipped = matches!(cfg.values, Precision::Quant(QuantSpec { clip, .. }) if clip < 1.0);
-        for t in [1usize, 31, 32, 33, 64, 65, 300] {
+        let ts: &[usize] = if cfg!(miri) { &[1, 33, 65] } else { &[1, 31, 32, 33, 64, 65, 300] };
+        for &t in ts {
             let mut mem = arena(&cfg);
             let mut cache = Cache::new(cfg, &mut mem).unwrap();
             let k = activations(&mut rng, t, cfg.kv_heads, cfg.head_dim);
@@ -228,7 +230,10 @@ fn bad_input_is_an_error_and_changes_nothing() {
     assert!(matches!(Cache::from_bytes(cfg, &mut bytes[1..needed + 1]), Err(Error::ArenaTooSmall { .. })));
     // head_dim the per-token layout cannot take
     let odd = CacheConfig { head_dim: 48, ..cfg };
-    assert!(matches!(Cache::new(odd, &mut small), Err(Error::InvalidConfig { what: "head_dim (per-token groups must divide it)", .. })));
+    assert!(matches!(
+        Cache::new(odd, &mut small),
+        Err(Error::InvalidConfig { what: "head_dim (per-token groups must divide it)", .. })
+    ));
 
     let mut mem = arena(&cfg);
     let mut cache = Cache::new(cfg, &mut mem).unwrap();
@@ -243,7 +248,11 @@ fn bad_input_is_an_error_and_changes_nothing() {
     assert_eq!(cache.append(&bad, &good), Err(Error::ParamOverflow { value: 1e6, max: MAX_ABS }));
     assert_eq!(
         cache.append(&good[..100], &good[..100]),
-        Err(Error::ShapeMismatch { what: "keys length (multiple of kv_heads*head_dim)", expected: 128, got: 100 })
+        Err(Error::ShapeMismatch {
+            what: "keys length (multiple of kv_heads*head_dim)",
+            expected: 128,
+            got: 100
+        })
     );
     assert_eq!(cache.held(), 1);
     let mut out = vec![0.0; 64];

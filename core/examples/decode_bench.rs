@@ -1,0 +1,255 @@
+//! Decode-attention benchmark: one decode step over all 30 layers' caches of the default model's shape
+//! (3 KV heads x 3 query heads, head_dim 64), per cache policy, against the fp16 cache in the same run.
+//!
+//! ```text
+//! cargo run --release -p kvq-core --example decode_bench                  # table
+//! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
+//! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
+//!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
+//! ```
+//!
+//! Each step reads every layer's whole cache, as the model does, so at 16k tokens the fp16 caches
+//! (377 MB) come from DRAM, not the 32 MiB L3. Specs are timed in alternation, one step each in turn, and
+//! the median step is reported; the memory bandwidth bound is measured in the same run by streaming a
+//! 1 GiB buffer.
+
+use kvq_core::attention::{Kernel, decode, decode_scratch_len};
+use kvq_core::cache::{Cache, CacheConfig};
+use kvq_core::pack::Width;
+use std::time::Instant;
+
+const KV_HEADS: usize = 3;
+const Q_HEADS: usize = 9;
+const HEAD_DIM: usize = 64;
+
+struct Rng(u64);
+impl Rng {
+    fn unit(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
+    Some(match name {
+        "fp16" => CacheConfig::fp16(KV_HEADS, HEAD_DIM, capacity),
+        "kivi2" => CacheConfig::kivi(Width::B2, 32, 128, KV_HEADS, HEAD_DIM, capacity),
+        "kivi4" => CacheConfig::kivi(Width::B4, 32, 128, KV_HEADS, HEAD_DIM, capacity),
+        "kivi8" => CacheConfig::kivi(Width::B8, 32, 128, KV_HEADS, HEAD_DIM, capacity),
+        _ => return None,
+    })
+}
+
+/// One policy's caches for every layer, each over its own arena.
+struct Model {
+    name: String,
+    layers: Vec<Cache<'static>>,
+}
+
+impl Model {
+    fn bytes(&self) -> usize {
+        self.layers.iter().map(|c| c.usage().total_bytes()).sum()
+    }
+}
+
+/// Streams `buf` once per pass, summing it; returns the best of `passes` in GB/s.
+fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
+    let mut best = f64::INFINITY;
+    let mut sink = 0u64;
+    for _ in 0..passes {
+        let t = Instant::now();
+        let chunk = buf.len().div_ceil(threads);
+        sink ^= std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut acc = [0u64; 8];
+                        for c in part.chunks_exact(8) {
+                            for (a, &x) in acc.iter_mut().zip(c) {
+                                *a = a.wrapping_add(x);
+                            }
+                        }
+                        acc.iter().fold(0, |a, &b| a ^ b)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).fold(0, |a, b| a ^ b)
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (buf.len() * 8) as f64 / best / 1e9
+}
+
+/// One decode step over every layer, split across `threads` threads by layer.
+fn step(
+    model: &Model,
+    q: &[f32],
+    scratch: &mut [Vec<f32>],
+    outs: &mut [Vec<f32>],
+    threads: usize,
+    kernel: Kernel,
+) {
+    let per = model.layers.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let mut jobs = Vec::new();
+        for ((layers, scr), out) in model.layers.chunks(per).zip(scratch.iter_mut()).zip(outs.iter_mut()) {
+            let mut work = move || {
+                for cache in layers {
+                    decode(cache, q, Q_HEADS, 0.125, out, scr, kernel).expect("decode");
+                }
+            };
+            if threads == 1 {
+                work();
+            } else {
+                jobs.push(s.spawn(work));
+            }
+        }
+        for j in jobs {
+            j.join().unwrap();
+        }
+    });
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let json = args.iter().any(|a| a == "--json");
+    let with_portable = args.iter().any(|a| a == "--portable");
+    let list = |flag: &str, default: &str| -> Vec<String> {
+        get(flag).unwrap_or_else(|| default.to_string()).split(',').map(str::to_string).collect()
+    };
+    let tokens: Vec<usize> =
+        list("--tokens", "1024,4096,16384,65536").iter().map(|s| s.parse().expect("--tokens")).collect();
+    let specs = list("--specs", "fp16,kivi2,kivi4");
+    let threads: Vec<usize> =
+        list("--threads", "1,2").iter().map(|s| s.parse().expect("--threads")).collect();
+    let n_layers: usize = get("--layers").map_or(30, |s| s.parse().expect("--layers"));
+    let reps: Option<usize> = get("--reps").map(|s| s.parse().expect("--reps"));
+    let capacity = *tokens.iter().max().expect("tokens") + 1;
+    let fast = Kernel::detect();
+    let mut kernels = vec![fast];
+    if with_portable && fast != Kernel::PORTABLE {
+        kernels.push(Kernel::PORTABLE);
+    }
+
+    let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect(); // 1 GiB
+    let bw: Vec<(usize, f64)> = threads.iter().map(|&t| (t, membw(&buf, t, 5))).collect();
+    drop(buf);
+    if !json {
+        for (t, b) in &bw {
+            println!("memory bandwidth, {t} thread(s): {b:.1} GB/s (read, best of 5 passes over 1 GiB)");
+        }
+        println!("kernels: {}", kernels.iter().map(Kernel::name).collect::<Vec<_>>().join(", "));
+    }
+
+    let mut models: Vec<Model> = specs
+        .iter()
+        .map(|name| {
+            let cfg = spec(name, capacity).unwrap_or_else(|| panic!("unknown spec {name}"));
+            let layers = (0..n_layers)
+                .map(|_| {
+                    let arena: &'static mut [u32] =
+                        Vec::leak(vec![0u32; cfg.layout().expect("layout").total_words]);
+                    Cache::new(cfg, arena).expect("cache")
+                })
+                .collect();
+            Model { name: name.clone(), layers }
+        })
+        .collect();
+
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let hd = KV_HEADS * HEAD_DIM;
+    let mut held = 0;
+    let max_threads = *threads.iter().max().unwrap_or(&1);
+    let mut scratch: Vec<Vec<f32>> = (0..max_threads)
+        .map(|_| vec![0.0; decode_scratch_len(capacity, Q_HEADS, KV_HEADS, HEAD_DIM)])
+        .collect();
+    let mut outs: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; Q_HEADS * HEAD_DIM]).collect();
+    if !json {
+        println!(
+            "{:>6} {:>7} {:>3} {:>8} {:>12} {:>9} {:>10} {:>9}",
+            "tokens", "spec", "thr", "kernel", "us/step", "MB/step", "GB/s", "vs fp16"
+        );
+    }
+    for &t in &tokens {
+        // Grow every layer of every model to t tokens with the same keys and values.
+        let mut k = vec![0.0f32; hd];
+        let mut v = vec![0.0f32; hd];
+        while held < t {
+            for layer in 0..n_layers {
+                for (i, x) in k.iter_mut().enumerate() {
+                    *x = rng.unit() * if i % 17 == 3 { 8.0 } else { 1.0 } + (i % 5) as f32 * 0.3;
+                }
+                for x in v.iter_mut() {
+                    *x = rng.unit();
+                }
+                for m in models.iter_mut() {
+                    m.layers[layer].append(&k, &v).expect("append");
+                }
+            }
+            held += 1;
+        }
+        let q: Vec<f32> = (0..Q_HEADS * HEAD_DIM).map(|_| rng.unit()).collect();
+        for &th in &threads {
+            for &kernel in &kernels {
+                if kernel == Kernel::PORTABLE && t > 16384 {
+                    continue;
+                }
+                let bytes: Vec<usize> = models.iter().map(Model::bytes).collect();
+                // Enough alternating rounds for about a second of the slowest spec, at least 5.
+                let t0 = Instant::now();
+                step(&models[0], &q, &mut scratch, &mut outs, th, kernel);
+                let first = t0.elapsed().as_secs_f64();
+                let rounds = reps.unwrap_or(((1.0 / (first * models.len() as f64)) as usize).clamp(5, 200));
+                let mut times = vec![Vec::new(); models.len()];
+                for _ in 0..rounds {
+                    for (i, m) in models.iter().enumerate() {
+                        let s = Instant::now();
+                        step(m, &q, &mut scratch, &mut outs, th, kernel);
+                        times[i].push(s.elapsed().as_secs_f64());
+                    }
+                }
+                let med: Vec<f64> = times.into_iter().map(median).collect();
+                let base = models.iter().position(|m| m.name == "fp16").map(|i| med[i]);
+                let bound = bw.iter().find(|(x, _)| *x == th).map_or(0.0, |b| b.1);
+                for (i, m) in models.iter().enumerate() {
+                    let gbs = bytes[i] as f64 / med[i] / 1e9;
+                    let speedup = base.map_or(f64::NAN, |b| b / med[i]);
+                    if json {
+                        println!(
+                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{speedup:.3},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"layers\":{n_layers}}}",
+                            m.name,
+                            kernel.name(),
+                            med[i] * 1e9,
+                            bytes[i]
+                        );
+                    } else {
+                        println!(
+                            "{t:>6} {:>7} {th:>3} {:>8} {:>12.1} {:>9.2} {:>10.2} {:>8.2}x{}",
+                            m.name,
+                            kernel.name(),
+                            med[i] * 1e6,
+                            bytes[i] as f64 / 1e6,
+                            gbs,
+                            speedup,
+                            if m.name == "fp16" {
+                                format!("   ({:.0}% of {bound:.1} GB/s)", gbs / bound * 100.0)
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
