@@ -74,7 +74,7 @@ impl Kernel {
 
     /// Whether the vector path is usable for a head dimension.
     fn vector(self, d: usize) -> bool {
-        self.avx2 && d % 8 == 0
+        self.avx2 && d.is_multiple_of(8)
     }
 }
 
@@ -175,7 +175,10 @@ const fn work_len(nq: usize, d: usize) -> usize {
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
 /// scores of every query head, which come back as [`AttnProbs`], plus working space.
 pub const fn decode_scratch_len(tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> usize {
-    let ratio = if kv_heads == 0 { 0 } else { q_heads / kv_heads };
+    let ratio = match q_heads.checked_div(kv_heads) {
+        Some(r) => r,
+        None => 0,
+    };
     q_heads * tokens + ratio * head_dim + work_len(ratio, head_dim)
 }
 
@@ -188,7 +191,10 @@ pub const fn prefill_scratch_len(
     kv_heads: usize,
     head_dim: usize,
 ) -> usize {
-    let ratio = if kv_heads == 0 { 0 } else { q_heads / kv_heads };
+    let ratio = match q_heads.checked_div(kv_heads) {
+        Some(r) => r,
+        None => 0,
+    };
     let nq = ratio * chunk;
     nq * (tokens + chunk) + 2 * nq * head_dim + work_len(nq, head_dim)
 }
@@ -201,7 +207,7 @@ struct Shape {
 
 fn check_shape(cache: &Cache<'_>, q_heads: usize, scale: f32) -> Result<Shape> {
     let cfg = cache.config();
-    if q_heads == 0 || q_heads % cfg.kv_heads != 0 {
+    if q_heads == 0 || !q_heads.is_multiple_of(cfg.kv_heads) {
         return Err(Error::ShapeMismatch {
             what: "q_heads (a multiple of kv_heads)",
             expected: cfg.kv_heads,
@@ -506,7 +512,7 @@ fn axpy_rows(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], v
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if vector && d % 16 == 0 {
+    if vector && d.is_multiple_of(16) {
         // SAFETY: as in `dot_rows`.
         unsafe { avx2::axpy_rows_f16(rows, n, p, d, out) };
         return;

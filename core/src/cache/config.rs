@@ -213,7 +213,7 @@ impl CacheConfig {
         if q.group == 0 || q.group > MAX_GROUP {
             return Err(Error::InvalidConfig { what: "group size", value: q.group });
         }
-        if q.group * q.width.bits() as usize % 32 != 0 {
+        if !(q.group * q.width.bits() as usize).is_multiple_of(32) {
             return Err(Error::InvalidConfig {
                 what: "group size (G * bits must fill u32 words)",
                 value: q.group,
@@ -221,7 +221,7 @@ impl CacheConfig {
         }
         match q.axis {
             Axis::PerChannel => {
-                if self.residual == 0 || self.residual % q.group != 0 {
+                if self.residual == 0 || !self.residual.is_multiple_of(q.group) {
                     return Err(Error::InvalidConfig {
                         what: "residual (per-channel keys need a positive multiple of G)",
                         value: self.residual,
@@ -229,7 +229,7 @@ impl CacheConfig {
                 }
             }
             Axis::PerToken => {
-                if self.head_dim % q.group != 0 {
+                if !self.head_dim.is_multiple_of(q.group) {
                     return Err(Error::InvalidConfig {
                         what: "head_dim (per-token groups must divide it)",
                         value: self.head_dim,

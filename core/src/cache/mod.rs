@@ -273,7 +273,7 @@ impl<'a> Cache<'a> {
     /// [`Error::ContextFull`] when a [`Overflow::Stop`] cache would exceed its capacity.
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
         let hd = self.cfg.kv_heads * self.cfg.head_dim;
-        if keys.len() % hd != 0 {
+        if !keys.len().is_multiple_of(hd) {
             return Err(Error::ShapeMismatch {
                 what: "keys length (multiple of kv_heads*head_dim)",
                 expected: hd,
@@ -361,7 +361,7 @@ impl<'a> Cache<'a> {
             Precision::Quant(q) => match q.axis {
                 Axis::PerChannel => {
                     self.write_window(l, j % r, x);
-                    if (j + 1) % r == 0 {
+                    if (j + 1).is_multiple_of(r) {
                         self.flush_block(l, &q, j + 1 - r)?;
                     }
                 }
