@@ -17,6 +17,7 @@
 #![allow(unsafe_code)]
 
 use super::{ChannelBody, Probs, Queries, Scores, TokenBody, portable};
+use crate::cache::layout::{KEY_BLOCK, key_f16, key_row};
 use crate::pack::Width;
 use core::arch::x86_64::*;
 
@@ -43,16 +44,6 @@ fn ld_ph(s: &[u16]) -> __m256 {
     let s = &s[..8];
     // SAFETY: `s` holds 8 u16 = 16 bytes; `loadu_si128` has no alignment requirement.
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
-}
-
-/// Hints the cache line `ahead` elements past the start of `s` into L1: channel-major rows are 64 streams
-/// at once, more than the hardware prefetchers follow. A prefetch never faults, so the address may lie past
-/// the slice.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch<T>(s: &[T], ahead: usize) {
-    let p = s.as_ptr().wrapping_add(ahead).cast::<i8>();
-    _mm_prefetch::<_MM_HINT_T0>(p);
 }
 
 #[inline]
@@ -175,69 +166,55 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
     }
 }
 
-/// See [`portable::scores_f16_channel`]; `stride` is the row length of one channel.
+/// See [`portable::scores_f16_channel`]. The run is cut at key blocks; within a block, 16 tokens by up to
+/// 3 queries accumulate in 6 registers, each f16 vector converted straight from memory.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn scores_f16_channel(
-    body: &[u16],
-    stride: usize,
-    start: usize,
-    n: usize,
-    q: &Queries<'_>,
-    out: &mut Scores<'_>,
-) {
-    let whole = n - n % 24;
-    for t0 in (0..whole).step_by(24) {
-        for qb in (0..q.nq).step_by(3) {
-            match q.nq - qb {
-                1 => f16_chunk::<1>(body, stride, start + t0, q, out, qb, t0),
-                2 => f16_chunk::<2>(body, stride, start + t0, q, out, qb, t0),
-                _ => f16_chunk::<3>(body, stride, start + t0, q, out, qb, t0),
+pub(crate) fn scores_f16_channel(body: &[u16], start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
+    let d = q.d;
+    let mut t = 0;
+    while t < n {
+        let slot = start + t;
+        let seg = (n - t).min(KEY_BLOCK - slot % KEY_BLOCK);
+        let whole = seg - seg % 16;
+        let base = key_f16(slot, 0, d);
+        for t0 in (0..whole).step_by(16) {
+            for qb in (0..q.nq).step_by(3) {
+                match q.nq - qb {
+                    1 => f16_chunk::<1>(&body[base + t0..], q, out, qb, t + t0),
+                    2 => f16_chunk::<2>(&body[base + t0..], q, out, qb, t + t0),
+                    _ => f16_chunk::<3>(&body[base + t0..], q, out, qb, t + t0),
+                }
             }
         }
-    }
-    if whole < n {
-        let mut rest = Scores { data: &mut *out.data, stride: out.stride, pos: out.pos + whole };
-        portable::scores_f16_channel(body, stride, start + whole, n - whole, q, &mut rest);
+        if whole < seg {
+            let mut rest = Scores { data: &mut *out.data, stride: out.stride, pos: out.pos + t + whole };
+            portable::scores_f16_channel(body, slot + whole, seg - whole, q, &mut rest);
+        }
+        t += seg;
     }
 }
 
-/// 24 tokens from `slot` of every channel row, queries `qb..qb + M`: 9 accumulators (enough chains to
-/// cover the FMA latency; 12 spill), each f16 vector converted straight from memory.
+/// 16 tokens of every channel row of a key block (rows `KEY_BLOCK` apart), queries `qb..qb + M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_chunk<const M: usize>(
-    body: &[u16],
-    stride: usize,
-    slot: usize,
-    q: &Queries<'_>,
-    out: &mut Scores<'_>,
-    qb: usize,
-    col: usize,
-) {
-    let mut acc = [[_mm256_setzero_ps(); 3]; M];
+fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>, qb: usize, col: usize) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
     let d = q.d;
     let qs = &q.q[qb * d..][..M * d];
     for c in 0..d {
-        let row = &body[c * stride + slot..];
-        prefetch(row, 128);
-        let x = &row[..24];
-        let mut qv = [_mm256_setzero_ps(); M];
-        for (m, v) in qv.iter_mut().enumerate() {
-            *v = _mm256_set1_ps(qs[m * d + c]);
-        }
-        for k in 0..3 {
-            let xk = ld_ph(&x[8 * k..]);
-            for (m, a) in acc.iter_mut().enumerate() {
-                a[k] = _mm256_fmadd_ps(qv[m], xk, a[k]);
-            }
+        let x = &body[c * KEY_BLOCK..][..16];
+        let x = [ld_ph(&x[0..]), ld_ph(&x[8..])];
+        for (m, a) in acc.iter_mut().enumerate() {
+            let qc = _mm256_set1_ps(qs[m * d + c]);
+            a[0] = _mm256_fmadd_ps(qc, x[0], a[0]);
+            a[1] = _mm256_fmadd_ps(qc, x[1], a[1]);
         }
     }
     for (m, a) in acc.iter().enumerate() {
         let at = (qb + m) * out.stride + out.pos + col;
-        let dst = &mut out.data[at..][..24];
-        for (k, v) in a.iter().enumerate() {
-            st(&mut dst[8 * k..], *v);
-        }
+        let dst = &mut out.data[at..][..16];
+        st(&mut dst[0..], a[0]);
+        st(&mut dst[8..], a[1]);
     }
 }
 
@@ -263,23 +240,25 @@ pub(crate) fn scores_q_channel(
         let zero = &b.zero[gi * d..][..d];
         for qi in 0..nq {
             let qr = q.row(qi);
+            let fr = &mut folded[qi * d..][..d];
             let mut zacc = _mm256_setzero_ps();
             for c in (0..d).step_by(8) {
                 let qv = ld(&qr[c..]);
-                st(&mut folded[qi * d + c..], _mm256_mul_ps(qv, ld_ph(&scale[c..])));
+                st(&mut fr[c..], _mm256_mul_ps(qv, ld_ph(&scale[c..])));
                 zacc = _mm256_fmadd_ps(qv, ld_ph(&zero[c..]), zacc);
             }
             bias[qi] = hsum(zacc);
         }
         for t0 in (g0..g0 + g).step_by(16) {
-            let word = t0 / 16 * b.width.bits() as usize / 2;
+            let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16 * b.width.bits() as usize / 2;
             let col = t0 - start;
             for qb in (0..nq).step_by(3) {
                 let m = nq - qb;
+                let fq = &folded[qb * d..][..m.min(3) * d];
                 match b.width {
-                    Width::B4 => q_chunk::<4>(b, word, folded, d, bias, out, qb, col, m),
-                    Width::B8 => q_chunk::<8>(b, word, folded, d, bias, out, qb, col, m),
-                    _ => q_chunk::<2>(b, word, folded, d, bias, out, qb, col, m),
+                    Width::B4 => q_chunk::<4>(b, word, fq, bias, out, qb, col, m),
+                    Width::B8 => q_chunk::<8>(b, word, fq, bias, out, qb, col, m),
+                    _ => q_chunk::<2>(b, word, fq, bias, out, qb, col, m),
                 }
             }
         }
@@ -289,50 +268,30 @@ pub(crate) fn scores_q_channel(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q_chunk<const B: u32>(
-    b: &ChannelBody<'_>,
-    word: usize,
-    folded: &[f32],
-    d: usize,
-    bias: &[f32],
-    out: &mut Scores<'_>,
-    qb: usize,
-    col: usize,
-    m: usize,
-) {
+fn q_chunk<const B: u32>(b: &ChannelBody<'_>, word: usize, fq: &[f32], bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize, m: usize) {
     match m {
-        1 => q_chunk_m::<B, 1>(b, word, folded, d, bias, out, qb, col),
-        2 => q_chunk_m::<B, 2>(b, word, folded, d, bias, out, qb, col),
-        _ => q_chunk_m::<B, 3>(b, word, folded, d, bias, out, qb, col),
+        1 => q_chunk_m::<B, 1>(b, word, fq, bias, out, qb, col),
+        2 => q_chunk_m::<B, 2>(b, word, fq, bias, out, qb, col),
+        _ => q_chunk_m::<B, 3>(b, word, fq, bias, out, qb, col),
     }
 }
 
-/// 16 tokens from word `word` of every channel row, queries `qb..qb + M`.
+/// 16 tokens from word `word` of every channel row of a key block, queries `qb..qb + M` (`fq`: their
+/// folded queries, `M` rows of `d`).
 #[inline]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q_chunk_m<const B: u32, const M: usize>(
-    b: &ChannelBody<'_>,
-    word: usize,
-    folded: &[f32],
-    d: usize,
-    bias: &[f32],
-    out: &mut Scores<'_>,
-    qb: usize,
-    col: usize,
-) {
+fn q_chunk_m<const B: u32, const M: usize>(b: &ChannelBody<'_>, word: usize, fq: &[f32], bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     for (m, a) in acc.iter_mut().enumerate() {
         *a = [_mm256_set1_ps(bias[qb + m]); 2];
     }
-    let qs = &folded[qb * d..][..M * d];
-    let codes = &b.codes[word..];
-    for c in 0..d {
-        let row = &codes[c * b.row_words..];
-        prefetch(row, 32);
-        let x = unpack16::<B>(row);
-        for (m, a) in acc.iter_mut().enumerate() {
-            let q = _mm256_set1_ps(qs[m * d + c]);
+    let h = B as usize / 2; // words per 16 codes
+    let d = fq.len() / M;
+    let qs: [&[f32]; M] = core::array::from_fn(|m| &fq[m * d..][..d]);
+    for (c, row) in b.codes[word..].chunks(b.block_words).take(d).enumerate() {
+        let x = unpack16::<B>(&row[..h]);
+        for (a, qm) in acc.iter_mut().zip(qs) {
+            let q = _mm256_set1_ps(qm[c]);
             a[0] = _mm256_fmadd_ps(q, x[0], a[0]);
             a[1] = _mm256_fmadd_ps(q, x[1], a[1]);
         }
@@ -347,44 +306,51 @@ fn q_chunk_m<const B: u32, const M: usize>(
 
 /// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`.
 ///
-/// Per tile of 8 tokens the products `p_t * s_t` are formed 8 at a time (the scales of a group's tokens
-/// are contiguous), then 16 channels by up to 3 queries accumulate in 6 registers.
+/// Tiles of 32 tokens: the products `p_t * s_t` are formed 8 at a time (a group's scales are contiguous
+/// over tokens) and stored interleaved by query, then 16 channels by up to 3 queries accumulate in 6
+/// registers while the tile's rows stream past.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn values_q_token(
-    b: &TokenBody<'_>,
-    start: usize,
-    n: usize,
-    p: &Probs<'_>,
-    d: usize,
-    out: &mut [f32],
-    work: &mut [f32],
-) {
+pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], work: &mut [f32]) {
+    const TILE: usize = 32;
     let nq = out.len() / d;
     let groups = d / b.group;
-    // work: ps[qi][g][8] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
-    let (ps, rest) = work.split_at_mut(nq * groups * 8);
+    // work: ps[g][t][qi] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
+    let (ps, rest) = work.split_at_mut(groups * TILE * nq);
     let zacc = &mut rest[..nq * groups * 8];
     zacc.fill(0.0);
-    let whole = n - n % 8;
-    for t0 in (0..whole).step_by(8) {
+    let whole = n - n % TILE;
+    let mut lanes = [0.0f32; 8];
+    for t0 in (0..whole).step_by(TILE) {
         let slot = start + t0;
         for gi in 0..groups {
-            let s = ld_ph(&b.scale[gi * b.ring + slot..]);
-            let z = ld_ph(&b.zero[gi * b.ring + slot..]);
-            for qi in 0..nq {
-                let pv = ld(&p.data[qi * p.stride + p.pos + t0..]);
-                let at = (qi * groups + gi) * 8;
-                st(&mut ps[at..], _mm256_mul_ps(pv, s));
-                let acc = _mm256_fmadd_ps(pv, z, ld(&zacc[at..]));
-                st(&mut zacc[at..], acc);
+            for t8 in (0..TILE).step_by(8) {
+                let s = ld_ph(&b.scale[gi * b.ring + slot + t8..]);
+                let z = ld_ph(&b.zero[gi * b.ring + slot + t8..]);
+                for qi in 0..nq {
+                    let pv = ld(&p.data[qi * p.stride + p.pos + t0 + t8..]);
+                    st(&mut lanes, _mm256_mul_ps(pv, s));
+                    for (k, &v) in lanes.iter().enumerate() {
+                        ps[(gi * TILE + t8 + k) * nq + qi] = v;
+                    }
+                    let at = (qi * groups + gi) * 8;
+                    let acc = _mm256_fmadd_ps(pv, z, ld(&zacc[at..]));
+                    st(&mut zacc[at..], acc);
+                }
             }
         }
+        let rows = &b.codes[slot * b.row_words..][..TILE * b.row_words];
         for qb in (0..nq).step_by(3) {
             let m = nq - qb;
-            match b.width {
-                Width::B4 => v_tile::<4>(b, slot, d, ps, groups, out, qb, m),
-                Width::B8 => v_tile::<8>(b, slot, d, ps, groups, out, qb, m),
-                _ => v_tile::<2>(b, slot, d, ps, groups, out, qb, m),
+            match (b.width, m) {
+                (Width::B4, 1) => v_tile::<4, 1>(rows, b, d, ps, nq, out, qb),
+                (Width::B4, 2) => v_tile::<4, 2>(rows, b, d, ps, nq, out, qb),
+                (Width::B4, _) => v_tile::<4, 3>(rows, b, d, ps, nq, out, qb),
+                (Width::B8, 1) => v_tile::<8, 1>(rows, b, d, ps, nq, out, qb),
+                (Width::B8, 2) => v_tile::<8, 2>(rows, b, d, ps, nq, out, qb),
+                (Width::B8, _) => v_tile::<8, 3>(rows, b, d, ps, nq, out, qb),
+                (_, 1) => v_tile::<2, 1>(rows, b, d, ps, nq, out, qb),
+                (_, 2) => v_tile::<2, 2>(rows, b, d, ps, nq, out, qb),
+                (_, _) => v_tile::<2, 3>(rows, b, d, ps, nq, out, qb),
             }
         }
     }
@@ -402,40 +368,12 @@ pub(crate) fn values_q_token(
     }
 }
 
-#[inline]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn v_tile<const B: u32>(
-    b: &TokenBody<'_>,
-    slot: usize,
-    d: usize,
-    ps: &[f32],
-    groups: usize,
-    out: &mut [f32],
-    qb: usize,
-    m: usize,
-) {
-    match m {
-        1 => v_tile_m::<B, 1>(b, slot, d, ps, groups, out, qb),
-        2 => v_tile_m::<B, 2>(b, slot, d, ps, groups, out, qb),
-        _ => v_tile_m::<B, 3>(b, slot, d, ps, groups, out, qb),
-    }
-}
-
-/// Eight tokens from `slot`, all channels 16 at a time, queries `qb..qb + M`.
+/// A tile's `rows` (one per token), all channels 16 at a time, queries `qb..qb + M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn v_tile_m<const B: u32, const M: usize>(
-    b: &TokenBody<'_>,
-    slot: usize,
-    d: usize,
-    ps: &[f32],
-    groups: usize,
-    out: &mut [f32],
-    qb: usize,
-) {
-    let rows = &b.codes[slot * b.row_words..][..8 * b.row_words];
-    let half = B as usize / 2;
+fn v_tile<const B: u32, const M: usize>(rows: &[u32], b: &TokenBody<'_>, d: usize, ps: &[f32], nq: usize, out: &mut [f32], qb: usize) {
+    let h = B as usize / 2; // words per 16 codes
+    let tile = rows.len() / b.row_words;
     for c0 in (0..d).step_by(16) {
         let gi = c0 / b.group;
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
@@ -443,12 +381,12 @@ fn v_tile_m<const B: u32, const M: usize>(
             let o = &out[(qb + m) * d + c0..][..16];
             *a = [ld(&o[0..]), ld(&o[8..])];
         }
-        let word = c0 / 16 * half;
-        let pt = &ps[(qb * groups + gi) * 8..];
-        for t in 0..8 {
-            let x = unpack16::<B>(&rows[t * b.row_words + word..]);
-            for (m, a) in acc.iter_mut().enumerate() {
-                let p = _mm256_set1_ps(pt[m * groups * 8 + t]);
+        let word = c0 / 16 * h;
+        let pg = &ps[gi * tile * nq..][..tile * nq];
+        for (row, pt) in rows.chunks_exact(b.row_words).zip(pg.chunks_exact(nq)) {
+            let x = unpack16::<B>(&row[word..word + h]);
+            for (a, &pv) in acc.iter_mut().zip(&pt[qb..qb + M]) {
+                let p = _mm256_set1_ps(pv);
                 a[0] = _mm256_fmadd_ps(p, x[0], a[0]);
                 a[1] = _mm256_fmadd_ps(p, x[1], a[1]);
             }

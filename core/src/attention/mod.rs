@@ -18,6 +18,7 @@
 mod avx2;
 mod portable;
 
+use crate::cache::layout::KEY_BLOCK;
 use crate::cache::{Axis, Cache, Precision, Stream, StreamView, window::ring_runs};
 use crate::error::{Error, Result, need};
 use crate::pack::Width;
@@ -120,10 +121,11 @@ impl Probs<'_> {
     }
 }
 
-/// One head of a per-channel quantized body.
+/// One head of a per-channel quantized body, in key blocks (`cache::layout`).
 pub(crate) struct ChannelBody<'c> {
     pub(crate) codes: &'c [u32],
-    pub(crate) row_words: usize,
+    /// Words of one channel's row within a block.
+    pub(crate) block_words: usize,
     pub(crate) scale: &'c [u16],
     pub(crate) zero: &'c [u16],
     pub(crate) width: Width,
@@ -169,7 +171,7 @@ impl<'s> AttnProbs<'s> {
 /// Scratch floats the kernels need for `nq` query rows of `d`: folded queries and biases (per-channel
 /// keys), per-token probability products and zero-point partial sums (per-token values).
 const fn work_len(nq: usize, d: usize) -> usize {
-    nq * (2 * d + 32)
+    nq * (3 * d + 64)
 }
 
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
@@ -424,21 +426,21 @@ fn key_scores(
             let mut out = Scores { data: scores, stride, pos: pos + run.offset };
             match sv.precision {
                 Precision::F16 => {
-                    let stride = 2 * l.row_words;
-                    let body = &sv.body_f16()[h * d * stride..][..d * stride];
+                    let body = &sv.body_f16()[h * d * l.ring..][..d * l.ring];
                     #[cfg(target_arch = "x86_64")]
                     if vector {
                         // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
-                        unsafe { avx2::scores_f16_channel(body, stride, run.start, run.len, q, &mut out) };
+                        unsafe { avx2::scores_f16_channel(body, run.start, run.len, q, &mut out) };
                         continue;
                     }
-                    portable::scores_f16_channel(body, stride, run.start, run.len, q, &mut out);
+                    portable::scores_f16_channel(body, run.start, run.len, q, &mut out);
                 }
                 Precision::Quant(spec) if spec.axis == Axis::PerChannel => {
                     let gd = l.row_groups * d;
+                    let words = d * l.ring / KEY_BLOCK * l.row_words;
                     let b = ChannelBody {
-                        codes: &sv.codes[h * d * l.row_words..][..d * l.row_words],
-                        row_words: l.row_words,
+                        codes: &sv.codes[h * words..][..words],
+                        block_words: l.row_words,
                         scale: &sv.scale[h * gd..][..gd],
                         zero: &sv.zero[h * gd..][..gd],
                         width: spec.width,

@@ -7,6 +7,7 @@
 
 use super::{ChannelBody, Probs, Queries, Scores, TokenBody};
 use crate::cache::config::MAX_GROUP;
+use crate::cache::layout::{KEY_BLOCK, key_f16, key_row};
 use crate::pack;
 use half::f16;
 
@@ -42,27 +43,16 @@ pub(crate) fn axpy_rows_f16(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out
     }
 }
 
-/// Scores of tokens `start..start + n` of a channel-major f16 body (`d` rows of `stride` values).
-pub(crate) fn scores_f16_channel(
-    body: &[u16],
-    stride: usize,
-    start: usize,
-    n: usize,
-    q: &Queries<'_>,
-    out: &mut Scores<'_>,
-) {
-    for qi in 0..q.nq {
-        for t in 0..n {
-            *out.at(qi, t) = 0.0;
-        }
-    }
-    for c in 0..q.d {
-        let col = &body[c * stride + start..][..n];
+/// Scores of tokens `start..start + n` of an fp16 key body in key blocks (`cache::layout::key_f16`).
+pub(crate) fn scores_f16_channel(body: &[u16], start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
+    for t in 0..n {
+        let slot = start + t;
         for qi in 0..q.nq {
-            let qc = q.row(qi)[c];
-            for (t, &b) in col.iter().enumerate() {
-                *out.at(qi, t) += qc * f(b);
+            let mut acc = 0.0f32;
+            for (c, &a) in q.row(qi).iter().enumerate() {
+                acc += a * f(body[key_f16(slot, c, q.d)]);
             }
+            *out.at(qi, t) = acc;
         }
     }
 }
@@ -95,8 +85,8 @@ pub(crate) fn scores_q_channel(
             }
         }
         for c in 0..d {
-            let row = &b.codes[c * b.row_words..][..b.row_words];
-            pack::unpack_bits(row, b.width, g0, &mut codes[..g]);
+            let row = &b.codes[key_row(g0, c, d, b.block_words)..][..b.block_words];
+            pack::unpack_bits(row, b.width, g0 % KEY_BLOCK, &mut codes[..g]);
             for qi in 0..q.nq {
                 let qs = folded[qi * d + c];
                 for (t, &code) in codes[..g].iter().enumerate() {

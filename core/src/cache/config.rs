@@ -80,7 +80,7 @@ pub enum Overflow {
 /// let cfg = CacheConfig::kivi(Width::B2, 32, 128, 3, 64, 8192);
 /// const FP16: CacheConfig = CacheConfig::fp16(3, 64, 8192);
 /// const BYTES: usize = match FP16.layout() { Ok(l) => l.total_bytes, Err(_) => panic!() };
-/// assert_eq!(BYTES, 2 * 8192 * 3 * 64 * 2 + 3 * 64 * 64); // + 64 bytes of padding per key channel row
+/// assert_eq!(BYTES, 2 * 8192 * 3 * 64 * 2);
 /// assert!(cfg.layout()?.total_bytes < BYTES / 4);
 /// # Ok::<(), kvq_core::Error>(())
 /// ```
@@ -221,6 +221,12 @@ impl CacheConfig {
         }
         match q.axis {
             Axis::PerChannel => {
+                if !super::layout::KEY_BLOCK.is_multiple_of(q.group) {
+                    return Err(Error::InvalidConfig {
+                        what: "group size (per-channel groups must divide the 256-token key block)",
+                        value: q.group,
+                    });
+                }
                 if self.residual == 0 || !self.residual.is_multiple_of(q.group) {
                     return Err(Error::InvalidConfig {
                         what: "residual (per-channel keys need a positive multiple of G)",

@@ -6,9 +6,9 @@
 //! ```text
 //! sinks   f16  [kv_heads][S][head_dim]                  first S tokens, token-major
 //! window  f16  [kv_heads][R][head_dim]                  full-precision residual, slot j % R
-//! body, fp16 keys     f16 [kv_heads][head_dim][2*row_words]   channel-major: a channel's tokens contiguous
-//! body, fp16 values   f16 [kv_heads][ring][head_dim]    token-major
-//! body, per-channel   codes u32 [kv_heads][head_dim][row_words]   a channel's tokens, LSB first (KIVI)
+//! body, fp16 keys     f16 [kv_heads][ring/256][head_dim][256]           blocks of 256 tokens, channel rows
+//! body, fp16 values   f16 [kv_heads][ring][head_dim]                    token-major
+//! body, per-channel   codes u32 [kv_heads][ring/256][head_dim][256*b/32]  a channel's 256 tokens, LSB first
 //!                     scale f16 [kv_heads][ring/G][head_dim]      a group's channels contiguous
 //!                     zero  f16 [kv_heads][ring/G][head_dim]
 //! body, per-token     codes u32 [kv_heads][ring][head_dim*b/32]   a token's channels, LSB first (KIVI)
@@ -16,10 +16,13 @@
 //!                     zero  f16 [kv_heads][head_dim/G][ring]
 //! ```
 //!
-//! Channel-major rows (fp16 and per-channel keys) are `ring` tokens plus 64 bytes of padding
-//! (`row_words = ring*b/32 + 16`, or `ring/2 + 16` for f16): without it a power-of-two ring puts every
-//! channel's row at the same L1 set and a 16-token block across 64 channels thrashes (measured with
-//! `decode_bench`: fp16 at 16k tokens took 77 ms a step at a 32 KiB row stride, 47 ms just off it).
+//! Keys (fp16 or per-channel) are stored in blocks of [`KEY_BLOCK`] = 256 tokens: within a block each
+//! channel's 256 tokens are consecutive words (KIVI's packing along the token axis: 16 tokens a word at
+//! 2 bits, so one 64-byte line), and a block's channels follow one another. A GPU warp reads consecutive
+//! words of one channel; a CPU core streams one block (4 KiB at 2 bits, one page) for 256 tokens. Whole
+//! channel rows across the ring (KIVI's own layout) put 64 rows a page apart: measured with
+//! `decode_bench`, that layout ran 30 layers at 16k tokens 1.1x slower on one thread and no faster on two,
+//! TLB- and stream-bound rather than bandwidth-bound.
 //!
 //! Body token `j` sits in ring slot `j % ring`. Per-channel rows are what KIVI's GEMV reads (a warp takes
 //! consecutive words of one channel, 32/b tokens a word); per-token rows are one token's channels. The
@@ -69,8 +72,8 @@ pub struct StreamLayout {
     pub ring: usize,
     /// Window slots, in tokens.
     pub window_tokens: usize,
-    /// Words of one row: a channel's `ring` tokens plus padding (per-channel and fp16 keys), or a token's
-    /// channels (per-token).
+    /// Words of one row: a channel's [`KEY_BLOCK`] tokens (per-channel keys; u16 values for fp16 keys), or
+    /// a token's channels (per-token).
     pub row_words: usize,
     /// Groups per row: `ring / G` (per-channel) or `head_dim / G` (per-token).
     pub row_groups: usize,
@@ -90,8 +93,21 @@ pub struct Layout {
     pub total_bytes: usize,
 }
 
-/// Padding words after each channel-major row (see the module docs).
-pub const ROW_PAD_WORDS: usize = 16;
+/// Tokens per key block (see the module docs). Per-channel key groups must divide it.
+pub const KEY_BLOCK: usize = 256;
+
+/// Word offset, within one head's per-channel codes, of channel `c`'s row in the block holding ring slot
+/// `slot`; the slot's code index within that row is `slot % KEY_BLOCK`.
+#[inline]
+pub const fn key_row(slot: usize, c: usize, head_dim: usize, block_words: usize) -> usize {
+    ((slot / KEY_BLOCK) * head_dim + c) * block_words
+}
+
+/// Index, within one head's fp16 key body, of ring slot `slot`, channel `c`.
+#[inline]
+pub const fn key_f16(slot: usize, c: usize, head_dim: usize) -> usize {
+    ((slot / KEY_BLOCK) * head_dim + c) * KEY_BLOCK + slot % KEY_BLOCK
+}
 
 const OVERFLOW: Error = Error::InvalidConfig { what: "capacity (layout overflows usize)", value: 0 };
 
@@ -154,8 +170,9 @@ impl CacheConfig {
                 if values {
                     s.codes = Region { offset: at, words: f16_words(tri!(mul(hd, body))) };
                 } else {
-                    s.row_words = body.div_ceil(2) + ROW_PAD_WORDS;
-                    s.codes = Region { offset: at, words: tri!(mul(hd, s.row_words)) };
+                    s.ring = body.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+                    s.row_words = KEY_BLOCK;
+                    s.codes = Region { offset: at, words: f16_words(tri!(mul(hd, s.ring))) };
                 }
                 at = s.codes.end();
             }
@@ -171,10 +188,10 @@ impl CacheConfig {
                             Overflow::Stop => r,
                             Overflow::Slide => group,
                         };
-                        s.ring = body - body % unit;
-                        s.row_words = s.ring / 32 * bits + (s.ring % 32) * bits / 32 + ROW_PAD_WORDS;
+                        s.ring = (body - body % unit).div_ceil(KEY_BLOCK) * KEY_BLOCK;
+                        s.row_words = KEY_BLOCK * bits / 32;
                         s.row_groups = s.ring / group;
-                        s.codes = Region { offset: at, words: tri!(mul(hd, s.row_words)) };
+                        s.codes = Region { offset: at, words: tri!(mul(tri!(mul(hd, s.ring / KEY_BLOCK)), s.row_words)) };
                         let params = f16_words(tri!(mul(hd, s.row_groups)));
                         s.scale = Region { offset: s.codes.end(), words: params };
                         s.zero = Region { offset: s.scale.end(), words: params };
@@ -226,10 +243,11 @@ mod tests {
         let k = l.keys;
         assert_eq!(k.sinks.words, hd * 4 / 2);
         assert_eq!(k.window.words, hd * 128 / 2);
-        assert_eq!(k.ring, 1020 - 1020 % 128); // 896: Stop mode flushes whole residual blocks
-        assert_eq!(k.row_words, 896 * 2 / 32 + ROW_PAD_WORDS);
-        assert_eq!(k.codes.words, hd * (56 + ROW_PAD_WORDS));
-        assert_eq!(k.scale.words, hd * 28 / 2);
+        // Stop mode flushes whole residual blocks: 1020 - 1020 % 128 = 896, rounded up to whole key blocks
+        assert_eq!(k.ring, 1024);
+        assert_eq!(k.row_words, 256 * 2 / 32);
+        assert_eq!(k.codes.words, hd * 1024 * 2 / 32);
+        assert_eq!(k.scale.words, hd * 32 / 2);
         let v = l.values;
         assert_eq!(v.ring, 1020 - 128);
         assert_eq!(v.row_words, 4);
@@ -246,13 +264,18 @@ mod tests {
         assert_eq!(l.total_words, at);
         assert_eq!(l.total_bytes, 4 * at);
         let slide = cfg.with_overflow(Overflow::Slide).layout().unwrap();
-        assert_eq!(slide.keys.ring, 1020 - 1020 % 32);
+        assert_eq!(slide.keys.ring, 1024);
+        assert_eq!(key_row(300, 5, 64, 16), (64 + 5) * 16);
+        assert_eq!(key_f16(300, 5, 64), (64 + 5) * 256 + 44);
     }
 
     #[test]
     fn fp16_is_two_bytes_per_element() {
         let l = CacheConfig::fp16(3, 64, 4096).layout().unwrap();
-        assert_eq!(l.total_bytes, 2 * 4096 * 3 * 64 * 2 + 3 * 64 * ROW_PAD_WORDS * 4);
+        assert_eq!(l.total_bytes, 2 * 4096 * 3 * 64 * 2);
+        // keys round up to whole blocks, values do not
+        let l = CacheConfig::fp16(3, 64, 1000).layout().unwrap();
+        assert_eq!((l.keys.ring, l.values.ring), (1024, 1000));
         assert_eq!(CacheConfig::fp16(3, 64, 0).arena_bytes(), 0);
         let huge = CacheConfig::fp16(usize::MAX / 2, 64, 4096);
         assert!(matches!(huge.layout(), Err(Error::InvalidConfig { .. })));

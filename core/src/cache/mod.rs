@@ -351,7 +351,7 @@ impl<'a> Cache<'a> {
                 for (h, row) in x.chunks_exact(d).enumerate() {
                     for (c, &y) in row.iter().enumerate() {
                         let at = match s {
-                            Stream::Keys => (h * d + c) * 2 * l.row_words + slot,
+                            Stream::Keys => h * d * l.ring + layout::key_f16(slot, c, d),
                             Stream::Values => (h * l.ring + slot) * d + c,
                         };
                         body[at] = f16_bits(y);
@@ -454,8 +454,9 @@ impl<'a> Cache<'a> {
                         *o = f32_of(win[(h * r + (gs + i) % r) * d + c]);
                     }
                     let codes = &mut self.arena[l.codes.offset..l.codes.end()];
-                    let row = &mut codes[(h * d + c) * l.row_words..][..l.row_words];
-                    let p = uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot)?;
+                    let head = h * d * l.ring / layout::KEY_BLOCK * l.row_words;
+                    let row = &mut codes[head + layout::key_row(slot, c, d, l.row_words)..][..l.row_words];
+                    let p = uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot % layout::KEY_BLOCK)?;
                     self.store_params(l, (h * l.row_groups + slot / g) * d + c, p);
                 }
             }
@@ -498,7 +499,7 @@ impl<'a> Cache<'a> {
                     let body = v.body_f16();
                     for (c, o) in row.iter_mut().enumerate() {
                         *o = f32_of(match stream {
-                            Stream::Keys => body[(head * d + c) * 2 * l.row_words + slot],
+                            Stream::Keys => body[head * d * l.ring + layout::key_f16(slot, c, d)],
                             Stream::Values => body[(head * l.ring + slot) * d + c],
                         });
                     }
@@ -508,9 +509,10 @@ impl<'a> Cache<'a> {
                         let (code, at) = match q.axis {
                             Axis::PerChannel => (
                                 pack::get(
-                                    &v.codes[(head * d + c) * l.row_words..][..l.row_words],
+                                    &v.codes[head * d * l.ring / layout::KEY_BLOCK * l.row_words
+                                        + layout::key_row(slot, c, d, l.row_words)..][..l.row_words],
                                     q.width,
-                                    slot,
+                                    slot % layout::KEY_BLOCK,
                                 )?,
                                 (head * l.row_groups + slot / q.group) * d + c,
                             ),
