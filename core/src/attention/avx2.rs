@@ -17,7 +17,7 @@
 #![allow(unsafe_code)]
 
 use super::{ChannelBody, Probs, Queries, Scores, TokenBody, portable};
-use crate::cache::layout::{KEY_BLOCK, key_f16, key_row};
+use crate::cache::layout::{KEY_BLOCK, KEY_BLOCK_F16, key_f16, key_row};
 use crate::pack::Width;
 use core::arch::x86_64::*;
 
@@ -174,7 +174,7 @@ pub(crate) fn scores_f16_channel(body: &[u16], start: usize, n: usize, q: &Queri
     let mut t = 0;
     while t < n {
         let slot = start + t;
-        let seg = (n - t).min(KEY_BLOCK - slot % KEY_BLOCK);
+        let seg = (n - t).min(KEY_BLOCK_F16 - slot % KEY_BLOCK_F16);
         let whole = seg - seg % 16;
         let base = key_f16(slot, 0, d);
         for t0 in (0..whole).step_by(16) {
@@ -194,7 +194,7 @@ pub(crate) fn scores_f16_channel(body: &[u16], start: usize, n: usize, q: &Queri
     }
 }
 
-/// 16 tokens of every channel row of a key block (rows `KEY_BLOCK` apart), queries `qb..qb + M`.
+/// 16 tokens of every channel row of an fp16 key block (rows `KEY_BLOCK_F16` apart), queries `qb..qb + M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>, qb: usize, col: usize) {
@@ -202,7 +202,7 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
     let d = q.d;
     let qs = &q.q[qb * d..][..M * d];
     for c in 0..d {
-        let x = &body[c * KEY_BLOCK..][..16];
+        let x = &body[c * KEY_BLOCK_F16..][..16];
         let x = [ld_ph(&x[0..]), ld_ph(&x[8..])];
         for (m, a) in acc.iter_mut().enumerate() {
             let qc = _mm256_set1_ps(qs[m * d + c]);

@@ -6,7 +6,7 @@
 //! ```text
 //! sinks   f16  [kv_heads][S][head_dim]                  first S tokens, token-major
 //! window  f16  [kv_heads][R][head_dim]                  full-precision residual, slot j % R
-//! body, fp16 keys     f16 [kv_heads][ring/256][head_dim][256]           blocks of 256 tokens, channel rows
+//! body, fp16 keys     f16 [kv_heads][ring/32][head_dim][32]             blocks of 32 tokens, channel rows
 //! body, fp16 values   f16 [kv_heads][ring][head_dim]                    token-major
 //! body, per-channel   codes u32 [kv_heads][ring/256][head_dim][256*b/32]  a channel's 256 tokens, LSB first
 //!                     scale f16 [kv_heads][ring/G][head_dim]      a group's channels contiguous
@@ -16,7 +16,8 @@
 //!                     zero  f16 [kv_heads][head_dim/G][ring]
 //! ```
 //!
-//! Keys (fp16 or per-channel) are stored in blocks of [`KEY_BLOCK`] = 256 tokens: within a block each
+//! Quantized keys are stored in blocks of [`KEY_BLOCK`] = 256 tokens (fp16 keys in blocks of
+//! [`KEY_BLOCK_F16`] = 32, again one line per channel): within a block each
 //! channel's 256 tokens are consecutive words (KIVI's packing along the token axis: 16 tokens a word at
 //! 2 bits, so one 64-byte line), and a block's channels follow one another. A GPU warp reads consecutive
 //! words of one channel; a CPU core streams one block (4 KiB at 2 bits, one page) for 256 tokens. Whole
@@ -103,10 +104,13 @@ pub const fn key_row(slot: usize, c: usize, head_dim: usize, block_words: usize)
     ((slot / KEY_BLOCK) * head_dim + c) * block_words
 }
 
+/// Tokens per fp16 key block: one 64-byte line per channel, so a block's channels are one contiguous run.
+pub const KEY_BLOCK_F16: usize = 32;
+
 /// Index, within one head's fp16 key body, of ring slot `slot`, channel `c`.
 #[inline]
 pub const fn key_f16(slot: usize, c: usize, head_dim: usize) -> usize {
-    ((slot / KEY_BLOCK) * head_dim + c) * KEY_BLOCK + slot % KEY_BLOCK
+    ((slot / KEY_BLOCK_F16) * head_dim + c) * KEY_BLOCK_F16 + slot % KEY_BLOCK_F16
 }
 
 const OVERFLOW: Error = Error::InvalidConfig { what: "capacity (layout overflows usize)", value: 0 };
@@ -170,8 +174,8 @@ impl CacheConfig {
                 if values {
                     s.codes = Region { offset: at, words: f16_words(tri!(mul(hd, body))) };
                 } else {
-                    s.ring = body.div_ceil(KEY_BLOCK) * KEY_BLOCK;
-                    s.row_words = KEY_BLOCK;
+                    s.ring = body.div_ceil(KEY_BLOCK_F16) * KEY_BLOCK_F16;
+                    s.row_words = KEY_BLOCK_F16;
                     s.codes = Region { offset: at, words: f16_words(tri!(mul(hd, s.ring))) };
                 }
                 at = s.codes.end();
@@ -266,7 +270,7 @@ mod tests {
         let slide = cfg.with_overflow(Overflow::Slide).layout().unwrap();
         assert_eq!(slide.keys.ring, 1024);
         assert_eq!(key_row(300, 5, 64, 16), (64 + 5) * 16);
-        assert_eq!(key_f16(300, 5, 64), (64 + 5) * 256 + 44);
+        assert_eq!(key_f16(300, 5, 64), (9 * 64 + 5) * 32 + 12);
     }
 
     #[test]
@@ -276,6 +280,8 @@ mod tests {
         // keys round up to whole blocks, values do not
         let l = CacheConfig::fp16(3, 64, 1000).layout().unwrap();
         assert_eq!((l.keys.ring, l.values.ring), (1024, 1000));
+        let l = CacheConfig::fp16(3, 64, 1001).layout().unwrap();
+        assert_eq!((l.keys.ring, l.values.ring), (1024, 1001));
         assert_eq!(CacheConfig::fp16(3, 64, 0).arena_bytes(), 0);
         let huge = CacheConfig::fp16(usize::MAX / 2, 64, 4096);
         assert!(matches!(huge.layout(), Err(Error::InvalidConfig { .. })));
