@@ -2,8 +2,9 @@
 //!
 //! Every function is `#[target_feature(enable = "avx2,fma,f16c")]`: callers outside this module hold a
 //! [`super::Kernel`] with AVX2 set, which exists only where the CPU has the features. Inside, the only
-//! `unsafe` is in the four load/store helpers, each of which reads or writes exactly the slice it is
-//! given after a bounds-checked reslice. The vector path is what makes the quantized cache faster than
+//! `unsafe` is in the load/store helpers, each of which reads or writes exactly the slice it is given
+//! after a bounds-checked reslice, and in the two code-unpacking inner loops, which check their ranges once
+//! and then read through pointers. The vector path is what makes the quantized cache faster than
 //! fp16 (the `decode_bench` example reports both kernels side by side).
 //!
 //! Code unpacking: a run of 16 codes starts on a word (`G * b` is a multiple of 32 and `G` of 16, runs
@@ -64,44 +65,39 @@ fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// 16 codes of `B` bits from the start of `w`, as two vectors of 8 f32.
+/// 16 codes of `B` bits from the words at `p`, as two vectors of 8 f32: 2-bit codes are one word
+/// broadcast and shifted per lane (`vpsrlvd`), masked and converted; 4-bit two words; 8-bit four words
+/// zero-extended (`vpmovzxbd`).
 ///
-/// Each lane shifts its code to the top of the word (`vpsllvd` by one constant vector) and back down by
-/// an immediate, so the only vector constant is that shift vector: the callers keep 12 accumulators in
-/// registers, and every further constant would push one onto the stack.
+/// # Safety
+/// `p` must point at `B / 2` readable `u32`s.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn unpack16<const B: u32>(w: &[u32]) -> [__m256; 2] {
+unsafe fn unpack16<const B: u32>(p: *const u32) -> [__m256; 2] {
+    // SAFETY (all reads below): the caller guarantees `B / 2` words at `p`.
     match B {
         2 => {
-            let up = _mm256_setr_epi32(30, 28, 26, 24, 22, 20, 18, 16);
-            let lo = _mm256_set1_epi32(w[0] as i32);
-            let hi = _mm256_set1_epi32((w[0] >> 16) as i32);
+            let a = _mm256_set1_epi32(unsafe { p.read_unaligned() } as i32);
+            let m = _mm256_set1_epi32(3);
+            let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+            let hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
             [
-                _mm256_cvtepi32_ps(_mm256_srli_epi32::<30>(_mm256_sllv_epi32(lo, up))),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32::<30>(_mm256_sllv_epi32(hi, up))),
+                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(a, lo), m)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(a, hi), m)),
             ]
         }
         4 => {
-            let w = &w[..2];
-            let up = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+            let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let m = _mm256_set1_epi32(15);
+            let (w0, w1) = unsafe { (p.read_unaligned(), p.add(1).read_unaligned()) };
             [
-                _mm256_cvtepi32_ps(_mm256_srli_epi32::<28>(_mm256_sllv_epi32(
-                    _mm256_set1_epi32(w[0] as i32),
-                    up,
-                ))),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32::<28>(_mm256_sllv_epi32(
-                    _mm256_set1_epi32(w[1] as i32),
-                    up,
-                ))),
+                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w0 as i32), sh), m)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w1 as i32), sh), m)),
             ]
         }
         _ => {
-            let w = &w[..4];
-            [
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(w[0] as i32, w[1] as i32, 0, 0))),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(w[2] as i32, w[3] as i32, 0, 0))),
-            ]
+            let (a, b) = unsafe { (_mm_loadl_epi64(p.cast()), _mm_loadl_epi64(p.add(2).cast())) };
+            [_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))]
         }
     }
 }
@@ -288,17 +284,23 @@ fn q_chunk_m<const B: u32, const M: usize>(b: &ChannelBody<'_>, word: usize, fq:
     let h = B as usize / 2; // words per 16 codes
     let d = fq.len() / M;
     let w = b.block_words;
-    let qs: [&[f32]; M] = core::array::from_fn(|m| &fq[m * d..][..d]);
+    // The loop reads word `c * w + k` (k < h) of `codes` and entry `m * d + c` of `fq` for c < d, m < M:
+    // check both ranges once, then read through pointers (bounds checks per access doubled the loop's
+    // instruction count, measured with callgrind).
     let codes = &b.codes[word..];
-    // Two channels an iteration halve the loop overhead (d is a multiple of 8).
-    for c in (0..d).step_by(2) {
-        let x = unpack16::<B>(&codes[c * w..][..h]);
-        let y = unpack16::<B>(&codes[(c + 1) * w..][..h]);
-        for (a, qm) in acc.iter_mut().zip(qs) {
-            let q = _mm256_set1_ps(qm[c]);
-            let r = _mm256_set1_ps(qm[c + 1]);
-            a[0] = _mm256_fmadd_ps(r, y[0], _mm256_fmadd_ps(q, x[0], a[0]));
-            a[1] = _mm256_fmadd_ps(r, y[1], _mm256_fmadd_ps(q, x[1], a[1]));
+    if d == 0 || codes.len() < (d - 1) * w + h || fq.len() < M * d {
+        return;
+    }
+    let (cp, qp) = (codes.as_ptr(), fq.as_ptr());
+    for c in 0..d {
+        // SAFETY: c < d, so the h words at c * w end within `codes` and m * d + c < M * d <= fq.len()
+        // (checked above).
+        let x = unsafe { unpack16::<B>(cp.add(c * w)) };
+        for (m, a) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let q = _mm256_set1_ps(unsafe { qp.add(m * d + c).read() });
+            a[0] = _mm256_fmadd_ps(q, x[0], a[0]);
+            a[1] = _mm256_fmadd_ps(q, x[1], a[1]);
         }
     }
     for (m, a) in acc.iter().enumerate() {
@@ -312,19 +314,18 @@ fn q_chunk_m<const B: u32, const M: usize>(b: &ChannelBody<'_>, word: usize, fq:
 /// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`.
 ///
 /// Tiles of 32 tokens: the products `p_t * s_t` are formed 8 at a time (a group's scales are contiguous
-/// over tokens) and stored interleaved by query, then 16 channels by up to 3 queries accumulate in 6
+/// over tokens), then 16 channels by up to 3 queries accumulate in 6
 /// registers while the tile's rows stream past.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], work: &mut [f32]) {
     const TILE: usize = 32;
     let nq = out.len() / d;
     let groups = d / b.group;
-    // work: ps[g][t][qi] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
+    // work: ps[g][qi][t] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
     let (ps, rest) = work.split_at_mut(groups * TILE * nq);
     let zacc = &mut rest[..nq * groups * 8];
     zacc.fill(0.0);
     let whole = n - n % TILE;
-    let mut lanes = [0.0f32; 8];
     for t0 in (0..whole).step_by(TILE) {
         let slot = start + t0;
         for gi in 0..groups {
@@ -333,10 +334,7 @@ pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Prob
                 let z = ld_ph(&b.zero[gi * b.ring + slot + t8..]);
                 for qi in 0..nq {
                     let pv = ld(&p.data[qi * p.stride + p.pos + t0 + t8..]);
-                    st(&mut lanes, _mm256_mul_ps(pv, s));
-                    for (k, &v) in lanes.iter().enumerate() {
-                        ps[(gi * TILE + t8 + k) * nq + qi] = v;
-                    }
+                    st(&mut ps[(gi * nq + qi) * TILE + t8..], _mm256_mul_ps(pv, s));
                     let at = (qi * groups + gi) * 8;
                     let acc = _mm256_fmadd_ps(pv, z, ld(&zacc[at..]));
                     st(&mut zacc[at..], acc);
@@ -387,11 +385,20 @@ fn v_tile<const B: u32, const M: usize>(rows: &[u32], b: &TokenBody<'_>, d: usiz
             *a = [ld(&o[0..]), ld(&o[8..])];
         }
         let word = c0 / 16 * h;
-        let pg = &ps[gi * tile * nq..][..tile * nq];
-        for (row, pt) in rows.chunks_exact(b.row_words).zip(pg.chunks_exact(nq)) {
-            let x = unpack16::<B>(&row[word..word + h]);
-            for (a, &pv) in acc.iter_mut().zip(&pt[qb..qb + M]) {
-                let p = _mm256_set1_ps(pv);
+        let pg = &ps[(gi * nq + qb) * tile..][..M * tile];
+        // Reads word `t * row_words + word + k` (k < h) of `rows` and entry `m * tile + t` of `pg` for
+        // t < tile, m < M: both ranges checked here, then read through pointers (as in `q_chunk_m`).
+        if tile == 0 || word + h > b.row_words {
+            return;
+        }
+        let (rp, pp) = (rows.as_ptr(), pg.as_ptr());
+        for t in 0..tile {
+            // SAFETY: t < tile = rows.len() / row_words and word + h <= row_words, so the words lie in
+            // `rows`; m * tile + t < M * tile = pg.len().
+            let x = unsafe { unpack16::<B>(rp.add(t * b.row_words + word)) };
+            for (m, a) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let p = _mm256_set1_ps(unsafe { pp.add(m * tile + t).read() });
                 a[0] = _mm256_fmadd_ps(p, x[0], a[0]);
                 a[1] = _mm256_fmadd_ps(p, x[1], a[1]);
             }
