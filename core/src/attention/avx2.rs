@@ -144,11 +144,22 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
                 let o = &out[(qb + m) * d + c0..][..16];
                 *a = [ld(&o[0..]), ld(&o[8..])];
             }
+            // Reads u16 `t * d + c0 + k` (k < 16) of `rows` and entry `(qb + m) * stride + pos + t` of the
+            // probabilities for t0 <= t < t1, m < M: checked once here, then read through pointers.
+            let pbase = qb * p.stride + p.pos;
+            if t1 * d > rows.len() || c0 + 16 > d || pbase + (M - 1) * p.stride + t1 > p.data.len() {
+                return;
+            }
+            let (rp, pp) = (rows.as_ptr(), p.data.as_ptr());
             for t in t0..t1 {
-                let row = &rows[t * d + c0..][..16];
-                let x = [ld_ph(&row[0..]), ld_ph(&row[8..])];
+                // SAFETY: t < t1 and c0 + 16 <= d, so the 16 values at t * d + c0 lie in `rows`.
+                let x = unsafe {
+                    let r = rp.add(t * d + c0);
+                    [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))]
+                };
                 for (m, a) in acc.iter_mut().enumerate() {
-                    let pt = _mm256_set1_ps(p.at(qb + m, t));
+                    // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len().
+                    let pt = _mm256_set1_ps(unsafe { pp.add(pbase + m * p.stride + t).read() });
                     a[0] = _mm256_fmadd_ps(pt, x[0], a[0]);
                     a[1] = _mm256_fmadd_ps(pt, x[1], a[1]);
                 }
@@ -197,11 +208,22 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     let d = q.d;
     let qs = &q.q[qb * d..][..M * d];
+    // Reads u16 `c * KEY_BLOCK_F16 + k` (k < 16) of `body` and entry `m * d + c` of `qs` for c < d, m < M:
+    // checked once here, then read through pointers (as in `q_chunk_m`).
+    if d == 0 || body.len() < (d - 1) * KEY_BLOCK_F16 + 16 {
+        return;
+    }
+    let (bp, qp) = (body.as_ptr(), qs.as_ptr());
     for c in 0..d {
-        let x = &body[c * KEY_BLOCK_F16..][..16];
-        let x = [ld_ph(&x[0..]), ld_ph(&x[8..])];
+        // SAFETY: c < d, so the 16 values at c * KEY_BLOCK_F16 lie in `body` (checked above); unaligned
+        // 16-byte loads.
+        let x = unsafe {
+            let r = bp.add(c * KEY_BLOCK_F16);
+            [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))]
+        };
         for (m, a) in acc.iter_mut().enumerate() {
-            let qc = _mm256_set1_ps(qs[m * d + c]);
+            // SAFETY: m * d + c < M * d = qs.len().
+            let qc = _mm256_set1_ps(unsafe { qp.add(m * d + c).read() });
             a[0] = _mm256_fmadd_ps(qc, x[0], a[0]);
             a[1] = _mm256_fmadd_ps(qc, x[1], a[1]);
         }
