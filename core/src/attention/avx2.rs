@@ -152,6 +152,8 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
             }
             let (rp, pp) = (rows.as_ptr(), p.data.as_ptr());
             for t in t0..t1 {
+                // Hint rows a few KiB ahead (a prefetch never faults).
+                _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add((t + 32) * d + c0).cast());
                 // SAFETY: t < t1 and c0 + 16 <= d, so the 16 values at t * d + c0 lie in `rows`.
                 let x = unsafe {
                     let r = rp.add(t * d + c0);
@@ -221,6 +223,9 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
             let r = bp.add(c * KEY_BLOCK_F16);
             [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))]
         };
+        // Hint the same channel row one block ahead into the cache (fp16 keys stream from DRAM; a prefetch
+        // never faults, so the address may lie past the slice).
+        _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(c * KEY_BLOCK_F16 + 2 * d * KEY_BLOCK_F16).cast());
         for (m, a) in acc.iter_mut().enumerate() {
             // SAFETY: m * d + c < M * d = qs.len().
             let qc = _mm256_set1_ps(unsafe { qp.add(m * d + c).read() });
