@@ -144,6 +144,7 @@ pub(crate) struct TokenBody<'c> {
 }
 
 /// Widths the vector kernels unpack (ternary codes are stored as 2-bit).
+#[cfg(target_arch = "x86_64")]
 fn vector_width(w: Width) -> bool {
     matches!(w, Width::B2 | Width::Ternary | Width::B4 | Width::B8)
 }
