@@ -157,7 +157,10 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
                 // SAFETY: t < t1 and c0 + 16 <= d, so the 16 values at t * d + c0 lie in `rows`.
                 let x = unsafe {
                     let r = rp.add(t * d + c0);
-                    [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))]
+                    [
+                        _mm256_cvtph_ps(_mm_loadu_si128(r.cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast())),
+                    ]
                 };
                 for (m, a) in acc.iter_mut().enumerate() {
                     // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len().
@@ -178,7 +181,13 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
 /// See [`portable::scores_f16_channel`]. The run is cut at key blocks; within a block, 16 tokens by up to
 /// 3 queries accumulate in 6 registers, each f16 vector converted straight from memory.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn scores_f16_channel(body: &[u16], start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
+pub(crate) fn scores_f16_channel(
+    body: &[u16],
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
     let d = q.d;
     let mut t = 0;
     while t < n {
@@ -291,7 +300,16 @@ pub(crate) fn scores_q_channel(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q_chunk<const B: u32>(b: &ChannelBody<'_>, word: usize, fq: &[f32], bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize, m: usize) {
+fn q_chunk<const B: u32>(
+    b: &ChannelBody<'_>,
+    word: usize,
+    fq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+    m: usize,
+) {
     match m {
         1 => q_chunk_m::<B, 1>(b, word, fq, bias, out, qb, col),
         2 => q_chunk_m::<B, 2>(b, word, fq, bias, out, qb, col),
@@ -303,7 +321,15 @@ fn q_chunk<const B: u32>(b: &ChannelBody<'_>, word: usize, fq: &[f32], bias: &[f
 /// folded queries, `M` rows of `d`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q_chunk_m<const B: u32, const M: usize>(b: &ChannelBody<'_>, word: usize, fq: &[f32], bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize) {
+fn q_chunk_m<const B: u32, const M: usize>(
+    b: &ChannelBody<'_>,
+    word: usize,
+    fq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+) {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     for (m, a) in acc.iter_mut().enumerate() {
         *a = [_mm256_set1_ps(bias[qb + m]); 2];
@@ -344,7 +370,15 @@ fn q_chunk_m<const B: u32, const M: usize>(b: &ChannelBody<'_>, word: usize, fq:
 /// over tokens), then 16 channels by up to 3 queries accumulate in 6
 /// registers while the tile's rows stream past.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], work: &mut [f32]) {
+pub(crate) fn values_q_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
     const TILE: usize = 32;
     let nq = out.len() / d;
     let groups = d / b.group;
@@ -401,7 +435,15 @@ pub(crate) fn values_q_token(b: &TokenBody<'_>, start: usize, n: usize, p: &Prob
 /// A tile's `rows` (one per token), all channels 16 at a time, queries `qb..qb + M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn v_tile<const B: u32, const M: usize>(rows: &[u32], b: &TokenBody<'_>, d: usize, ps: &[f32], nq: usize, out: &mut [f32], qb: usize) {
+fn v_tile<const B: u32, const M: usize>(
+    rows: &[u32],
+    b: &TokenBody<'_>,
+    d: usize,
+    ps: &[f32],
+    nq: usize,
+    out: &mut [f32],
+    qb: usize,
+) {
     let h = B as usize / 2; // words per 16 codes
     let tile = rows.len() / b.row_words;
     for c0 in (0..d).step_by(16) {

@@ -44,7 +44,13 @@ pub(crate) fn axpy_rows_f16(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out
 }
 
 /// Scores of tokens `start..start + n` of an fp16 key body in key blocks (`cache::layout::key_f16`).
-pub(crate) fn scores_f16_channel(body: &[u16], start: usize, n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
+pub(crate) fn scores_f16_channel(
+    body: &[u16],
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
     for t in 0..n {
         let slot = start + t;
         for qi in 0..q.nq {

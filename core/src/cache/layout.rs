@@ -195,7 +195,10 @@ impl CacheConfig {
                         s.ring = (body - body % unit).div_ceil(KEY_BLOCK) * KEY_BLOCK;
                         s.row_words = KEY_BLOCK * bits / 32;
                         s.row_groups = s.ring / group;
-                        s.codes = Region { offset: at, words: tri!(mul(tri!(mul(hd, s.ring / KEY_BLOCK)), s.row_words)) };
+                        s.codes = Region {
+                            offset: at,
+                            words: tri!(mul(tri!(mul(hd, s.ring / KEY_BLOCK)), s.row_words)),
+                        };
                         let params = f16_words(tri!(mul(hd, s.row_groups)));
                         s.scale = Region { offset: s.codes.end(), words: params };
                         s.zero = Region { offset: s.scale.end(), words: params };

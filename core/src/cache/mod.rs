@@ -456,7 +456,8 @@ impl<'a> Cache<'a> {
                     let codes = &mut self.arena[l.codes.offset..l.codes.end()];
                     let head = h * d * l.ring / layout::KEY_BLOCK * l.row_words;
                     let row = &mut codes[head + layout::key_row(slot, c, d, l.row_words)..][..l.row_words];
-                    let p = uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot % layout::KEY_BLOCK)?;
+                    let p =
+                        uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot % layout::KEY_BLOCK)?;
                     self.store_params(l, (h * l.row_groups + slot / g) * d + c, p);
                 }
             }
