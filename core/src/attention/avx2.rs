@@ -74,9 +74,9 @@ fn hmax(v: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack16<const B: u32>(p: *const u32) -> [__m256; 2] {
-    // SAFETY (all reads below): the caller guarantees `B / 2` words at `p`.
     match B {
         2 => {
+            // SAFETY: the caller guarantees one word (B / 2) at `p`.
             let a = _mm256_set1_epi32(unsafe { p.read_unaligned() } as i32);
             let m = _mm256_set1_epi32(3);
             let lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -89,6 +89,7 @@ unsafe fn unpack16<const B: u32>(p: *const u32) -> [__m256; 2] {
         4 => {
             let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
             let m = _mm256_set1_epi32(15);
+            // SAFETY: the caller guarantees two words (B / 2) at `p`.
             let (w0, w1) = unsafe { (p.read_unaligned(), p.add(1).read_unaligned()) };
             [
                 _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w0 as i32), sh), m)),
@@ -96,6 +97,7 @@ unsafe fn unpack16<const B: u32>(p: *const u32) -> [__m256; 2] {
             ]
         }
         _ => {
+            // SAFETY: the caller guarantees four words (B / 2) at `p`; each load reads two, unaligned.
             let (a, b) = unsafe { (_mm_loadl_epi64(p.cast()), _mm_loadl_epi64(p.add(2).cast())) };
             [_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))]
         }
