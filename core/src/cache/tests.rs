@@ -119,7 +119,8 @@ fn dequantized_cache_is_within_the_quantizer_bound() {
 /// last R values quantized (none if T <= R); decoding then keeps 0..R-1 keys and exactly R values in fp16.
 #[test]
 fn kivi_windows_follow_the_reference_rules() {
-    for (g, r) in [(32, 32), (32, 128), (64, 128)] {
+    let shapes: &[(usize, usize)] = if cfg!(miri) { &[(32, 32)] } else { &[(32, 32), (32, 128), (64, 128)] };
+    for &(g, r) in shapes {
         let cfg = CacheConfig::kivi(Width::B2, g, r, 1, 64, 2048);
         for t in [0, 1, r - 1, r, r + 1, 3 * r + 5, 8 * g] {
             let mut mem = arena(&cfg);
