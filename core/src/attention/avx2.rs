@@ -149,9 +149,11 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
             // Reads u16 `t * d + c0 + k` (k < 16) of `rows` and entry `(qb + m) * stride + pos + t` of the
             // probabilities for t0 <= t < t1, m < M: checked once here, then read through pointers.
             let pbase = qb * p.stride + p.pos;
-            if t1 * d > rows.len() || c0 + 16 > d || pbase + (M - 1) * p.stride + t1 > p.data.len() {
-                return;
-            }
+            // Guaranteed by the callers' slicing; a failure is a bug in this crate, never the input's.
+            assert!(
+                t1 * d <= rows.len() && c0 + 16 <= d && pbase + (M - 1) * p.stride + t1 <= p.data.len(),
+                "fp16 value rows shorter than their layout"
+            );
             let (rp, pp) = (rows.as_ptr(), p.data.as_ptr());
             for t in t0..t1 {
                 // Hint rows a few KiB ahead (a prefetch never faults).
@@ -223,9 +225,8 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
     let qs = &q.q[qb * d..][..M * d];
     // Reads u16 `c * KEY_BLOCK_F16 + k` (k < 16) of `body` and entry `m * d + c` of `qs` for c < d, m < M:
     // checked once here, then read through pointers (as in `q_chunk_m`).
-    if d == 0 || body.len() < (d - 1) * KEY_BLOCK_F16 + 16 {
-        return;
-    }
+    // The layout guarantees this; a failure is a bug in this crate, never a property of the input.
+    assert!(d > 0 && body.len() >= (d - 1) * KEY_BLOCK_F16 + 16, "fp16 key block shorter than its layout");
     let (bp, qp) = (body.as_ptr(), qs.as_ptr());
     for c in 0..d {
         // SAFETY: c < d, so the 16 values at c * KEY_BLOCK_F16 lie in `body` (checked above); unaligned
@@ -343,9 +344,11 @@ fn q_chunk_m<const B: u32, const M: usize>(
     // check both ranges once, then read through pointers (bounds checks per access doubled the loop's
     // instruction count, measured with callgrind).
     let codes = &b.codes[word..];
-    if d == 0 || codes.len() < (d - 1) * w + h || fq.len() < M * d {
-        return;
-    }
+    // The layout guarantees these; a failure is a bug in this crate, never a property of the input.
+    assert!(
+        d > 0 && codes.len() >= (d - 1) * w + h && fq.len() >= M * d,
+        "key block shorter than its layout"
+    );
     let (cp, qp) = (codes.as_ptr(), fq.as_ptr());
     for c in 0..d {
         // SAFETY: c < d, so the h words at c * w end within `codes` and m * d + c < M * d <= fq.len()
@@ -459,9 +462,8 @@ fn v_tile<const B: u32, const M: usize>(
         let pg = &ps[(gi * nq + qb) * tile..][..M * tile];
         // Reads word `t * row_words + word + k` (k < h) of `rows` and entry `m * tile + t` of `pg` for
         // t < tile, m < M: both ranges checked here, then read through pointers (as in `q_chunk_m`).
-        if tile == 0 || word + h > b.row_words {
-            return;
-        }
+        // The layout guarantees this; a failure is a bug in this crate, never a property of the input.
+        assert!(tile > 0 && word + h <= b.row_words, "value row shorter than its layout");
         let (rp, pp) = (rows.as_ptr(), pg.as_ptr());
         for t in 0..tile {
             // SAFETY: t < tile = rows.len() / row_words and word + h <= row_words, so the words lie in
