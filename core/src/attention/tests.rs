@@ -205,11 +205,12 @@ fn decode_equals_attention_over_the_dequantized_cache() {
     let grs: &[(usize, usize)] = if big { &[(32, 32), (32, 64), (64, 128)] } else { &[(32, 32)] };
     for &d in dims {
         for &(g, r) in grs {
-            for s in [0usize, 4] {
+            let sinks: &[usize] = if big { &[0, 4] } else { &[2] };
+            for &s in sinks {
                 for (name, cfg) in policies(g, r, s, 2, d, 1024) {
                     let ts = [1, r - 1, r, r + 1, 5 * g + 3, 8 * g];
                     for (ti, &t) in ts.iter().enumerate() {
-                        if !big && ti > 2 {
+                        if !big && ti > 1 {
                             continue;
                         }
                         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
@@ -220,7 +221,7 @@ fn decode_equals_attention_over_the_dequantized_cache() {
                         let keys = dequantized(&cache, Stream::Keys);
                         let values = dequantized(&cache, Stream::Values);
                         for ratio in [1usize, 3, 7] {
-                            if !big && ratio == 7 {
+                            if !big && ratio != 3 {
                                 continue;
                             }
                             let qh = 2 * ratio;
@@ -249,7 +250,7 @@ fn decode_equals_attention_over_the_dequantized_cache() {
             }
         }
     }
-    assert!(cases > if big { 1000 } else { 50 }, "{cases}");
+    assert!(cases > if big { 1000 } else { 10 }, "{cases}");
 }
 
 /// Per-element error bounds of what the cache stores, `[t][d]` per head, from the quantizer's bound.
@@ -296,7 +297,7 @@ fn stored_bounds(cfg: &CacheConfig, stream: Stream, x: &[f32], t: usize) -> Vec<
 #[test]
 fn error_against_unquantized_attention_is_within_the_quantizer_bound() {
     let mut rng = Rng::new(5);
-    let (kv, d, t) = (2usize, 64usize, if cfg!(miri) { 70 } else { 700 });
+    let (kv, d, t) = (2usize, 64usize, if cfg!(miri) { 40 } else { 700 });
     let mut checked = 0;
     for (name, cfg) in policies(32, 64, 4, kv, d, 1024) {
         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
