@@ -90,9 +90,12 @@ fn configs() -> Vec<CacheConfig> {
 #[test]
 fn dequantized_cache_is_within_the_quantizer_bound() {
     let mut rng = Rng::new(7);
-    for cfg in configs() {
+    // Under Miri (an interpreter, ~1000x slower) a sample of the configurations.
+    let all = configs();
+    let picked: Vec<CacheConfig> = if cfg!(miri) { vec![all[2], all[7], all[8]] } else { all };
+    for cfg in picked {
         let clipped = matches!(cfg.values, Precision::Quant(QuantSpec { clip, .. }) if clip < 1.0);
-        let ts: &[usize] = if cfg!(miri) { &[1, 33, 65] } else { &[1, 31, 32, 33, 64, 65, 300] };
+        let ts: &[usize] = if cfg!(miri) { &[33] } else { &[1, 31, 32, 33, 64, 65, 300] };
         for &t in ts {
             let mut mem = arena(&cfg);
             let mut cache = Cache::new(cfg, &mut mem).unwrap();
@@ -172,7 +175,7 @@ fn stop_refuses_overflow_and_changes_nothing() {
 /// tokens are what was appended last, and the accounting matches the closed form.
 #[test]
 fn streaming_100k_tokens_slides_with_fixed_memory() {
-    let total = if cfg!(miri) { 600 } else { 100_000 };
+    let total = if cfg!(miri) { 300 } else { 100_000 };
     for cfg in [
         CacheConfig::kivi(Width::B2, 32, 64, 1, 32, 256).with_sinks(4).with_overflow(Overflow::Slide),
         CacheConfig::fp16(1, 32, 200).with_sinks(2).with_overflow(Overflow::Slide),
