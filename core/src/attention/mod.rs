@@ -10,8 +10,8 @@
 //! out[h]       = sum_t p[h][t] * v_t
 //! ```
 //!
-//! Kernels come in two twins: [`Kernel::Portable`] (scalar, `libm::expf`; what Miri and the firmware run)
-//! and [`Kernel::Avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them). The probabilities
+//! Kernels come in two twins: [`Kernel::PORTABLE`] (scalar, `libm::expf`; what Miri and the firmware run)
+//! and [`Kernel::avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them). The probabilities
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
 
 #[cfg(target_arch = "x86_64")]
