@@ -47,6 +47,32 @@ fn ld_ph(s: &[u16]) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
 }
 
+/// Sixteen f32 as two vectors.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn ld16(s: &[f32]) -> [__m256; 2] {
+    [ld(&s[0..]), ld(&s[8..])]
+}
+
+/// Two vectors to sixteen f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn st16(d: &mut [f32], v: [__m256; 2]) {
+    st(&mut d[0..], v[0]);
+    st(&mut d[8..], v[1]);
+}
+
+/// Sixteen f16 values at `r` to f32, as two vectors.
+///
+/// # Safety
+/// The 16 `u16` at `r..r + 16` must be readable; no alignment is required.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld16_ph(r: *const u16) -> [__m256; 2] {
+    // SAFETY: the caller guarantees 16 readable u16 (two 16-byte unaligned loads).
+    unsafe { [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))] }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn hsum(v: __m256) -> f32 {
@@ -144,7 +170,7 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for (m, a) in acc.iter_mut().enumerate() {
                 let o = &out[(qb + m) * d + c0..][..16];
-                *a = [ld(&o[0..]), ld(&o[8..])];
+                *a = ld16(o);
             }
             // Reads u16 `t * d + c0 + k` (k < 16) of `rows` and entry `(qb + m) * stride + pos + t` of the
             // probabilities for t0 <= t < t1, m < M: checked once here, then read through pointers.
@@ -159,13 +185,7 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
                 // Hint rows a few KiB ahead (a prefetch never faults).
                 _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add((t + 32) * d + c0).cast());
                 // SAFETY: t < t1 and c0 + 16 <= d, so the 16 values at t * d + c0 lie in `rows`.
-                let x = unsafe {
-                    let r = rp.add(t * d + c0);
-                    [
-                        _mm256_cvtph_ps(_mm_loadu_si128(r.cast())),
-                        _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast())),
-                    ]
-                };
+                let x = unsafe { ld16_ph(rp.add(t * d + c0)) };
                 for (m, a) in acc.iter_mut().enumerate() {
                     // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len().
                     let pt = _mm256_set1_ps(unsafe { pp.add(pbase + m * p.stride + t).read() });
@@ -175,8 +195,7 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
             }
             for (m, a) in acc.iter().enumerate() {
                 let o = &mut out[(qb + m) * d + c0..][..16];
-                st(&mut o[0..], a[0]);
-                st(&mut o[8..], a[1]);
+                st16(o, *a);
             }
         }
     }
@@ -231,10 +250,7 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
     for c in 0..d {
         // SAFETY: c < d, so the 16 values at c * KEY_BLOCK_F16 lie in `body` (checked above); unaligned
         // 16-byte loads.
-        let x = unsafe {
-            let r = bp.add(c * KEY_BLOCK_F16);
-            [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))]
-        };
+        let x = unsafe { ld16_ph(bp.add(c * KEY_BLOCK_F16)) };
         // Hint the same channel row one block ahead into the cache (fp16 keys stream from DRAM; a prefetch
         // never faults, so the address may lie past the slice).
         _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(c * KEY_BLOCK_F16 + 2 * d * KEY_BLOCK_F16).cast());
@@ -248,8 +264,7 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
     for (m, a) in acc.iter().enumerate() {
         let at = (qb + m) * out.stride + out.pos + col;
         let dst = &mut out.data[at..][..16];
-        st(&mut dst[0..], a[0]);
-        st(&mut dst[8..], a[1]);
+        st16(dst, *a);
     }
 }
 
@@ -364,8 +379,7 @@ fn q_chunk_m<const B: u32, const M: usize>(
     for (m, a) in acc.iter().enumerate() {
         let at = (qb + m) * out.stride + out.pos + col;
         let dst = &mut out.data[at..][..16];
-        st(&mut dst[0..], a[0]);
-        st(&mut dst[8..], a[1]);
+        st16(dst, *a);
     }
 }
 
@@ -456,7 +470,7 @@ fn v_tile<const B: u32, const M: usize>(
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
         for (m, a) in acc.iter_mut().enumerate() {
             let o = &out[(qb + m) * d + c0..][..16];
-            *a = [ld(&o[0..]), ld(&o[8..])];
+            *a = ld16(o);
         }
         let word = c0 / 16 * h;
         let pg = &ps[(gi * nq + qb) * tile..][..M * tile];
@@ -478,8 +492,7 @@ fn v_tile<const B: u32, const M: usize>(
         }
         for (m, a) in acc.iter().enumerate() {
             let o = &mut out[(qb + m) * d + c0..][..16];
-            st(&mut o[0..], a[0]);
-            st(&mut o[8..], a[1]);
+            st16(o, *a);
         }
     }
 }

@@ -18,7 +18,6 @@
 mod avx2;
 mod portable;
 
-use crate::cache::layout::KEY_BLOCK;
 use crate::cache::{Axis, Cache, Precision, Stream, StreamView, window::ring_runs};
 use crate::error::{Error, Result, need};
 use crate::pack::Width;
@@ -108,6 +107,7 @@ impl Scores<'_> {
 }
 
 /// Probability rows, laid out as [`Scores`].
+#[derive(Clone, Copy)]
 pub(crate) struct Probs<'p> {
     pub(crate) data: &'p [f32],
     pub(crate) stride: usize,
@@ -397,9 +397,63 @@ fn softmax(x: &mut [f32], kernel: Kernel) {
     portable::softmax(x);
 }
 
+/// Which storage a run of held tokens sits in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// f16 sinks, token-major, slot = sink index.
+    Sinks,
+    /// The quantized (or fp16) body ring.
+    Body,
+    /// The f16 full-precision window, token-major, slot = body index mod R.
+    Window,
+}
+
+/// A run of `len` held tokens in slots `start..` of `part`, at position `pos` in token order.
+#[derive(Clone, Copy)]
+struct Segment {
+    part: Part,
+    start: usize,
+    len: usize,
+    pos: usize,
+}
+
+/// The held tokens of one stream as runs in token order (sinks, body oldest first, window): the walk over
+/// the layout that keys and values share.
+fn segments(cache: &Cache<'_>, sv: &StreamView<'_>) -> impl Iterator<Item = Segment> {
+    let c = cache.counts();
+    let q_end = sv.q_end.max(c.base);
+    let body = ring_runs(c.base, q_end, sv.layout.ring).map(move |r| Segment {
+        part: Part::Body,
+        start: r.start,
+        len: r.len,
+        pos: c.sinks + r.offset,
+    });
+    let window_pos = c.sinks + (q_end - c.base);
+    let window = ring_runs(q_end, c.n, cache.config().residual).map(move |r| Segment {
+        part: Part::Window,
+        start: r.start,
+        len: r.len,
+        pos: window_pos + r.offset,
+    });
+    core::iter::once(Segment { part: Part::Sinks, start: 0, len: c.sinks, pos: 0 })
+        .chain(body)
+        .chain(window)
+        .filter(|s| s.len > 0)
+}
+
+/// The f16 token rows of a sinks or window segment of KV head `h`.
+fn token_rows<'c>(cache: &Cache<'_>, sv: &StreamView<'c>, h: usize, seg: Segment) -> &'c [u16] {
+    let cfg = cache.config();
+    let (region, slots) = match seg.part {
+        Part::Sinks => (sv.sinks, cfg.sinks),
+        _ => (sv.window, cfg.residual),
+    };
+    let d = cfg.head_dim;
+    &region[(h * slots + seg.start) * d..][..seg.len * d]
+}
+
 /// Fills `scores[qi * stride + t]` for every held token `t` of KV head `h`.
 #[allow(clippy::too_many_arguments)]
-#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
 fn key_scores(
     cache: &Cache<'_>,
     sv: &StreamView<'_>,
@@ -410,71 +464,67 @@ fn key_scores(
     work: &mut [f32],
     kernel: Kernel,
 ) {
-    let c = cache.counts();
-    let cfg = cache.config();
-    let (d, r, l) = (q.d, cfg.residual, sv.layout);
+    let (d, l) = (q.d, sv.layout);
     let vector = kernel.vector(d);
-    let mut pos = 0;
-    let sinks = &sv.sinks[h * cfg.sinks * d..][..cfg.sinks * d];
-    dot_rows(sinks, c.sinks, q, &mut Scores { data: scores, stride, pos }, vector);
-    pos += c.sinks;
-    let q_end = sv.q_end.max(c.base);
-    if q_end > c.base {
-        for run in ring_runs(c.base, q_end, l.ring) {
-            if run.len == 0 {
-                continue;
+    for seg in segments(cache, sv) {
+        let mut out = Scores { data: scores, stride, pos: seg.pos };
+        match (seg.part, sv.precision) {
+            (Part::Sinks | Part::Window, _) => {
+                dot_rows(token_rows(cache, sv, h, seg), seg.len, q, &mut out, vector)
             }
-            let mut out = Scores { data: scores, stride, pos: pos + run.offset };
-            match sv.precision {
-                Precision::F16 => {
-                    let body = &sv.body_f16()[h * d * l.ring..][..d * l.ring];
-                    #[cfg(target_arch = "x86_64")]
-                    if vector {
-                        // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
-                        unsafe { avx2::scores_f16_channel(body, run.start, run.len, q, &mut out) };
-                        continue;
-                    }
-                    portable::scores_f16_channel(body, run.start, run.len, q, &mut out);
-                }
-                Precision::Quant(spec) if spec.axis == Axis::PerChannel => {
-                    let gd = l.row_groups * d;
-                    let words = d * l.ring / KEY_BLOCK * l.row_words;
-                    let b = ChannelBody {
-                        codes: &sv.codes[h * words..][..words],
-                        block_words: l.row_words,
-                        scale: &sv.scale[h * gd..][..gd],
-                        zero: &sv.zero[h * gd..][..gd],
-                        width: spec.width,
-                        group: spec.group,
-                    };
-                    #[cfg(target_arch = "x86_64")]
-                    if vector && vector_width(spec.width) && spec.group % 16 == 0 {
-                        // SAFETY: as above.
-                        unsafe { avx2::scores_q_channel(&b, run.start, run.len, q, &mut out, work) };
-                        continue;
-                    }
-                    portable::scores_q_channel(&b, run.start, run.len, q, &mut out, work);
-                }
-                Precision::Quant(spec) => {
-                    let b = token_body(sv, h, spec.width, spec.group);
-                    portable::scores_q_token(&b, run.start, run.len, q, &mut out);
-                }
+            (Part::Body, Precision::F16) => {
+                let body = &sv.body_f16()[h * d * l.ring..][..d * l.ring];
+                f16_keys(body, seg, q, &mut out, vector);
+            }
+            (Part::Body, Precision::Quant(spec)) if spec.axis == Axis::PerChannel => {
+                let gd = l.row_groups * d;
+                let words = l.key_head_words(d);
+                let b = ChannelBody {
+                    codes: &sv.codes[h * words..][..words],
+                    block_words: l.row_words,
+                    scale: &sv.scale[h * gd..][..gd],
+                    zero: &sv.zero[h * gd..][..gd],
+                    width: spec.width,
+                    group: spec.group,
+                };
+                channel_keys(&b, seg, q, &mut out, work, vector);
+            }
+            (Part::Body, Precision::Quant(spec)) => {
+                let b = token_body(sv, h, spec.width, spec.group);
+                portable::scores_q_token(&b, seg.start, seg.len, q, &mut out);
             }
         }
     }
-    pos += q_end - c.base;
-    if c.n > q_end {
-        let win = &sv.window[h * r * d..][..r * d];
-        for run in ring_runs(q_end, c.n, r) {
-            if run.len > 0 {
-                let rows = &win[run.start * d..][..run.len * d];
-                dot_rows(
-                    rows,
-                    run.len,
-                    q,
-                    &mut Scores { data: scores, stride, pos: pos + run.offset },
-                    vector,
-                );
+}
+
+/// Adds `sum_t p[qi][t] * v_t` over every held token of KV head `h` into `out[qi]`.
+#[allow(clippy::too_many_arguments)]
+fn value_sums(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    h: usize,
+    p: &Probs<'_>,
+    nq: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    kernel: Kernel,
+) {
+    let (d, l) = (cache.config().head_dim, sv.layout);
+    let vector = kernel.vector(d);
+    let out = &mut out[..nq * d];
+    for seg in segments(cache, sv) {
+        let pr = Probs { pos: seg.pos, ..*p };
+        match (seg.part, sv.precision) {
+            (Part::Sinks | Part::Window, _) => {
+                axpy_rows(token_rows(cache, sv, h, seg), seg.len, &pr, d, out, vector)
+            }
+            (Part::Body, Precision::F16) => {
+                let body = &sv.body_f16()[h * l.ring * d..][..l.ring * d];
+                axpy_rows(&body[seg.start * d..][..seg.len * d], seg.len, &pr, d, out, vector);
+            }
+            (Part::Body, Precision::Quant(spec)) => {
+                let b = token_body(sv, h, spec.width, spec.group);
+                token_values(&b, seg, &pr, d, out, work, vector);
             }
         }
     }
@@ -494,102 +544,79 @@ fn token_body<'c>(sv: &StreamView<'c>, h: usize, width: Width, group: usize) -> 
     }
 }
 
-#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+// Dispatchers: each runs the AVX2 twin where `vector` (an AVX2 `Kernel` and a head_dim it covers) and the
+// shape allow, else the portable one. SAFETY, for every `unsafe` call below: `vector` implies an AVX2
+// `Kernel`, which exists only where the CPU has AVX2, FMA and F16C (`Kernel::avx2`).
+
+#[allow(unsafe_code)]
 fn dot_rows(rows: &[u16], n: usize, q: &Queries<'_>, out: &mut Scores<'_>, vector: bool) {
-    if n == 0 {
-        return;
-    }
     #[cfg(target_arch = "x86_64")]
     if vector {
-        // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and F16C.
-        unsafe { avx2::dot_rows_f16(rows, n, q, out) };
-        return;
+        // SAFETY: see the note above the dispatchers.
+        return unsafe { avx2::dot_rows_f16(rows, n, q, out) };
     }
     let _ = vector;
     portable::dot_rows_f16(rows, n, q, out);
 }
 
-#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+#[allow(unsafe_code)]
 fn axpy_rows(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], vector: bool) {
-    if n == 0 {
-        return;
-    }
     #[cfg(target_arch = "x86_64")]
     if vector && d.is_multiple_of(16) {
-        // SAFETY: as in `dot_rows`.
-        unsafe { avx2::axpy_rows_f16(rows, n, p, d, out) };
-        return;
+        // SAFETY: see the note above the dispatchers.
+        return unsafe { avx2::axpy_rows_f16(rows, n, p, d, out) };
     }
     let _ = vector;
     portable::axpy_rows_f16(rows, n, p, d, out);
 }
 
-/// Adds `sum_t p[qi][t] * v_t` over every held token of KV head `h` into `out[qi]`.
-#[allow(clippy::too_many_arguments)]
-#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
-fn value_sums(
-    cache: &Cache<'_>,
-    sv: &StreamView<'_>,
-    h: usize,
-    p: &Probs<'_>,
-    nq: usize,
-    out: &mut [f32],
-    work: &mut [f32],
-    kernel: Kernel,
-) {
-    let c = cache.counts();
-    let cfg = cache.config();
-    let (d, r, l) = (cfg.head_dim, cfg.residual, sv.layout);
-    let vector = kernel.vector(d);
-    let out = &mut out[..nq * d];
-    let mut pos = 0;
-    let sinks = &sv.sinks[h * cfg.sinks * d..][..cfg.sinks * d];
-    axpy_rows(sinks, c.sinks, &Probs { pos, ..*p }, d, out, vector);
-    pos += c.sinks;
-    let q_end = sv.q_end.max(c.base);
-    if q_end > c.base {
-        for run in ring_runs(c.base, q_end, l.ring) {
-            if run.len == 0 {
-                continue;
-            }
-            let pr = Probs { pos: pos + run.offset, ..*p };
-            match sv.precision {
-                Precision::F16 => {
-                    let body = &sv.body_f16()[h * l.ring * d..][..l.ring * d];
-                    axpy_rows(&body[run.start * d..][..run.len * d], run.len, &pr, d, out, vector);
-                }
-                Precision::Quant(spec) => {
-                    let b = token_body(sv, h, spec.width, spec.group);
-                    #[cfg(target_arch = "x86_64")]
-                    if vector && vector_width(spec.width) && spec.group % 16 == 0 {
-                        // SAFETY: `vector` implies an AVX2 `Kernel`, which exists only where the CPU has the features.
-                        unsafe { avx2::values_q_token(&b, run.start, run.len, &pr, d, out, work) };
-                        continue;
-                    }
-                    portable::values_q_token(&b, run.start, run.len, &pr, d, out);
-                }
-            }
-        }
+#[allow(unsafe_code)]
+fn f16_keys(body: &[u16], seg: Segment, q: &Queries<'_>, out: &mut Scores<'_>, vector: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: see the note above the dispatchers.
+        return unsafe { avx2::scores_f16_channel(body, seg.start, seg.len, q, out) };
     }
-    pos += q_end - c.base;
-    if c.n > q_end {
-        let win = &sv.window[h * r * d..][..r * d];
-        for run in ring_runs(q_end, c.n, r) {
-            if run.len > 0 {
-                let rows = &win[run.start * d..][..run.len * d];
-                axpy_rows(rows, run.len, &Probs { pos: pos + run.offset, ..*p }, d, out, vector);
-            }
-        }
-    }
-    let _ = work;
+    let _ = vector;
+    portable::scores_f16_channel(body, seg.start, seg.len, q, out);
 }
 
-impl Clone for Probs<'_> {
-    fn clone(&self) -> Self {
-        *self
+#[allow(unsafe_code)]
+fn channel_keys(
+    b: &ChannelBody<'_>,
+    seg: Segment,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector && vector_width(b.width) && b.group.is_multiple_of(16) {
+        // SAFETY: see the note above the dispatchers.
+        return unsafe { avx2::scores_q_channel(b, seg.start, seg.len, q, out, work) };
     }
+    let _ = vector;
+    portable::scores_q_channel(b, seg.start, seg.len, q, out, work);
 }
-impl Copy for Probs<'_> {}
+
+#[allow(unsafe_code)]
+fn token_values(
+    b: &TokenBody<'_>,
+    seg: Segment,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector && vector_width(b.width) && b.group.is_multiple_of(16) {
+        // SAFETY: see the note above the dispatchers.
+        return unsafe { avx2::values_q_token(b, seg.start, seg.len, p, d, out, work) };
+    }
+    let _ = (vector, work);
+    portable::values_q_token(b, seg.start, seg.len, p, d, out);
+}
 
 #[cfg(test)]
 mod tests;

@@ -43,6 +43,14 @@ pub struct Region {
     pub words: usize,
 }
 
+impl StreamLayout {
+    /// Words of one KV head's per-channel key codes (`head_dim` channel rows in each of `ring / KEY_BLOCK`
+    /// blocks).
+    pub const fn key_head_words(&self, head_dim: usize) -> usize {
+        head_dim * self.ring / KEY_BLOCK * self.row_words
+    }
+}
+
 impl Region {
     /// Bytes of the region.
     pub const fn bytes(&self) -> usize {

@@ -454,7 +454,7 @@ impl<'a> Cache<'a> {
                         *o = f32_of(win[(h * r + (gs + i) % r) * d + c]);
                     }
                     let codes = &mut self.arena[l.codes.offset..l.codes.end()];
-                    let head = h * d * l.ring / layout::KEY_BLOCK * l.row_words;
+                    let head = h * l.key_head_words(d);
                     let row = &mut codes[head + layout::key_row(slot, c, d, l.row_words)..][..l.row_words];
                     let p =
                         uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot % layout::KEY_BLOCK)?;
@@ -510,7 +510,7 @@ impl<'a> Cache<'a> {
                         let (code, at) = match q.axis {
                             Axis::PerChannel => (
                                 pack::get(
-                                    &v.codes[head * d * l.ring / layout::KEY_BLOCK * l.row_words
+                                    &v.codes[head * l.key_head_words(d)
                                         + layout::key_row(slot, c, d, l.row_words)..][..l.row_words],
                                     q.width,
                                     slot % layout::KEY_BLOCK,
