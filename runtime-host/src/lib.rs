@@ -1,0 +1,17 @@
+//! kvq on the CPU: real GGUF models (Llama family), their tokenizer, and generation over `kvq-core`'s
+//! quantized KV cache.
+//!
+//! - [`gguf`]: the file reader (hostile input, every offset checked).
+//! - [`quants`], [`kernels`]: ggml weight blocks and their dot products (scalar reference, AVX2/FMA).
+//! - [`tokenizer`]: byte-level BPE matching llama.cpp's ids.
+//! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
+//! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
+
+pub mod fetch;
+pub mod gguf;
+pub mod kernels;
+pub mod kvspec;
+pub mod model;
+pub mod quants;
+pub mod sample;
+pub mod tokenizer;

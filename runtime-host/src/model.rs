@@ -1,0 +1,581 @@
+//! The Llama-family forward pass (`llama`, `qwen2`) over memory-mapped quantized weights, with every
+//! layer's KV cache held by `kvq-core`.
+//!
+//! Per layer: `x += Wo · attn(rope(Wq·n(x)), rope(Wk·n(x)), Wv·n(x))`, then
+//! `x += Wdown · (silu(Wgate·n(x)) * Wup·n(x))`, with `n` RMSNorm; logits `= Wout · n(x)` (`Wout` is the
+//! embedding when the file has no `output.weight`). `llama` GGUFs rotate adjacent pairs `(2i, 2i+1)` (the
+//! converter permuted the Q/K rows for it); `qwen2` rotates halves `(i, i + d/2)` and adds Q/K/V biases.
+
+use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
+use crate::kernels;
+use crate::quants::{self, Q8Act};
+use anyhow::{Context, Result, bail, ensure};
+use kvq_core::attention::{self, Kernel};
+use kvq_core::cache::{Cache, CacheConfig};
+use rayon::prelude::*;
+use std::path::Path;
+
+/// Supported architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama, SmolLM, Mistral-style: adjacent-pair RoPE, no biases.
+    Llama,
+    /// Qwen2: half-split RoPE, Q/K/V biases.
+    Qwen2,
+}
+
+/// Model hyper-parameters from the GGUF metadata.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Architecture.
+    pub arch: Arch,
+    /// Layers.
+    pub n_layer: usize,
+    /// Embedding width.
+    pub n_embd: usize,
+    /// Feed-forward width.
+    pub n_ff: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// KV heads.
+    pub n_kv_head: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub n_vocab: usize,
+    /// Training context.
+    pub n_ctx_train: usize,
+    /// RoPE base frequency.
+    pub rope_base: f32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// A weight matrix `[rows][cols]` in the file: row `r` is output `r`.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    /// Element type.
+    pub ty: TensorType,
+    /// Output rows.
+    pub rows: usize,
+    /// Input columns.
+    pub cols: usize,
+    offset: usize,
+    row_bytes: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+}
+
+/// How the matrix products treat activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatMode {
+    /// Activations quantized to 8 bits per block of 32 for the integer kernels (as llama.cpp does).
+    Fast,
+    /// Weights dequantized to f32 and multiplied with f32 activations (for reference checks).
+    Exact,
+}
+
+/// A loaded model: the mapped file, its parsed header and the layer table.
+pub struct Model {
+    map: memmap2::Mmap,
+    /// Parsed header and metadata.
+    pub gguf: Gguf,
+    /// Hyper-parameters.
+    pub cfg: Config,
+    layers: Vec<Layer>,
+    embd: Weight,
+    output: Weight,
+    output_norm: Vec<f32>,
+    avx2: bool,
+    /// Matrix-product mode.
+    pub mode: MatMode,
+}
+
+fn meta_u(g: &Gguf, key: &str) -> Result<usize> {
+    g.get(key)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .with_context(|| format!("metadata {key} missing or not an integer"))
+}
+
+impl Model {
+    /// Maps and checks the GGUF file at `path`.
+    ///
+    /// # Errors
+    /// An unreadable or malformed file, an unsupported architecture, a missing tensor or one whose shape or
+    /// type does not fit: each named.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        // SAFETY: the map is read-only and private; kvq never writes the file. Another process truncating
+        // it while mapped would fault (SIGBUS), the documented hazard of memory-mapped model files, which
+        // every GGUF runtime accepts to avoid copying hundreds of MB.
+        #[allow(unsafe_code)]
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        let gguf = Gguf::parse(&map).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_parts(map, gguf)
+    }
+
+    fn from_parts(map: memmap2::Mmap, gguf: Gguf) -> Result<Self> {
+        let arch_s = gguf
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .context("metadata general.architecture missing")?;
+        let arch = match arch_s {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            a => bail!("architecture {a:?} is not supported (llama and qwen2 are)"),
+        };
+        let a = arch_s.to_string();
+        let n_embd = meta_u(&gguf, &format!("{a}.embedding_length"))?;
+        let n_head = meta_u(&gguf, &format!("{a}.attention.head_count"))?;
+        let n_kv_head = meta_u(&gguf, &format!("{a}.attention.head_count_kv")).unwrap_or(n_head);
+        ensure!(
+            n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0,
+            "head counts {n_head}/{n_kv_head}: query heads must be a multiple of KV heads"
+        );
+        ensure!(n_embd % n_head == 0, "embedding {n_embd} is not a multiple of {n_head} heads");
+        let head_dim = meta_u(&gguf, &format!("{a}.attention.key_length")).unwrap_or(n_embd / n_head);
+        ensure!(
+            head_dim.is_multiple_of(2) && head_dim <= 256,
+            "head_dim {head_dim} is not supported (even, at most 256)"
+        );
+        let rope_dims = meta_u(&gguf, &format!("{a}.rope.dimension_count")).unwrap_or(head_dim);
+        ensure!(rope_dims == head_dim, "partial RoPE ({rope_dims} of {head_dim} dims) is not supported");
+        let embd_info = gguf.tensor("token_embd.weight").context("tensor token_embd.weight missing")?.clone();
+        let cfg = Config {
+            arch,
+            n_layer: meta_u(&gguf, &format!("{a}.block_count"))?,
+            n_embd,
+            n_ff: meta_u(&gguf, &format!("{a}.feed_forward_length"))?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_vocab: embd_info.dims.get(1).copied().unwrap_or(0) as usize,
+            n_ctx_train: meta_u(&gguf, &format!("{a}.context_length")).unwrap_or(4096),
+            rope_base: gguf.get(&format!("{a}.rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0)
+                as f32,
+            eps: gguf
+                .get(&format!("{a}.attention.layer_norm_rms_epsilon"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5) as f32,
+        };
+        ensure!(cfg.n_layer > 0 && cfg.n_layer <= 1024, "block_count {} out of range", cfg.n_layer);
+        let weight = |name: &str, cols: usize, rows: usize| -> Result<Weight> {
+            let t = gguf.tensor(name).with_context(|| format!("tensor {name} missing"))?;
+            weight_of(&gguf, t, cols, rows)
+        };
+        let vector = |name: &str, n: usize| -> Result<Vec<f32>> {
+            let t = gguf.tensor(name).with_context(|| format!("tensor {name} missing"))?;
+            ensure!(t.dims == [n as u64], "tensor {name}: dims {:?}, expected [{n}]", t.dims);
+            let mut v = vec![0f32; n];
+            quants::dequant_row(t.ty, gguf.tensor_bytes(&map, t)?, &mut v);
+            ensure!(v.iter().all(|x| x.is_finite()), "tensor {name} holds NaN or infinite values");
+            Ok(v)
+        };
+        let (q_dim, kv_dim) = (n_head * head_dim, n_kv_head * head_dim);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let bias = |s: &str, len: usize| -> Result<Option<Vec<f32>>> {
+                if gguf.tensor(&n(s)).is_some() { vector(&n(s), len).map(Some) } else { Ok(None) }
+            };
+            layers.push(Layer {
+                attn_norm: vector(&n("attn_norm.weight"), n_embd)?,
+                ffn_norm: vector(&n("ffn_norm.weight"), n_embd)?,
+                wq: weight(&n("attn_q.weight"), n_embd, q_dim)?,
+                wk: weight(&n("attn_k.weight"), n_embd, kv_dim)?,
+                wv: weight(&n("attn_v.weight"), n_embd, kv_dim)?,
+                wo: weight(&n("attn_output.weight"), q_dim, n_embd)?,
+                bq: bias("attn_q.bias", q_dim)?,
+                bk: bias("attn_k.bias", kv_dim)?,
+                bv: bias("attn_v.bias", kv_dim)?,
+                gate: weight(&n("ffn_gate.weight"), n_embd, cfg.n_ff)?,
+                up: weight(&n("ffn_up.weight"), n_embd, cfg.n_ff)?,
+                down: weight(&n("ffn_down.weight"), cfg.n_ff, n_embd)?,
+            });
+        }
+        let embd = weight_of(&gguf, &embd_info, n_embd, cfg.n_vocab)?;
+        let output = match gguf.tensor("output.weight") {
+            Some(t) => weight_of(&gguf, t, n_embd, cfg.n_vocab)?,
+            None => embd.clone(),
+        };
+        let output_norm = vector("output_norm.weight", n_embd)?;
+        Ok(Self {
+            map,
+            gguf,
+            cfg,
+            layers,
+            embd,
+            output,
+            output_norm,
+            avx2: kernels::has_avx2(),
+            mode: MatMode::Fast,
+        })
+    }
+
+    /// Uses the portable kernels even where AVX2 is present (for comparisons).
+    pub fn set_portable(&mut self, portable: bool) {
+        self.avx2 = !portable && kernels::has_avx2();
+    }
+
+    /// Name of the weight kernels in use.
+    pub fn kernel_name(&self) -> &'static str {
+        if self.avx2 { "avx2" } else { "portable" }
+    }
+
+    /// Bytes of weights one decode step reads (every layer matrix, the output matrix, the norms).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let m = |w: &Weight| w.rows * w.row_bytes;
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.gate) + m(&l.up) + m(&l.down))
+            .sum();
+        per_layer + m(&self.output)
+    }
+
+    /// Tensor-type histogram, for `kvq info`.
+    pub fn tensor_types(&self) -> Vec<(TensorType, usize)> {
+        let mut v: Vec<(TensorType, usize)> = Vec::new();
+        for t in &self.gguf.tensors {
+            match v.iter_mut().find(|(ty, _)| *ty == t.ty) {
+                Some(e) => e.1 += 1,
+                None => v.push((t.ty, 1)),
+            }
+        }
+        v
+    }
+
+    fn rows<'a>(&'a self, w: &Weight) -> &'a [u8] {
+        &self.map[w.offset..w.offset + w.rows * w.row_bytes]
+    }
+
+    /// `y[t] = W · x[t]` for `n = x.len() / cols` tokens (`y` is `[n][rows]`).
+    fn matmul(&self, w: &Weight, x: &[f32], y: &mut [f32], act: &mut Q8Act) {
+        let n = x.len() / w.cols;
+        debug_assert_eq!(y.len(), n * w.rows);
+        let data = self.rows(w);
+        let avx2 = self.avx2;
+        let int = self.mode == MatMode::Fast && quants::uses_q8(w.ty);
+        if int {
+            act.quantize(x);
+        }
+        let bpr = w.cols / 32;
+        // Rows per task: enough work to amortize scheduling, enough tasks to balance two cores.
+        let chunk = (4096 / (w.cols / 32).max(1) / n.max(1)).clamp(4, 256);
+        let act = &*act;
+        if n == 1 {
+            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+                let mut buf = Vec::new();
+                for (k, yv) in ys.iter_mut().enumerate() {
+                    let r = ci * chunk + k;
+                    let row = &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+                    *yv = if int {
+                        kernels::dot_q8(w.ty, row, act, 0, avx2)
+                    } else {
+                        dot_deq(w, row, x, &mut buf, avx2)
+                    };
+                }
+            });
+            return;
+        }
+        // Several tokens: each task takes a block of rows for every token (each weight row is decoded once
+        // per task and stays in L1), writing a transposed block that is copied out afterwards.
+        let mut yt = vec![0f32; n * w.rows];
+        yt.par_chunks_mut(chunk * n).enumerate().for_each(|(ci, block)| {
+            let mut buf = vec![0f32; w.cols];
+            for (k, out) in block.chunks_exact_mut(n).enumerate() {
+                let r = ci * chunk + k;
+                let row = &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+                if int {
+                    for (t, o) in out.iter_mut().enumerate() {
+                        *o = kernels::dot_q8(w.ty, row, act, t * bpr, avx2);
+                    }
+                } else {
+                    quants::dequant_row(w.ty, row, &mut buf);
+                    for (t, o) in out.iter_mut().enumerate() {
+                        *o = kernels::dot_f32(&buf, &x[t * w.cols..(t + 1) * w.cols], avx2);
+                    }
+                }
+            }
+        });
+        for r in 0..w.rows {
+            for t in 0..n {
+                y[t * w.rows + r] = yt[r * n + t];
+            }
+        }
+    }
+
+    /// The embedding row of `token`.
+    fn embed(&self, token: u32, out: &mut [f32]) -> Result<()> {
+        let t = token as usize;
+        ensure!(t < self.cfg.n_vocab, "token id {token} is outside the vocabulary of {}", self.cfg.n_vocab);
+        let w = &self.embd;
+        let data = self.rows(w);
+        quants::dequant_row(w.ty, &data[t * w.row_bytes..(t + 1) * w.row_bytes], out);
+        Ok(())
+    }
+}
+
+fn weight_of(g: &Gguf, t: &TensorInfo, cols: usize, rows: usize) -> Result<Weight> {
+    ensure!(
+        t.dims == [cols as u64, rows as u64],
+        "tensor {}: dims {:?}, expected [{cols}, {rows}]",
+        t.name,
+        t.dims
+    );
+    ensure!(cols.is_multiple_of(32), "tensor {}: {cols} columns is not a multiple of 32", t.name);
+    Ok(Weight {
+        ty: t.ty,
+        rows,
+        cols,
+        offset: (g.data_start + t.offset) as usize,
+        row_bytes: t.ty.row_bytes(cols),
+    })
+}
+
+fn dot_deq(w: &Weight, row: &[u8], x: &[f32], buf: &mut Vec<f32>, avx2: bool) -> f32 {
+    buf.resize(w.cols, 0.0);
+    quants::dequant_row(w.ty, row, buf);
+    kernels::dot_f32(buf, x, avx2)
+}
+
+fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len() as f64;
+    let s = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * s * g;
+    }
+}
+
+/// Rotates `x` (`heads` x `d`) for position `pos`.
+fn rope(x: &mut [f32], d: usize, pos: usize, base: f32, arch: Arch) {
+    let half = d / 2;
+    for head in x.chunks_exact_mut(d) {
+        for i in 0..half {
+            let theta = pos as f64 * f64::from(base).powf(-2.0 * i as f64 / d as f64);
+            let (s, c) = theta.sin_cos();
+            let (a, b) = match arch {
+                Arch::Llama => (2 * i, 2 * i + 1),
+                Arch::Qwen2 => (i, i + half),
+            };
+            let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
+            head[a] = (x0 * c - x1 * s) as f32;
+            head[b] = (x0 * s + x1 * c) as f32;
+        }
+    }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// One conversation's state: a cache per layer over caller-owned arenas, the next position, and scratch.
+pub struct Session<'a> {
+    model: &'a Model,
+    caches: Vec<Cache<'a>>,
+    /// Position of the next token (tokens seen, including any that slid out of the cache).
+    pub pos: usize,
+    kernel: Kernel,
+    scratch: Vec<f32>,
+    act: Q8Act,
+}
+
+/// Per-layer arenas for a cache configuration: allocate with [`arenas`], then hand to [`Session::new`].
+pub fn arenas(model: &Model, cfg: &CacheConfig) -> Vec<Vec<u32>> {
+    let words = cfg.arena_bytes().div_ceil(4);
+    (0..model.cfg.n_layer).map(|_| vec![0u32; words]).collect()
+}
+
+/// Most tokens a prefill chunk holds.
+pub const CHUNK: usize = 64;
+
+impl<'a> Session<'a> {
+    /// A session over `arenas` (one per layer, from [`arenas`]).
+    ///
+    /// # Errors
+    /// The core's error if an arena is too small or the configuration does not fit the model.
+    pub fn new(model: &'a Model, cfg: CacheConfig, arenas: &'a mut [Vec<u32>]) -> Result<Self> {
+        ensure!(
+            cfg.kv_heads == model.cfg.n_kv_head && cfg.head_dim == model.cfg.head_dim,
+            "cache shape does not match the model"
+        );
+        let caches = arenas
+            .iter_mut()
+            .map(|a| Cache::new(cfg, a).map_err(|e| anyhow::anyhow!("KV cache: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        let c = &model.cfg;
+        let scratch = attention::prefill_scratch_len(cfg.capacity, CHUNK, c.n_head, c.n_kv_head, c.head_dim)
+            .max(attention::decode_scratch_len(cfg.capacity, c.n_head, c.n_kv_head, c.head_dim));
+        Ok(Self {
+            model,
+            caches,
+            pos: 0,
+            kernel: Kernel::detect(),
+            scratch: vec![0.0; scratch],
+            act: Q8Act::default(),
+        })
+    }
+
+    /// The layer caches.
+    pub fn caches(&self) -> &[Cache<'a>] {
+        &self.caches
+    }
+
+    /// Tokens the caches hold.
+    pub fn held(&self) -> usize {
+        self.caches[0].held()
+    }
+
+    /// Empties every cache.
+    pub fn reset(&mut self) {
+        for c in &mut self.caches {
+            c.reset();
+        }
+        self.pos = 0;
+    }
+
+    /// Uses the portable attention kernels.
+    pub fn set_kernel(&mut self, k: Kernel) {
+        self.kernel = k;
+    }
+
+    /// Runs `tokens` through the model (in chunks of [`CHUNK`]); returns the logits after the last one.
+    ///
+    /// # Errors
+    /// An id outside the vocabulary, a full context under the stop policy (nothing of the failing chunk
+    /// enters the cache), NaN/Inf activations.
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        ensure!(!tokens.is_empty(), "nothing to feed");
+        let mut logits = Vec::new();
+        for chunk in tokens.chunks(CHUNK) {
+            logits = self.forward(chunk, true)?;
+        }
+        Ok(logits)
+    }
+
+    /// Logits after every token of `tokens` (`[n][vocab]`), for evaluation.
+    ///
+    /// # Errors
+    /// As [`Session::feed`].
+    pub fn feed_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(tokens.len() * self.model.cfg.n_vocab);
+        for chunk in tokens.chunks(CHUNK) {
+            out.extend(self.forward_logits(chunk, false)?);
+        }
+        Ok(out)
+    }
+
+    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
+        self.forward_logits(tokens, last_only)
+    }
+
+    fn forward_logits(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
+        let m = self.model;
+        let c = &m.cfg;
+        let n = tokens.len();
+        let (e, d) = (c.n_embd, c.head_dim);
+        let (qd, kvd) = (c.n_head * d, c.n_kv_head * d);
+        // Refuse before touching any cache when a stopping cache cannot take the chunk.
+        let cc = *self.caches[0].config();
+        if cc.overflow == kvq_core::cache::Overflow::Stop && self.held() + n > cc.capacity {
+            bail!(
+                "context full: {} tokens held + {n} new exceed the capacity of {} (raise -c, or use --overflow slide)",
+                self.held(),
+                cc.capacity
+            );
+        }
+        let mut x = vec![0f32; n * e];
+        for (t, &tok) in tokens.iter().enumerate() {
+            m.embed(tok, &mut x[t * e..(t + 1) * e])?;
+        }
+        let mut h = vec![0f32; n * e];
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut att = vec![0f32; n * qd];
+        let mut o = vec![0f32; n * e];
+        let (mut g, mut u) = (vec![0f32; n * c.n_ff], vec![0f32; n * c.n_ff]);
+        let scale = 1.0 / (d as f32).sqrt();
+        for (li, layer) in m.layers.iter().enumerate() {
+            for t in 0..n {
+                rmsnorm(&x[t * e..(t + 1) * e], &layer.attn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
+            }
+            m.matmul(&layer.wq, &h, &mut q, &mut self.act);
+            m.matmul(&layer.wk, &h, &mut k, &mut self.act);
+            m.matmul(&layer.wv, &h, &mut v, &mut self.act);
+            for (buf, b, w) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
+                if let Some(b) = b {
+                    for row in buf.chunks_exact_mut(w) {
+                        row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
+                    }
+                }
+            }
+            for t in 0..n {
+                rope(&mut q[t * qd..(t + 1) * qd], d, self.pos + t, c.rope_base, c.arch);
+                rope(&mut k[t * kvd..(t + 1) * kvd], d, self.pos + t, c.rope_base, c.arch);
+            }
+            let cache = &mut self.caches[li];
+            let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
+            if n == 1 {
+                cache.append(&k, &v).map_err(err)?;
+                attention::decode(cache, &q, c.n_head, scale, &mut att, &mut self.scratch, self.kernel)
+                    .map_err(err)?;
+            } else {
+                attention::prefill(
+                    cache,
+                    &q,
+                    &k,
+                    &v,
+                    c.n_head,
+                    scale,
+                    &mut att,
+                    &mut self.scratch,
+                    self.kernel,
+                )
+                .map_err(err)?;
+                cache.append(&k, &v).map_err(err)?;
+            }
+            m.matmul(&layer.wo, &att, &mut o, &mut self.act);
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            for t in 0..n {
+                rmsnorm(&x[t * e..(t + 1) * e], &layer.ffn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
+            }
+            m.matmul(&layer.gate, &h, &mut g, &mut self.act);
+            m.matmul(&layer.up, &h, &mut u, &mut self.act);
+            for (gv, uv) in g.iter_mut().zip(&u) {
+                *gv = silu(*gv) * uv;
+            }
+            m.matmul(&layer.down, &g, &mut o, &mut self.act);
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+                bail!("layer {li}: activation {i} is {} (NaN/Inf); the model or input is broken", x[i]);
+            }
+        }
+        self.pos += n;
+        let rows: Vec<usize> = if last_only { vec![n - 1] } else { (0..n).collect() };
+        let mut hn = vec![0f32; rows.len() * e];
+        for (j, &t) in rows.iter().enumerate() {
+            rmsnorm(&x[t * e..(t + 1) * e], &m.output_norm, c.eps, &mut hn[j * e..(j + 1) * e]);
+        }
+        let mut logits = vec![0f32; rows.len() * c.n_vocab];
+        m.matmul(&m.output, &hn, &mut logits, &mut self.act);
+        Ok(logits)
+    }
+}

@@ -1,0 +1,272 @@
+//! ggml weight blocks: scalar dequantization (the reference every kernel is checked against) and the
+//! activation side of the integer dot products.
+//!
+//! Block layouts (bytes, little-endian), as ggml's `ggml-common.h` defines them:
+//!
+//! ```text
+//! Q8_0  (34 B / 32):  d f16 | q i8 x 32                                 x = d * q
+//! Q4_0  (18 B / 32):  d f16 | qs u8 x 16 (low nibble j, high j+16)      x = d * (q - 8)
+//! Q4_1  (20 B / 32):  d f16 | m f16 | qs u8 x 16                        x = d * q + m
+//! Q5_0  (22 B / 32):  d f16 | qh u32 (bit j = 5th bit of j) | qs x 16   x = d * (q - 16)
+//! Q4_K (144 B / 256): d f16 | dmin f16 | 12 B of 6-bit scales/mins | qs u8 x 128
+//! Q6_K (210 B / 256): ql u8 x 128 | qh u8 x 64 | scales i8 x 16 | d f16
+//! ```
+
+use crate::gguf::TensorType;
+use half::{bf16, f16};
+
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Dequantizes one block of `ty` from `b` (its `block_bytes`) into `out` (its `block_len`).
+fn dequant_block(ty: TensorType, b: &[u8], out: &mut [f32]) {
+    match ty {
+        TensorType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        TensorType::F16 => out[0] = h(b, 0),
+        TensorType::Bf16 => out[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        TensorType::Q8_0 => {
+            let d = h(b, 0);
+            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                *o = d * f32::from(q as i8);
+            }
+        }
+        TensorType::Q4_0 => {
+            let d = h(b, 0);
+            for j in 0..16 {
+                out[j] = d * (f32::from(b[2 + j] & 15) - 8.0);
+                out[j + 16] = d * (f32::from(b[2 + j] >> 4) - 8.0);
+            }
+        }
+        TensorType::Q4_1 => {
+            let (d, m) = (h(b, 0), h(b, 2));
+            for j in 0..16 {
+                out[j] = d * f32::from(b[4 + j] & 15) + m;
+                out[j + 16] = d * f32::from(b[4 + j] >> 4) + m;
+            }
+        }
+        TensorType::Q5_0 => {
+            let d = h(b, 0);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                let lo = u32::from(b[6 + j] & 15) | ((qh >> j) & 1) << 4;
+                let hi = u32::from(b[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+                out[j] = d * (lo as f32 - 16.0);
+                out[j + 16] = d * (hi as f32 - 16.0);
+            }
+        }
+        TensorType::Q4K => {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let sc = &b[4..16];
+            let qs = &b[16..144];
+            for (j, chunk) in out.chunks_exact_mut(64).enumerate() {
+                let (s1, m1) = scale_min_k4(2 * j, sc);
+                let (s2, m2) = scale_min_k4(2 * j + 1, sc);
+                let (d1, d2) = (d * f32::from(s1), d * f32::from(s2));
+                let (n1, n2) = (dmin * f32::from(m1), dmin * f32::from(m2));
+                let q = &qs[32 * j..32 * j + 32];
+                for l in 0..32 {
+                    chunk[l] = d1 * f32::from(q[l] & 15) - n1;
+                    chunk[l + 32] = d2 * f32::from(q[l] >> 4) - n2;
+                }
+            }
+        }
+        TensorType::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = h(b, 208);
+            for n in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                let y = &mut out[128 * n..128 * n + 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = i32::from((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32;
+                    let q2 = i32::from((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                    let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                    let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    let s = |k: usize| d * f32::from(sc[is + k] as i8);
+                    y[l] = s(0) * q1 as f32;
+                    y[l + 32] = s(2) * q2 as f32;
+                    y[l + 64] = s(4) * q3 as f32;
+                    y[l + 96] = s(6) * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Scale and min `j` (0..8) of a Q4_K super-block: 6 bits each, packed in 12 bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Dequantizes a row: `bytes` holds `out.len()` elements of `ty` (a whole number of blocks).
+///
+/// # Panics
+/// If `bytes` is not exactly `ty.row_bytes(out.len())` long or `out.len()` is not a multiple of the block
+/// (the loader checks shapes before any row is read).
+pub fn dequant_row(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
+    let (bl, bb) = (ty.block_len(), ty.block_bytes());
+    assert!(
+        out.len().is_multiple_of(bl) && bytes.len() == out.len() / bl * bb,
+        "row of {ty} has the wrong length"
+    );
+    for (o, b) in out.chunks_exact_mut(bl).zip(bytes.chunks_exact(bb)) {
+        dequant_block(ty, b, o);
+    }
+}
+
+/// Activations quantized to 8 bits in blocks of 32 (ggml's Q8_1): `q = round(x / d)`, `d = max|x| / 127`,
+/// and each block's `d * sum(q)` for the offset term of Q4_1.
+#[derive(Clone, Debug, Default)]
+pub struct Q8Act {
+    /// Codes, `len` of them.
+    pub q: Vec<i8>,
+    /// Per-block scale.
+    pub d: Vec<f32>,
+    /// Per-block `d * sum(q)`.
+    pub s: Vec<f32>,
+}
+
+impl Q8Act {
+    /// Quantizes `x` (length a multiple of 32), reusing the buffers.
+    pub fn quantize(&mut self, x: &[f32]) {
+        let nb = x.len() / 32;
+        self.q.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        for (i, (xb, qb)) in x.chunks_exact(32).zip(self.q.chunks_exact_mut(32)).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+                sum += i32::from(*q);
+            }
+            self.d[i] = d;
+            self.s[i] = d * sum as f32;
+        }
+    }
+}
+
+/// Dot product of a row of `ty` (one of the 32-blocks: Q8_0, Q4_0, Q4_1, Q5_0) with quantized activations
+/// starting at block `b0`, scalar: the reference for the vector kernels.
+pub fn dot_q8_ref(ty: TensorType, row: &[u8], a: &Q8Act, b0: usize) -> f32 {
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    for (i, b) in row.chunks_exact(bb).enumerate() {
+        let y = &a.q[(b0 + i) * 32..][..32];
+        let (dy, sy) = (a.d[b0 + i], a.s[b0 + i]);
+        let (sum, dw, mw): (i32, f32, f32) = match ty {
+            TensorType::Q8_0 => {
+                (b[2..34].iter().zip(y).map(|(&q, &y)| i32::from(q as i8) * i32::from(y)).sum(), h(b, 0), 0.0)
+            }
+            TensorType::Q4_0 => {
+                let s = (0..16)
+                    .map(|j| {
+                        (i32::from(b[2 + j] & 15) - 8) * i32::from(y[j])
+                            + (i32::from(b[2 + j] >> 4) - 8) * i32::from(y[j + 16])
+                    })
+                    .sum();
+                (s, h(b, 0), 0.0)
+            }
+            TensorType::Q4_1 => {
+                let s = (0..16)
+                    .map(|j| {
+                        i32::from(b[4 + j] & 15) * i32::from(y[j])
+                            + i32::from(b[4 + j] >> 4) * i32::from(y[j + 16])
+                    })
+                    .sum();
+                (s, h(b, 0), h(b, 2))
+            }
+            TensorType::Q5_0 => {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let s = (0..16)
+                    .map(|j| {
+                        let lo = i32::from(b[6 + j] & 15) | (((qh >> j) & 1) << 4) as i32;
+                        let hi = i32::from(b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
+                        (lo - 16) * i32::from(y[j]) + (hi - 16) * i32::from(y[j + 16])
+                    })
+                    .sum();
+                (s, h(b, 0), 0.0)
+            }
+            _ => unreachable!("dot_q8_ref takes 32-element block types only"),
+        };
+        acc += dw * dy * sum as f32 + mw * sy;
+    }
+    acc
+}
+
+/// Whether `ty` takes the integer path (32-element blocks against [`Q8Act`]).
+pub fn uses_q8(ty: TensorType) -> bool {
+    matches!(ty, TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random bytes with valid, moderate f16 scales at the given offsets.
+    fn blocks(ty: TensorType, n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as u8
+        };
+        let mut v: Vec<u8> = (0..n * ty.block_bytes()).map(|_| next()).collect();
+        let scales: &[usize] = match ty {
+            TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q5_0 => &[0],
+            TensorType::Q4_1 => &[0, 2],
+            _ => &[],
+        };
+        for b in v.chunks_exact_mut(ty.block_bytes()) {
+            for &o in scales {
+                let x = f16::from_f32((f32::from(b[o]) - 128.0) / 4096.0).to_le_bytes();
+                b[o..o + 2].copy_from_slice(&x);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn integer_dot_equals_dequantized_dot() {
+        for ty in [TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0] {
+            for nb in [1, 2, 7, 18] {
+                let row = blocks(ty, nb, nb as u64);
+                let x: Vec<f32> = (0..nb * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+                let mut a = Q8Act::default();
+                a.quantize(&x);
+                // The dot of the dequantized row with the dequantized activations, in f64.
+                let mut w = vec![0f32; nb * 32];
+                dequant_row(ty, &row, &mut w);
+                let exact: f64 =
+                    (0..nb * 32).map(|i| f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).sum();
+                let got = dot_q8_ref(ty, &row, &a, 0);
+                // Only f32 rounding separates the two: one product and one addition per block.
+                let mag: f64 = (0..nb * 32)
+                    .map(|i| (f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).abs())
+                    .sum();
+                assert!(
+                    (f64::from(got) - exact).abs()
+                        <= 4.0 * (nb as f64 + 2.0) * f64::from(f32::EPSILON) * mag + 1e-30,
+                    "{ty} nb={nb}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantization_error_is_half_a_step() {
+        let x: Vec<f32> = (0..96).map(|i| ((i * 29 % 53) as f32 - 26.0) * 0.37).collect();
+        let mut a = Q8Act::default();
+        a.quantize(&x);
+        for (i, &v) in x.iter().enumerate() {
+            let d = a.d[i / 32];
+            assert!((v - d * f32::from(a.q[i])).abs() <= d * 0.5 * (1.0 + 1e-5), "element {i}");
+        }
+    }
+}
