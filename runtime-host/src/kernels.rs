@@ -1,4 +1,4 @@
-//! Weight dot-product kernels: AVX2/FMA integer dots of 32-element ggml blocks against 8-bit activations,
+//! Weight dot-product kernels: AVX2/FMA integer dots of 32-element ggml blocks against 16-bit activations,
 //! and f32 dots, chosen at run time; the scalar versions in [`crate::quants`] are the reference.
 //!
 //! Measured on this machine kind (2 vCPU Zen 3, SmolLM2-135M, `kvq bench`-style decode): the scalar integer
@@ -7,13 +7,15 @@
 #![allow(unsafe_code)]
 
 use crate::gguf::TensorType;
-use crate::quants::{self, Q8Act};
+use crate::quants::{self, Q16Act};
 
 /// Whether the AVX2/FMA kernels run on this CPU.
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -21,20 +23,37 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// `row` (blocks of a 32-element type) · activations `a` from block `b0`.
-pub fn dot_q8(ty: TensorType, row: &[u8], a: &Q8Act, b0: usize, avx2: bool) -> f32 {
+/// `row` (blocks of a 32-element type) · activations `a` for `M` tokens at once, token `m`'s activations
+/// starting at block `b0[m]`: each weight block is decoded once for all `M`.
+pub fn dot_q16<const M: usize>(
+    ty: TensorType,
+    row: &[u8],
+    a: &Q16Act,
+    b0: [usize; M],
+    avx2: bool,
+) -> [f32; M] {
     let nb = row.len() / ty.block_bytes();
-    assert!(
-        a.q.len() >= (b0 + nb) * 32 && a.d.len() >= b0 + nb && a.s.len() >= b0 + nb,
-        "activations shorter than the row"
-    );
+    for &b in &b0 {
+        assert!(
+            a.q.len() >= (b + nb) * 32 && a.d.len() >= b + nb && a.s.len() >= b + nb,
+            "activations shorter than the row"
+        );
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2 {
-        // SAFETY: `avx2` is only true when `has_avx2()` said the CPU has AVX2 and FMA; lengths checked above.
-        return unsafe { x86::dot_q8(ty, row, a, b0) };
+        // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; lengths checked above.
+        return unsafe {
+            match ty {
+                TensorType::Q8_0 => x86::dot::<0, M>(row, a, b0),
+                TensorType::Q4_0 => x86::dot::<1, M>(row, a, b0),
+                TensorType::Q4_1 => x86::dot::<2, M>(row, a, b0),
+                TensorType::Q5_0 => x86::dot::<3, M>(row, a, b0),
+                _ => unreachable!("dot_q16 takes 32-element block types only"),
+            }
+        };
     }
     let _ = avx2;
-    quants::dot_q8_ref(ty, row, a, b0)
+    b0.map(|b| quants::dot_q16_ref(ty, row, a, b))
 }
 
 /// `w · x` in f32.
@@ -42,7 +61,7 @@ pub fn dot_f32(w: &[f32], x: &[f32], avx2: bool) -> f32 {
     assert_eq!(w.len(), x.len(), "dot of unequal lengths");
     #[cfg(target_arch = "x86_64")]
     if avx2 {
-        // SAFETY: as in `dot_q8`; equal lengths checked above.
+        // SAFETY: as in `dot_q16`; equal lengths checked above.
         return unsafe { x86::dot_f32(w, x) };
     }
     let _ = avx2;
@@ -73,7 +92,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -81,87 +100,121 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Sum of products of 32 signed bytes `x` and `y`, as 8 f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn mul_i8(x: __m256i, y: __m256i) -> __m256 {
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        let p16 = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-    }
-
-    /// 16 bytes of nibbles to 32 bytes: low nibbles (elements 0..16), then high (16..32).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn nibbles(p: *const u8) -> __m256i {
-        // SAFETY: callers pass a pointer with 16 readable bytes.
-        let x = unsafe { _mm_loadu_si128(p.cast()) };
-        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(x), x);
-        _mm256_and_si256(both, _mm256_set1_epi8(15))
-    }
-
-    /// The 32 bits of `qh` spread to bytes: byte j is 0x10 where bit j is set, else 0.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn bits_to_bytes(qh: u32) -> __m256i {
-        let shuf = _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
-        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
-        let mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-        let on = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, mask), _mm256_set1_epi64x(-1));
-        _mm256_and_si256(on, _mm256_set1_epi8(0x10))
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `a` holds blocks `b0..b0 + row.len() / block_bytes`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q8(ty: TensorType, row: &[u8], a: &Q8Act, b0: usize) -> f32 {
-        let bb = ty.block_bytes();
-        let nb = row.len() / bb;
-        let (rp, yp) = (row.as_ptr(), a.q.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        let mut offs = 0f32;
-        for i in 0..nb {
-            // SAFETY: block i lies in `row` (i < nb), activation block b0 + i in `a.q` (caller's contract).
-            unsafe {
-                let b = rp.add(i * bb);
-                let y = _mm256_loadu_si256(yp.add((b0 + i) * 32).cast());
-                let dw = f16_at(b);
-                let dy = *a.d.get_unchecked(b0 + i);
-                let p = match ty {
-                    TensorType::Q8_0 => mul_i8(_mm256_loadu_si256(b.add(2).cast()), y),
-                    TensorType::Q4_0 => mul_i8(_mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)), y),
-                    TensorType::Q4_1 => {
-                        offs += f16_at(b.add(2)) * *a.s.get_unchecked(b0 + i);
-                        let q = nibbles(b.add(4));
-                        let p16 = _mm256_maddubs_epi16(q, y);
-                        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
-                    }
-                    TensorType::Q5_0 => {
-                        let qh = u32::from_le_bytes([*b.add(2), *b.add(3), *b.add(4), *b.add(5)]);
-                        let q = _mm256_or_si256(nibbles(b.add(6)), bits_to_bytes(qh));
-                        mul_i8(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), y)
-                    }
-                    _ => unreachable!("dot_q8 takes 32-element block types only"),
-                };
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), p, acc);
-            }
-        }
-        hsum(acc) + offs
-    }
-
+    /// The f16 at `b`.
+    ///
     /// # Safety
     /// `b` points at two readable bytes.
     #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16_at(b: *const u8) -> f32 {
-        // SAFETY: caller's contract.
-        let bits = unsafe { u16::from_le_bytes([*b, *b.add(1)]) };
-        half::f16::from_bits(bits).to_f32()
+        // SAFETY: caller's contract; an unaligned 2-byte read.
+        let bits = unsafe { b.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    /// Low and high nibbles of 16 bytes at `p` as two vectors of 16 i16: elements 0..16 and 16..32.
+    ///
+    /// # Safety
+    /// `p` points at 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles16(p: *const u8) -> [__m256i; 2] {
+        // SAFETY: caller's contract; unaligned 16-byte load.
+        let x = unsafe { _mm_loadu_si128(p.cast()) };
+        let m = _mm_set1_epi8(15);
+        [
+            _mm256_cvtepu8_epi16(_mm_and_si128(x, m)),
+            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(x), m)),
+        ]
+    }
+
+    /// Bits 0..16 of `bits` as 16 i16 lanes holding 0x10 where the bit is set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn bit4_lanes(bits: u32) -> __m256i {
+        let sel =
+            _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, i16::MIN);
+        let v = _mm256_and_si256(_mm256_set1_epi16(bits as u16 as i16), sel);
+        _mm256_and_si256(_mm256_cmpeq_epi16(v, sel), _mm256_set1_epi16(0x10))
+    }
+
+    /// Dot of a row of type `T` (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0) with `M` tokens' 16-bit activations.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `a` holds blocks `b0[m]..b0[m] + row.len() / block_bytes` for every m.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const T: u8, const M: usize>(
+        row: &[u8],
+        a: &Q16Act,
+        b0: [usize; M],
+    ) -> [f32; M] {
+        let bb = [34, 18, 20, 22][T as usize];
+        let nb = row.len() / bb;
+        let (rp, yp, dp, sp) = (row.as_ptr(), a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut offs = [0f32; M];
+        for i in 0..nb {
+            // SAFETY: block i lies in `row` (i < nb); activation block b0[m] + i lies in `a` (the caller's
+            // contract, checked by `dot_q16`).
+            unsafe {
+                let b = rp.add(i * bb);
+                let (w, dw) = match T {
+                    0 => (
+                        [
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(2).cast())),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(18).cast())),
+                        ],
+                        f16_at(b),
+                    ),
+                    1 => {
+                        let [lo, hi] = nibbles16(b.add(2));
+                        let eight = _mm256_set1_epi16(8);
+                        ([_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight)], f16_at(b))
+                    }
+                    2 => {
+                        let mw = f16_at(b.add(2));
+                        for (o, &b0m) in offs.iter_mut().zip(&b0) {
+                            *o += mw * *sp.add(b0m + i);
+                        }
+                        (nibbles16(b.add(4)), f16_at(b))
+                    }
+                    _ => {
+                        let qh = b.add(2).cast::<u32>().read_unaligned();
+                        let [lo, hi] = nibbles16(b.add(6));
+                        let sixteen = _mm256_set1_epi16(16);
+                        (
+                            [
+                                _mm256_sub_epi16(_mm256_or_si256(lo, bit4_lanes(qh)), sixteen),
+                                _mm256_sub_epi16(_mm256_or_si256(hi, bit4_lanes(qh >> 16)), sixteen),
+                            ],
+                            f16_at(b),
+                        )
+                    }
+                };
+                for m in 0..M {
+                    let y = yp.add((b0[m] + i) * 32);
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(w[0], _mm256_loadu_si256(y.cast())),
+                        _mm256_madd_epi16(w[1], _mm256_loadu_si256(y.add(16).cast())),
+                    );
+                    acc[m] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p),
+                        _mm256_set1_ps(dw * *dp.add(b0[m] + i)),
+                        acc[m],
+                    );
+                }
+            }
+        }
+        let mut out = [0f32; M];
+        for m in 0..M {
+            out[m] = hsum(acc[m]) + offs[m];
+        }
+        out
     }
 
     /// # Safety
     /// The CPU has AVX2 and FMA; `w.len() == x.len()`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         let n = w.len();
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -228,16 +281,19 @@ mod tests {
                     }
                 }
                 let x: Vec<f32> = (0..(nb + 1) * 32).map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0).collect();
-                let mut a = Q8Act::default();
+                let mut a = Q16Act::default();
                 a.quantize(&x);
                 for b0 in [0, 1] {
-                    let r = quants::dot_q8_ref(ty, &row, &a, b0);
-                    let v = dot_q8(ty, &row, &a, b0, true);
+                    let r = quants::dot_q16_ref(ty, &row, &a, b0);
+                    let v = dot_q16(ty, &row, &a, [b0], true)[0];
+                    let four = dot_q16(ty, &row, &a, [b0, 1 - b0, b0, 1], true);
+                    assert_eq!(four[0].to_bits(), v.to_bits(), "{ty}: the 4-token kernel's first lane");
+                    assert_eq!(four[1].to_bits(), dot_q16(ty, &row, &a, [1 - b0], true)[0].to_bits());
                     // Integer sums are exact in both; they differ only in the order of the f32 block sums:
                     // at most nb + 8 roundings of partial sums bounded by the sum of |block terms|.
                     let mag: f32 = (0..nb)
                         .map(|i| {
-                            let one = quants::dot_q8_ref(
+                            let one = quants::dot_q16_ref(
                                 ty,
                                 &row[i * ty.block_bytes()..][..ty.block_bytes()],
                                 &a,

@@ -39,6 +39,10 @@ struct ModelArgs {
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     threads: Option<usize>,
+    /// Multiply with f32 activations (weights dequantized) instead of 8-bit activations: slower, closer to
+    /// exact arithmetic.
+    #[arg(long)]
+    exact: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -171,7 +175,11 @@ fn load(a: &ModelArgs) -> Result<Model> {
         Some(p) => p.clone(),
         None => fetch::default_model(false)?,
     };
-    Model::load(&path)
+    let mut m = Model::load(&path)?;
+    if a.exact {
+        m.mode = model::MatMode::Exact;
+    }
+    Ok(m)
 }
 
 fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Result<CacheConfig> {

@@ -8,7 +8,7 @@
 
 use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
 use crate::kernels;
-use crate::quants::{self, Q8Act};
+use crate::quants::{self, Q16Act};
 use anyhow::{Context, Result, bail, ensure};
 use kvq_core::attention::{self, Kernel};
 use kvq_core::cache::{Cache, CacheConfig};
@@ -265,27 +265,28 @@ impl Model {
     }
 
     /// `y[t] = W · x[t]` for `n = x.len() / cols` tokens (`y` is `[n][rows]`).
-    fn matmul(&self, w: &Weight, x: &[f32], y: &mut [f32], act: &mut Q8Act) {
+    fn matmul(&self, w: &Weight, x: &[f32], y: &mut [f32], act: &mut Q16Act) {
         let n = x.len() / w.cols;
         debug_assert_eq!(y.len(), n * w.rows);
         let data = self.rows(w);
         let avx2 = self.avx2;
-        let int = self.mode == MatMode::Fast && quants::uses_q8(w.ty);
+        let int = self.mode == MatMode::Fast && quants::uses_q16(w.ty);
         if int {
             act.quantize(x);
         }
         let bpr = w.cols / 32;
-        // Rows per task: enough work to amortize scheduling, enough tasks to balance two cores.
-        let chunk = (4096 / (w.cols / 32).max(1) / n.max(1)).clamp(4, 256);
+        // Rows per task: enough work to amortize scheduling (about 16k weight blocks), enough tasks to
+        // balance two cores.
+        let chunk = (16384 / bpr.max(1) / n.max(1)).clamp(4, 1024).min(w.rows.div_ceil(4)).max(1);
         let act = &*act;
+        let row_of = |r: usize| &data[r * w.row_bytes..(r + 1) * w.row_bytes];
         if n == 1 {
             y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
                 let mut buf = Vec::new();
                 for (k, yv) in ys.iter_mut().enumerate() {
-                    let r = ci * chunk + k;
-                    let row = &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+                    let row = row_of(ci * chunk + k);
                     *yv = if int {
-                        kernels::dot_q8(w.ty, row, act, 0, avx2)
+                        kernels::dot_q16(w.ty, row, act, [0], avx2)[0]
                     } else {
                         dot_deq(w, row, x, &mut buf, avx2)
                     };
@@ -293,17 +294,22 @@ impl Model {
             });
             return;
         }
-        // Several tokens: each task takes a block of rows for every token (each weight row is decoded once
-        // per task and stays in L1), writing a transposed block that is copied out afterwards.
+        // Several tokens: each task takes a block of rows for every token, decoding each weight block once
+        // for four tokens, and writes a transposed block that is copied out afterwards.
         let mut yt = vec![0f32; n * w.rows];
         yt.par_chunks_mut(chunk * n).enumerate().for_each(|(ci, block)| {
             let mut buf = vec![0f32; w.cols];
             for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                let r = ci * chunk + k;
-                let row = &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+                let row = row_of(ci * chunk + k);
                 if int {
-                    for (t, o) in out.iter_mut().enumerate() {
-                        *o = kernels::dot_q8(w.ty, row, act, t * bpr, avx2);
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
+                        out[t..t + 4].copy_from_slice(&kernels::dot_q16(w.ty, row, act, b, avx2));
+                        t += 4;
+                    }
+                    for (tt, o) in out.iter_mut().enumerate().skip(t) {
+                        *o = kernels::dot_q16(w.ty, row, act, [tt * bpr], avx2)[0];
                     }
                 } else {
                     quants::dequant_row(w.ty, row, &mut buf);
@@ -362,13 +368,21 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotates `x` (`heads` x `d`) for position `pos`.
-fn rope(x: &mut [f32], d: usize, pos: usize, base: f32, arch: Arch) {
+/// Rotation angles' cosines and sines for position `pos`: `theta_i = pos * base^(-2i/d)`, in f64.
+fn rope_table(d: usize, pos: usize, base: f32, out: &mut Vec<(f64, f64)>) {
+    out.clear();
+    for i in 0..d / 2 {
+        let theta = pos as f64 * f64::from(base).powf(-2.0 * i as f64 / d as f64);
+        let (s, c) = theta.sin_cos();
+        out.push((c, s));
+    }
+}
+
+/// Rotates `x` (`heads` x `d`) by the angles in `table` (from [`rope_table`]).
+fn rope(x: &mut [f32], d: usize, table: &[(f64, f64)], arch: Arch) {
     let half = d / 2;
     for head in x.chunks_exact_mut(d) {
-        for i in 0..half {
-            let theta = pos as f64 * f64::from(base).powf(-2.0 * i as f64 / d as f64);
-            let (s, c) = theta.sin_cos();
+        for (i, &(c, s)) in table.iter().enumerate() {
             let (a, b) = match arch {
                 Arch::Llama => (2 * i, 2 * i + 1),
                 Arch::Qwen2 => (i, i + half),
@@ -392,7 +406,7 @@ pub struct Session<'a> {
     pub pos: usize,
     kernel: Kernel,
     scratch: Vec<f32>,
-    act: Q8Act,
+    act: Q16Act,
 }
 
 /// Per-layer arenas for a cache configuration: allocate with [`arenas`], then hand to [`Session::new`].
@@ -427,7 +441,7 @@ impl<'a> Session<'a> {
             pos: 0,
             kernel: Kernel::detect(),
             scratch: vec![0.0; scratch],
-            act: Q8Act::default(),
+            act: Q16Act::default(),
         })
     }
 
@@ -509,6 +523,13 @@ impl<'a> Session<'a> {
         let mut o = vec![0f32; n * e];
         let (mut g, mut u) = (vec![0f32; n * c.n_ff], vec![0f32; n * c.n_ff]);
         let scale = 1.0 / (d as f32).sqrt();
+        let tables: Vec<Vec<(f64, f64)>> = (0..n)
+            .map(|t| {
+                let mut v = Vec::new();
+                rope_table(d, self.pos + t, c.rope_base, &mut v);
+                v
+            })
+            .collect();
         for (li, layer) in m.layers.iter().enumerate() {
             for t in 0..n {
                 rmsnorm(&x[t * e..(t + 1) * e], &layer.attn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
@@ -523,9 +544,9 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            for t in 0..n {
-                rope(&mut q[t * qd..(t + 1) * qd], d, self.pos + t, c.rope_base, c.arch);
-                rope(&mut k[t * kvd..(t + 1) * kvd], d, self.pos + t, c.rope_base, c.arch);
+            for (t, table) in tables.iter().enumerate() {
+                rope(&mut q[t * qd..(t + 1) * qd], d, table, c.arch);
+                rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
             }
             let cache = &mut self.caches[li];
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");

@@ -119,19 +119,24 @@ pub fn dequant_row(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Activations quantized to 8 bits in blocks of 32 (ggml's Q8_1): `q = round(x / d)`, `d = max|x| / 127`,
-/// and each block's `d * sum(q)` for the offset term of Q4_1.
+/// Activations quantized to 16 bits in blocks of 32: `q = round(x / d)`, `d = max|x| / 32767`, and each
+/// block's `d * sum(q)` for the offset term of Q4_1.
+///
+/// llama.cpp quantizes activations to 8 bits (Q8_0/Q8_1); on SmolLM2 that moves logits by up to 1.4 and flips
+/// greedy answers whose top two logits are close (the default system prompt's "capital of France" question is
+/// one, see `tests/logits.rs`). At 16 bits the relative error per element is at most 1/65534, below the
+/// weights' own f16 scale rounding, and `vpmaddwd` keeps the integer dot nearly as cheap as 8 bits.
 #[derive(Clone, Debug, Default)]
-pub struct Q8Act {
-    /// Codes, `len` of them.
-    pub q: Vec<i8>,
+pub struct Q16Act {
+    /// Codes, one per activation.
+    pub q: Vec<i16>,
     /// Per-block scale.
     pub d: Vec<f32>,
     /// Per-block `d * sum(q)`.
     pub s: Vec<f32>,
 }
 
-impl Q8Act {
+impl Q16Act {
     /// Quantizes `x` (length a multiple of 32), reusing the buffers.
     pub fn quantize(&mut self, x: &[f32]) {
         let nb = x.len() / 32;
@@ -140,11 +145,12 @@ impl Q8Act {
         self.s.resize(nb, 0.0);
         for (i, (xb, qb)) in x.chunks_exact(32).zip(self.q.chunks_exact_mut(32)).enumerate() {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
+            let d = amax / 32767.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
+                // |v * id| <= 32767 (1 + eps): the cast saturates the rounding excess.
+                *q = (v * id).round() as i16;
                 sum += i32::from(*q);
             }
             self.d[i] = d;
@@ -153,56 +159,59 @@ impl Q8Act {
     }
 }
 
+/// Integer codes of one 32-element block, in element order, and its scale and offset: `x = d * q + m`.
+fn block_codes(ty: TensorType, b: &[u8]) -> ([i32; 32], f32, f32) {
+    let mut q = [0i32; 32];
+    match ty {
+        TensorType::Q8_0 => {
+            for (o, &v) in q.iter_mut().zip(&b[2..34]) {
+                *o = i32::from(v as i8);
+            }
+            (q, h(b, 0), 0.0)
+        }
+        TensorType::Q4_0 => {
+            for j in 0..16 {
+                q[j] = i32::from(b[2 + j] & 15) - 8;
+                q[j + 16] = i32::from(b[2 + j] >> 4) - 8;
+            }
+            (q, h(b, 0), 0.0)
+        }
+        TensorType::Q4_1 => {
+            for j in 0..16 {
+                q[j] = i32::from(b[4 + j] & 15);
+                q[j + 16] = i32::from(b[4 + j] >> 4);
+            }
+            (q, h(b, 0), h(b, 2))
+        }
+        TensorType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                q[j] = (i32::from(b[6 + j] & 15) | (((qh >> j) & 1) << 4) as i32) - 16;
+                q[j + 16] = (i32::from(b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32) - 16;
+            }
+            (q, h(b, 0), 0.0)
+        }
+        _ => unreachable!("block_codes takes 32-element block types only"),
+    }
+}
+
 /// Dot product of a row of `ty` (one of the 32-blocks: Q8_0, Q4_0, Q4_1, Q5_0) with quantized activations
-/// starting at block `b0`, scalar: the reference for the vector kernels.
-pub fn dot_q8_ref(ty: TensorType, row: &[u8], a: &Q8Act, b0: usize) -> f32 {
+/// starting at block `b0`, scalar: the reference for the vector kernels. Per block
+/// `dw * dy * sum(qw * qy) + mw * dy * sum(qy)`, the integer sum exact.
+pub fn dot_q16_ref(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize) -> f32 {
     let bb = ty.block_bytes();
     let mut acc = 0f32;
     for (i, b) in row.chunks_exact(bb).enumerate() {
         let y = &a.q[(b0 + i) * 32..][..32];
-        let (dy, sy) = (a.d[b0 + i], a.s[b0 + i]);
-        let (sum, dw, mw): (i32, f32, f32) = match ty {
-            TensorType::Q8_0 => {
-                (b[2..34].iter().zip(y).map(|(&q, &y)| i32::from(q as i8) * i32::from(y)).sum(), h(b, 0), 0.0)
-            }
-            TensorType::Q4_0 => {
-                let s = (0..16)
-                    .map(|j| {
-                        (i32::from(b[2 + j] & 15) - 8) * i32::from(y[j])
-                            + (i32::from(b[2 + j] >> 4) - 8) * i32::from(y[j + 16])
-                    })
-                    .sum();
-                (s, h(b, 0), 0.0)
-            }
-            TensorType::Q4_1 => {
-                let s = (0..16)
-                    .map(|j| {
-                        i32::from(b[4 + j] & 15) * i32::from(y[j])
-                            + i32::from(b[4 + j] >> 4) * i32::from(y[j + 16])
-                    })
-                    .sum();
-                (s, h(b, 0), h(b, 2))
-            }
-            TensorType::Q5_0 => {
-                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                let s = (0..16)
-                    .map(|j| {
-                        let lo = i32::from(b[6 + j] & 15) | (((qh >> j) & 1) << 4) as i32;
-                        let hi = i32::from(b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
-                        (lo - 16) * i32::from(y[j]) + (hi - 16) * i32::from(y[j + 16])
-                    })
-                    .sum();
-                (s, h(b, 0), 0.0)
-            }
-            _ => unreachable!("dot_q8_ref takes 32-element block types only"),
-        };
-        acc += dw * dy * sum as f32 + mw * sy;
+        let (q, dw, mw) = block_codes(ty, b);
+        let sum: i32 = q.iter().zip(y).map(|(&w, &y)| w * i32::from(y)).sum();
+        acc += dw * a.d[b0 + i] * sum as f32 + mw * a.s[b0 + i];
     }
     acc
 }
 
-/// Whether `ty` takes the integer path (32-element blocks against [`Q8Act`]).
-pub fn uses_q8(ty: TensorType) -> bool {
+/// Whether `ty` takes the integer path (32-element blocks against [`Q16Act`]).
+pub fn uses_q16(ty: TensorType) -> bool {
     matches!(ty, TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0)
 }
 
@@ -238,14 +247,14 @@ mod tests {
             for nb in [1, 2, 7, 18] {
                 let row = blocks(ty, nb, nb as u64);
                 let x: Vec<f32> = (0..nb * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-                let mut a = Q8Act::default();
+                let mut a = Q16Act::default();
                 a.quantize(&x);
                 // The dot of the dequantized row with the dequantized activations, in f64.
                 let mut w = vec![0f32; nb * 32];
                 dequant_row(ty, &row, &mut w);
                 let exact: f64 =
                     (0..nb * 32).map(|i| f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).sum();
-                let got = dot_q8_ref(ty, &row, &a, 0);
+                let got = dot_q16_ref(ty, &row, &a, 0);
                 // Only f32 rounding separates the two: one product and one addition per block.
                 let mag: f64 = (0..nb * 32)
                     .map(|i| (f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).abs())
@@ -262,11 +271,14 @@ mod tests {
     #[test]
     fn activation_quantization_error_is_half_a_step() {
         let x: Vec<f32> = (0..96).map(|i| ((i * 29 % 53) as f32 - 26.0) * 0.37).collect();
-        let mut a = Q8Act::default();
+        let mut a = Q16Act::default();
         a.quantize(&x);
         for (i, &v) in x.iter().enumerate() {
             let d = a.d[i / 32];
-            assert!((v - d * f32::from(a.q[i])).abs() <= d * 0.5 * (1.0 + 1e-5), "element {i}");
+            // Half a step, plus the f32 roundings of v / d (relative eps on a code up to 32767) and of
+            // d * q (relative eps on a value up to max|x| = 32767 d): 2 * 32767 * eps * d.
+            let tol = d * (0.5 + 2.0 * 32767.0 * f32::EPSILON);
+            assert!((v - d * f32::from(a.q[i])).abs() <= tol, "element {i}");
         }
     }
 }
