@@ -100,19 +100,20 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// The f16 at `b`.
+    /// The f16 at `b`, broadcast to 8 f32 lanes (a broadcast load: no dependency on an older register).
     ///
     /// # Safety
     /// `b` points at two readable bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_at(b: *const u8) -> f32 {
+    unsafe fn f16x8_at(b: *const u8) -> __m256 {
         // SAFETY: caller's contract; an unaligned 2-byte read.
-        let bits = unsafe { b.cast::<u16>().read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        let bits = unsafe { b.cast::<i16>().read_unaligned() };
+        _mm256_cvtph_ps(_mm_set1_epi16(bits))
     }
 
-    /// Low and high nibbles of 16 bytes at `p` as two vectors of 16 i16: elements 0..16 and 16..32.
+    /// Low and high nibbles of 16 bytes at `p` as two vectors of 16 i16: elements 0..16 and 16..32 (one
+    /// widening of the bytes, then a mask and a shift within lanes).
     ///
     /// # Safety
     /// `p` points at 16 readable bytes.
@@ -120,12 +121,8 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles16(p: *const u8) -> [__m256i; 2] {
         // SAFETY: caller's contract; unaligned 16-byte load.
-        let x = unsafe { _mm_loadu_si128(p.cast()) };
-        let m = _mm_set1_epi8(15);
-        [
-            _mm256_cvtepu8_epi16(_mm_and_si128(x, m)),
-            _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(x), m)),
-        ]
+        let w = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(p.cast()) });
+        [_mm256_and_si256(w, _mm256_set1_epi16(15)), _mm256_srli_epi16::<4>(w)]
     }
 
     /// Bits 0..16 of `bits` as 16 i16 lanes holding 0x10 where the bit is set.
@@ -152,7 +149,7 @@ mod x86 {
         let nb = row.len() / bb;
         let (rp, yp, dp, sp) = (row.as_ptr(), a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         let mut acc = [_mm256_setzero_ps(); M];
-        let mut offs = [0f32; M];
+        let mut offs = [_mm256_setzero_ps(); M];
         for i in 0..nb {
             // SAFETY: block i lies in `row` (i < nb); activation block b0[m] + i lies in `a` (the caller's
             // contract, checked by `dot_q16`).
@@ -164,19 +161,19 @@ mod x86 {
                             _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(2).cast())),
                             _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(18).cast())),
                         ],
-                        f16_at(b),
+                        f16x8_at(b),
                     ),
                     1 => {
                         let [lo, hi] = nibbles16(b.add(2));
                         let eight = _mm256_set1_epi16(8);
-                        ([_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight)], f16_at(b))
+                        ([_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight)], f16x8_at(b))
                     }
                     2 => {
-                        let mw = f16_at(b.add(2));
+                        let mw = f16x8_at(b.add(2));
                         for (o, &b0m) in offs.iter_mut().zip(&b0) {
-                            *o += mw * *sp.add(b0m + i);
+                            *o = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sp.add(b0m + i)), *o);
                         }
-                        (nibbles16(b.add(4)), f16_at(b))
+                        (nibbles16(b.add(4)), f16x8_at(b))
                     }
                     _ => {
                         let qh = b.add(2).cast::<u32>().read_unaligned();
@@ -187,7 +184,7 @@ mod x86 {
                                 _mm256_sub_epi16(_mm256_or_si256(lo, bit4_lanes(qh)), sixteen),
                                 _mm256_sub_epi16(_mm256_or_si256(hi, bit4_lanes(qh >> 16)), sixteen),
                             ],
-                            f16_at(b),
+                            f16x8_at(b),
                         )
                     }
                 };
@@ -197,17 +194,15 @@ mod x86 {
                         _mm256_madd_epi16(w[0], _mm256_loadu_si256(y.cast())),
                         _mm256_madd_epi16(w[1], _mm256_loadu_si256(y.add(16).cast())),
                     );
-                    acc[m] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(p),
-                        _mm256_set1_ps(dw * *dp.add(b0[m] + i)),
-                        acc[m],
-                    );
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*dp.add(b0[m] + i)));
+                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[m]);
                 }
             }
         }
         let mut out = [0f32; M];
         for m in 0..M {
-            out[m] = hsum(acc[m]) + offs[m];
+            // Every lane of offs[m] holds the same sum.
+            out[m] = hsum(acc[m]) + _mm256_cvtss_f32(offs[m]);
         }
         out
     }

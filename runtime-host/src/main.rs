@@ -29,6 +29,29 @@ enum Cmd {
     Tokenize(TokenizeArgs),
     /// Architecture, tensor types and KV bytes per token of each preset.
     Info(ModelArgs),
+    /// Prefill and decode speed at several depths, per KV spec, in one run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated KV specs, measured in this order.
+    #[arg(long, default_value = "f16,kivi2")]
+    kv: String,
+    /// Comma-separated depths (tokens already in the cache) at which to measure.
+    #[arg(long, default_value = "0,2048,8192")]
+    depths: String,
+    /// Prompt tokens per prefill measurement.
+    #[arg(short = 'p', long, default_value_t = 512)]
+    prefill: usize,
+    /// Tokens per decode measurement.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    n: usize,
+    /// One JSON object per (spec, depth).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -164,6 +187,7 @@ fn run() -> Result<()> {
         Cmd::Chat(a) => chat(a),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Info(a) => info(a),
+        Cmd::Bench(a) => bench(a),
     }
 }
 
@@ -427,6 +451,81 @@ fn info(a: ModelArgs) -> Result<()> {
             (u.total_bytes() * c.n_layer) as f64 / c.n_ctx_train as f64,
             u.bits_per_element(&cfg)
         );
+    }
+    Ok(())
+}
+
+/// Prose whose tokens fill the cache in `kvq bench` (the speed does not depend on the text).
+const FILL: &str = "It is a truth universally acknowledged, that a single man in possession of a good fortune, \
+must be in want of a wife. However little known the feelings or views of such a man may be on his first entering \
+a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered as \
+the rightful property of some one or other of their daughters. ";
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let fill = tok.encode(FILL, false, false);
+    let mut depths: Vec<usize> = a
+        .depths
+        .split(',')
+        .map(|d| d.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .context("--depths")?;
+    depths.sort_unstable();
+    let top = depths.last().copied().unwrap_or(0);
+    let capacity = top + a.n + a.prefill + 1;
+    let threads = rayon::current_num_threads();
+    if !a.json {
+        println!(
+            "kvq bench: {} threads, {} kernels, weights {:.1} MB/token; decode {} tokens at each depth, then prefill {} (its depth is depth + {})",
+            threads,
+            model.kernel_name(),
+            model.weight_bytes_per_token() as f64 / 1e6,
+            a.n,
+            a.prefill,
+            a.n
+        );
+        println!("{:>10} {:>7} {:>12} {:>13} {:>10}", "kv", "depth", "decode t/s", "prefill t/s", "KV MiB");
+    }
+    let mut pos = 0usize;
+    let mut next = |k: usize| -> Vec<u32> {
+        let v: Vec<u32> = (0..k).map(|i| fill[(pos + i) % fill.len()]).collect();
+        pos += k;
+        v
+    };
+    for spec in a.kv.split(',') {
+        let c =
+            CacheArgs { kv: spec.trim().to_string(), ctx: Some(capacity), overflow: Some(OverflowArg::Stop) };
+        let cfg = cache_config(&model, &c, Overflow::Stop)?;
+        let mut arenas = model::arenas(&model, &cfg);
+        let mut s = Session::new(&model, cfg, &mut arenas)?;
+        for &d in &depths {
+            while s.held() < d {
+                let k = (d - s.held()).min(512);
+                s.feed(&next(k))?;
+            }
+            let kv = kv_bytes(&s);
+            // Decode: the first step also warms the caches; time the rest.
+            let first = next(1);
+            s.feed(&first)?;
+            let t = Instant::now();
+            for _ in 1..a.n {
+                s.feed(&next(1))?;
+            }
+            let dec = (a.n - 1) as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            s.feed(&next(a.prefill))?;
+            let pre = a.prefill as f64 / t.elapsed().as_secs_f64();
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"kv": spec, "depth": d, "threads": threads, "decode_tokens_per_s": dec,
+                        "prefill_tokens": a.prefill, "prefill_tokens_per_s": pre, "kv_bytes": kv})
+                );
+            } else {
+                println!("{spec:>10} {d:>7} {dec:>12.1} {pre:>13.1} {:>10.2}", kv as f64 / (1 << 20) as f64);
+            }
+        }
     }
     Ok(())
 }

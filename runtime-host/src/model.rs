@@ -227,6 +227,13 @@ impl Model {
         })
     }
 
+    /// The weight matrix named `name` (a GGUF tensor name such as `blk.0.ffn_up.weight` or `output.weight`).
+    pub fn weight(&self, name: &str) -> Option<Weight> {
+        let t = self.gguf.tensor(name)?;
+        let (cols, rows) = (*t.dims.first()? as usize, *t.dims.get(1)? as usize);
+        weight_of(&self.gguf, t, cols, rows).ok()
+    }
+
     /// Uses the portable kernels even where AVX2 is present (for comparisons).
     pub fn set_portable(&mut self, portable: bool) {
         self.avx2 = !portable && kernels::has_avx2();
@@ -265,43 +272,67 @@ impl Model {
     }
 
     /// `y[t] = W · x[t]` for `n = x.len() / cols` tokens (`y` is `[n][rows]`).
-    fn matmul(&self, w: &Weight, x: &[f32], y: &mut [f32], act: &mut Q16Act) {
-        let n = x.len() / w.cols;
-        debug_assert_eq!(y.len(), n * w.rows);
-        let data = self.rows(w);
+    pub fn matmul(&self, w: &Weight, x: &[f32], y: &mut [f32], act: &mut Q16Act) {
+        self.matmuls(&[w], x, &mut [y], act);
+    }
+
+    /// Several products of one input (Q, K and V; gate and up) as one parallel job: `ys[i] = ws[i] · x`.
+    /// The weights share `cols`; the activations are quantized once.
+    pub fn matmuls(&self, ws: &[&Weight], x: &[f32], ys: &mut [&mut [f32]], act: &mut Q16Act) {
+        let cols = ws[0].cols;
+        let n = x.len() / cols;
         let avx2 = self.avx2;
-        let int = self.mode == MatMode::Fast && quants::uses_q16(w.ty);
-        if int {
+        let int = |w: &Weight| self.mode == MatMode::Fast && quants::uses_q16(w.ty);
+        if ws.iter().any(|w| int(w)) {
             act.quantize(x);
         }
-        let bpr = w.cols / 32;
-        // Rows per task: enough work to amortize scheduling (about 16k weight blocks), enough tasks to
-        // balance two cores.
-        let chunk = (16384 / bpr.max(1) / n.max(1)).clamp(4, 1024).min(w.rows.div_ceil(4)).max(1);
         let act = &*act;
-        let row_of = |r: usize| &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+        let bpr = cols / 32;
+        // Rows per task: enough work to amortize scheduling (about 16k weight blocks), at least 4 tasks a
+        // matrix to balance two cores.
+        let chunk_of =
+            |w: &Weight| (16384 / bpr.max(1) / n.max(1)).clamp(4, 1024).min(w.rows.div_ceil(4)).max(1);
+        let serial = rayon::current_num_threads() == 1;
         if n == 1 {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+            let mut tasks = Vec::new();
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                debug_assert_eq!(y.len(), w.rows);
+                let c = chunk_of(w);
+                tasks.extend(y.chunks_mut(c).enumerate().map(|(ci, ys)| (*w, ci * c, ys)));
+            }
+            let run = |(w, r0, ys): (&Weight, usize, &mut [f32])| {
+                let data = self.rows(w);
                 let mut buf = Vec::new();
                 for (k, yv) in ys.iter_mut().enumerate() {
-                    let row = row_of(ci * chunk + k);
-                    *yv = if int {
+                    let row = &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
+                    *yv = if int(w) {
                         kernels::dot_q16(w.ty, row, act, [0], avx2)[0]
                     } else {
                         dot_deq(w, row, x, &mut buf, avx2)
                     };
                 }
-            });
+            };
+            if serial {
+                tasks.into_iter().for_each(run);
+            } else {
+                tasks.into_par_iter().for_each(run);
+            }
             return;
         }
         // Several tokens: each task takes a block of rows for every token, decoding each weight block once
         // for four tokens, and writes a transposed block that is copied out afterwards.
-        let mut yt = vec![0f32; n * w.rows];
-        yt.par_chunks_mut(chunk * n).enumerate().for_each(|(ci, block)| {
+        let mut yts: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+        let mut tasks = Vec::new();
+        for (w, yt) in ws.iter().zip(yts.iter_mut()) {
+            let c = chunk_of(w);
+            tasks.extend(yt.chunks_mut(c * n).enumerate().map(|(ci, b)| (*w, ci * c, b)));
+        }
+        let run = |(w, r0, block): (&Weight, usize, &mut [f32])| {
+            let data = self.rows(w);
             let mut buf = vec![0f32; w.cols];
             for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                let row = row_of(ci * chunk + k);
-                if int {
+                let row = &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
+                if int(w) {
                     let mut t = 0;
                     while t + 4 <= n {
                         let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
@@ -318,10 +349,17 @@ impl Model {
                     }
                 }
             }
-        });
-        for r in 0..w.rows {
-            for t in 0..n {
-                y[t * w.rows + r] = yt[r * n + t];
+        };
+        if serial {
+            tasks.into_iter().for_each(run);
+        } else {
+            tasks.into_par_iter().for_each(run);
+        }
+        for ((w, yt), y) in ws.iter().zip(&yts).zip(ys.iter_mut()) {
+            for r in 0..w.rows {
+                for t in 0..n {
+                    y[t * w.rows + r] = yt[r * n + t];
+                }
             }
         }
     }
@@ -405,7 +443,9 @@ pub struct Session<'a> {
     /// Position of the next token (tokens seen, including any that slid out of the cache).
     pub pos: usize,
     kernel: Kernel,
-    scratch: Vec<f32>,
+    /// One scratch and one output buffer per KV head: heads run as parallel tasks.
+    scratch: Vec<Vec<f32>>,
+    parts: Vec<Vec<f32>>,
     act: Q16Act,
 }
 
@@ -440,7 +480,8 @@ impl<'a> Session<'a> {
             caches,
             pos: 0,
             kernel: Kernel::detect(),
-            scratch: vec![0.0; scratch],
+            scratch: vec![vec![0.0; scratch]; c.n_kv_head],
+            parts: vec![Vec::new(); c.n_kv_head],
             act: Q16Act::default(),
         })
     }
@@ -534,9 +575,7 @@ impl<'a> Session<'a> {
             for t in 0..n {
                 rmsnorm(&x[t * e..(t + 1) * e], &layer.attn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
             }
-            m.matmul(&layer.wq, &h, &mut q, &mut self.act);
-            m.matmul(&layer.wk, &h, &mut k, &mut self.act);
-            m.matmul(&layer.wv, &h, &mut v, &mut self.act);
+            m.matmuls(&[&layer.wq, &layer.wk, &layer.wv], &h, &mut [&mut q, &mut k, &mut v], &mut self.act);
             for (buf, b, w) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
                 if let Some(b) = b {
                     for row in buf.chunks_exact_mut(w) {
@@ -548,26 +587,50 @@ impl<'a> Session<'a> {
                 rope(&mut q[t * qd..(t + 1) * qd], d, table, c.arch);
                 rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
             }
-            let cache = &mut self.caches[li];
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
             if n == 1 {
-                cache.append(&k, &v).map_err(err)?;
-                attention::decode(cache, &q, c.n_head, scale, &mut att, &mut self.scratch, self.kernel)
-                    .map_err(err)?;
+                self.caches[li].append(&k, &v).map_err(err)?;
+            }
+            // Each KV head (with its query heads) is a task writing its own output rows.
+            let cache = &self.caches[li];
+            let kernel = self.kernel;
+            let ratio = c.n_head / c.n_kv_head;
+            let (qr, kr, vr) = (&q, &k, &v);
+            let run = |(h, (scratch, out)): (usize, (&mut Vec<f32>, &mut Vec<f32>))| -> kvq_core::Result<()> {
+                out.resize(n * qd, 0.0);
+                if n == 1 {
+                    attention::decode_heads(cache, h..h + 1, qr, c.n_head, scale, out, scratch, kernel)
+                        .map(|_| ())
+                } else {
+                    attention::prefill_heads(
+                        cache,
+                        h..h + 1,
+                        qr,
+                        kr,
+                        vr,
+                        c.n_head,
+                        scale,
+                        out,
+                        scratch,
+                        kernel,
+                    )
+                }
+            };
+            let tasks = self.scratch.iter_mut().zip(self.parts.iter_mut()).enumerate();
+            let res: Vec<kvq_core::Result<()>> = if rayon::current_num_threads() == 1 {
+                tasks.map(run).collect()
             } else {
-                attention::prefill(
-                    cache,
-                    &q,
-                    &k,
-                    &v,
-                    c.n_head,
-                    scale,
-                    &mut att,
-                    &mut self.scratch,
-                    self.kernel,
-                )
-                .map_err(err)?;
-                cache.append(&k, &v).map_err(err)?;
+                tasks.par_bridge().map(run).collect()
+            };
+            res.into_iter().collect::<kvq_core::Result<()>>().map_err(err)?;
+            for (h, part) in self.parts.iter().enumerate() {
+                for t in 0..n {
+                    let rows = t * qd + h * ratio * d..t * qd + (h + 1) * ratio * d;
+                    att[rows.clone()].copy_from_slice(&part[rows]);
+                }
+            }
+            if n > 1 {
+                self.caches[li].append(&k, &v).map_err(err)?;
             }
             m.matmul(&layer.wo, &att, &mut o, &mut self.act);
             for (xv, ov) in x.iter_mut().zip(&o) {
@@ -576,8 +639,7 @@ impl<'a> Session<'a> {
             for t in 0..n {
                 rmsnorm(&x[t * e..(t + 1) * e], &layer.ffn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
             }
-            m.matmul(&layer.gate, &h, &mut g, &mut self.act);
-            m.matmul(&layer.up, &h, &mut u, &mut self.act);
+            m.matmuls(&[&layer.gate, &layer.up], &h, &mut [&mut g, &mut u], &mut self.act);
             for (gv, uv) in g.iter_mut().zip(&u) {
                 *gv = silu(*gv) * uv;
             }

@@ -149,8 +149,9 @@ impl Q16Act {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in qb.iter_mut().zip(xb) {
-                // |v * id| <= 32767 (1 + eps): the cast saturates the rounding excess.
-                *q = (v * id).round() as i16;
+                // Round half to even by the 1.5 * 2^23 trick (exact for |v * id| <= 2^22; here <= 32767),
+                // numpy's rounding and much cheaper than a libm call; the cast saturates any excess.
+                *q = ((v * id + 12_582_912.0) - 12_582_912.0) as i16;
                 sum += i32::from(*q);
             }
             self.d[i] = d;

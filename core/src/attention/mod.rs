@@ -249,7 +249,39 @@ pub fn decode<'s>(
     scratch: &'s mut [f32],
     kernel: Kernel,
 ) -> Result<AttnProbs<'s>> {
+    decode_heads(cache, 0..cache.config().kv_heads, q, q_heads, scale, out, scratch, kernel)
+}
+
+fn check_heads(heads: &core::ops::Range<usize>, kv_heads: usize) -> Result<()> {
+    if heads.start >= heads.end || heads.end > kv_heads {
+        return Err(Error::ShapeMismatch {
+            what: "KV head range (non-empty, within kv_heads)",
+            expected: kv_heads,
+            got: heads.end,
+        });
+    }
+    Ok(())
+}
+
+/// [`decode`] for the KV heads in `heads` only (and their query heads), so that callers can run head
+/// groups on different threads, each with its own `out` and `scratch`. Rows of `out` (and of the returned
+/// probabilities) that belong to other heads are left as they were.
+///
+/// # Errors
+/// As [`decode`], and [`Error::ShapeMismatch`] for an empty range or one past the cache's heads.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_heads<'s>(
+    cache: &Cache<'_>,
+    heads: core::ops::Range<usize>,
+    q: &[f32],
+    q_heads: usize,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &'s mut [f32],
+    kernel: Kernel,
+) -> Result<AttnProbs<'s>> {
     let sh = check_shape(cache, q_heads, scale)?;
+    check_heads(&heads, sh.kv_heads)?;
     let d = sh.d;
     if q.len() != q_heads * d {
         return Err(Error::ShapeMismatch { what: "query length", expected: q_heads * d, got: q.len() });
@@ -267,7 +299,7 @@ pub fn decode<'s>(
     let (qs, work) = rest.split_at_mut(sh.ratio * d);
     let keys = cache.view(Stream::Keys);
     let values = cache.view(Stream::Values);
-    for h in 0..sh.kv_heads {
+    for h in heads {
         let rows = h * sh.ratio..(h + 1) * sh.ratio;
         for (o, &x) in qs.iter_mut().zip(&q[rows.start * d..rows.end * d]) {
             *o = x * scale;
@@ -306,7 +338,29 @@ pub fn prefill(
     scratch: &mut [f32],
     kernel: Kernel,
 ) -> Result<()> {
+    prefill_heads(cache, 0..cache.config().kv_heads, q, k, v, q_heads, scale, out, scratch, kernel)
+}
+
+/// [`prefill`] for the KV heads in `heads` only (see [`decode_heads`]); rows of `out` that belong to
+/// other heads are left as they were.
+///
+/// # Errors
+/// As [`prefill`], and [`Error::ShapeMismatch`] for an empty range or one past the cache's heads.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_heads(
+    cache: &Cache<'_>,
+    heads: core::ops::Range<usize>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q_heads: usize,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut [f32],
+    kernel: Kernel,
+) -> Result<()> {
     let sh = check_shape(cache, q_heads, scale)?;
+    check_heads(&heads, sh.kv_heads)?;
     let d = sh.d;
     let n = q.len() / (q_heads * d);
     if n == 0 || q.len() != n * q_heads * d {
@@ -339,7 +393,7 @@ pub fn prefill(
     let (acc, work) = rest.split_at_mut(nq * d);
     let keys = cache.view(Stream::Keys);
     let values = cache.view(Stream::Values);
-    for h in 0..sh.kv_heads {
+    for h in heads {
         // Query rows in order (position i, head r of the group) -> row i * ratio + r.
         for i in 0..n {
             for r in 0..sh.ratio {

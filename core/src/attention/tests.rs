@@ -573,3 +573,53 @@ fn exp_chunk(c: &[f32]) -> [f32; 8] {
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), e) };
     a
 }
+
+/// Head ranges: decoding and prefilling head groups separately, each into its own output, gives exactly
+/// the rows the whole call gives (threads may split a layer by heads); bad ranges are errors.
+#[test]
+fn head_ranges_compose() {
+    let mut rng = Rng::new(29);
+    let (kv, ratio, d) = (3, 3, 64);
+    let qh = kv * ratio;
+    let cfg = CacheConfig::kivi(Width::B2, 32, 64, kv, d, 300).with_sinks(2);
+    let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+    let mut cache = Cache::new(cfg, &mut mem).unwrap();
+    let n0 = if cfg!(miri) { 70 } else { 150 };
+    cache.append(&activations(&mut rng, n0, kv, d), &activations(&mut rng, n0, kv, d)).unwrap();
+    let q: Vec<f32> = (0..qh * d).map(|_| rng.unit()).collect();
+    for kernel in kernels() {
+        let mut whole = vec![0.0f32; qh * d];
+        let mut scratch = vec![0.0f32; decode_scratch_len(300, qh, kv, d)];
+        decode(&cache, &q, qh, 0.125, &mut whole, &mut scratch, kernel).unwrap();
+        let mut parts = vec![0.0f32; qh * d];
+        for heads in [0..2, 2..3] {
+            let mut out = vec![f32::NAN; qh * d];
+            decode_heads(&cache, heads.clone(), &q, qh, 0.125, &mut out, &mut scratch, kernel).unwrap();
+            let rows = heads.start * ratio * d..heads.end * ratio * d;
+            parts[rows.clone()].copy_from_slice(&out[rows]);
+        }
+        assert_eq!(parts, whole, "decode by head ranges");
+        // Prefill of a chunk of 5 positions.
+        let n = 5;
+        let qc: Vec<f32> = (0..n * qh * d).map(|_| rng.unit()).collect();
+        let (kc, vc) = (activations(&mut rng, n, kv, d), activations(&mut rng, n, kv, d));
+        let mut ps = vec![0.0f32; prefill_scratch_len(300, n, qh, kv, d)];
+        let mut whole = vec![0.0f32; n * qh * d];
+        prefill(&cache, &qc, &kc, &vc, qh, 0.125, &mut whole, &mut ps, kernel).unwrap();
+        let mut parts = vec![0.0f32; n * qh * d];
+        for heads in [0..1, 1..3] {
+            let mut out = vec![f32::NAN; n * qh * d];
+            prefill_heads(&cache, heads.clone(), &qc, &kc, &vc, qh, 0.125, &mut out, &mut ps, kernel)
+                .unwrap();
+            for i in 0..n {
+                let rows = (i * qh + heads.start * ratio) * d..(i * qh + heads.end * ratio) * d;
+                parts[rows.clone()].copy_from_slice(&out[rows]);
+            }
+        }
+        assert_eq!(parts, whole, "prefill by head ranges");
+        for bad in [0..0, 2..4, 3..3] {
+            let e = decode_heads(&cache, bad, &q, qh, 0.125, &mut whole[..qh * d], &mut scratch, kernel);
+            assert!(matches!(e, Err(Error::ShapeMismatch { .. })));
+        }
+    }
+}
