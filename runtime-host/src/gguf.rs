@@ -728,6 +728,24 @@ mod tests {
         assert!(matches!(e, GgufError::OutOfBounds { ref name, size: 256, .. } if name == "big"), "{e}");
     }
 
+    proptest::proptest! {
+        /// Any corruption of a valid file is parsed or refused, never a panic, and whatever parses keeps
+        /// every tensor inside the file.
+        #[test]
+        fn corrupted_files_never_panic(edits in proptest::collection::vec((0usize..400, proptest::num::u8::ANY), 1..8)) {
+            let mut f = sample();
+            for (at, b) in edits {
+                let n = f.len();
+                f[at % n] = b;
+            }
+            if let Ok(g) = Gguf::parse(&f) {
+                for t in &g.tensors {
+                    proptest::prop_assert!(g.tensor_bytes(&f, t).is_ok());
+                }
+            }
+        }
+    }
+
     #[test]
     fn version_and_magic() {
         let mut f = sample();

@@ -518,7 +518,7 @@ impl<'a> Session<'a> {
         ensure!(!tokens.is_empty(), "nothing to feed");
         let mut logits = Vec::new();
         for chunk in tokens.chunks(CHUNK) {
-            logits = self.forward(chunk, true)?;
+            logits = self.forward_logits(chunk, true)?;
         }
         Ok(logits)
     }
@@ -533,10 +533,6 @@ impl<'a> Session<'a> {
             out.extend(self.forward_logits(chunk, false)?);
         }
         Ok(out)
-    }
-
-    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
-        self.forward_logits(tokens, last_only)
     }
 
     fn forward_logits(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {

@@ -240,16 +240,10 @@ impl Tokenizer {
                 continue;
             }
             let mut syms: Vec<u32> = Vec::with_capacity(mapped.len());
-            for (ci, ch) in mapped.chars().enumerate() {
+            for ch in mapped.chars() {
                 let mut buf = [0u8; 4];
-                match self.ids.get(ch.encode_utf8(&mut buf) as &str) {
-                    Some(&id) => syms.push(id),
-                    None => {
-                        // No token for this byte: llama.cpp falls back to the unknown token.
-                        let _ = ci;
-                        syms.push(0);
-                    }
-                }
+                // A byte-level vocabulary has a token for every byte; llama.cpp maps a missing one to id 0.
+                syms.push(self.ids.get(ch.encode_utf8(&mut buf) as &str).copied().unwrap_or(0));
             }
             loop {
                 let mut best: Option<(u32, usize, u32)> = None;
