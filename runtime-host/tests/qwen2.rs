@@ -1,0 +1,32 @@
+//! The `qwen2` architecture (half-split RoPE, Q/K/V biases, separate output) on a tiny synthetic GGUF with
+//! Q8_0, F16 and F32 tensors, against an independent numpy forward pass (`tests/data/make_qwen2_ref.py`,
+//! which wrote both `qwen2-tiny.gguf` and `qwen2_ref.json`). Tolerance as in `logits.rs`: 2 x the reference's
+//! own float32-vs-float64 deviation plus 1e-4.
+
+use kvq_core::cache::CacheConfig;
+use kvq_host::model::{self, Arch, MatMode, Model, Session};
+use std::path::Path;
+
+#[test]
+fn tiny_qwen2_matches_reference() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen2-tiny.gguf");
+    let mut m = Model::load(&p).unwrap();
+    assert_eq!(m.cfg.arch, Arch::Qwen2);
+    m.mode = MatMode::Exact;
+    let r: serde_json::Value = serde_json::from_str(include_str!("data/qwen2_ref.json")).unwrap();
+    let ids: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let tol = 2.0 * r["f32_dev"].as_f64().unwrap() + 1e-4;
+    let cfg = CacheConfig::fp16(m.cfg.n_kv_head, m.cfg.head_dim, 64);
+    let mut arenas = model::arenas(&m, &cfg);
+    let mut s = Session::new(&m, cfg, &mut arenas).unwrap();
+    let got = s.feed_all(&ids).unwrap();
+    let v = m.cfg.n_vocab;
+    let mut worst = 0f64;
+    for (t, row) in r["logits"].as_array().unwrap().iter().enumerate() {
+        for (i, want) in row.as_array().unwrap().iter().enumerate() {
+            worst = worst.max((f64::from(got[t * v + i]) - want.as_f64().unwrap()).abs());
+        }
+    }
+    eprintln!("max |kvq - ref| = {worst:.3e} (tolerance {tol:.3e})");
+    assert!(worst <= tol, "deviation {worst} exceeds {tol}");
+}
