@@ -225,7 +225,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
     let cfg = cache_config(&model, &a.cache, Overflow::Stop)?;
-    let mut arenas = model::arenas(&model, &cfg);
+    let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
     let prompt = tok.encode(&a.prompt, true, true);
     if prompt.is_empty() {
@@ -321,7 +321,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     }
     let end = tok.id("<|im_end|>").context("no <|im_end|> token")?;
     let cfg = cache_config(&model, &a.cache, Overflow::Slide)?;
-    let mut arenas = model::arenas(&model, &cfg);
+    let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
     let mut sampler = a.sample.sampler();
     let (mut gen_tokens, mut gen_secs) = (0usize, 0f64);
@@ -497,7 +497,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let c =
             CacheArgs { kv: spec.trim().to_string(), ctx: Some(capacity), overflow: Some(OverflowArg::Stop) };
         let cfg = cache_config(&model, &c, Overflow::Stop)?;
-        let mut arenas = model::arenas(&model, &cfg);
+        let mut arenas = model::arenas(&model, &cfg)?;
         let mut s = Session::new(&model, cfg, &mut arenas)?;
         for &d in &depths {
             while s.held() < d {

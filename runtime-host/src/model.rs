@@ -450,9 +450,42 @@ pub struct Session<'a> {
 }
 
 /// Per-layer arenas for a cache configuration: allocate with [`arenas`], then hand to [`Session::new`].
-pub fn arenas(model: &Model, cfg: &CacheConfig) -> Vec<Vec<u32>> {
+///
+/// # Errors
+/// When the memory cannot be had (a context far beyond this machine's memory): an error naming the size,
+/// not an abort.
+pub fn arenas(model: &Model, cfg: &CacheConfig) -> Result<Vec<Vec<u32>>> {
     let words = cfg.arena_bytes().div_ceil(4);
-    (0..model.cfg.n_layer).map(|_| vec![0u32; words]).collect()
+    let total = (words as u128) * 4 * model.cfg.n_layer as u128;
+    if let Some(avail) = mem_available()
+        && total > u128::from(avail)
+    {
+        bail!(
+            "a KV cache of {} tokens needs {} MiB, more than the {} MiB of memory available (lower -c)",
+            cfg.capacity,
+            total >> 20,
+            avail >> 20
+        );
+    }
+    (0..model.cfg.n_layer).map(|_| zeroed(words, "KV cache arena")).collect()
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// `n` zeroed values, or an error naming `what` and the size when the allocation fails.
+fn zeroed<T: Clone + Default>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        anyhow::anyhow!("{what}: cannot allocate {} MiB (lower -c)", (n * size_of::<T>()) >> 20)
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 /// Most tokens a prefill chunk holds.
@@ -480,7 +513,7 @@ impl<'a> Session<'a> {
             caches,
             pos: 0,
             kernel: Kernel::detect(),
-            scratch: vec![vec![0.0; scratch]; c.n_kv_head],
+            scratch: (0..c.n_kv_head).map(|_| zeroed(scratch, "attention scratch")).collect::<Result<_>>()?,
             parts: vec![Vec::new(); c.n_kv_head],
             act: Q16Act::default(),
         })

@@ -89,6 +89,11 @@ fn bad_input_is_an_error() {
     let se = text(&out.stderr);
     assert!(!out.status.success() && se.contains("context full"), "{se}");
     assert!(!se.contains("panicked"));
+    // A context no machine can hold: an error naming the allocation, not an abort.
+    let out = kvq(&["generate", "--kv", "f16", "-c", "4000000000000", "-p", "x", "-n", "1"], None);
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{se}");
+    assert!(se.contains("cannot allocate") || se.contains("memory available"), "{se}");
 }
 
 /// Truncated and corrupted copies of the real model: every one is refused with a message, none panics.

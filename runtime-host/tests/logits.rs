@@ -20,7 +20,7 @@ use kvq_host::model::{self, MatMode, Model, Session};
 
 fn logits_at(m: &Model, ids: &[u32], pos: &[usize]) -> Vec<Vec<f32>> {
     let cfg = CacheConfig::fp16(m.cfg.n_kv_head, m.cfg.head_dim, 512);
-    let mut arenas = model::arenas(m, &cfg);
+    let mut arenas = model::arenas(m, &cfg).unwrap();
     let mut s = Session::new(m, cfg, &mut arenas).unwrap();
     let all = s.feed_all(ids).unwrap();
     let v = m.cfg.n_vocab;

@@ -17,7 +17,7 @@ fn tiny_qwen2_matches_reference() {
     let ids: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let tol = 2.0 * r["f32_dev"].as_f64().unwrap() + 1e-4;
     let cfg = CacheConfig::fp16(m.cfg.n_kv_head, m.cfg.head_dim, 64);
-    let mut arenas = model::arenas(&m, &cfg);
+    let mut arenas = model::arenas(&m, &cfg).unwrap();
     let mut s = Session::new(&m, cfg, &mut arenas).unwrap();
     let got = s.feed_all(&ids).unwrap();
     let v = m.cfg.n_vocab;
