@@ -339,7 +339,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     loop {
         eprint!("> ");
         line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        if stdin.lock().read_line(&mut line).context("reading your message (it must be UTF-8 text)")? == 0 {
             break;
         }
         let msg = line.trim_end_matches(['\n', '\r']);
