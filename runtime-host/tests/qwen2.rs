@@ -1,19 +1,22 @@
 //! The `qwen2` architecture (half-split RoPE, Q/K/V biases, separate output) on a tiny synthetic GGUF with
 //! Q8_0, F16 and F32 tensors, against an independent numpy forward pass (`tests/data/make_qwen2_ref.py`,
-//! which wrote both `qwen2-tiny.gguf` and `qwen2_ref.json`). Tolerance as in `logits.rs`: 2 x the reference's
-//! own float32-vs-float64 deviation plus 1e-4.
+//! which wrote the committed `qwen2_ref.json`; the GGUF itself is rebuilt by the same seeded script on first
+//! use and checked by sha256). Tolerance as in `logits.rs`: 2 x the reference's own float32-vs-float64
+//! deviation plus 1e-4.
+
+mod common;
 
 use kvq_core::cache::CacheConfig;
 use kvq_host::model::{self, Arch, MatMode, Model, Session};
-use std::path::Path;
 
 #[test]
 fn tiny_qwen2_matches_reference() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen2-tiny.gguf");
+    let r: serde_json::Value = serde_json::from_str(include_str!("data/qwen2_ref.json")).unwrap();
+    let p =
+        common::python_fixture("make_qwen2_ref.py", "qwen2-tiny.gguf", r["gguf_sha256"].as_str().unwrap());
     let mut m = Model::load(&p).unwrap();
     assert_eq!(m.cfg.arch, Arch::Qwen2);
     m.mode = MatMode::Exact;
-    let r: serde_json::Value = serde_json::from_str(include_str!("data/qwen2_ref.json")).unwrap();
     let ids: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let tol = 2.0 * r["f32_dev"].as_f64().unwrap() + 1e-4;
     let cfg = CacheConfig::fp16(m.cfg.n_kv_head, m.cfg.head_dim, 64);

@@ -19,3 +19,41 @@ pub(crate) fn model_path() -> PathBuf {
 pub(crate) fn model() -> Model {
     Model::load(&model_path()).expect("default model loads")
 }
+
+/// A GGUF made outside Rust by `tests/data/{script}` (numpy and gguf-py, installed with pip into kvq's cache
+/// directory on first use, like the default model), checked against the sha256 the committed reference
+/// recorded. Built files are cached; nothing binary is committed.
+pub(crate) fn python_fixture(script: &str, file: &str, sha256: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    use std::process::Command;
+    let cache = kvq_host::fetch::cache_dir().unwrap().join("fixtures");
+    let out = cache.join(file);
+    let digest = |p: &std::path::Path| -> Option<String> {
+        let b = std::fs::read(p).ok()?;
+        Some(Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect())
+    };
+    if digest(&out).as_deref() == Some(sha256) {
+        return out;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let deps = cache.join("pydeps");
+    if !deps.join("gguf").exists() {
+        let st = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&deps)
+            .args(["numpy==2.4.6", "gguf==0.19.0"])
+            .status()
+            .expect("python3 with pip is needed to build this test's fixture");
+        assert!(st.success(), "pip install numpy gguf into {} failed", deps.display());
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(script);
+    let st = Command::new("python3").arg(&script).arg(&cache).env("PYTHONPATH", &deps).status().unwrap();
+    assert!(st.success(), "{} failed", script.display());
+    assert_eq!(
+        digest(&out).as_deref(),
+        Some(sha256),
+        "{file} from {} differs from the committed reference",
+        script.display()
+    );
+    out
+}

@@ -3,11 +3,17 @@
 and its logits from an independent numpy forward pass, for runtime-host/tests/qwen2.rs. No real Qwen2 model
 is available offline; this checks the architecture's differences from Llama (half-split RoPE, biases).
 
-    pip install numpy gguf==0.19.0
-    python3 make_qwen2_ref.py      # writes qwen2-tiny.gguf and qwen2_ref.json next to this script
+    pip install numpy==2.4.6 gguf==0.19.0
+    python3 make_qwen2_ref.py [OUT_DIR]   # writes OUT_DIR/qwen2-tiny.gguf and OUT_DIR/qwen2_ref.json
+
+The committed qwen2_ref.json was written with OUT_DIR = this directory; the GGUF is not committed: the
+test (tests/qwen2.rs) runs this script again into kvq's cache directory and checks that the file it gets
+has the sha256 recorded in the JSON (the generator is seeded, so the bytes are the same every time).
 """
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import gguf
@@ -15,11 +21,13 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = sys.argv[1] if len(sys.argv) > 1 else HERE
 rng = np.random.default_rng(7)
 N_EMBD, N_HEAD, N_KV, N_FF, N_LAYER, VOCAB, BASE, EPS = 64, 4, 2, 128, 2, 96, 10000.0, 1e-6
 D = N_EMBD // N_HEAD
 
-w = gguf.GGUFWriter(os.path.join(HERE, "qwen2-tiny.gguf"), "qwen2")
+GGUF = os.path.join(OUT, "qwen2-tiny.gguf")
+w = gguf.GGUFWriter(GGUF, "qwen2")
 w.add_block_count(N_LAYER)
 w.add_context_length(256)
 w.add_embedding_length(N_EMBD)
@@ -104,6 +112,7 @@ w.write_tensors_to_file()
 w.close()
 ids = [int(t) for t in rng.integers(0, VOCAB, size=24)]
 l64, l32 = forward(ids, np.float64), forward(ids, np.float32)
-json.dump({"ids": ids, "logits": l64.tolist(), "f32_dev": float(np.abs(l32 - l64).max())},
-          open(os.path.join(HERE, "qwen2_ref.json"), "w"))
+sha = hashlib.sha256(open(GGUF, "rb").read()).hexdigest()
+json.dump({"gguf_sha256": sha, "ids": ids, "logits": l64.tolist(), "f32_dev": float(np.abs(l32 - l64).max())},
+          open(os.path.join(OUT, "qwen2_ref.json"), "w"))
 print("f32_dev", np.abs(l32 - l64).max(), "logit range", l64.min(), l64.max())
