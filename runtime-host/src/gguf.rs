@@ -86,6 +86,14 @@ pub enum GgufError {
 
 type Result<T> = std::result::Result<T, GgufError>;
 
+/// `got` if it is at most `limit`, else [`GgufError::TooLarge`] naming the field.
+fn cap(got: u64, limit: u64, what: impl FnOnce() -> String) -> Result<u64> {
+    if got > limit {
+        return Err(GgufError::TooLarge { what: what(), got, limit });
+    }
+    Ok(got)
+}
+
 /// Tensor element types this runtime reads (ggml ids).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TensorType {
@@ -358,13 +366,7 @@ impl<'a> Reader<'a> {
 
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let n = self.u64(&|| format!("{} (length)", what()))?;
-        if n > MAX_STRING {
-            return Err(GgufError::TooLarge {
-                what: format!("{} (string length)", what()),
-                got: n,
-                limit: MAX_STRING,
-            });
-        }
+        let n = cap(n, MAX_STRING, || format!("{} (string length)", what()))?;
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec())
             .map_err(|e| GgufError::Invalid(format!("{}: invalid UTF-8 ({e})", what())))
@@ -386,22 +388,10 @@ impl<'a> Reader<'a> {
             },
             8 => Value::Str(self.string(what)?),
             9 => {
-                if depth >= MAX_DEPTH {
-                    return Err(GgufError::TooLarge {
-                        what: format!("{} (array nesting)", what()),
-                        got: u64::from(depth + 1),
-                        limit: u64::from(MAX_DEPTH),
-                    });
-                }
+                cap(u64::from(depth + 1), u64::from(MAX_DEPTH), || format!("{} (array nesting)", what()))?;
                 let ety = self.u32(&|| format!("{} (array type)", what()))?;
                 let n = self.u64(&|| format!("{} (array length)", what()))?;
-                if n > MAX_ARRAY {
-                    return Err(GgufError::TooLarge {
-                        what: format!("{} (array length)", what()),
-                        got: n,
-                        limit: MAX_ARRAY,
-                    });
-                }
+                let n = cap(n, MAX_ARRAY, || format!("{} (array length)", what()))?;
                 // Every element takes at least one byte: a count beyond the bytes left is a lie.
                 let min = match ety {
                     0 | 1 | 7 => 1,
@@ -452,13 +442,8 @@ impl Gguf {
         if !(2..=3).contains(&version) {
             return Err(GgufError::Version(version));
         }
-        let n_tensors = r.u64(&|| "tensor count".into())?;
-        let n_kv = r.u64(&|| "metadata count".into())?;
-        for (what, n) in [("tensor count", n_tensors), ("metadata count", n_kv)] {
-            if n > MAX_ENTRIES {
-                return Err(GgufError::TooLarge { what: what.into(), got: n, limit: MAX_ENTRIES });
-            }
-        }
+        let n_tensors = cap(r.u64(&|| "tensor count".into())?, MAX_ENTRIES, || "tensor count".into())?;
+        let n_kv = cap(r.u64(&|| "metadata count".into())?, MAX_ENTRIES, || "metadata count".into())?;
         let mut metadata = HashMap::new();
         for i in 0..n_kv {
             let key = r.string(&|| format!("metadata key #{i}"))?;

@@ -117,14 +117,21 @@ impl SampleArgs {
     }
 }
 
+/// What `generate` and `chat` share: the model, its cache and the sampler.
 #[derive(Args)]
-struct GenerateArgs {
+struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     cache: CacheArgs,
     #[command(flatten)]
     sample: SampleArgs,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    run: RunArgs,
     /// Prompt; control tokens such as <|im_start|> are parsed as special tokens.
     #[arg(short = 'p', long)]
     prompt: String,
@@ -142,11 +149,7 @@ struct GenerateArgs {
 #[derive(Args)]
 struct ChatArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    cache: CacheArgs,
-    #[command(flatten)]
-    sample: SampleArgs,
+    run: RunArgs,
     /// System prompt.
     #[arg(long, default_value = "You are a helpful AI assistant named SmolLM, trained by Hugging Face")]
     system: String,
@@ -217,21 +220,27 @@ fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Result<CacheConf
     spec.config(m.cfg.n_kv_head, m.cfg.head_dim, ctx, overflow).map_err(anyhow::Error::msg)
 }
 
+/// The model, its tokenizer and the per-layer cache configuration `generate` and `chat` run with.
+fn prepare(r: &RunArgs, overflow: Overflow) -> Result<(Model, Tokenizer, CacheConfig)> {
+    let model = load(&r.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let cfg = cache_config(&model, &r.cache, overflow)?;
+    Ok((model, tok, cfg))
+}
+
 fn kv_bytes(s: &Session<'_>) -> usize {
     s.caches().iter().map(|c| c.usage().total_bytes()).sum()
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&a.model)?;
-    let tok = Tokenizer::from_gguf(&model.gguf)?;
-    let cfg = cache_config(&model, &a.cache, Overflow::Stop)?;
+    let (model, tok, cfg) = prepare(&a.run, Overflow::Stop)?;
     let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
     let prompt = tok.encode(&a.prompt, true, true);
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let mut sampler = a.sample.sampler();
+    let mut sampler = a.run.sample.sampler();
     let t0 = Instant::now();
     let mut logits = s.feed(&prompt)?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -279,7 +288,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "generated_ids": out_ids,
             "text": text,
             "stop": stop_reason,
-            "kv": a.cache.kv,
+            "kv": a.run.cache.kv,
             "timings": {
                 "prompt_tokens": prompt.len(),
                 "prefill_s": prefill_s,
@@ -300,7 +309,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             out_ids.len(),
             decoded as f64 / decode_s,
             kv_bytes(&s) as f64 / (1 << 20) as f64,
-            a.cache.kv,
+            a.run.cache.kv,
             model.kernel_name()
         );
     }
@@ -313,24 +322,22 @@ fn chatml(role: &str, content: &str) -> String {
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
-    let model = load(&a.model)?;
-    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let (model, tok, cfg) = prepare(&a.run, Overflow::Slide)?;
     let tmpl = model.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap_or("");
     if !tmpl.contains("<|im_start|>") || tok.id("<|im_start|>").is_none() {
         bail!("this model's chat template is not ChatML; kvq chat supports ChatML models (use generate)");
     }
     let end = tok.id("<|im_end|>").context("no <|im_end|> token")?;
-    let cfg = cache_config(&model, &a.cache, Overflow::Slide)?;
     let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
-    let mut sampler = a.sample.sampler();
+    let mut sampler = a.run.sample.sampler();
     let (mut gen_tokens, mut gen_secs) = (0usize, 0f64);
     let mut pending = tok.encode(&chatml("system", &a.system), true, true);
     eprintln!(
         "kvq chat: {} ({} layers), KV cache {} ({} tokens, overflow {:?}). /reset, /stats, /quit.",
         model.gguf.get("general.name").and_then(|v| v.as_str()).unwrap_or("model"),
         model.cfg.n_layer,
-        a.cache.kv,
+        a.run.cache.kv,
         cfg.capacity,
         cfg.overflow
     );

@@ -100,6 +100,8 @@ pub struct Model {
     output: Weight,
     output_norm: Vec<f32>,
     avx2: bool,
+    /// RoPE inverse frequencies `base^(-2i/d)`, `i < d/2`.
+    inv_freq: Vec<f64>,
     /// Matrix-product mode.
     pub mode: MatMode,
 }
@@ -214,6 +216,9 @@ impl Model {
             None => embd.clone(),
         };
         let output_norm = vector("output_norm.weight", n_embd)?;
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| f64::from(cfg.rope_base).powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
         Ok(Self {
             map,
             gguf,
@@ -223,6 +228,7 @@ impl Model {
             output,
             output_norm,
             avx2: kernels::has_avx2(),
+            inv_freq,
             mode: MatMode::Fast,
         })
     }
@@ -288,48 +294,28 @@ impl Model {
         }
         let act = &*act;
         let bpr = cols / 32;
-        // Rows per task: enough work to amortize scheduling (about 16k weight blocks), at least 4 tasks a
-        // matrix to balance two cores.
+        // Each task takes a block of rows for every token, decoding each weight block once for four tokens.
+        // Its output is row-major `[row][token]`: for one token that is `y` itself, for several a transposed
+        // block copied out afterwards. Rows per task: enough work to amortize scheduling (about 16k weight
+        // blocks), at least 4 tasks a matrix to balance two cores.
         let chunk_of =
             |w: &Weight| (16384 / bpr.max(1) / n.max(1)).clamp(4, 1024).min(w.rows.div_ceil(4)).max(1);
-        let serial = rayon::current_num_threads() == 1;
-        if n == 1 {
-            let mut tasks = Vec::new();
-            for (w, y) in ws.iter().zip(ys.iter_mut()) {
-                debug_assert_eq!(y.len(), w.rows);
-                let c = chunk_of(w);
-                tasks.extend(y.chunks_mut(c).enumerate().map(|(ci, ys)| (*w, ci * c, ys)));
-            }
-            let run = |(w, r0, ys): (&Weight, usize, &mut [f32])| {
-                let data = self.rows(w);
-                let mut buf = Vec::new();
-                for (k, yv) in ys.iter_mut().enumerate() {
-                    let row = &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
-                    *yv = if int(w) {
-                        kernels::dot_q16(w.ty, row, act, [0], avx2)[0]
-                    } else {
-                        dot_deq(w, row, x, &mut buf, avx2)
-                    };
-                }
-            };
-            if serial {
-                tasks.into_iter().for_each(run);
-            } else {
-                tasks.into_par_iter().for_each(run);
-            }
-            return;
-        }
-        // Several tokens: each task takes a block of rows for every token, decoding each weight block once
-        // for four tokens, and writes a transposed block that is copied out afterwards.
-        let mut yts: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+        let mut yts: Vec<Vec<f32>> =
+            if n == 1 { Vec::new() } else { ws.iter().map(|w| vec![0f32; n * w.rows]).collect() };
         let mut tasks = Vec::new();
-        for (w, yt) in ws.iter().zip(yts.iter_mut()) {
+        let outs: Vec<&mut [f32]> = if n == 1 {
+            ys.iter_mut().map(|y| &mut **y).collect()
+        } else {
+            yts.iter_mut().map(|v| &mut v[..]).collect()
+        };
+        for (w, out) in ws.iter().zip(outs) {
+            debug_assert_eq!(out.len(), n * w.rows);
             let c = chunk_of(w);
-            tasks.extend(yt.chunks_mut(c * n).enumerate().map(|(ci, b)| (*w, ci * c, b)));
+            tasks.extend(out.chunks_mut(c * n).enumerate().map(|(ci, b)| (*w, ci * c, b)));
         }
         let run = |(w, r0, block): (&Weight, usize, &mut [f32])| {
             let data = self.rows(w);
-            let mut buf = vec![0f32; w.cols];
+            let mut buf = Vec::new();
             for (k, out) in block.chunks_exact_mut(n).enumerate() {
                 let row = &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
                 if int(w) {
@@ -343,6 +329,7 @@ impl Model {
                         *o = kernels::dot_q16(w.ty, row, act, [tt * bpr], avx2)[0];
                     }
                 } else {
+                    buf.resize(w.cols, 0.0);
                     quants::dequant_row(w.ty, row, &mut buf);
                     for (t, o) in out.iter_mut().enumerate() {
                         *o = kernels::dot_f32(&buf, &x[t * w.cols..(t + 1) * w.cols], avx2);
@@ -350,7 +337,7 @@ impl Model {
                 }
             }
         };
-        if serial {
+        if rayon::current_num_threads() == 1 {
             tasks.into_iter().for_each(run);
         } else {
             tasks.into_par_iter().for_each(run);
@@ -392,12 +379,6 @@ fn weight_of(g: &Gguf, t: &TensorInfo, cols: usize, rows: usize) -> Result<Weigh
     })
 }
 
-fn dot_deq(w: &Weight, row: &[u8], x: &[f32], buf: &mut Vec<f32>, avx2: bool) -> f32 {
-    buf.resize(w.cols, 0.0);
-    quants::dequant_row(w.ty, row, buf);
-    kernels::dot_f32(buf, x, avx2)
-}
-
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len() as f64;
     let s = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
@@ -406,14 +387,15 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotation angles' cosines and sines for position `pos`: `theta_i = pos * base^(-2i/d)`, in f64.
-fn rope_table(d: usize, pos: usize, base: f32, out: &mut Vec<(f64, f64)>) {
-    out.clear();
-    for i in 0..d / 2 {
-        let theta = pos as f64 * f64::from(base).powf(-2.0 * i as f64 / d as f64);
-        let (s, c) = theta.sin_cos();
-        out.push((c, s));
-    }
+/// Rotation angles' cosines and sines for position `pos`: `theta_i = pos * inv_freq[i]`, in f64.
+fn rope_table(inv_freq: &[f64], pos: usize) -> Vec<(f64, f64)> {
+    inv_freq
+        .iter()
+        .map(|f| {
+            let (s, c) = (pos as f64 * f).sin_cos();
+            (c, s)
+        })
+        .collect()
 }
 
 /// Rotates `x` (`heads` x `d`) by the angles in `table` (from [`rope_table`]).
@@ -604,13 +586,7 @@ impl<'a> Session<'a> {
         let mut o = vec![0f32; n * e];
         let (mut g, mut u) = (vec![0f32; n * c.n_ff], vec![0f32; n * c.n_ff]);
         let scale = 1.0 / (d as f32).sqrt();
-        let tables: Vec<Vec<(f64, f64)>> = (0..n)
-            .map(|t| {
-                let mut v = Vec::new();
-                rope_table(d, self.pos + t, c.rope_base, &mut v);
-                v
-            })
-            .collect();
+        let tables: Vec<Vec<(f64, f64)>> = (0..n).map(|t| rope_table(&m.inv_freq, self.pos + t)).collect();
         for (li, layer) in m.layers.iter().enumerate() {
             for t in 0..n {
                 rmsnorm(&x[t * e..(t + 1) * e], &layer.attn_norm, c.eps, &mut h[t * e..(t + 1) * e]);

@@ -25,34 +25,10 @@ fn dequant_block(ty: TensorType, b: &[u8], out: &mut [f32]) {
         TensorType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         TensorType::F16 => out[0] = h(b, 0),
         TensorType::Bf16 => out[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        TensorType::Q8_0 => {
-            let d = h(b, 0);
-            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-                *o = d * f32::from(q as i8);
-            }
-        }
-        TensorType::Q4_0 => {
-            let d = h(b, 0);
-            for j in 0..16 {
-                out[j] = d * (f32::from(b[2 + j] & 15) - 8.0);
-                out[j + 16] = d * (f32::from(b[2 + j] >> 4) - 8.0);
-            }
-        }
-        TensorType::Q4_1 => {
-            let (d, m) = (h(b, 0), h(b, 2));
-            for j in 0..16 {
-                out[j] = d * f32::from(b[4 + j] & 15) + m;
-                out[j + 16] = d * f32::from(b[4 + j] >> 4) + m;
-            }
-        }
-        TensorType::Q5_0 => {
-            let d = h(b, 0);
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            for j in 0..16 {
-                let lo = u32::from(b[6 + j] & 15) | ((qh >> j) & 1) << 4;
-                let hi = u32::from(b[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
-                out[j] = d * (lo as f32 - 16.0);
-                out[j + 16] = d * (hi as f32 - 16.0);
+        TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0 => {
+            let (q, d, m) = block_codes(ty, b);
+            for (o, &q) in out.iter_mut().zip(&q) {
+                *o = d * q as f32 + m;
             }
         }
         TensorType::Q4K => {

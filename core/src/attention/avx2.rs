@@ -73,6 +73,37 @@ unsafe fn ld16_ph(r: *const u16) -> [__m256; 2] {
     unsafe { [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))] }
 }
 
+/// `acc[m] += s[m * stride] * x` for `m < M`: `M` scalars `stride` apart, each broadcast against the same
+/// 16 values (queries against a key row, probabilities against a value row).
+///
+/// # Safety
+/// `s.add(m * stride)` is readable for every `m < M`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_bcast<const M: usize>(
+    acc: &mut [[__m256; 2]; M],
+    s: *const f32,
+    stride: usize,
+    x: [__m256; 2],
+) {
+    for (m, a) in acc.iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        let b = _mm256_set1_ps(unsafe { s.add(m * stride).read() });
+        a[0] = _mm256_fmadd_ps(b, x[0], a[0]);
+        a[1] = _mm256_fmadd_ps(b, x[1], a[1]);
+    }
+}
+
+/// Stores `M` rows of 16 scores: query `qb + m`, columns `col..col + 16` of `out`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_scores<const M: usize>(acc: &[[__m256; 2]; M], out: &mut Scores<'_>, qb: usize, col: usize) {
+    for (m, a) in acc.iter().enumerate() {
+        let at = (qb + m) * out.stride + out.pos + col;
+        st16(&mut out.data[at..][..16], *a);
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn hsum(v: __m256) -> f32 {
@@ -186,12 +217,8 @@ fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, o
                 _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add((t + 32) * d + c0).cast());
                 // SAFETY: t < t1 and c0 + 16 <= d, so the 16 values at t * d + c0 lie in `rows`.
                 let x = unsafe { ld16_ph(rp.add(t * d + c0)) };
-                for (m, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len().
-                    let pt = _mm256_set1_ps(unsafe { pp.add(pbase + m * p.stride + t).read() });
-                    a[0] = _mm256_fmadd_ps(pt, x[0], a[0]);
-                    a[1] = _mm256_fmadd_ps(pt, x[1], a[1]);
-                }
+                // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len().
+                unsafe { fma_bcast(&mut acc, pp.add(pbase + t), p.stride, x) };
             }
             for (m, a) in acc.iter().enumerate() {
                 let o = &mut out[(qb + m) * d + c0..][..16];
@@ -254,18 +281,10 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
         // Hint the same channel row one block ahead into the cache (fp16 keys stream from DRAM; a prefetch
         // never faults, so the address may lie past the slice).
         _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(c * KEY_BLOCK_F16 + 2 * d * KEY_BLOCK_F16).cast());
-        for (m, a) in acc.iter_mut().enumerate() {
-            // SAFETY: m * d + c < M * d = qs.len().
-            let qc = _mm256_set1_ps(unsafe { qp.add(m * d + c).read() });
-            a[0] = _mm256_fmadd_ps(qc, x[0], a[0]);
-            a[1] = _mm256_fmadd_ps(qc, x[1], a[1]);
-        }
+        // SAFETY: m * d + c < M * d = qs.len().
+        unsafe { fma_bcast(&mut acc, qp.add(c), d, x) };
     }
-    for (m, a) in acc.iter().enumerate() {
-        let at = (qb + m) * out.stride + out.pos + col;
-        let dst = &mut out.data[at..][..16];
-        st16(dst, *a);
-    }
+    store_scores(&acc, out, qb, col);
 }
 
 /// See [`portable::scores_q_channel`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`, `d % 8 == 0`.
@@ -369,18 +388,10 @@ fn q_chunk_m<const B: u32, const M: usize>(
         // SAFETY: c < d, so the h words at c * w end within `codes` and m * d + c < M * d <= fq.len()
         // (checked above).
         let x = unsafe { unpack16::<B>(cp.add(c * w)) };
-        for (m, a) in acc.iter_mut().enumerate() {
-            // SAFETY: as above.
-            let q = _mm256_set1_ps(unsafe { qp.add(m * d + c).read() });
-            a[0] = _mm256_fmadd_ps(q, x[0], a[0]);
-            a[1] = _mm256_fmadd_ps(q, x[1], a[1]);
-        }
+        // SAFETY: as above.
+        unsafe { fma_bcast(&mut acc, qp.add(c), d, x) };
     }
-    for (m, a) in acc.iter().enumerate() {
-        let at = (qb + m) * out.stride + out.pos + col;
-        let dst = &mut out.data[at..][..16];
-        st16(dst, *a);
-    }
+    store_scores(&acc, out, qb, col);
 }
 
 /// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`.
@@ -483,12 +494,8 @@ fn v_tile<const B: u32, const M: usize>(
             // SAFETY: t < tile = rows.len() / row_words and word + h <= row_words, so the words lie in
             // `rows`; m * tile + t < M * tile = pg.len().
             let x = unsafe { unpack16::<B>(rp.add(t * b.row_words + word)) };
-            for (m, a) in acc.iter_mut().enumerate() {
-                // SAFETY: as above.
-                let p = _mm256_set1_ps(unsafe { pp.add(m * tile + t).read() });
-                a[0] = _mm256_fmadd_ps(p, x[0], a[0]);
-                a[1] = _mm256_fmadd_ps(p, x[1], a[1]);
-            }
+            // SAFETY: as above.
+            unsafe { fma_bcast(&mut acc, pp.add(t), tile, x) };
         }
         for (m, a) in acc.iter().enumerate() {
             let o = &mut out[(qb + m) * d + c0..][..16];

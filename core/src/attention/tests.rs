@@ -55,17 +55,6 @@ fn naive_p(
     (out, probs)
 }
 
-fn naive(
-    q: &[f32],
-    keys: &[Vec<f32>],
-    values: &[Vec<f32>],
-    q_heads: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f64> {
-    naive_p(q, keys, values, q_heads, d, scale).0
-}
-
 fn dequantized(cache: &Cache<'_>, stream: Stream) -> Vec<Vec<f32>> {
     let cfg = cache.config();
     (0..cfg.kv_heads)
@@ -314,7 +303,7 @@ fn error_against_unquantized_attention_is_within_the_quantizer_bound() {
         let qh = 3 * kv;
         let q: Vec<f32> = (0..qh * d).map(|_| rng.unit()).collect();
         let scale = 1.0 / (d as f32).sqrt();
-        let want = naive(&q, &ko, &vo, qh, d, scale);
+        let want = naive_p(&q, &ko, &vo, qh, d, scale).0;
         let (kd, vd) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
         let (_, pd) = naive_p(&q, &kd, &vd, qh, d, scale);
         for kernel in kernels() {
