@@ -6,6 +6,7 @@
 //! - [`tokenizer`]: byte-level BPE matching llama.cpp's ids.
 //! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
+//! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
 pub mod fetch;
 pub mod gguf;
@@ -13,5 +14,7 @@ pub mod kernels;
 pub mod kvspec;
 pub mod model;
 pub mod quants;
+pub mod rdata;
 pub mod sample;
+pub mod texts;
 pub mod tokenizer;
