@@ -8,11 +8,13 @@
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
 //! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
+pub mod eval;
 pub mod fetch;
 pub mod gguf;
 pub mod kernels;
 pub mod kvspec;
 pub mod model;
+pub mod plot;
 pub mod quants;
 pub mod rdata;
 pub mod sample;

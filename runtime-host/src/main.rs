@@ -31,18 +31,115 @@ enum Cmd {
     Info(ModelArgs),
     /// Prefill and decode speed at several depths, per KV spec, in one run.
     Bench(BenchArgs),
+    /// Perplexity, KL divergence and top-1 agreement against the f16 cache, every spec in one run.
+    Perplexity(PerplexityArgs),
+    /// Passkey and line retrieval over long prompts, per spec: exact match and answer log-probability.
+    Retrieval(RetrievalArgs),
+    /// A long document with a planted fact in a chat, answered with f16 and kivi2 side by side.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// KV specs to compare, side by side.
+    #[arg(long, default_value = "f16,kivi2")]
+    kv: String,
+    /// Document length in tokens (prose from Persuasion, with the planted fact halfway).
+    #[arg(long, default_value_t = 6000)]
+    doc_tokens: usize,
+    /// Most tokens per answer.
+    #[arg(short = 'n', long, default_value_t = 48)]
+    n: usize,
+}
+
+#[derive(Args)]
+struct TextArgs {
+    /// Text file (UTF-8).
+    #[arg(short = 'f', long, conflicts_with = "text")]
+    file: Option<PathBuf>,
+    /// A fetched evaluation text: prideprejudice, sensesensibility, mansfieldpark, emma, northangerabbey,
+    /// persuasion (Jane Austen, Debian r-cran-janeaustenr) or jargon (Debian jargon-text).
+    #[arg(long)]
+    text: Option<String>,
+}
+
+impl TextArgs {
+    fn read(&self, default: &str) -> Result<String> {
+        match &self.file {
+            Some(f) => read_utf8(f),
+            None => kvq_host::texts::text(self.text.as_deref().unwrap_or(default), false),
+        }
+    }
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Tokens per chunk.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
+    ctx: usize,
+    /// Most chunks to score (default: all the text holds).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Comma-separated KV specs; f16 (the baseline) is added when missing.
+    #[arg(long, default_value = "f16,kivi2,kivi4")]
+    kv: String,
+    /// One JSON object per spec.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG plot of perplexity against bits per element here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RetrievalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Haystack prose for the pass key task and words for the line keys.
+    #[arg(long, default_value = "persuasion")]
+    text: String,
+    /// Tasks: passkey, lines, or both.
+    #[arg(long, default_value = "passkey,lines")]
+    tasks: String,
+    /// Comma-separated prompt lengths in tokens (at most the model's context).
+    #[arg(long, default_value = "1024,2048,4096,8192")]
+    lengths: String,
+    /// Comma-separated needle depths, 0 (start) to 1 (end).
+    #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
+    depths: String,
+    /// Seeds per (length, depth).
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Comma-separated KV specs.
+    #[arg(long, default_value = "f16,kivi2,kivi4")]
+    kv: String,
+    /// One JSON object per (task, spec, length, depth), then one summary per (task, spec).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Comma-separated KV specs, measured in this order.
-    #[arg(long, default_value = "f16,kivi2")]
+    /// Comma-separated KV specs, measured in turn; ratios are to f16 when it is listed.
+    #[arg(long, default_value = "f16,kivi2,kivi4")]
     kv: String,
     /// Comma-separated depths (tokens already in the cache) at which to measure.
-    #[arg(long, default_value = "0,2048,8192")]
+    #[arg(long, default_value = "0,2048,4096,8192")]
     depths: String,
+    /// Alternating decode rounds per depth (each spec in turn; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Write an SVG plot of decode speed against depth here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Prompt tokens per prefill measurement.
     #[arg(short = 'p', long, default_value_t = 512)]
     prefill: usize,
@@ -191,6 +288,9 @@ fn run() -> Result<()> {
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Info(a) => info(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Perplexity(a) => perplexity(a),
+        Cmd::Retrieval(a) => retrieval(a),
+        Cmd::Demo(a) => demo(a),
     }
 }
 
@@ -404,12 +504,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
     let text = match (&a.file, &a.prompt) {
-        (Some(f), _) => {
-            let b = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            String::from_utf8(b).map_err(|e| {
-                anyhow::anyhow!("{}: invalid UTF-8 at byte {}", f.display(), e.utf8_error().valid_up_to())
-            })?
-        }
+        (Some(f), _) => read_utf8(f)?,
         (None, Some(p)) => p.clone(),
         (None, None) => bail!("give -f FILE or -p TEXT"),
     };
@@ -468,71 +563,505 @@ must be in want of a wife. However little known the feelings or views of such a 
 a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered as \
 the rightful property of some one or other of their daughters. ";
 
+/// Resident memory of this process (`VmRSS`), in bytes.
+fn rss() -> usize {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = s.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// The host runtime issue's speed targets: (what, spec, depth, tokens/s).
+const TARGETS: [(&str, &str, usize, f64); 3] =
+    [("decode", "f16", 0, 124.0), ("prefill", "f16", 0, 246.0), ("decode", "kivi2", 8192, 50.0)];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
     let fill = tok.encode(FILL, false, false);
-    let mut depths: Vec<usize> = a
-        .depths
-        .split(',')
-        .map(|d| d.trim().parse())
-        .collect::<std::result::Result<_, _>>()
-        .context("--depths")?;
+    let mut depths: Vec<usize> = parse_list(&a.depths, "--depths")?;
     depths.sort_unstable();
-    let top = depths.last().copied().unwrap_or(0);
-    let capacity = top + a.n + a.prefill + 1;
+    depths.dedup();
+    let specs = parse_specs(&a.kv)?;
+    let rounds = a.rounds.max(1);
+    let (n, p) = (a.n.max(2), a.prefill.max(1));
+    // Each depth adds `rounds` decodes and one prefill per spec.
+    let capacity = depths.last().copied().unwrap_or(0) + depths.len() * (rounds * n + p) + 1;
     let threads = rayon::current_num_threads();
-    if !a.json {
-        println!(
-            "kvq bench: {} threads, {} kernels, weights {:.1} MB/token; decode {} tokens at each depth, then prefill {} (its depth is depth + {})",
-            threads,
-            model.kernel_name(),
-            model.weight_bytes_per_token() as f64 / 1e6,
-            a.n,
-            a.prefill,
-            a.n
-        );
-        println!("{:>10} {:>7} {:>12} {:>13} {:>10}", "kv", "depth", "decode t/s", "prefill t/s", "KV MiB");
-    }
     let mut pos = 0usize;
     let mut next = |k: usize| -> Vec<u32> {
         let v: Vec<u32> = (0..k).map(|i| fill[(pos + i) % fill.len()]).collect();
         pos += k;
         v
     };
-    for spec in a.kv.split(',') {
-        let c =
-            CacheArgs { kv: spec.trim().to_string(), ctx: Some(capacity), overflow: Some(OverflowArg::Stop) };
-        let cfg = cache_config(&model, &c, Overflow::Stop)?;
-        let mut arenas = model::arenas(&model, &cfg)?;
-        let mut s = Session::new(&model, cfg, &mut arenas)?;
-        for &d in &depths {
-            while s.held() < d {
-                let k = (d - s.held()).min(512);
-                s.feed(&next(k))?;
+    let cfgs: Vec<CacheConfig> = specs
+        .iter()
+        .map(|s| {
+            s.config(model.cfg.n_kv_head, model.cfg.head_dim, capacity, Overflow::Stop)
+                .map_err(anyhow::Error::msg)
+        })
+        .collect::<Result<_>>()?;
+    // Warm the weights into memory with a throwaway session, then take the base resident size.
+    {
+        let mut arenas = model::arenas(&model, &cfgs[0])?;
+        let mut s = Session::new(&model, cfgs[0], &mut arenas)?;
+        s.feed(&next(CHUNK_WARM))?;
+    }
+    let base_rss = rss();
+    let mut arenas: Vec<Vec<Vec<u32>>> =
+        cfgs.iter().map(|c| model::arenas(&model, c)).collect::<Result<_>>()?;
+    let mut sessions = Vec::new();
+    let mut own = vec![0isize; specs.len()];
+    for (c, ar) in cfgs.iter().zip(arenas.iter_mut()) {
+        sessions.push(Session::new(&model, *c, ar)?);
+    }
+    if !a.json {
+        eprintln!(
+            "kvq bench: {threads} threads, {} kernels, weights {:.1} MB/token; at each depth {rounds} alternating rounds of {n} decode steps per spec (median), then a {p}-token prefill per spec",
+            model.kernel_name(),
+            model.weight_bytes_per_token() as f64 / 1e6
+        );
+    }
+    let pb = bar(depths.len() * specs.len(), "bench");
+    // rows[depth][spec] = (decode, prefill, kv bytes, peak rss)
+    let mut rows = vec![vec![(0f64, 0f64, 0usize, 0usize); specs.len()]; depths.len()];
+    let mut peak = vec![0isize; specs.len()];
+    let tracked =
+        |si: usize, own: &mut [isize], peak: &mut [isize], f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+            let r0 = rss() as isize;
+            f()?;
+            own[si] += rss() as isize - r0;
+            peak[si] = peak[si].max(own[si]);
+            Ok(())
+        };
+    for (di, &d) in depths.iter().enumerate() {
+        for (si, s) in sessions.iter_mut().enumerate() {
+            tracked(si, &mut own, &mut peak, &mut || {
+                while s.held() < d {
+                    let k = (d - s.held()).min(512);
+                    s.feed(&next(k))?;
+                }
+                Ok(())
+            })?;
+            rows[di][si].2 = kv_bytes(s);
+        }
+        let mut dec = vec![Vec::new(); specs.len()];
+        for _ in 0..rounds {
+            for (si, s) in sessions.iter_mut().enumerate() {
+                tracked(si, &mut own, &mut peak, &mut || {
+                    // The first step also warms the caches; time the rest.
+                    s.feed(&next(1))?;
+                    let t = Instant::now();
+                    for _ in 1..n {
+                        s.feed(&next(1))?;
+                    }
+                    dec[si].push((n - 1) as f64 / t.elapsed().as_secs_f64());
+                    Ok(())
+                })?;
             }
-            let kv = kv_bytes(&s);
-            // Decode: the first step also warms the caches; time the rest.
-            let first = next(1);
-            s.feed(&first)?;
-            let t = Instant::now();
-            for _ in 1..a.n {
-                s.feed(&next(1))?;
-            }
-            let dec = (a.n - 1) as f64 / t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            s.feed(&next(a.prefill))?;
-            let pre = a.prefill as f64 / t.elapsed().as_secs_f64();
+        }
+        for (si, s) in sessions.iter_mut().enumerate() {
+            let mut pre = 0.0;
+            tracked(si, &mut own, &mut peak, &mut || {
+                let t = Instant::now();
+                s.feed(&next(p))?;
+                pre = p as f64 / t.elapsed().as_secs_f64();
+                Ok(())
+            })?;
+            rows[di][si].0 = median(&mut dec[si]);
+            rows[di][si].1 = pre;
+            pb.inc(1);
+        }
+        for (si, r) in rows[di].iter_mut().enumerate() {
+            r.3 = (base_rss as isize + peak[si]).max(0) as usize;
+        }
+    }
+    pb.finish_and_clear();
+    let base = specs.iter().position(|s| s.name == "f16");
+    let ratio = |x: f64, b: Option<f64>| b.map_or(f64::NAN, |b| x / b);
+    if !a.json {
+        println!(
+            "{:>10} {:>6} {:>11} {:>7} {:>12} {:>7} {:>9} {:>7} {:>9}  target",
+            "kv", "depth", "decode t/s", "vs f16", "prefill t/s", "vs f16", "KV MiB", "vs f16", "RSS MiB"
+        );
+    }
+    for (si, spec) in specs.iter().enumerate() {
+        for (di, &d) in depths.iter().enumerate() {
+            let (dec, pre, kv, peak_rss) = rows[di][si];
+            let b = base.map(|b| rows[di][b]);
+            let (rd, rp, rk) = (
+                ratio(dec, b.map(|b| b.0)),
+                ratio(pre, b.map(|b| b.1)),
+                ratio(kv as f64, b.map(|b| b.2 as f64)),
+            );
+            let targets: Vec<String> = TARGETS
+                .iter()
+                .filter(|t| t.1 == spec.name && t.2 == d)
+                .map(|&(what, _, _, goal)| {
+                    let got = if what == "decode" { dec } else { pre };
+                    let verdict = if got >= goal {
+                        "met".to_string()
+                    } else {
+                        format!("{:.0}% short", 100.0 * (1.0 - got / goal))
+                    };
+                    format!("{what} >= {goal}: {verdict}")
+                })
+                .collect();
             if a.json {
                 println!(
                     "{}",
-                    serde_json::json!({"kv": spec, "depth": d, "threads": threads, "decode_tokens_per_s": dec,
-                        "prefill_tokens": a.prefill, "prefill_tokens_per_s": pre, "kv_bytes": kv})
+                    serde_json::json!({"kv": spec.name, "depth": d, "threads": threads, "rounds": rounds,
+                        "decode_tokens_per_s": dec, "decode_vs_f16": rd,
+                        "prefill_tokens": p, "prefill_tokens_per_s": pre, "prefill_vs_f16": rp,
+                        "kv_bytes": kv, "kv_vs_f16": rk, "peak_rss_bytes": peak_rss, "targets": targets})
                 );
             } else {
-                println!("{spec:>10} {d:>7} {dec:>12.1} {pre:>13.1} {:>10.2}", kv as f64 / (1 << 20) as f64);
+                println!(
+                    "{:>10} {d:>6} {dec:>11.1} {rd:>7.2} {pre:>12.1} {rp:>7.2} {:>9.2} {rk:>7.3} {:>9.1}  {}",
+                    spec.name,
+                    kv as f64 / (1 << 20) as f64,
+                    peak_rss as f64 / (1 << 20) as f64,
+                    targets.join("; ")
+                );
             }
         }
+    }
+    if let Some(path) = &a.plot {
+        let series: Vec<kvq_host::plot::Series> = specs
+            .iter()
+            .enumerate()
+            .map(|(si, s)| kvq_host::plot::Series {
+                label: s.name.clone(),
+                points: depths.iter().enumerate().map(|(di, &d)| (d as f64, rows[di][si].0)).collect(),
+            })
+            .collect();
+        kvq_host::plot::chart(
+            path,
+            &format!("Decode speed against depth ({threads} threads)"),
+            "tokens in the cache",
+            "decode tokens/s",
+            &series,
+            true,
+        )?;
+        eprintln!("kvq: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Tokens fed to warm the weights into memory before `kvq bench` measures.
+const CHUNK_WARM: usize = 8;
+
+fn read_utf8(f: &std::path::Path) -> Result<String> {
+    let b = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+    String::from_utf8(b).map_err(|e| {
+        anyhow::anyhow!("{}: invalid UTF-8 at byte {}", f.display(), e.utf8_error().valid_up_to())
+    })
+}
+
+fn parse_specs(list: &str) -> Result<Vec<KvSpec>> {
+    let specs: Vec<KvSpec> = list
+        .split(',')
+        .map(|s| KvSpec::parse(s.trim()).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    if specs.is_empty() {
+        bail!("no KV specs given");
+    }
+    Ok(specs)
+}
+
+fn parse_list<T: std::str::FromStr>(list: &str, what: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    list.split(',')
+        .map(|x| x.trim().parse::<T>().map_err(|e| anyhow::anyhow!("{what}: {x:?}: {e}")))
+        .collect()
+}
+
+fn bar(total: usize, msg: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    b.set_message(msg.to_string());
+    b
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let text = a.text.read("prideprejudice")?;
+    let specs = parse_specs(&a.kv)?;
+    // As llama-perplexity: the whole text tokenized once (BOS only where the metadata asks), control-token
+    // text left as text.
+    let tokens = tok.encode(&text, true, false);
+    let bos = if tok.add_bos { tok.bos } else { None };
+    let n_chunk = (tokens.len() / a.ctx.max(1)).min(a.chunks.unwrap_or(usize::MAX));
+    if !a.json {
+        eprintln!(
+            "kvq perplexity: {} tokens, {n_chunk} chunks of {}, scoring the second half of each; specs {}",
+            tokens.len(),
+            a.ctx,
+            a.kv
+        );
+    }
+    let pb = bar(0, "perplexity");
+    let t = Instant::now();
+    let recs = kvq_host::eval::perplexity(&model, &tokens, bos, a.ctx, a.chunks, &specs, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    if let Some(path) = &a.plot {
+        let series: Vec<kvq_host::plot::Series> = recs
+            .iter()
+            .map(|r| kvq_host::plot::Series {
+                label: r.spec.clone(),
+                points: vec![(r.bits_per_element, r.ppl)],
+            })
+            .collect();
+        kvq_host::plot::chart(
+            path,
+            &format!(
+                "Perplexity against KV bits per element (CTX {}, {} predictions)",
+                a.ctx, recs[0].scored
+            ),
+            "bits per element held",
+            "perplexity",
+            &series,
+            false,
+        )?;
+        eprintln!("kvq: wrote {}", path.display());
+    }
+    if a.json {
+        for r in &recs {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    let base = recs.iter().find(|r| r.spec == kvq_host::eval::BASELINE).map_or(f64::NAN, |r| r.ppl);
+    println!(
+        "{:<22} {:>18} {:>8} {:>16} {:>8} {:>10} {:>9}",
+        "kv", "PPL", "vs f16", "KLD", "top-1", "bits/elem", "KV MiB"
+    );
+    for r in &recs {
+        println!(
+            "{:<22} {:>9.4} ± {:<7.4} {:>+7.2}% {:>8.5} ± {:<6.5} {:>7.2}% {:>10.3} {:>9.2}",
+            r.spec,
+            r.ppl,
+            r.ppl_stderr,
+            100.0 * (r.ppl / base - 1.0),
+            r.kld,
+            r.kld_stderr,
+            100.0 * r.top1_agree,
+            r.bits_per_element,
+            r.kv_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    eprintln!("kvq: {} predictions per spec scored in {:.0} s", recs[0].scored, t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn retrieval(a: RetrievalArgs) -> Result<()> {
+    use kvq_host::eval::{Task, make_case, run_case};
+    let model = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let hay = kvq_host::texts::text(&a.text, false)?;
+    let specs = parse_specs(&a.kv)?;
+    let tasks: Vec<Task> = a
+        .tasks
+        .split(',')
+        .map(|t| match t.trim() {
+            "passkey" => Ok(Task::Passkey),
+            "lines" => Ok(Task::Lines),
+            o => Err(anyhow::anyhow!("unknown task {o:?} (passkey, lines)")),
+        })
+        .collect::<Result<_>>()?;
+    let lengths: Vec<usize> = parse_list(&a.lengths, "--lengths")?;
+    let depths: Vec<f64> = parse_list(&a.depths, "--depths")?;
+    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    if max_len > model.cfg.n_ctx_train {
+        bail!("--lengths: {max_len} exceeds the model's context of {}", model.cfg.n_ctx_train);
+    }
+    if a.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    // Every case is generated once and run under every spec.
+    let mut cases = Vec::new();
+    for &task in &tasks {
+        for &len in &lengths {
+            for &depth in &depths {
+                for seed in 0..a.seeds {
+                    cases.push((task, len, depth, seed, make_case(&tok, task, &hay, len, depth, seed)?));
+                }
+            }
+        }
+    }
+    let cap = cases.iter().map(|c| c.4.prompt.len() + c.4.answer.len()).max().unwrap_or(1);
+    let pb = bar(cases.len() * specs.len(), "retrieval");
+    let mut results = Vec::new(); // (spec index, task, len, depth, outcome)
+    for (si, spec) in specs.iter().enumerate() {
+        let cfg = spec
+            .config(model.cfg.n_kv_head, model.cfg.head_dim, cap, Overflow::Stop)
+            .map_err(anyhow::Error::msg)?;
+        let mut arenas = model::arenas(&model, &cfg)?;
+        let mut s = Session::new(&model, cfg, &mut arenas)?;
+        for (task, len, depth, _, case) in &cases {
+            results.push((si, *task, *len, *depth, run_case(&mut s, case)?));
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let n_seeds = a.seeds as usize;
+    // Per (task, spec): accuracy, mean log-probability; per cell for --json and the table.
+    for &task in &tasks {
+        if !a.json {
+            println!(
+                "\n{task:?} retrieval ({} seeds per cell; exact match %, mean answer log-prob):",
+                a.seeds
+            );
+            let mut head = format!("{:<10} {:>6}", "kv", "len");
+            for d in &depths {
+                head += &format!(" {:>14}", format!("depth {d}"));
+            }
+            println!("{head} {:>16}", "all depths");
+        }
+        for (si, spec) in specs.iter().enumerate() {
+            let mine: Vec<_> = results.iter().filter(|r| r.0 == si && r.1 == task).collect();
+            for &len in &lengths {
+                let mut row = format!("{:<10} {len:>6}", spec.name);
+                let cell = |d: Option<f64>| {
+                    let rs: Vec<_> =
+                        mine.iter().filter(|r| r.2 == len && d.is_none_or(|d| r.3 == d)).collect();
+                    let acc = rs.iter().filter(|r| r.4.exact).count() as f64 / rs.len().max(1) as f64;
+                    let lp = rs.iter().map(|r| r.4.logprob).sum::<f64>() / rs.len().max(1) as f64;
+                    (acc, lp, rs.len())
+                };
+                for &d in &depths {
+                    let (acc, lp, n) = cell(Some(d));
+                    if a.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"task": task, "spec": spec.name, "length": len, "depth": d,
+                                "cases": n, "accuracy": acc, "logprob": lp})
+                        );
+                    }
+                    row += &format!(" {:>6.0}% {:>6.2}", 100.0 * acc, lp);
+                }
+                let (acc, lp, _) = cell(None);
+                if !a.json {
+                    println!("{row} {:>8.0}% {:>6.2}", 100.0 * acc, lp);
+                }
+            }
+            let acc = mine.iter().filter(|r| r.4.exact).count() as f64 / mine.len().max(1) as f64;
+            let lp = mine.iter().map(|r| r.4.logprob).sum::<f64>() / mine.len().max(1) as f64;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"task": task, "spec": spec.name, "summary": true, "cases": mine.len(),
+                        "accuracy": acc, "logprob": lp, "seeds": n_seeds})
+                );
+            } else {
+                println!("{:<10} {:>6} {:>8.1}% exact, mean log-prob {lp:.3}", spec.name, "all", 100.0 * acc);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fact `kvq demo` plants in the document, the question about it, and the word the answer must hold.
+const DEMO_FACT: &str = "\n(A note pinned inside the Kellynch Hall library reads: the key to the old piano is kept in the blue \
+     teapot on the kitchen shelf.)\n";
+const DEMO_QUESTION: &str = "Where is the key to the old piano kept?";
+const DEMO_ANSWER: &str = "teapot";
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let specs = parse_specs(&a.kv)?;
+    let prose = kvq_host::texts::text("persuasion", false)?;
+    // Whole paragraphs of the novel's opening chapters up to the token budget, the fact halfway.
+    let mut doc = String::new();
+    let mut used = 0;
+    let mut planted = false;
+    for para in prose.split("\n\n").filter(|p| !p.trim().is_empty()) {
+        let t = tok.encode(para, false, false).len() + 2;
+        if used + t > a.doc_tokens {
+            break;
+        }
+        if !planted && used + t > a.doc_tokens / 2 {
+            doc.push_str(DEMO_FACT);
+            doc.push('\n');
+            planted = true;
+        }
+        doc.push_str(para.trim_matches('\n'));
+        doc.push_str("\n\n");
+        used += t;
+    }
+    let prompt = format!(
+        "{}{}<|im_start|>assistant\n",
+        chatml("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+        chatml("user", &format!("Read this document.\n\n{doc}\nQuestion: {DEMO_QUESTION}"))
+    );
+    let ids = tok.encode(&prompt, true, true);
+    let end = tok.id("<|im_end|>");
+    eprintln!(
+        "kvq demo: a {}-token chat (Persuasion, chapters 1 on, with a planted fact halfway); asking: {DEMO_QUESTION}",
+        ids.len()
+    );
+    let cap = ids.len() + a.n + 1;
+    let mut rows = Vec::new();
+    for spec in &specs {
+        let cfg = spec
+            .config(model.cfg.n_kv_head, model.cfg.head_dim, cap, Overflow::Stop)
+            .map_err(anyhow::Error::msg)?;
+        let mut arenas = model::arenas(&model, &cfg)?;
+        let mut s = Session::new(&model, cfg, &mut arenas)?;
+        let pb = bar(ids.len(), &spec.name);
+        let t = Instant::now();
+        let mut logits = Vec::new();
+        for chunk in ids.chunks(model::CHUNK) {
+            logits = s.feed(chunk)?;
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        let prefill = ids.len() as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut out = Vec::new();
+        for _ in 0..a.n {
+            let id = kvq_host::sample::argmax(&logits);
+            if Some(id) == end || Some(id) == tok.eos {
+                break;
+            }
+            out.push(id);
+            logits = s.feed(&[id])?;
+        }
+        let decode = out.len() as f64 / t.elapsed().as_secs_f64();
+        let answer = tok.decode(&out).trim().replace('\n', " ");
+        let u = s.caches()[0].usage();
+        rows.push((
+            spec.name.clone(),
+            answer,
+            kv_bytes(&s),
+            u.bits_per_element(s.caches()[0].config()),
+            prefill,
+            decode,
+        ));
+    }
+    println!("\nQ: {DEMO_QUESTION}   (the document says: the blue {DEMO_ANSWER} on the kitchen shelf)\n");
+    for (name, answer, ..) in &rows {
+        let ok = if answer.to_lowercase().contains(DEMO_ANSWER) { "found" } else { "missed" };
+        println!("{name:>8} [{ok}]: {answer}");
+    }
+    println!("\n{:>8} {:>10} {:>10} {:>13} {:>12}", "kv", "KV MiB", "bits/elem", "prefill t/s", "decode t/s");
+    for (name, _, kv, bits, pre, dec) in &rows {
+        println!("{name:>8} {:>10.2} {bits:>10.2} {pre:>13.1} {dec:>12.1}", *kv as f64 / (1 << 20) as f64);
     }
     Ok(())
 }

@@ -425,10 +425,23 @@ pub struct Session<'a> {
     /// Position of the next token (tokens seen, including any that slid out of the cache).
     pub pos: usize,
     kernel: Kernel,
+    prefill: Prefill,
     /// One scratch and one output buffer per KV head: heads run as parallel tasks.
     scratch: Vec<Vec<f32>>,
     parts: Vec<Vec<f32>>,
     act: Q16Act,
+}
+
+/// How a chunk of several tokens attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// The chunk's queries attend to the cache plus the chunk's own keys and values at full precision, then
+    /// the chunk enters the cache (the fast path for prompts).
+    Chunked,
+    /// Each token's key and value enter the cache first and its query attends to the cache as stored: the
+    /// same attention as decoding token by token, with the products still batched (for evaluation, where
+    /// the quantized cache must shape every prediction as it would in decoding).
+    AsDecode,
 }
 
 /// Per-layer arenas for a cache configuration: allocate with [`arenas`], then hand to [`Session::new`].
@@ -495,6 +508,7 @@ impl<'a> Session<'a> {
             caches,
             pos: 0,
             kernel: Kernel::detect(),
+            prefill: Prefill::Chunked,
             scratch: (0..c.n_kv_head).map(|_| zeroed(scratch, "attention scratch")).collect::<Result<_>>()?,
             parts: vec![Vec::new(); c.n_kv_head],
             act: Q16Act::default(),
@@ -522,6 +536,11 @@ impl<'a> Session<'a> {
     /// Uses the portable attention kernels.
     pub fn set_kernel(&mut self, k: Kernel) {
         self.kernel = k;
+    }
+
+    /// How chunks of several tokens attend (default [`Prefill::Chunked`]).
+    pub fn set_prefill(&mut self, p: Prefill) {
+        self.prefill = p;
     }
 
     /// Runs `tokens` through the model (in chunks of [`CHUNK`]); returns the logits after the last one.
@@ -561,6 +580,40 @@ impl<'a> Session<'a> {
         rayon::scope(|_| self.forward_inner(tokens, last_only))
     }
 
+    /// Attention of layer `li` for `n` queries: one (decode, over the cache) or a chunk (prefill, over the
+    /// cache and the chunk's own `k`, `v`). Each KV head with its query heads is a task writing its own
+    /// rows of `self.parts[h]`.
+    fn attend(
+        &mut self,
+        li: usize,
+        q: &[f32],
+        n: usize,
+        k: &[f32],
+        v: &[f32],
+        scale: f32,
+    ) -> kvq_core::Result<()> {
+        let c = &self.model.cfg;
+        let qd = c.n_head * c.head_dim;
+        let cache = &self.caches[li];
+        let kernel = self.kernel;
+        let run = |(h, (scratch, out)): (usize, (&mut Vec<f32>, &mut Vec<f32>))| -> kvq_core::Result<()> {
+            out.resize(n * qd, 0.0);
+            if n == 1 {
+                attention::decode_heads(cache, h..h + 1, q, c.n_head, scale, &mut out[..qd], scratch, kernel)
+                    .map(|_| ())
+            } else {
+                attention::prefill_heads(cache, h..h + 1, q, k, v, c.n_head, scale, out, scratch, kernel)
+            }
+        };
+        let tasks = self.scratch.iter_mut().zip(self.parts.iter_mut()).enumerate();
+        let res: Vec<kvq_core::Result<()>> = if rayon::current_num_threads() == 1 {
+            tasks.map(run).collect()
+        } else {
+            tasks.par_bridge().map(run).collect()
+        };
+        res.into_iter().collect()
+    }
+
     fn forward_inner(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
         let m = self.model;
         let c = &m.cfg;
@@ -586,6 +639,7 @@ impl<'a> Session<'a> {
         let mut o = vec![0f32; n * e];
         let (mut g, mut u) = (vec![0f32; n * c.n_ff], vec![0f32; n * c.n_ff]);
         let scale = 1.0 / (d as f32).sqrt();
+        let ratio = c.n_head / c.n_kv_head;
         let tables: Vec<Vec<(f64, f64)>> = (0..n).map(|t| rope_table(&m.inv_freq, self.pos + t)).collect();
         for (li, layer) in m.layers.iter().enumerate() {
             for t in 0..n {
@@ -604,49 +658,33 @@ impl<'a> Session<'a> {
                 rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
             }
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
-            if n == 1 {
-                self.caches[li].append(&k, &v).map_err(err)?;
-            }
-            // Each KV head (with its query heads) is a task writing its own output rows.
-            let cache = &self.caches[li];
-            let kernel = self.kernel;
-            let ratio = c.n_head / c.n_kv_head;
-            let (qr, kr, vr) = (&q, &k, &v);
-            let run = |(h, (scratch, out)): (usize, (&mut Vec<f32>, &mut Vec<f32>))| -> kvq_core::Result<()> {
-                out.resize(n * qd, 0.0);
-                if n == 1 {
-                    attention::decode_heads(cache, h..h + 1, qr, c.n_head, scale, out, scratch, kernel)
-                        .map(|_| ())
-                } else {
-                    attention::prefill_heads(
-                        cache,
-                        h..h + 1,
-                        qr,
-                        kr,
-                        vr,
-                        c.n_head,
-                        scale,
-                        out,
-                        scratch,
-                        kernel,
-                    )
-                }
-            };
-            let tasks = self.scratch.iter_mut().zip(self.parts.iter_mut()).enumerate();
-            let res: Vec<kvq_core::Result<()>> = if rayon::current_num_threads() == 1 {
-                tasks.map(run).collect()
-            } else {
-                tasks.par_bridge().map(run).collect()
-            };
-            res.into_iter().collect::<kvq_core::Result<()>>().map_err(err)?;
-            for (h, part) in self.parts.iter().enumerate() {
+            if n > 1 && self.prefill == Prefill::AsDecode {
+                // Token by token: each key and value enters the cache, then its query attends to the cache
+                // as stored, exactly as in decoding (the products above stay batched).
                 for t in 0..n {
-                    let rows = t * qd + h * ratio * d..t * qd + (h + 1) * ratio * d;
-                    att[rows.clone()].copy_from_slice(&part[rows]);
+                    let kv = t * kvd..(t + 1) * kvd;
+                    self.caches[li].append(&k[kv.clone()], &v[kv]).map_err(err)?;
+                    let qt = &q[t * qd..(t + 1) * qd];
+                    self.attend(li, qt, 1, &[], &[], scale).map_err(err)?;
+                    for (h, part) in self.parts.iter().enumerate() {
+                        let rows = h * ratio * d..(h + 1) * ratio * d;
+                        att[t * qd..(t + 1) * qd][rows.clone()].copy_from_slice(&part[rows]);
+                    }
                 }
-            }
-            if n > 1 {
-                self.caches[li].append(&k, &v).map_err(err)?;
+            } else {
+                if n == 1 {
+                    self.caches[li].append(&k, &v).map_err(err)?;
+                }
+                self.attend(li, &q, n, &k, &v, scale).map_err(err)?;
+                for (h, part) in self.parts.iter().enumerate() {
+                    for t in 0..n {
+                        let rows = t * qd + h * ratio * d..t * qd + (h + 1) * ratio * d;
+                        att[rows.clone()].copy_from_slice(&part[rows]);
+                    }
+                }
+                if n > 1 {
+                    self.caches[li].append(&k, &v).map_err(err)?;
+                }
             }
             m.matmul(&layer.wo, &att, &mut o, &mut self.act);
             for (xv, ov) in x.iter_mut().zip(&o) {

@@ -75,7 +75,11 @@ impl Reader<'_> {
         ensure!(n >= 0, "negative R vector length {n}");
         let n = n as usize;
         // Every element takes at least one byte: refuse counts beyond the input before allocating.
-        ensure!(n <= self.b.len() - self.at, "R vector length {n} exceeds the {} bytes left", self.b.len() - self.at);
+        ensure!(
+            n <= self.b.len() - self.at,
+            "R vector length {n} exceeds the {} bytes left",
+            self.b.len() - self.at
+        );
         Ok(n)
     }
 
@@ -204,7 +208,9 @@ impl Reader<'_> {
             let attrs = self.item(depth + 1)?;
             if let (RValue::List(items, _), RValue::Pairs(pairs)) = (&v, attrs) {
                 let names = pairs.into_iter().find_map(|(tag, val)| match (tag.as_deref(), val) {
-                    (Some("names"), RValue::Str(s)) => Some(s.into_iter().map(Option::unwrap_or_default).collect()),
+                    (Some("names"), RValue::Str(s)) => {
+                        Some(s.into_iter().map(Option::unwrap_or_default).collect())
+                    }
                     _ => None,
                 });
                 if let Some(names) = names {
@@ -241,7 +247,10 @@ fn gunzip(b: &[u8], what: &str) -> Result<Vec<u8>> {
 
 fn cap_read(mut r: impl Read, expect: usize, what: &str) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(expect.min(1 << 28));
-    r.by_ref().take(expect as u64 + 1).read_to_end(&mut out).with_context(|| format!("decompressing {what}"))?;
+    r.by_ref()
+        .take(expect as u64 + 1)
+        .read_to_end(&mut out)
+        .with_context(|| format!("decompressing {what}"))?;
     ensure!(out.len() == expect, "{what}: decompressed to {} bytes, the header says {expect}", out.len());
     Ok(out)
 }
@@ -289,7 +298,8 @@ impl LazyLoadDb {
     /// # Errors
     /// An unknown name, a corrupt or unsupported entry.
     pub fn get(&self, name: &str) -> Result<RValue> {
-        let &(off, len) = self.vars.get(name).with_context(|| format!("no variable `{name}` in the database"))?;
+        let &(off, len) =
+            self.vars.get(name).with_context(|| format!("no variable `{name}` in the database"))?;
         let e = &self.rdb[off..off + len];
         ensure!(e.len() >= 5, "variable {name}: entry of {len} bytes");
         let n = u32::from_be_bytes([e[0], e[1], e[2], e[3]]) as usize;
@@ -301,7 +311,8 @@ impl LazyLoadDb {
             (2 | 3, b'Z') => cap_read(flate2::read::ZlibDecoder::new(&e[5..]), n, &what)?,
             (2 | 3, b'X') => {
                 let mut out = Vec::new();
-                lzma_rs::xz_decompress(&mut &e[5..], &mut out).map_err(|err| anyhow::anyhow!("{what}: xz: {err}"))?;
+                lzma_rs::xz_decompress(&mut &e[5..], &mut out)
+                    .map_err(|err| anyhow::anyhow!("{what}: xz: {err}"))?;
                 ensure!(out.len() == n, "{what}: decompressed to {} bytes, the header says {n}", out.len());
                 out
             }

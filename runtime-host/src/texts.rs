@@ -14,8 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The names [`text`] knows: the six novels (janeaustenr's variable names) and `jargon`.
-pub const NAMES: [&str; 7] =
-    ["prideprejudice", "sensesensibility", "mansfieldpark", "emma", "northangerabbey", "persuasion", "jargon"];
+pub const NAMES: [&str; 7] = [
+    "prideprejudice",
+    "sensesensibility",
+    "mansfieldpark",
+    "emma",
+    "northangerabbey",
+    "persuasion",
+    "jargon",
+];
 
 const AUSTEN_PKG: &str = "r-cran-janeaustenr";
 const JARGON_PKG: &str = "jargon-text";
@@ -61,8 +68,10 @@ pub fn text_path(name: &str, quiet: bool) -> Result<PathBuf> {
         write_atomic(&path, &s)?;
     } else {
         let data = root.join("usr/lib/R/site-library/janeaustenr/data");
-        let rdx = std::fs::read(data.join("Rdata.rdx")).with_context(|| format!("{pkg} has no data/Rdata.rdx"))?;
-        let rdb = std::fs::read(data.join("Rdata.rdb")).with_context(|| format!("{pkg} has no data/Rdata.rdb"))?;
+        let rdx =
+            std::fs::read(data.join("Rdata.rdx")).with_context(|| format!("{pkg} has no data/Rdata.rdx"))?;
+        let rdb =
+            std::fs::read(data.join("Rdata.rdb")).with_context(|| format!("{pkg} has no data/Rdata.rdb"))?;
         let db = LazyLoadDb::new(&rdx, rdb).context("janeaustenr's Rdata database")?;
         for book in &NAMES[..6] {
             let lines = db.lines(book)?;
@@ -89,7 +98,8 @@ fn download_and_unpack(pkg: &str, work: &Path) -> Result<PathBuf> {
         w = work.display()
     );
     let download = || Command::new("apt-get").args(["download", "-q", pkg]).current_dir(work).output();
-    let mut out = download().with_context(|| format!("apt-get was not found, so {pkg} cannot be fetched; {manual}"))?;
+    let mut out =
+        download().with_context(|| format!("apt-get was not found, so {pkg} cannot be fetched; {manual}"))?;
     if !out.status.success() {
         // A fresh machine may have empty package lists; refreshing them needs root and changes nothing else.
         let _ = Command::new("apt-get").args(["update", "-qq"]).output();

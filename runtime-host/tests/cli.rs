@@ -129,3 +129,164 @@ fn malformed_model_files_are_refused() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn tmpdir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvq-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn perplexity_command() {
+    let dir = tmpdir("ppl");
+    let f = dir.join("doc.txt");
+    let book = kvq_host::texts::text("prideprejudice", true).unwrap();
+    std::fs::write(&f, &book[..6000]).unwrap();
+    let plot = dir.join("q.svg");
+    let out = kvq(
+        &[
+            "perplexity",
+            "-f",
+            f.to_str().unwrap(),
+            "-c",
+            "128",
+            "--chunks",
+            "2",
+            "--kv",
+            "kivi2:r=32,kivi4:r=32",
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let recs: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = recs.iter().map(|r| r["spec"].as_str().unwrap()).collect();
+    assert_eq!(names, ["f16", "kivi2:r=32", "kivi4:r=32"]);
+    for r in &recs {
+        for k in ["ppl", "ppl_stderr", "kld", "top1_agree", "bits_per_element"] {
+            assert!(r[k].as_f64().is_some(), "{k} missing in {r}");
+        }
+        let ppl = r["ppl"].as_f64().unwrap();
+        assert!(ppl > 2.0 && ppl < 200.0, "{r}");
+        assert_eq!(r["scored"], 2 * (128 - 1 - 64));
+    }
+    // 4-bit is closer to f16 than 2-bit.
+    assert!(recs[2]["kld"].as_f64() < recs[1]["kld"].as_f64(), "{recs:?}");
+    // The table and the plot.
+    let out = kvq(
+        &[
+            "perplexity",
+            "-f",
+            f.to_str().unwrap(),
+            "-c",
+            "128",
+            "--chunks",
+            "1",
+            "--kv",
+            "f16",
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("PPL") && text(&out.stdout).contains("f16"));
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    // Bad input: invalid UTF-8, a text shorter than one chunk, a bad spec.
+    let bad = dir.join("bad.txt");
+    std::fs::write(&bad, b"fine so far \xff\xfe").unwrap();
+    for args in [
+        vec!["perplexity", "-f", bad.to_str().unwrap()],
+        vec!["perplexity", "-f", f.to_str().unwrap(), "-c", "8192"],
+        vec!["perplexity", "-f", f.to_str().unwrap(), "--kv", "kivi9"],
+    ] {
+        let out = kvq(&args, None);
+        let se = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {se}");
+        assert!(se.contains("kvq: error:") && !se.contains("panicked"), "{args:?}: {se}");
+    }
+}
+
+#[test]
+fn retrieval_command() {
+    let out = kvq(
+        &["retrieval", "--lengths", "384", "--depths", "0,1", "--seeds", "1", "--kv", "f16,kivi2", "--json"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let recs: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // 2 tasks x 2 specs x (2 depth cells + 1 summary).
+    assert_eq!(recs.len(), 12, "{recs:?}");
+    for r in &recs {
+        let acc = r["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc) && r["logprob"].as_f64().unwrap() <= 0.0, "{r}");
+    }
+    let f16_passkey =
+        recs.iter().find(|r| r["task"] == "passkey" && r["spec"] == "f16" && r["summary"] == true);
+    assert_eq!(f16_passkey.unwrap()["accuracy"], 1.0, "the f16 cache finds a pass key in 384 tokens");
+    let out = kvq(&["retrieval", "--lengths", "100000"], None);
+    assert!(text(&out.stderr).contains("exceeds the model's context"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bench_command() {
+    let dir = tmpdir("bench");
+    let plot = dir.join("speed.svg");
+    let out = kvq(
+        &[
+            "bench",
+            "--depths",
+            "0,96",
+            "-n",
+            "4",
+            "-p",
+            "16",
+            "--rounds",
+            "2",
+            "--kv",
+            "f16,kivi2",
+            "--json",
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let recs: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        assert!(
+            r["decode_tokens_per_s"].as_f64().unwrap() > 0.0
+                && r["prefill_tokens_per_s"].as_f64().unwrap() > 0.0
+        );
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 50 << 20, "the weights are resident: {r}");
+        if r["kv"] == "f16" {
+            assert_eq!(r["decode_vs_f16"], 1.0);
+        }
+    }
+    let kivi_96 = recs.iter().find(|r| r["kv"] == "kivi2" && r["depth"] == 96).unwrap();
+    let f16_96 = recs.iter().find(|r| r["kv"] == "f16" && r["depth"] == 96).unwrap();
+    let kv = |r: &serde_json::Value| r["kv_bytes"].as_f64().unwrap();
+    assert!((kivi_96["kv_vs_f16"].as_f64().unwrap() - kv(kivi_96) / kv(f16_96)).abs() < 1e-12);
+    // 96 tokens held with R=128: all in the f16 window, so no saving yet beyond the layout's reserve.
+    assert!(kv(f16_96) == (96 * 30 * 2 * 3 * 64 * 2) as f64, "{f16_96}");
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("Decode speed"));
+}
+
+#[test]
+fn demo_command() {
+    let out = kvq(&["demo", "--doc-tokens", "400", "-n", "12"], None);
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(so.contains("Where is the key to the old piano kept?"), "{so}");
+    for kv in ["f16", "kivi2"] {
+        assert!(so.lines().any(|l| l.trim_start().starts_with(kv) && l.contains('[')), "{kv} answer in {so}");
+        assert!(
+            so.lines().any(|l| l.trim_start().starts_with(kv) && l.split_whitespace().count() == 5),
+            "{kv} row in {so}"
+        );
+    }
+}

@@ -1,0 +1,410 @@
+//! Quality of a KV-cache spec against the `f16` cache, measured in one run: perplexity (llama.cpp's
+//! `llama-perplexity` protocol) with KL divergence and top-1 agreement, and long-context retrieval
+//! (passkey and LongChat-style lines) generated deterministically from a seed.
+//!
+//! Perplexity runs every spec's session in lockstep over the same tokens, 64 at a time, so the `f16`
+//! distribution each spec is compared with is at hand without storing a chunk of logits. Sessions attend
+//! with [`Prefill::AsDecode`]: every key and value enters the cache before its query attends to the cache as
+//! stored, so the quantized cache shapes every prediction as in decoding (`tests/as_decode.rs` shows the
+//! batched result equals token-by-token decoding bit for bit).
+
+use crate::kvspec::KvSpec;
+use crate::model::{self, CHUNK, Model, Prefill, Session};
+use crate::sample::argmax;
+use crate::tokenizer::Tokenizer;
+use anyhow::{Result, bail, ensure};
+use kvq_core::cache::{CacheConfig, Overflow};
+use serde::Serialize;
+
+/// One spec's perplexity record (`kvq perplexity --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PplRecord {
+    /// The `--kv` spec.
+    pub spec: String,
+    /// Perplexity over the scored tokens.
+    pub ppl: f64,
+    /// Its standard error (llama.cpp's: `ppl * sqrt(var(nll) / (n - 1))`).
+    pub ppl_stderr: f64,
+    /// Mean KL divergence `KL(f16 || spec)` of the next-token distribution, in nats.
+    pub kld: f64,
+    /// Standard error of the mean KL divergence.
+    pub kld_stderr: f64,
+    /// Share of scored positions whose most likely token equals the `f16` cache's.
+    pub top1_agree: f64,
+    /// Average bits per cached element with a full chunk held.
+    pub bits_per_element: f64,
+    /// KV bytes (all layers) with a full chunk held.
+    pub kv_bytes: usize,
+    /// Predictions scored.
+    pub scored: usize,
+}
+
+/// The baseline every spec is compared with.
+pub const BASELINE: &str = "f16";
+
+#[derive(Default, Clone)]
+struct Acc {
+    nll: f64,
+    nll2: f64,
+    kld: f64,
+    kld2: f64,
+    agree: usize,
+    n: usize,
+}
+
+/// `log_softmax(logits)` in f64.
+fn log_softmax(logits: &[f32], out: &mut Vec<f64>) {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let s: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    let ls = m + s.ln();
+    out.clear();
+    out.extend(logits.iter().map(|&x| x as f64 - ls));
+}
+
+/// Perplexity of `tokens` under each spec, in one run. `specs` must hold the `f16` baseline (it is added
+/// first when missing). `progress(done, total)` is called after each step of 64 tokens.
+///
+/// The protocol is llama.cpp's `llama-perplexity`: non-overlapping chunks of `ctx` tokens (at most
+/// `chunks`), the first token of each replaced by BOS when the model's metadata asks for BOS, each chunk
+/// from an empty cache, and the predictions of the second half scored (`ctx/2 .. ctx-1`, `ctx - 1 - ctx/2`
+/// tokens per chunk).
+///
+/// # Errors
+/// Fewer tokens than one chunk, a spec that does not fit the model, a forward-pass error.
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    bos: Option<u32>,
+    ctx: usize,
+    chunks: Option<usize>,
+    specs: &[KvSpec],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<PplRecord>> {
+    ensure!(ctx >= 4, "a context of {ctx} tokens is too small to score");
+    let n_chunk = (tokens.len() / ctx).min(chunks.unwrap_or(usize::MAX));
+    ensure!(
+        n_chunk > 0,
+        "the text has {} tokens, fewer than one chunk of {ctx} (lower -c or use a longer text)",
+        tokens.len()
+    );
+    let mut specs = specs.to_vec();
+    if !specs.iter().any(|s| s.name == BASELINE) {
+        specs.insert(0, KvSpec::parse(BASELINE).map_err(anyhow::Error::msg)?);
+    }
+    let base = specs.iter().position(|s| s.name == BASELINE).unwrap_or(0);
+    let c = &model.cfg;
+    let cfgs: Vec<CacheConfig> = specs
+        .iter()
+        .map(|s| s.config(c.n_kv_head, c.head_dim, ctx, Overflow::Stop).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    let mut arenas: Vec<Vec<Vec<u32>>> =
+        cfgs.iter().map(|cfg| model::arenas(model, cfg)).collect::<Result<_>>()?;
+    let mut sessions: Vec<Session<'_>> = Vec::new();
+    for (cfg, a) in cfgs.iter().zip(arenas.iter_mut()) {
+        let mut s = Session::new(model, *cfg, a)?;
+        s.set_prefill(Prefill::AsDecode);
+        sessions.push(s);
+    }
+    let first = ctx / 2;
+    let v = c.n_vocab;
+    let mut acc = vec![Acc::default(); specs.len()];
+    let mut usage = vec![(0.0, 0usize); specs.len()];
+    let steps_per_chunk = ctx.div_ceil(CHUNK);
+    let total = n_chunk * steps_per_chunk;
+    let (mut lp_base, mut lp) = (Vec::new(), Vec::new());
+    for ci in 0..n_chunk {
+        let mut batch = tokens[ci * ctx..(ci + 1) * ctx].to_vec();
+        if let Some(b) = bos {
+            batch[0] = b;
+        }
+        for s in &mut sessions {
+            s.reset();
+        }
+        for (step, start) in (0..ctx).step_by(CHUNK).enumerate() {
+            let end = (start + CHUNK).min(ctx);
+            let sub = &batch[start..end];
+            // Rows `start..end` predict tokens `start+1..end+1`; those at `first..ctx-1` are scored.
+            let scored = start.max(first)..end.min(ctx - 1);
+            let mut logits = Vec::with_capacity(sessions.len());
+            for s in &mut sessions {
+                if scored.is_empty() {
+                    s.feed(sub)?;
+                    logits.push(Vec::new());
+                } else {
+                    logits.push(s.feed_all(sub)?);
+                }
+            }
+            for j in scored {
+                let row = |l: &[f32]| l[(j - start) * v..(j - start + 1) * v].to_vec();
+                let target = batch[j + 1] as usize;
+                let lb = row(&logits[base]);
+                log_softmax(&lb, &mut lp_base);
+                let top_base = argmax(&lb);
+                for (si, l) in logits.iter().enumerate() {
+                    let r = row(l);
+                    log_softmax(&r, &mut lp);
+                    let nll = -lp[target];
+                    let kld: f64 = lp_base
+                        .iter()
+                        .zip(&lp)
+                        .map(|(&pb, &p)| if pb > -700.0 { pb.exp() * (pb - p) } else { 0.0 })
+                        .sum();
+                    let a = &mut acc[si];
+                    a.nll += nll;
+                    a.nll2 += nll * nll;
+                    a.kld += kld;
+                    a.kld2 += kld * kld;
+                    a.agree += usize::from(argmax(&r) == top_base);
+                    a.n += 1;
+                }
+            }
+            progress(ci * steps_per_chunk + step + 1, total);
+        }
+        for (u, s) in usage.iter_mut().zip(&sessions) {
+            let us = s.caches()[0].usage();
+            *u = (
+                us.bits_per_element(s.caches()[0].config()),
+                s.caches().iter().map(|c| c.usage().total_bytes()).sum(),
+            );
+        }
+    }
+    Ok(specs
+        .iter()
+        .zip(&acc)
+        .zip(&usage)
+        .map(|((s, a), &(bits, bytes))| {
+            let n = a.n as f64;
+            let (mean, mean2) = (a.nll / n, a.nll2 / n);
+            let ppl = mean.exp();
+            let sd = |m: f64, m2: f64| if a.n > 1 { ((m2 - m * m).max(0.0) / (n - 1.0)).sqrt() } else { 0.0 };
+            let (kmean, kmean2) = (a.kld / n, a.kld2 / n);
+            PplRecord {
+                spec: s.name.clone(),
+                ppl,
+                ppl_stderr: ppl * sd(mean, mean2),
+                kld: kmean,
+                kld_stderr: sd(kmean, kmean2),
+                top1_agree: a.agree as f64 / n,
+                bits_per_element: bits,
+                kv_bytes: bytes,
+                scored: a.n,
+            }
+        })
+        .collect())
+}
+
+/// A small seeded generator (SplitMix64): retrieval tasks are the same for the same seed on every machine.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// A retrieval task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// A five-digit pass key hidden in prose.
+    Passkey,
+    /// LongChat's line retrieval: many `line <key>: REGISTER_CONTENT is <N>` lines, one asked for.
+    Lines,
+}
+
+/// One generated retrieval case: the prompt (ending just before the answer) and the answer's tokens.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// Prompt tokens (BOS first when the model asks for it).
+    pub prompt: Vec<u32>,
+    /// The answer's tokens (the digits).
+    pub answer: Vec<u32>,
+    /// The answer as text.
+    pub answer_text: String,
+    /// Where the needle sits, as a share of the prompt's tokens.
+    pub needle_at: f64,
+}
+
+/// Lines of `haystack` text starting at a seeded offset, wrapped around, each ending with `\n`.
+fn prose_lines<'t>(haystack: &'t str, rng: &mut Rng) -> impl Iterator<Item = &'t str> {
+    let lines: Vec<&str> = haystack.split_inclusive('\n').collect();
+    let start = rng.below(lines.len().max(1));
+    (0..).map(move |i| lines[(start + i) % lines.len()])
+}
+
+/// Builds a case of `task` with about `len` prompt tokens and the needle at `depth` (0 = first, 1 = last
+/// before the question), from `seed`, over `haystack` prose.
+///
+/// # Errors
+/// A length too small to hold the instruction, needle and question.
+pub fn make_case(
+    tok: &Tokenizer,
+    task: Task,
+    haystack: &str,
+    len: usize,
+    depth: f64,
+    seed: u64,
+) -> Result<Case> {
+    ensure!((0.0..=1.0).contains(&depth), "needle depth {depth} is outside 0..1");
+    let mut rng = Rng::new(seed ^ (len as u64).wrapping_mul(0x1000_0001) ^ depth.to_bits());
+    let enc = |s: &str| tok.encode(s, false, false);
+    let mut prompt = tok.encode("", true, false);
+    let (intro, question, needle, answer_text): (String, String, String, String);
+    // Filler units: prose lines, or register lines.
+    let mut units: Vec<Vec<u32>> = Vec::new();
+    match task {
+        Task::Passkey => {
+            let key = 10_000 + rng.below(90_000);
+            answer_text = key.to_string();
+            intro = "There is an important pass key hidden inside a lot of irrelevant text. Find it and \
+                     memorize it. I will quiz you about the pass key.\n\n"
+                .into();
+            needle = format!("\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n");
+            question = "\nWhat is the pass key? The pass key is ".into();
+            let fixed = enc(&intro).len() + enc(&needle).len() + enc(&question).len() + prompt.len();
+            ensure!(
+                len > fixed + 16,
+                "a {len}-token prompt cannot hold the pass key task ({fixed} fixed tokens)"
+            );
+            let mut used = 0;
+            for line in prose_lines(haystack, &mut rng) {
+                let t = enc(line);
+                if used + t.len() + fixed > len {
+                    break;
+                }
+                used += t.len();
+                units.push(t);
+            }
+        }
+        Task::Lines => {
+            intro = "Below is a record of lines I want you to remember. Each line begins with 'line <line \
+                     index>' and contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. \
+                     For each line index, memorize its corresponding <REGISTER_CONTENT>. At the end of the \
+                     record, I will ask you to retrieve the corresponding <REGISTER_CONTENT> of a certain line \
+                     index. Now the record start:\n\n"
+                .into();
+            // Keys are two words of the prose, lower case, joined by a hyphen; values five-digit numbers.
+            let words: Vec<String> = {
+                let mut w: Vec<String> = haystack
+                    .split(|c: char| !c.is_ascii_alphabetic())
+                    .filter(|w| (4..=9).contains(&w.len()))
+                    .map(str::to_ascii_lowercase)
+                    .collect();
+                w.sort_unstable();
+                w.dedup();
+                w
+            };
+            ensure!(words.len() > 100, "the haystack text has too few words for line keys");
+            let mut seen = std::collections::HashSet::new();
+            let mut lines = Vec::new();
+            let fixed = enc(&intro).len() + 40 + prompt.len();
+            let mut used = 0;
+            loop {
+                let key = format!("{}-{}", words[rng.below(words.len())], words[rng.below(words.len())]);
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
+                let value = 10_000 + rng.below(90_000);
+                let t = enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
+                if used + t.len() + fixed > len {
+                    break;
+                }
+                used += t.len();
+                units.push(t);
+                lines.push((key, value));
+            }
+            ensure!(lines.len() >= 2, "a {len}-token prompt cannot hold the line retrieval task");
+            let pick = ((depth * (lines.len() - 1) as f64).round() as usize).min(lines.len() - 1);
+            let (key, value) = &lines[pick];
+            answer_text = value.to_string();
+            question = format!(
+                "\nNow the record is over. Tell me the <REGISTER_CONTENT> in line {key}. \
+                                I need the number.\nline {key}: REGISTER_CONTENT is <"
+            );
+            // The needle is the picked line itself.
+            prompt.extend(enc(&intro));
+            let mut needle_at = 0;
+            for (i, u) in units.iter().enumerate() {
+                if i == pick {
+                    needle_at = prompt.len();
+                }
+                prompt.extend(u);
+            }
+            prompt.extend(enc(&question));
+            let n = prompt.len() as f64;
+            return Ok(Case {
+                prompt,
+                answer: enc(&answer_text),
+                answer_text,
+                needle_at: needle_at as f64 / n,
+            });
+        }
+    }
+    prompt.extend(enc(&intro));
+    let at = ((depth * units.len() as f64).round() as usize).min(units.len());
+    let mut needle_at = 0;
+    for (i, u) in units.iter().enumerate() {
+        if i == at {
+            needle_at = prompt.len();
+            prompt.extend(enc(&needle));
+        }
+        prompt.extend(u);
+    }
+    if at == units.len() {
+        needle_at = prompt.len();
+        prompt.extend(enc(&needle));
+    }
+    prompt.extend(enc(&question));
+    let n = prompt.len() as f64;
+    Ok(Case { prompt, answer: enc(&answer_text), answer_text, needle_at: needle_at as f64 / n })
+}
+
+/// What one spec did on one case.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// Greedy decoding reproduces the answer's tokens.
+    pub exact: bool,
+    /// Teacher-forced log-probability of the answer's tokens (nats).
+    pub logprob: f64,
+}
+
+/// Runs `case` in `s` (reset first): the prompt through the prefill a user's prompt takes, then the answer
+/// teacher-forced one token at a time, as decoding does. Exact match: greedy decoding would produce every
+/// answer token.
+///
+/// # Errors
+/// A forward-pass error (a prompt beyond the session's capacity).
+pub fn run_case(s: &mut Session<'_>, case: &Case) -> Result<Outcome> {
+    if case.answer.is_empty() {
+        bail!("empty answer");
+    }
+    s.reset();
+    let mut logits = s.feed(&case.prompt)?;
+    let (mut exact, mut logprob) = (true, 0.0);
+    let mut lp = Vec::new();
+    for (i, &t) in case.answer.iter().enumerate() {
+        log_softmax(&logits, &mut lp);
+        logprob += lp[t as usize];
+        exact &= argmax(&logits) == t;
+        if i + 1 < case.answer.len() {
+            logits = s.feed(&[t])?;
+        }
+    }
+    Ok(Outcome { exact, logprob })
+}
