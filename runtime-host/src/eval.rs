@@ -237,7 +237,7 @@ pub struct Case {
     pub answer: Vec<u32>,
     /// The answer as text.
     pub answer_text: String,
-    /// Where the needle sits, as a share of the prompt's tokens.
+    /// Where the needle starts, as a share of the haystack's tokens (0: first, near 1: last).
     pub needle_at: f64,
 }
 
@@ -248,131 +248,116 @@ fn prose_lines<'t>(haystack: &'t str, rng: &mut Rng) -> impl Iterator<Item = &'t
     (0..).map(move |i| lines[(start + i) % lines.len()])
 }
 
-/// Builds a case of `task` with about `len` prompt tokens and the needle at `depth` (0 = first, 1 = last
-/// before the question), from `seed`, over `haystack` prose.
+const PASSKEY_INTRO: &str = "There is an important pass key hidden inside a lot of irrelevant text. Find it and \
+    memorize it. I will quiz you about the pass key.\n\n";
+const PASSKEY_QUESTION: &str = "\nWhat is the pass key? The pass key is ";
+const LINES_INTRO: &str = "Below is a record of lines I want you to remember. Each line begins with 'line <line \
+    index>' and contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each line index, \
+    memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will ask you to retrieve the \
+    corresponding <REGISTER_CONTENT> of a certain line index. Now the record start:\n\n";
+
+/// Builds a case of `task` with at most `len` prompt tokens (filled to within one filler unit) and the
+/// needle at `depth` (0 = right after the instruction, 1 = right before the question), from `seed`, over
+/// `haystack` prose. The prompt is completion-style: it ends where the answer's digits begin.
+///
+/// - Passkey: the instruction, prose lines from a seeded offset of `haystack`, the needle sentence
+///   `The pass key is N. Remember it. N is the pass key.` between two lines, then
+///   `What is the pass key? The pass key is `.
+/// - Lines (LongChat): the instruction, then lines `line <key>: REGISTER_CONTENT is <N>` with keys of two
+///   words of `haystack` and five-digit values; the line at `depth` is asked for with
+///   `line <key>: REGISTER_CONTENT is <`.
 ///
 /// # Errors
-/// A length too small to hold the instruction, needle and question.
-pub fn make_case(
-    tok: &Tokenizer,
-    task: Task,
-    haystack: &str,
-    len: usize,
-    depth: f64,
-    seed: u64,
-) -> Result<Case> {
+/// A depth outside 0..1, or a length too small to hold the instruction, needle and question.
+pub fn make_case(tok: &Tokenizer, task: Task, haystack: &str, len: usize, depth: f64, seed: u64) -> Result<Case> {
     ensure!((0.0..=1.0).contains(&depth), "needle depth {depth} is outside 0..1");
     let mut rng = Rng::new(seed ^ (len as u64).wrapping_mul(0x1000_0001) ^ depth.to_bits());
     let enc = |s: &str| tok.encode(s, false, false);
-    let mut prompt = tok.encode("", true, false);
-    let (intro, question, needle, answer_text): (String, String, String, String);
-    // Filler units: prose lines, or register lines.
+    let head = [tok.encode("", true, false), enc(if task == Task::Passkey { PASSKEY_INTRO } else { LINES_INTRO })]
+        .concat();
+    // Filler units up to the budget; the needle is a unit of its own (passkey) or one of them (lines).
     let mut units: Vec<Vec<u32>> = Vec::new();
-    match task {
+    let fill = |room: usize, units: &mut Vec<Vec<u32>>, mut next: Box<dyn FnMut() -> Vec<u32> + '_>| {
+        let mut used = 0;
+        loop {
+            let t = next();
+            if used + t.len() > room {
+                break;
+            }
+            used += t.len();
+            units.push(t);
+        }
+    };
+    let (question, answer, at) = match task {
         Task::Passkey => {
             let key = 10_000 + rng.below(90_000);
-            answer_text = key.to_string();
-            intro = "There is an important pass key hidden inside a lot of irrelevant text. Find it and \
-                     memorize it. I will quiz you about the pass key.\n\n"
-                .into();
-            needle = format!("\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n");
-            question = "\nWhat is the pass key? The pass key is ".into();
-            let fixed = enc(&intro).len() + enc(&needle).len() + enc(&question).len() + prompt.len();
-            ensure!(
-                len > fixed + 16,
-                "a {len}-token prompt cannot hold the pass key task ({fixed} fixed tokens)"
-            );
-            let mut used = 0;
-            for line in prose_lines(haystack, &mut rng) {
-                let t = enc(line);
-                if used + t.len() + fixed > len {
-                    break;
-                }
-                used += t.len();
-                units.push(t);
-            }
+            let needle = enc(&format!("\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"));
+            let question = enc(PASSKEY_QUESTION);
+            let fixed = head.len() + needle.len() + question.len();
+            ensure!(len > fixed + 16, "a {len}-token prompt cannot hold the pass key task ({fixed} fixed tokens)");
+            let mut lines = prose_lines(haystack, &mut rng);
+            fill(len - fixed, &mut units, Box::new(move || enc(lines.next().unwrap_or("\n"))));
+            let at = ((depth * units.len() as f64).round() as usize).min(units.len());
+            units.insert(at, needle);
+            (question, key, at)
         }
         Task::Lines => {
-            intro = "Below is a record of lines I want you to remember. Each line begins with 'line <line \
-                     index>' and contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. \
-                     For each line index, memorize its corresponding <REGISTER_CONTENT>. At the end of the \
-                     record, I will ask you to retrieve the corresponding <REGISTER_CONTENT> of a certain line \
-                     index. Now the record start:\n\n"
-                .into();
-            // Keys are two words of the prose, lower case, joined by a hyphen; values five-digit numbers.
-            let words: Vec<String> = {
-                let mut w: Vec<String> = haystack
-                    .split(|c: char| !c.is_ascii_alphabetic())
-                    .filter(|w| (4..=9).contains(&w.len()))
-                    .map(str::to_ascii_lowercase)
-                    .collect();
-                w.sort_unstable();
-                w.dedup();
-                w
-            };
+            // Keys: two words of the prose, lower case, joined by a hyphen, never repeated.
+            let mut words: Vec<String> = haystack
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .filter(|w| (4..=9).contains(&w.len()))
+                .map(str::to_ascii_lowercase)
+                .collect();
+            words.sort_unstable();
+            words.dedup();
             ensure!(words.len() > 100, "the haystack text has too few words for line keys");
+            // Room for the question, which repeats the key.
+            let fixed = head.len() + 40;
+            ensure!(len > fixed + 32, "a {len}-token prompt cannot hold the line retrieval task");
             let mut seen = std::collections::HashSet::new();
             let mut lines = Vec::new();
-            let fixed = enc(&intro).len() + 40 + prompt.len();
-            let mut used = 0;
-            loop {
-                let key = format!("{}-{}", words[rng.below(words.len())], words[rng.below(words.len())]);
-                if !seen.insert(key.clone()) {
-                    continue;
-                }
-                let value = 10_000 + rng.below(90_000);
-                let t = enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
-                if used + t.len() + fixed > len {
-                    break;
-                }
-                used += t.len();
-                units.push(t);
-                lines.push((key, value));
-            }
-            ensure!(lines.len() >= 2, "a {len}-token prompt cannot hold the line retrieval task");
-            let pick = ((depth * (lines.len() - 1) as f64).round() as usize).min(lines.len() - 1);
-            let (key, value) = &lines[pick];
-            answer_text = value.to_string();
-            question = format!(
-                "\nNow the record is over. Tell me the <REGISTER_CONTENT> in line {key}. \
-                                I need the number.\nline {key}: REGISTER_CONTENT is <"
+            let mut wrng = rng.clone();
+            fill(
+                len - fixed,
+                &mut units,
+                Box::new(|| loop {
+                    let key = format!("{}-{}", words[wrng.below(words.len())], words[wrng.below(words.len())]);
+                    if seen.insert(key.clone()) {
+                        let value = 10_000 + wrng.below(90_000);
+                        lines.push((key.clone(), value));
+                        return enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
+                    }
+                }),
             );
-            // The needle is the picked line itself.
-            prompt.extend(enc(&intro));
-            let mut needle_at = 0;
-            for (i, u) in units.iter().enumerate() {
-                if i == pick {
-                    needle_at = prompt.len();
+            ensure!(units.len() >= 2, "a {len}-token prompt cannot hold the line retrieval task");
+            let mut at = ((depth * (units.len() - 1) as f64).round() as usize).min(units.len() - 1);
+            let (key, value) = lines[at].clone();
+            let question = enc(&format!(
+                "\nNow the record is over. Tell me the <REGISTER_CONTENT> in line {key}. I need the number.\n\
+                 line {key}: REGISTER_CONTENT is <"
+            ));
+            // The question's length is known only now: drop lines (from the end, or the start when the
+            // asked line is last) until the prompt fits.
+            while head.len() + units.iter().map(Vec::len).sum::<usize>() + question.len() > len {
+                ensure!(units.len() > 1, "a {len}-token prompt cannot hold the line retrieval task");
+                if at + 1 < units.len() {
+                    units.pop();
+                } else {
+                    units.remove(0);
+                    at -= 1;
                 }
-                prompt.extend(u);
             }
-            prompt.extend(enc(&question));
-            let n = prompt.len() as f64;
-            return Ok(Case {
-                prompt,
-                answer: enc(&answer_text),
-                answer_text,
-                needle_at: needle_at as f64 / n,
-            });
+            (question, value, at)
         }
-    }
-    prompt.extend(enc(&intro));
-    let at = ((depth * units.len() as f64).round() as usize).min(units.len());
-    let mut needle_at = 0;
-    for (i, u) in units.iter().enumerate() {
-        if i == at {
-            needle_at = prompt.len();
-            prompt.extend(enc(&needle));
-        }
-        prompt.extend(u);
-    }
-    if at == units.len() {
-        needle_at = prompt.len();
-        prompt.extend(enc(&needle));
-    }
-    prompt.extend(enc(&question));
-    let n = prompt.len() as f64;
-    Ok(Case { prompt, answer: enc(&answer_text), answer_text, needle_at: needle_at as f64 / n })
+    };
+    // Where the needle starts, as a share of the haystack (the tokens between instruction and question).
+    let hay_len: usize = units.iter().map(Vec::len).sum();
+    let before: usize = units[..at].iter().map(Vec::len).sum();
+    let mut prompt = head;
+    prompt.extend(units.concat());
+    prompt.extend(question);
+    let answer_text = answer.to_string();
+    Ok(Case { needle_at: before as f64 / hay_len.max(1) as f64, prompt, answer: enc(&answer_text), answer_text })
 }
 
 /// What one spec did on one case.

@@ -611,13 +611,21 @@ fn bench(a: BenchArgs) -> Result<()> {
         let mut s = Session::new(&model, cfgs[0], &mut arenas)?;
         s.feed(&next(CHUNK_WARM))?;
     }
+    // Each spec's resident memory: what its arenas and session add (arenas are zeroed, so resident, at the
+    // full capacity from the start, as llama.cpp's KV buffer is), plus what its runs add later.
     let base_rss = rss();
-    let mut arenas: Vec<Vec<Vec<u32>>> =
-        cfgs.iter().map(|c| model::arenas(&model, c)).collect::<Result<_>>()?;
-    let mut sessions = Vec::new();
     let mut own = vec![0isize; specs.len()];
-    for (c, ar) in cfgs.iter().zip(arenas.iter_mut()) {
+    let mut arenas = Vec::new();
+    for (si, c) in cfgs.iter().enumerate() {
+        let r0 = rss() as isize;
+        arenas.push(model::arenas(&model, c)?);
+        own[si] += rss() as isize - r0;
+    }
+    let mut sessions = Vec::new();
+    for (si, (c, ar)) in cfgs.iter().zip(arenas.iter_mut()).enumerate() {
+        let r0 = rss() as isize;
         sessions.push(Session::new(&model, *c, ar)?);
+        own[si] += rss() as isize - r0;
     }
     if !a.json {
         eprintln!(
@@ -629,7 +637,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let pb = bar(depths.len() * specs.len(), "bench");
     // rows[depth][spec] = (decode, prefill, kv bytes, peak rss)
     let mut rows = vec![vec![(0f64, 0f64, 0usize, 0usize); specs.len()]; depths.len()];
-    let mut peak = vec![0isize; specs.len()];
+    let mut peak = own.clone();
     let tracked =
         |si: usize, own: &mut [isize], peak: &mut [isize], f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
             let r0 = rss() as isize;
@@ -721,9 +729,10 @@ fn bench(a: BenchArgs) -> Result<()> {
                 );
             } else {
                 println!(
-                    "{:>10} {d:>6} {dec:>11.1} {rd:>7.2} {pre:>12.1} {rp:>7.2} {:>9.2} {rk:>7.3} {:>9.1}  {}",
+                    "{:>10} {d:>6} {dec:>11.1} {rd:>7.2} {pre:>12.1} {rp:>7.2} {:>9.2} {:>7} {:>9.1}  {}",
                     spec.name,
                     kv as f64 / (1 << 20) as f64,
+                    if rk.is_finite() { format!("{rk:.3}") } else { "-".into() },
                     peak_rss as f64 / (1 << 20) as f64,
                     targets.join("; ")
                 );
