@@ -269,12 +269,20 @@ const LINES_INTRO: &str = "Below is a record of lines I want you to remember. Ea
 ///
 /// # Errors
 /// A depth outside 0..1, or a length too small to hold the instruction, needle and question.
-pub fn make_case(tok: &Tokenizer, task: Task, haystack: &str, len: usize, depth: f64, seed: u64) -> Result<Case> {
+pub fn make_case(
+    tok: &Tokenizer,
+    task: Task,
+    haystack: &str,
+    len: usize,
+    depth: f64,
+    seed: u64,
+) -> Result<Case> {
     ensure!((0.0..=1.0).contains(&depth), "needle depth {depth} is outside 0..1");
     let mut rng = Rng::new(seed ^ (len as u64).wrapping_mul(0x1000_0001) ^ depth.to_bits());
     let enc = |s: &str| tok.encode(s, false, false);
-    let head = [tok.encode("", true, false), enc(if task == Task::Passkey { PASSKEY_INTRO } else { LINES_INTRO })]
-        .concat();
+    let head =
+        [tok.encode("", true, false), enc(if task == Task::Passkey { PASSKEY_INTRO } else { LINES_INTRO })]
+            .concat();
     // Filler units up to the budget; the needle is a unit of its own (passkey) or one of them (lines).
     let mut units: Vec<Vec<u32>> = Vec::new();
     let fill = |room: usize, units: &mut Vec<Vec<u32>>, mut next: Box<dyn FnMut() -> Vec<u32> + '_>| {
@@ -294,7 +302,10 @@ pub fn make_case(tok: &Tokenizer, task: Task, haystack: &str, len: usize, depth:
             let needle = enc(&format!("\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"));
             let question = enc(PASSKEY_QUESTION);
             let fixed = head.len() + needle.len() + question.len();
-            ensure!(len > fixed + 16, "a {len}-token prompt cannot hold the pass key task ({fixed} fixed tokens)");
+            ensure!(
+                len > fixed + 16,
+                "a {len}-token prompt cannot hold the pass key task ({fixed} fixed tokens)"
+            );
             let mut lines = prose_lines(haystack, &mut rng);
             fill(len - fixed, &mut units, Box::new(move || enc(lines.next().unwrap_or("\n"))));
             let at = ((depth * units.len() as f64).round() as usize).min(units.len());
@@ -320,12 +331,15 @@ pub fn make_case(tok: &Tokenizer, task: Task, haystack: &str, len: usize, depth:
             fill(
                 len - fixed,
                 &mut units,
-                Box::new(|| loop {
-                    let key = format!("{}-{}", words[wrng.below(words.len())], words[wrng.below(words.len())]);
-                    if seen.insert(key.clone()) {
-                        let value = 10_000 + wrng.below(90_000);
-                        lines.push((key.clone(), value));
-                        return enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
+                Box::new(|| {
+                    loop {
+                        let key =
+                            format!("{}-{}", words[wrng.below(words.len())], words[wrng.below(words.len())]);
+                        if seen.insert(key.clone()) {
+                            let value = 10_000 + wrng.below(90_000);
+                            lines.push((key.clone(), value));
+                            return enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
+                        }
                     }
                 }),
             );
@@ -357,7 +371,12 @@ pub fn make_case(tok: &Tokenizer, task: Task, haystack: &str, len: usize, depth:
     prompt.extend(units.concat());
     prompt.extend(question);
     let answer_text = answer.to_string();
-    Ok(Case { needle_at: before as f64 / hay_len.max(1) as f64, prompt, answer: enc(&answer_text), answer_text })
+    Ok(Case {
+        needle_at: before as f64 / hay_len.max(1) as f64,
+        prompt,
+        answer: enc(&answer_text),
+        answer_text,
+    })
 }
 
 /// What one spec did on one case.

@@ -739,6 +739,12 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
         }
     }
+    if !a.json {
+        eprintln!(
+            "kvq: resident before any session (mapped weights, runtime): {:.1} MiB",
+            base_rss as f64 / (1 << 20) as f64
+        );
+    }
     if let Some(path) = &a.plot {
         let series: Vec<kvq_host::plot::Series> = specs
             .iter()
