@@ -421,13 +421,18 @@ fn chatml(role: &str, content: &str) -> String {
     format!("<|im_start|>{role}\n{content}<|im_end|>\n")
 }
 
-fn chat(a: ChatArgs) -> Result<()> {
-    let (model, tok, cfg) = prepare(&a.run, Overflow::Slide)?;
+/// The `<|im_end|>` id of a ChatML model; an error for other chat templates.
+fn chatml_end(model: &Model, tok: &Tokenizer) -> Result<u32> {
     let tmpl = model.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap_or("");
     if !tmpl.contains("<|im_start|>") || tok.id("<|im_start|>").is_none() {
-        bail!("this model's chat template is not ChatML; kvq chat supports ChatML models (use generate)");
+        bail!("this model's chat template is not ChatML; chat and demo support ChatML models (use generate)");
     }
-    let end = tok.id("<|im_end|>").context("no <|im_end|> token")?;
+    tok.id("<|im_end|>").context("no <|im_end|> token")
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let (model, tok, cfg) = prepare(&a.run, Overflow::Slide)?;
+    let end = chatml_end(&model, &tok)?;
     let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
     let mut sampler = a.run.sample.sampler();
@@ -999,6 +1004,7 @@ const DEMO_ANSWER: &str = "teapot";
 fn demo(a: DemoArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let end = chatml_end(&model, &tok)?;
     let specs = parse_specs(&a.kv)?;
     let prose = kvq_host::texts::text("persuasion", false)?;
     // Whole paragraphs of the novel's opening chapters up to the token budget, the fact halfway.
@@ -1025,7 +1031,6 @@ fn demo(a: DemoArgs) -> Result<()> {
         chatml("user", &format!("Read this document.\n\n{doc}\nQuestion: {DEMO_QUESTION}"))
     );
     let ids = tok.encode(&prompt, true, true);
-    let end = tok.id("<|im_end|>");
     eprintln!(
         "kvq demo: a {}-token chat (Persuasion, chapters 1 on, with a planted fact halfway); asking: {DEMO_QUESTION}",
         ids.len()
@@ -1051,7 +1056,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         let mut out = Vec::new();
         for _ in 0..a.n {
             let id = kvq_host::sample::argmax(&logits);
-            if Some(id) == end || Some(id) == tok.eos {
+            if id == end || Some(id) == tok.eos {
                 break;
             }
             out.push(id);

@@ -143,24 +143,18 @@ fn perplexity_command() {
     let book = kvq_host::texts::text("prideprejudice", true).unwrap();
     std::fs::write(&f, &book[..6000]).unwrap();
     let plot = dir.join("q.svg");
-    let out = kvq(
-        &[
-            "perplexity",
-            "-f",
-            f.to_str().unwrap(),
-            "-c",
-            "128",
-            "--chunks",
-            "2",
-            "--kv",
-            "kivi2:r=32,kivi4:r=32",
-            "--json",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let recs: Vec<serde_json::Value> =
-        text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let doc = f.to_str().unwrap();
+    let ppl = |chunks: &str, kv: &str, last: &[&str]| {
+        let mut args = vec!["perplexity", "-f", doc, "-c", "128", "--chunks", chunks, "--kv", kv];
+        args.extend(last);
+        let out = kvq(&args, None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let recs: Vec<serde_json::Value> = ppl("2", "kivi2:r=32,kivi4:r=32", &["--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let names: Vec<&str> = recs.iter().map(|r| r["spec"].as_str().unwrap()).collect();
     assert_eq!(names, ["f16", "kivi2:r=32", "kivi4:r=32"]);
     for r in &recs {
@@ -174,24 +168,8 @@ fn perplexity_command() {
     // 4-bit is closer to f16 than 2-bit.
     assert!(recs[2]["kld"].as_f64() < recs[1]["kld"].as_f64(), "{recs:?}");
     // The table and the plot.
-    let out = kvq(
-        &[
-            "perplexity",
-            "-f",
-            f.to_str().unwrap(),
-            "-c",
-            "128",
-            "--chunks",
-            "1",
-            "--kv",
-            "f16",
-            "--plot",
-            plot.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("PPL") && text(&out.stdout).contains("f16"));
+    let table = ppl("1", "f16", &["--plot", plot.to_str().unwrap()]);
+    assert!(table.contains("PPL") && table.contains("f16"), "{table}");
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
     // Bad input: invalid UTF-8, a text shorter than one chunk, a bad spec.
     let bad = dir.join("bad.txt");
