@@ -698,18 +698,28 @@ fn bench(a: BenchArgs) -> Result<()> {
     let ratio = |x: f64, b: Option<f64>| b.map_or(f64::NAN, |b| x / b);
     if !a.json {
         println!(
-            "{:>10} {:>6} {:>11} {:>7} {:>12} {:>7} {:>9} {:>7} {:>9}  target",
-            "kv", "depth", "decode t/s", "vs f16", "prefill t/s", "vs f16", "KV MiB", "vs f16", "RSS MiB"
+            "{:>10} {:>6} {:>11} {:>7} {:>12} {:>7} {:>9} {:>7} {:>9} {:>7}  target",
+            "kv",
+            "depth",
+            "decode t/s",
+            "vs f16",
+            "prefill t/s",
+            "vs f16",
+            "KV MiB",
+            "vs f16",
+            "RSS MiB",
+            "vs f16"
         );
     }
     for (si, spec) in specs.iter().enumerate() {
         for (di, &d) in depths.iter().enumerate() {
             let (dec, pre, kv, peak_rss) = rows[di][si];
             let b = base.map(|b| rows[di][b]);
-            let (rd, rp, rk) = (
+            let (rd, rp, rk, rr) = (
                 ratio(dec, b.map(|b| b.0)),
                 ratio(pre, b.map(|b| b.1)),
                 ratio(kv as f64, b.map(|b| b.2 as f64)),
+                ratio(peak_rss as f64, b.map(|b| b.3 as f64)),
             );
             let targets: Vec<String> = TARGETS
                 .iter()
@@ -730,11 +740,12 @@ fn bench(a: BenchArgs) -> Result<()> {
                     serde_json::json!({"kv": spec.name, "depth": d, "threads": threads, "rounds": rounds,
                         "decode_tokens_per_s": dec, "decode_vs_f16": rd,
                         "prefill_tokens": p, "prefill_tokens_per_s": pre, "prefill_vs_f16": rp,
-                        "kv_bytes": kv, "kv_vs_f16": rk, "peak_rss_bytes": peak_rss, "targets": targets})
+                        "kv_bytes": kv, "kv_vs_f16": rk, "peak_rss_bytes": peak_rss, "peak_rss_vs_f16": rr,
+                        "targets": targets})
                 );
             } else {
                 println!(
-                    "{:>10} {d:>6} {dec:>11.1} {rd:>7.2} {pre:>12.1} {rp:>7.2} {:>9.2} {:>7} {:>9.1}  {}",
+                    "{:>10} {d:>6} {dec:>11.1} {rd:>7.2} {pre:>12.1} {rp:>7.2} {:>9.2} {:>7} {:>9.1} {rr:>7.2}  {}",
                     spec.name,
                     kv as f64 / (1 << 20) as f64,
                     if rk.is_finite() { format!("{rk:.3}") } else { "-".into() },
