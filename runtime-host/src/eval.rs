@@ -268,7 +268,7 @@ const LINES_INTRO: &str = "Below is a record of lines I want you to remember. Ea
 ///   `line <key>: REGISTER_CONTENT is <`.
 ///
 /// # Errors
-/// A depth outside 0..1, or a length too small to hold the instruction, needle and question.
+/// A depth outside 0..1, an empty haystack, or a length too small to hold the instruction, needle and question.
 pub fn make_case(
     tok: &Tokenizer,
     task: Task,
@@ -278,6 +278,7 @@ pub fn make_case(
     seed: u64,
 ) -> Result<Case> {
     ensure!((0.0..=1.0).contains(&depth), "needle depth {depth} is outside 0..1");
+    ensure!(!haystack.trim().is_empty(), "the haystack text is empty");
     let mut rng = Rng::new(seed ^ (len as u64).wrapping_mul(0x1000_0001) ^ depth.to_bits());
     let enc = |s: &str| tok.encode(s, false, false);
     let head =

@@ -113,6 +113,8 @@ fn retrieval_cases_are_deterministic_and_well_formed() {
     }
     assert!(eval::make_case(&tok, Task::Passkey, &hay, 40, 0.5, 1).is_err());
     assert!(eval::make_case(&tok, Task::Passkey, &hay, 500, 1.5, 1).is_err());
+    assert!(eval::make_case(&tok, Task::Passkey, "", 500, 0.5, 1).is_err());
+    assert!(eval::make_case(&tok, Task::Lines, "too few words", 500, 0.5, 1).is_err());
 }
 
 #[test]
