@@ -32,8 +32,9 @@ fn range(vals: impl Iterator<Item = f64> + Clone, floor_zero: bool) -> (f64, f64
     (lo, hi + pad)
 }
 
-/// Writes an SVG line-and-point chart of `series` to `path`. `lines` joins each series' points;
-/// without it, points only (one point per series is a labelled marker).
+/// Writes an SVG line-and-point chart of `series` to `path`. `lines` joins each series' points (and the y
+/// axis starts at zero, for speeds); without it, points only, each series a labelled marker, and the y axis
+/// spans the data (for quality figures whose differences are small against their size).
 ///
 /// # Errors
 /// The file cannot be written.
@@ -51,7 +52,7 @@ pub fn chart(
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
     let (x0, x1) = range(xs, true);
-    let (y0, y1) = range(ys, true);
+    let (y0, y1) = range(ys, lines);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(16)
