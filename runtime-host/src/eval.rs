@@ -81,6 +81,7 @@ pub fn perplexity(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<PplRecord>> {
     ensure!(ctx >= 4, "a context of {ctx} tokens is too small to score");
+    ensure!(chunks != Some(0), "--chunks must be at least 1");
     let n_chunk = (tokens.len() / ctx).min(chunks.unwrap_or(usize::MAX));
     ensure!(
         n_chunk > 0,

@@ -78,6 +78,8 @@ fn perplexity_equals_token_by_token_scoring() {
     // Too short a text is an error, not an empty result.
     let e = eval::perplexity(&m, &tokens[..50], None, 96, None, &specs, |_, _| {}).unwrap_err();
     assert!(e.to_string().contains("fewer than one chunk"), "{e}");
+    assert!(eval::perplexity(&m, &tokens, None, 96, Some(0), &specs, |_, _| {}).is_err());
+    assert!(eval::perplexity(&m, &tokens, None, 2, None, &specs, |_, _| {}).is_err());
 }
 
 #[test]
