@@ -10,7 +10,7 @@
 
 use crate::kvspec::KvSpec;
 use crate::model::{self, CHUNK, Model, Prefill, Session};
-use crate::sample::argmax;
+use crate::sample::{Rng, argmax};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Result, bail, ensure};
 use kvq_core::cache::{CacheConfig, Overflow};
@@ -93,11 +93,8 @@ pub fn perplexity(
         specs.insert(0, KvSpec::parse(BASELINE).map_err(anyhow::Error::msg)?);
     }
     let base = specs.iter().position(|s| s.name == BASELINE).unwrap_or(0);
-    let c = &model.cfg;
-    let cfgs: Vec<CacheConfig> = specs
-        .iter()
-        .map(|s| s.config(c.n_kv_head, c.head_dim, ctx, Overflow::Stop).map_err(anyhow::Error::msg))
-        .collect::<Result<_>>()?;
+    let cfgs: Vec<CacheConfig> =
+        specs.iter().map(|s| model.cache_config(s, ctx, Overflow::Stop)).collect::<Result<_>>()?;
     let mut arenas: Vec<Vec<Vec<u32>>> =
         cfgs.iter().map(|cfg| model::arenas(model, cfg)).collect::<Result<_>>()?;
     let mut sessions: Vec<Session<'_>> = Vec::new();
@@ -107,12 +104,12 @@ pub fn perplexity(
         sessions.push(s);
     }
     let first = ctx / 2;
-    let v = c.n_vocab;
+    let v = model.cfg.n_vocab;
     let mut acc = vec![Acc::default(); specs.len()];
-    let mut usage = vec![(0.0, 0usize); specs.len()];
     let steps_per_chunk = ctx.div_ceil(CHUNK);
     let total = n_chunk * steps_per_chunk;
     let (mut lp_base, mut lp) = (Vec::new(), Vec::new());
+    let mut p_base: Vec<f64> = Vec::new();
     for ci in 0..n_chunk {
         let mut batch = tokens[ci * ctx..(ci + 1) * ctx].to_vec();
         if let Some(b) = bos {
@@ -136,39 +133,33 @@ pub fn perplexity(
                 }
             }
             for j in scored {
-                let row = |l: &[f32]| l[(j - start) * v..(j - start + 1) * v].to_vec();
+                let at = (j - start) * v..(j - start + 1) * v;
                 let target = batch[j + 1] as usize;
-                let lb = row(&logits[base]);
-                log_softmax(&lb, &mut lp_base);
-                let top_base = argmax(&lb);
+                let lb = &logits[base][at.clone()];
+                log_softmax(lb, &mut lp_base);
+                p_base.clear();
+                p_base.extend(lp_base.iter().map(|&x| if x > -700.0 { x.exp() } else { 0.0 }));
+                let top_base = argmax(lb);
                 for (si, l) in logits.iter().enumerate() {
-                    let r = row(l);
-                    log_softmax(&r, &mut lp);
+                    let r = &l[at.clone()];
+                    log_softmax(r, &mut lp);
                     let nll = -lp[target];
-                    let kld: f64 = lp_base
-                        .iter()
-                        .zip(&lp)
-                        .map(|(&pb, &p)| if pb > -700.0 { pb.exp() * (pb - p) } else { 0.0 })
-                        .sum();
+                    let kld: f64 =
+                        p_base.iter().zip(&lp_base).zip(&lp).map(|((&pb, &lb), &p)| pb * (lb - p)).sum();
                     let a = &mut acc[si];
                     a.nll += nll;
                     a.nll2 += nll * nll;
                     a.kld += kld;
                     a.kld2 += kld * kld;
-                    a.agree += usize::from(argmax(&r) == top_base);
+                    a.agree += usize::from(argmax(r) == top_base);
                     a.n += 1;
                 }
             }
             progress(ci * steps_per_chunk + step + 1, total);
         }
-        for (u, s) in usage.iter_mut().zip(&sessions) {
-            let us = s.caches()[0].usage();
-            *u = (
-                us.bits_per_element(s.caches()[0].config()),
-                s.caches().iter().map(|c| c.usage().total_bytes()).sum(),
-            );
-        }
     }
+    // Every chunk ends with `ctx` tokens held: the last one's usage is every chunk's.
+    let usage: Vec<(f64, usize)> = sessions.iter().map(|s| (s.bits_per_element(), s.kv_bytes())).collect();
     Ok(specs
         .iter()
         .zip(&acc)
@@ -192,31 +183,6 @@ pub fn perplexity(
             }
         })
         .collect())
-}
-
-/// A small seeded generator (SplitMix64): retrieval tasks are the same for the same seed on every machine.
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
 }
 
 /// A retrieval task.
@@ -257,6 +223,19 @@ const LINES_INTRO: &str = "Below is a record of lines I want you to remember. Ea
     memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will ask you to retrieve the \
     corresponding <REGISTER_CONTENT> of a certain line index. Now the record start:\n\n";
 
+/// Units from `next` while they fit in `room` tokens together (the first that does not fit is dropped).
+fn fill(room: usize, mut next: impl FnMut() -> Vec<u32>) -> Vec<Vec<u32>> {
+    let (mut units, mut used) = (Vec::new(), 0);
+    loop {
+        let t = next();
+        if used + t.len() > room {
+            return units;
+        }
+        used += t.len();
+        units.push(t);
+    }
+}
+
 /// Builds a case of `task` with at most `len` prompt tokens (filled to within one filler unit) and the
 /// needle at `depth` (0 = right after the instruction, 1 = right before the question), from `seed`, over
 /// `haystack` prose. The prompt is completion-style: it ends where the answer's digits begin.
@@ -286,19 +265,7 @@ pub fn make_case(
         [tok.encode("", true, false), enc(if task == Task::Passkey { PASSKEY_INTRO } else { LINES_INTRO })]
             .concat();
     // Filler units up to the budget; the needle is a unit of its own (passkey) or one of them (lines).
-    let mut units: Vec<Vec<u32>> = Vec::new();
-    let fill = |room: usize, units: &mut Vec<Vec<u32>>, mut next: Box<dyn FnMut() -> Vec<u32> + '_>| {
-        let mut used = 0;
-        loop {
-            let t = next();
-            if used + t.len() > room {
-                break;
-            }
-            used += t.len();
-            units.push(t);
-        }
-    };
-    let (question, answer, at) = match task {
+    let (units, question, answer, at) = match task {
         Task::Passkey => {
             let key = 10_000 + rng.below(90_000);
             let needle = enc(&format!("\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"));
@@ -309,10 +276,10 @@ pub fn make_case(
                 "a {len}-token prompt cannot hold the pass key task ({fixed} fixed tokens)"
             );
             let mut lines = prose_lines(haystack, &mut rng);
-            fill(len - fixed, &mut units, Box::new(move || enc(lines.next().unwrap_or("\n"))));
+            let mut units = fill(len - fixed, || enc(lines.next().unwrap_or("\n")));
             let at = ((depth * units.len() as f64).round() as usize).min(units.len());
             units.insert(at, needle);
-            (question, key, at)
+            (units, question, key, at)
         }
         Task::Lines => {
             // Keys: two words of the prose, lower case, joined by a hyphen, never repeated.
@@ -329,22 +296,17 @@ pub fn make_case(
             ensure!(len > fixed + 32, "a {len}-token prompt cannot hold the line retrieval task");
             let mut seen = std::collections::HashSet::new();
             let mut lines = Vec::new();
-            let mut wrng = rng.clone();
-            fill(
-                len - fixed,
-                &mut units,
-                Box::new(|| {
-                    loop {
-                        let key =
-                            format!("{}-{}", words[wrng.below(words.len())], words[wrng.below(words.len())]);
-                        if seen.insert(key.clone()) {
-                            let value = 10_000 + wrng.below(90_000);
-                            lines.push((key.clone(), value));
-                            return enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
-                        }
+            let mut units = fill(len - fixed, || {
+                loop {
+                    let key = format!("{}-{}", words[rng.below(words.len())], words[rng.below(words.len())]);
+                    if seen.insert(key.clone()) {
+                        let value = 10_000 + rng.below(90_000);
+                        let t = enc(&format!("line {key}: REGISTER_CONTENT is <{value}>\n"));
+                        lines.push((key, value));
+                        return t;
                     }
-                }),
-            );
+                }
+            });
             ensure!(units.len() >= 2, "a {len}-token prompt cannot hold the line retrieval task");
             let mut at = ((depth * (units.len() - 1) as f64).round() as usize).min(units.len() - 1);
             let (key, value) = lines[at].clone();
@@ -363,7 +325,7 @@ pub fn make_case(
                     at -= 1;
                 }
             }
-            (question, value, at)
+            (units, question, value, at)
         }
     };
     // Where the needle starts, as a share of the haystack (the tokens between instruction and question).

@@ -23,7 +23,11 @@ pub fn cache_dir() -> Result<PathBuf> {
     Ok(dirs::cache_dir().context("no user cache directory; set KVQ_CACHE")?.join("kvq"))
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
+/// The sha256 of the file at `p`, in lower-case hex.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn sha256_file(p: &Path) -> Result<String> {
     let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -317,7 +317,7 @@ fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Result<CacheConf
         Some(OverflowArg::Slide) => Overflow::Slide,
         None => default,
     };
-    spec.config(m.cfg.n_kv_head, m.cfg.head_dim, ctx, overflow).map_err(anyhow::Error::msg)
+    m.cache_config(&spec, ctx, overflow)
 }
 
 /// The model, its tokenizer and the per-layer cache configuration `generate` and `chat` run with.
@@ -326,10 +326,6 @@ fn prepare(r: &RunArgs, overflow: Overflow) -> Result<(Model, Tokenizer, CacheCo
     let tok = Tokenizer::from_gguf(&model.gguf)?;
     let cfg = cache_config(&model, &r.cache, overflow)?;
     Ok((model, tok, cfg))
-}
-
-fn kv_bytes(s: &Session<'_>) -> usize {
-    s.caches().iter().map(|c| c.usage().total_bytes()).sum()
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -397,7 +393,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "decode_s": decode_s,
                 "decode_tokens_per_s": decoded as f64 / decode_s,
             },
-            "kv_bytes": kv_bytes(&s),
+            "kv_bytes": s.kv_bytes(),
         });
         println!("{j}");
     } else {
@@ -408,7 +404,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             prompt.len() as f64 / prefill_s,
             out_ids.len(),
             decoded as f64 / decode_s,
-            kv_bytes(&s) as f64 / (1 << 20) as f64,
+            s.kv_bytes() as f64 / (1 << 20) as f64,
             a.run.cache.kv,
             model.kernel_name()
         );
@@ -428,6 +424,27 @@ fn chatml_end(model: &Model, tok: &Tokenizer) -> Result<u32> {
         bail!("this model's chat template is not ChatML; chat and demo support ChatML models (use generate)");
     }
     tok.id("<|im_end|>").context("no <|im_end|> token")
+}
+
+/// Samples up to `n` tokens from `logits` on, feeding each back into `s`, until `stop` says a token ends
+/// the reply (that token is neither fed nor handed on); `on_token` sees each token. Returns the count.
+fn reply(
+    s: &mut Session<'_>,
+    sampler: &mut Sampler,
+    mut logits: Vec<f32>,
+    stop: impl Fn(u32) -> bool,
+    n: usize,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<usize> {
+    for i in 0..n {
+        let id = sampler.sample(&logits);
+        if stop(id) {
+            return Ok(i);
+        }
+        on_token(id)?;
+        logits = s.feed(&[id])?;
+    }
+    Ok(n)
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
@@ -465,13 +482,12 @@ fn chat(a: ChatArgs) -> Result<()> {
                 continue;
             }
             "/stats" => {
-                let u = s.caches()[0].usage();
                 eprintln!(
                     "tokens held {} (position {}), KV {:.2} MiB, {:.3} bits per element, decode {:.1} tok/s",
                     s.held(),
                     s.pos,
-                    kv_bytes(&s) as f64 / (1 << 20) as f64,
-                    u.bits_per_element(s.caches()[0].config()),
+                    s.kv_bytes() as f64 / (1 << 20) as f64,
+                    s.bits_per_element(),
                     gen_tokens as f64 / gen_secs.max(1e-9)
                 );
                 continue;
@@ -479,25 +495,25 @@ fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         pending.extend(tok.encode(&format!("{}<|im_start|>assistant\n", chatml("user", msg)), false, true));
-        let mut logits = s.feed(&pending).context("reading the message")?;
+        let logits = s.feed(&pending).context("reading the message")?;
         pending.clear();
         let mut stream = Utf8Stream::default();
         let t = Instant::now();
-        let mut n = 0;
         let mut out = std::io::stdout().lock();
-        loop {
-            let id = sampler.sample(&logits);
-            if id == end || Some(id) == tok.eos || n >= a.n {
-                // Close the turn in the cache: <|im_end|>\n.
-                pending = vec![end];
-                pending.extend(tok.encode("\n", false, false));
-                break;
-            }
-            write!(out, "{}", stream.push(&tok.token_bytes(id)))?;
-            out.flush()?;
-            logits = s.feed(&[id])?;
-            n += 1;
-        }
+        let n = reply(
+            &mut s,
+            &mut sampler,
+            logits,
+            |id| id == end || Some(id) == tok.eos,
+            a.n,
+            |id| {
+                write!(out, "{}", stream.push(&tok.token_bytes(id)))?;
+                Ok(out.flush()?)
+            },
+        )?;
+        // Close the turn in the cache: <|im_end|>\n.
+        pending = vec![end];
+        pending.extend(tok.encode("\n", false, false));
         writeln!(out)?;
         gen_tokens += n;
         gen_secs += t.elapsed().as_secs_f64();
@@ -579,6 +595,24 @@ fn rss() -> usize {
 const TARGETS: [(&str, &str, usize, f64); 3] =
     [("decode", "f16", 0, 124.0), ("prefill", "f16", 0, 246.0), ("decode", "kivi2", 8192, 50.0)];
 
+/// Resident memory attributed to each spec: what its allocations and runs add to the process's RSS, and
+/// the most that has been so far.
+struct Footprint {
+    own: Vec<isize>,
+    peak: Vec<isize>,
+}
+
+impl Footprint {
+    /// Runs `f` for spec `si`, adding the RSS it grows by to that spec's.
+    fn track<T>(&mut self, si: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let r0 = rss() as isize;
+        let out = f()?;
+        self.own[si] += rss() as isize - r0;
+        self.peak[si] = self.peak[si].max(self.own[si]);
+        Ok(out)
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
@@ -603,13 +637,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         pos += k;
         v
     };
-    let cfgs: Vec<CacheConfig> = specs
-        .iter()
-        .map(|s| {
-            s.config(model.cfg.n_kv_head, model.cfg.head_dim, capacity, Overflow::Stop)
-                .map_err(anyhow::Error::msg)
-        })
-        .collect::<Result<_>>()?;
+    let cfgs: Vec<CacheConfig> =
+        specs.iter().map(|s| model.cache_config(s, capacity, Overflow::Stop)).collect::<Result<_>>()?;
     // Warm the weights into memory with a throwaway session, then take the base resident size.
     {
         let mut arenas = model::arenas(&model, &cfgs[0])?;
@@ -619,18 +648,14 @@ fn bench(a: BenchArgs) -> Result<()> {
     // Each spec's resident memory: what its arenas and session add (arenas are zeroed, so resident, at the
     // full capacity from the start, as llama.cpp's KV buffer is), plus what its runs add later.
     let base_rss = rss();
-    let mut own = vec![0isize; specs.len()];
+    let mut fp = Footprint { own: vec![0; specs.len()], peak: vec![0; specs.len()] };
     let mut arenas = Vec::new();
     for (si, c) in cfgs.iter().enumerate() {
-        let r0 = rss() as isize;
-        arenas.push(model::arenas(&model, c)?);
-        own[si] += rss() as isize - r0;
+        arenas.push(fp.track(si, || model::arenas(&model, c))?);
     }
     let mut sessions = Vec::new();
     for (si, (c, ar)) in cfgs.iter().zip(arenas.iter_mut()).enumerate() {
-        let r0 = rss() as isize;
-        sessions.push(Session::new(&model, *c, ar)?);
-        own[si] += rss() as isize - r0;
+        sessions.push(fp.track(si, || Session::new(&model, *c, ar))?);
     }
     if !a.json {
         eprintln!(
@@ -642,55 +667,44 @@ fn bench(a: BenchArgs) -> Result<()> {
     let pb = bar(depths.len() * specs.len(), "bench");
     // rows[depth][spec] = (decode, prefill, kv bytes, peak rss)
     let mut rows = vec![vec![(0f64, 0f64, 0usize, 0usize); specs.len()]; depths.len()];
-    let mut peak = own.clone();
-    let tracked =
-        |si: usize, own: &mut [isize], peak: &mut [isize], f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-            let r0 = rss() as isize;
-            f()?;
-            own[si] += rss() as isize - r0;
-            peak[si] = peak[si].max(own[si]);
-            Ok(())
-        };
     for (di, &d) in depths.iter().enumerate() {
         for (si, s) in sessions.iter_mut().enumerate() {
-            tracked(si, &mut own, &mut peak, &mut || {
+            fp.track(si, || {
                 while s.held() < d {
                     let k = (d - s.held()).min(512);
                     s.feed(&next(k))?;
                 }
                 Ok(())
             })?;
-            rows[di][si].2 = kv_bytes(s);
+            rows[di][si].2 = s.kv_bytes();
         }
         let mut dec = vec![Vec::new(); specs.len()];
         for _ in 0..rounds {
             for (si, s) in sessions.iter_mut().enumerate() {
-                tracked(si, &mut own, &mut peak, &mut || {
+                dec[si].push(fp.track(si, || {
                     // The first step also warms the caches; time the rest.
                     s.feed(&next(1))?;
                     let t = Instant::now();
                     for _ in 1..n {
                         s.feed(&next(1))?;
                     }
-                    dec[si].push((n - 1) as f64 / t.elapsed().as_secs_f64());
-                    Ok(())
-                })?;
+                    Ok((n - 1) as f64 / t.elapsed().as_secs_f64())
+                })?);
             }
         }
         for (si, s) in sessions.iter_mut().enumerate() {
-            let mut pre = 0.0;
-            tracked(si, &mut own, &mut peak, &mut || {
+            let pre = fp.track(si, || {
                 let t = Instant::now();
                 s.feed(&next(p))?;
-                pre = p as f64 / t.elapsed().as_secs_f64();
-                Ok(())
+                Ok(p as f64 / t.elapsed().as_secs_f64())
             })?;
-            rows[di][si].0 = median(&mut dec[si]);
-            rows[di][si].1 = pre;
+            rows[di][si] = (
+                median(&mut dec[si]),
+                pre,
+                rows[di][si].2,
+                (base_rss as isize + fp.peak[si]).max(0) as usize,
+            );
             pb.inc(1);
-        }
-        for (si, r) in rows[di].iter_mut().enumerate() {
-            r.3 = (base_rss as isize + peak[si]).max(0) as usize;
         }
     }
     pb.finish_and_clear();
@@ -938,9 +952,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
     let pb = bar(cases.len() * specs.len(), "retrieval");
     let mut results = Vec::new(); // (spec index, task, len, depth, outcome)
     for (si, spec) in specs.iter().enumerate() {
-        let cfg = spec
-            .config(model.cfg.n_kv_head, model.cfg.head_dim, cap, Overflow::Stop)
-            .map_err(anyhow::Error::msg)?;
+        let cfg = model.cache_config(spec, cap, Overflow::Stop)?;
         let mut arenas = model::arenas(&model, &cfg)?;
         let mut s = Session::new(&model, cfg, &mut arenas)?;
         for (task, len, depth, _, case) in &cases {
@@ -968,11 +980,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
             for &len in &lengths {
                 let mut row = format!("{:<10} {len:>6}", spec.name);
                 let cell = |d: Option<f64>| {
-                    let rs: Vec<_> =
-                        mine.iter().filter(|r| r.2 == len && d.is_none_or(|d| r.3 == d)).collect();
-                    let acc = rs.iter().filter(|r| r.4.exact).count() as f64 / rs.len().max(1) as f64;
-                    let lp = rs.iter().map(|r| r.4.logprob).sum::<f64>() / rs.len().max(1) as f64;
-                    (acc, lp, rs.len())
+                    score(mine.iter().filter(|r| r.2 == len && d.is_none_or(|d| r.3 == d)).map(|r| &r.4))
                 };
                 for &d in &depths {
                     let (acc, lp, n) = cell(Some(d));
@@ -990,8 +998,7 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
                     println!("{row} {:>8.0}% {:>6.2}", 100.0 * acc, lp);
                 }
             }
-            let acc = mine.iter().filter(|r| r.4.exact).count() as f64 / mine.len().max(1) as f64;
-            let lp = mine.iter().map(|r| r.4.logprob).sum::<f64>() / mine.len().max(1) as f64;
+            let (acc, lp, _) = score(mine.iter().map(|r| &r.4));
             if a.json {
                 println!(
                     "{}",
@@ -1004,6 +1011,17 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exact-match share, mean log-probability and count of retrieval outcomes.
+fn score<'a>(outcomes: impl Iterator<Item = &'a kvq_host::eval::Outcome>) -> (f64, f64, usize) {
+    let (mut exact, mut lp, mut n) = (0usize, 0f64, 0usize);
+    for o in outcomes {
+        exact += usize::from(o.exact);
+        lp += o.logprob;
+        n += 1;
+    }
+    (exact as f64 / n.max(1) as f64, lp / n.max(1) as f64, n)
 }
 
 /// The fact `kvq demo` plants in the document, the question about it, and the word the answer must hold.
@@ -1049,9 +1067,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let cap = ids.len() + a.n + 1;
     let mut rows = Vec::new();
     for spec in &specs {
-        let cfg = spec
-            .config(model.cfg.n_kv_head, model.cfg.head_dim, cap, Overflow::Stop)
-            .map_err(anyhow::Error::msg)?;
+        let cfg = model.cache_config(spec, cap, Overflow::Stop)?;
         let mut arenas = model::arenas(&model, &cfg)?;
         let mut s = Session::new(&model, cfg, &mut arenas)?;
         let pb = bar(ids.len(), &spec.name);
@@ -1065,25 +1081,20 @@ fn demo(a: DemoArgs) -> Result<()> {
         let prefill = ids.len() as f64 / t.elapsed().as_secs_f64();
         let t = Instant::now();
         let mut out = Vec::new();
-        for _ in 0..a.n {
-            let id = kvq_host::sample::argmax(&logits);
-            if id == end || Some(id) == tok.eos {
-                break;
-            }
-            out.push(id);
-            logits = s.feed(&[id])?;
-        }
+        reply(
+            &mut s,
+            &mut Sampler::greedy(),
+            logits,
+            |id| id == end || Some(id) == tok.eos,
+            a.n,
+            |id| {
+                out.push(id);
+                Ok(())
+            },
+        )?;
         let decode = out.len() as f64 / t.elapsed().as_secs_f64();
         let answer = tok.decode(&out).trim().replace('\n', " ");
-        let u = s.caches()[0].usage();
-        rows.push((
-            spec.name.clone(),
-            answer,
-            kv_bytes(&s),
-            u.bits_per_element(s.caches()[0].config()),
-            prefill,
-            decode,
-        ));
+        rows.push((spec.name.clone(), answer, s.kv_bytes(), s.bits_per_element(), prefill, decode));
     }
     println!("\nQ: {DEMO_QUESTION}   (the document says: the blue {DEMO_ANSWER} on the kitchen shelf)\n");
     for (name, answer, ..) in &rows {

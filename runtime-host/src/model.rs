@@ -8,10 +8,11 @@
 
 use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
 use crate::kernels;
+use crate::kvspec::KvSpec;
 use crate::quants::{self, Q16Act};
 use anyhow::{Context, Result, bail, ensure};
 use kvq_core::attention::{self, Kernel};
-use kvq_core::cache::{Cache, CacheConfig};
+use kvq_core::cache::{Cache, CacheConfig, Overflow};
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -231,6 +232,15 @@ impl Model {
             inv_freq,
             mode: MatMode::Fast,
         })
+    }
+
+    /// One layer's cache configuration for `spec` at this model's shape, holding `capacity` tokens.
+    ///
+    /// # Errors
+    /// The spec's reason when it does not fit the model (for example a group that does not divide
+    /// `head_dim`).
+    pub fn cache_config(&self, spec: &KvSpec, capacity: usize, overflow: Overflow) -> Result<CacheConfig> {
+        spec.config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow).map_err(anyhow::Error::msg)
     }
 
     /// The weight matrix named `name` (a GGUF tensor name such as `blk.0.ffn_up.weight` or `output.weight`).
@@ -525,6 +535,17 @@ impl<'a> Session<'a> {
         self.caches[0].held()
     }
 
+    /// KV bytes held, all layers.
+    pub fn kv_bytes(&self) -> usize {
+        self.caches.iter().map(|c| c.usage().total_bytes()).sum()
+    }
+
+    /// Average bits per cached element (every layer is configured alike).
+    pub fn bits_per_element(&self) -> f64 {
+        let c = &self.caches[0];
+        c.usage().bits_per_element(c.config())
+    }
+
     /// Empties every cache.
     pub fn reset(&mut self) {
         for c in &mut self.caches {
@@ -580,29 +601,31 @@ impl<'a> Session<'a> {
         rayon::scope(|_| self.forward_inner(tokens, last_only))
     }
 
-    /// Attention of layer `li` for `n` queries: one (decode, over the cache) or a chunk (prefill, over the
-    /// cache and the chunk's own `k`, `v`). Each KV head with its query heads is a task writing its own
-    /// rows of `self.parts[h]`.
+    /// Attention of layer `li` for the queries `q` of `n = q.len() / (n_head * head_dim)` tokens into `out`:
+    /// one token attends to the cache (decode), a chunk to the cache and the chunk's own `k`, `v` (prefill).
+    /// Each KV head with its query heads is a task writing its own `self.parts[h]`; the heads' rows are then
+    /// gathered into `out`.
     fn attend(
         &mut self,
         li: usize,
         q: &[f32],
-        n: usize,
         k: &[f32],
         v: &[f32],
         scale: f32,
+        out: &mut [f32],
     ) -> kvq_core::Result<()> {
         let c = &self.model.cfg;
-        let qd = c.n_head * c.head_dim;
+        let (d, qd) = (c.head_dim, c.n_head * c.head_dim);
+        let n = q.len() / qd;
         let cache = &self.caches[li];
         let kernel = self.kernel;
-        let run = |(h, (scratch, out)): (usize, (&mut Vec<f32>, &mut Vec<f32>))| -> kvq_core::Result<()> {
-            out.resize(n * qd, 0.0);
+        let run = |(h, (scratch, part)): (usize, (&mut Vec<f32>, &mut Vec<f32>))| -> kvq_core::Result<()> {
+            part.resize(n * qd, 0.0);
             if n == 1 {
-                attention::decode_heads(cache, h..h + 1, q, c.n_head, scale, &mut out[..qd], scratch, kernel)
+                attention::decode_heads(cache, h..h + 1, q, c.n_head, scale, part, scratch, kernel)
                     .map(|_| ())
             } else {
-                attention::prefill_heads(cache, h..h + 1, q, k, v, c.n_head, scale, out, scratch, kernel)
+                attention::prefill_heads(cache, h..h + 1, q, k, v, c.n_head, scale, part, scratch, kernel)
             }
         };
         let tasks = self.scratch.iter_mut().zip(self.parts.iter_mut()).enumerate();
@@ -611,7 +634,15 @@ impl<'a> Session<'a> {
         } else {
             tasks.par_bridge().map(run).collect()
         };
-        res.into_iter().collect()
+        res.into_iter().collect::<kvq_core::Result<()>>()?;
+        let per_head = (c.n_head / c.n_kv_head) * d;
+        for (h, part) in self.parts.iter().enumerate() {
+            for t in 0..n {
+                let rows = t * qd + h * per_head..t * qd + (h + 1) * per_head;
+                out[rows.clone()].copy_from_slice(&part[rows]);
+            }
+        }
+        Ok(())
     }
 
     fn forward_inner(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
@@ -622,7 +653,7 @@ impl<'a> Session<'a> {
         let (qd, kvd) = (c.n_head * d, c.n_kv_head * d);
         // Refuse before touching any cache when a stopping cache cannot take the chunk.
         let cc = *self.caches[0].config();
-        if cc.overflow == kvq_core::cache::Overflow::Stop && self.held() + n > cc.capacity {
+        if cc.overflow == Overflow::Stop && self.held() + n > cc.capacity {
             bail!(
                 "context full: {} tokens held + {n} new exceed the capacity of {} (raise -c, or use --overflow slide)",
                 self.held(),
@@ -639,7 +670,6 @@ impl<'a> Session<'a> {
         let mut o = vec![0f32; n * e];
         let (mut g, mut u) = (vec![0f32; n * c.n_ff], vec![0f32; n * c.n_ff]);
         let scale = 1.0 / (d as f32).sqrt();
-        let ratio = c.n_head / c.n_kv_head;
         let tables: Vec<Vec<(f64, f64)>> = (0..n).map(|t| rope_table(&m.inv_freq, self.pos + t)).collect();
         for (li, layer) in m.layers.iter().enumerate() {
             for t in 0..n {
@@ -658,33 +688,18 @@ impl<'a> Session<'a> {
                 rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
             }
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
-            if n > 1 && self.prefill == Prefill::AsDecode {
-                // Token by token: each key and value enters the cache, then its query attends to the cache
-                // as stored, exactly as in decoding (the products above stay batched).
+            if n == 1 || self.prefill == Prefill::AsDecode {
+                // Decoding, or a chunk token by token as decoding does: each key and value enters the cache,
+                // then its query attends to the cache as stored (the products above stay batched).
                 for t in 0..n {
                     let kv = t * kvd..(t + 1) * kvd;
                     self.caches[li].append(&k[kv.clone()], &v[kv]).map_err(err)?;
-                    let qt = &q[t * qd..(t + 1) * qd];
-                    self.attend(li, qt, 1, &[], &[], scale).map_err(err)?;
-                    for (h, part) in self.parts.iter().enumerate() {
-                        let rows = h * ratio * d..(h + 1) * ratio * d;
-                        att[t * qd..(t + 1) * qd][rows.clone()].copy_from_slice(&part[rows]);
-                    }
+                    let rows = t * qd..(t + 1) * qd;
+                    self.attend(li, &q[rows.clone()], &[], &[], scale, &mut att[rows]).map_err(err)?;
                 }
             } else {
-                if n == 1 {
-                    self.caches[li].append(&k, &v).map_err(err)?;
-                }
-                self.attend(li, &q, n, &k, &v, scale).map_err(err)?;
-                for (h, part) in self.parts.iter().enumerate() {
-                    for t in 0..n {
-                        let rows = t * qd + h * ratio * d..t * qd + (h + 1) * ratio * d;
-                        att[rows.clone()].copy_from_slice(&part[rows]);
-                    }
-                }
-                if n > 1 {
-                    self.caches[li].append(&k, &v).map_err(err)?;
-                }
+                self.attend(li, &q, &k, &v, scale, &mut att).map_err(err)?;
+                self.caches[li].append(&k, &v).map_err(err)?;
             }
             m.matmul(&layer.wo, &att, &mut o, &mut self.act);
             for (xv, ov) in x.iter_mut().zip(&o) {

@@ -116,7 +116,7 @@ impl Reader<'_> {
         let ty = flags & 0xff;
         let has_attr = flags & (1 << 9) != 0;
         let has_tag = flags & (1 << 10) != 0;
-        let v = match ty {
+        let mut v = match ty {
             NILVALUE => return Ok(RValue::Null),
             REFSXP => {
                 let mut i = (flags >> 8) as usize;
@@ -206,16 +206,15 @@ impl Reader<'_> {
         };
         if has_attr {
             let attrs = self.item(depth + 1)?;
-            if let (RValue::List(items, _), RValue::Pairs(pairs)) = (&v, attrs) {
-                let names = pairs.into_iter().find_map(|(tag, val)| match (tag.as_deref(), val) {
+            if let (RValue::List(items, _), RValue::Pairs(pairs)) = (&mut v, attrs)
+                && let Some(names) = pairs.into_iter().find_map(|(tag, val)| match (tag.as_deref(), val) {
                     (Some("names"), RValue::Str(s)) => {
                         Some(s.into_iter().map(Option::unwrap_or_default).collect())
                     }
                     _ => None,
-                });
-                if let Some(names) = names {
-                    return Ok(RValue::List(items.clone(), names));
-                }
+                })
+            {
+                return Ok(RValue::List(std::mem::take(items), names));
             }
         }
         Ok(v)
@@ -245,14 +244,24 @@ fn gunzip(b: &[u8], what: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn cap_read(mut r: impl Read, expect: usize, what: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(expect.min(1 << 28));
-    r.by_ref()
-        .take(expect as u64 + 1)
-        .read_to_end(&mut out)
-        .with_context(|| format!("decompressing {what}"))?;
-    ensure!(out.len() == expect, "{what}: decompressed to {} bytes, the header says {expect}", out.len());
-    Ok(out)
+/// A writer that refuses to grow past `cap` bytes (a decompression bomb stops at the header's length + 1).
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + b.len() > self.cap {
+            return Err(std::io::Error::other("more bytes than the entry's header says"));
+        }
+        self.out.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl LazyLoadDb {
@@ -305,19 +314,19 @@ impl LazyLoadDb {
         let n = u32::from_be_bytes([e[0], e[1], e[2], e[3]]) as usize;
         ensure!(n <= 1 << 30, "variable {name}: claims {n} bytes uncompressed");
         let what = format!("variable {name}");
-        let raw = match (self.compressed, e[4]) {
-            (1, _) => cap_read(flate2::read::ZlibDecoder::new(&e[4..]), n, &what)?,
-            (2 | 3, b'0') => e[5..].to_vec(),
-            (2 | 3, b'Z') => cap_read(flate2::read::ZlibDecoder::new(&e[5..]), n, &what)?,
-            (2 | 3, b'X') => {
-                let mut out = Vec::new();
-                lzma_rs::xz_decompress(&mut &e[5..], &mut out)
-                    .map_err(|err| anyhow::anyhow!("{what}: xz: {err}"))?;
-                ensure!(out.len() == n, "{what}: decompressed to {} bytes, the header says {n}", out.len());
-                out
+        let mut raw = Capped { out: Vec::with_capacity(n.min(1 << 28)), cap: n };
+        let done = match (self.compressed, e[4]) {
+            (1, _) => std::io::copy(&mut flate2::read::ZlibDecoder::new(&e[4..]), &mut raw).map(|_| ()),
+            (2 | 3, b'0') => std::io::Write::write_all(&mut raw, &e[5..]),
+            (2 | 3, b'Z') => {
+                std::io::copy(&mut flate2::read::ZlibDecoder::new(&e[5..]), &mut raw).map(|_| ())
             }
+            (2 | 3, b'X') => lzma_rs::xz_decompress(&mut &e[5..], &mut raw).map_err(std::io::Error::other),
             (c, t) => bail!("{what}: compression {c} with type byte {t:#x} is not supported (bzip2?)"),
         };
+        done.with_context(|| format!("decompressing {what}"))?;
+        let raw = raw.out;
+        ensure!(raw.len() == n, "{what}: decompressed to {} bytes, the header says {n}", raw.len());
         unserialize(&raw).with_context(|| what.clone())
     }
 

@@ -9,28 +9,49 @@ pub struct Sampler {
     pub top_k: usize,
     /// Keep the smallest set whose probability reaches `top_p` (1: all).
     pub top_p: f32,
-    state: u64,
+    rng: Rng,
+}
+
+/// A small seeded generator (SplitMix64): the same sequence for the same seed on every machine, for sampling
+/// and for the evaluation's generated tasks.
+#[derive(Clone, Copy, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 impl Sampler {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        Self { temp: 0.0, top_k: 0, top_p: 1.0, state: 0 }
+        Self { temp: 0.0, top_k: 0, top_p: 1.0, rng: Rng::new(0) }
     }
 
     /// Temperature sampling seeded with `seed`.
     pub fn new(temp: f32, top_k: usize, top_p: f32, seed: u64) -> Self {
-        Self { temp, top_k, top_p, state: seed ^ 0x9e37_79b9_7f4a_7c15 }
-    }
-
-    /// SplitMix64, mapped to [0, 1).
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        Self { temp, top_k, top_p, rng: Rng::new(seed) }
     }
 
     /// Picks a token from `logits`.
@@ -58,7 +79,7 @@ impl Sampler {
             }
         }
         let total: f64 = p[..keep].iter().sum();
-        let mut r = self.uniform() * total;
+        let mut r = self.rng.uniform() * total;
         for (i, x) in p[..keep].iter().enumerate() {
             r -= x;
             if r <= 0.0 {

@@ -30,8 +30,7 @@ fn batched_as_decode_equals_token_by_token() {
         ("kivi2:g=16:r=16:s=4", 64, Overflow::Slide),
         ("f16", 256, Overflow::Stop),
     ] {
-        let cfg =
-            KvSpec::parse(spec).unwrap().config(m.cfg.n_kv_head, m.cfg.head_dim, cap, overflow).unwrap();
+        let cfg = m.cache_config(&KvSpec::parse(spec).unwrap(), cap, overflow).unwrap();
         let run = |prefill: Option<Prefill>| -> Vec<f32> {
             let mut arenas = model::arenas(&m, &cfg).unwrap();
             let mut s = Session::new(&m, cfg, &mut arenas).unwrap();

@@ -39,10 +39,7 @@ fn perplexity_equals_token_by_token_scoring() {
         let batch = &tokens[ci * ctx..(ci + 1) * ctx];
         let mut logits = Vec::new();
         for spec in ["f16", "kivi2:g=16:r=16"] {
-            let cfg = KvSpec::parse(spec)
-                .unwrap()
-                .config(m.cfg.n_kv_head, m.cfg.head_dim, ctx, Overflow::Stop)
-                .unwrap();
+            let cfg = m.cache_config(&KvSpec::parse(spec).unwrap(), ctx, Overflow::Stop).unwrap();
             let mut ar = model::arenas(&m, &cfg).unwrap();
             let mut s = Session::new(&m, cfg, &mut ar).unwrap();
             logits.push(batch.iter().flat_map(|&t| s.feed(&[t]).unwrap()).collect::<Vec<f32>>());
@@ -124,8 +121,7 @@ fn f16_cache_finds_a_short_pass_key() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let hay = kvq_host::texts::text("persuasion", true).unwrap();
-    let cfg =
-        KvSpec::parse("f16").unwrap().config(m.cfg.n_kv_head, m.cfg.head_dim, 600, Overflow::Stop).unwrap();
+    let cfg = m.cache_config(&KvSpec::parse("f16").unwrap(), 600, Overflow::Stop).unwrap();
     let mut ar = model::arenas(&m, &cfg).unwrap();
     let mut s = Session::new(&m, cfg, &mut ar).unwrap();
     for seed in 0..2 {

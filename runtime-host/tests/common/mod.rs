@@ -24,14 +24,10 @@ pub(crate) fn model() -> Model {
 /// directory on first use, like the default model), checked against the sha256 the committed reference
 /// recorded. Built files are cached; nothing binary is committed.
 pub(crate) fn python_fixture(script: &str, file: &str, sha256: &str) -> PathBuf {
-    use sha2::{Digest, Sha256};
     use std::process::Command;
     let cache = kvq_host::fetch::cache_dir().unwrap().join("fixtures");
     let out = cache.join(file);
-    let digest = |p: &std::path::Path| -> Option<String> {
-        let b = std::fs::read(p).ok()?;
-        Some(Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect())
-    };
+    let digest = |p: &std::path::Path| kvq_host::fetch::sha256_file(p).ok();
     if digest(&out).as_deref() == Some(sha256) {
         return out;
     }
