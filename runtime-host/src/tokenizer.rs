@@ -80,13 +80,15 @@ impl Tokenizer {
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
         ensure!(model == "gpt2", "tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", is)");
         let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default").to_string();
-        let (pats, ignore_merges): (Vec<&str>, bool) = match pre.as_str() {
+        // llama.cpp's defaults per pre-tokenizer: the Llama 3 family adds BOS unless the metadata says no.
+        let (pats, ignore_merges, bos_default): (Vec<&str>, bool, bool) = match pre.as_str() {
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-                (vec![r"\p{N}", GPT2_RE], false)
+                (vec![r"\p{N}", GPT2_RE], false, false)
             }
-            "gpt-2" | "mpt" | "olmo" | "jais" => (vec![GPT2_RE], false),
-            "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => (vec![LLAMA3_RE], true),
-            "qwen2" | "stablelm2" | "hunyuan" => (vec![QWEN2_RE], false),
+            "gpt-2" | "mpt" | "olmo" | "jais" => (vec![GPT2_RE], false, false),
+            "llama-bpe" | "llama3" | "llama-v3" => (vec![LLAMA3_RE], true, true),
+            "dbrx" | "smaug-bpe" => (vec![LLAMA3_RE], false, false),
+            "qwen2" | "stablelm2" | "hunyuan" => (vec![QWEN2_RE], false, false),
             p => bail!(
                 "pre-tokenizer {p:?} is not supported (smollm, gpt-2, llama-bpe and qwen2 families are)"
             ),
@@ -137,7 +139,10 @@ impl Tokenizer {
         Ok(Self {
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
-            add_bos: matches!(g.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true))),
+            add_bos: match g.get("tokenizer.ggml.add_bos_token") {
+                Some(Value::Bool(b)) => *b,
+                _ => bos_default,
+            },
             tokens,
             types,
             ids,
