@@ -26,7 +26,33 @@ pub fn has_avx2() -> bool {
 
 /// `row` (blocks of a 32-element type) · activations `a` for `M` tokens at once, token `m`'s activations
 /// starting at block `b0[m]`: each weight block is decoded once for all `M`.
+///
+/// Q4_1's block minimums enter as `hsum(scaled integer sums) + Σ_i m_i s_i`, the second sum one f32 FMA
+/// chain over the blocks in order; [`dot_q16_scaled`] and [`add_mins`] compute the same two parts apart
+/// (the minimums for many tokens at once), with the same bits.
 pub fn dot_q16<const M: usize>(
+    ty: TensorType,
+    row: &[u8],
+    a: &Q16Act,
+    b0: [usize; M],
+    avx2: bool,
+) -> [f32; M] {
+    dot_q16_with::<M, true>(ty, row, a, b0, avx2)
+}
+
+/// [`dot_q16`] without Q4_1's minimum terms (for the other types the same): the sum over blocks of
+/// `dw * dy * Σ qw qy`.
+pub fn dot_q16_scaled<const M: usize>(
+    ty: TensorType,
+    row: &[u8],
+    a: &Q16Act,
+    b0: [usize; M],
+    avx2: bool,
+) -> [f32; M] {
+    dot_q16_with::<M, false>(ty, row, a, b0, avx2)
+}
+
+fn dot_q16_with<const M: usize, const MIN: bool>(
     ty: TensorType,
     row: &[u8],
     a: &Q16Act,
@@ -36,7 +62,7 @@ pub fn dot_q16<const M: usize>(
     let nb = row.len() / ty.block_bytes();
     for &b in &b0 {
         assert!(
-            a.q.len() >= (b + nb) * 32 && a.d.len() >= b + nb && a.s.len() >= b + nb,
+            a.q().len() >= (b + nb) * 32 && a.d.len() >= b + nb && a.s.len() >= b + nb,
             "activations shorter than the row"
         );
     }
@@ -45,16 +71,59 @@ pub fn dot_q16<const M: usize>(
         // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; lengths checked above.
         return unsafe {
             match ty {
-                TensorType::Q8_0 => x86::dot::<0, M>(row, a, b0),
-                TensorType::Q4_0 => x86::dot::<1, M>(row, a, b0),
-                TensorType::Q4_1 => x86::dot::<2, M>(row, a, b0),
-                TensorType::Q5_0 => x86::dot::<3, M>(row, a, b0),
+                TensorType::Q8_0 => x86::dot::<0, M, MIN>(row, a, b0),
+                TensorType::Q4_0 => x86::dot::<1, M, MIN>(row, a, b0),
+                TensorType::Q4_1 => x86::dot::<2, M, MIN>(row, a, b0),
+                TensorType::Q5_0 => x86::dot::<3, M, MIN>(row, a, b0),
                 _ => unreachable!("dot_q16 takes 32-element block types only"),
             }
         };
     }
     let _ = avx2;
-    b0.map(|b| quants::dot_q16_ref(ty, row, a, b))
+    b0.map(|b| {
+        let scaled = quants::dot_q16_scaled_ref(ty, row, a, b);
+        if MIN && ty == TensorType::Q4_1 {
+            let mut o = 0f32;
+            for (i, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
+                o = min_of(blk).mul_add(a.s[b + i], o);
+            }
+            scaled + o
+        } else {
+            scaled
+        }
+    })
+}
+
+/// A Q4_1 block's minimum `m`.
+fn min_of(block: &[u8]) -> f32 {
+    half::f16::from_le_bytes([block[2], block[3]]).to_f32()
+}
+
+/// Adds Q4_1's minimum terms of `row` for `n` tokens: `out[t] += Σ_i m_i st[i * n + t]`, where `st` holds
+/// the activation blocks' `d * Σ q` block-major (`st[i * n + t]` = token `t`'s block `i`). The sum for each
+/// token is the FMA chain [`dot_q16`] runs, so `dot_q16_scaled + add_mins` equals `dot_q16` bit for bit.
+/// Other types have no minimum: nothing is added.
+pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32], avx2: bool) {
+    if ty != TensorType::Q4_1 {
+        return;
+    }
+    let nb = row.len() / ty.block_bytes();
+    assert!(st.len() >= nb * n && out.len() >= n, "add_mins: {n} tokens, {nb} blocks, st {}", st.len());
+    let mins: Vec<f32> = row.chunks_exact(ty.block_bytes()).map(min_of).collect();
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: as in `dot_q16`; st holds nb rows of n tokens and out n tokens (checked above).
+        t = unsafe { x86::add_mins(&mins, st, n, out) };
+    }
+    let _ = avx2;
+    for (tt, o) in out.iter_mut().enumerate().take(n).skip(t) {
+        let mut acc = 0f32;
+        for (i, &m) in mins.iter().enumerate() {
+            acc = m.mul_add(st[i * n + tt], acc);
+        }
+        *o += acc;
+    }
 }
 
 /// `w · x` in f32.
@@ -141,14 +210,14 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `a` holds blocks `b0[m]..b0[m] + row.len() / block_bytes` for every m.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const T: u8, const M: usize>(
+    pub(super) unsafe fn dot<const T: u8, const M: usize, const MIN: bool>(
         row: &[u8],
         a: &Q16Act,
         b0: [usize; M],
     ) -> [f32; M] {
         let bb = [34, 18, 20, 22][T as usize];
         let nb = row.len() / bb;
-        let (rp, yp, dp, sp) = (row.as_ptr(), a.q.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+        let (rp, yp, dp, sp) = (row.as_ptr(), a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         let mut acc = [_mm256_setzero_ps(); M];
         let mut offs = [_mm256_setzero_ps(); M];
         for i in 0..nb {
@@ -170,9 +239,11 @@ mod x86 {
                         ([_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight)], f16x8_at(b))
                     }
                     2 => {
-                        let mw = f16x8_at(b.add(2));
-                        for (o, &b0m) in offs.iter_mut().zip(&b0) {
-                            *o = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sp.add(b0m + i)), *o);
+                        if MIN {
+                            let mw = f16x8_at(b.add(2));
+                            for (o, &b0m) in offs.iter_mut().zip(&b0) {
+                                *o = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sp.add(b0m + i)), *o);
+                            }
                         }
                         (nibbles16(b.add(4)), f16x8_at(b))
                     }
@@ -203,9 +274,30 @@ mod x86 {
         let mut out = [0f32; M];
         for m in 0..M {
             // Every lane of offs[m] holds the same sum.
-            out[m] = hsum(acc[m]) + _mm256_cvtss_f32(offs[m]);
+            out[m] = if MIN && T == 2 { hsum(acc[m]) + _mm256_cvtss_f32(offs[m]) } else { hsum(acc[m]) };
         }
         out
+    }
+
+    /// The vector part of [`super::add_mins`]: tokens in groups of 8; returns how many it did.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `st.len() >= mins.len() * n`, `out.len() >= n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn add_mins(mins: &[f32], st: &[f32], n: usize, out: &mut [f32]) -> usize {
+        let (sp, op) = (st.as_ptr(), out.as_mut_ptr());
+        let mut t = 0;
+        while t + 8 <= n {
+            let mut o = _mm256_setzero_ps();
+            for (i, &m) in mins.iter().enumerate() {
+                // SAFETY: i * n + t + 8 <= mins.len() * n <= st.len().
+                o = _mm256_fmadd_ps(_mm256_set1_ps(m), unsafe { _mm256_loadu_ps(sp.add(i * n + t)) }, o);
+            }
+            // SAFETY: t + 8 <= n <= out.len().
+            unsafe { _mm256_storeu_ps(op.add(t), _mm256_add_ps(_mm256_loadu_ps(op.add(t)), o)) };
+            t += 8;
+        }
+        t
     }
 
     /// # Safety
@@ -300,6 +392,49 @@ mod tests {
                         .sum();
                     let tol = (nb as f32 + 10.0) * f32::EPSILON * mag;
                     assert!((r - v).abs() <= tol, "{ty} nb={nb} b0={b0}: {r} vs {v} (tol {tol})");
+                }
+            }
+        }
+    }
+
+    /// The batched split (`dot_q16_scaled` for groups of four tokens, then `add_mins` over all tokens from
+    /// block-major sums) gives every token the bits of the one-token `dot_q16`, on both paths, for token
+    /// counts that leave every remainder of the 4-token and 8-token groups.
+    #[test]
+    fn split_minimums_equal_one_token_dots_bit_for_bit() {
+        for ty in [TensorType::Q4_1, TensorType::Q8_0, TensorType::Q5_0] {
+            let nb = 18;
+            let mut row = rand_bytes(nb * ty.block_bytes(), 99);
+            for b in row.chunks_exact_mut(ty.block_bytes()) {
+                let d = f16::from_f32(f32::from(b[0]) / 997.0 + 0.01).to_le_bytes();
+                b[0..2].copy_from_slice(&d);
+                let m = f16::from_f32(f32::from(b[2]) / -300.0).to_le_bytes();
+                if ty == TensorType::Q4_1 {
+                    b[2..4].copy_from_slice(&m);
+                }
+            }
+            for n in [1usize, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 23] {
+                let x: Vec<f32> = (0..n * nb * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+                let mut a = Q16Act::default();
+                a.quantize(&x);
+                assert_eq!(a.q().as_ptr() as usize % 64, 0, "codes start on a cache line");
+                let st: Vec<f32> = (0..nb * n).map(|k| a.s[(k % n) * nb + k / n]).collect();
+                for avx in [false, has_avx2()] {
+                    let mut out = vec![0f32; n];
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let b = [t * nb, (t + 1) * nb, (t + 2) * nb, (t + 3) * nb];
+                        out[t..t + 4].copy_from_slice(&dot_q16_scaled(ty, &row, &a, b, avx));
+                        t += 4;
+                    }
+                    for (tt, o) in out.iter_mut().enumerate().skip(t) {
+                        *o = dot_q16_scaled(ty, &row, &a, [tt * nb], avx)[0];
+                    }
+                    add_mins(ty, &row, &st, n, &mut out, avx);
+                    for (tt, o) in out.iter().enumerate() {
+                        let one = dot_q16(ty, &row, &a, [tt * nb], avx)[0];
+                        assert_eq!(o.to_bits(), one.to_bits(), "{ty} n={n} token {tt} avx2={avx}");
+                    }
                 }
             }
         }

@@ -304,6 +304,13 @@ impl Model {
         }
         let act = &*act;
         let bpr = cols / 32;
+        // Q4_1's minimum terms for several tokens come from one pass over the blocks' activation sums,
+        // block-major (`st[i * n + t]`), after the scaled integer dots (same bits as one token at a time).
+        let st: Vec<f32> = if n > 1 && ws.iter().any(|w| int(w) && w.ty == TensorType::Q4_1) {
+            (0..bpr * n).map(|k| act.s[(k % n) * bpr + k / n]).collect()
+        } else {
+            Vec::new()
+        };
         // Each task takes a block of rows for every token, decoding each weight block once for four tokens.
         // Its output is row-major `[row][token]`: for one token that is `y` itself, for several a transposed
         // block copied out afterwards. Rows per task: enough work to amortize scheduling (about 16k weight
@@ -325,22 +332,42 @@ impl Model {
         }
         let run = |(w, r0, block): (&Weight, usize, &mut [f32])| {
             let data = self.rows(w);
-            let mut buf = Vec::new();
-            for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                let row = &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
-                if int(w) {
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
-                        out[t..t + 4].copy_from_slice(&kernels::dot_q16(w.ty, row, act, b, avx2));
-                        t += 4;
+            let row = |k: usize| &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
+            if int(w) && n == 1 {
+                for (k, out) in block.iter_mut().enumerate() {
+                    *out = kernels::dot_q16(w.ty, row(k), act, [0], avx2)[0];
+                }
+            } else if int(w) {
+                // Tokens in tiles whose 16-bit activations stay in L1 (about 16 KiB) while every row of the
+                // task passes over them: without tiles each row streams all n tokens' activations from L2.
+                let tile = (16384 / (2 * w.cols)).max(4) / 4 * 4;
+                for t0 in (0..n).step_by(tile) {
+                    let t1 = (t0 + tile).min(n);
+                    for (k, out) in block.chunks_exact_mut(n).enumerate() {
+                        let mut t = t0;
+                        while t + 4 <= t1 {
+                            let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
+                            out[t..t + 4].copy_from_slice(&kernels::dot_q16_scaled(
+                                w.ty,
+                                row(k),
+                                act,
+                                b,
+                                avx2,
+                            ));
+                            t += 4;
+                        }
+                        for (tt, o) in out.iter_mut().enumerate().take(t1).skip(t) {
+                            *o = kernels::dot_q16_scaled(w.ty, row(k), act, [tt * bpr], avx2)[0];
+                        }
                     }
-                    for (tt, o) in out.iter_mut().enumerate().skip(t) {
-                        *o = kernels::dot_q16(w.ty, row, act, [tt * bpr], avx2)[0];
-                    }
-                } else {
-                    buf.resize(w.cols, 0.0);
-                    quants::dequant_row(w.ty, row, &mut buf);
+                }
+                for (k, out) in block.chunks_exact_mut(n).enumerate() {
+                    kernels::add_mins(w.ty, row(k), &st, n, out, avx2);
+                }
+            } else {
+                let mut buf = vec![0f32; w.cols];
+                for (k, out) in block.chunks_exact_mut(n).enumerate() {
+                    quants::dequant_row(w.ty, row(k), &mut buf);
                     for (t, o) in out.iter_mut().enumerate() {
                         *o = kernels::dot_f32(&buf, &x[t * w.cols..(t + 1) * w.cols], avx2);
                     }
@@ -353,11 +380,11 @@ impl Model {
             tasks.into_par_iter().for_each(run);
         }
         for ((w, yt), y) in ws.iter().zip(&yts).zip(ys.iter_mut()) {
-            for r in 0..w.rows {
-                for t in 0..n {
-                    y[t * w.rows + r] = yt[r * n + t];
+            y.par_chunks_exact_mut(w.rows).enumerate().for_each(|(t, yrow)| {
+                for (r, o) in yrow.iter_mut().enumerate() {
+                    *o = yt[r * n + t];
                 }
-            }
+            });
         }
     }
 
@@ -421,6 +448,16 @@ fn rope(x: &mut [f32], d: usize, table: &[(f64, f64)], arch: Arch) {
             head[a] = (x0 * c - x1 * s) as f32;
             head[b] = (x0 * s + x1 * c) as f32;
         }
+    }
+}
+
+/// [`rmsnorm`] of each row of `x` (rows of `w.len()`), rows in parallel when there are several.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let e = w.len();
+    if x.len() > e {
+        out.par_chunks_exact_mut(e).zip(x.par_chunks_exact(e)).for_each(|(o, xr)| rmsnorm(xr, w, eps, o));
+    } else {
+        rmsnorm(x, w, eps, out);
     }
 }
 
@@ -672,9 +709,7 @@ impl<'a> Session<'a> {
         let scale = 1.0 / (d as f32).sqrt();
         let tables: Vec<Vec<(f64, f64)>> = (0..n).map(|t| rope_table(&m.inv_freq, self.pos + t)).collect();
         for (li, layer) in m.layers.iter().enumerate() {
-            for t in 0..n {
-                rmsnorm(&x[t * e..(t + 1) * e], &layer.attn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
-            }
+            norm_rows(&x, &layer.attn_norm, c.eps, &mut h);
             m.matmuls(&[&layer.wq, &layer.wk, &layer.wv], &h, &mut [&mut q, &mut k, &mut v], &mut self.act);
             for (buf, b, w) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
                 if let Some(b) = b {
@@ -705,12 +740,17 @@ impl<'a> Session<'a> {
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
-            for t in 0..n {
-                rmsnorm(&x[t * e..(t + 1) * e], &layer.ffn_norm, c.eps, &mut h[t * e..(t + 1) * e]);
-            }
+            norm_rows(&x, &layer.ffn_norm, c.eps, &mut h);
             m.matmuls(&[&layer.gate, &layer.up], &h, &mut [&mut g, &mut u], &mut self.act);
-            for (gv, uv) in g.iter_mut().zip(&u) {
-                *gv = silu(*gv) * uv;
+            let swiglu = |(gc, uc): (&mut [f32], &[f32])| {
+                for (gv, uv) in gc.iter_mut().zip(uc) {
+                    *gv = silu(*gv) * uv;
+                }
+            };
+            if n > 1 {
+                g.par_chunks_mut(c.n_ff).zip(u.par_chunks(c.n_ff)).for_each(swiglu);
+            } else {
+                swiglu((&mut g, &u));
             }
             m.matmul(&layer.down, &g, &mut o, &mut self.act);
             for (xv, ov) in x.iter_mut().zip(&o) {

@@ -102,10 +102,15 @@ pub fn dequant_row(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
 /// greedy answers whose top two logits are close (the default system prompt's "capital of France" question is
 /// one, see `tests/logits.rs`). At 16 bits the relative error per element is at most 1/65534, below the
 /// weights' own f16 scale rounding, and `vpmaddwd` keeps the integer dot nearly as cheap as 8 bits.
+///
+/// The codes start on a 64-byte boundary, so each block's two 32-byte halves never straddle a cache line
+/// (a split load costs two; at 16-byte alignment half of the kernels' activation loads were split).
 #[derive(Clone, Debug, Default)]
 pub struct Q16Act {
-    /// Codes, one per activation.
-    pub q: Vec<i16>,
+    /// Codes, one per activation, from `buf[off]`.
+    buf: Vec<i16>,
+    off: usize,
+    len: usize,
     /// Per-block scale.
     pub d: Vec<f32>,
     /// Per-block `d * sum(q)`.
@@ -116,13 +121,20 @@ impl Q16Act {
     /// Quantizes `x` (length a multiple of 32), reusing the buffers.
     pub fn quantize(&mut self, x: &[f32]) {
         let nb = x.len() / 32;
-        self.q.resize(x.len(), 0);
+        // 32 spare codes leave room to move the start to a 64-byte boundary.
+        if self.buf.len() < x.len() + 32 {
+            self.buf = vec![0; x.len() + 32];
+        }
+        let mis = (self.buf.as_ptr() as usize / 2) % 32;
+        self.off = (32 - mis) % 32;
+        self.len = x.len();
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
-        for (i, (xb, qb)) in x.chunks_exact(32).zip(self.q.chunks_exact_mut(32)).enumerate() {
+        let q = &mut self.buf[self.off..self.off + self.len];
+        let one = |((xb, qb), (d, s)): Block<'_>| {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 32767.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let dd = amax / 32767.0;
+            let id = if dd > 0.0 { 1.0 / dd } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in qb.iter_mut().zip(xb) {
                 // Round half to even by the 1.5 * 2^23 trick (exact for |v * id| <= 2^22; here <= 32767),
@@ -130,11 +142,33 @@ impl Q16Act {
                 *q = ((v * id + 12_582_912.0) - 12_582_912.0) as i16;
                 sum += i32::from(*q);
             }
-            self.d[i] = d;
-            self.s[i] = d * sum as f32;
+            *d = dd;
+            *s = dd * sum as f32;
+        };
+        // Several tokens' worth (a prefill chunk) is split over the thread pool; one token is not worth it.
+        if nb >= 256 {
+            use rayon::prelude::*;
+            x.par_chunks_exact(32)
+                .zip(q.par_chunks_exact_mut(32))
+                .zip(self.d.par_iter_mut().zip(self.s.par_iter_mut()))
+                .with_min_len(64)
+                .for_each(one);
+        } else {
+            x.chunks_exact(32)
+                .zip(q.chunks_exact_mut(32))
+                .zip(self.d.iter_mut().zip(self.s.iter_mut()))
+                .for_each(one);
         }
     }
+
+    /// The codes, one per activation.
+    pub fn q(&self) -> &[i16] {
+        &self.buf[self.off..self.off + self.len]
+    }
 }
+
+/// One block for [`Q16Act::quantize`]: the inputs, the codes, the scale and the `d * sum(q)` to write.
+type Block<'a> = ((&'a [f32], &'a mut [i16]), (&'a mut f32, &'a mut f32));
 
 /// Integer codes of one 32-element block, in element order, and its scale and offset: `x = d * q + m`.
 fn block_codes(ty: TensorType, b: &[u8]) -> ([i32; 32], f32, f32) {
@@ -179,10 +213,23 @@ pub fn dot_q16_ref(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize) -> f32 {
     let bb = ty.block_bytes();
     let mut acc = 0f32;
     for (i, b) in row.chunks_exact(bb).enumerate() {
-        let y = &a.q[(b0 + i) * 32..][..32];
+        let y = &a.q()[(b0 + i) * 32..][..32];
         let (q, dw, mw) = block_codes(ty, b);
         let sum: i32 = q.iter().zip(y).map(|(&w, &y)| w * i32::from(y)).sum();
         acc += dw * a.d[b0 + i] * sum as f32 + mw * a.s[b0 + i];
+    }
+    acc
+}
+
+/// [`dot_q16_ref`] without the minimum terms: `Σ_blocks dw * dy * Σ qw qy`.
+pub fn dot_q16_scaled_ref(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize) -> f32 {
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    for (i, b) in row.chunks_exact(bb).enumerate() {
+        let y = &a.q()[(b0 + i) * 32..][..32];
+        let (q, dw, _) = block_codes(ty, b);
+        let sum: i32 = q.iter().zip(y).map(|(&w, &y)| w * i32::from(y)).sum();
+        acc += dw * a.d[b0 + i] * sum as f32;
     }
     acc
 }
@@ -229,12 +276,13 @@ mod tests {
                 // The dot of the dequantized row with the dequantized activations, in f64.
                 let mut w = vec![0f32; nb * 32];
                 dequant_row(ty, &row, &mut w);
-                let exact: f64 =
-                    (0..nb * 32).map(|i| f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).sum();
+                let exact: f64 = (0..nb * 32)
+                    .map(|i| f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q()[i]))
+                    .sum();
                 let got = dot_q16_ref(ty, &row, &a, 0);
                 // Only f32 rounding separates the two: one product and one addition per block.
                 let mag: f64 = (0..nb * 32)
-                    .map(|i| (f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).abs())
+                    .map(|i| (f64::from(w[i]) * f64::from(a.d[i / 32]) * f64::from(a.q()[i])).abs())
                     .sum();
                 assert!(
                     (f64::from(got) - exact).abs()
@@ -255,7 +303,7 @@ mod tests {
             // Half a step, plus the f32 roundings of v / d (relative eps on a code up to 32767) and of
             // d * q (relative eps on a value up to max|x| = 32767 d): 2 * 32767 * eps * d.
             let tol = d * (0.5 + 2.0 * 32767.0 * f32::EPSILON);
-            assert!((v - d * f32::from(a.q[i])).abs() <= tol, "element {i}");
+            assert!((v - d * f32::from(a.q()[i])).abs() <= tol, "element {i}");
         }
     }
 }

@@ -65,9 +65,9 @@ fn integer_dots_agree_with_dequantized_rows() {
         a.quantize(&x);
         // Exact products of the two dequantized sides, in f64.
         let exact: f64 =
-            (0..vals.len()).map(|i| f64::from(vals[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).sum();
+            (0..vals.len()).map(|i| f64::from(vals[i]) * f64::from(a.d[i / 32]) * f64::from(a.q()[i])).sum();
         let mag: f64 = (0..vals.len())
-            .map(|i| (f64::from(vals[i]) * f64::from(a.d[i / 32]) * f64::from(a.q[i])).abs())
+            .map(|i| (f64::from(vals[i]) * f64::from(a.d[i / 32]) * f64::from(a.q()[i])).abs())
             .sum();
         let nb = vals.len() / 32;
         let tol = (nb as f64 + 12.0) * f64::from(f32::EPSILON) * mag;
