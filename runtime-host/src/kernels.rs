@@ -95,6 +95,7 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
 }
 
 /// A Q4_1 block's minimum `m`.
+#[inline]
 fn min_of(block: &[u8]) -> f32 {
     half::f16::from_le_bytes([block[2], block[3]]).to_f32()
 }
@@ -109,12 +110,24 @@ pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32
     }
     let nb = row.len() / ty.block_bytes();
     assert!(st.len() >= nb * n && out.len() >= n, "add_mins: {n} tokens, {nb} blocks, st {}", st.len());
-    let mins: Vec<f32> = row.chunks_exact(ty.block_bytes()).map(min_of).collect();
+    // The minimums as f32 once per row: on the stack for rows up to 8192 columns.
+    let mut stack = [0f32; 256];
+    let mut heap = Vec::new();
+    let mins: &mut [f32] = if nb <= stack.len() {
+        &mut stack[..nb]
+    } else {
+        heap.resize(nb, 0.0);
+        &mut heap
+    };
+    for (m, blk) in mins.iter_mut().zip(row.chunks_exact(ty.block_bytes())) {
+        *m = min_of(blk);
+    }
+    let mins = &*mins;
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: as in `dot_q16`; st holds nb rows of n tokens and out n tokens (checked above).
-        t = unsafe { x86::add_mins(&mins, st, n, out) };
+        t = unsafe { x86::add_mins(mins, st, n, out) };
     }
     let _ = avx2;
     for (tt, o) in out.iter_mut().enumerate().take(n).skip(t) {
