@@ -210,26 +210,22 @@ fn block_codes(ty: TensorType, b: &[u8]) -> ([i32; 32], f32, f32) {
 /// starting at block `b0`, scalar: the reference for the vector kernels. Per block
 /// `dw * dy * sum(qw * qy) + mw * dy * sum(qy)`, the integer sum exact.
 pub fn dot_q16_ref(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize) -> f32 {
-    let bb = ty.block_bytes();
-    let mut acc = 0f32;
-    for (i, b) in row.chunks_exact(bb).enumerate() {
-        let y = &a.q()[(b0 + i) * 32..][..32];
-        let (q, dw, mw) = block_codes(ty, b);
-        let sum: i32 = q.iter().zip(y).map(|(&w, &y)| w * i32::from(y)).sum();
-        acc += dw * a.d[b0 + i] * sum as f32 + mw * a.s[b0 + i];
-    }
-    acc
+    ref_dot(ty, row, a, b0, true)
 }
 
 /// [`dot_q16_ref`] without the minimum terms: `Σ_blocks dw * dy * Σ qw qy`.
 pub fn dot_q16_scaled_ref(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize) -> f32 {
-    let bb = ty.block_bytes();
+    ref_dot(ty, row, a, b0, false)
+}
+
+fn ref_dot(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize, mins: bool) -> f32 {
     let mut acc = 0f32;
-    for (i, b) in row.chunks_exact(bb).enumerate() {
+    for (i, b) in row.chunks_exact(ty.block_bytes()).enumerate() {
         let y = &a.q()[(b0 + i) * 32..][..32];
-        let (q, dw, _) = block_codes(ty, b);
+        let (q, dw, mw) = block_codes(ty, b);
         let sum: i32 = q.iter().zip(y).map(|(&w, &y)| w * i32::from(y)).sum();
-        acc += dw * a.d[b0 + i] * sum as f32;
+        let scaled = dw * a.d[b0 + i] * sum as f32;
+        acc += if mins { scaled + mw * a.s[b0 + i] } else { scaled };
     }
     acc
 }
