@@ -83,21 +83,45 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
     b0.map(|b| {
         let scaled = quants::dot_q16_scaled_ref(ty, row, a, b);
         if MIN && ty == TensorType::Q4_1 {
-            let mut o = 0f32;
-            for (i, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
-                o = min_of(blk).mul_add(a.s[b + i], o);
-            }
-            scaled + o
+            scaled + min_chain(row.chunks_exact(ty.block_bytes()).map(min_of), |i| a.s[b + i])
         } else {
             scaled
         }
     })
 }
 
+/// [`dot_q16_scaled`] of `row` for the tokens `ts` into `out[t]`, token `t`'s activations starting at block
+/// `t * bpr`: four tokens per kernel call while they fill one, then one at a time.
+pub fn dots_scaled(
+    ty: TensorType,
+    row: &[u8],
+    a: &Q16Act,
+    bpr: usize,
+    ts: std::ops::Range<usize>,
+    out: &mut [f32],
+    avx2: bool,
+) {
+    let mut t = ts.start;
+    while t + 4 <= ts.end {
+        let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
+        out[t..t + 4].copy_from_slice(&dot_q16_scaled(ty, row, a, b, avx2));
+        t += 4;
+    }
+    for (tt, o) in out.iter_mut().enumerate().take(ts.end).skip(t) {
+        *o = dot_q16_scaled(ty, row, a, [tt * bpr], avx2)[0];
+    }
+}
+
 /// A Q4_1 block's minimum `m`.
 #[inline]
 fn min_of(block: &[u8]) -> f32 {
-    half::f16::from_le_bytes([block[2], block[3]]).to_f32()
+    quants::h(block, 2)
+}
+
+/// `Σ_i m_i s(i)` over a row's minimums as one f32 FMA chain in block order: the chain every path runs (the
+/// vector kernel's `offs`, the lanes of the vector `add_mins`), so their results agree bit for bit.
+fn min_chain(mins: impl Iterator<Item = f32>, s: impl Fn(usize) -> f32) -> f32 {
+    mins.enumerate().fold(0f32, |o, (i, m)| m.mul_add(s(i), o))
 }
 
 /// Adds Q4_1's minimum terms of `row` for `n` tokens: `out[t] += Σ_i m_i st[i * n + t]`, where `st` holds
@@ -131,11 +155,7 @@ pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32
     }
     let _ = avx2;
     for (tt, o) in out.iter_mut().enumerate().take(n).skip(t) {
-        let mut acc = 0f32;
-        for (i, &m) in mins.iter().enumerate() {
-            acc = m.mul_add(st[i * n + tt], acc);
-        }
-        *o += acc;
+        *o += min_chain(mins.iter().copied(), |i| st[i * n + tt]);
     }
 }
 
@@ -410,7 +430,7 @@ mod tests {
         }
     }
 
-    /// The batched split (`dot_q16_scaled` for groups of four tokens, then `add_mins` over all tokens from
+    /// The batched split (`dots_scaled`: groups of four tokens, then `add_mins` over all tokens from
     /// block-major sums) gives every token the bits of the one-token `dot_q16`, on both paths, for token
     /// counts that leave every remainder of the 4-token and 8-token groups.
     #[test]
@@ -431,18 +451,10 @@ mod tests {
                 let mut a = Q16Act::default();
                 a.quantize(&x);
                 assert_eq!(a.q().as_ptr() as usize % 64, 0, "codes start on a cache line");
-                let st: Vec<f32> = (0..nb * n).map(|k| a.s[(k % n) * nb + k / n]).collect();
+                let st = a.block_major_sums(n);
                 for avx in [false, has_avx2()] {
                     let mut out = vec![0f32; n];
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        let b = [t * nb, (t + 1) * nb, (t + 2) * nb, (t + 3) * nb];
-                        out[t..t + 4].copy_from_slice(&dot_q16_scaled(ty, &row, &a, b, avx));
-                        t += 4;
-                    }
-                    for (tt, o) in out.iter_mut().enumerate().skip(t) {
-                        *o = dot_q16_scaled(ty, &row, &a, [tt * nb], avx)[0];
-                    }
+                    dots_scaled(ty, &row, &a, nb, 0..n, &mut out, avx);
                     add_mins(ty, &row, &st, n, &mut out, avx);
                     for (tt, o) in out.iter().enumerate() {
                         let one = dot_q16(ty, &row, &a, [tt * nb], avx)[0];

@@ -307,7 +307,7 @@ impl Model {
         // Q4_1's minimum terms for several tokens come from one pass over the blocks' activation sums,
         // block-major (`st[i * n + t]`), after the scaled integer dots (same bits as one token at a time).
         let st: Vec<f32> = if n > 1 && ws.iter().any(|w| int(w) && w.ty == TensorType::Q4_1) {
-            (0..bpr * n).map(|k| act.s[(k % n) * bpr + k / n]).collect()
+            act.block_major_sums(n)
         } else {
             Vec::new()
         };
@@ -342,23 +342,8 @@ impl Model {
                 // task passes over them: without tiles each row streams all n tokens' activations from L2.
                 let tile = (16384 / (2 * w.cols)).max(4) / 4 * 4;
                 for t0 in (0..n).step_by(tile) {
-                    let t1 = (t0 + tile).min(n);
                     for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                        let mut t = t0;
-                        while t + 4 <= t1 {
-                            let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
-                            out[t..t + 4].copy_from_slice(&kernels::dot_q16_scaled(
-                                w.ty,
-                                row(k),
-                                act,
-                                b,
-                                avx2,
-                            ));
-                            t += 4;
-                        }
-                        for (tt, o) in out.iter_mut().enumerate().take(t1).skip(t) {
-                            *o = kernels::dot_q16_scaled(w.ty, row(k), act, [tt * bpr], avx2)[0];
-                        }
+                        kernels::dots_scaled(w.ty, row(k), act, bpr, t0..(t0 + tile).min(n), out, avx2);
                     }
                 }
                 for (k, out) in block.chunks_exact_mut(n).enumerate() {

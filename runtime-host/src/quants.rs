@@ -15,7 +15,8 @@
 use crate::gguf::TensorType;
 use half::{bf16, f16};
 
-fn h(b: &[u8], at: usize) -> f32 {
+/// The little-endian f16 at byte `at` of `b`, as f32.
+pub(crate) fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
@@ -164,6 +165,13 @@ impl Q16Act {
     /// The codes, one per activation.
     pub fn q(&self) -> &[i16] {
         &self.buf[self.off..self.off + self.len]
+    }
+
+    /// The per-block sums `s` of `n` tokens quantized together, block-major: entry `i * n + t` is token
+    /// `t`'s block `i` (the layout [`crate::kernels::add_mins`] reads).
+    pub fn block_major_sums(&self, n: usize) -> Vec<f32> {
+        let nb = self.s.len() / n;
+        (0..nb * n).map(|k| self.s[(k % n) * nb + k / n]).collect()
     }
 }
 

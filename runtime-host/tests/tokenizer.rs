@@ -10,20 +10,12 @@ fn ids_match_llama_cpp() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let refs: serde_json::Value = serde_json::from_str(include_str!("data/tokenizer_ref.json")).unwrap();
-    let cases = refs["cases"].as_array().unwrap();
+    let cases = common::tokenize_cases(&refs["cases"]);
     assert!(cases.len() >= 40);
-    let mut bad = Vec::new();
-    for c in cases {
-        let text = c["text"].as_str().unwrap();
-        let special = c["parse_special"].as_bool().unwrap();
-        let want: Vec<u32> =
-            c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let got = tok.encode(text, true, special);
-        if got != want {
-            bad.push(format!("{text:?} (special {special}):\n  llama.cpp {want:?}\n  kvq       {got:?}"));
-        }
+    let bad = common::id_mismatches(&tok, &cases, true);
+    for (text, special, _) in &cases {
         // Decoding gives the text back (control tokens as their text).
-        assert_eq!(tok.decode(&got), text, "round trip of {text:?}");
+        assert_eq!(tok.decode(&tok.encode(text, true, *special)), *text, "round trip of {text:?}");
     }
     assert!(bad.is_empty(), "{} of {} cases differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
 }

@@ -90,8 +90,9 @@ fn tokenizer(name: &str) -> Tokenizer {
     tok
 }
 
-/// llama.cpp's `test-tokenizer-0` cases: texts split at `\n__ggml_vocab_test__\n`, one line of ids each.
-fn cases(name: &str) -> Vec<(String, Vec<u32>)> {
+/// llama.cpp's `test-tokenizer-0` cases: texts split at `\n__ggml_vocab_test__\n`, one line of ids each,
+/// tokenized without special-token parsing.
+fn cases(name: &str) -> Vec<(String, bool, Vec<u32>)> {
     let dir = vocab_dir();
     let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
     let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
@@ -101,35 +102,29 @@ fn cases(name: &str) -> Vec<(String, Vec<u32>)> {
     let ids: Vec<Vec<u32>> =
         out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     assert_eq!(texts.len(), ids.len());
-    texts.into_iter().map(str::to_owned).zip(ids).collect()
+    texts.into_iter().zip(ids).map(|(t, i)| (t.to_owned(), false, i)).collect()
 }
 
-fn check(name: &str, cases: &[(String, Vec<u32>)], parse_special: &[bool]) {
+fn check(name: &str) {
+    let c = cases(name);
+    assert!(c.len() >= 40);
     let tok = tokenizer(name);
-    let mut bad = Vec::new();
-    for ((text, want), &special) in cases.iter().zip(parse_special) {
-        // test-tokenizer-0 tokenizes without BOS and without special-token parsing.
-        let got = tok.encode(text, false, special);
-        if &got != want {
-            bad.push(format!("{text:?}:\n  reference {want:?}\n  kvq       {got:?}"));
-        }
-        assert_eq!(tok.decode(&got), *text, "{name}: round trip of {text:?}");
+    // test-tokenizer-0 tokenizes without BOS.
+    let bad = common::id_mismatches(&tok, &c, false);
+    for (text, _, _) in &c {
+        assert_eq!(tok.decode(&tok.encode(text, false, false)), *text, "{name}: round trip of {text:?}");
     }
-    assert!(bad.is_empty(), "{name}: {} of {} cases differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
+    assert!(bad.is_empty(), "{name}: {} of {} cases differ:\n{}", bad.len(), c.len(), bad.join("\n"));
 }
 
 #[test]
 fn llama_bpe_matches_llama_cpp_test_data() {
-    let c = cases("llama-bpe");
-    assert!(c.len() >= 40);
-    check("llama-bpe", &c, &vec![false; c.len()]);
+    check("llama-bpe");
 }
 
 #[test]
 fn qwen2_matches_llama_cpp_test_data() {
-    let c = cases("qwen2");
-    assert!(c.len() >= 40);
-    check("qwen2", &c, &vec![false; c.len()]);
+    check("qwen2");
 }
 
 /// More texts (code, digit runs, CRLF, scripts, each model's control tokens with and without special
@@ -139,19 +134,9 @@ fn extra_texts_match_llama_tokenize() {
     let refs: serde_json::Value = serde_json::from_str(include_str!("data/vocab_extra_ref.json")).unwrap();
     for (name, rows) in refs["vocabs"].as_object().unwrap() {
         let tok = tokenizer(name);
-        let rows = rows.as_array().unwrap();
-        assert!(rows.len() >= 60);
-        let mut bad = Vec::new();
-        for r in rows {
-            let text = r["text"].as_str().unwrap();
-            let special = r["parse_special"].as_bool().unwrap();
-            let want: Vec<u32> =
-                r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let got = tok.encode(text, true, special);
-            if got != want {
-                bad.push(format!("{text:?} (special {special}):\n  llama.cpp {want:?}\n  kvq       {got:?}"));
-            }
-        }
-        assert!(bad.is_empty(), "{name}: {} of {} cases differ:\n{}", bad.len(), rows.len(), bad.join("\n"));
+        let cases = common::tokenize_cases(rows);
+        assert!(cases.len() >= 60);
+        let bad = common::id_mismatches(&tok, &cases, true);
+        assert!(bad.is_empty(), "{name}: {} of {} cases differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
     }
 }

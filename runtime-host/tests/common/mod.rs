@@ -53,3 +53,31 @@ pub(crate) fn python_fixture(script: &str, file: &str, sha256: &str) -> PathBuf 
     );
     out
 }
+
+/// Reference tokenizations as `tests/data/make_*_ref.py` write them: (text, parse_special, ids) per case.
+pub(crate) fn tokenize_cases(rows: &serde_json::Value) -> Vec<(String, bool, Vec<u32>)> {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ids = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            (r["text"].as_str().unwrap().to_owned(), r["parse_special"].as_bool().unwrap(), ids)
+        })
+        .collect()
+}
+
+/// The cases whose ids `tok.encode(text, add_bos, parse_special)` does not reproduce, each described.
+pub(crate) fn id_mismatches(
+    tok: &kvq_host::tokenizer::Tokenizer,
+    cases: &[(String, bool, Vec<u32>)],
+    add_bos: bool,
+) -> Vec<String> {
+    cases
+        .iter()
+        .filter_map(|(text, special, want)| {
+            let got = tok.encode(text, add_bos, *special);
+            (&got != want)
+                .then(|| format!("{text:?} (special {special}):\n  reference {want:?}\n  kvq       {got:?}"))
+        })
+        .collect()
+}
