@@ -28,7 +28,7 @@ pub fn has_avx2() -> bool {
 /// starting at block `b0[m]`: each weight block is decoded once for all `M`.
 ///
 /// Q4_1's block minimums enter as `hsum(scaled integer sums) + Σ_i m_i s_i`, the second sum one f32 FMA
-/// chain over the blocks in order; [`dot_q16_scaled`] and [`add_mins`] compute the same two parts apart
+/// chain over the blocks in order; [`dots_scaled`] and [`add_mins`] compute the same two parts apart
 /// (the minimums for many tokens at once), with the same bits.
 pub fn dot_q16<const M: usize>(
     ty: TensorType,
@@ -40,18 +40,8 @@ pub fn dot_q16<const M: usize>(
     dot_q16_with::<M, true>(ty, row, a, b0, avx2)
 }
 
-/// [`dot_q16`] without Q4_1's minimum terms (for the other types the same): the sum over blocks of
-/// `dw * dy * Σ qw qy`.
-pub fn dot_q16_scaled<const M: usize>(
-    ty: TensorType,
-    row: &[u8],
-    a: &Q16Act,
-    b0: [usize; M],
-    avx2: bool,
-) -> [f32; M] {
-    dot_q16_with::<M, false>(ty, row, a, b0, avx2)
-}
-
+/// [`dot_q16`], or with `MIN` false without Q4_1's minimum terms (for the other types the same): the sum
+/// over blocks of `dw * dy * Σ qw qy`.
 fn dot_q16_with<const M: usize, const MIN: bool>(
     ty: TensorType,
     row: &[u8],
@@ -90,7 +80,7 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
     })
 }
 
-/// [`dot_q16_scaled`] of `row` for the tokens `ts` into `out[t]`, token `t`'s activations starting at block
+/// [`dot_q16`] without Q4_1's minimum terms, of `row` for the tokens `ts` into `out[t]`, token `t`'s activations starting at block
 /// `t * bpr`: four tokens per kernel call while they fill one, then one at a time.
 pub fn dots_scaled(
     ty: TensorType,
@@ -104,11 +94,11 @@ pub fn dots_scaled(
     let mut t = ts.start;
     while t + 4 <= ts.end {
         let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
-        out[t..t + 4].copy_from_slice(&dot_q16_scaled(ty, row, a, b, avx2));
+        out[t..t + 4].copy_from_slice(&dot_q16_with::<4, false>(ty, row, a, b, avx2));
         t += 4;
     }
     for (tt, o) in out.iter_mut().enumerate().take(ts.end).skip(t) {
-        *o = dot_q16_scaled(ty, row, a, [tt * bpr], avx2)[0];
+        *o = dot_q16_with::<1, false>(ty, row, a, [tt * bpr], avx2)[0];
     }
 }
 
@@ -126,7 +116,7 @@ fn min_chain(mins: impl Iterator<Item = f32>, s: impl Fn(usize) -> f32) -> f32 {
 
 /// Adds Q4_1's minimum terms of `row` for `n` tokens: `out[t] += Σ_i m_i st[i * n + t]`, where `st` holds
 /// the activation blocks' `d * Σ q` block-major (`st[i * n + t]` = token `t`'s block `i`). The sum for each
-/// token is the FMA chain [`dot_q16`] runs, so `dot_q16_scaled + add_mins` equals `dot_q16` bit for bit.
+/// token is the FMA chain [`dot_q16`] runs, so `dots_scaled + add_mins` equals `dot_q16` bit for bit.
 /// Other types have no minimum: nothing is added.
 pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32], avx2: bool) {
     if ty != TensorType::Q4_1 {
