@@ -45,6 +45,8 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
 /// One policy's caches for every layer, each over its own arena.
 struct Model {
     name: String,
+    /// Read with the int8 path (`--specs kivi2+int8`).
+    int8: bool,
     layers: Vec<Cache<'static>>,
 }
 
@@ -99,7 +101,7 @@ fn step(
         for ((layers, scr), out) in model.layers.chunks(per).zip(scratch.iter_mut()).zip(outs.iter_mut()) {
             let mut work = move || {
                 for cache in layers {
-                    decode(cache, q, Q_HEADS, 0.125, out, scr, kernel).expect("decode");
+                    decode(cache, q, Q_HEADS, 0.125, out, scr, kernel.with_int8(model.int8)).expect("decode");
                 }
             };
             if threads == 1 {
@@ -129,7 +131,7 @@ fn main() {
     };
     let tokens: Vec<usize> =
         list("--tokens", "1024,4096,16384,65536").iter().map(|s| s.parse().expect("--tokens")).collect();
-    let specs = list("--specs", "fp16,kivi2,kivi4");
+    let specs = list("--specs", "fp16,kivi2,kivi2+int8,kivi4");
     let threads: Vec<usize> =
         list("--threads", "1,2").iter().map(|s| s.parse().expect("--threads")).collect();
     let n_layers: usize = get("--layers").map_or(30, |s| s.parse().expect("--layers"));
@@ -154,7 +156,8 @@ fn main() {
     let mut models: Vec<Model> = specs
         .iter()
         .map(|name| {
-            let cfg = spec(name, capacity).unwrap_or_else(|| panic!("unknown spec {name}"));
+            let (base, int8) = name.strip_suffix("+int8").map_or((name.as_str(), false), |b| (b, true));
+            let cfg = spec(base, capacity).unwrap_or_else(|| panic!("unknown spec {name}"));
             let layers = (0..n_layers)
                 .map(|_| {
                     let arena: &'static mut [u32] =
@@ -162,7 +165,7 @@ fn main() {
                     Cache::new(cfg, arena).expect("cache")
                 })
                 .collect();
-            Model { name: name.clone(), layers }
+            Model { name: base.to_string(), int8, layers }
         })
         .collect();
 
@@ -176,7 +179,7 @@ fn main() {
     let mut outs: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; Q_HEADS * HEAD_DIM]).collect();
     if !json {
         println!(
-            "{:>6} {:>7} {:>3} {:>8} {:>12} {:>9} {:>10} {:>9}",
+            "{:>6} {:>7} {:>3} {:>13} {:>12} {:>9} {:>10} {:>9}",
             "tokens", "spec", "thr", "kernel", "us/step", "MB/step", "GB/s", "vs fp16"
         );
     }
@@ -220,6 +223,7 @@ fn main() {
                 }
                 let med: Vec<f64> = times.into_iter().map(median).collect();
                 let base = models.iter().position(|m| m.name == "fp16").map(|i| med[i]);
+                let kname = |m: &Model| kernel.with_int8(m.int8).name();
                 let bound = bw.iter().find(|(x, _)| *x == th).map_or(0.0, |b| b.1);
                 for (i, m) in models.iter().enumerate() {
                     let gbs = bytes[i] as f64 / med[i] / 1e9;
@@ -228,15 +232,15 @@ fn main() {
                         println!(
                             "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{speedup:.3},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"layers\":{n_layers}}}",
                             m.name,
-                            kernel.name(),
+                            kname(m),
                             med[i] * 1e9,
                             bytes[i]
                         );
                     } else {
                         println!(
-                            "{t:>6} {:>7} {th:>3} {:>8} {:>12.1} {:>9.2} {:>10.2} {:>8.2}x{}",
+                            "{t:>6} {:>7} {th:>3} {:>13} {:>12.1} {:>9.2} {:>10.2} {:>8.2}x{}",
                             m.name,
-                            kernel.name(),
+                            kname(m),
                             med[i] * 1e6,
                             bytes[i] as f64 / 1e6,
                             gbs,

@@ -163,6 +163,9 @@ struct ModelArgs {
     /// exact arithmetic.
     #[arg(long)]
     exact: bool,
+    /// Read 2-bit KV caches with f32 arithmetic instead of attention's int8 path (implied by --exact).
+    #[arg(long)]
+    f32_attention: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -306,6 +309,7 @@ fn load(a: &ModelArgs) -> Result<Model> {
     if a.exact {
         m.mode = model::MatMode::Exact;
     }
+    m.int8_attention = !(a.exact || a.f32_attention);
     Ok(m)
 }
 

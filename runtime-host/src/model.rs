@@ -83,7 +83,7 @@ struct Layer {
 /// How the matrix products treat activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatMode {
-    /// Activations quantized to 8 bits per block of 32 for the integer kernels (as llama.cpp does).
+    /// Activations quantized to 16-bit codes per block of 32 for the integer kernels.
     Fast,
     /// Weights dequantized to f32 and multiplied with f32 activations (for reference checks).
     Exact,
@@ -105,6 +105,9 @@ pub struct Model {
     inv_freq: Vec<f64>,
     /// Matrix-product mode.
     pub mode: MatMode,
+    /// Whether sessions read caches of codes up to 2 bits on attention's int8 path
+    /// ([`Kernel::with_int8`]; on by default, off with `--exact` or `--f32-attention`).
+    pub int8_attention: bool,
 }
 
 fn meta_u(g: &Gguf, key: &str) -> Result<usize> {
@@ -231,6 +234,7 @@ impl Model {
             avx2: kernels::has_avx2(),
             inv_freq,
             mode: MatMode::Fast,
+            int8_attention: true,
         })
     }
 
@@ -539,7 +543,7 @@ impl<'a> Session<'a> {
             model,
             caches,
             pos: 0,
-            kernel: Kernel::detect(),
+            kernel: Kernel::detect().with_int8(model.int8_attention),
             prefill: Prefill::Chunked,
             scratch: (0..c.n_kv_head).map(|_| zeroed(scratch, "attention scratch")).collect::<Result<_>>()?,
             parts: vec![Vec::new(); c.n_kv_head],

@@ -556,3 +556,381 @@ pub(crate) fn softmax(x: &mut [f32]) {
         *v *= inv;
     }
 }
+
+/// Sixteen i32 (two vectors) saturated to i8 and laid out as eight dwords, each a pair of neighbouring
+/// bytes (`x[2j]`, `x[2j + 1]`) twice: the second operand of `vpmaddubsw` for pair `j`, broadcast.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn byte_pairs(a: __m256i, b: __m256i) -> __m256i {
+    // packs_epi32 interleaves the 128-bit lanes ([0-3, 8-11 | 4-7, 12-15]); the permute restores order.
+    let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+    let x = _mm256_packs_epi16(w, w); // [0-7, 0-7 | 8-15, 8-15]
+    _mm256_unpacklo_epi16(x, x)
+}
+
+/// See [`portable::fold_query_q8`] (the same bits): `qs` is scratch for `d` floats, `pairs` receives the
+/// rounded query as [`byte_pairs`], `d / 2` dwords. `d % 16 == 0`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn fold_query_q8(
+    qr: &[f32],
+    scale: &[u16],
+    zero: &[u16],
+    qmax: f32,
+    qs: &mut [f32],
+    pairs: &mut [u32],
+) -> (f32, f32) {
+    let d = qr.len();
+    let sign = _mm256_set1_ps(-0.0);
+    let mut mx = _mm256_setzero_ps();
+    let mut zacc = _mm256_setzero_ps();
+    for c in (0..d).step_by(8) {
+        let qv = ld(&qr[c..]);
+        let v = _mm256_mul_ps(qv, ld_ph(&scale[c..]));
+        st(&mut qs[c..], v);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+        zacc = _mm256_add_ps(zacc, _mm256_mul_ps(qv, ld_ph(&zero[c..])));
+    }
+    let (m, bias) = (hmax(mx), hsum(zacc));
+    if m == 0.0 {
+        pairs[..d / 2].fill(0);
+        return (0.0, bias);
+    }
+    let inv = _mm256_set1_ps(qmax / m);
+    for c in (0..d).step_by(16) {
+        let a = _mm256_cvtps_epi32(_mm256_mul_ps(ld(&qs[c..]), inv));
+        let b = _mm256_cvtps_epi32(_mm256_mul_ps(ld(&qs[c + 8..]), inv));
+        sti(&mut pairs[c / 2..], byte_pairs(a, b));
+    }
+    (m / qmax, bias)
+}
+
+/// Eight u32 to `d[..8]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn sti(d: &mut [u32], v: __m256i) {
+    let d = &mut d[..8];
+    // SAFETY: `d` holds 8 u32; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), v) }
+}
+
+/// See [`portable::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`.
+///
+/// Per group the queries are folded and rounded ([`fold_query_q8`]); then 32 tokens (two words of each
+/// channel row) by up to 3 queries: a channel pair's codes are unpacked to bytes (`vpsrlvd` + mask, four
+/// shifts of both words in one register), interleaved channel by channel (`vpunpck[lh]bw`), and
+/// multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6 accumulators.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn scores_q8_channel(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+) {
+    let (d, g, nq) = (q.d, b.group, q.nq);
+    let qmax = super::q8_key_max(d, b.width);
+    let (qs, rest) = work.split_at_mut(d);
+    // Up to a key block's groups are folded together (independent chains the core overlaps), then read.
+    let per = nq * (d / 2 + 2);
+    let batch = (KEY_BLOCK / g).min(rest.len() / per).max(1);
+    let (pairs, rest) = rest.split_at_mut(batch * nq * d / 2);
+    let (delta, rest) = rest.split_at_mut(batch * nq);
+    let bias = &mut rest[..batch * nq];
+    let pairs: &mut [u32] = bytemuck::cast_slice_mut(pairs);
+    for b0 in (start..start + n).step_by(batch * g) {
+        let groups = (start + n - b0).min(batch * g) / g;
+        for j in 0..groups {
+            let gi = b0 / g + j;
+            let scale = &b.scale[gi * d..][..d];
+            let zero = &b.zero[gi * d..][..d];
+            for qi in 0..nq {
+                let at = j * nq + qi;
+                (delta[at], bias[at]) =
+                    fold_query_q8(q.row(qi), scale, zero, qmax, qs, &mut pairs[at * d / 2..][..d / 2]);
+            }
+        }
+        for j in 0..groups {
+            let g0 = b0 + j * g;
+            for t0 in (g0..g0 + g).step_by(32) {
+                let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16;
+                let col = t0 - start;
+                for qb in (0..nq).step_by(3) {
+                    let at = j * nq + qb;
+                    let k = Q8Keys {
+                        b,
+                        word,
+                        d,
+                        pairs: &pairs[at * d / 2..],
+                        delta: &delta[at..],
+                        bias: &bias[at..],
+                    };
+                    match nq - qb {
+                        1 => k.tile::<1>(out, qb, col),
+                        2 => k.tile::<2>(out, qb, col),
+                        _ => k.tile::<3>(out, qb, col),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One group's rounded queries from query `qb` on, and where its tile's codes start.
+struct Q8Keys<'a> {
+    b: &'a ChannelBody<'a>,
+    word: usize,
+    d: usize,
+    pairs: &'a [u32],
+    delta: &'a [f32],
+    bias: &'a [f32],
+}
+
+impl Q8Keys<'_> {
+    /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<const M: usize>(&self, out: &mut Scores<'_>, qb: usize, col: usize) {
+        let (d, w) = (self.d, self.b.block_words);
+        let h = d / 2;
+        let codes = &self.b.codes[self.word..];
+        // Reads words `c * w + k` (k < 2) of `codes` for c < d and entry `m * h + c / 2` of `pairs` for
+        // m < M: checked once here, then read through pointers (as in `q_chunk_m`). The layout guarantees
+        // this; a failure is a bug in this crate, never a property of the input.
+        assert!(
+            d >= 2 && codes.len() >= (d - 1) * w + 2 && self.pairs.len() >= M * h,
+            "key block shorter than its layout"
+        );
+        let (cp, pp) = (codes.as_ptr(), self.pairs.as_ptr());
+        let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
+        let m3 = _mm256_set1_epi8(3);
+        let mut acc = [[_mm256_setzero_si256(); 2]; M];
+        for c in (0..d).step_by(2) {
+            // SAFETY: c + 1 < d, so words (c + 1) * w + 1 < codes.len() (checked above); unaligned reads.
+            let (x0, x1) = unsafe {
+                (
+                    cp.add(c * w).cast::<i64>().read_unaligned(),
+                    cp.add((c + 1) * w).cast::<i64>().read_unaligned(),
+                )
+            };
+            // Byte 4j + b of `xa`: the code of token 16 (j & 1) + 4b + (j >> 1) of channel c.
+            let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
+            let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
+            // 16-bit lanes (token, channel pair): even tokens in `y` (0, 4, .., 28 | 2, 6, .., 30), odd in `z`.
+            let y = _mm256_unpacklo_epi8(xa, xb);
+            let z = _mm256_unpackhi_epi8(xa, xb);
+            for (m, a) in acc.iter_mut().enumerate() {
+                // SAFETY: m * h + c / 2 < M * h <= pairs.len() (checked above).
+                let qp = _mm256_set1_epi32(unsafe { pp.add(m * h + c / 2).read() } as i32);
+                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, qp));
+                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, qp));
+            }
+        }
+        let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (m, a) in acc.iter().enumerate() {
+            let (dl, bs) = (_mm256_set1_ps(self.delta[m]), _mm256_set1_ps(self.bias[m]));
+            let at = (qb + m) * out.stride + out.pos + col;
+            let o = &mut out.data[at..][..32];
+            // Pairs of tokens (t, t + 1) in dwords, then in order: tokens 0..16 and 16..32.
+            let halves = [_mm256_unpacklo_epi16(a[0], a[1]), _mm256_unpackhi_epi16(a[0], a[1])];
+            for (k, v) in halves.into_iter().enumerate() {
+                let v = _mm256_permutevar8x32_epi32(v, idx);
+                let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+                let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
+                st(&mut o[16 * k..], _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(lo)), bs));
+                st(&mut o[16 * k + 8..], _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(hi)), bs));
+            }
+        }
+    }
+}
+
+/// Channel (within its 64-channel chunk) of entry `r` of the int8 value path's permuted sums: `r = k * 32
+/// + j * 16 + l * 8 + m` holds the codes `v_tile8` unpacks with shift pair `k`, word pair `j`, 128-bit
+/// lane `l`, byte `m`.
+#[inline]
+const fn v8_channel(r: usize) -> usize {
+    let (k, j, l, m) = (r / 32, r / 16 % 2, r / 8 % 2, r % 8);
+    32 * j + 16 * (m >> 2) + 4 * (m & 3) + 2 * k + l
+}
+
+/// See [`portable::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`.
+///
+/// Per tile of 32 tokens, the weights `p_t s_t` of each channel group and query are rounded
+/// ([`portable::value_tile_q8`]) and laid out as [`byte_pairs`] over token pairs; then, for each chunk of
+/// 64 channels (a row's 4 words) and each of two shift pairs, a token pair's codes are unpacked to bytes,
+/// interleaved token by token and multiplied by the weight pair with `vpmaddubsw` into 16-bit sums (6
+/// accumulators for 3 queries), which the tile's scales take into f32. The sums are kept in a
+/// channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs the
+/// portable twin.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn values_q8_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
+    const T: usize = super::Q8_TILE;
+    let nq = out.len() / d;
+    let g = b.group;
+    let groups = d / g;
+    let (l, rest) = work.split_at_mut(nq * d);
+    let (zl, rest) = rest.split_at_mut(nq * groups * 8);
+    let (tile, rest) = rest.split_at_mut(nq * d + groups * nq * (T + 1));
+    let (lp, rest) = rest.split_at_mut(nq * d);
+    let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut rest[..groups * nq * T / 2]);
+    let delta = &mut tile[..groups * nq];
+    lp.fill(0.0);
+    zl.fill(0.0);
+    let whole = n - n % T;
+    for t0 in (0..whole).step_by(T) {
+        let slot = start + t0;
+        for gi in 0..groups {
+            // The group's scales and zero points over the tile, converted once for every query.
+            let at = gi * b.ring + slot;
+            let sv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&b.scale[at + 8 * k..]));
+            let zv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&b.zero[at + 8 * k..]));
+            for qi in 0..nq {
+                let pr = &p.data[qi * p.stride + p.pos + t0..][..T];
+                let mut ps = [_mm256_setzero_ps(); T / 8];
+                let mut mx = _mm256_setzero_ps();
+                let zat = (qi * groups + gi) * 8;
+                let mut za = ld(&zl[zat..]);
+                for (k, v) in ps.iter_mut().enumerate() {
+                    let pv = ld(&pr[8 * k..]);
+                    // p >= 0 and s >= 0, so p s is its own absolute value.
+                    *v = _mm256_mul_ps(pv, sv[k]);
+                    mx = _mm256_max_ps(mx, *v);
+                    za = _mm256_add_ps(za, _mm256_mul_ps(pv, zv[k]));
+                }
+                st(&mut zl[zat..], za);
+                let m = hmax(mx);
+                let pq = &mut pairs[(gi * nq + qi) * T / 2..][..T / 2];
+                if m == 0.0 {
+                    pq.fill(0);
+                    delta[gi * nq + qi] = 0.0;
+                    continue;
+                }
+                let inv = _mm256_set1_ps(127.0 / m);
+                for (h, o) in pq.chunks_exact_mut(16).enumerate() {
+                    let r: [__m256i; 4] =
+                        core::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(ps[4 * h + k], inv)));
+                    // Tokens 0-15 and 16-31 as i16 in order, then bytes [0-7, 16-23 | 8-15, 24-31].
+                    let w0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[0], r[1]));
+                    let w1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2], r[3]));
+                    let x = _mm256_packs_epi16(w0, w1);
+                    sti(&mut o[..8], _mm256_unpacklo_epi16(x, x));
+                    sti(&mut o[8..], _mm256_unpackhi_epi16(x, x));
+                }
+                delta[gi * nq + qi] = m / 127.0;
+            }
+        }
+        let rows = &b.codes[slot * b.row_words..][..T * b.row_words];
+        for ch in 0..d / 64 {
+            let groups_of = [ch * 64 / g, (ch * 64 + 32) / g];
+            for k in 0..2 {
+                for qb in (0..nq).step_by(3) {
+                    let v = Q8Values { rows, row_words: b.row_words, ch, k, groups_of, nq, pairs, delta };
+                    let lq = &mut lp[qb * d..];
+                    match nq - qb {
+                        1 => v.tile::<1>(lq, d, qb),
+                        2 => v.tile::<2>(lq, d, qb),
+                        _ => v.tile::<3>(lq, d, qb),
+                    }
+                }
+            }
+        }
+    }
+    for (lr, pr) in l.chunks_exact_mut(d).zip(lp.chunks_exact(d)) {
+        for (lc, pc) in lr.chunks_exact_mut(64).zip(pr.chunks_exact(64)) {
+            for (r, &x) in pc.iter().enumerate() {
+                lc[v8_channel(r)] = x;
+            }
+        }
+    }
+    if whole < n {
+        portable::value_tile_q8(b, start, whole, n - whole, p, d, l, zl, tile);
+    }
+    portable::finish_values_q8(g, d, l, zl, out);
+}
+
+/// One tile's rows and rounded weights, for one 64-channel chunk and shift pair.
+struct Q8Values<'a> {
+    rows: &'a [u32],
+    row_words: usize,
+    ch: usize,
+    k: usize,
+    /// Channel groups of the chunk's words 0-1 and 2-3.
+    groups_of: [usize; 2],
+    nq: usize,
+    pairs: &'a [u32],
+    delta: &'a [f32],
+}
+
+impl Q8Values<'_> {
+    /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<const M: usize>(&self, lq: &mut [f32], d: usize, qb: usize) {
+        const T: usize = super::Q8_TILE;
+        let (rw, word0) = (self.row_words, self.ch * 4);
+        // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T and entries
+        // `(g * nq + qb + m) * T / 2 + i` (i < T / 2) of `pairs` for both groups and m < M: checked once
+        // here, then read through pointers. The layout guarantees this; a failure is a bug in this crate.
+        let pmax = self.groups_of[0].max(self.groups_of[1]) * self.nq + qb + M;
+        assert!(
+            self.rows.len() >= T * rw && word0 + 4 <= rw && self.pairs.len() >= pmax * T / 2,
+            "value rows shorter than their layout"
+        );
+        let (rp, pp) = (self.rows.as_ptr(), self.pairs.as_ptr());
+        let sh = if self.k == 0 {
+            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)
+        } else {
+            _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)
+        };
+        let m3 = _mm256_set1_epi8(3);
+        let pg = [(self.groups_of[0] * self.nq + qb) * T / 2, (self.groups_of[1] * self.nq + qb) * T / 2];
+        let mut acc = [[_mm256_setzero_si256(); 2]; M];
+        for tp in 0..T / 2 {
+            // SAFETY: 2 tp + 1 < T and word0 + 4 <= rw, so both 16-byte rows lie in `rows` (checked above).
+            let (a, bb) = unsafe {
+                (
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(2 * tp * rw + word0).cast())),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add((2 * tp + 1) * rw + word0).cast())),
+                )
+            };
+            let xa = _mm256_and_si256(_mm256_srlv_epi32(a, sh), m3);
+            let xb = _mm256_and_si256(_mm256_srlv_epi32(bb, sh), m3);
+            // 16-bit lanes (channel, token pair): words 0-1 of the chunk in `lo`, 2-3 in `hi`.
+            let lo = _mm256_unpacklo_epi8(xa, xb);
+            let hi = _mm256_unpackhi_epi8(xa, xb);
+            for (m, ac) in acc.iter_mut().enumerate() {
+                // SAFETY: pg[i] + m * T / 2 + tp < pmax * T / 2 <= pairs.len() (checked above).
+                let (p0, p1) = unsafe {
+                    (
+                        pp.add(pg[0] + m * T / 2 + tp).read() as i32,
+                        pp.add(pg[1] + m * T / 2 + tp).read() as i32,
+                    )
+                };
+                ac[0] = _mm256_add_epi16(ac[0], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(p0)));
+                ac[1] = _mm256_add_epi16(ac[1], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(p1)));
+            }
+        }
+        for (m, ac) in acc.iter().enumerate() {
+            for (j, &v) in ac.iter().enumerate() {
+                let dl = _mm256_set1_ps(self.delta[self.groups_of[j] * self.nq + qb + m]);
+                let at = m * d + self.ch * 64 + self.k * 32 + j * 16;
+                let o = &mut lq[at..][..16];
+                let e = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
+                for (h, e) in e.into_iter().enumerate() {
+                    let x = _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(e)));
+                    let y = _mm256_add_ps(ld(&o[8 * h..]), x);
+                    st(&mut o[8 * h..], y);
+                }
+            }
+        }
+    }
+}

@@ -13,6 +13,15 @@
 //! Kernels come in two twins: [`Kernel::PORTABLE`] (scalar, `libm::expf`; what Miri and the firmware run)
 //! and [`Kernel::avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them). The probabilities
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
+//!
+//! By default every product is f32, so attention over the cache equals attention over the dequantized cache
+//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits: the
+//! f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not by the
+//! bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
+//! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`]
+//! tokens the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output
+//! by a bound the tests derive (`int8_attention_is_within_its_bound`), well under the 2-bit quantizer's
+//! own error. Both twins give the same bits on this path.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -32,11 +41,29 @@ use crate::pack::Width;
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Kernel {
     avx2: bool,
+    int8: bool,
 }
 
 impl Kernel {
     /// Scalar code, any target.
-    pub const PORTABLE: Self = Self { avx2: false };
+    pub const PORTABLE: Self = Self { avx2: false, int8: false };
+
+    /// The same kernels with the int8 path on or off (off by default). On it, bodies of codes up to 2 bits
+    /// (`B1`, `B2`, `Ternary`) are read with integer dot products: per key group, the query with the
+    /// group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for `head_dim` up
+    /// to 85), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers of at most
+    /// 127, each on its own scale `delta`. Each score then moves by at most `delta / 2` per unit of code
+    /// summed over the channels, each output by `delta / 2` per unit of code summed over a tile's tokens
+    /// (the tests derive the attention bound from this); zero points, the softmax and everything in f16
+    /// stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the portable twin gives the same bits.
+    pub const fn with_int8(self, on: bool) -> Self {
+        Self { int8: on, ..self }
+    }
+
+    /// Whether the int8 path is on.
+    pub const fn int8(&self) -> bool {
+        self.int8
+    }
 
     /// The AVX2 kernels, if this CPU runs them.
     pub fn avx2() -> Option<Self> {
@@ -46,7 +73,7 @@ impl Kernel {
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")
             {
-                return Some(Self { avx2: true });
+                return Some(Self { avx2: true, int8: false });
             }
         }
         #[cfg(all(
@@ -56,7 +83,7 @@ impl Kernel {
             target_feature = "f16c"
         ))]
         {
-            return Some(Self { avx2: true });
+            return Some(Self { avx2: true, int8: false });
         }
         #[allow(unreachable_code)]
         None
@@ -67,9 +94,14 @@ impl Kernel {
         Self::avx2().unwrap_or(Self::PORTABLE)
     }
 
-    /// `"avx2"` or `"portable"`.
+    /// `"avx2"` or `"portable"`, with `"+int8"` where the int8 path is on.
     pub fn name(&self) -> &'static str {
-        if self.avx2 { "avx2" } else { "portable" }
+        match (self.avx2, self.int8) {
+            (true, false) => "avx2",
+            (true, true) => "avx2+int8",
+            (false, false) => "portable",
+            (false, true) => "portable+int8",
+        }
     }
 
     /// Whether the vector path is usable for a head dimension.
@@ -170,9 +202,35 @@ impl<'s> AttnProbs<'s> {
 }
 
 /// Scratch floats the kernels need for `nq` query rows of `d`: folded queries and biases (per-channel
-/// keys), per-token probability products and zero-point partial sums (per-token values).
+/// keys), per-token probability products and zero-point partial sums (per-token values), and the int8
+/// path's sums, rounded weights and scales ([`q8_value_work`] with groups of 16 channels, the smallest a
+/// quantized per-token stream has).
 const fn work_len(nq: usize, d: usize) -> usize {
-    nq * (3 * d + 64)
+    let q8 = q8_value_work(nq, d, d / 16 + 1);
+    let f = nq * (3 * d + 64);
+    if q8 > f { q8 } else { f }
+}
+
+/// Tokens per tile of the int8 value path: the weights of one tile share a scale.
+pub const Q8_TILE: usize = 64;
+
+/// Largest integer of the int8 path's folded queries over `d` channels of `width` codes: 127, or less
+/// where `d * max_code * 127` would pass the 16-bit sums AVX2 accumulates (`head_dim` above 85 at 2 bits).
+pub fn q8_key_max(d: usize, width: Width) -> f32 {
+    let cmax = (1usize << width.bits()) - 1;
+    (i16::MAX as usize / (d * cmax).max(1)).clamp(1, 127) as f32
+}
+
+/// Floats of work the int8 value path needs: sums `l` and integer sums (`nq * d` each), zero-point lanes
+/// (`nq * groups * 8`), rounded weights and scales (`groups * nq * (Q8_TILE + 1)`), and the AVX2 twin's
+/// channel-permuted sums and paired weights (`nq * d`, `groups * nq * Q8_TILE / 2`).
+const fn q8_value_work(nq: usize, d: usize, groups: usize) -> usize {
+    3 * nq * d + nq * groups * 8 + groups * nq * (Q8_TILE + 1) + groups * nq * Q8_TILE / 2
+}
+
+/// Whether the int8 path reads a body of `width` codes.
+fn q8_width(kernel: Kernel, width: Width) -> bool {
+    kernel.int8 && matches!(width, Width::B1 | Width::B2 | Width::Ternary)
 }
 
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
@@ -550,7 +608,7 @@ fn key_scores(
                     width: spec.width,
                     group: spec.group,
                 };
-                channel_keys(&b, seg, q, &mut out, work, vector);
+                channel_keys(&b, seg, q, &mut out, work, vector, q8_width(kernel, spec.width));
             }
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
@@ -587,7 +645,7 @@ fn value_sums(
             }
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
-                token_values(&b, seg, &pr, d, out, work, vector);
+                token_values(&b, seg, &pr, d, out, work, vector, q8_width(kernel, spec.width));
             }
         }
     }
@@ -652,7 +710,16 @@ fn channel_keys(
     out: &mut Scores<'_>,
     work: &mut [f32],
     vector: bool,
+    int8: bool,
 ) {
+    if int8 {
+        #[cfg(target_arch = "x86_64")]
+        if vector && b.width.bits() == 2 && b.group.is_multiple_of(32) && q.d.is_multiple_of(16) {
+            // SAFETY: see the note above the dispatchers.
+            return unsafe { avx2::scores_q8_channel(b, seg.start, seg.len, q, out, work) };
+        }
+        return portable::scores_q8_channel(b, seg.start, seg.len, q, out, work);
+    }
     #[cfg(target_arch = "x86_64")]
     if vector && vector_width(b.width) && b.group.is_multiple_of(16) {
         // SAFETY: see the note above the dispatchers.
@@ -662,7 +729,7 @@ fn channel_keys(
     portable::scores_q_channel(b, seg.start, seg.len, q, out, work);
 }
 
-#[allow(unsafe_code)]
+#[allow(unsafe_code, clippy::too_many_arguments)]
 fn token_values(
     b: &TokenBody<'_>,
     seg: Segment,
@@ -671,7 +738,16 @@ fn token_values(
     out: &mut [f32],
     work: &mut [f32],
     vector: bool,
+    int8: bool,
 ) {
+    if int8 {
+        #[cfg(target_arch = "x86_64")]
+        if vector && b.width.bits() == 2 && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
+            // SAFETY: see the note above the dispatchers.
+            return unsafe { avx2::values_q8_token(b, seg.start, seg.len, p, d, out, work) };
+        }
+        return portable::values_q8_token(b, seg.start, seg.len, p, d, out, work);
+    }
     #[cfg(target_arch = "x86_64")]
     if vector && vector_width(b.width) && b.group.is_multiple_of(16) {
         // SAFETY: see the note above the dispatchers.

@@ -180,3 +180,191 @@ pub(crate) fn softmax(x: &mut [f32]) {
         *v *= inv;
     }
 }
+
+/// The sum of eight lanes in the order `avx2::hsum` adds them, so the two paths round alike.
+#[inline]
+pub(crate) fn hsum_tree(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+}
+
+/// Folds one key group's scales into a query row and rounds it to integers (the int8 path, see
+/// [`super::Kernel::with_int8`]): `qf[c] = rint(q_c s_c / delta)` with `delta = max_c |q_c s_c| / qmax`, so
+/// `|qf[c]| <= qmax`. Returns `(delta, bias)`, `bias = sum_c q_c z_c` in eight lanes (`c % 8`), as the AVX2
+/// twin sums it.
+pub(crate) fn fold_query_q8(
+    qr: &[f32],
+    scale: &[u16],
+    zero: &[u16],
+    qmax: f32,
+    qf: &mut [f32],
+) -> (f32, f32) {
+    let mut lanes = [0f32; 8];
+    let mut m = 0f32;
+    for (c, ((o, &a), (&s, &z))) in qf.iter_mut().zip(qr).zip(scale.iter().zip(zero)).enumerate() {
+        *o = a * f(s);
+        m = m.max(libm::fabsf(*o));
+        lanes[c % 8] += a * f(z);
+    }
+    let bias = hsum_tree(&lanes);
+    if m == 0.0 {
+        qf.fill(0.0);
+        return (0.0, bias);
+    }
+    let inv = qmax / m;
+    for o in qf.iter_mut() {
+        *o = libm::rintf(*o * inv);
+    }
+    (m / qmax, bias)
+}
+
+/// [`scores_q_channel`] on the int8 path: per group, `score = delta * sum_c qf_c code_c + bias` with the
+/// query rounded by [`fold_query_q8`]. The integer sums are exact (they stay below 2^15, see
+/// [`super::q8_key_max`], and f32 holds integers to 2^24). `work` holds `nq * (d + 2)` floats.
+pub(crate) fn scores_q8_channel(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+) {
+    let (d, g, nq) = (q.d, b.group, q.nq);
+    let qmax = super::q8_key_max(d, b.width);
+    let mut codes = [0u8; MAX_GROUP];
+    let (qf, rest) = work.split_at_mut(nq * d);
+    let (delta, bias) = rest[..2 * nq].split_at_mut(nq);
+    for g0 in (start..start + n).step_by(g) {
+        let gi = g0 / g;
+        let col0 = g0 - start;
+        let scale = &b.scale[gi * d..][..d];
+        let zero = &b.zero[gi * d..][..d];
+        for qi in 0..nq {
+            (delta[qi], bias[qi]) = fold_query_q8(q.row(qi), scale, zero, qmax, &mut qf[qi * d..][..d]);
+            for t in 0..g {
+                *out.at(qi, col0 + t) = 0.0;
+            }
+        }
+        for c in 0..d {
+            let row = &b.codes[key_row(g0, c, d, b.block_words)..][..b.block_words];
+            pack::unpack_bits(row, b.width, g0 % KEY_BLOCK, &mut codes[..g]);
+            for qi in 0..nq {
+                let qc = qf[qi * d + c];
+                for (t, &code) in codes[..g].iter().enumerate() {
+                    *out.at(qi, col0 + t) += qc * f32::from(code);
+                }
+            }
+        }
+        for qi in 0..nq {
+            for t in 0..g {
+                let s = out.at(qi, col0 + t);
+                *s = delta[qi] * *s + bias[qi];
+            }
+        }
+    }
+}
+
+/// [`values_q_token`] on the int8 path: tiles of [`super::Q8_TILE`] tokens (see [`value_tile_q8`]), then
+/// [`finish_values_q8`]. `work` holds [`super::q8_value_work`] floats.
+pub(crate) fn values_q8_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
+    let nq = out.len() / d;
+    let groups = d / b.group;
+    let (l, rest) = work.split_at_mut(nq * d);
+    let (zl, tile) = rest.split_at_mut(nq * groups * 8);
+    l.fill(0.0);
+    zl.fill(0.0);
+    for t0 in (0..n).step_by(super::Q8_TILE) {
+        value_tile_q8(b, start, t0, (n - t0).min(super::Q8_TILE), p, d, l, zl, tile);
+    }
+    finish_values_q8(b.group, d, l, zl, out);
+}
+
+/// One tile of `len` tokens, `start + t0..`, of the int8 value path. Per channel group and query, the
+/// products `p_t s_t` are rounded to integers `P_t = rint(p_t s_t / delta)` with
+/// `delta = max_t p_t s_t / 127`; the exact integer sums `sum_t P_t code_tc` (at most 32 * 127 * 3) scaled
+/// by `delta` are added to `l` (`[nq][d]`), and `p_t z_t` to lane `(t0 + t) % 8` of `zl`
+/// (`[nq][groups][8]`). `tile` holds `nq * d + groups * nq * (Q8_TILE + 1)` floats.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn value_tile_q8(
+    b: &TokenBody<'_>,
+    start: usize,
+    t0: usize,
+    len: usize,
+    p: &Probs<'_>,
+    d: usize,
+    l: &mut [f32],
+    zl: &mut [f32],
+    tile: &mut [f32],
+) {
+    const T: usize = super::Q8_TILE;
+    let g = b.group;
+    let groups = d / g;
+    let nq = l.len() / d;
+    let (iacc, rest) = tile.split_at_mut(nq * d);
+    let (pq, rest) = rest.split_at_mut(groups * nq * T);
+    let delta = &mut rest[..groups * nq];
+    for gi in 0..groups {
+        for qi in 0..nq {
+            let pr = &mut pq[(gi * nq + qi) * T..][..len];
+            let mut m = 0f32;
+            for (t, o) in pr.iter_mut().enumerate() {
+                let slot = start + t0 + t;
+                let pt = p.at(qi, t0 + t);
+                *o = pt * f(b.scale[gi * b.ring + slot]);
+                m = m.max(libm::fabsf(*o));
+                let lane = &mut zl[(qi * groups + gi) * 8 + (t0 + t) % 8];
+                *lane += pt * f(b.zero[gi * b.ring + slot]);
+            }
+            if m == 0.0 {
+                pr.fill(0.0);
+                delta[gi * nq + qi] = 0.0;
+            } else {
+                let inv = 127.0 / m;
+                for o in pr.iter_mut() {
+                    *o = libm::rintf(*o * inv);
+                }
+                delta[gi * nq + qi] = m / 127.0;
+            }
+        }
+    }
+    iacc.fill(0.0);
+    let mut codes = [0u8; MAX_GROUP];
+    for t in 0..len {
+        let row = &b.codes[(start + t0 + t) * b.row_words..][..b.row_words];
+        for (gi, c0) in (0..d).step_by(g).enumerate() {
+            pack::unpack_bits(row, b.width, c0, &mut codes[..g]);
+            for qi in 0..nq {
+                let pt = pq[(gi * nq + qi) * T + t];
+                for (a, &code) in iacc[qi * d + c0..][..g].iter_mut().zip(&codes[..g]) {
+                    *a += pt * f32::from(code);
+                }
+            }
+        }
+    }
+    for qi in 0..nq {
+        for c in 0..d {
+            let i = qi * d + c;
+            l[i] += delta[(c / g) * nq + qi] * iacc[i];
+        }
+    }
+}
+
+/// Ends the int8 value path: `out += l`, then each channel's group zero-point sum (`zl`'s lanes added in
+/// [`hsum_tree`]'s order).
+pub(crate) fn finish_values_q8(g: usize, d: usize, l: &[f32], zl: &[f32], out: &mut [f32]) {
+    let groups = d / g;
+    for (qi, o) in out.chunks_exact_mut(d).enumerate() {
+        for (c, o) in o.iter_mut().enumerate() {
+            let z = &zl[(qi * groups + c / g) * 8..][..8];
+            *o += l[qi * d + c];
+            *o += hsum_tree(&core::array::from_fn(|k| z[k]));
+        }
+    }
+}

@@ -612,3 +612,340 @@ fn head_ranges_compose() {
         }
     }
 }
+
+/// The int8 path's AVX2 kernels give the same bits as their portable twins: key scores and value sums
+/// (from the same probabilities) over 2-bit and ternary bodies, G 32 and 64, R, S, head_dim 64 and 128,
+/// GQA 1, 3 and 7, token counts that leave partial value tiles, and rings that have wrapped.
+#[test]
+fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
+    let Some(fast) = Kernel::avx2() else {
+        std::println!("skipped: this CPU has no AVX2 (the portable twin is the only int8 path)");
+        return;
+    };
+    let mut rng = Rng::new(7);
+    let mut cases = 0;
+    for d in [64usize, 128] {
+        for (width, g, r, s) in [
+            (Width::B2, 32, 32, 0),
+            (Width::B2, 32, 128, 3),
+            (Width::B2, 64, 64, 1),
+            (Width::Ternary, 32, 32, 2),
+        ] {
+            for (t, cap, slide) in [
+                (1usize, 600, false),
+                (r + 1, 600, false),
+                (5 * g + 3, 600, false),
+                (8 * g + 17, 600, false),
+                (700, 300, true),
+            ] {
+                let mut cfg = CacheConfig::kivi(width, g, r, 2, d, cap).with_sinks(s);
+                if slide {
+                    cfg = cfg.with_overflow(Overflow::Slide);
+                }
+                let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+                let mut cache = Cache::new(cfg, &mut mem).unwrap();
+                for _ in 0..t.div_ceil(100) {
+                    let n = 100.min(t - cache.counts().n.min(t)).max(1);
+                    let k = activations(&mut rng, n, 2, d);
+                    let v = activations(&mut rng, n, 2, d);
+                    cache.append(&k, &v).unwrap();
+                }
+                let held = cache.held();
+                // Only the quantized body takes the int8 path: compare its scores, and weight only its tokens.
+                let c = cache.counts();
+                let body = |sv: &StreamView<'_>| c.sinks..c.sinks + (sv.q_end.max(c.base) - c.base);
+                let (kb, vb) = (body(&cache.view(Stream::Keys)), body(&cache.view(Stream::Values)));
+                for ratio in [1usize, 3, 7] {
+                    let nq = ratio;
+                    let q: Vec<f32> = (0..nq * d).map(|_| rng.unit() * 0.3).collect();
+                    let qv = Queries { q: &q, nq, d };
+                    let p: Vec<f32> = (0..nq * held)
+                        .map(|i| {
+                            if vb.contains(&(i % held)) {
+                                rng.unit().abs() * rng.unit().abs() / 16.0
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let mut got = Vec::new();
+                    for kernel in [Kernel::PORTABLE.with_int8(true), fast.with_int8(true)] {
+                        let mut work = vec![0.0f32; work_len(nq, d)];
+                        let mut scores = vec![0.0f32; nq * held];
+                        for h in 0..2 {
+                            key_scores(
+                                &cache,
+                                &cache.view(Stream::Keys),
+                                h,
+                                &qv,
+                                &mut scores,
+                                held,
+                                &mut work,
+                                kernel,
+                            );
+                        }
+                        let mut out = vec![0.5f32; nq * d];
+                        let pr = Probs { data: &p, stride: held, pos: 0 };
+                        value_sums(
+                            &cache,
+                            &cache.view(Stream::Values),
+                            1,
+                            &pr,
+                            nq,
+                            &mut out,
+                            &mut work,
+                            kernel,
+                        );
+                        got.push((scores, out));
+                    }
+                    let what = std::format!("{width:?} d {d} G {g} R {r} S {s} T {t} ratio {ratio}");
+                    for (i, (a, b)) in
+                        got[0].0.iter().zip(&got[1].0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
+                    {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i}: {a} vs {b}");
+                    }
+                    for (i, (a, b)) in got[0].1.iter().zip(&got[1].1).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{what}: value sum {i}: {a} vs {b}");
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 2 * 4 * 5 * 3);
+}
+
+/// The int8 path (its portable twin; the AVX2 kernels equal it bit for bit, above) computes what its
+/// definition says, rebuilt here from the cache's codes, scales and zero points: per key group,
+/// `score = delta * sum_c rint(q_c s_c / delta) code_c + sum_c q_c z_c` with `delta = max |q_c s_c| / qmax`;
+/// per value tile of [`Q8_TILE`] tokens from the start of each body run,
+/// `out_c += delta * sum_t rint(p_t s_t / delta) code_tc` with `delta = max p_t s_t / 127`, plus
+/// `sum_t p_t z_t`. Integer parts are exact, so the only tolerance is the f32 rounding of the float sums.
+#[test]
+fn int8_path_follows_its_definition() {
+    use crate::cache::layout::{KEY_BLOCK, key_row};
+    use crate::pack;
+    let f = |b: u16| half::f16::from_bits(b).to_f32();
+    let mut rng = Rng::new(11);
+    let kernel = Kernel::PORTABLE.with_int8(true);
+    let mut checked = 0usize;
+    for (width, g, r, d, t, cap, slide) in [
+        (Width::B2, 32, 32, 64, 300, 600, false),
+        (Width::B2, 64, 128, 128, 517, 600, false),
+        (Width::Ternary, 32, 64, 64, 260, 600, false),
+        (Width::B1, 32, 32, 64, 200, 600, false),
+        (Width::B2, 32, 32, 64, 640, 250, true),
+    ]
+    .into_iter()
+    .take(if cfg!(miri) { 1 } else { 5 })
+    {
+        let mut cfg = CacheConfig::kivi(width, g, r, 1, d, cap).with_sinks(2);
+        if slide {
+            cfg = cfg.with_overflow(Overflow::Slide);
+        }
+        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = Cache::new(cfg, &mut mem).unwrap();
+        for _ in 0..t {
+            cache.append(&activations(&mut rng, 1, 1, d), &activations(&mut rng, 1, 1, d)).unwrap();
+        }
+        let held = cache.held();
+        let nq = 3;
+        let q: Vec<f32> = (0..nq * d).map(|_| rng.unit() * 0.4).collect();
+        let p: Vec<f32> = (0..nq * held).map(|_| rng.unit().abs().powi(3)).collect();
+        let mut work = vec![0.0f32; work_len(nq, d)];
+        let mut scores = vec![0.0f32; nq * held];
+        let (ks, vs) = (cache.view(Stream::Keys), cache.view(Stream::Values));
+        key_scores(&cache, &ks, 0, &Queries { q: &q, nq, d }, &mut scores, held, &mut work, kernel);
+        let mut out = vec![0.0f32; nq * d];
+        value_sums(
+            &cache,
+            &vs,
+            0,
+            &Probs { data: &p, stride: held, pos: 0 },
+            nq,
+            &mut out,
+            &mut work,
+            kernel,
+        );
+        let qmax = q8_key_max(d, width);
+        let mut codes = vec![0u8; KEY_BLOCK];
+        // Keys: every body token's score.
+        for seg in segments(&cache, &ks).filter(|s| s.part == Part::Body) {
+            for i in 0..seg.len {
+                let slot = seg.start + i;
+                let gi = slot / g;
+                for qi in 0..nq {
+                    let qr = &q[qi * d..][..d];
+                    let qs: Vec<f32> = (0..d).map(|c| qr[c] * f(ks.scale[gi * d + c])).collect();
+                    let m = qs.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+                    let (inv, delta) = (qmax / m, m / qmax);
+                    let (mut int, mut bias, mut mag) = (0i64, 0f64, 0f64);
+                    for c in 0..d {
+                        let row = &ks.codes[key_row(slot, c, d, ks.layout.row_words)..];
+                        pack::unpack_bits(row, width, slot % KEY_BLOCK, &mut codes[..1]);
+                        let qc = (qs[c] * inv).round_ties_even();
+                        assert!(qc.abs() <= qmax);
+                        int += qc as i64 * i64::from(codes[0]);
+                        let z = f64::from(qr[c]) * f64::from(f(ks.zero[gi * d + c]));
+                        bias += z;
+                        mag += z.abs();
+                    }
+                    let want = f64::from(delta) * int as f64 + bias;
+                    let got = f64::from(scores[qi * held + seg.pos + i]);
+                    let tol = gamma(d + 3) * (f64::from(delta) * (int as f64).abs() + mag);
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{width:?} G {g} d {d}: score {}: {got} vs {want}",
+                        seg.pos + i
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        // Values: the body's sum; sinks and window add exact f32 terms, checked with the same tolerance.
+        let dq = dequantized(&cache, Stream::Values);
+        let mut want = vec![0f64; nq * d];
+        let mut mag = vec![0f64; nq * d];
+        let groups = d / g;
+        let ring = vs.layout.ring;
+        for seg in segments(&cache, &vs) {
+            if seg.part != Part::Body {
+                for i in 0..seg.len {
+                    for qi in 0..nq {
+                        let pt = f64::from(p[qi * held + seg.pos + i]);
+                        for c in 0..d {
+                            let x = pt * f64::from(dq[0][(seg.pos + i) * d + c]);
+                            want[qi * d + c] += x;
+                            mag[qi * d + c] += x.abs();
+                        }
+                    }
+                }
+                continue;
+            }
+            for t0 in (0..seg.len).step_by(Q8_TILE) {
+                let len = (seg.len - t0).min(Q8_TILE);
+                for qi in 0..nq {
+                    for gi in 0..groups {
+                        let ps: Vec<f32> = (0..len)
+                            .map(|i| {
+                                p[qi * held + seg.pos + t0 + i] * f(vs.scale[gi * ring + seg.start + t0 + i])
+                            })
+                            .collect();
+                        let m = ps.iter().fold(0.0f32, |a, &x| a.max(x));
+                        let (inv, delta) = (127.0 / m, m / 127.0);
+                        for c in gi * g..(gi + 1) * g {
+                            let mut int = 0i64;
+                            for (i, &x) in ps.iter().enumerate() {
+                                let slot = seg.start + t0 + i;
+                                pack::unpack_bits(
+                                    &vs.codes[slot * vs.layout.row_words..],
+                                    width,
+                                    c,
+                                    &mut codes[..1],
+                                );
+                                int += (x * inv).round_ties_even() as i64 * i64::from(codes[0]);
+                                let z = f64::from(p[qi * held + seg.pos + t0 + i])
+                                    * f64::from(f(vs.zero[gi * ring + slot]));
+                                want[qi * d + c] += z;
+                                mag[qi * d + c] += z.abs();
+                            }
+                            let x = f64::from(delta) * int as f64;
+                            want[qi * d + c] += x;
+                            mag[qi * d + c] += x.abs();
+                        }
+                    }
+                }
+            }
+        }
+        for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+            let tol = gamma(held + 4) * 2.0 * mag[i] + 1e-30;
+            assert!(
+                (f64::from(o) - w).abs() <= tol,
+                "{width:?} G {g} d {d}: value {i}: {o} vs {w} (tol {tol:e})"
+            );
+        }
+    }
+    assert!(checked > if cfg!(miri) { 300 } else { 3000 }, "{checked}");
+}
+
+/// The int8 path stays within the bound its definition gives, against plain attention over the same
+/// dequantized cache. A key group's rounded query moves a score by at most `delta_g / 2` per unit of code,
+/// so by `E = max_g delta_g * cmax * d / 2` (`cmax` = 3, the largest stored code); that scales each
+/// probability by a factor within `exp(+-2E)`. A value tile's rounded weights move output `c` by at most
+/// `delta_tile / 2 * sum_t code_tc <= delta_tile * cmax * len / 2`, `delta_tile = max_t p_t s_t / 127`,
+/// with the kernel's `p` at most `exp(2E)` times the exact one. Float rounding adds
+/// [`rounding_tolerance`].
+#[test]
+fn int8_attention_is_within_its_bound() {
+    let mut rng = Rng::new(5);
+    let mut kernels: Vec<Kernel> = vec![Kernel::PORTABLE.with_int8(true)];
+    kernels.extend(Kernel::avx2().map(|k| k.with_int8(true)));
+    let mut worst = 0.0f64;
+    let cases = [(64usize, 32, 32, 0, 200usize), (64, 32, 128, 4, 517), (128, 64, 64, 2, 300)];
+    for (d, g, r, s, t) in cases.into_iter().take(if cfg!(miri) { 1 } else { 3 }) {
+        let cfg = CacheConfig::kivi(Width::B2, g, r, 1, d, 600).with_sinks(s);
+        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = Cache::new(cfg, &mut mem).unwrap();
+        cache.append(&activations(&mut rng, t, 1, d), &activations(&mut rng, t, 1, d)).unwrap();
+        let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
+        let (ks, vs) = (cache.view(Stream::Keys), cache.view(Stream::Values));
+        let f = |b: u16| f64::from(half::f16::from_bits(b).to_f32());
+        let qh = 3;
+        let scale = 1.0 / (d as f32).sqrt();
+        let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
+        let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
+        let qmax = f64::from(q8_key_max(d, Width::B2));
+        for kernel in &kernels {
+            let mut out = vec![0.0f32; qh * d];
+            let mut scratch = vec![0.0f32; decode_scratch_len(600, qh, 1, d)];
+            decode(&cache, &q, qh, scale, &mut out, &mut scratch, *kernel).unwrap();
+            for hq in 0..qh {
+                let qr = &q[hq * d..][..d];
+                let mut e = 0.0f64;
+                for seg in segments(&cache, &ks).filter(|x| x.part == Part::Body) {
+                    for gi in seg.start / g..(seg.start + seg.len) / g {
+                        let m = (0..d)
+                            .map(|c| (f64::from(qr[c] * scale) * f(ks.scale[gi * d + c])).abs())
+                            .fold(0.0, f64::max);
+                        e = e.max(m / qmax * (1.0 + 1e-6) * 3.0 * d as f64 / 2.0);
+                    }
+                }
+                let grow = (2.0 * e).exp();
+                let tol = rounding_tolerance(&cfg, qr, &keys[0], &values[0], &probs[hq], scale);
+                let mut tiles = vec![0.0f64; d];
+                for seg in segments(&cache, &vs).filter(|x| x.part == Part::Body) {
+                    for t0 in (0..seg.len).step_by(Q8_TILE) {
+                        let len = (seg.len - t0).min(Q8_TILE);
+                        for gi in 0..d / g {
+                            let m = (0..len)
+                                .map(|i| {
+                                    probs[hq][seg.pos + t0 + i]
+                                        * grow
+                                        * f(vs.scale[gi * vs.layout.ring + seg.start + t0 + i])
+                                })
+                                .fold(0.0, f64::max);
+                            for x in &mut tiles[gi * g..(gi + 1) * g] {
+                                *x += m / 127.0 * (1.0 + 1e-6) * 3.0 * len as f64 / 2.0;
+                            }
+                        }
+                    }
+                }
+                for c in 0..d {
+                    let pv: f64 = (0..probs[hq].len())
+                        .map(|u| probs[hq][u] * f64::from(values[0][u * d + c].abs()))
+                        .sum();
+                    let bound = tol[c] + (grow - 1.0) * pv + tiles[c] * grow;
+                    let err = (f64::from(out[hq * d + c]) - want[hq * d + c]).abs();
+                    assert!(
+                        err <= bound,
+                        "{} d {d} G {g} T {t}: head {hq} channel {c}: {err} > {bound}",
+                        kernel.name()
+                    );
+                    worst = worst.max(err / bound);
+                }
+            }
+        }
+    }
+    std::println!("int8 attention: worst error / bound = {worst:.3}");
+    assert!(worst > 0.0);
+}
