@@ -45,7 +45,7 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
 /// One policy's caches for every layer, each over its own arena.
 struct Model {
     name: String,
-    /// Read with the int8 path (`--specs kivi2+int8`).
+    /// Read with the int8 path (a spec named with `+int8`, e.g. `kivi2+int8`).
     int8: bool,
     layers: Vec<Cache<'static>>,
 }
@@ -165,7 +165,7 @@ fn main() {
                     Cache::new(cfg, arena).expect("cache")
                 })
                 .collect();
-            Model { name: base.to_string(), int8, layers }
+            Model { name: name.clone(), int8, layers }
         })
         .collect();
 
@@ -179,7 +179,7 @@ fn main() {
     let mut outs: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; Q_HEADS * HEAD_DIM]).collect();
     if !json {
         println!(
-            "{:>6} {:>7} {:>3} {:>13} {:>12} {:>9} {:>10} {:>9}",
+            "{:>6} {:>10} {:>3} {:>13} {:>12} {:>9} {:>10} {:>9}",
             "tokens", "spec", "thr", "kernel", "us/step", "MB/step", "GB/s", "vs fp16"
         );
     }
@@ -238,7 +238,7 @@ fn main() {
                         );
                     } else {
                         println!(
-                            "{t:>6} {:>7} {th:>3} {:>13} {:>12.1} {:>9.2} {:>10.2} {:>8.2}x{}",
+                            "{t:>6} {:>10} {th:>3} {:>13} {:>12.1} {:>9.2} {:>10.2} {:>8.2}x{}",
                             m.name,
                             kname(m),
                             med[i] * 1e6,

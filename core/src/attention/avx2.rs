@@ -305,8 +305,7 @@ pub(crate) fn scores_q_channel(
     let (folded, bias) = work.split_at_mut(nq * d);
     for g0 in (start..start + n).step_by(g) {
         let gi = g0 / g;
-        let scale = &b.scale[gi * d..][..d];
-        let zero = &b.zero[gi * d..][..d];
+        let (scale, zero) = b.group_params(gi, d);
         for qi in 0..nq {
             let qr = q.row(qi);
             let fr = &mut folded[qi * d..][..d];
@@ -643,8 +642,7 @@ pub(crate) fn scores_q8_channel(
         let groups = (start + n - b0).min(batch * g) / g;
         for j in 0..groups {
             let gi = b0 / g + j;
-            let scale = &b.scale[gi * d..][..d];
-            let zero = &b.zero[gi * d..][..d];
+            let (scale, zero) = b.group_params(gi, d);
             for qi in 0..nq {
                 let at = j * nq + qi;
                 (delta[at], bias[at]) =

@@ -164,6 +164,14 @@ pub(crate) struct ChannelBody<'c> {
     pub(crate) group: usize,
 }
 
+impl ChannelBody<'_> {
+    /// Scales and zero points of token group `gi`, one per channel of `d`.
+    #[inline]
+    pub(crate) fn group_params(&self, gi: usize, d: usize) -> (&[u16], &[u16]) {
+        (&self.scale[gi * d..][..d], &self.zero[gi * d..][..d])
+    }
+}
+
 /// One head of a per-token quantized body.
 pub(crate) struct TokenBody<'c> {
     pub(crate) codes: &'c [u32],

@@ -77,8 +77,7 @@ pub(crate) fn scores_q_channel(
     for g0 in (start..start + n).step_by(g) {
         let gi = g0 / g;
         let col0 = g0 - start;
-        let scale = &b.scale[gi * d..][..d];
-        let zero = &b.zero[gi * d..][..d];
+        let (scale, zero) = b.group_params(gi, d);
         for qi in 0..q.nq {
             let qr = q.row(qi);
             let mut bias = 0.0f32;
@@ -236,8 +235,7 @@ pub(crate) fn scores_q8_channel(
     for g0 in (start..start + n).step_by(g) {
         let gi = g0 / g;
         let col0 = g0 - start;
-        let scale = &b.scale[gi * d..][..d];
-        let zero = &b.zero[gi * d..][..d];
+        let (scale, zero) = b.group_params(gi, d);
         for qi in 0..nq {
             (delta[qi], bias[qi]) = fold_query_q8(q.row(qi), scale, zero, qmax, &mut qf[qi * d..][..d]);
             for t in 0..g {
@@ -360,11 +358,13 @@ pub(crate) fn value_tile_q8(
 /// [`hsum_tree`]'s order).
 pub(crate) fn finish_values_q8(g: usize, d: usize, l: &[f32], zl: &[f32], out: &mut [f32]) {
     let groups = d / g;
-    for (qi, o) in out.chunks_exact_mut(d).enumerate() {
-        for (c, o) in o.iter_mut().enumerate() {
-            let z = &zl[(qi * groups + c / g) * 8..][..8];
-            *o += l[qi * d + c];
-            *o += hsum_tree(&core::array::from_fn(|k| z[k]));
+    for ((o, l), zq) in out.chunks_exact_mut(d).zip(l.chunks_exact(d)).zip(zl.chunks_exact(groups * 8)) {
+        for ((o, l), z) in o.chunks_exact_mut(g).zip(l.chunks_exact(g)).zip(zq.chunks_exact(8)) {
+            let z = hsum_tree(&core::array::from_fn(|k| z[k]));
+            for (o, &l) in o.iter_mut().zip(l) {
+                *o += l;
+                *o += z;
+            }
         }
     }
 }
