@@ -567,41 +567,148 @@ fn byte_pairs(a: __m256i, b: __m256i) -> __m256i {
     _mm256_unpacklo_epi16(x, x)
 }
 
-/// See [`portable::fold_query_q8`] (the same bits): `qs` is scratch for `d` floats, `pairs` receives the
-/// rounded query as [`byte_pairs`], `d / 2` dwords. `d % 16 == 0`.
+/// Lane `i`: `v[i]`'s eight lanes reduced by `op` (`add` or `max`) in [`portable::hsum_tree`]'s order,
+/// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`: eight horizontal reductions in one transpose, so
+/// that a batch of folds waits on one short chain rather than eight.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn fold_query_q8(
-    qr: &[f32],
+fn reduce8(v: &[__m256; 8], max: bool) -> __m256 {
+    let op = |a: __m256, b: __m256| if max { _mm256_max_ps(a, b) } else { _mm256_add_ps(a, b) };
+    // Halves first: x = [v_i lanes 0-3 + lanes 4-7 | v_{i+4} ...] = s_i for inputs i and i + 4.
+    let h: [__m256; 4] = core::array::from_fn(|i| {
+        op(_mm256_permute2f128_ps::<0x20>(v[i], v[i + 4]), _mm256_permute2f128_ps::<0x31>(v[i], v[i + 4]))
+    });
+    // (s0 + s2), (s1 + s3) of inputs (0, 1 | 4, 5) and (2, 3 | 6, 7).
+    let a = op(_mm256_unpacklo_ps(h[0], h[1]), _mm256_unpackhi_ps(h[0], h[1]));
+    let b = op(_mm256_unpacklo_ps(h[2], h[3]), _mm256_unpackhi_ps(h[2], h[3]));
+    op(_mm256_shuffle_ps::<0b01_00_01_00>(a, b), _mm256_shuffle_ps::<0b11_10_11_10>(a, b))
+}
+
+/// Up to eight int8-path key folds waiting for their horizontal reductions (see [`reduce8`]): the maxima
+/// of `|q_c s_c|` and the zero-point lanes of consecutive folds from `base` on.
+struct Pending {
+    mx: [__m256; 8],
+    za: [__m256; 8],
+    k: usize,
+    base: usize,
+}
+
+impl Pending {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new() -> Self {
+        Pending { mx: [_mm256_setzero_ps(); 8], za: [_mm256_setzero_ps(); 8], k: 0, base: 0 }
+    }
+
+    /// Adds fold `base + k`; flushes when eight are waiting.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn push(&mut self, mx: __m256, za: __m256, top: f32, out: &mut Rounding<'_>) {
+        self.mx[self.k] = mx;
+        self.za[self.k] = za;
+        self.k += 1;
+        if self.k == 8 {
+            self.flush(top, out);
+        }
+    }
+
+    /// Each waiting fold's scale, `m = max |q_c s_c|`, `delta = m / top` and `inv = top / m` (0 and 0 where
+    /// `m == 0`, so that everything rounds to 0), and its zero-point sum.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn flush(&mut self, top: f32, out: &mut Rounding<'_>) {
+        if self.k == 0 {
+            return;
+        }
+        let m = reduce8(&self.mx, true);
+        let t = _mm256_set1_ps(top);
+        let zero = _mm256_cmp_ps::<_CMP_EQ_OQ>(m, _mm256_setzero_ps());
+        let mut buf = [0f32; 8];
+        let (k, at) = (self.k, self.base);
+        st(&mut buf, _mm256_div_ps(m, t));
+        out.delta[at..at + k].copy_from_slice(&buf[..k]);
+        st(&mut buf, _mm256_andnot_ps(zero, _mm256_div_ps(t, m)));
+        out.inv[at..at + k].copy_from_slice(&buf[..k]);
+        st(&mut buf, reduce8(&self.za, false));
+        out.bias[at..at + k].copy_from_slice(&buf[..k]);
+        self.base += k;
+        self.k = 0;
+    }
+}
+
+/// Where [`Pending::flush`] writes, one entry per fold.
+struct Rounding<'a> {
+    delta: &'a mut [f32],
+    inv: &'a mut [f32],
+    bias: &'a mut [f32],
+}
+
+/// Folds one key group's scales into queries `qb..qb + M` (see [`portable::fold_query_q8`], the same
+/// bits): `qs[m * d + c] = q_c s_c`, and per query the maxima of `|q_c s_c|` and the zero-point lanes
+/// `sum q_c z_c` (`c % 8`), handed unreduced to `pend`. The group's scales and zero points are converted
+/// once for all `M`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn fold_keys<const M: usize>(
+    q: &Queries<'_>,
+    qb: usize,
     scale: &[u16],
     zero: &[u16],
-    qmax: f32,
     qs: &mut [f32],
-    pairs: &mut [u32],
-) -> (f32, f32) {
-    let d = qr.len();
+    pend: &mut Pending,
+    qmax: f32,
+    r: &mut Rounding<'_>,
+) {
+    let d = q.d;
+    let rows = &q.q[qb * d..(qb + M) * d];
+    // Checked once, then read and written through pointers (this loop is a third of the int8 key
+    // path, and the per-access checks measured a quarter of it).
+    assert!(d.is_multiple_of(8) && scale.len() >= d && zero.len() >= d && qs.len() >= M * d);
+    let (sp, zp, qp, op) = (scale.as_ptr(), zero.as_ptr(), rows.as_ptr(), qs.as_mut_ptr());
     let sign = _mm256_set1_ps(-0.0);
-    let mut mx = _mm256_setzero_ps();
-    let mut zacc = _mm256_setzero_ps();
+    let mut mx = [_mm256_setzero_ps(); M];
+    let mut za = [_mm256_setzero_ps(); M];
     for c in (0..d).step_by(8) {
-        let qv = ld(&qr[c..]);
-        let v = _mm256_mul_ps(qv, ld_ph(&scale[c..]));
-        st(&mut qs[c..], v);
-        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
-        zacc = _mm256_add_ps(zacc, _mm256_mul_ps(qv, ld_ph(&zero[c..])));
+        // SAFETY: c + 8 <= d, and scale, zero hold d u16 (checked above); unaligned 16-byte reads.
+        let (s, z) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(sp.add(c).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(zp.add(c).cast())),
+            )
+        };
+        for m in 0..M {
+            // SAFETY: m * d + c + 8 <= M * d, the length of `rows` and at most that of `qs` (checked above).
+            let qv = unsafe { _mm256_loadu_ps(qp.add(m * d + c)) };
+            let v = _mm256_mul_ps(qv, s);
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(op.add(m * d + c), v) };
+            mx[m] = _mm256_max_ps(mx[m], _mm256_andnot_ps(sign, v));
+            za[m] = _mm256_add_ps(za[m], _mm256_mul_ps(qv, z));
+        }
     }
-    let (m, bias) = (hmax(mx), hsum(zacc));
-    if m == 0.0 {
-        pairs[..d / 2].fill(0);
-        return (0.0, bias);
+    for (m, z) in mx.into_iter().zip(za) {
+        pend.push(m, z, qmax, r);
     }
-    let inv = _mm256_set1_ps(qmax / m);
-    for c in (0..d).step_by(16) {
-        let a = _mm256_cvtps_epi32(_mm256_mul_ps(ld(&qs[c..]), inv));
-        let b = _mm256_cvtps_epi32(_mm256_mul_ps(ld(&qs[c + 8..]), inv));
-        sti(&mut pairs[c / 2..], byte_pairs(a, b));
+}
+
+/// `x * inv` rounded to integers (`vcvtps2dq`, to nearest even, as `rintf`) as [`byte_pairs`]: `d / 2`
+/// dwords of `pairs` from `d` floats, `d % 16 == 0`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_pairs(x: &[f32], inv: f32, pairs: &mut [u32]) {
+    let n = x.len();
+    assert!(n.is_multiple_of(16) && pairs.len() >= n / 2);
+    let (xp, pp) = (x.as_ptr(), pairs.as_mut_ptr());
+    let inv = _mm256_set1_ps(inv);
+    for c in (0..n).step_by(16) {
+        // SAFETY: c + 16 <= n = x.len() and c / 2 + 8 <= n / 2 <= pairs.len() (checked above).
+        unsafe {
+            let a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c)), inv));
+            let b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8)), inv));
+            _mm256_storeu_si256(pp.add(c / 2).cast(), byte_pairs(a, b));
+        }
     }
-    (m / qmax, bias)
 }
 
 /// Eight u32 to `d[..8]`.
@@ -630,24 +737,33 @@ pub(crate) fn scores_q8_channel(
 ) {
     let (d, g, nq) = (q.d, b.group, q.nq);
     let qmax = super::q8_key_max(d, b.width);
-    let (qs, rest) = work.split_at_mut(d);
-    // Up to a key block's groups are folded together (independent chains the core overlaps), then read.
-    let per = nq * (d / 2 + 2);
-    let batch = (KEY_BLOCK / g).min(rest.len() / per).max(1);
-    let (pairs, rest) = rest.split_at_mut(batch * nq * d / 2);
-    let (delta, rest) = rest.split_at_mut(batch * nq);
-    let bias = &mut rest[..batch * nq];
+    // Up to a key block's groups are folded together: their reductions wait in one [`Pending`] batch.
+    let batch = (KEY_BLOCK / g).min(work.len() / super::q8_key_work(nq, d, 1)).max(1);
+    let np = batch * nq;
+    let (qs, rest) = work.split_at_mut(np * d);
+    let (pairs, rest) = rest.split_at_mut(np * d / 2);
+    let (delta, rest) = rest.split_at_mut(np);
+    let (bias, rest) = rest.split_at_mut(np);
+    let inv = &mut rest[..np];
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(pairs);
     for b0 in (start..start + n).step_by(batch * g) {
         let groups = (start + n - b0).min(batch * g) / g;
+        let mut pend = Pending::new();
+        let mut r = Rounding { delta: &mut *delta, inv: &mut *inv, bias: &mut *bias };
         for j in 0..groups {
-            let gi = b0 / g + j;
-            let (scale, zero) = b.group_params(gi, d);
-            for qi in 0..nq {
-                let at = j * nq + qi;
-                (delta[at], bias[at]) =
-                    fold_query_q8(q.row(qi), scale, zero, qmax, qs, &mut pairs[at * d / 2..][..d / 2]);
+            let (scale, zero) = b.group_params(b0 / g + j, d);
+            for qb in (0..nq).step_by(3) {
+                let qs = &mut qs[(j * nq + qb) * d..];
+                match nq - qb {
+                    1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend, qmax, &mut r),
+                    2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend, qmax, &mut r),
+                    _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend, qmax, &mut r),
+                }
             }
+        }
+        pend.flush(qmax, &mut r);
+        for at in 0..groups * nq {
+            round_pairs(&qs[at * d..][..d], inv[at], &mut pairs[at * d / 2..][..d / 2]);
         }
         for j in 0..groups {
             let g0 = b0 + j * g;

@@ -27,6 +27,7 @@
 mod avx2;
 mod portable;
 
+use crate::cache::layout::KEY_BLOCK;
 use crate::cache::{Axis, Cache, Precision, Stream, StreamView, window::ring_runs};
 use crate::error::{Error, Result, need};
 use crate::pack::Width;
@@ -210,13 +211,22 @@ impl<'s> AttnProbs<'s> {
 }
 
 /// Scratch floats the kernels need for `nq` query rows of `d`: folded queries and biases (per-channel
-/// keys), per-token probability products and zero-point partial sums (per-token values), and the int8
+/// keys), per-token probability products and zero-point partial sums (per-token values), the int8
 /// path's sums, rounded weights and scales ([`q8_value_work`] with groups of 16 channels, the smallest a
-/// quantized per-token stream has).
+/// quantized per-token stream has), and its folded keys for a key block of 32-token groups
+/// ([`q8_key_work`]).
 const fn work_len(nq: usize, d: usize) -> usize {
     let q8 = q8_value_work(nq, d, d / 16 + 1);
+    let k8 = q8_key_work(nq, d, KEY_BLOCK / 32);
     let f = nq * (3 * d + 64);
-    if q8 > f { q8 } else { f }
+    let m = if q8 > f { q8 } else { f };
+    if k8 > m { k8 } else { m }
+}
+
+/// Floats of work the int8 key path needs to fold `groups` key groups at once: per group and query the
+/// scaled query (`d`), its rounded pairs (`d / 2`), and `delta`, bias and inverse scale.
+pub(crate) const fn q8_key_work(nq: usize, d: usize, groups: usize) -> usize {
+    groups * nq * (d + d / 2 + 3)
 }
 
 /// Tokens per tile of the int8 value path: the weights of one tile share a scale.
