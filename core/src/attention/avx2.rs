@@ -585,30 +585,37 @@ fn reduce8(v: &[__m256; 8], max: bool) -> __m256 {
 }
 
 /// Up to eight int8-path key folds waiting for their horizontal reductions (see [`reduce8`]): the maxima
-/// of `|q_c s_c|` and the zero-point lanes of consecutive folds from `base` on.
-struct Pending {
+/// of `|q_c s_c|` and the zero-point lanes of consecutive folds from `base` on, and where their scales
+/// go (one entry per fold of the batch).
+struct Pending<'a> {
     mx: [__m256; 8],
     za: [__m256; 8],
     k: usize,
     base: usize,
+    /// The largest rounded integer ([`super::q8_key_max`]).
+    top: f32,
+    delta: &'a mut [f32],
+    inv: &'a mut [f32],
+    bias: &'a mut [f32],
 }
 
-impl Pending {
+impl<'a> Pending<'a> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn new() -> Self {
-        Pending { mx: [_mm256_setzero_ps(); 8], za: [_mm256_setzero_ps(); 8], k: 0, base: 0 }
+    fn new(top: f32, delta: &'a mut [f32], inv: &'a mut [f32], bias: &'a mut [f32]) -> Self {
+        let z = _mm256_setzero_ps();
+        Pending { mx: [z; 8], za: [z; 8], k: 0, base: 0, top, delta, inv, bias }
     }
 
     /// Adds fold `base + k`; flushes when eight are waiting.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn push(&mut self, mx: __m256, za: __m256, top: f32, out: &mut Rounding<'_>) {
+    fn push(&mut self, mx: __m256, za: __m256) {
         self.mx[self.k] = mx;
         self.za[self.k] = za;
         self.k += 1;
         if self.k == 8 {
-            self.flush(top, out);
+            self.flush();
         }
     }
 
@@ -616,38 +623,30 @@ impl Pending {
     /// `m == 0`, so that everything rounds to 0), and its zero-point sum.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn flush(&mut self, top: f32, out: &mut Rounding<'_>) {
+    fn flush(&mut self) {
         if self.k == 0 {
             return;
         }
         let m = reduce8(&self.mx, true);
-        let t = _mm256_set1_ps(top);
+        let t = _mm256_set1_ps(self.top);
         let zero = _mm256_cmp_ps::<_CMP_EQ_OQ>(m, _mm256_setzero_ps());
         let mut buf = [0f32; 8];
-        let (k, at) = (self.k, self.base);
+        let r = self.base..self.base + self.k;
         st(&mut buf, _mm256_div_ps(m, t));
-        out.delta[at..at + k].copy_from_slice(&buf[..k]);
+        self.delta[r.clone()].copy_from_slice(&buf[..self.k]);
         st(&mut buf, _mm256_andnot_ps(zero, _mm256_div_ps(t, m)));
-        out.inv[at..at + k].copy_from_slice(&buf[..k]);
+        self.inv[r.clone()].copy_from_slice(&buf[..self.k]);
         st(&mut buf, reduce8(&self.za, false));
-        out.bias[at..at + k].copy_from_slice(&buf[..k]);
-        self.base += k;
+        self.bias[r].copy_from_slice(&buf[..self.k]);
+        self.base += self.k;
         self.k = 0;
     }
-}
-
-/// Where [`Pending::flush`] writes, one entry per fold.
-struct Rounding<'a> {
-    delta: &'a mut [f32],
-    inv: &'a mut [f32],
-    bias: &'a mut [f32],
 }
 
 /// Folds one key group's scales into queries `qb..qb + M` (see [`portable::fold_query_q8`], the same
 /// bits): `qs[m * d + c] = q_c s_c`, and per query the maxima of `|q_c s_c|` and the zero-point lanes
 /// `sum q_c z_c` (`c % 8`), handed unreduced to `pend`. The group's scales and zero points are converted
 /// once for all `M`.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn fold_keys<const M: usize>(
@@ -656,9 +655,7 @@ fn fold_keys<const M: usize>(
     scale: &[u16],
     zero: &[u16],
     qs: &mut [f32],
-    pend: &mut Pending,
-    qmax: f32,
-    r: &mut Rounding<'_>,
+    pend: &mut Pending<'_>,
 ) {
     let d = q.d;
     let rows = &q.q[qb * d..(qb + M) * d];
@@ -688,7 +685,7 @@ fn fold_keys<const M: usize>(
         }
     }
     for (m, z) in mx.into_iter().zip(za) {
-        pend.push(m, z, qmax, r);
+        pend.push(m, z);
     }
 }
 
@@ -722,7 +719,8 @@ fn sti(d: &mut [u32], v: __m256i) {
 
 /// See [`portable::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`.
 ///
-/// Per group the queries are folded and rounded ([`fold_query_q8`]); then 32 tokens (two words of each
+/// Per key block the groups' queries are folded ([`fold_keys`], reductions batched in [`Pending`]) and
+/// rounded ([`round_pairs`]); then per group 32 tokens (two words of each
 /// channel row) by up to 3 queries: a channel pair's codes are unpacked to bytes (`vpsrlvd` + mask, four
 /// shifts of both words in one register), interleaved channel by channel (`vpunpck[lh]bw`), and
 /// multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6 accumulators.
@@ -748,20 +746,19 @@ pub(crate) fn scores_q8_channel(
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(pairs);
     for b0 in (start..start + n).step_by(batch * g) {
         let groups = (start + n - b0).min(batch * g) / g;
-        let mut pend = Pending::new();
-        let mut r = Rounding { delta: &mut *delta, inv: &mut *inv, bias: &mut *bias };
+        let mut pend = Pending::new(qmax, &mut *delta, &mut *inv, &mut *bias);
         for j in 0..groups {
             let (scale, zero) = b.group_params(b0 / g + j, d);
             for qb in (0..nq).step_by(3) {
                 let qs = &mut qs[(j * nq + qb) * d..];
                 match nq - qb {
-                    1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend, qmax, &mut r),
-                    2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend, qmax, &mut r),
-                    _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend, qmax, &mut r),
+                    1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend),
+                    2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend),
+                    _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend),
                 }
             }
         }
-        pend.flush(qmax, &mut r);
+        pend.flush();
         for at in 0..groups * nq {
             round_pairs(&qs[at * d..][..d], inv[at], &mut pairs[at * d / 2..][..d / 2]);
         }
