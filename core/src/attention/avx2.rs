@@ -73,24 +73,36 @@ unsafe fn ld16_ph(r: *const u16) -> [__m256; 2] {
     unsafe { [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))] }
 }
 
+/// Eight f16 values at `r` to f32.
+///
+/// # Safety
+/// The 8 `u16` at `r..r + 8` must be readable; no alignment is required.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld8_ph(r: *const u16) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable u16 (one 16-byte unaligned load).
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(r.cast())) }
+}
+
 /// `acc[m] += s[m * stride] * x` for `m < M`: `M` scalars `stride` apart, each broadcast against the same
-/// 16 values (queries against a key row, probabilities against a value row).
+/// `8 * J` values (queries against a key row, probabilities against a value row).
 ///
 /// # Safety
 /// `s.add(m * stride)` is readable for every `m < M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fma_bcast<const M: usize>(
-    acc: &mut [[__m256; 2]; M],
+unsafe fn fma_bcast<const M: usize, const J: usize>(
+    acc: &mut [[__m256; J]; M],
     s: *const f32,
     stride: usize,
-    x: [__m256; 2],
+    x: [__m256; J],
 ) {
     for (m, a) in acc.iter_mut().enumerate() {
         // SAFETY: the caller's contract.
         let b = _mm256_set1_ps(unsafe { s.add(m * stride).read() });
-        a[0] = _mm256_fmadd_ps(b, x[0], a[0]);
-        a[1] = _mm256_fmadd_ps(b, x[1], a[1]);
+        for (v, x) in a.iter_mut().zip(x) {
+            *v = _mm256_fmadd_ps(b, x, *v);
+        }
     }
 }
 
@@ -190,40 +202,98 @@ pub(crate) fn axpy_rows_f16(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out
     }
 }
 
-/// 16 channels at a time by up to 3 queries (6 accumulators) over a tile of tokens.
+/// Tokens a value pass runs over before its accumulators go back to `out`.
+const TILE: usize = 64;
+
+/// Up to 3 queries over tiles of [`TILE`] tokens, in passes of 24 or 16 channels (9 or 6 accumulators:
+/// 9 hide the FMA latency, 12 would spill). `d % 16 == 0`, so `d` splits into passes of 16 and 24.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn axpy_block<const M: usize>(rows: &[u16], n: usize, p: &Probs<'_>, d: usize, out: &mut [f32], qb: usize) {
-    const TILE: usize = 64;
+    // Reads u16 `t * d + c` (c < d) of `rows` and entry `(qb + m) * stride + pos + t` of the probabilities
+    // for t < n, m < M: checked once here, then read through pointers.
+    let pbase = qb * p.stride + p.pos;
+    // Guaranteed by the callers' slicing; a failure is a bug in this crate, never the input's.
+    assert!(
+        n * d <= rows.len() && d.is_multiple_of(16) && pbase + (M - 1) * p.stride + n <= p.data.len(),
+        "fp16 value rows shorter than their layout"
+    );
+    // `d / 8 = 2 * narrow + 3 * wide` with the fewest 16-channel passes, which go first.
+    let narrow = [0, 2, 1][d / 8 % 3];
     for t0 in (0..n).step_by(TILE) {
         let t1 = (t0 + TILE).min(n);
-        for c0 in (0..d).step_by(16) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            for (m, a) in acc.iter_mut().enumerate() {
-                let o = &out[(qb + m) * d + c0..][..16];
-                *a = ld16(o);
+        let (mut c0, mut pass) = (0, 0);
+        while c0 < d {
+            let at = Pass { t0, t1, c0, pbase, first_line: pass * TILE };
+            if pass >= narrow {
+                // SAFETY: t1 <= n, c0 + 24 <= d and the probabilities' extent are checked above.
+                unsafe { axpy_pass::<M, 3>(rows, p, d, out, qb, at) };
+                c0 += 24;
+            } else {
+                // SAFETY: as above, with c0 + 16 <= d.
+                unsafe { axpy_pass::<M, 2>(rows, p, d, out, qb, at) };
+                c0 += 16;
             }
-            // Reads u16 `t * d + c0 + k` (k < 16) of `rows` and entry `(qb + m) * stride + pos + t` of the
-            // probabilities for t0 <= t < t1, m < M: checked once here, then read through pointers.
-            let pbase = qb * p.stride + p.pos;
-            // Guaranteed by the callers' slicing; a failure is a bug in this crate, never the input's.
-            assert!(
-                t1 * d <= rows.len() && c0 + 16 <= d && pbase + (M - 1) * p.stride + t1 <= p.data.len(),
-                "fp16 value rows shorter than their layout"
-            );
-            let (rp, pp) = (rows.as_ptr(), p.data.as_ptr());
-            for t in t0..t1 {
-                // Hint rows a few KiB ahead (a prefetch never faults).
-                _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add((t + 32) * d + c0).cast());
-                // SAFETY: t < t1 and c0 + 16 <= d, so the 16 values at t * d + c0 lie in `rows`.
-                let x = unsafe { ld16_ph(rp.add(t * d + c0)) };
-                // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len().
-                unsafe { fma_bcast(&mut acc, pp.add(pbase + t), p.stride, x) };
-            }
-            for (m, a) in acc.iter().enumerate() {
-                let o = &mut out[(qb + m) * d + c0..][..16];
-                st16(o, *a);
-            }
+            pass += 1;
+        }
+    }
+}
+
+/// Where one value pass runs: tokens `t0..t1`, channels from `c0`, probabilities from `pbase`, and the
+/// first line of the tile two ahead that it hints.
+#[derive(Clone, Copy)]
+struct Pass {
+    t0: usize,
+    t1: usize,
+    c0: usize,
+    pbase: usize,
+    first_line: usize,
+}
+
+/// `8 * J` channels from `at.c0` by `M` queries over tokens `at.t0..at.t1`, accumulated into `out`.
+///
+/// Hints: a tile is `2 * d` lines (64 tokens of `2 * d` bytes); the passes hint the tile two ahead one line
+/// per token, in address order, until it is covered, so DRAM is read sequentially however the passes
+/// stride through a row (a prefetch never faults, so the address may lie past the slice).
+///
+/// # Safety
+/// `at.t1 * d <= rows.len()`, `at.c0 + 8 * J <= d`, `at.pbase + (M - 1) * p.stride + at.t1 <= p.data.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_pass<const M: usize, const J: usize>(
+    rows: &[u16],
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    qb: usize,
+    at: Pass,
+) {
+    let Pass { t0, t1, c0, pbase, first_line } = at;
+    let mut acc = [[_mm256_setzero_ps(); J]; M];
+    for (m, a) in acc.iter_mut().enumerate() {
+        let o = &out[(qb + m) * d + c0..][..8 * J];
+        for (j, v) in a.iter_mut().enumerate() {
+            *v = ld(&o[8 * j..]);
+        }
+    }
+    let (rp, pp) = (rows.as_ptr(), p.data.as_ptr());
+    let ahead = rp.wrapping_add((t0 + 2 * TILE) * d).cast::<u8>();
+    let lines = 2 * d;
+    for t in t0..t1 {
+        let line = first_line + t - t0;
+        if line < lines {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
+        }
+        // SAFETY: t < t1 and c0 + 8 * J <= d (the caller's contract), so the 8 * J values at t * d + c0 lie
+        // in `rows`; unaligned 16-byte loads.
+        let x: [__m256; J] = core::array::from_fn(|j| unsafe { ld8_ph(rp.add(t * d + c0 + 8 * j)) });
+        // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len() (the contract).
+        unsafe { fma_bcast(&mut acc, pp.add(pbase + t), p.stride, x) };
+    }
+    for (m, a) in acc.iter().enumerate() {
+        let o = &mut out[(qb + m) * d + c0..][..8 * J];
+        for (j, v) in a.iter().enumerate() {
+            st(&mut o[8 * j..], *v);
         }
     }
 }
