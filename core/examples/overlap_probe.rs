@@ -15,7 +15,7 @@
 mod probe {
     use core::arch::x86_64::*;
 
-    /// Bytes of one fp16 value row (head_dim 64) and tokens of one value tile, as in `avx2::axpy_block`.
+    /// Values (u16) of one fp16 value row (head_dim 64) and tokens of one value tile, as in `avx2::axpy_block`.
     const ROW: usize = 64;
     const TILE: usize = 64;
 

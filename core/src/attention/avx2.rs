@@ -47,41 +47,31 @@ fn ld_ph(s: &[u16]) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
 }
 
-/// Sixteen f32 as two vectors.
+/// `8 * J` f32 as `J` vectors.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn ld16(s: &[f32]) -> [__m256; 2] {
-    [ld(&s[0..]), ld(&s[8..])]
+fn ldn<const J: usize>(s: &[f32]) -> [__m256; J] {
+    core::array::from_fn(|j| ld(&s[8 * j..]))
 }
 
-/// Two vectors to sixteen f32.
+/// `J` vectors to `8 * J` f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn st16(d: &mut [f32], v: [__m256; 2]) {
-    st(&mut d[0..], v[0]);
-    st(&mut d[8..], v[1]);
+fn stn<const J: usize>(d: &mut [f32], v: [__m256; J]) {
+    for (j, v) in v.into_iter().enumerate() {
+        st(&mut d[8 * j..], v);
+    }
 }
 
-/// Sixteen f16 values at `r` to f32, as two vectors.
+/// `8 * J` f16 values at `r` to f32, as `J` vectors.
 ///
 /// # Safety
-/// The 16 `u16` at `r..r + 16` must be readable; no alignment is required.
+/// The `8 * J` `u16` at `r..r + 8 * J` must be readable; no alignment is required.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ld16_ph(r: *const u16) -> [__m256; 2] {
-    // SAFETY: the caller guarantees 16 readable u16 (two 16-byte unaligned loads).
-    unsafe { [_mm256_cvtph_ps(_mm_loadu_si128(r.cast())), _mm256_cvtph_ps(_mm_loadu_si128(r.add(8).cast()))] }
-}
-
-/// Eight f16 values at `r` to f32.
-///
-/// # Safety
-/// The 8 `u16` at `r..r + 8` must be readable; no alignment is required.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn ld8_ph(r: *const u16) -> __m256 {
-    // SAFETY: the caller guarantees 8 readable u16 (one 16-byte unaligned load).
-    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(r.cast())) }
+unsafe fn ldn_ph<const J: usize>(r: *const u16) -> [__m256; J] {
+    // SAFETY: the caller guarantees 8 * J readable u16 (J 16-byte unaligned loads).
+    core::array::from_fn(|j| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(r.add(8 * j).cast())) })
 }
 
 /// `acc[m] += s[m * stride] * x` for `m < M`: `M` scalars `stride` apart, each broadcast against the same
@@ -112,7 +102,7 @@ unsafe fn fma_bcast<const M: usize, const J: usize>(
 fn store_scores<const M: usize>(acc: &[[__m256; 2]; M], out: &mut Scores<'_>, qb: usize, col: usize) {
     for (m, a) in acc.iter().enumerate() {
         let at = (qb + m) * out.stride + out.pos + col;
-        st16(&mut out.data[at..][..16], *a);
+        stn(&mut out.data[at..][..16], *a);
     }
 }
 
@@ -269,13 +259,7 @@ unsafe fn axpy_pass<const M: usize, const J: usize>(
     at: Pass,
 ) {
     let Pass { t0, t1, c0, pbase, first_line } = at;
-    let mut acc = [[_mm256_setzero_ps(); J]; M];
-    for (m, a) in acc.iter_mut().enumerate() {
-        let o = &out[(qb + m) * d + c0..][..8 * J];
-        for (j, v) in a.iter_mut().enumerate() {
-            *v = ld(&o[8 * j..]);
-        }
-    }
+    let mut acc: [[__m256; J]; M] = core::array::from_fn(|m| ldn(&out[(qb + m) * d + c0..][..8 * J]));
     let (rp, pp) = (rows.as_ptr(), p.data.as_ptr());
     let ahead = rp.wrapping_add((t0 + 2 * TILE) * d).cast::<u8>();
     let lines = 2 * d;
@@ -286,15 +270,12 @@ unsafe fn axpy_pass<const M: usize, const J: usize>(
         }
         // SAFETY: t < t1 and c0 + 8 * J <= d (the caller's contract), so the 8 * J values at t * d + c0 lie
         // in `rows`; unaligned 16-byte loads.
-        let x: [__m256; J] = core::array::from_fn(|j| unsafe { ld8_ph(rp.add(t * d + c0 + 8 * j)) });
+        let x = unsafe { ldn_ph::<J>(rp.add(t * d + c0)) };
         // SAFETY: pbase + m * stride + t < pbase + (M - 1) * stride + t1 <= p.data.len() (the contract).
         unsafe { fma_bcast(&mut acc, pp.add(pbase + t), p.stride, x) };
     }
-    for (m, a) in acc.iter().enumerate() {
-        let o = &mut out[(qb + m) * d + c0..][..8 * J];
-        for (j, v) in a.iter().enumerate() {
-            st(&mut o[8 * j..], *v);
-        }
+    for (m, a) in acc.into_iter().enumerate() {
+        stn(&mut out[(qb + m) * d + c0..][..8 * J], a);
     }
 }
 
@@ -347,7 +328,7 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
     for c in 0..d {
         // SAFETY: c < d, so the 16 values at c * KEY_BLOCK_F16 lie in `body` (checked above); unaligned
         // 16-byte loads.
-        let x = unsafe { ld16_ph(bp.add(c * KEY_BLOCK_F16)) };
+        let x = unsafe { ldn_ph::<2>(bp.add(c * KEY_BLOCK_F16)) };
         // Hint the same channel row one block ahead into the cache (fp16 keys stream from DRAM; a prefetch
         // never faults, so the address may lie past the slice).
         _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(c * KEY_BLOCK_F16 + 2 * d * KEY_BLOCK_F16).cast());
@@ -550,7 +531,7 @@ fn v_tile<const B: u32, const M: usize>(
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
         for (m, a) in acc.iter_mut().enumerate() {
             let o = &out[(qb + m) * d + c0..][..16];
-            *a = ld16(o);
+            *a = ldn(o);
         }
         let word = c0 / 16 * h;
         let pg = &ps[(gi * nq + qb) * tile..][..M * tile];
@@ -568,7 +549,7 @@ fn v_tile<const B: u32, const M: usize>(
         }
         for (m, a) in acc.iter().enumerate() {
             let o = &mut out[(qb + m) * d + c0..][..16];
-            st16(o, *a);
+            stn(o, *a);
         }
     }
 }
@@ -999,12 +980,8 @@ pub(crate) fn values_q8_token(
                 for (h, o) in pq.chunks_exact_mut(16).enumerate() {
                     let r: [__m256i; 4] =
                         core::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(ps[4 * h + k], inv)));
-                    // Tokens 0-15 and 16-31 as i16 in order, then bytes [0-7, 16-23 | 8-15, 24-31].
-                    let w0 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[0], r[1]));
-                    let w1 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(r[2], r[3]));
-                    let x = _mm256_packs_epi16(w0, w1);
-                    sti(&mut o[..8], _mm256_unpacklo_epi16(x, x));
-                    sti(&mut o[8..], _mm256_unpackhi_epi16(x, x));
+                    sti(&mut o[..8], byte_pairs(r[0], r[1]));
+                    sti(&mut o[8..], byte_pairs(r[2], r[3]));
                 }
                 delta[gi * nq + qi] = m / 127.0;
             }

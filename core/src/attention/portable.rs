@@ -204,16 +204,21 @@ pub(crate) fn fold_query_q8(
         m = m.max(libm::fabsf(*o));
         lanes[c % 8] += a * f(z);
     }
-    let bias = hsum_tree(&lanes);
+    (round_on_scale(qf, m, qmax), hsum_tree(&lanes))
+}
+
+/// Rounds `x`, whose largest magnitude is `m`, to integers of at most `top`: `x = rint(x * (top / m))`.
+/// Returns the step `m / top`, or 0 with `x` zeroed where `m == 0`.
+fn round_on_scale(x: &mut [f32], m: f32, top: f32) -> f32 {
     if m == 0.0 {
-        qf.fill(0.0);
-        return (0.0, bias);
+        x.fill(0.0);
+        return 0.0;
     }
-    let inv = qmax / m;
-    for o in qf.iter_mut() {
+    let inv = top / m;
+    for o in x.iter_mut() {
         *o = libm::rintf(*o * inv);
     }
-    (m / qmax, bias)
+    m / top
 }
 
 /// [`scores_q_channel`] on the int8 path: per group, `score = delta * sum_c qf_c code_c + bias` with the
@@ -320,16 +325,7 @@ pub(crate) fn value_tile_q8(
                 let lane = &mut zl[(qi * groups + gi) * 8 + (t0 + t) % 8];
                 *lane += pt * f(b.zero[gi * b.ring + slot]);
             }
-            if m == 0.0 {
-                pr.fill(0.0);
-                delta[gi * nq + qi] = 0.0;
-            } else {
-                let inv = 127.0 / m;
-                for o in pr.iter_mut() {
-                    *o = libm::rintf(*o * inv);
-                }
-                delta[gi * nq + qi] = m / 127.0;
-            }
+            delta[gi * nq + qi] = round_on_scale(pr, m, 127.0);
         }
     }
     iacc.fill(0.0);
