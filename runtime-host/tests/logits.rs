@@ -5,8 +5,8 @@
 //! values), in float32, and in float64 with kvq's 16-bit activation quantization. `f32_dev` = max |f32 - f64| over
 //! the whole vocabulary is how far one float32 evaluation of this network strays from exact arithmetic;
 //! kvq's exact mode is another float32 evaluation (different summation order, f32 FMA dots of up to 1536
-//! terms, a Cephes exp in the softmax), so its distance from f64 is of the same order: the test allows
-//! 2 x `f32_dev` (the two evaluations' errors are independent and of one size) plus 1e-4, the f32
+//! terms, a polynomial exp within 2^-21 in the softmax), so its distance from f64 is of the same order: the
+//! test allows 2 x `f32_dev` (the two evaluations' errors are independent and of one size) plus 1e-4, the f32
 //! resolution of logits near 10 summed over the few hundred roundings of the last layers. The fast mode
 //! quantizes activations to 16 bits per block of 32; `q16_dev` = max |q16 - f64| is that quantization's own
 //! effect, and kvq's fast logits must stay within 2 x `q16_dev` + 2 x `f32_dev` (its f32 arithmetic and its

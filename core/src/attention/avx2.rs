@@ -370,6 +370,7 @@ pub(crate) fn scores_q_channel(
         }
         for t0 in (g0..g0 + g).step_by(16) {
             let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16 * b.width.bits() as usize / 2;
+            prefetch_next_block(b, t0, d, 16);
             let col = t0 - start;
             for qb in (0..nq).step_by(3) {
                 let m = nq - qb;
@@ -554,24 +555,30 @@ fn v_tile<const B: u32, const M: usize>(
     }
 }
 
-/// `exp(x)` for eight lanes: Cephes' `expf` (range reduction by `ln 2` split in two constants, degree-5
-/// polynomial), relative error within 2^-21 for `x` in `[-87.3, 88.7]`; inputs below clamp to `-87.3`
-/// (an absolute error under 2^-126, below any probability softmax keeps).
+/// `exp(x)` for eight lanes, `x` in `[-87.3, 0.5]` (softmax's `x - max` is at most 0): `exp(x) =
+/// 2^n 2^f` with `n = round(x log2 e)` and `f = x log2 e - n` in `[-1/2, 1/2]`, formed with `log2 e`
+/// split in two constants (the first product exact in an FMA), then `2^f` by a degree-5 polynomial
+/// fitted for relative error (`scripts/exp2_poly.py`: 9.2e-8, 1.9e-7 evaluated in f32). Relative error
+/// within 2^-21 (`vector_exp_matches_libm`); inputs below `-87.3` clamp to it (an absolute error under
+/// 2^-126, below any probability softmax keeps). Five FMAs for the polynomial against Cephes' seven
+/// multiplies and FMAs: the softmax loop is bound by the two FMA pipes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn exp8(x: __m256) -> __m256 {
-    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.7));
+    const LOG2E_HI: f32 = core::f32::consts::LOG2_E;
+    // log2(e) - LOG2E_HI, so that the two constants carry log2(e) to about 48 bits.
+    const LOG2E_LO: f32 = 1.925_963e-8;
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
-        _mm256_set1_ps(core::f32::consts::LOG2_E),
+        _mm256_set1_ps(LOG2E_HI),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    let f = _mm256_fmsub_ps(x, _mm256_set1_ps(LOG2E_HI), n);
+    let f = _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E_LO), f);
+    let mut y = _mm256_set1_ps(1.326_172_6e-3);
+    for c in [9.671_512e-3, 5.550_744e-2, 2.402_224_2e-1, 6.931_469_4e-1, 1.0] {
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
     }
-    let y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
     let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
@@ -774,7 +781,9 @@ fn sti(d: &mut [u32], v: __m256i) {
 /// rounded ([`round_pairs`]); then per group 32 tokens (two words of each
 /// channel row) by up to 3 queries: a channel pair's codes are unpacked to bytes (`vpsrlvd` + mask, four
 /// shifts of both words in one register), interleaved channel by channel (`vpunpck[lh]bw`), and
-/// multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6 accumulators.
+/// multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6 accumulators. With more than 3
+/// queries (prefill) a tile is unpacked once ([`Q8Keys::unpack`]) for all its blocks of 3. The next key
+/// block's rows are hinted a tile at a time ([`prefetch_next_block`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn scores_q8_channel(
     b: &ChannelBody<'_>,
@@ -795,6 +804,7 @@ pub(crate) fn scores_q8_channel(
     let (bias, rest) = rest.split_at_mut(np);
     let inv = &mut rest[..np];
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(pairs);
+    let mut unpacked = [_mm256_setzero_si256(); MAX_UNPACKED];
     for b0 in (start..start + n).step_by(batch * g) {
         let groups = (start + n - b0).min(batch * g) / g;
         let mut pend = Pending::new(qmax, &mut *delta, &mut *inv, &mut *bias);
@@ -817,7 +827,13 @@ pub(crate) fn scores_q8_channel(
             let g0 = b0 + j * g;
             for t0 in (g0..g0 + g).step_by(32) {
                 let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16;
+                prefetch_next_block(b, t0, d, 32);
                 let col = t0 - start;
+                // More than one block of queries (prefill): unpack the tile once for all of them.
+                let shared = nq > 3 && d <= MAX_UNPACKED;
+                if shared {
+                    Q8Keys { b, word, d, pairs, delta, bias }.unpack(&mut unpacked);
+                }
                 for qb in (0..nq).step_by(3) {
                     let at = j * nq + qb;
                     let k = Q8Keys {
@@ -828,16 +844,39 @@ pub(crate) fn scores_q8_channel(
                         delta: &delta[at..],
                         bias: &bias[at..],
                     };
+                    let codes = shared.then_some(&unpacked[..]);
                     match nq - qb {
-                        1 => k.tile::<1>(out, qb, col),
-                        2 => k.tile::<2>(out, qb, col),
-                        _ => k.tile::<3>(out, qb, col),
+                        1 => k.tile::<1>(codes, out, qb, col),
+                        2 => k.tile::<2>(codes, out, qb, col),
+                        _ => k.tile::<3>(codes, out, qb, col),
                     }
                 }
             }
         }
     }
 }
+
+/// Hints the next key block's channel rows, a part of them per tile of `step` tokens: the tile at `t0`
+/// hints rows `d * j / parts..d * (j + 1) / parts` (`parts = KEY_BLOCK / step`, `j = t0 % KEY_BLOCK /
+/// step`), every line of each. A block is one 4 KiB page at 2 bits (two at 4 bits), and the hardware
+/// prefetchers stop at a page's end, so without the hints each block's first tile waited on all its rows'
+/// line misses at once. A prefetch never faults, so the address may lie past the codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch_next_block(b: &ChannelBody<'_>, t0: usize, d: usize, step: usize) {
+    let (parts, j) = (KEY_BLOCK / step, t0 % KEY_BLOCK / step);
+    let next = b.codes.as_ptr().wrapping_add(key_row(t0 + KEY_BLOCK, 0, d, b.block_words)).cast::<u8>();
+    let row_bytes = 4 * b.block_words;
+    for c in d * j / parts..d * (j + 1) / parts {
+        for line in (0..row_bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(c * row_bytes + line).cast());
+        }
+    }
+}
+
+/// Largest `head_dim` whose unpacked key tile (one vector per channel, 4 KiB at 128) prefill keeps on the
+/// stack to share among its query blocks; larger heads unpack the tile once per block of 3 queries.
+const MAX_UNPACKED: usize = 128;
 
 /// One group's rounded queries from query `qb` on, and where its tile's codes start.
 struct Q8Keys<'a> {
@@ -850,38 +889,74 @@ struct Q8Keys<'a> {
 }
 
 impl Q8Keys<'_> {
-    /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`.
+    /// The tile's codes of every channel pair `(c, c + 1)`, `c` even, as the two `vpmaddubsw` operands
+    /// [`Self::tile`] reads at `codes[c]` and `codes[c + 1]`: prefill unpacks a tile once for all its query
+    /// blocks. `codes.len() >= d`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const M: usize>(&self, out: &mut Scores<'_>, qb: usize, col: usize) {
-        let (d, w) = (self.d, self.b.block_words);
-        let h = d / 2;
-        let codes = &self.b.codes[self.word..];
-        // Reads words `c * w + k` (k < 2) of `codes` for c < d and entry `m * h + c / 2` of `pairs` for
-        // m < M: checked once here, then read through pointers (as in `q_chunk_m`). The layout guarantees
-        // this; a failure is a bug in this crate, never a property of the input.
-        assert!(
-            d >= 2 && codes.len() >= (d - 1) * w + 2 && self.pairs.len() >= M * h,
-            "key block shorter than its layout"
-        );
-        let (cp, pp) = (codes.as_ptr(), self.pairs.as_ptr());
+    fn unpack(&self, codes: &mut [__m256i]) {
+        let d = self.d;
+        let codes = &mut codes[..d];
+        let raw = &self.b.codes[self.word..];
+        // Reads words `c * w + k` (k < 2) of `raw` for c < d: checked once, then read through pointers.
+        assert!(d >= 2 && raw.len() >= (d - 1) * self.b.block_words + 2, "key block shorter than its layout");
+        for c in (0..d).step_by(2) {
+            // SAFETY: c + 1 < d, so the words read lie in `raw` (checked above).
+            let yz = unsafe { self.pair(raw.as_ptr(), c) };
+            codes[c] = yz[0];
+            codes[c + 1] = yz[1];
+        }
+    }
+
+    /// Channels `c` and `c + 1` of the tile's 32 tokens as 16-bit lanes (token, channel pair): even tokens
+    /// (0, 4, .., 28 | 2, 6, .., 30) in the first vector, odd ones in the second.
+    ///
+    /// # Safety
+    /// Words `c * w .. c * w + 2` and `(c + 1) * w .. (c + 1) * w + 2` of `cp` are readable, `w` the
+    /// block's row words.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair(&self, cp: *const u32, c: usize) -> [__m256i; 2] {
+        let w = self.b.block_words;
         let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
         let m3 = _mm256_set1_epi8(3);
+        // SAFETY: the caller's contract; unaligned reads.
+        let (x0, x1) = unsafe {
+            (cp.add(c * w).cast::<i64>().read_unaligned(), cp.add((c + 1) * w).cast::<i64>().read_unaligned())
+        };
+        // Byte 4j + b of `xa`: the code of token 16 (j & 1) + 4b + (j >> 1) of channel c.
+        let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
+        let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
+        [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
+    }
+
+    /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`; the
+    /// codes come unpacked from `codes` (see [`Self::unpack`]) or, given none, straight from the block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<const M: usize>(&self, codes: Option<&[__m256i]>, out: &mut Scores<'_>, qb: usize, col: usize) {
+        let (d, w) = (self.d, self.b.block_words);
+        let h = d / 2;
+        let raw = &self.b.codes[self.word..];
+        // Reads words `c * w + k` (k < 2) of `raw` for c < d (or entries c < d of `codes`) and entry
+        // `m * h + c / 2` of `pairs` for m < M: checked once here, then read through pointers (as in
+        // `q_chunk_m`). The layout guarantees this; a failure is a bug in this crate, never the input's.
+        assert!(
+            d >= 2
+                && raw.len() >= (d - 1) * w + 2
+                && codes.is_none_or(|k| k.len() >= d)
+                && self.pairs.len() >= M * h,
+            "key block shorter than its layout"
+        );
+        let (cp, pp) = (raw.as_ptr(), self.pairs.as_ptr());
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
         for c in (0..d).step_by(2) {
-            // SAFETY: c + 1 < d, so words (c + 1) * w + 1 < codes.len() (checked above); unaligned reads.
-            let (x0, x1) = unsafe {
-                (
-                    cp.add(c * w).cast::<i64>().read_unaligned(),
-                    cp.add((c + 1) * w).cast::<i64>().read_unaligned(),
-                )
+            let [y, z] = match codes {
+                // SAFETY: c + 1 < d <= k.len() (checked above).
+                Some(k) => unsafe { [*k.get_unchecked(c), *k.get_unchecked(c + 1)] },
+                // SAFETY: c + 1 < d, so words (c + 1) * w + 1 < raw.len() (checked above).
+                None => unsafe { self.pair(cp, c) },
             };
-            // Byte 4j + b of `xa`: the code of token 16 (j & 1) + 4b + (j >> 1) of channel c.
-            let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
-            let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
-            // 16-bit lanes (token, channel pair): even tokens in `y` (0, 4, .., 28 | 2, 6, .., 30), odd in `z`.
-            let y = _mm256_unpacklo_epi8(xa, xb);
-            let z = _mm256_unpackhi_epi8(xa, xb);
             for (m, a) in acc.iter_mut().enumerate() {
                 // SAFETY: m * h + c / 2 < M * h <= pairs.len() (checked above).
                 let qp = _mm256_set1_epi32(unsafe { pp.add(m * h + c / 2).read() } as i32);
@@ -918,11 +993,12 @@ const fn v8_channel(r: usize) -> usize {
 
 /// See [`portable::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`.
 ///
-/// Per tile of 32 tokens, the weights `p_t s_t` of each channel group and query are rounded
+/// Per tile of [`super::Q8_TILE`] tokens, the weights `p_t s_t` of each channel group and query are rounded
 /// ([`portable::value_tile_q8`]) and laid out as [`byte_pairs`] over token pairs; then, for each chunk of
 /// 64 channels (a row's 4 words) and each of two shift pairs, a token pair's codes are unpacked to bytes,
 /// interleaved token by token and multiplied by the weight pair with `vpmaddubsw` into 16-bit sums (6
-/// accumulators for 3 queries), which the tile's scales take into f32. The sums are kept in a
+/// accumulators for 3 queries), which the tile's scales take into f32; with more than 3 queries (prefill)
+/// the codes are unpacked once ([`Q8Values::unpack`]) for all blocks of 3. The sums are kept in a
 /// channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs the
 /// portable twin.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -947,6 +1023,7 @@ pub(crate) fn values_q8_token(
     let delta = &mut tile[..groups * nq];
     lp.fill(0.0);
     zl.fill(0.0);
+    let mut unpacked = [_mm256_setzero_si256(); T];
     let whole = n - n % T;
     for t0 in (0..whole).step_by(T) {
         let slot = start + t0;
@@ -990,13 +1067,18 @@ pub(crate) fn values_q8_token(
         for ch in 0..d / 64 {
             let groups_of = [ch * 64 / g, (ch * 64 + 32) / g];
             for k in 0..2 {
+                let v = Q8Values { rows, row_words: b.row_words, ch, k, groups_of, nq, pairs, delta };
+                // More than one block of queries (prefill): unpack the codes once for all of them.
+                let codes = (nq > 3).then(|| {
+                    v.unpack(&mut unpacked);
+                    &unpacked[..]
+                });
                 for qb in (0..nq).step_by(3) {
-                    let v = Q8Values { rows, row_words: b.row_words, ch, k, groups_of, nq, pairs, delta };
                     let lq = &mut lp[qb * d..];
                     match nq - qb {
-                        1 => v.tile::<1>(lq, d, qb),
-                        2 => v.tile::<2>(lq, d, qb),
-                        _ => v.tile::<3>(lq, d, qb),
+                        1 => v.tile::<1>(codes, lq, d, qb),
+                        2 => v.tile::<2>(codes, lq, d, qb),
+                        _ => v.tile::<3>(codes, lq, d, qb),
                     }
                 }
             }
@@ -1029,42 +1111,79 @@ struct Q8Values<'a> {
 }
 
 impl Q8Values<'_> {
-    /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted).
+    /// The tile's codes for this chunk and shift pair, token pair `tp`'s two `vpmaddubsw` operands at
+    /// `codes[2 tp]` and `codes[2 tp + 1]`: prefill unpacks them once for all its query blocks.
+    /// `codes.len() >= Q8_TILE`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const M: usize>(&self, lq: &mut [f32], d: usize, qb: usize) {
+    fn unpack(&self, codes: &mut [__m256i]) {
         const T: usize = super::Q8_TILE;
-        let (rw, word0) = (self.row_words, self.ch * 4);
-        // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T and entries
-        // `(g * nq + qb + m) * T / 2 + i` (i < T / 2) of `pairs` for both groups and m < M: checked once
-        // here, then read through pointers. The layout guarantees this; a failure is a bug in this crate.
-        let pmax = self.groups_of[0].max(self.groups_of[1]) * self.nq + qb + M;
-        assert!(
-            self.rows.len() >= T * rw && word0 + 4 <= rw && self.pairs.len() >= pmax * T / 2,
-            "value rows shorter than their layout"
-        );
-        let (rp, pp) = (self.rows.as_ptr(), self.pairs.as_ptr());
+        let codes = &mut codes[..T];
+        // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T: checked once, then through pointers.
+        assert!(self.rows.len() >= T * self.row_words && self.ch * 4 + 4 <= self.row_words);
+        for tp in 0..T / 2 {
+            // SAFETY: 2 tp + 1 < T, and the rows' extent is checked above.
+            let lh = unsafe { self.pair(tp) };
+            codes[2 * tp] = lh[0];
+            codes[2 * tp + 1] = lh[1];
+        }
+    }
+
+    /// Tokens `2 tp` and `2 tp + 1` of the chunk as 16-bit lanes (channel, token pair) for this shift pair:
+    /// words 0-1 of the chunk in the first vector, 2-3 in the second.
+    ///
+    /// # Safety
+    /// `(2 tp + 2) * row_words <= rows.len()` and `ch * 4 + 4 <= row_words`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair(&self, tp: usize) -> [__m256i; 2] {
+        let (rp, rw, word0) = (self.rows.as_ptr(), self.row_words, self.ch * 4);
         let sh = if self.k == 0 {
             _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)
         } else {
             _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)
         };
         let m3 = _mm256_set1_epi8(3);
+        // SAFETY: the caller's contract: both 16-byte rows lie in `rows`.
+        let (a, bb) = unsafe {
+            (
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(2 * tp * rw + word0).cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add((2 * tp + 1) * rw + word0).cast())),
+            )
+        };
+        let xa = _mm256_and_si256(_mm256_srlv_epi32(a, sh), m3);
+        let xb = _mm256_and_si256(_mm256_srlv_epi32(bb, sh), m3);
+        [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
+    }
+
+    /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted); the codes
+    /// come unpacked from `codes` (see [`Self::unpack`]) or, given none, straight from the rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<const M: usize>(&self, codes: Option<&[__m256i]>, lq: &mut [f32], d: usize, qb: usize) {
+        const T: usize = super::Q8_TILE;
+        let (rw, word0) = (self.row_words, self.ch * 4);
+        // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T (or entries i < T of `codes`) and
+        // entries `(g * nq + qb + m) * T / 2 + i` (i < T / 2) of `pairs` for both groups and m < M: checked
+        // once here, then read through pointers. The layout guarantees this; a failure is a bug in this crate.
+        let pmax = self.groups_of[0].max(self.groups_of[1]) * self.nq + qb + M;
+        assert!(
+            self.rows.len() >= T * rw
+                && word0 + 4 <= rw
+                && codes.is_none_or(|k| k.len() >= T)
+                && self.pairs.len() >= pmax * T / 2,
+            "value rows shorter than their layout"
+        );
+        let pp = self.pairs.as_ptr();
         let pg = [(self.groups_of[0] * self.nq + qb) * T / 2, (self.groups_of[1] * self.nq + qb) * T / 2];
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
         for tp in 0..T / 2 {
-            // SAFETY: 2 tp + 1 < T and word0 + 4 <= rw, so both 16-byte rows lie in `rows` (checked above).
-            let (a, bb) = unsafe {
-                (
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(2 * tp * rw + word0).cast())),
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add((2 * tp + 1) * rw + word0).cast())),
-                )
+            let [lo, hi] = match codes {
+                // SAFETY: 2 tp + 1 < T <= k.len() (checked above).
+                Some(k) => unsafe { [*k.get_unchecked(2 * tp), *k.get_unchecked(2 * tp + 1)] },
+                // SAFETY: 2 tp + 1 < T and word0 + 4 <= rw, so both rows lie in `rows` (checked above).
+                None => unsafe { self.pair(tp) },
             };
-            let xa = _mm256_and_si256(_mm256_srlv_epi32(a, sh), m3);
-            let xb = _mm256_and_si256(_mm256_srlv_epi32(bb, sh), m3);
-            // 16-bit lanes (channel, token pair): words 0-1 of the chunk in `lo`, 2-3 in `hi`.
-            let lo = _mm256_unpacklo_epi8(xa, xb);
-            let hi = _mm256_unpackhi_epi8(xa, xb);
             for (m, ac) in acc.iter_mut().enumerate() {
                 // SAFETY: pg[i] + m * T / 2 + tp < pmax * T / 2 <= pairs.len() (checked above).
                 let (p0, p1) = unsafe {
