@@ -6,6 +6,7 @@
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
+//!          --prefill N (time a prefill of an N-token chunk over the cache instead of a decode step)
 //! ```
 //!
 //! Each step reads every layer's whole cache, as the model does, so at 16k tokens the fp16 caches
@@ -13,7 +14,7 @@
 //! the median step is reported; the memory bandwidth bound is measured in the same run by streaming a
 //! 1 GiB buffer.
 
-use kvq_core::attention::{Kernel, decode, decode_scratch_len};
+use kvq_core::attention::{Kernel, decode, decode_scratch_len, prefill, prefill_scratch_len};
 use kvq_core::cache::{Cache, CacheConfig};
 use kvq_core::pack::Width;
 use std::time::Instant;
@@ -86,10 +87,18 @@ fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
     (buf.len() * 8) as f64 / best / 1e9
 }
 
-/// One decode step over every layer, split across `threads` threads by layer.
+/// A prefill chunk's queries, keys and values (`[n][heads][head_dim]` each).
+struct Chunk {
+    q: Vec<f32>,
+    kv: Vec<f32>,
+}
+
+/// One decode step over every layer (or, given a chunk, one prefill of it over every layer's cache), split
+/// across `threads` threads by layer.
 fn step(
     model: &Model,
     q: &[f32],
+    chunk: Option<&Chunk>,
     scratch: &mut [Vec<f32>],
     outs: &mut [Vec<f32>],
     threads: usize,
@@ -100,8 +109,13 @@ fn step(
         let mut jobs = Vec::new();
         for ((layers, scr), out) in model.layers.chunks(per).zip(scratch.iter_mut()).zip(outs.iter_mut()) {
             let mut work = move || {
+                let kernel = kernel.with_int8(model.int8);
                 for cache in layers {
-                    decode(cache, q, Q_HEADS, 0.125, out, scr, kernel.with_int8(model.int8)).expect("decode");
+                    match chunk {
+                        None => decode(cache, q, Q_HEADS, 0.125, out, scr, kernel).map(drop),
+                        Some(c) => prefill(cache, &c.q, &c.kv, &c.kv, Q_HEADS, 0.125, out, scr, kernel),
+                    }
+                    .expect("attention");
                 }
             };
             if threads == 1 {
@@ -136,6 +150,7 @@ fn main() {
         list("--threads", "1,2").iter().map(|s| s.parse().expect("--threads")).collect();
     let n_layers: usize = get("--layers").map_or(30, |s| s.parse().expect("--layers"));
     let reps: Option<usize> = get("--reps").map(|s| s.parse().expect("--reps"));
+    let chunk_len: Option<usize> = get("--prefill").map(|s| s.parse().expect("--prefill"));
     let capacity = *tokens.iter().max().expect("tokens") + 1;
     let fast = Kernel::detect();
     let mut kernels = vec![fast];
@@ -173,10 +188,20 @@ fn main() {
     let hd = KV_HEADS * HEAD_DIM;
     let mut held = 0;
     let max_threads = *threads.iter().max().unwrap_or(&1);
-    let mut scratch: Vec<Vec<f32>> = (0..max_threads)
-        .map(|_| vec![0.0; decode_scratch_len(capacity, Q_HEADS, KV_HEADS, HEAD_DIM)])
-        .collect();
-    let mut outs: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; Q_HEADS * HEAD_DIM]).collect();
+    let scratch_len = match chunk_len {
+        None => decode_scratch_len(capacity, Q_HEADS, KV_HEADS, HEAD_DIM),
+        Some(n) => prefill_scratch_len(capacity, n, Q_HEADS, KV_HEADS, HEAD_DIM),
+    };
+    let mut scratch: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; scratch_len]).collect();
+    let rows = chunk_len.unwrap_or(1);
+    let mut outs: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; rows * Q_HEADS * HEAD_DIM]).collect();
+    let chunk = chunk_len.map(|n| Chunk {
+        q: (0..n * Q_HEADS * HEAD_DIM).map(|_| rng.unit()).collect(),
+        kv: (0..n * hd).map(|_| rng.unit()).collect(),
+    });
+    if let (Some(n), false) = (chunk_len, json) {
+        println!("prefill of a {n}-token chunk over the cache: us/step is per chunk, over every layer");
+    }
     if !json {
         println!(
             "{:>6} {:>10} {:>3} {:>13} {:>12} {:>9} {:>10} {:>9}",
@@ -210,14 +235,14 @@ fn main() {
                 let bytes: Vec<usize> = models.iter().map(Model::bytes).collect();
                 // Enough alternating rounds for about a second of the slowest spec, at least 5.
                 let t0 = Instant::now();
-                step(&models[0], &q, &mut scratch, &mut outs, th, kernel);
+                step(&models[0], &q, chunk.as_ref(), &mut scratch, &mut outs, th, kernel);
                 let first = t0.elapsed().as_secs_f64();
                 let rounds = reps.unwrap_or(((1.0 / (first * models.len() as f64)) as usize).clamp(5, 200));
                 let mut times = vec![Vec::new(); models.len()];
                 for _ in 0..rounds {
                     for (i, m) in models.iter().enumerate() {
                         let s = Instant::now();
-                        step(m, &q, &mut scratch, &mut outs, th, kernel);
+                        step(m, &q, chunk.as_ref(), &mut scratch, &mut outs, th, kernel);
                         times[i].push(s.elapsed().as_secs_f64());
                     }
                 }
@@ -230,11 +255,12 @@ fn main() {
                     let speedup = base.map_or(f64::NAN, |b| b / med[i]);
                     if json {
                         println!(
-                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{speedup:.3},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"layers\":{n_layers}}}",
+                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{speedup:.3},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"layers\":{n_layers},\"prefill_chunk\":{}}}",
                             m.name,
                             kname(m),
                             med[i] * 1e9,
-                            bytes[i]
+                            bytes[i],
+                            chunk_len.unwrap_or(0)
                         );
                     } else {
                         println!(
