@@ -342,7 +342,8 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
 ///
 /// 16 tokens by up to 3 queries: 6 accumulators, 3 broadcast queries, 2 code vectors and the unpack
 /// constants fit the 16 registers (12 accumulators do not, and a spilled accumulator turns each FMA into a
-/// store-forwarding round trip, measured 2x slower overall).
+/// store-forwarding round trip, measured 2x slower overall). With more than 3 queries (prefill) each chunk
+/// is unpacked once for all of them ([`unpack_chunk`]), and they run 6 at a time ([`shared_chunk`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn scores_q_channel(
     b: &ChannelBody<'_>,
@@ -351,6 +352,41 @@ pub(crate) fn scores_q_channel(
     q: &Queries<'_>,
     out: &mut Scores<'_>,
     work: &mut [f32],
+) {
+    if q.nq > 3 && q.d <= MAX_UNPACKED {
+        return scores_q_channel_shared(b, start, n, q, out, work);
+    }
+    channel_scores::<false>(b, start, n, q, out, work, &mut []);
+}
+
+/// [`scores_q_channel`] for more than 3 queries, with the stack space for one unpacked chunk.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scores_q_channel_shared(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+) {
+    let mut unpacked = [_mm256_setzero_ps(); 2 * MAX_UNPACKED];
+    channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..2 * q.d]);
+}
+
+/// [`scores_q_channel`]'s loops: `S` (shared) unpacks each chunk once into `unpacked` (`2 * d` vectors)
+/// for every block of queries, else each block unpacks it in place (decode's path, a const parameter so
+/// that its code is not touched).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn channel_scores<const S: bool>(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+    unpacked: &mut [__m256],
 ) {
     let (d, g, nq) = (q.d, b.group, q.nq);
     let (folded, bias) = work.split_at_mut(nq * d);
@@ -372,6 +408,20 @@ pub(crate) fn scores_q_channel(
             let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16 * b.width.bits() as usize / 2;
             prefetch_next_block(b, t0, d, 16);
             let col = t0 - start;
+            if S {
+                match b.width {
+                    Width::B4 => unpack_chunk::<4>(b, word, unpacked),
+                    Width::B8 => unpack_chunk::<8>(b, word, unpacked),
+                    _ => unpack_chunk::<2>(b, word, unpacked),
+                }
+                let mut qb = 0;
+                while qb < nq {
+                    let m = (nq - qb).min(6);
+                    shared_chunk(unpacked, &folded[qb * d..][..m * d], &bias[qb..][..m], out, qb, col);
+                    qb += m;
+                }
+                continue;
+            }
             for qb in (0..nq).step_by(3) {
                 let m = nq - qb;
                 let fq = &folded[qb * d..][..m.min(3) * d];
@@ -445,11 +495,67 @@ fn q_chunk_m<const B: u32, const M: usize>(
     store_scores(&acc, out, qb, col);
 }
 
+/// The 16 codes from word `word` of every channel row of a key block, as `unpacked[2 c..2 c + 2]`:
+/// prefill unpacks a chunk once for all its query blocks. `unpacked.len() == 2 * d`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_chunk<const B: u32>(b: &ChannelBody<'_>, word: usize, unpacked: &mut [__m256]) {
+    let (d, w, h) = (unpacked.len() / 2, b.block_words, B as usize / 2);
+    let codes = &b.codes[word..];
+    // The layout guarantees this; a failure is a bug in this crate, never a property of the input.
+    assert!(d > 0 && codes.len() >= (d - 1) * w + h, "key block shorter than its layout");
+    for (c, u) in unpacked.chunks_exact_mut(2).enumerate() {
+        // SAFETY: c < d, so the h words at c * w end within `codes` (checked above).
+        let x = unsafe { unpack16::<B>(codes.as_ptr().add(c * w)) };
+        u.copy_from_slice(&x);
+    }
+}
+
+/// An unpacked chunk's 16 tokens (see [`unpack_chunk`]) by up to 6 queries from `qb` (`fq`: their folded
+/// queries, `bias`: their zero-point terms).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn shared_chunk(unpacked: &[__m256], fq: &[f32], bias: &[f32], out: &mut Scores<'_>, qb: usize, col: usize) {
+    match bias.len() {
+        1 => shared_chunk_m::<1>(unpacked, fq, bias, out, qb, col),
+        2 => shared_chunk_m::<2>(unpacked, fq, bias, out, qb, col),
+        3 => shared_chunk_m::<3>(unpacked, fq, bias, out, qb, col),
+        4 => shared_chunk_m::<4>(unpacked, fq, bias, out, qb, col),
+        5 => shared_chunk_m::<5>(unpacked, fq, bias, out, qb, col),
+        _ => shared_chunk_m::<6>(unpacked, fq, bias, out, qb, col),
+    }
+}
+
+/// [`shared_chunk`] for `M` queries: 12 accumulators at 6, which hide the FMA latency (unpacking in place
+/// leaves registers for 6 only).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn shared_chunk_m<const M: usize>(
+    unpacked: &[__m256],
+    fq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+) {
+    let d = unpacked.len() / 2;
+    let mut acc: [[__m256; 2]; M] = core::array::from_fn(|m| [_mm256_set1_ps(bias[m]); 2]);
+    // Reads entry `m * d + c` of `fq` for c < d, m < M: checked once, then read through the pointer.
+    assert!(fq.len() >= M * d, "folded queries shorter than their rows");
+    let qp = fq.as_ptr();
+    for (c, x) in unpacked.chunks_exact(2).enumerate() {
+        // SAFETY: m * d + c < M * d <= fq.len() (checked above).
+        unsafe { fma_bcast(&mut acc, qp.add(c), d, [x[0], x[1]]) };
+    }
+    store_scores(&acc, out, qb, col);
+}
+
 /// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`.
 ///
 /// Tiles of 32 tokens: the products `p_t * s_t` are formed 8 at a time (a group's scales are contiguous
 /// over tokens), then 16 channels by up to 3 queries accumulate in 6
-/// registers while the tile's rows stream past.
+/// registers while the tile's rows stream past. With more than 3 queries (prefill) each 16 channels of a
+/// tile are unpacked once for all of them ([`unpack_rows`]), and they run 6 at a time ([`VTile`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn values_q_token(
     b: &TokenBody<'_>,
@@ -460,7 +566,48 @@ pub(crate) fn values_q_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
-    const TILE: usize = 32;
+    if out.len() / d > 3 {
+        return values_q_token_shared(b, start, n, p, d, out, work);
+    }
+    token_values::<false>(b, start, n, p, d, out, work, &mut []);
+}
+
+/// Tokens per tile of the f32 value path.
+const VALUE_TILE: usize = 32;
+
+/// [`values_q_token`] for more than 3 queries, with the stack space for 16 unpacked channels of a tile.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn values_q_token_shared(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
+    let mut unpacked = [_mm256_setzero_ps(); 2 * VALUE_TILE];
+    token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
+}
+
+/// [`values_q_token`]'s loops: `S` (shared) unpacks each 16 channels of a tile once into `unpacked`
+/// (`2 * VALUE_TILE` vectors) for every block of queries, else each block unpacks them in place (decode's
+/// path, a const parameter so that its code is not touched).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn token_values<const S: bool>(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    unpacked: &mut [__m256],
+) {
+    const TILE: usize = VALUE_TILE;
     let nq = out.len() / d;
     let groups = d / b.group;
     // work: ps[g][qi][t] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
@@ -484,6 +631,21 @@ pub(crate) fn values_q_token(
             }
         }
         let rows = &b.codes[slot * b.row_words..][..TILE * b.row_words];
+        if S {
+            for c0 in (0..d).step_by(16) {
+                match b.width {
+                    Width::B4 => unpack_rows::<4>(rows, b.row_words, c0, unpacked),
+                    Width::B8 => unpack_rows::<8>(rows, b.row_words, c0, unpacked),
+                    _ => unpack_rows::<2>(rows, b.row_words, c0, unpacked),
+                }
+                let vt = VTile { tile: TILE, group: b.group, c0, codes: unpacked };
+                let mut qb = 0;
+                while qb < nq {
+                    qb += vt.block(d, ps, nq, out, qb);
+                }
+            }
+            continue;
+        }
         for qb in (0..nq).step_by(3) {
             let m = nq - qb;
             match (b.width, m) {
@@ -510,6 +672,65 @@ pub(crate) fn values_q_token(
     }
     if whole < n {
         portable::values_q_token(b, start + whole, n - whole, &Probs { pos: p.pos + whole, ..*p }, d, out);
+    }
+}
+
+/// Channels `c0..c0 + 16` of a tile's `rows` (one per token), as `unpacked[2 t..2 t + 2]` for token `t`:
+/// prefill unpacks them once for all its query blocks. `c0 % 16 == 0`, `unpacked.len() >= 2 * tile`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_rows<const B: u32>(rows: &[u32], row_words: usize, c0: usize, unpacked: &mut [__m256]) {
+    let (h, word) = (B as usize / 2, c0 / 16 * B as usize / 2);
+    for (row, u) in rows.chunks_exact(row_words).zip(unpacked.chunks_exact_mut(2)) {
+        let r = &row[word..][..h];
+        // SAFETY: `r` holds the h = B / 2 words `unpack16` reads.
+        u.copy_from_slice(&unsafe { unpack16::<B>(r.as_ptr()) });
+    }
+}
+
+/// Channels `c0..c0 + 16` of a value tile of `tile` tokens, their codes unpacked ([`unpack_rows`]).
+struct VTile<'a> {
+    tile: usize,
+    group: usize,
+    c0: usize,
+    codes: &'a [__m256],
+}
+
+impl VTile<'_> {
+    /// The next block of queries from `qb` (see [`Self::run`]); returns how many it took: up to 6 (12
+    /// accumulators, enough to hide the FMA latency; unpacking in place, as [`v_tile`] does, leaves
+    /// registers for 6 only).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block(&self, d: usize, ps: &[f32], nq: usize, out: &mut [f32], qb: usize) -> usize {
+        let m = (nq - qb).min(6);
+        match m {
+            1 => self.run::<1>(d, ps, nq, out, qb),
+            2 => self.run::<2>(d, ps, nq, out, qb),
+            3 => self.run::<3>(d, ps, nq, out, qb),
+            4 => self.run::<4>(d, ps, nq, out, qb),
+            5 => self.run::<5>(d, ps, nq, out, qb),
+            _ => self.run::<6>(d, ps, nq, out, qb),
+        }
+        m
+    }
+
+    /// Queries `qb..qb + M`: adds `sum_t (p_t s_t) code_t` over the tile's tokens into `out`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn run<const M: usize>(&self, d: usize, ps: &[f32], nq: usize, out: &mut [f32], qb: usize) {
+        let (tile, c0) = (self.tile, self.c0);
+        let gi = c0 / self.group;
+        let mut acc: [[__m256; 2]; M] = core::array::from_fn(|m| ldn(&out[(qb + m) * d + c0..][..16]));
+        let pg = &ps[(gi * nq + qb) * tile..][..M * tile];
+        let pp = pg.as_ptr();
+        for (t, x) in self.codes[..2 * tile].chunks_exact(2).enumerate() {
+            // SAFETY: m * tile + t < M * tile = pg.len().
+            unsafe { fma_bcast(&mut acc, pp.add(t), tile, [x[0], x[1]]) };
+        }
+        for (m, a) in acc.iter().enumerate() {
+            stn(&mut out[(qb + m) * d + c0..][..16], *a);
+        }
     }
 }
 
@@ -874,8 +1095,9 @@ fn prefetch_next_block(b: &ChannelBody<'_>, t0: usize, d: usize, step: usize) {
     }
 }
 
-/// Largest `head_dim` whose unpacked key tile (one vector per channel, 4 KiB at 128) prefill keeps on the
-/// stack to share among its query blocks; larger heads unpack the tile once per block of 3 queries.
+/// Largest `head_dim` whose unpacked key tile (one int8 vector per channel, 4 KiB at 128; two f32 vectors
+/// per channel, 8 KiB) prefill keeps on the stack to share among its query blocks; larger heads unpack the
+/// tile once per block of 3 queries.
 const MAX_UNPACKED: usize = 128;
 
 /// One group's rounded queries from query `qb` on, and where its tile's codes start.
