@@ -297,12 +297,16 @@ pub(crate) fn scores_f16_channel(
         let whole = seg - seg % 16;
         let base = key_f16(slot, 0, d);
         for t0 in (0..whole).step_by(16) {
-            for qb in (0..q.nq).step_by(3) {
-                match q.nq - qb {
+            // Blocks of 6 queries where prefill has them (12 accumulators hide the FMA latency, and each
+            // row is converted once per 6), else of up to 3 (decode's GQA group).
+            let mut qb = 0;
+            while qb < q.nq {
+                qb += match q.nq - qb {
                     1 => f16_chunk::<1>(&body[base + t0..], q, out, qb, t + t0),
                     2 => f16_chunk::<2>(&body[base + t0..], q, out, qb, t + t0),
-                    _ => f16_chunk::<3>(&body[base + t0..], q, out, qb, t + t0),
-                }
+                    3..6 => f16_chunk::<3>(&body[base + t0..], q, out, qb, t + t0),
+                    _ => f16_chunk::<6>(&body[base + t0..], q, out, qb, t + t0),
+                };
             }
         }
         if whole < seg {
@@ -313,10 +317,17 @@ pub(crate) fn scores_f16_channel(
     }
 }
 
-/// 16 tokens of every channel row of an fp16 key block (rows `KEY_BLOCK_F16` apart), queries `qb..qb + M`.
+/// 16 tokens of every channel row of an fp16 key block (rows `KEY_BLOCK_F16` apart), queries `qb..qb + M`;
+/// returns `M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>, qb: usize, col: usize) {
+fn f16_chunk<const M: usize>(
+    body: &[u16],
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    qb: usize,
+    col: usize,
+) -> usize {
     let mut acc = [[_mm256_setzero_ps(); 2]; M];
     let d = q.d;
     let qs = &q.q[qb * d..][..M * d];
@@ -336,6 +347,7 @@ fn f16_chunk<const M: usize>(body: &[u16], q: &Queries<'_>, out: &mut Scores<'_>
         unsafe { fma_bcast(&mut acc, qp.add(c), d, x) };
     }
     store_scores(&acc, out, qb, col);
+    M
 }
 
 /// See [`portable::scores_q_channel`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`, `d % 8 == 0`.
