@@ -366,24 +366,10 @@ pub(crate) fn scores_q_channel(
     work: &mut [f32],
 ) {
     if q.nq > 3 && q.d <= MAX_UNPACKED {
-        return scores_q_channel_shared(b, start, n, q, out, work);
+        let mut unpacked = [_mm256_setzero_ps(); 2 * MAX_UNPACKED];
+        return channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..2 * q.d]);
     }
     channel_scores::<false>(b, start, n, q, out, work, &mut []);
-}
-
-/// [`scores_q_channel`] for more than 3 queries, with the stack space for one unpacked chunk.
-#[inline(never)]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn scores_q_channel_shared(
-    b: &ChannelBody<'_>,
-    start: usize,
-    n: usize,
-    q: &Queries<'_>,
-    out: &mut Scores<'_>,
-    work: &mut [f32],
-) {
-    let mut unpacked = [_mm256_setzero_ps(); 2 * MAX_UNPACKED];
-    channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..2 * q.d]);
 }
 
 /// [`scores_q_channel`]'s loops: `S` (shared) unpacks each chunk once into `unpacked` (`2 * d` vectors)
@@ -579,29 +565,14 @@ pub(crate) fn values_q_token(
     work: &mut [f32],
 ) {
     if out.len() / d > 3 {
-        return values_q_token_shared(b, start, n, p, d, out, work);
+        let mut unpacked = [_mm256_setzero_ps(); 2 * VALUE_TILE];
+        return token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
     }
     token_values::<false>(b, start, n, p, d, out, work, &mut []);
 }
 
 /// Tokens per tile of the f32 value path.
 const VALUE_TILE: usize = 32;
-
-/// [`values_q_token`] for more than 3 queries, with the stack space for 16 unpacked channels of a tile.
-#[inline(never)]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn values_q_token_shared(
-    b: &TokenBody<'_>,
-    start: usize,
-    n: usize,
-    p: &Probs<'_>,
-    d: usize,
-    out: &mut [f32],
-    work: &mut [f32],
-) {
-    let mut unpacked = [_mm256_setzero_ps(); 2 * VALUE_TILE];
-    token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
-}
 
 /// [`values_q_token`]'s loops: `S` (shared) unpacks each 16 channels of a tile once into `unpacked`
 /// (`2 * VALUE_TILE` vectors) for every block of queries, else each block unpacks them in place (decode's
