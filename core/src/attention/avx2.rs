@@ -374,7 +374,7 @@ pub(crate) fn scores_q_channel(
 
 /// [`scores_q_channel`]'s loops: `S` (shared) unpacks each chunk once into `unpacked` (`2 * d` vectors)
 /// for every block of queries, else each block unpacks it in place (decode's path, a const parameter so
-/// that its code is not touched).
+/// that its loop carries no test of it).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn channel_scores<const S: bool>(
@@ -576,7 +576,7 @@ const VALUE_TILE: usize = 32;
 
 /// [`values_q_token`]'s loops: `S` (shared) unpacks each 16 channels of a tile once into `unpacked`
 /// (`2 * VALUE_TILE` vectors) for every block of queries, else each block unpacks them in place (decode's
-/// path, a const parameter so that its code is not touched).
+/// path, a const parameter so that its loop carries no test of it).
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -997,6 +997,27 @@ pub(crate) fn scores_q8_channel(
     out: &mut Scores<'_>,
     work: &mut [f32],
 ) {
+    if q.nq > 3 && q.d <= MAX_UNPACKED {
+        let mut unpacked = [_mm256_setzero_si256(); MAX_UNPACKED];
+        return q8_channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..q.d]);
+    }
+    q8_channel_scores::<false>(b, start, n, q, out, work, &mut []);
+}
+
+/// [`scores_q8_channel`]'s loops: `S` (shared) unpacks each tile once into `unpacked` (`d` vectors) for
+/// every block of queries, else each block unpacks it in place (decode's path, a const parameter so that
+/// its loop carries no test of it).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_channel_scores<const S: bool>(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+    unpacked: &mut [__m256i],
+) {
     let (d, g, nq) = (q.d, b.group, q.nq);
     let qmax = super::q8_key_max(d, b.width);
     // Up to a key block's groups are folded together: their reductions wait in one [`Pending`] batch.
@@ -1008,7 +1029,6 @@ pub(crate) fn scores_q8_channel(
     let (bias, rest) = rest.split_at_mut(np);
     let inv = &mut rest[..np];
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(pairs);
-    let mut unpacked = [_mm256_setzero_si256(); MAX_UNPACKED];
     for b0 in (start..start + n).step_by(batch * g) {
         let groups = (start + n - b0).min(batch * g) / g;
         let mut pend = Pending::new(qmax, &mut *delta, &mut *inv, &mut *bias);
@@ -1033,10 +1053,8 @@ pub(crate) fn scores_q8_channel(
                 let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16;
                 prefetch_next_block(b, t0, d, 32);
                 let col = t0 - start;
-                // More than one block of queries (prefill): unpack the tile once for all of them.
-                let shared = nq > 3 && d <= MAX_UNPACKED;
-                if shared {
-                    Q8Keys { b, word, d, pairs, delta, bias }.unpack(&mut unpacked);
+                if S {
+                    Q8Keys { b, word, d, pairs, delta, bias }.unpack(unpacked);
                 }
                 for qb in (0..nq).step_by(3) {
                     let at = j * nq + qb;
@@ -1048,11 +1066,10 @@ pub(crate) fn scores_q8_channel(
                         delta: &delta[at..],
                         bias: &bias[at..],
                     };
-                    let codes = shared.then_some(&unpacked[..]);
                     match nq - qb {
-                        1 => k.tile::<1>(codes, out, qb, col),
-                        2 => k.tile::<2>(codes, out, qb, col),
-                        _ => k.tile::<3>(codes, out, qb, col),
+                        1 => k.tile::<1, S>(unpacked, out, qb, col),
+                        2 => k.tile::<2, S>(unpacked, out, qb, col),
+                        _ => k.tile::<3, S>(unpacked, out, qb, col),
                     }
                 }
             }
@@ -1136,10 +1153,16 @@ impl Q8Keys<'_> {
     }
 
     /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`; the
-    /// codes come unpacked from `codes` (see [`Self::unpack`]) or, given none, straight from the block.
+    /// codes come unpacked from `codes` where `S` (see [`Self::unpack`]), else straight from the block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const M: usize>(&self, codes: Option<&[__m256i]>, out: &mut Scores<'_>, qb: usize, col: usize) {
+    fn tile<const M: usize, const S: bool>(
+        &self,
+        codes: &[__m256i],
+        out: &mut Scores<'_>,
+        qb: usize,
+        col: usize,
+    ) {
         let (d, w) = (self.d, self.b.block_words);
         let h = d / 2;
         let raw = &self.b.codes[self.word..];
@@ -1147,20 +1170,18 @@ impl Q8Keys<'_> {
         // `m * h + c / 2` of `pairs` for m < M: checked once here, then read through pointers (as in
         // `q_chunk_m`). The layout guarantees this; a failure is a bug in this crate, never the input's.
         assert!(
-            d >= 2
-                && raw.len() >= (d - 1) * w + 2
-                && codes.is_none_or(|k| k.len() >= d)
-                && self.pairs.len() >= M * h,
+            d >= 2 && raw.len() >= (d - 1) * w + 2 && (!S || codes.len() >= d) && self.pairs.len() >= M * h,
             "key block shorter than its layout"
         );
         let (cp, pp) = (raw.as_ptr(), self.pairs.as_ptr());
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
         for c in (0..d).step_by(2) {
-            let [y, z] = match codes {
-                // SAFETY: c + 1 < d <= k.len() (checked above).
-                Some(k) => unsafe { [*k.get_unchecked(c), *k.get_unchecked(c + 1)] },
+            let [y, z] = if S {
+                // SAFETY: c + 1 < d <= codes.len() (checked above).
+                unsafe { [*codes.get_unchecked(c), *codes.get_unchecked(c + 1)] }
+            } else {
                 // SAFETY: c + 1 < d, so words (c + 1) * w + 1 < raw.len() (checked above).
-                None => unsafe { self.pair(cp, c) },
+                unsafe { self.pair(cp, c) }
             };
             for (m, a) in acc.iter_mut().enumerate() {
                 // SAFETY: m * h + c / 2 < M * h <= pairs.len() (checked above).
@@ -1216,6 +1237,29 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
+    if out.len() / d > 3 {
+        let mut unpacked = [_mm256_setzero_si256(); super::Q8_TILE];
+        return q8_token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
+    }
+    q8_token_values::<false>(b, start, n, p, d, out, work, &mut []);
+}
+
+/// [`values_q8_token`]'s loops: `S` (shared) unpacks each chunk and shift pair of a tile once into
+/// `unpacked` ([`super::Q8_TILE`] vectors) for every block of queries, else each block unpacks them in
+/// place (decode's path, a const parameter so that its loop carries no test of it).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_token_values<const S: bool>(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    unpacked: &mut [__m256i],
+) {
     const T: usize = super::Q8_TILE;
     let nq = out.len() / d;
     let g = b.group;
@@ -1228,7 +1272,6 @@ pub(crate) fn values_q8_token(
     let delta = &mut tile[..groups * nq];
     lp.fill(0.0);
     zl.fill(0.0);
-    let mut unpacked = [_mm256_setzero_si256(); T];
     let whole = n - n % T;
     for t0 in (0..whole).step_by(T) {
         let slot = start + t0;
@@ -1273,17 +1316,15 @@ pub(crate) fn values_q8_token(
             let groups_of = [ch * 64 / g, (ch * 64 + 32) / g];
             for k in 0..2 {
                 let v = Q8Values { rows, row_words: b.row_words, ch, k, groups_of, nq, pairs, delta };
-                // More than one block of queries (prefill): unpack the codes once for all of them.
-                let codes = (nq > 3).then(|| {
-                    v.unpack(&mut unpacked);
-                    &unpacked[..]
-                });
+                if S {
+                    v.unpack(unpacked);
+                }
                 for qb in (0..nq).step_by(3) {
                     let lq = &mut lp[qb * d..];
                     match nq - qb {
-                        1 => v.tile::<1>(codes, lq, d, qb),
-                        2 => v.tile::<2>(codes, lq, d, qb),
-                        _ => v.tile::<3>(codes, lq, d, qb),
+                        1 => v.tile::<1, S>(unpacked, lq, d, qb),
+                        2 => v.tile::<2, S>(unpacked, lq, d, qb),
+                        _ => v.tile::<3, S>(unpacked, lq, d, qb),
                     }
                 }
             }
@@ -1362,10 +1403,10 @@ impl Q8Values<'_> {
     }
 
     /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted); the codes
-    /// come unpacked from `codes` (see [`Self::unpack`]) or, given none, straight from the rows.
+    /// come unpacked from `codes` where `S` (see [`Self::unpack`]), else straight from the rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const M: usize>(&self, codes: Option<&[__m256i]>, lq: &mut [f32], d: usize, qb: usize) {
+    fn tile<const M: usize, const S: bool>(&self, codes: &[__m256i], lq: &mut [f32], d: usize, qb: usize) {
         const T: usize = super::Q8_TILE;
         let (rw, word0) = (self.row_words, self.ch * 4);
         // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T (or entries i < T of `codes`) and
@@ -1375,7 +1416,7 @@ impl Q8Values<'_> {
         assert!(
             self.rows.len() >= T * rw
                 && word0 + 4 <= rw
-                && codes.is_none_or(|k| k.len() >= T)
+                && (!S || codes.len() >= T)
                 && self.pairs.len() >= pmax * T / 2,
             "value rows shorter than their layout"
         );
@@ -1383,11 +1424,12 @@ impl Q8Values<'_> {
         let pg = [(self.groups_of[0] * self.nq + qb) * T / 2, (self.groups_of[1] * self.nq + qb) * T / 2];
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
         for tp in 0..T / 2 {
-            let [lo, hi] = match codes {
-                // SAFETY: 2 tp + 1 < T <= k.len() (checked above).
-                Some(k) => unsafe { [*k.get_unchecked(2 * tp), *k.get_unchecked(2 * tp + 1)] },
+            let [lo, hi] = if S {
+                // SAFETY: 2 tp + 1 < T <= codes.len() (checked above).
+                unsafe { [*codes.get_unchecked(2 * tp), *codes.get_unchecked(2 * tp + 1)] }
+            } else {
                 // SAFETY: 2 tp + 1 < T and word0 + 4 <= rw, so both rows lie in `rows` (checked above).
-                None => unsafe { self.pair(tp) },
+                unsafe { self.pair(tp) }
             };
             for (m, ac) in acc.iter_mut().enumerate() {
                 // SAFETY: pg[i] + m * T / 2 + tp < pmax * T / 2 <= pairs.len() (checked above).
