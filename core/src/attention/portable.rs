@@ -73,7 +73,6 @@ pub(crate) fn scores_q_channel(
     folded: &mut [f32],
 ) {
     let (d, g) = (q.d, b.group);
-    let mut codes = [0u8; MAX_GROUP];
     for g0 in (start..start + n).step_by(g) {
         let gi = g0 / g;
         let col0 = g0 - start;
@@ -89,14 +88,30 @@ pub(crate) fn scores_q_channel(
                 *out.at(qi, col0 + t) = bias;
             }
         }
-        for c in 0..d {
-            let row = &b.codes[key_row(g0, c, d, b.block_words)..][..b.block_words];
-            pack::unpack_bits(row, b.width, g0 % KEY_BLOCK, &mut codes[..g]);
-            for qi in 0..q.nq {
-                let qs = folded[qi * d + c];
-                for (t, &code) in codes[..g].iter().enumerate() {
-                    *out.at(qi, col0 + t) += qs * f32::from(code);
-                }
+        add_group_codes(b, g0, d, q.nq, folded, out, col0);
+    }
+}
+
+/// `out[qi][col0 + t] += qf[qi * d + c] * code(c, g0 + t)` over the channels `c` of key group `g0`, channel
+/// by channel: the sums of the f32 and int8 per-channel key paths.
+fn add_group_codes(
+    b: &ChannelBody<'_>,
+    g0: usize,
+    d: usize,
+    nq: usize,
+    qf: &[f32],
+    out: &mut Scores<'_>,
+    col0: usize,
+) {
+    let g = b.group;
+    let mut codes = [0u8; MAX_GROUP];
+    for c in 0..d {
+        let row = &b.codes[key_row(g0, c, d, b.block_words)..][..b.block_words];
+        pack::unpack_bits(row, b.width, g0 % KEY_BLOCK, &mut codes[..g]);
+        for qi in 0..nq {
+            let qs = qf[qi * d + c];
+            for (t, &code) in codes[..g].iter().enumerate() {
+                *out.at(qi, col0 + t) += qs * f32::from(code);
             }
         }
     }
@@ -234,7 +249,6 @@ pub(crate) fn scores_q8_channel(
 ) {
     let (d, g, nq) = (q.d, b.group, q.nq);
     let qmax = super::q8_key_max(d, b.width);
-    let mut codes = [0u8; MAX_GROUP];
     let (qf, rest) = work.split_at_mut(nq * d);
     let (delta, bias) = rest[..2 * nq].split_at_mut(nq);
     for g0 in (start..start + n).step_by(g) {
@@ -247,16 +261,7 @@ pub(crate) fn scores_q8_channel(
                 *out.at(qi, col0 + t) = 0.0;
             }
         }
-        for c in 0..d {
-            let row = &b.codes[key_row(g0, c, d, b.block_words)..][..b.block_words];
-            pack::unpack_bits(row, b.width, g0 % KEY_BLOCK, &mut codes[..g]);
-            for qi in 0..nq {
-                let qc = qf[qi * d + c];
-                for (t, &code) in codes[..g].iter().enumerate() {
-                    *out.at(qi, col0 + t) += qc * f32::from(code);
-                }
-            }
-        }
+        add_group_codes(b, g0, d, nq, qf, out, col0);
         for qi in 0..nq {
             for t in 0..g {
                 let s = out.at(qi, col0 + t);
