@@ -404,7 +404,7 @@ fn channel_scores<const S: bool>(
         }
         for t0 in (g0..g0 + g).step_by(16) {
             let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16 * b.width.bits() as usize / 2;
-            prefetch_next_block(b, t0, d, 16);
+            prefetch_next_block::<16>(b, t0, d);
             let col = t0 - start;
             if S {
                 match b.width {
@@ -1051,7 +1051,7 @@ fn q8_channel_scores<const S: bool>(
             let g0 = b0 + j * g;
             for t0 in (g0..g0 + g).step_by(32) {
                 let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16;
-                prefetch_next_block(b, t0, d, 32);
+                prefetch_next_block::<32>(b, t0, d);
                 let col = t0 - start;
                 if S {
                     Q8Keys { b, word, d, pairs, delta, bias }.unpack(unpacked);
@@ -1077,21 +1077,25 @@ fn q8_channel_scores<const S: bool>(
     }
 }
 
-/// Hints the next key block's channel rows, a part of them per tile of `step` tokens: the tile at `t0`
-/// hints rows `d * j / parts..d * (j + 1) / parts` (`parts = KEY_BLOCK / step`, `j = t0 % KEY_BLOCK /
-/// step`), every line of each. A block is one 4 KiB page at 2 bits (two at 4 bits), and the hardware
+/// Hints the next key block's channel rows, a part of them per tile of `STEP` tokens: the tile at `t0`
+/// hints rows `d * j / parts..d * (j + 1) / parts` (`parts = KEY_BLOCK / STEP`, `j = t0 % KEY_BLOCK /
+/// STEP`), every line of each. A block is one 4 KiB page at 2 bits (two at 4 bits), and the hardware
 /// prefetchers stop at a page's end, so without the hints each block's first tile waited on all its rows'
-/// line misses at once. A prefetch never faults, so the address may lie past the codes.
+/// line misses at once. A block's rows are consecutive, so the part is one run of lines; `STEP` is a
+/// constant so that the divisions are shifts (with a run-time step they were four `div`s per tile, and
+/// the hints a tenth of the int8 key kernel's instructions). A prefetch never faults, so the address may
+/// lie past the codes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_next_block(b: &ChannelBody<'_>, t0: usize, d: usize, step: usize) {
-    let (parts, j) = (KEY_BLOCK / step, t0 % KEY_BLOCK / step);
+fn prefetch_next_block<const STEP: usize>(b: &ChannelBody<'_>, t0: usize, d: usize) {
+    let parts = KEY_BLOCK / STEP;
+    let j = t0 % KEY_BLOCK / STEP;
     let next = b.codes.as_ptr().wrapping_add(key_row(t0 + KEY_BLOCK, 0, d, b.block_words)).cast::<u8>();
     let row_bytes = 4 * b.block_words;
-    for c in d * j / parts..d * (j + 1) / parts {
-        for line in (0..row_bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(c * row_bytes + line).cast());
-        }
+    let (mut at, end) = (d * j / parts * row_bytes, d * (j + 1) / parts * row_bytes);
+    while at < end {
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+        at += 64;
     }
 }
 
@@ -1123,8 +1127,8 @@ impl Q8Keys<'_> {
         // Reads words `c * w + k` (k < 2) of `raw` for c < d: checked once, then read through pointers.
         assert!(d >= 2 && raw.len() >= (d - 1) * self.b.block_words + 2, "key block shorter than its layout");
         for c in (0..d).step_by(2) {
-            // SAFETY: c + 1 < d, so the words read lie in `raw` (checked above).
-            let yz = unsafe { self.pair(raw.as_ptr(), c) };
+            // SAFETY: c + 1 < d, so the words read, up to (c + 1) w + 1, lie in `raw` (checked above).
+            let yz = unsafe { self.pair(raw.as_ptr().add(c * self.b.block_words)) };
             codes[c] = yz[0];
             codes[c + 1] = yz[1];
         }
@@ -1134,18 +1138,16 @@ impl Q8Keys<'_> {
     /// (0, 4, .., 28 | 2, 6, .., 30) in the first vector, odd ones in the second.
     ///
     /// # Safety
-    /// Words `c * w .. c * w + 2` and `(c + 1) * w .. (c + 1) * w + 2` of `cp` are readable, `w` the
-    /// block's row words.
+    /// Words `0..2` and `w..w + 2` of `rp` are readable, `w` the block's row words.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(&self, cp: *const u32, c: usize) -> [__m256i; 2] {
+    unsafe fn pair(&self, rp: *const u32) -> [__m256i; 2] {
         let w = self.b.block_words;
         let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
         let m3 = _mm256_set1_epi8(3);
         // SAFETY: the caller's contract; unaligned reads.
-        let (x0, x1) = unsafe {
-            (cp.add(c * w).cast::<i64>().read_unaligned(), cp.add((c + 1) * w).cast::<i64>().read_unaligned())
-        };
+        let (x0, x1) =
+            unsafe { (rp.cast::<i64>().read_unaligned(), rp.add(w).cast::<i64>().read_unaligned()) };
         // Byte 4j + b of `xa`: the code of token 16 (j & 1) + 4b + (j >> 1) of channel c.
         let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
         let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
@@ -1170,24 +1172,37 @@ impl Q8Keys<'_> {
         // `m * h + c / 2` of `pairs` for m < M: checked once here, then read through pointers (as in
         // `q_chunk_m`). The layout guarantees this; a failure is a bug in this crate, never the input's.
         assert!(
-            d >= 2 && raw.len() >= (d - 1) * w + 2 && (!S || codes.len() >= d) && self.pairs.len() >= M * h,
+            d >= 4
+                && d.is_multiple_of(4)
+                && raw.len() >= (d - 1) * w + 2
+                && (!S || codes.len() >= d)
+                && self.pairs.len() >= M * h,
             "key block shorter than its layout"
         );
-        let (cp, pp) = (raw.as_ptr(), self.pairs.as_ptr());
+        let pp = self.pairs.as_ptr();
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        for c in (0..d).step_by(2) {
-            let [y, z] = if S {
-                // SAFETY: c + 1 < d <= codes.len() (checked above).
-                unsafe { [*codes.get_unchecked(c), *codes.get_unchecked(c + 1)] }
-            } else {
-                // SAFETY: c + 1 < d, so words (c + 1) * w + 1 < raw.len() (checked above).
-                unsafe { self.pair(cp, c) }
-            };
-            for (m, a) in acc.iter_mut().enumerate() {
-                // SAFETY: m * h + c / 2 < M * h <= pairs.len() (checked above).
-                let qp = _mm256_set1_epi32(unsafe { pp.add(m * h + c / 2).read() } as i32);
-                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, qp));
-                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, qp));
+        // Channel pair `i`'s rows start `2 w` words after pair `i - 1`'s: walked by pointer, so that the loop
+        // computes no row offsets (two `imul`s a pair, a fifth of its instructions, when it did).
+        let mut rp = raw.as_ptr();
+        // Two channel pairs an iteration (`h` is even; the inner loop unrolls), so that the counter and
+        // pointer steps are paid once for both.
+        for i2 in (0..h).step_by(2) {
+            for i in i2..i2 + 2 {
+                let [y, z] = if S {
+                    // SAFETY: 2 i + 1 < d <= codes.len() (checked above).
+                    unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
+                } else {
+                    // SAFETY: `rp` is word 2 i w of `raw` and 2 i + 1 < d, so the words read, up to
+                    // (2 i + 1) w + 1 < raw.len(), lie in `raw` (checked above).
+                    unsafe { self.pair(rp) }
+                };
+                rp = rp.wrapping_add(2 * w);
+                for (m, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: m * h + i < M * h <= pairs.len() (checked above).
+                    let qp = _mm256_set1_epi32(unsafe { pp.add(m * h + i).read() } as i32);
+                    a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, qp));
+                    a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, qp));
+                }
             }
         }
         let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -1208,22 +1223,24 @@ impl Q8Keys<'_> {
     }
 }
 
-/// Channel (within its 64-channel chunk) of entry `r` of the int8 value path's permuted sums: `r = k * 32
-/// + j * 16 + l * 8 + m` holds the codes `v_tile8` unpacks with shift pair `k`, word pair `j`, 128-bit
-/// lane `l`, byte `m`.
+/// Channel (within its 64-channel chunk) of entry `r` of the int8 value path's permuted sums: `r = j * 32
+/// + h * 16 + l * 8 + m` holds the codes [`Q8Values::pair`] unpacks from word pair `j` into vector `h`,
+/// 128-bit lane `l`, byte `m`: byte `m` of the pair's 8, shifted by `4 l + 2 h` bits.
 #[inline]
 const fn v8_channel(r: usize) -> usize {
-    let (k, j, l, m) = (r / 32, r / 16 % 2, r / 8 % 2, r % 8);
-    32 * j + 16 * (m >> 2) + 4 * (m & 3) + 2 * k + l
+    let (j, h, l, m) = (r / 32, r / 16 % 2, r / 8 % 2, r % 8);
+    32 * j + 4 * m + 2 * l + h
 }
 
 /// See [`portable::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`.
 ///
 /// Per tile of [`super::Q8_TILE`] tokens, the weights `p_t s_t` of each channel group and query are rounded
 /// ([`portable::value_tile_q8`]) and laid out as [`byte_pairs`] over token pairs; then, for each chunk of
-/// 64 channels (a row's 4 words) and each of two shift pairs, a token pair's codes are unpacked to bytes,
-/// interleaved token by token and multiplied by the weight pair with `vpmaddubsw` into 16-bit sums (6
-/// accumulators for 3 queries), which the tile's scales take into f32; with more than 3 queries (prefill)
+/// 64 channels (a row's 4 words) and each of its two word pairs (32 channels, one group), a token pair's
+/// codes are unpacked to bytes (`vpsrlvd` + mask, four shifts of both words in one register, as the
+/// keys), interleaved token by token and multiplied by the group's weight pair with `vpmaddubsw` into
+/// 16-bit sums (6 accumulators for 3 queries, one weight broadcast per query), which the tile's scales
+/// take into f32; with more than 3 queries (prefill)
 /// the codes are unpacked once ([`Q8Values::unpack`]) for all blocks of 3. The sums are kept in a
 /// channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs the
 /// portable twin.
@@ -1277,15 +1294,18 @@ fn q8_token_values<const S: bool>(
         let slot = start + t0;
         for gi in 0..groups {
             // The group's scales and zero points over the tile, converted once for every query.
+            // Each resliced once to its tile, so that the loads below carry no bounds checks (they were
+            // a third of this loop's instructions).
             let at = gi * b.ring + slot;
-            let sv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&b.scale[at + 8 * k..]));
-            let zv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&b.zero[at + 8 * k..]));
+            let (sr, zr) = (&b.scale[at..][..T], &b.zero[at..][..T]);
+            let sv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&sr[8 * k..]));
+            let zv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&zr[8 * k..]));
             for qi in 0..nq {
                 let pr = &p.data[qi * p.stride + p.pos + t0..][..T];
                 let mut ps = [_mm256_setzero_ps(); T / 8];
                 let mut mx = _mm256_setzero_ps();
-                let zat = (qi * groups + gi) * 8;
-                let mut za = ld(&zl[zat..]);
+                let zq = &mut zl[(qi * groups + gi) * 8..][..8];
+                let mut za = ld(zq);
                 for (k, v) in ps.iter_mut().enumerate() {
                     let pv = ld(&pr[8 * k..]);
                     // p >= 0 and s >= 0, so p s is its own absolute value.
@@ -1293,7 +1313,7 @@ fn q8_token_values<const S: bool>(
                     mx = _mm256_max_ps(mx, *v);
                     za = _mm256_add_ps(za, _mm256_mul_ps(pv, zv[k]));
                 }
-                st(&mut zl[zat..], za);
+                st(zq, za);
                 let m = hmax(mx);
                 let pq = &mut pairs[(gi * nq + qi) * T / 2..][..T / 2];
                 if m == 0.0 {
@@ -1313,9 +1333,10 @@ fn q8_token_values<const S: bool>(
         }
         let rows = &b.codes[slot * b.row_words..][..T * b.row_words];
         for ch in 0..d / 64 {
-            let groups_of = [ch * 64 / g, (ch * 64 + 32) / g];
-            for k in 0..2 {
-                let v = Q8Values { rows, row_words: b.row_words, ch, k, groups_of, nq, pairs, delta };
+            for j in 0..2 {
+                let group = (ch * 64 + 32 * j) / g;
+                let v =
+                    Q8Values { rows, row_words: b.row_words, word: ch * 4 + 2 * j, group, nq, pairs, delta };
                 if S {
                     v.unpack(unpacked);
                 }
@@ -1343,62 +1364,56 @@ fn q8_token_values<const S: bool>(
     portable::finish_values_q8(g, d, l, zl, out);
 }
 
-/// One tile's rows and rounded weights, for one 64-channel chunk and shift pair.
+/// One tile's rows and rounded weights, for one word pair (32 channels of one group).
 struct Q8Values<'a> {
     rows: &'a [u32],
     row_words: usize,
-    ch: usize,
-    k: usize,
-    /// Channel groups of the chunk's words 0-1 and 2-3.
-    groups_of: [usize; 2],
+    /// The pair's first word in each row (even).
+    word: usize,
+    /// The channel group of its 32 channels.
+    group: usize,
     nq: usize,
     pairs: &'a [u32],
     delta: &'a [f32],
 }
 
 impl Q8Values<'_> {
-    /// The tile's codes for this chunk and shift pair, token pair `tp`'s two `vpmaddubsw` operands at
-    /// `codes[2 tp]` and `codes[2 tp + 1]`: prefill unpacks them once for all its query blocks.
-    /// `codes.len() >= Q8_TILE`.
+    /// The tile's codes for this word pair, token pair `tp`'s two `vpmaddubsw` operands at `codes[2 tp]`
+    /// and `codes[2 tp + 1]`: prefill unpacks them once for all its query blocks. `codes.len() >= Q8_TILE`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn unpack(&self, codes: &mut [__m256i]) {
         const T: usize = super::Q8_TILE;
         let codes = &mut codes[..T];
-        // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T: checked once, then through pointers.
-        assert!(self.rows.len() >= T * self.row_words && self.ch * 4 + 4 <= self.row_words);
+        // Reads words `t * rw + word + i` (i < 2) of `rows` for t < T: checked once, then through pointers.
+        assert!(self.rows.len() >= T * self.row_words && self.word + 2 <= self.row_words);
+        let rp = self.rows.as_ptr();
         for tp in 0..T / 2 {
-            // SAFETY: 2 tp + 1 < T, and the rows' extent is checked above.
-            let lh = unsafe { self.pair(tp) };
+            // SAFETY: 2 tp + 1 < T, so the pair's words in rows 2 tp and 2 tp + 1 lie in `rows` (checked
+            // above).
+            let lh = unsafe { self.pair(rp.add(2 * tp * self.row_words + self.word)) };
             codes[2 * tp] = lh[0];
             codes[2 * tp + 1] = lh[1];
         }
     }
 
-    /// Tokens `2 tp` and `2 tp + 1` of the chunk as 16-bit lanes (channel, token pair) for this shift pair:
-    /// words 0-1 of the chunk in the first vector, 2-3 in the second.
+    /// A token pair's 32 channels as 16-bit lanes (channel, token pair): `rp` at the pair's words in the
+    /// first token's row, the second token's a row later. Vector `h`, lane `l` holds the codes at bit
+    /// `4 l + 2 h` of each of the pair's 8 bytes ([`v8_channel`]).
     ///
     /// # Safety
-    /// `(2 tp + 2) * row_words <= rows.len()` and `ch * 4 + 4 <= row_words`.
+    /// Words `0..2` and `row_words..row_words + 2` of `rp` are readable.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(&self, tp: usize) -> [__m256i; 2] {
-        let (rp, rw, word0) = (self.rows.as_ptr(), self.row_words, self.ch * 4);
-        let sh = if self.k == 0 {
-            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)
-        } else {
-            _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)
-        };
+    unsafe fn pair(&self, rp: *const u32) -> [__m256i; 2] {
+        let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
         let m3 = _mm256_set1_epi8(3);
-        // SAFETY: the caller's contract: both 16-byte rows lie in `rows`.
-        let (a, bb) = unsafe {
-            (
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add(2 * tp * rw + word0).cast())),
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(rp.add((2 * tp + 1) * rw + word0).cast())),
-            )
+        // SAFETY: the caller's contract; unaligned reads.
+        let (x0, x1) = unsafe {
+            (rp.cast::<i64>().read_unaligned(), rp.add(self.row_words).cast::<i64>().read_unaligned())
         };
-        let xa = _mm256_and_si256(_mm256_srlv_epi32(a, sh), m3);
-        let xb = _mm256_and_si256(_mm256_srlv_epi32(bb, sh), m3);
+        let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
+        let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
         [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
     }
 
@@ -1408,51 +1423,52 @@ impl Q8Values<'_> {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn tile<const M: usize, const S: bool>(&self, codes: &[__m256i], lq: &mut [f32], d: usize, qb: usize) {
         const T: usize = super::Q8_TILE;
-        let (rw, word0) = (self.row_words, self.ch * 4);
-        // Reads words `t * rw + word0 + i` (i < 4) of `rows` for t < T (or entries i < T of `codes`) and
-        // entries `(g * nq + qb + m) * T / 2 + i` (i < T / 2) of `pairs` for both groups and m < M: checked
-        // once here, then read through pointers. The layout guarantees this; a failure is a bug in this crate.
-        let pmax = self.groups_of[0].max(self.groups_of[1]) * self.nq + qb + M;
+        let rw = self.row_words;
+        // Reads words `t * rw + word + i` (i < 2) of `rows` for t < T (or entries i < T of `codes`) and
+        // entries `(group * nq + qb + m) * T / 2 + i` (i < T / 2) of `pairs` for m < M: checked once here,
+        // then read through pointers. The layout guarantees this; a failure is a bug in this crate.
+        let p0 = (self.group * self.nq + qb) * T / 2;
         assert!(
             self.rows.len() >= T * rw
-                && word0 + 4 <= rw
+                && self.word + 2 <= rw
                 && (!S || codes.len() >= T)
-                && self.pairs.len() >= pmax * T / 2,
+                && self.pairs.len() >= p0 + M * T / 2,
             "value rows shorter than their layout"
         );
-        let pp = self.pairs.as_ptr();
-        let pg = [(self.groups_of[0] * self.nq + qb) * T / 2, (self.groups_of[1] * self.nq + qb) * T / 2];
+        let pp = self.pairs[p0..].as_ptr();
+        let mut rp = self.rows[self.word..].as_ptr();
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        for tp in 0..T / 2 {
-            let [lo, hi] = if S {
-                // SAFETY: 2 tp + 1 < T <= codes.len() (checked above).
-                unsafe { [*codes.get_unchecked(2 * tp), *codes.get_unchecked(2 * tp + 1)] }
-            } else {
-                // SAFETY: 2 tp + 1 < T and word0 + 4 <= rw, so both rows lie in `rows` (checked above).
-                unsafe { self.pair(tp) }
-            };
-            for (m, ac) in acc.iter_mut().enumerate() {
-                // SAFETY: pg[i] + m * T / 2 + tp < pmax * T / 2 <= pairs.len() (checked above).
-                let (p0, p1) = unsafe {
-                    (
-                        pp.add(pg[0] + m * T / 2 + tp).read() as i32,
-                        pp.add(pg[1] + m * T / 2 + tp).read() as i32,
-                    )
+        // Two token pairs an iteration (the inner loop unrolls), so that the counter and pointer steps
+        // are paid once for both.
+        for tp2 in (0..T / 2).step_by(2) {
+            for tp in tp2..tp2 + 2 {
+                let [lo, hi] = if S {
+                    // SAFETY: 2 tp + 1 < T <= codes.len() (checked above).
+                    unsafe { [*codes.get_unchecked(2 * tp), *codes.get_unchecked(2 * tp + 1)] }
+                } else {
+                    // SAFETY: `rp` is word `2 tp rw + word` of `rows`, and 2 tp + 1 < T and word + 2 <= rw,
+                    // so the words read lie in `rows` (checked above).
+                    unsafe { self.pair(rp) }
                 };
-                ac[0] = _mm256_add_epi16(ac[0], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(p0)));
-                ac[1] = _mm256_add_epi16(ac[1], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(p1)));
+                rp = rp.wrapping_add(2 * rw);
+                for (m, ac) in acc.iter_mut().enumerate() {
+                    // SAFETY: p0 + m * T / 2 + tp < p0 + M * T / 2 <= pairs.len() (checked above).
+                    let w = _mm256_set1_epi32(unsafe { pp.add(m * T / 2 + tp).read() } as i32);
+                    ac[0] = _mm256_add_epi16(ac[0], _mm256_maddubs_epi16(lo, w));
+                    ac[1] = _mm256_add_epi16(ac[1], _mm256_maddubs_epi16(hi, w));
+                }
             }
         }
         for (m, ac) in acc.iter().enumerate() {
-            for (j, &v) in ac.iter().enumerate() {
-                let dl = _mm256_set1_ps(self.delta[self.groups_of[j] * self.nq + qb + m]);
-                let at = m * d + self.ch * 64 + self.k * 32 + j * 16;
-                let o = &mut lq[at..][..16];
+            let dl = _mm256_set1_ps(self.delta[self.group * self.nq + qb + m]);
+            let o = &mut lq[m * d + self.word * 16..][..32];
+            for (h, &v) in ac.iter().enumerate() {
                 let e = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
-                for (h, e) in e.into_iter().enumerate() {
+                for (l, e) in e.into_iter().enumerate() {
                     let x = _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(e)));
-                    let y = _mm256_add_ps(ld(&o[8 * h..]), x);
-                    st(&mut o[8 * h..], y);
+                    let at = 16 * h + 8 * l;
+                    let y = _mm256_add_ps(ld(&o[at..]), x);
+                    st(&mut o[at..], y);
                 }
             }
         }
