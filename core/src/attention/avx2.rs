@@ -982,11 +982,11 @@ fn sti(d: &mut [u32], v: __m256i) {
 /// See [`portable::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`.
 ///
 /// Per key block the groups' queries are folded ([`fold_keys`], reductions batched in [`Pending`]) and
-/// rounded ([`round_pairs`]); then per group 32 tokens (two words of each
-/// channel row) by up to 3 queries: a channel pair's codes are unpacked to bytes (`vpsrlvd` + mask, four
-/// shifts of both words in one register), interleaved channel by channel (`vpunpck[lh]bw`), and
-/// multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6 accumulators. With more than 3
-/// queries (prefill) a tile is unpacked once ([`Q8Keys::unpack`]) for all its blocks of 3. The next key
+/// rounded ([`round_pairs`]); then per group 32 tokens (two words of each channel row) by up to 3
+/// queries: a channel pair's codes are unpacked to bytes and interleaved channel by channel
+/// ([`code_pairs`]), and multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6
+/// accumulators. With more than 3
+/// queries (prefill) a tile is unpacked once ([`unpack_key_tile`]) for all its blocks of 3. The next key
 /// block's rows are hinted a tile at a time ([`prefetch_next_block`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn scores_q8_channel(
@@ -1054,7 +1054,7 @@ fn q8_channel_scores<const S: bool>(
                 prefetch_next_block::<32>(b, t0, d);
                 let col = t0 - start;
                 if S {
-                    Q8Keys { b, word, d, pairs, delta, bias }.unpack(unpacked);
+                    unpack_key_tile(b, word, unpacked);
                 }
                 for qb in (0..nq).step_by(3) {
                     let at = j * nq + qb;
@@ -1114,48 +1114,51 @@ struct Q8Keys<'a> {
     bias: &'a [f32],
 }
 
+/// The 32 2-bit codes at `rp` (two words) and the 32 at `rp + stride`, unpacked to bytes and interleaved
+/// into 16-bit lanes that pair the two runs' codes at the same position, the `vpmaddubsw` operands of the
+/// int8 path: vector `h`, 128-bit lane `l`, lane `m` holds code `4 m + 2 l + h` of both runs. Each word
+/// pair is broadcast and shifted by (0, 0, 2, 2, 4, 4, 6, 6) (`vpsrlvd`), masked and interleaved. Keys
+/// pair the channel rows `c`, `c + 1` of 32 tokens (codes 0, 4, .., 28 | 2, 6, .., 30 in the first vector,
+/// the odd ones in the second); values pair the rows of tokens `t`, `t + 1` over 32 channels
+/// ([`v8_channel`]).
+///
+/// # Safety
+/// Words `0..2` and `stride..stride + 2` of `rp` are readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn code_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
+    let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY: the caller's contract; unaligned reads.
+    let (x0, x1) =
+        unsafe { (rp.cast::<i64>().read_unaligned(), rp.add(stride).cast::<i64>().read_unaligned()) };
+    let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
+    let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
+    [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
+}
+
+/// A 2-bit key tile's codes from word `word` of every channel row, each channel pair `(c, c + 1)`, `c`
+/// even, as the two `vpmaddubsw` operands [`Q8Keys::tile`] reads at `codes[c]` and `codes[c + 1]`:
+/// prefill unpacks a tile once for all its query blocks. `d = codes.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_key_tile(b: &ChannelBody<'_>, word: usize, codes: &mut [__m256i]) {
+    let (d, w) = (codes.len(), b.block_words);
+    let raw = &b.codes[word..];
+    // Reads words `c * w + k` (k < 2) of `raw` for c < d: checked once, then read through pointers.
+    assert!(
+        d.is_multiple_of(2) && d >= 2 && raw.len() >= (d - 1) * w + 2,
+        "key block shorter than its layout"
+    );
+    for (i, yz) in codes.chunks_exact_mut(2).enumerate() {
+        // SAFETY: 2 i + 1 < d, so the words read, up to (2 i + 1) w + 1, lie in `raw` (checked above).
+        yz.copy_from_slice(&unsafe { code_pairs(raw.as_ptr().add(2 * i * w), w) });
+    }
+}
+
 impl Q8Keys<'_> {
-    /// The tile's codes of every channel pair `(c, c + 1)`, `c` even, as the two `vpmaddubsw` operands
-    /// [`Self::tile`] reads at `codes[c]` and `codes[c + 1]`: prefill unpacks a tile once for all its query
-    /// blocks. `codes.len() >= d`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn unpack(&self, codes: &mut [__m256i]) {
-        let d = self.d;
-        let codes = &mut codes[..d];
-        let raw = &self.b.codes[self.word..];
-        // Reads words `c * w + k` (k < 2) of `raw` for c < d: checked once, then read through pointers.
-        assert!(d >= 2 && raw.len() >= (d - 1) * self.b.block_words + 2, "key block shorter than its layout");
-        for c in (0..d).step_by(2) {
-            // SAFETY: c + 1 < d, so the words read, up to (c + 1) w + 1, lie in `raw` (checked above).
-            let yz = unsafe { self.pair(raw.as_ptr().add(c * self.b.block_words)) };
-            codes[c] = yz[0];
-            codes[c + 1] = yz[1];
-        }
-    }
-
-    /// Channels `c` and `c + 1` of the tile's 32 tokens as 16-bit lanes (token, channel pair): even tokens
-    /// (0, 4, .., 28 | 2, 6, .., 30) in the first vector, odd ones in the second.
-    ///
-    /// # Safety
-    /// Words `0..2` and `w..w + 2` of `rp` are readable, `w` the block's row words.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(&self, rp: *const u32) -> [__m256i; 2] {
-        let w = self.b.block_words;
-        let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
-        let m3 = _mm256_set1_epi8(3);
-        // SAFETY: the caller's contract; unaligned reads.
-        let (x0, x1) =
-            unsafe { (rp.cast::<i64>().read_unaligned(), rp.add(w).cast::<i64>().read_unaligned()) };
-        // Byte 4j + b of `xa`: the code of token 16 (j & 1) + 4b + (j >> 1) of channel c.
-        let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
-        let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
-        [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
-    }
-
     /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`; the
-    /// codes come unpacked from `codes` where `S` (see [`Self::unpack`]), else straight from the block.
+    /// codes come unpacked from `codes` where `S` (see [`unpack_key_tile`]), else straight from the block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn tile<const M: usize, const S: bool>(
@@ -1194,7 +1197,7 @@ impl Q8Keys<'_> {
                 } else {
                     // SAFETY: `rp` is word 2 i w of `raw` and 2 i + 1 < d, so the words read, up to
                     // (2 i + 1) w + 1 < raw.len(), lie in `raw` (checked above).
-                    unsafe { self.pair(rp) }
+                    unsafe { code_pairs(rp, w) }
                 };
                 rp = rp.wrapping_add(2 * w);
                 for (m, a) in acc.iter_mut().enumerate() {
@@ -1224,8 +1227,8 @@ impl Q8Keys<'_> {
 }
 
 /// Channel (within its 64-channel chunk) of entry `r` of the int8 value path's permuted sums: `r = j * 32
-/// + h * 16 + l * 8 + m` holds the codes [`Q8Values::pair`] unpacks from word pair `j` into vector `h`,
-/// 128-bit lane `l`, byte `m`: byte `m` of the pair's 8, shifted by `4 l + 2 h` bits.
+/// + h * 16 + l * 8 + m` holds the codes [`code_pairs`] unpacks from word pair `j` into vector `h`,
+/// 128-bit lane `l`, lane `m`: byte `m` of the pair's 8, shifted by `4 l + 2 h` bits.
 #[inline]
 const fn v8_channel(r: usize) -> usize {
     let (j, h, l, m) = (r / 32, r / 16 % 2, r / 8 % 2, r % 8);
@@ -1237,13 +1240,12 @@ const fn v8_channel(r: usize) -> usize {
 /// Per tile of [`super::Q8_TILE`] tokens, the weights `p_t s_t` of each channel group and query are rounded
 /// ([`portable::value_tile_q8`]) and laid out as [`byte_pairs`] over token pairs; then, for each chunk of
 /// 64 channels (a row's 4 words) and each of its two word pairs (32 channels, one group), a token pair's
-/// codes are unpacked to bytes (`vpsrlvd` + mask, four shifts of both words in one register, as the
-/// keys), interleaved token by token and multiplied by the group's weight pair with `vpmaddubsw` into
-/// 16-bit sums (6 accumulators for 3 queries, one weight broadcast per query), which the tile's scales
-/// take into f32; with more than 3 queries (prefill)
-/// the codes are unpacked once ([`Q8Values::unpack`]) for all blocks of 3. The sums are kept in a
-/// channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs the
-/// portable twin.
+/// codes are unpacked and interleaved token by token ([`code_pairs`], as the keys' channel pairs) and
+/// multiplied by the group's weight pair with `vpmaddubsw` into 16-bit sums (6 accumulators for 3
+/// queries, one weight broadcast per query), which the tile's scales take into f32; with more than 3
+/// queries (prefill) the codes are unpacked once ([`Q8Values::unpack`]) for all blocks of 3. The sums are
+/// kept in a channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs
+/// the portable twin.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn values_q8_token(
     b: &TokenBody<'_>,
@@ -1261,7 +1263,7 @@ pub(crate) fn values_q8_token(
     q8_token_values::<false>(b, start, n, p, d, out, work, &mut []);
 }
 
-/// [`values_q8_token`]'s loops: `S` (shared) unpacks each chunk and shift pair of a tile once into
+/// [`values_q8_token`]'s loops: `S` (shared) unpacks each word pair of a tile once into
 /// `unpacked` ([`super::Q8_TILE`] vectors) for every block of queries, else each block unpacks them in
 /// place (decode's path, a const parameter so that its loop carries no test of it).
 #[inline]
@@ -1388,33 +1390,13 @@ impl Q8Values<'_> {
         // Reads words `t * rw + word + i` (i < 2) of `rows` for t < T: checked once, then through pointers.
         assert!(self.rows.len() >= T * self.row_words && self.word + 2 <= self.row_words);
         let rp = self.rows.as_ptr();
-        for tp in 0..T / 2 {
+        for (tp, lh) in codes.chunks_exact_mut(2).enumerate() {
             // SAFETY: 2 tp + 1 < T, so the pair's words in rows 2 tp and 2 tp + 1 lie in `rows` (checked
             // above).
-            let lh = unsafe { self.pair(rp.add(2 * tp * self.row_words + self.word)) };
-            codes[2 * tp] = lh[0];
-            codes[2 * tp + 1] = lh[1];
+            lh.copy_from_slice(&unsafe {
+                code_pairs(rp.add(2 * tp * self.row_words + self.word), self.row_words)
+            });
         }
-    }
-
-    /// A token pair's 32 channels as 16-bit lanes (channel, token pair): `rp` at the pair's words in the
-    /// first token's row, the second token's a row later. Vector `h`, lane `l` holds the codes at bit
-    /// `4 l + 2 h` of each of the pair's 8 bytes ([`v8_channel`]).
-    ///
-    /// # Safety
-    /// Words `0..2` and `row_words..row_words + 2` of `rp` are readable.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(&self, rp: *const u32) -> [__m256i; 2] {
-        let sh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
-        let m3 = _mm256_set1_epi8(3);
-        // SAFETY: the caller's contract; unaligned reads.
-        let (x0, x1) = unsafe {
-            (rp.cast::<i64>().read_unaligned(), rp.add(self.row_words).cast::<i64>().read_unaligned())
-        };
-        let xa = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x0), sh), m3);
-        let xb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi64x(x1), sh), m3);
-        [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
     }
 
     /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted); the codes
@@ -1448,7 +1430,7 @@ impl Q8Values<'_> {
                 } else {
                     // SAFETY: `rp` is word `2 tp rw + word` of `rows`, and 2 tp + 1 < T and word + 2 <= rw,
                     // so the words read lie in `rows` (checked above).
-                    unsafe { self.pair(rp) }
+                    unsafe { code_pairs(rp, rw) }
                 };
                 rp = rp.wrapping_add(2 * rw);
                 for (m, ac) in acc.iter_mut().enumerate() {
