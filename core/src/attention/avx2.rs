@@ -1323,14 +1323,14 @@ fn q8_token_values<const S: bool>(
                     delta[gi * nq + qi] = 0.0;
                     continue;
                 }
-                let inv = _mm256_set1_ps(127.0 / m);
+                let inv = _mm256_set1_ps(super::Q8_VALUE_MAX / m);
                 for (h, o) in pq.chunks_exact_mut(16).enumerate() {
                     let r: [__m256i; 4] =
                         core::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(ps[4 * h + k], inv)));
                     sti(&mut o[..8], byte_pairs(r[0], r[1]));
                     sti(&mut o[8..], byte_pairs(r[2], r[3]));
                 }
-                delta[gi * nq + qi] = m / 127.0;
+                delta[gi * nq + qi] = m / super::Q8_VALUE_MAX;
             }
         }
         let rows = &b.codes[slot * b.row_words..][..T * b.row_words];

@@ -53,10 +53,11 @@ impl Kernel {
     /// (`B1`, `B2`, `Ternary`) are read with integer dot products: per key group, the query with the
     /// group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for `head_dim` up
     /// to 85), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers of at most
-    /// 127, each on its own scale `delta`. Each score then moves by at most `delta / 2` per unit of code
-    /// summed over the channels, each output by `delta / 2` per unit of code summed over a tile's tokens
-    /// (the tests derive the attention bound from this); zero points, the softmax and everything in f16
-    /// stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the portable twin gives the same bits.
+    /// [`Q8_VALUE_MAX`], each on its own scale `delta`. Each score then moves by at most `delta / 2` per
+    /// unit of code summed over the channels, each output by `delta / 2` per unit of code summed over a
+    /// tile's tokens (the tests derive the attention bound from this); zero points, the softmax and
+    /// everything in f16 stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the portable twin gives the
+    /// same bits.
     pub const fn with_int8(self, on: bool) -> Self {
         Self { int8: on, ..self }
     }
@@ -230,7 +231,17 @@ pub(crate) const fn q8_key_work(nq: usize, d: usize, groups: usize) -> usize {
 }
 
 /// Tokens per tile of the int8 value path: the weights of one tile share a scale.
-pub const Q8_TILE: usize = 64;
+///
+/// 128 tokens with weights up to [`Q8_VALUE_MAX`] = 85 rather than 64 with 127: each tile pays a
+/// reduction, two divisions and a rounding per channel group and query, and these serial steps were the
+/// costliest part of the value kernel per instruction; halving their count measured about 4% of the
+/// int8 decode step at 16k tokens. The weights lose half a bit (85 levels, not 127), far under the
+/// 2-bit codes' own error.
+pub const Q8_TILE: usize = 128;
+
+/// Largest rounded value weight of the int8 path: AVX2 sums a tile's `Q8_TILE / 2` token pairs per
+/// channel in 16 bits, each pair at most `2 * 85 * 3`, so a tile at most 32,640 (exact below 2^15).
+pub const Q8_VALUE_MAX: f32 = 85.0;
 
 /// Largest integer of the int8 path's folded queries over `d` channels of `width` codes: 127, or less
 /// where `d * max_code * 127` would pass the 16-bit sums AVX2 accumulates (`head_dim` above 85 at 2 bits).

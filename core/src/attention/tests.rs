@@ -715,11 +715,70 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
     assert_eq!(cases, 2 * 4 * 5 * 3);
 }
 
+/// The AVX2 int8 kernels' 16-bit sums at their largest: every key code 3 against a query rounded to
+/// `q8_key_max` in every channel (`d * 3 * qmax`, 32,640 at `head_dim` 128), and value codes 3 in every even
+/// channel of every token against weights all at [`Q8_VALUE_MAX`] (a tile's `Q8_TILE / 2` token pairs of
+/// `2 * 3 * 85`, 32,640). A wider rounding or a longer tile would wrap the sums, and the twins would part.
+#[test]
+fn int8_sums_at_their_largest_stay_exact() {
+    let Some(fast) = Kernel::avx2() else {
+        std::println!("skipped: this CPU has no AVX2 (the portable twin is the only int8 path)");
+        return;
+    };
+    for d in [64usize, 128] {
+        let cfg = CacheConfig::kivi(Width::B2, 32, 32, 1, d, 1024);
+        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = Cache::new(cfg, &mut mem).unwrap();
+        // Keys: every channel 1 at even tokens, -1 at odd (codes 3 and 0, one scale for all channels).
+        // Values: 1 in even channels, 0 in odd, at every token (codes 3 and 0, one scale for all tokens).
+        let v: Vec<f32> = (0..d).map(|c| if c % 2 == 0 { 1.0 } else { 0.0 }).collect();
+        for t in 0..4 * Q8_TILE + 40 {
+            let k = vec![if t % 2 == 0 { 1.0 } else { -1.0 }; d];
+            cache.append(&k, &v).unwrap();
+        }
+        let held = cache.held();
+        let c = cache.counts();
+        let body = |sv: &StreamView<'_>| c.sinks..c.sinks + (sv.q_end.max(c.base) - c.base);
+        let (kb, vb) = (body(&cache.view(Stream::Keys)), body(&cache.view(Stream::Values)));
+        assert!(vb.len() >= 4 * Q8_TILE, "the body holds whole value tiles");
+        let nq = 3;
+        let q = vec![0.25f32; nq * d];
+        let qv = Queries { q: &q, nq, d };
+        let p: Vec<f32> =
+            (0..nq * held).map(|i| if vb.contains(&(i % held)) { 1.0 / held as f32 } else { 0.0 }).collect();
+        let mut got = Vec::new();
+        for kernel in [Kernel::PORTABLE.with_int8(true), fast.with_int8(true)] {
+            let mut work = vec![0.0f32; work_len(nq, d)];
+            let mut scores = vec![0.0f32; nq * held];
+            key_scores(&cache, &cache.view(Stream::Keys), 0, &qv, &mut scores, held, &mut work, kernel);
+            let mut out = vec![0.0f32; nq * d];
+            let pr = Probs { data: &p, stride: held, pos: 0 };
+            value_sums(&cache, &cache.view(Stream::Values), 0, &pr, nq, &mut out, &mut work, kernel);
+            got.push((scores, out));
+        }
+        for (i, (a, b)) in
+            got[0].0.iter().zip(&got[1].0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
+        {
+            assert_eq!(a.to_bits(), b.to_bits(), "d {d}: score {i}: {a} vs {b}");
+        }
+        for (i, (a, b)) in got[0].1.iter().zip(&got[1].1).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "d {d}: value sum {i}: {a} vs {b}");
+        }
+        // The even channels' sums are the body's weight, the odd ones' nothing (to the f16 rounding of
+        // the scales and zero points and the weights' own rounding, both well under 1%).
+        let w = vb.len() as f32 / held as f32;
+        for (i, &o) in got[0].1.iter().enumerate() {
+            let want = if i % 2 == 0 { w } else { 0.0 };
+            assert!((o - want).abs() <= 0.01 * w, "d {d}: output {i}: {o} vs {want}");
+        }
+    }
+}
+
 /// The int8 path (its portable twin; the AVX2 kernels equal it bit for bit, above) computes what its
 /// definition says, rebuilt here from the cache's codes, scales and zero points: per key group,
 /// `score = delta * sum_c rint(q_c s_c / delta) code_c + sum_c q_c z_c` with `delta = max |q_c s_c| / qmax`;
 /// per value tile of [`Q8_TILE`] tokens from the start of each body run,
-/// `out_c += delta * sum_t rint(p_t s_t / delta) code_tc` with `delta = max p_t s_t / 127`, plus
+/// `out_c += delta * sum_t rint(p_t s_t / delta) code_tc` with `delta = max p_t s_t / Q8_VALUE_MAX`, plus
 /// `sum_t p_t z_t`. Integer parts are exact, so the only tolerance is the f32 rounding of the float sums.
 #[test]
 fn int8_path_follows_its_definition() {
@@ -832,7 +891,7 @@ fn int8_path_follows_its_definition() {
                             })
                             .collect();
                         let m = ps.iter().fold(0.0f32, |a, &x| a.max(x));
-                        let (inv, delta) = (127.0 / m, m / 127.0);
+                        let (inv, delta) = (Q8_VALUE_MAX / m, m / Q8_VALUE_MAX);
                         for c in gi * g..(gi + 1) * g {
                             let mut int = 0i64;
                             for (i, &x) in ps.iter().enumerate() {
@@ -872,8 +931,8 @@ fn int8_path_follows_its_definition() {
 /// dequantized cache. A key group's rounded query moves a score by at most `delta_g / 2` per unit of code,
 /// so by `E = max_g delta_g * cmax * d / 2` (`cmax` = 3, the largest stored code); that scales each
 /// probability by a factor within `exp(+-2E)`. A value tile's rounded weights move output `c` by at most
-/// `delta_tile / 2 * sum_t code_tc <= delta_tile * cmax * len / 2`, `delta_tile = max_t p_t s_t / 127`,
-/// with the kernel's `p` at most `exp(2E)` times the exact one. Float rounding adds
+/// `delta_tile / 2 * sum_t code_tc <= delta_tile * cmax * len / 2`, `delta_tile = max_t p_t s_t /
+/// Q8_VALUE_MAX`, with the kernel's `p` at most `exp(2E)` times the exact one. Float rounding adds
 /// [`rounding_tolerance`].
 #[test]
 fn int8_attention_is_within_its_bound() {
@@ -925,7 +984,7 @@ fn int8_attention_is_within_its_bound() {
                                 })
                                 .fold(0.0, f64::max);
                             for x in &mut tiles[gi * g..(gi + 1) * g] {
-                                *x += m / 127.0 * (1.0 + 1e-6) * 3.0 * len as f64 / 2.0;
+                                *x += m / Q8_VALUE_MAX as f64 * (1.0 + 1e-6) * 3.0 * len as f64 / 2.0;
                             }
                         }
                     }
