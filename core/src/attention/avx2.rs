@@ -355,7 +355,7 @@ fn f16_chunk<const M: usize>(
 /// 16 tokens by up to 3 queries: 6 accumulators, 3 broadcast queries, 2 code vectors and the unpack
 /// constants fit the 16 registers (12 accumulators do not, and a spilled accumulator turns each FMA into a
 /// store-forwarding round trip, measured 2x slower overall). With more than 3 queries (prefill) each chunk
-/// is unpacked once for all of them ([`unpack_chunk`]), and they run 6 at a time ([`shared_chunk`]).
+/// is unpacked once for all of them ([`unpack_runs`]), and they run 6 at a time ([`shared_chunk`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn scores_q_channel(
     b: &ChannelBody<'_>,
@@ -407,10 +407,11 @@ fn channel_scores<const S: bool>(
             prefetch_next_block::<16>(b, t0, d);
             let col = t0 - start;
             if S {
+                let (raw, w) = (&b.codes[word..], b.block_words);
                 match b.width {
-                    Width::B4 => unpack_chunk::<4>(b, word, unpacked),
-                    Width::B8 => unpack_chunk::<8>(b, word, unpacked),
-                    _ => unpack_chunk::<2>(b, word, unpacked),
+                    Width::B4 => unpack_runs::<4>(raw, w, unpacked),
+                    Width::B8 => unpack_runs::<8>(raw, w, unpacked),
+                    _ => unpack_runs::<2>(raw, w, unpacked),
                 }
                 let mut qb = 0;
                 while qb < nq {
@@ -493,23 +494,22 @@ fn q_chunk_m<const B: u32, const M: usize>(
     store_scores(&acc, out, qb, col);
 }
 
-/// The 16 codes from word `word` of every channel row of a key block, as `unpacked[2 c..2 c + 2]`:
-/// prefill unpacks a chunk once for all its query blocks. `unpacked.len() == 2 * d`.
+/// 16 codes of `B` bits from each of `out.len() / 2` runs `stride` words apart from the start of `raw`, run
+/// `i` as `out[2 i..2 i + 2]` ([`unpack16`]): prefill unpacks a key chunk (the runs are channel rows) or 16
+/// channels of a value tile (the runs are token rows) once for all its query blocks.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn unpack_chunk<const B: u32>(b: &ChannelBody<'_>, word: usize, unpacked: &mut [__m256]) {
-    let (d, w, h) = (unpacked.len() / 2, b.block_words, B as usize / 2);
-    let codes = &b.codes[word..];
+fn unpack_runs<const B: u32>(raw: &[u32], stride: usize, out: &mut [__m256]) {
+    let (n, h) = (out.len() / 2, B as usize / 2);
     // The layout guarantees this; a failure is a bug in this crate, never a property of the input.
-    assert!(d > 0 && codes.len() >= (d - 1) * w + h, "key block shorter than its layout");
-    for (c, u) in unpacked.chunks_exact_mut(2).enumerate() {
-        // SAFETY: c < d, so the h words at c * w end within `codes` (checked above).
-        let x = unsafe { unpack16::<B>(codes.as_ptr().add(c * w)) };
-        u.copy_from_slice(&x);
+    assert!(n > 0 && raw.len() >= (n - 1) * stride + h, "code runs shorter than their layout");
+    for (i, u) in out.chunks_exact_mut(2).enumerate() {
+        // SAFETY: i < n, so the h words at i * stride end within `raw` (checked above).
+        u.copy_from_slice(&unsafe { unpack16::<B>(raw.as_ptr().add(i * stride)) });
     }
 }
 
-/// An unpacked chunk's 16 tokens (see [`unpack_chunk`]) by up to 6 queries from `qb` (`fq`: their folded
+/// An unpacked chunk's 16 tokens (see [`unpack_runs`]) by up to 6 queries from `qb` (`fq`: their folded
 /// queries, `bias`: their zero-point terms).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -553,7 +553,7 @@ fn shared_chunk_m<const M: usize>(
 /// Tiles of 32 tokens: the products `p_t * s_t` are formed 8 at a time (a group's scales are contiguous
 /// over tokens), then 16 channels by up to 3 queries accumulate in 6
 /// registers while the tile's rows stream past. With more than 3 queries (prefill) each 16 channels of a
-/// tile are unpacked once for all of them ([`unpack_rows`]), and they run 6 at a time ([`VTile`]).
+/// tile are unpacked once for all of them ([`unpack_runs`]), and they run 6 at a time ([`VTile`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn values_q_token(
     b: &TokenBody<'_>,
@@ -616,10 +616,11 @@ fn token_values<const S: bool>(
         let rows = &b.codes[slot * b.row_words..][..TILE * b.row_words];
         if S {
             for c0 in (0..d).step_by(16) {
+                let (raw, u) = (&rows[c0 / 16 * b.width.bits() as usize / 2..], &mut unpacked[..2 * TILE]);
                 match b.width {
-                    Width::B4 => unpack_rows::<4>(rows, b.row_words, c0, unpacked),
-                    Width::B8 => unpack_rows::<8>(rows, b.row_words, c0, unpacked),
-                    _ => unpack_rows::<2>(rows, b.row_words, c0, unpacked),
+                    Width::B4 => unpack_runs::<4>(raw, b.row_words, u),
+                    Width::B8 => unpack_runs::<8>(raw, b.row_words, u),
+                    _ => unpack_runs::<2>(raw, b.row_words, u),
                 }
                 let vt = VTile { tile: TILE, group: b.group, c0, codes: unpacked };
                 let mut qb = 0;
@@ -658,20 +659,7 @@ fn token_values<const S: bool>(
     }
 }
 
-/// Channels `c0..c0 + 16` of a tile's `rows` (one per token), as `unpacked[2 t..2 t + 2]` for token `t`:
-/// prefill unpacks them once for all its query blocks. `c0 % 16 == 0`, `unpacked.len() >= 2 * tile`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn unpack_rows<const B: u32>(rows: &[u32], row_words: usize, c0: usize, unpacked: &mut [__m256]) {
-    let (h, word) = (B as usize / 2, c0 / 16 * B as usize / 2);
-    for (row, u) in rows.chunks_exact(row_words).zip(unpacked.chunks_exact_mut(2)) {
-        let r = &row[word..][..h];
-        // SAFETY: `r` holds the h = B / 2 words `unpack16` reads.
-        u.copy_from_slice(&unsafe { unpack16::<B>(r.as_ptr()) });
-    }
-}
-
-/// Channels `c0..c0 + 16` of a value tile of `tile` tokens, their codes unpacked ([`unpack_rows`]).
+/// Channels `c0..c0 + 16` of a value tile of `tile` tokens, their codes unpacked ([`unpack_runs`]).
 struct VTile<'a> {
     tile: usize,
     group: usize,
@@ -986,7 +974,7 @@ fn sti(d: &mut [u32], v: __m256i) {
 /// queries: a channel pair's codes are unpacked to bytes and interleaved channel by channel
 /// ([`code_pairs`]), and multiplied by the query pair with `vpmaddubsw` into 16-bit sums, 6
 /// accumulators. With more than 3
-/// queries (prefill) a tile is unpacked once ([`unpack_key_tile`]) for all its blocks of 3. The next key
+/// queries (prefill) a tile is unpacked once ([`unpack_code_pairs`]) for all its blocks of 3. The next key
 /// block's rows are hinted a tile at a time ([`prefetch_next_block`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn scores_q8_channel(
@@ -1054,7 +1042,7 @@ fn q8_channel_scores<const S: bool>(
                 prefetch_next_block::<32>(b, t0, d);
                 let col = t0 - start;
                 if S {
-                    unpack_key_tile(b, word, unpacked);
+                    unpack_code_pairs(&b.codes[word..], b.block_words, unpacked);
                 }
                 for qb in (0..nq).step_by(3) {
                     let at = j * nq + qb;
@@ -1137,28 +1125,67 @@ unsafe fn code_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
     [_mm256_unpacklo_epi8(xa, xb), _mm256_unpackhi_epi8(xa, xb)]
 }
 
-/// A 2-bit key tile's codes from word `word` of every channel row, each channel pair `(c, c + 1)`, `c`
-/// even, as the two `vpmaddubsw` operands [`Q8Keys::tile`] reads at `codes[c]` and `codes[c + 1]`:
-/// prefill unpacks a tile once for all its query blocks. `d = codes.len()`.
+/// [`code_pairs`] of the runs at `2 i stride` and `(2 i + 1) stride` words from the start of `raw` as
+/// `codes[2 i..2 i + 2]`, for `i < codes.len() / 2`: prefill unpacks a key tile (channel rows `c`, `c + 1`)
+/// or a value tile's word pair (token rows `t`, `t + 1`) once for all its query blocks ([`madd_pairs`]
+/// reads them where `S`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn unpack_key_tile(b: &ChannelBody<'_>, word: usize, codes: &mut [__m256i]) {
-    let (d, w) = (codes.len(), b.block_words);
-    let raw = &b.codes[word..];
-    // Reads words `c * w + k` (k < 2) of `raw` for c < d: checked once, then read through pointers.
-    assert!(
-        d.is_multiple_of(2) && d >= 2 && raw.len() >= (d - 1) * w + 2,
-        "key block shorter than its layout"
-    );
+fn unpack_code_pairs(raw: &[u32], stride: usize, codes: &mut [__m256i]) {
+    let n = codes.len() / 2;
+    // Reads words `r * stride + k` (k < 2) of `raw` for r < 2 n: checked once, then read through pointers.
+    assert!(n > 0 && raw.len() >= (2 * n - 1) * stride + 2, "code rows shorter than their layout");
     for (i, yz) in codes.chunks_exact_mut(2).enumerate() {
-        // SAFETY: 2 i + 1 < d, so the words read, up to (2 i + 1) w + 1, lie in `raw` (checked above).
-        yz.copy_from_slice(&unsafe { code_pairs(raw.as_ptr().add(2 * i * w), w) });
+        // SAFETY: 2 i + 1 < 2 n, so the words read, up to (2 i + 1) stride + 1, lie in `raw` (checked above).
+        yz.copy_from_slice(&unsafe { code_pairs(raw.as_ptr().add(2 * i * stride), stride) });
     }
+}
+
+/// `M` queries' 16-bit sums over `n` code pairs (`n` even): pair `i`'s two `vpmaddubsw` operands, from
+/// `codes[2 i..2 i + 2]` where `S` ([`unpack_code_pairs`]) or else from [`code_pairs`] at `rp + 2 i stride`
+/// with `stride` apart, each multiplied by query `m`'s byte pair `pp[m * n + i]` broadcast ([`byte_pairs`])
+/// and added into `acc[m]`. The key tile's pairs are channel pairs, the value tile's token pairs. The rows
+/// are walked by pointer, so that the loop computes no row offsets (two `imul`s a pair, a fifth of its
+/// instructions, when it did), and two pairs go per iteration, so that the counter and pointer steps are
+/// paid once for both.
+///
+/// # Safety
+/// For `i < n` and `m < M`: entry `m * n + i` of `pp` is readable; where `S`, `codes.len() >= 2 n`, else
+/// words `0..2` and `stride..stride + 2` of `rp + 2 i stride` are readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn madd_pairs<const M: usize, const S: bool>(
+    codes: &[__m256i],
+    mut rp: *const u32,
+    stride: usize,
+    pp: *const u32,
+    n: usize,
+) -> [[__m256i; 2]; M] {
+    let mut acc = [[_mm256_setzero_si256(); 2]; M];
+    for i2 in (0..n).step_by(2) {
+        for i in i2..i2 + 2 {
+            let [y, z] = if S {
+                // SAFETY: 2 i + 1 < 2 n <= codes.len() (the caller's contract).
+                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
+            } else {
+                // SAFETY: `rp` is `rp + 2 i stride` of the call (the caller's contract).
+                unsafe { code_pairs(rp, stride) }
+            };
+            rp = rp.wrapping_add(2 * stride);
+            for (m, a) in acc.iter_mut().enumerate() {
+                // SAFETY: m * n + i < M * n (the caller's contract).
+                let w = _mm256_set1_epi32(unsafe { pp.add(m * n + i).read() } as i32);
+                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, w));
+                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, w));
+            }
+        }
+    }
+    acc
 }
 
 impl Q8Keys<'_> {
     /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`; the
-    /// codes come unpacked from `codes` where `S` (see [`unpack_key_tile`]), else straight from the block.
+    /// codes come unpacked from `codes` where `S` (see [`unpack_code_pairs`]), else straight from the block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn tile<const M: usize, const S: bool>(
@@ -1182,32 +1209,9 @@ impl Q8Keys<'_> {
                 && self.pairs.len() >= M * h,
             "key block shorter than its layout"
         );
-        let pp = self.pairs.as_ptr();
-        let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        // Channel pair `i`'s rows start `2 w` words after pair `i - 1`'s: walked by pointer, so that the loop
-        // computes no row offsets (two `imul`s a pair, a fifth of its instructions, when it did).
-        let mut rp = raw.as_ptr();
-        // Two channel pairs an iteration (`h` is even; the inner loop unrolls), so that the counter and
-        // pointer steps are paid once for both.
-        for i2 in (0..h).step_by(2) {
-            for i in i2..i2 + 2 {
-                let [y, z] = if S {
-                    // SAFETY: 2 i + 1 < d <= codes.len() (checked above).
-                    unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
-                } else {
-                    // SAFETY: `rp` is word 2 i w of `raw` and 2 i + 1 < d, so the words read, up to
-                    // (2 i + 1) w + 1 < raw.len(), lie in `raw` (checked above).
-                    unsafe { code_pairs(rp, w) }
-                };
-                rp = rp.wrapping_add(2 * w);
-                for (m, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: m * h + i < M * h <= pairs.len() (checked above).
-                    let qp = _mm256_set1_epi32(unsafe { pp.add(m * h + i).read() } as i32);
-                    a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, qp));
-                    a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, qp));
-                }
-            }
-        }
+        // SAFETY: channel pair i's rows start at word 2 i w of `raw` and 2 i + 1 < d, so the words read lie
+        // in `raw`; `pairs` holds M * h entries; `codes` d = 2 h where S (all checked above); h is even.
+        let acc = unsafe { madd_pairs::<M, S>(codes, raw.as_ptr(), w, self.pairs.as_ptr(), h) };
         let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (m, a) in acc.iter().enumerate() {
             let (dl, bs) = (_mm256_set1_ps(self.delta[m]), _mm256_set1_ps(self.bias[m]));
@@ -1243,7 +1247,7 @@ const fn v8_channel(r: usize) -> usize {
 /// codes are unpacked and interleaved token by token ([`code_pairs`], as the keys' channel pairs) and
 /// multiplied by the group's weight pair with `vpmaddubsw` into 16-bit sums (6 accumulators for 3
 /// queries, one weight broadcast per query), which the tile's scales take into f32; with more than 3
-/// queries (prefill) the codes are unpacked once ([`Q8Values::unpack`]) for all blocks of 3. The sums are
+/// queries (prefill) the codes are unpacked once ([`unpack_code_pairs`]) for all blocks of 3. The sums are
 /// kept in a channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs
 /// the portable twin.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1340,7 +1344,7 @@ fn q8_token_values<const S: bool>(
                 let v =
                     Q8Values { rows, row_words: b.row_words, word: ch * 4 + 2 * j, group, nq, pairs, delta };
                 if S {
-                    v.unpack(unpacked);
+                    unpack_code_pairs(&rows[v.word..], b.row_words, unpacked);
                 }
                 for qb in (0..nq).step_by(3) {
                     let lq = &mut lp[qb * d..];
@@ -1380,27 +1384,8 @@ struct Q8Values<'a> {
 }
 
 impl Q8Values<'_> {
-    /// The tile's codes for this word pair, token pair `tp`'s two `vpmaddubsw` operands at `codes[2 tp]`
-    /// and `codes[2 tp + 1]`: prefill unpacks them once for all its query blocks. `codes.len() >= Q8_TILE`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn unpack(&self, codes: &mut [__m256i]) {
-        const T: usize = super::Q8_TILE;
-        let codes = &mut codes[..T];
-        // Reads words `t * rw + word + i` (i < 2) of `rows` for t < T: checked once, then through pointers.
-        assert!(self.rows.len() >= T * self.row_words && self.word + 2 <= self.row_words);
-        let rp = self.rows.as_ptr();
-        for (tp, lh) in codes.chunks_exact_mut(2).enumerate() {
-            // SAFETY: 2 tp + 1 < T, so the pair's words in rows 2 tp and 2 tp + 1 lie in `rows` (checked
-            // above).
-            lh.copy_from_slice(&unsafe {
-                code_pairs(rp.add(2 * tp * self.row_words + self.word), self.row_words)
-            });
-        }
-    }
-
     /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted); the codes
-    /// come unpacked from `codes` where `S` (see [`Self::unpack`]), else straight from the rows.
+    /// come unpacked from `codes` where `S` (see [`unpack_code_pairs`]), else straight from the rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn tile<const M: usize, const S: bool>(&self, codes: &[__m256i], lq: &mut [f32], d: usize, qb: usize) {
@@ -1417,30 +1402,12 @@ impl Q8Values<'_> {
                 && self.pairs.len() >= p0 + M * T / 2,
             "value rows shorter than their layout"
         );
-        let pp = self.pairs[p0..].as_ptr();
-        let mut rp = self.rows[self.word..].as_ptr();
-        let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        // Two token pairs an iteration (the inner loop unrolls), so that the counter and pointer steps
-        // are paid once for both.
-        for tp2 in (0..T / 2).step_by(2) {
-            for tp in tp2..tp2 + 2 {
-                let [lo, hi] = if S {
-                    // SAFETY: 2 tp + 1 < T <= codes.len() (checked above).
-                    unsafe { [*codes.get_unchecked(2 * tp), *codes.get_unchecked(2 * tp + 1)] }
-                } else {
-                    // SAFETY: `rp` is word `2 tp rw + word` of `rows`, and 2 tp + 1 < T and word + 2 <= rw,
-                    // so the words read lie in `rows` (checked above).
-                    unsafe { code_pairs(rp, rw) }
-                };
-                rp = rp.wrapping_add(2 * rw);
-                for (m, ac) in acc.iter_mut().enumerate() {
-                    // SAFETY: p0 + m * T / 2 + tp < p0 + M * T / 2 <= pairs.len() (checked above).
-                    let w = _mm256_set1_epi32(unsafe { pp.add(m * T / 2 + tp).read() } as i32);
-                    ac[0] = _mm256_add_epi16(ac[0], _mm256_maddubs_epi16(lo, w));
-                    ac[1] = _mm256_add_epi16(ac[1], _mm256_maddubs_epi16(hi, w));
-                }
-            }
-        }
+        // SAFETY: token pair tp's rows start at word 2 tp rw of `rows[word..]` and 2 tp + 1 < T, word + 2 <=
+        // rw, so the words read lie in `rows`; `pairs[p0..]` holds M * T / 2 entries; `codes` T where S (all
+        // checked above); T / 2 is even.
+        let acc = unsafe {
+            madd_pairs::<M, S>(codes, self.rows[self.word..].as_ptr(), rw, self.pairs[p0..].as_ptr(), T / 2)
+        };
         for (m, ac) in acc.iter().enumerate() {
             let dl = _mm256_set1_ps(self.delta[self.group * self.nq + qb + m]);
             let o = &mut lq[m * d + self.word * 16..][..32];

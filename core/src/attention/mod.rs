@@ -234,9 +234,9 @@ pub(crate) const fn q8_key_work(nq: usize, d: usize, groups: usize) -> usize {
 ///
 /// 128 tokens with weights up to [`Q8_VALUE_MAX`] = 85 rather than 64 with 127: each tile pays a
 /// reduction, two divisions and a rounding per channel group and query, and these serial steps were the
-/// costliest part of the value kernel per instruction; halving their count measured about 4% of the
-/// int8 decode step at 16k tokens. The weights lose half a bit (85 levels, not 127), far under the
-/// 2-bit codes' own error.
+/// costliest part of the value kernel per instruction. Halving their count took the int8 decode step
+/// at 16k tokens on one thread from 14.1 to 13.9 ms (best of six alternating runs; medians 15.3 and
+/// 14.3). The weights lose half a bit (85 levels, not 127), far under the 2-bit codes' own error.
 pub const Q8_TILE: usize = 128;
 
 /// Largest rounded value weight of the int8 path: AVX2 sums a tile's `Q8_TILE / 2` token pairs per
