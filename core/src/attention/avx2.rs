@@ -760,24 +760,28 @@ pub(crate) fn exp8(x: __m256) -> __m256 {
     const LOG2E_HI: f32 = core::f32::consts::LOG2_E;
     // log2(e) - LOG2E_HI, so that the two constants carry log2(e) to about 48 bits.
     const LOG2E_LO: f32 = 1.925_963e-8;
+    // 1.5 * 2^23 + 127: a sum with it in [2^23, 2^24) has a unit ulp, so adding it rounds to an integer,
+    // and the sum's low 9 bits are that integer plus 127.
+    const SHIFTER_BIASED: f32 = 12_583_039.0;
     let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        x,
-        _mm256_set1_ps(LOG2E_HI),
-    ));
+    // `x log2 e` lies in [-126, 0.73]: `r - SHIFTER_BIASED` is `n`, an integer within 1/2 of it (exactly, in
+    // one rounding), and the low 9 bits of `r` are `n + 127` in [1, 128], the biased exponent of `2^n`
+    // (no `vroundps`, no `vcvtps2dq`).
+    let r = _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E_HI), _mm256_set1_ps(SHIFTER_BIASED));
+    let n = _mm256_sub_ps(r, _mm256_set1_ps(SHIFTER_BIASED));
     let f = _mm256_fmsub_ps(x, _mm256_set1_ps(LOG2E_HI), n);
     let f = _mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E_LO), f);
     let mut y = _mm256_set1_ps(1.326_172_6e-3);
     for c in [9.671_512e-3, 5.550_744e-2, 2.402_224_2e-1, 6.931_469_4e-1, 1.0] {
         y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
     }
-    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(r));
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
 
-/// See [`portable::softmax`]; `exp` is [`exp8`] (the scalar tail uses `libm::expf`).
+/// See [`portable::exp_shifted`]; `exp` is [`exp8`] (the scalar tail uses `libm::expf`).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn softmax(x: &mut [f32]) {
+pub(crate) fn exp_shifted(x: &mut [f32]) -> f32 {
     let whole = x.len() - x.len() % 8;
     let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
     for c in x[..whole].chunks_exact(8) {
@@ -796,13 +800,19 @@ pub(crate) fn softmax(x: &mut [f32]) {
         *v = libm::expf(*v - m);
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    let iv = _mm256_set1_ps(inv);
+    sum
+}
+
+/// `x *= k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn scale(x: &mut [f32], k: f32) {
+    let whole = x.len() - x.len() % 8;
+    let kv = _mm256_set1_ps(k);
     for c in x[..whole].chunks_exact_mut(8) {
-        st(c, _mm256_mul_ps(ld(c), iv));
+        st(c, _mm256_mul_ps(ld(c), kv));
     }
     for v in &mut x[whole..] {
-        *v *= inv;
+        *v *= k;
     }
 }
 
@@ -939,21 +949,27 @@ fn fold_keys<const M: usize>(
     }
 }
 
-/// `x * inv` rounded to integers (`vcvtps2dq`, to nearest even, as `rintf`) as [`byte_pairs`]: `d / 2`
-/// dwords of `pairs` from `d` floats, `d % 16 == 0`.
+/// Each row of `d = x.len() / inv.len()` floats of `x` times its `inv` rounded to integers (`vcvtps2dq`, to
+/// nearest even, as `rintf`) as [`byte_pairs`]: `d / 2` dwords of `pairs` per row, `d % 16 == 0`. One
+/// loop over a batch's rows: with a call per row, each call's checks and slicing cost half as many
+/// instructions again as its 64 roundings (callgrind).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn round_pairs(x: &[f32], inv: f32, pairs: &mut [u32]) {
+fn round_pairs(x: &[f32], inv: &[f32], pairs: &mut [u32]) {
     let n = x.len();
-    assert!(n.is_multiple_of(16) && pairs.len() >= n / 2);
+    assert!(!inv.is_empty() && n.is_multiple_of(16 * inv.len()) && pairs.len() >= n / 2);
+    let d = n / inv.len();
     let (xp, pp) = (x.as_ptr(), pairs.as_mut_ptr());
-    let inv = _mm256_set1_ps(inv);
-    for c in (0..n).step_by(16) {
-        // SAFETY: c + 16 <= n = x.len() and c / 2 + 8 <= n / 2 <= pairs.len() (checked above).
-        unsafe {
-            let a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c)), inv));
-            let b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8)), inv));
-            _mm256_storeu_si256(pp.add(c / 2).cast(), byte_pairs(a, b));
+    for (r, &iv) in inv.iter().enumerate() {
+        let iv = _mm256_set1_ps(iv);
+        for c in (r * d..(r + 1) * d).step_by(16) {
+            // SAFETY: c + 16 <= (r + 1) d <= n = x.len() and c / 2 + 8 <= n / 2 <= pairs.len() (checked
+            // above).
+            unsafe {
+                let a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c)), iv));
+                let b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8)), iv));
+                _mm256_storeu_si256(pp.add(c / 2).cast(), byte_pairs(a, b));
+            }
         }
     }
 }
@@ -1032,8 +1048,19 @@ fn q8_channel_scores<const S: bool>(
             }
         }
         pend.flush();
-        for at in 0..groups * nq {
-            round_pairs(&qs[at * d..][..d], inv[at], &mut pairs[at * d / 2..][..d / 2]);
+        round_pairs(&qs[..groups * nq * d], &inv[..groups * nq], &mut pairs[..groups * nq * d / 2]);
+        if !S {
+            // Decode: each block of queries runs the batch's tiles in one loop (see [`KeyTiles`]).
+            for qb in (0..nq).step_by(3) {
+                let kt = KeyTiles { b, d, b0, tiles: groups * g / 32, col: b0 - start, nq, qb };
+                let (p, dl, bs) = (&*pairs, &*delta, &*bias);
+                match nq - qb {
+                    1 => kt.run::<1>(p, dl, bs, out),
+                    2 => kt.run::<2>(p, dl, bs, out),
+                    _ => kt.run::<3>(p, dl, bs, out),
+                }
+            }
+            continue;
         }
         for j in 0..groups {
             let g0 = b0 + j * g;
@@ -1230,6 +1257,87 @@ impl Q8Keys<'_> {
     }
 }
 
+/// Decode's key tiles of one batch for queries `qb..qb + M`: `tiles` tiles of 32 tokens from ring slot
+/// `b0`, written from column `col` of the scores. The ranges every tile reads and writes are checked once
+/// for the batch, and the tiles then walk by pointer: a tile's own checks, slicing and index arithmetic,
+/// with a call per rounded row ([`round_pairs`]), were 6% of the int8 key kernel's instructions
+/// (callgrind over `decode_bench` at 16k tokens: 30.5M before, 28.7M after).
+struct KeyTiles<'a> {
+    b: &'a ChannelBody<'a>,
+    d: usize,
+    b0: usize,
+    tiles: usize,
+    col: usize,
+    nq: usize,
+    qb: usize,
+}
+
+impl KeyTiles<'_> {
+    /// `pairs`, `delta`, `bias`: the batch's rounded queries, scales and zero-point sums, entry
+    /// `j * nq + qi` for group `j` and query `qi` (`d / 2` pairs each).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn run<const M: usize>(&self, pairs: &[u32], delta: &[f32], bias: &[f32], out: &mut Scores<'_>) {
+        let (b, d, nq, qb) = (self.b, self.d, self.nq, self.qb);
+        let (w, h, per_group) = (b.block_words, d / 2, b.group / 32);
+        if self.tiles == 0 {
+            return;
+        }
+        // The last tile's codes start furthest on (a tile's first word grows with its slot), and the last
+        // group's entries come last.
+        let last = self.b0 + 32 * (self.tiles - 1);
+        let last_word = key_row(last, 0, d, w) + (last % KEY_BLOCK) / 16;
+        let last_entry = (self.tiles - 1) / per_group * nq + qb + M;
+        let first_out = qb * out.stride + out.pos + self.col;
+        // The layout and the batch's split guarantee these; a failure is a bug in this crate.
+        assert!(
+            d >= 4
+                && d.is_multiple_of(4)
+                && per_group > 0
+                && b.codes.len() >= last_word + (d - 1) * w + 2
+                && pairs.len() >= last_entry * h
+                && delta.len() >= last_entry
+                && bias.len() >= last_entry
+                && out.data.len() >= first_out + (M - 1) * out.stride + 32 * self.tiles,
+            "key batch shorter than its layout"
+        );
+        let (cp, pp, op) = (b.codes.as_ptr(), pairs.as_ptr(), out.data.as_mut_ptr());
+        let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for k in 0..self.tiles {
+            let t0 = self.b0 + 32 * k;
+            let word = key_row(t0, 0, d, w) + (t0 % KEY_BLOCK) / 16;
+            prefetch_next_block::<32>(b, t0, d);
+            let at = k / per_group * nq + qb;
+            // SAFETY: word <= last_word, so channel pair i's rows (words word + 2 i w + {0, 1} and
+            // word + (2 i + 1) w + {0, 1}, 2 i + 1 < d) lie in the codes; the pairs read, (at + m) h + i for
+            // m < M, i < h, lie below last_entry * h (all checked above); h is even.
+            let acc = unsafe { madd_pairs::<M, false>(&[], cp.add(word), w, pp.add(at * h), h) };
+            for (m, a) in acc.iter().enumerate() {
+                // SAFETY: at + m < last_entry <= delta.len(), bias.len() (checked above).
+                let (dl, bs) = unsafe { (*delta.get_unchecked(at + m), *bias.get_unchecked(at + m)) };
+                let (dl, bs) = (_mm256_set1_ps(dl), _mm256_set1_ps(bs));
+                // Pairs of tokens (t, t + 1) in dwords, then in order: tokens 0..16 and 16..32.
+                let halves = [_mm256_unpacklo_epi16(a[0], a[1]), _mm256_unpackhi_epi16(a[0], a[1])];
+                for (hf, v) in halves.into_iter().enumerate() {
+                    let v = _mm256_permutevar8x32_epi32(v, idx);
+                    let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+                    let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
+                    // SAFETY: first_out + m * stride + 32 k + 16 hf + 16 <= first_out + (M - 1) stride +
+                    // 32 tiles <= out.data.len() (checked above); unaligned stores.
+                    unsafe {
+                        let o = op.add(first_out + m * out.stride + 32 * k + 16 * hf);
+                        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(lo)), bs));
+                        _mm256_storeu_ps(
+                            o.add(8),
+                            _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(hi)), bs),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Channel (within its 64-channel chunk) of entry `r` of the int8 value path's permuted sums: `r = j * 32
 /// + h * 16 + l * 8 + m` holds the codes [`code_pairs`] unpacks from word pair `j` into vector `h`,
 /// 128-bit lane `l`, lane `m`: byte `m` of the pair's 8, shifted by `4 l + 2 h` bits.
@@ -1305,21 +1413,25 @@ fn q8_token_values<const S: bool>(
             let at = gi * b.ring + slot;
             let (sr, zr) = (&b.scale[at..][..T], &b.zero[at..][..T]);
             let sv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&sr[8 * k..]));
-            let zv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&zr[8 * k..]));
+            // Zero-point lanes first, every query's chain interleaved with the others' (one query's 16
+            // dependent adds at a time were a latency chain); the same lane sums in the same order.
+            let mut qb = 0;
+            while qb < nq {
+                qb += match nq - qb {
+                    1 => zero_lanes::<1>(zr, p, t0, zl, groups, gi, qb),
+                    2 => zero_lanes::<2>(zr, p, t0, zl, groups, gi, qb),
+                    _ => zero_lanes::<3>(zr, p, t0, zl, groups, gi, qb),
+                };
+            }
             for qi in 0..nq {
                 let pr = &p.data[qi * p.stride + p.pos + t0..][..T];
                 let mut ps = [_mm256_setzero_ps(); T / 8];
                 let mut mx = _mm256_setzero_ps();
-                let zq = &mut zl[(qi * groups + gi) * 8..][..8];
-                let mut za = ld(zq);
                 for (k, v) in ps.iter_mut().enumerate() {
-                    let pv = ld(&pr[8 * k..]);
                     // p >= 0 and s >= 0, so p s is its own absolute value.
-                    *v = _mm256_mul_ps(pv, sv[k]);
+                    *v = _mm256_mul_ps(ld(&pr[8 * k..]), sv[k]);
                     mx = _mm256_max_ps(mx, *v);
-                    za = _mm256_add_ps(za, _mm256_mul_ps(pv, zv[k]));
                 }
-                st(zq, za);
                 let m = hmax(mx);
                 let pq = &mut pairs[(gi * nq + qi) * T / 2..][..T / 2];
                 if m == 0.0 {
@@ -1368,6 +1480,44 @@ fn q8_token_values<const S: bool>(
         portable::value_tile_q8(b, start, whole, n - whole, p, d, l, zl, tile);
     }
     portable::finish_values_q8(g, d, l, zl, out);
+}
+
+/// Adds `p_t z_t` over a value tile (`zr`: the group's zero points over its `Q8_TILE` tokens from `t0`)
+/// into lanes `t % 8` of `zl` for group `gi` and queries `qb..qb + M`; returns `M`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn zero_lanes<const M: usize>(
+    zr: &[u16],
+    p: &Probs<'_>,
+    t0: usize,
+    zl: &mut [f32],
+    groups: usize,
+    gi: usize,
+    qb: usize,
+) -> usize {
+    const T: usize = super::Q8_TILE;
+    let base = qb * p.stride + p.pos + t0;
+    // Reads entries `base + m * stride + t` (t < T) of the probabilities and the T zero points: checked
+    // once, then read through pointers (the per-load checks cost as much as the sums).
+    assert!(
+        zr.len() >= T && base + (M - 1) * p.stride + T <= p.data.len(),
+        "value tile shorter than its layout"
+    );
+    let (zp, pp) = (zr.as_ptr(), p.data.as_ptr());
+    let mut za: [__m256; M] = core::array::from_fn(|m| ld(&zl[((qb + m) * groups + gi) * 8..]));
+    for k in (0..T).step_by(8) {
+        // SAFETY: k + 8 <= T <= zr.len() (checked above); an unaligned 16-byte read.
+        let z = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(zp.add(k).cast()) });
+        for (m, a) in za.iter_mut().enumerate() {
+            // SAFETY: base + m * stride + k + 8 <= base + (M - 1) * stride + T <= p.data.len() (checked above).
+            let pv = unsafe { _mm256_loadu_ps(pp.add(base + m * p.stride + k)) };
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, z));
+        }
+    }
+    for (m, a) in za.into_iter().enumerate() {
+        st(&mut zl[((qb + m) * groups + gi) * 8..], a);
+    }
+    M
 }
 
 /// One tile's rows and rounded weights, for one word pair (32 channels of one group).

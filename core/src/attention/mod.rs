@@ -193,21 +193,38 @@ fn vector_width(w: Width) -> bool {
 
 /// The probabilities an attention call left in the scratch: row `h` holds query head `h`'s weights over the
 /// held tokens in order (sinks, then body oldest first).
+///
+/// Decode leaves each row as the softmax's numerators `exp(x - max)` with the inverse of their sum beside
+/// it, and [`AttnProbs::head`] divides a row the first time it is asked for: a step that only needs the
+/// output never pays the pass.
 #[derive(Debug)]
 pub struct AttnProbs<'s> {
-    data: &'s [f32],
+    data: &'s mut [f32],
+    /// Per row, the factor still to apply (1 once applied).
+    inv: &'s mut [f32],
     tokens: usize,
 }
 
-impl<'s> AttnProbs<'s> {
+impl AttnProbs<'_> {
     /// Tokens per row.
     pub fn tokens(&self) -> usize {
         self.tokens
     }
 
     /// Query head `h`'s probabilities (empty past the last head).
-    pub fn head(&self, h: usize) -> &'s [f32] {
-        self.data.get(h * self.tokens..(h + 1) * self.tokens).unwrap_or(&[])
+    pub fn head(&mut self, h: usize) -> &[f32] {
+        let Some(row) = self.data.get_mut(h * self.tokens..(h + 1) * self.tokens) else {
+            return &[];
+        };
+        if let Some(k) = self.inv.get_mut(h)
+            && *k != 1.0
+        {
+            for v in row.iter_mut() {
+                *v *= *k;
+            }
+            *k = 1.0;
+        }
+        row
     }
 }
 
@@ -263,13 +280,14 @@ fn q8_width(kernel: Kernel, width: Width) -> bool {
 }
 
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
-/// scores of every query head, which come back as [`AttnProbs`], plus working space.
+/// scores of every query head and their softmax denominators, which come back as [`AttnProbs`], plus
+/// working space.
 pub const fn decode_scratch_len(tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> usize {
     let ratio = match q_heads.checked_div(kv_heads) {
         Some(r) => r,
         None => 0,
     };
-    q_heads * tokens + ratio * head_dim + work_len(ratio, head_dim)
+    q_heads * (tokens + 1) + ratio * head_dim + work_len(ratio, head_dim)
 }
 
 /// Scratch floats a prefill of `chunk` tokens needs over `tokens` held tokens (pass the capacity to size
@@ -383,7 +401,10 @@ pub fn decode_heads<'s>(
     }
     need("attention scratch", decode_scratch_len(held, q_heads, sh.kv_heads, d), scratch.len())?;
     let (scores, rest) = scratch.split_at_mut(q_heads * held);
+    let (inv, rest) = rest.split_at_mut(q_heads);
     let (qs, work) = rest.split_at_mut(sh.ratio * d);
+    // Rows of other heads are handed back as they are.
+    inv.fill(1.0);
     let keys = cache.view(Stream::Keys);
     let values = cache.view(Stream::Values);
     for h in heads {
@@ -394,14 +415,21 @@ pub fn decode_heads<'s>(
         let qv = Queries { q: qs, nq: sh.ratio, d };
         let sc = &mut scores[rows.start * held..rows.end * held];
         key_scores(cache, &keys, h, &qv, sc, held, work, kernel);
-        for row in sc.chunks_exact_mut(held) {
-            softmax(row, kernel);
+        // The values take the softmax's numerators and the outputs its denominators (a pass over the
+        // scores fewer); `AttnProbs` divides a row only when it is asked for.
+        for (row, iv) in sc.chunks_exact_mut(held).zip(&mut inv[rows.clone()]) {
+            *iv = 1.0 / exp_shifted(row, kernel);
         }
         let o = &mut out[rows.start * d..rows.end * d];
         o.fill(0.0);
         value_sums(cache, &values, h, &Probs { data: sc, stride: held, pos: 0 }, sh.ratio, o, work, kernel);
+        for (orow, &iv) in o.chunks_exact_mut(d).zip(&inv[rows]) {
+            for x in orow {
+                *x *= iv;
+            }
+        }
     }
-    Ok(AttnProbs { data: scores, tokens: held })
+    Ok(AttnProbs { data: scores, inv, tokens: held })
 }
 
 /// Prefill attention of a chunk of `n` positions that follow what the cache holds.
@@ -535,16 +563,37 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `x_i = exp(x_i - max)`; returns their sum (see [`portable::exp_shifted`]).
 #[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
-fn softmax(x: &mut [f32], kernel: Kernel) {
+fn exp_shifted(x: &mut [f32], kernel: Kernel) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if kernel.avx2 {
         // SAFETY: a `Kernel` with `avx2` set exists only where the CPU has AVX2, FMA and F16C (`Kernel::avx2`).
-        unsafe { avx2::softmax(x) };
+        return unsafe { avx2::exp_shifted(x) };
+    }
+    let _ = kernel;
+    portable::exp_shifted(x)
+}
+
+/// `x *= k`.
+#[allow(unsafe_code)] // calls into the AVX2 kernels, see the SAFETY notes
+fn scale_row(x: &mut [f32], k: f32, kernel: Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel.avx2 {
+        // SAFETY: as in `exp_shifted`.
+        unsafe { avx2::scale(x, k) };
         return;
     }
     let _ = kernel;
-    portable::softmax(x);
+    for v in x {
+        *v *= k;
+    }
+}
+
+/// Numerically stable softmax in place: `x_i = exp(x_i - max) / sum_j exp(x_j - max)`.
+fn softmax(x: &mut [f32], kernel: Kernel) {
+    let sum = exp_shifted(x, kernel);
+    scale_row(x, 1.0 / sum, kernel);
 }
 
 /// Which storage a run of held tokens sits in.

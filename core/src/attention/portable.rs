@@ -181,18 +181,16 @@ pub(crate) fn values_q_token(
     }
 }
 
-/// Numerically stable softmax in place: `x_i = exp(x_i - max) / sum_j exp(x_j - max)`.
-pub(crate) fn softmax(x: &mut [f32]) {
+/// The numerator of a numerically stable softmax in place, `x_i = exp(x_i - max)`; returns
+/// `sum_j exp(x_j - max)` (at least 1, the maximum's own term), by which the caller divides.
+pub(crate) fn exp_shifted(x: &mut [f32]) -> f32 {
     let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sum = 0.0f32;
     for v in x.iter_mut() {
         *v = libm::expf(*v - m);
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
+    sum
 }
 
 /// The sum of eight lanes in the order `avx2::hsum` adds them, so the two paths round alike.

@@ -219,13 +219,17 @@ fn decode_equals_attention_over_the_dequantized_cache() {
                             for kernel in kernels() {
                                 let mut out = vec![0.0f32; qh * d];
                                 let mut scratch = vec![0.0f32; decode_scratch_len(cfg.capacity, qh, 2, d)];
-                                let probs =
+                                let mut probs =
                                     decode(&cache, &q, qh, scale, &mut out, &mut scratch, kernel).unwrap();
                                 assert_eq!(probs.tokens(), t);
                                 for h in 0..qh {
-                                    let sum: f32 = probs.head(h).iter().sum();
+                                    let row = probs.head(h).to_vec();
+                                    let sum: f32 = row.iter().sum();
                                     assert!((sum - 1.0).abs() < 1e-4, "{name}: probabilities sum to {sum}");
+                                    // Divided once: asking again hands back the same row.
+                                    assert_eq!(probs.head(h), &row[..], "{name}: head {h} divided twice");
                                 }
+                                assert!(probs.head(qh).is_empty());
                                 let what = std::format!(
                                     "{name} {} d {d} G {g} R {r} S {s} T {t} ratio {ratio}",
                                     kernel.name()
