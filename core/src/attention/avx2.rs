@@ -1239,22 +1239,30 @@ impl Q8Keys<'_> {
         // SAFETY: channel pair i's rows start at word 2 i w of `raw` and 2 i + 1 < d, so the words read lie
         // in `raw`; `pairs` holds M * h entries; `codes` d = 2 h where S (all checked above); h is even.
         let acc = unsafe { madd_pairs::<M, S>(codes, raw.as_ptr(), w, self.pairs.as_ptr(), h) };
-        let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for (m, a) in acc.iter().enumerate() {
-            let (dl, bs) = (_mm256_set1_ps(self.delta[m]), _mm256_set1_ps(self.bias[m]));
             let at = (qb + m) * out.stride + out.pos + col;
-            let o = &mut out.data[at..][..32];
-            // Pairs of tokens (t, t + 1) in dwords, then in order: tokens 0..16 and 16..32.
-            let halves = [_mm256_unpacklo_epi16(a[0], a[1]), _mm256_unpackhi_epi16(a[0], a[1])];
-            for (k, v) in halves.into_iter().enumerate() {
-                let v = _mm256_permutevar8x32_epi32(v, idx);
-                let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
-                let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
-                st(&mut o[16 * k..], _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(lo)), bs));
-                st(&mut o[16 * k + 8..], _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(hi)), bs));
-            }
+            stn(&mut out.data[at..][..32], key_scores32(a, self.delta[m], self.bias[m]));
         }
     }
+}
+
+/// One query's 32 scores of a key tile in token order from its 16-bit sums `a` ([`madd_pairs`]: vector
+/// `h`, 128-bit lane `l`, lane `m` holds token `4 m + 2 l + h`): `delta * sum + bias`, four vectors of 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn key_scores32(a: &[__m256i; 2], delta: f32, bias: f32) -> [__m256; 4] {
+    let (dl, bs) = (_mm256_set1_ps(delta), _mm256_set1_ps(bias));
+    let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let f = |x: __m128i| _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(x))), bs);
+    // Pairs of tokens (t, t + 1) in dwords, then in order: tokens 0..16 and 16..32.
+    let lo = _mm256_permutevar8x32_epi32(_mm256_unpacklo_epi16(a[0], a[1]), idx);
+    let hi = _mm256_permutevar8x32_epi32(_mm256_unpackhi_epi16(a[0], a[1]), idx);
+    [
+        f(_mm256_castsi256_si128(lo)),
+        f(_mm256_extracti128_si256::<1>(lo)),
+        f(_mm256_castsi256_si128(hi)),
+        f(_mm256_extracti128_si256::<1>(hi)),
+    ]
 }
 
 /// Decode's key tiles of one batch for queries `qb..qb + M`: `tiles` tiles of 32 tokens from ring slot
@@ -1302,7 +1310,6 @@ impl KeyTiles<'_> {
             "key batch shorter than its layout"
         );
         let (cp, pp, op) = (b.codes.as_ptr(), pairs.as_ptr(), out.data.as_mut_ptr());
-        let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
             let word = key_row(t0, 0, d, w) + (t0 % KEY_BLOCK) / 16;
@@ -1315,23 +1322,10 @@ impl KeyTiles<'_> {
             for (m, a) in acc.iter().enumerate() {
                 // SAFETY: at + m < last_entry <= delta.len(), bias.len() (checked above).
                 let (dl, bs) = unsafe { (*delta.get_unchecked(at + m), *bias.get_unchecked(at + m)) };
-                let (dl, bs) = (_mm256_set1_ps(dl), _mm256_set1_ps(bs));
-                // Pairs of tokens (t, t + 1) in dwords, then in order: tokens 0..16 and 16..32.
-                let halves = [_mm256_unpacklo_epi16(a[0], a[1]), _mm256_unpackhi_epi16(a[0], a[1])];
-                for (hf, v) in halves.into_iter().enumerate() {
-                    let v = _mm256_permutevar8x32_epi32(v, idx);
-                    let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
-                    let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
-                    // SAFETY: first_out + m * stride + 32 k + 16 hf + 16 <= first_out + (M - 1) stride +
-                    // 32 tiles <= out.data.len() (checked above); unaligned stores.
-                    unsafe {
-                        let o = op.add(first_out + m * out.stride + 32 * k + 16 * hf);
-                        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(lo)), bs));
-                        _mm256_storeu_ps(
-                            o.add(8),
-                            _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(hi)), bs),
-                        );
-                    }
+                for (j, v) in key_scores32(a, dl, bs).into_iter().enumerate() {
+                    // SAFETY: first_out + m * stride + 32 k + 8 j + 8 <= first_out + (M - 1) stride +
+                    // 32 tiles <= out.data.len() (checked above); an unaligned store.
+                    unsafe { _mm256_storeu_ps(op.add(first_out + m * out.stride + 32 * k + 8 * j), v) };
                 }
             }
         }
