@@ -1049,46 +1049,18 @@ fn q8_channel_scores<const S: bool>(
         }
         pend.flush();
         round_pairs(&qs[..groups * nq * d], &inv[..groups * nq], &mut pairs[..groups * nq * d / 2]);
-        if !S {
-            // Decode: each block of queries runs the batch's tiles in one loop (see [`KeyTiles`]).
-            for qb in (0..nq).step_by(3) {
-                let kt = KeyTiles { b, d, b0, tiles: groups * g / 32, col: b0 - start, nq, qb };
-                let (p, dl, bs) = (&*pairs, &*delta, &*bias);
-                match nq - qb {
-                    1 => kt.run::<1>(p, dl, bs, out),
-                    2 => kt.run::<2>(p, dl, bs, out),
-                    _ => kt.run::<3>(p, dl, bs, out),
-                }
-            }
-            continue;
-        }
-        for j in 0..groups {
-            let g0 = b0 + j * g;
-            for t0 in (g0..g0 + g).step_by(32) {
-                let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16;
-                prefetch_next_block::<32>(b, t0, d);
-                let col = t0 - start;
-                if S {
-                    unpack_code_pairs(&b.codes[word..], b.block_words, unpacked);
-                }
-                for qb in (0..nq).step_by(3) {
-                    let at = j * nq + qb;
-                    let k = Q8Keys {
-                        b,
-                        word,
-                        d,
-                        pairs: &pairs[at * d / 2..],
-                        delta: &delta[at..],
-                        bias: &bias[at..],
-                    };
-                    match nq - qb {
-                        1 => k.tile::<1, S>(unpacked, out, qb, col),
-                        2 => k.tile::<2, S>(unpacked, out, qb, col),
-                        _ => k.tile::<3, S>(unpacked, out, qb, col),
-                    }
-                }
-            }
-        }
+        let kt = KeyTiles {
+            b,
+            d,
+            b0,
+            tiles: groups * g / 32,
+            col: b0 - start,
+            nq,
+            pairs,
+            delta: &*delta,
+            bias: &*bias,
+        };
+        kt.run::<S>(out, unpacked);
     }
 }
 
@@ -1118,16 +1090,6 @@ fn prefetch_next_block<const STEP: usize>(b: &ChannelBody<'_>, t0: usize, d: usi
 /// per channel, 8 KiB) prefill keeps on the stack to share among its query blocks; larger heads unpack the
 /// tile once per block of 3 queries.
 const MAX_UNPACKED: usize = 128;
-
-/// One group's rounded queries from query `qb` on, and where its tile's codes start.
-struct Q8Keys<'a> {
-    b: &'a ChannelBody<'a>,
-    word: usize,
-    d: usize,
-    pairs: &'a [u32],
-    delta: &'a [f32],
-    bias: &'a [f32],
-}
 
 /// The 32 2-bit codes at `rp` (two words) and the 32 at `rp + stride`, unpacked to bytes and interleaved
 /// into 16-bit lanes that pair the two runs' codes at the same position, the `vpmaddubsw` operands of the
@@ -1210,42 +1172,6 @@ unsafe fn madd_pairs<const M: usize, const S: bool>(
     acc
 }
 
-impl Q8Keys<'_> {
-    /// 32 tokens from `self.word` of every channel row, queries `qb..qb + M`, into `out` at `col`; the
-    /// codes come unpacked from `codes` where `S` (see [`unpack_code_pairs`]), else straight from the block.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const M: usize, const S: bool>(
-        &self,
-        codes: &[__m256i],
-        out: &mut Scores<'_>,
-        qb: usize,
-        col: usize,
-    ) {
-        let (d, w) = (self.d, self.b.block_words);
-        let h = d / 2;
-        let raw = &self.b.codes[self.word..];
-        // Reads words `c * w + k` (k < 2) of `raw` for c < d (or entries c < d of `codes`) and entry
-        // `m * h + c / 2` of `pairs` for m < M: checked once here, then read through pointers (as in
-        // `q_chunk_m`). The layout guarantees this; a failure is a bug in this crate, never the input's.
-        assert!(
-            d >= 4
-                && d.is_multiple_of(4)
-                && raw.len() >= (d - 1) * w + 2
-                && (!S || codes.len() >= d)
-                && self.pairs.len() >= M * h,
-            "key block shorter than its layout"
-        );
-        // SAFETY: channel pair i's rows start at word 2 i w of `raw` and 2 i + 1 < d, so the words read lie
-        // in `raw`; `pairs` holds M * h entries; `codes` d = 2 h where S (all checked above); h is even.
-        let acc = unsafe { madd_pairs::<M, S>(codes, raw.as_ptr(), w, self.pairs.as_ptr(), h) };
-        for (m, a) in acc.iter().enumerate() {
-            let at = (qb + m) * out.stride + out.pos + col;
-            stn(&mut out.data[at..][..32], key_scores32(a, self.delta[m], self.bias[m]));
-        }
-    }
-}
-
 /// One query's 32 scores of a key tile in token order from its 16-bit sums `a` ([`madd_pairs`]: vector
 /// `h`, 128-bit lane `l`, lane `m` holds token `4 m + 2 l + h`): `delta * sum + bias`, four vectors of 8.
 #[inline]
@@ -1265,11 +1191,13 @@ fn key_scores32(a: &[__m256i; 2], delta: f32, bias: f32) -> [__m256; 4] {
     ]
 }
 
-/// Decode's key tiles of one batch for queries `qb..qb + M`: `tiles` tiles of 32 tokens from ring slot
-/// `b0`, written from column `col` of the scores. The ranges every tile reads and writes are checked once
-/// for the batch, and the tiles then walk by pointer: a tile's own checks, slicing and index arithmetic,
-/// with a call per rounded row ([`round_pairs`]), were 6% of the int8 key kernel's instructions
-/// (callgrind over `decode_bench` at 16k tokens: 30.5M before, 28.7M after).
+/// The key tiles of one batch (up to a key block of groups): `tiles` tiles of 32 tokens from ring slot
+/// `b0`, written from column `col` of the scores, with the batch's rounded queries (`pairs`, `d / 2` per
+/// entry), scales (`delta`) and zero-point sums (`bias`), entry `j * nq + qi` for group `j` and query `qi`.
+/// The ranges every tile reads and writes are checked once for the batch, and the tiles then walk by
+/// pointer: a tile's own checks, slicing and index arithmetic, with a call per rounded row
+/// ([`round_pairs`]), were 6% of the int8 key kernel's instructions (callgrind over `decode_bench` at 16k
+/// tokens: 30.5M before, 29.0M now, with prefill's shared unpacking in the same loop).
 struct KeyTiles<'a> {
     b: &'a ChannelBody<'a>,
     d: usize,
@@ -1277,17 +1205,20 @@ struct KeyTiles<'a> {
     tiles: usize,
     col: usize,
     nq: usize,
-    qb: usize,
+    pairs: &'a [u32],
+    delta: &'a [f32],
+    bias: &'a [f32],
 }
 
 impl KeyTiles<'_> {
-    /// `pairs`, `delta`, `bias`: the batch's rounded queries, scales and zero-point sums, entry
-    /// `j * nq + qi` for group `j` and query `qi` (`d / 2` pairs each).
+    /// Every tile by every block of up to 3 queries; where `S` (prefill), each tile's codes are unpacked
+    /// once into `unpacked` (`d` vectors, [`unpack_code_pairs`]) for all the blocks, else each block
+    /// unpacks them in place.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn run<const M: usize>(&self, pairs: &[u32], delta: &[f32], bias: &[f32], out: &mut Scores<'_>) {
-        let (b, d, nq, qb) = (self.b, self.d, self.nq, self.qb);
-        let (w, h, per_group) = (b.block_words, d / 2, b.group / 32);
+    fn run<const S: bool>(&self, out: &mut Scores<'_>, unpacked: &mut [__m256i]) {
+        let (b, d, nq) = (self.b, self.d, self.nq);
+        let (w, per_group) = (b.block_words, b.group / 32);
         if self.tiles == 0 {
             return;
         }
@@ -1295,38 +1226,80 @@ impl KeyTiles<'_> {
         // group's entries come last.
         let last = self.b0 + 32 * (self.tiles - 1);
         let last_word = key_row(last, 0, d, w) + (last % KEY_BLOCK) / 16;
-        let last_entry = (self.tiles - 1) / per_group * nq + qb + M;
-        let first_out = qb * out.stride + out.pos + self.col;
+        let entries = ((self.tiles - 1) / per_group + 1) * nq;
         // The layout and the batch's split guarantee these; a failure is a bug in this crate.
         assert!(
             d >= 4
                 && d.is_multiple_of(4)
                 && per_group > 0
                 && b.codes.len() >= last_word + (d - 1) * w + 2
-                && pairs.len() >= last_entry * h
-                && delta.len() >= last_entry
-                && bias.len() >= last_entry
-                && out.data.len() >= first_out + (M - 1) * out.stride + 32 * self.tiles,
+                && (!S || unpacked.len() >= d)
+                && self.pairs.len() >= entries * d / 2
+                && self.delta.len() >= entries
+                && self.bias.len() >= entries
+                && out.data.len() >= out.pos + self.col + (nq - 1) * out.stride + 32 * self.tiles,
             "key batch shorter than its layout"
         );
-        let (cp, pp, op) = (b.codes.as_ptr(), pairs.as_ptr(), out.data.as_mut_ptr());
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
             let word = key_row(t0, 0, d, w) + (t0 % KEY_BLOCK) / 16;
             prefetch_next_block::<32>(b, t0, d);
-            let at = k / per_group * nq + qb;
-            // SAFETY: word <= last_word, so channel pair i's rows (words word + 2 i w + {0, 1} and
-            // word + (2 i + 1) w + {0, 1}, 2 i + 1 < d) lie in the codes; the pairs read, (at + m) h + i for
-            // m < M, i < h, lie below last_entry * h (all checked above); h is even.
-            let acc = unsafe { madd_pairs::<M, false>(&[], cp.add(word), w, pp.add(at * h), h) };
-            for (m, a) in acc.iter().enumerate() {
-                // SAFETY: at + m < last_entry <= delta.len(), bias.len() (checked above).
-                let (dl, bs) = unsafe { (*delta.get_unchecked(at + m), *bias.get_unchecked(at + m)) };
-                for (j, v) in key_scores32(a, dl, bs).into_iter().enumerate() {
-                    // SAFETY: first_out + m * stride + 32 k + 8 j + 8 <= first_out + (M - 1) stride +
-                    // 32 tiles <= out.data.len() (checked above); an unaligned store.
-                    unsafe { _mm256_storeu_ps(op.add(first_out + m * out.stride + 32 * k + 8 * j), v) };
+            if S {
+                unpack_code_pairs(&b.codes[word..], w, unpacked);
+            }
+            let at = k / per_group * nq;
+            for qb in (0..nq).step_by(3) {
+                // SAFETY: word <= last_word, at + qb + 3 <= entries wherever qb + 3 <= nq (and
+                // at + nq <= entries otherwise), k < tiles (all checked above).
+                unsafe {
+                    match nq - qb {
+                        1 => self.tile::<1, S>(k, word, at + qb, qb, unpacked, out),
+                        2 => self.tile::<2, S>(k, word, at + qb, qb, unpacked, out),
+                        _ => self.tile::<3, S>(k, word, at + qb, qb, unpacked, out),
+                    }
                 }
+            }
+        }
+    }
+
+    /// Tile `k` (codes from word `word`) by queries `qb..qb + M` (entries `e..e + M`).
+    ///
+    /// # Safety
+    /// What [`Self::run`] checks: `word` at most the last tile's first word, `e + M` at most the batch's
+    /// entries, `qb + M <= nq`, `k < tiles`, and `codes` holds `d` vectors where `S`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const M: usize, const S: bool>(
+        &self,
+        k: usize,
+        word: usize,
+        e: usize,
+        qb: usize,
+        codes: &[__m256i],
+        out: &mut Scores<'_>,
+    ) {
+        let h = self.d / 2;
+        // SAFETY: channel pair i's rows (words word + 2 i w + {0, 1} and word + (2 i + 1) w + {0, 1},
+        // 2 i + 1 < d) lie in the codes; the pairs read, (e + m) h + i for m < M, i < h, lie in `pairs`; `codes`
+        // holds d = 2 h vectors where S (the caller's contract); h is even.
+        let acc = unsafe {
+            madd_pairs::<M, S>(
+                codes,
+                self.b.codes.as_ptr().add(word),
+                self.b.block_words,
+                self.pairs.as_ptr().add(e * h),
+                h,
+            )
+        };
+        let op = out.data.as_mut_ptr();
+        for (m, a) in acc.iter().enumerate() {
+            // SAFETY: e + m < the batch's entries <= delta.len(), bias.len() (the caller's contract).
+            let (dl, bs) = unsafe { (*self.delta.get_unchecked(e + m), *self.bias.get_unchecked(e + m)) };
+            let at = out.pos + self.col + (qb + m) * out.stride + 32 * k;
+            for (j, v) in key_scores32(a, dl, bs).into_iter().enumerate() {
+                // SAFETY: at + 8 j + 8 <= pos + col + (nq - 1) stride + 32 tiles <= out.data.len() (the
+                // caller's contract); an unaligned store.
+                unsafe { _mm256_storeu_ps(op.add(at + 8 * j), v) };
             }
         }
     }

@@ -424,9 +424,7 @@ pub fn decode_heads<'s>(
         o.fill(0.0);
         value_sums(cache, &values, h, &Probs { data: sc, stride: held, pos: 0 }, sh.ratio, o, work, kernel);
         for (orow, &iv) in o.chunks_exact_mut(d).zip(&inv[rows]) {
-            for x in orow {
-                *x *= iv;
-            }
+            scale_row(orow, iv, kernel);
         }
     }
     Ok(AttnProbs { data: scores, inv, tokens: held })
