@@ -11,8 +11,10 @@
 //!
 //! Each step reads every layer's whole cache, as the model does, so at 16k tokens the fp16 caches
 //! (377 MB) come from DRAM, not the 32 MiB L3. Specs are timed in alternation, one step each in turn, and
-//! the median step is reported; the memory bandwidth bound is measured in the same run by streaming a
-//! 1 GiB buffer.
+//! the median step is reported. The memory bandwidth is measured twice in the same run: once at the start
+//! (the best of 5 reads of a 1 GiB buffer), and as the fp16 step's read bound, a plain read of as many
+//! bytes as the fp16 step reads (per layer, split across threads the same way) timed in the same
+//! alternation as the specs, so that it meets the same machine as the step it bounds.
 
 use kvq_core::attention::{Kernel, decode, decode_scratch_len, prefill, prefill_scratch_len};
 use kvq_core::cache::{Cache, CacheConfig};
@@ -57,6 +59,17 @@ impl Model {
     }
 }
 
+/// The wrapping sum of `part`, eight lanes at a time: a plain read of every word.
+fn sum_words(part: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for c in part.chunks_exact(8) {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(x);
+        }
+    }
+    acc.iter().fold(0, |a, &b| a ^ b)
+}
+
 /// Streams `buf` once per pass, summing it; returns the best of `passes` in GB/s.
 fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
     let mut best = f64::INFINITY;
@@ -65,26 +78,27 @@ fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
         let t = Instant::now();
         let chunk = buf.len().div_ceil(threads);
         sink ^= std::thread::scope(|s| {
-            let hs: Vec<_> = buf
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        let mut acc = [0u64; 8];
-                        for c in part.chunks_exact(8) {
-                            for (a, &x) in acc.iter_mut().zip(c) {
-                                *a = a.wrapping_add(x);
-                            }
-                        }
-                        acc.iter().fold(0, |a, &b| a ^ b)
-                    })
-                })
-                .collect();
+            let hs: Vec<_> = buf.chunks(chunk).map(|part| s.spawn(move || sum_words(part))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).fold(0, |a, b| a ^ b)
         });
         best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
     (buf.len() * 8) as f64 / best / 1e9
+}
+
+/// The read bound's step: the first `words` of every layer's buffer (as many bytes as one layer's fp16
+/// cache holds), split across `threads` threads by layer as [`step`] splits the caches.
+fn read_step(bufs: &[Vec<u64>], words: usize, threads: usize) -> u64 {
+    let per = bufs.len().div_ceil(threads);
+    let work = |layers: &[Vec<u64>]| layers.iter().fold(0, |a, b| a ^ sum_words(&b[..words]));
+    if threads == 1 {
+        return work(bufs);
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = bufs.chunks(per).map(|part| s.spawn(move || work(part))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).fold(0, |a, b| a ^ b)
+    })
 }
 
 /// A prefill chunk's queries, keys and values (`[n][heads][head_dim]` each).
@@ -128,6 +142,11 @@ fn step(
             j.join().unwrap();
         }
     });
+}
+
+/// `x` with three decimals, or `null` where it is not a number (no fp16 in the run to compare with).
+fn json_num(x: f64) -> String {
+    if x.is_finite() { format!("{x:.3}") } else { "null".to_string() }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -184,6 +203,17 @@ fn main() {
         })
         .collect();
 
+    // The read bound: per layer a buffer as large as that layer's fp16 arena, of which each round reads as
+    // many bytes as the fp16 step does, timed in the same alternation (so that it meets the same machine).
+    let fp16_at = models.iter().position(|m| m.name == "fp16");
+    let read_bufs: Vec<Vec<u64>> = match fp16_at {
+        Some(i) => {
+            let words = models[i].layers[0].config().layout().expect("layout").total_words.div_ceil(2);
+            (0..n_layers).map(|_| (0..words as u64).collect()).collect()
+        }
+        None => Vec::new(),
+    };
+
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let hd = KV_HEADS * HEAD_DIM;
     let mut held = 0;
@@ -239,15 +269,26 @@ fn main() {
                 let first = t0.elapsed().as_secs_f64();
                 let rounds = reps.unwrap_or(((1.0 / (first * models.len() as f64)) as usize).clamp(5, 200));
                 let mut times = vec![Vec::new(); models.len()];
+                let mut reads = Vec::new();
+                let read_words = fp16_at.map_or(0, |i| models[i].layers[0].usage().total_bytes().div_ceil(8));
+                let mut sink = 0;
                 for _ in 0..rounds {
                     for (i, m) in models.iter().enumerate() {
                         let s = Instant::now();
                         step(m, &q, chunk.as_ref(), &mut scratch, &mut outs, th, kernel);
                         times[i].push(s.elapsed().as_secs_f64());
                     }
+                    if !read_bufs.is_empty() {
+                        let s = Instant::now();
+                        sink ^= read_step(&read_bufs, read_words, th);
+                        reads.push(s.elapsed().as_secs_f64());
+                    }
                 }
+                std::hint::black_box(sink);
+                // GB/s of the read bound: the fp16 step's bytes over the median read.
+                let read_gbs = fp16_at.map_or(f64::NAN, |i| bytes[i] as f64 / median(reads) / 1e9);
                 let med: Vec<f64> = times.into_iter().map(median).collect();
-                let base = models.iter().position(|m| m.name == "fp16").map(|i| med[i]);
+                let base = fp16_at.map(|i| med[i]);
                 let kname = |m: &Model| kernel.with_int8(m.int8).name();
                 let bound = bw.iter().find(|(x, _)| *x == th).map_or(0.0, |b| b.1);
                 for (i, m) in models.iter().enumerate() {
@@ -255,11 +296,13 @@ fn main() {
                     let speedup = base.map_or(f64::NAN, |b| b / med[i]);
                     if json {
                         println!(
-                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{speedup:.3},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"layers\":{n_layers},\"prefill_chunk\":{}}}",
+                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"read_bound_gb_per_s\":{},\"layers\":{n_layers},\"prefill_chunk\":{}}}",
                             m.name,
                             kname(m),
                             med[i] * 1e9,
+                            json_num(speedup),
                             bytes[i],
+                            json_num(read_gbs),
                             chunk_len.unwrap_or(0)
                         );
                     } else {
@@ -272,7 +315,11 @@ fn main() {
                             gbs,
                             speedup,
                             if m.name == "fp16" {
-                                format!("   ({:.0}% of {bound:.1} GB/s)", gbs / bound * 100.0)
+                                format!(
+                                    "   ({:.0}% of the read bound, {read_gbs:.1} GB/s; {:.0}% of {bound:.1})",
+                                    gbs / read_gbs * 100.0,
+                                    gbs / bound * 100.0
+                                )
                             } else {
                                 String::new()
                             }
