@@ -19,6 +19,8 @@
 use kvq_core::attention::{Kernel, decode, decode_scratch_len, prefill, prefill_scratch_len};
 use kvq_core::cache::{Cache, CacheConfig};
 use kvq_core::pack::Width;
+use rayon::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::time::Instant;
 
 const KV_HEADS: usize = 3;
@@ -88,17 +90,16 @@ fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
 }
 
 /// The read bound's step: the first `words` of every layer's buffer (as many bytes as one layer's fp16
-/// cache holds), split across `threads` threads by layer as [`step`] splits the caches.
-fn read_step(bufs: &[Vec<u64>], words: usize, threads: usize) -> u64 {
-    let per = bufs.len().div_ceil(threads);
+/// cache holds), split across the pool's threads by layer as [`step`] splits the caches.
+fn read_step(bufs: &[Vec<u64>], words: usize, pool: Option<&ThreadPool>) -> u64 {
     let work = |layers: &[Vec<u64>]| layers.iter().fold(0, |a, b| a ^ sum_words(&b[..words]));
-    if threads == 1 {
-        return work(bufs);
+    match pool {
+        None => work(bufs),
+        Some(p) => {
+            let per = bufs.len().div_ceil(p.current_num_threads());
+            p.install(|| bufs.par_chunks(per).map(work).reduce(|| 0, |a, b| a ^ b))
+        }
     }
-    std::thread::scope(|s| {
-        let hs: Vec<_> = bufs.chunks(per).map(|part| s.spawn(move || work(part))).collect();
-        hs.into_iter().map(|h| h.join().unwrap()).fold(0, |a, b| a ^ b)
-    })
 }
 
 /// A prefill chunk's queries, keys and values (`[n][heads][head_dim]` each).
@@ -107,41 +108,42 @@ struct Chunk {
     kv: Vec<f32>,
 }
 
-/// One decode step over every layer (or, given a chunk, one prefill of it over every layer's cache), split
-/// across `threads` threads by layer.
+/// One decode step over every layer (or, given a chunk, one prefill of it over every layer's cache), on
+/// the calling thread or split by layer across a pool's threads (kept from step to step, as the runtime's
+/// rayon pool is: a thread spawned per step cost about 80 us of a 2-layer step).
 fn step(
     model: &Model,
     q: &[f32],
     chunk: Option<&Chunk>,
     scratch: &mut [Vec<f32>],
     outs: &mut [Vec<f32>],
-    threads: usize,
+    pool: Option<&ThreadPool>,
     kernel: Kernel,
 ) {
-    let per = model.layers.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let mut jobs = Vec::new();
-        for ((layers, scr), out) in model.layers.chunks(per).zip(scratch.iter_mut()).zip(outs.iter_mut()) {
-            let mut work = move || {
-                let kernel = kernel.with_int8(model.int8);
-                for cache in layers {
-                    match chunk {
-                        None => decode(cache, q, Q_HEADS, 0.125, out, scr, kernel).map(drop),
-                        Some(c) => prefill(cache, &c.q, &c.kv, &c.kv, Q_HEADS, 0.125, out, scr, kernel),
-                    }
-                    .expect("attention");
-                }
-            };
-            if threads == 1 {
-                work();
-            } else {
-                jobs.push(s.spawn(work));
+    let kernel = kernel.with_int8(model.int8);
+    let work = |((layers, scr), out): ((&[Cache<'static>], &mut Vec<f32>), &mut Vec<f32>)| {
+        for cache in layers {
+            match chunk {
+                None => decode(cache, q, Q_HEADS, 0.125, out, scr, kernel).map(drop),
+                Some(c) => prefill(cache, &c.q, &c.kv, &c.kv, Q_HEADS, 0.125, out, scr, kernel),
             }
+            .expect("attention");
         }
-        for j in jobs {
-            j.join().unwrap();
+    };
+    match pool {
+        None => work(((&model.layers[..], &mut scratch[0]), &mut outs[0])),
+        Some(p) => {
+            let per = model.layers.len().div_ceil(p.current_num_threads());
+            p.install(|| {
+                model
+                    .layers
+                    .par_chunks(per)
+                    .zip(scratch.par_iter_mut())
+                    .zip(outs.par_iter_mut())
+                    .for_each(work)
+            });
         }
-    });
+    }
 }
 
 /// `x` with three decimals, or `null` where it is not a number (no fp16 in the run to compare with).
@@ -258,6 +260,8 @@ fn main() {
         }
         let q: Vec<f32> = (0..Q_HEADS * HEAD_DIM).map(|_| rng.unit()).collect();
         for &th in &threads {
+            let pool = (th > 1).then(|| ThreadPoolBuilder::new().num_threads(th).build().expect("threads"));
+            let pool = pool.as_ref();
             for &kernel in &kernels {
                 if kernel == Kernel::PORTABLE && t > 16384 {
                     continue;
@@ -265,7 +269,7 @@ fn main() {
                 let bytes: Vec<usize> = models.iter().map(Model::bytes).collect();
                 // Enough alternating rounds for about a second of the slowest spec, at least 5.
                 let t0 = Instant::now();
-                step(&models[0], &q, chunk.as_ref(), &mut scratch, &mut outs, th, kernel);
+                step(&models[0], &q, chunk.as_ref(), &mut scratch, &mut outs, pool, kernel);
                 let first = t0.elapsed().as_secs_f64();
                 let rounds = reps.unwrap_or(((1.0 / (first * models.len() as f64)) as usize).clamp(5, 200));
                 let mut times = vec![Vec::new(); models.len()];
@@ -275,12 +279,12 @@ fn main() {
                 for _ in 0..rounds {
                     for (i, m) in models.iter().enumerate() {
                         let s = Instant::now();
-                        step(m, &q, chunk.as_ref(), &mut scratch, &mut outs, th, kernel);
+                        step(m, &q, chunk.as_ref(), &mut scratch, &mut outs, pool, kernel);
                         times[i].push(s.elapsed().as_secs_f64());
                     }
                     if !read_bufs.is_empty() {
                         let s = Instant::now();
-                        sink ^= read_step(&read_bufs, read_words, th);
+                        sink ^= read_step(&read_bufs, read_words, pool);
                         reads.push(s.elapsed().as_secs_f64());
                     }
                 }
