@@ -1,7 +1,8 @@
 //! Memory probe behind the README's account of the fp16 decode step: how fast one core reads a buffer
 //! of fp16 caches' size (377 MB, 30 layers at 16k tokens) sequentially, in the fp16 value kernel's order
 //! (passes of 16 channels over 64-token tiles of 128-byte rows) with its old and new prefetch hints, and
-//! while doing multiply-adds on what it reads (which shows how little arithmetic and DRAM reads overlap).
+//! while doing multiply-adds on what it reads (which shows how little arithmetic and DRAM reads overlap);
+//! and, first, the core's clock under load from the rate of independent FMAs.
 //!
 //! ```text
 //! cargo run --release -p kvq-core --example overlap_probe            # --mb 377 (buffer size)
@@ -41,6 +42,24 @@ mod probe {
         }
         let s = _mm256_add_epi64(sum, _mm256_castps_si256(s));
         _mm256_extract_epi64::<0>(s) as u64 ^ _mm256_extract_epi64::<2>(s) as u64
+    }
+
+    /// `n` rounds of eight independent FMA chains (latency 4, two FMAs a cycle on Zen 3, so eight chains keep
+    /// both pipes busy): the time per FMA gives the clock under load.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn fma_chains(n: usize) -> f32 {
+        let m = _mm256_set1_ps(0.999);
+        let mut f = [_mm256_set1_ps(1.0); 8];
+        for _ in 0..n {
+            for v in f.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, m, m);
+            }
+        }
+        let mut s = f[0];
+        for v in &f[1..] {
+            s = _mm256_add_ps(s, *v);
+        }
+        _mm256_cvtss_f32(s)
     }
 
     /// Reads `buf` as fp16 value rows in the value kernel's order: per tile of 64 rows, 4 passes of 16
@@ -115,6 +134,15 @@ fn main() {
             }
         }
     };
+    let n = 50_000_000;
+    let mut ns = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        // SAFETY: AVX2 and FMA were detected above.
+        std::hint::black_box(unsafe { probe::fma_chains(std::hint::black_box(n)) });
+        ns = ns.min(t.elapsed().as_secs_f64() * 1e9 / (8 * n) as f64);
+    }
+    println!("FMA: one every {ns:.3} ns over 8 chains; at two a cycle, a clock of {:.2} GHz", 0.5 / ns);
     println!("{:<26} {:>12} {:>14}", "GB/s, 1 thread", format!("{mb} MB"), "256 KB (L2)");
     for (i, name) in names.iter().enumerate() {
         println!("{name:<26} {:>12.1} {:>14.1}", best(&big, &|b| run(i, b)), best(small, &|b| run(i, b)));
