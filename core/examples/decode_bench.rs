@@ -72,17 +72,25 @@ fn sum_words(part: &[u64]) -> u64 {
     acc.iter().fold(0, |a, &b| a ^ b)
 }
 
+/// `f` over `items` on the calling thread, or over one part per thread of `pool` in parallel, the parts'
+/// results xored.
+fn xor_parts<T: Sync>(items: &[T], pool: Option<&ThreadPool>, f: impl Fn(&[T]) -> u64 + Sync) -> u64 {
+    match pool {
+        None => f(items),
+        Some(p) => {
+            let per = items.len().div_ceil(p.current_num_threads());
+            p.install(|| items.par_chunks(per).map(&f).reduce(|| 0, |a, b| a ^ b))
+        }
+    }
+}
+
 /// Streams `buf` once per pass, summing it; returns the best of `passes` in GB/s.
-fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
+fn membw(buf: &[u64], pool: Option<&ThreadPool>, passes: usize) -> f64 {
     let mut best = f64::INFINITY;
     let mut sink = 0u64;
     for _ in 0..passes {
         let t = Instant::now();
-        let chunk = buf.len().div_ceil(threads);
-        sink ^= std::thread::scope(|s| {
-            let hs: Vec<_> = buf.chunks(chunk).map(|part| s.spawn(move || sum_words(part))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).fold(0, |a, b| a ^ b)
-        });
+        sink ^= xor_parts(buf, pool, sum_words);
         best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
@@ -92,14 +100,7 @@ fn membw(buf: &[u64], threads: usize, passes: usize) -> f64 {
 /// The read bound's step: the first `words` of every layer's buffer (as many bytes as one layer's fp16
 /// cache holds), split across the pool's threads by layer as [`step`] splits the caches.
 fn read_step(bufs: &[Vec<u64>], words: usize, pool: Option<&ThreadPool>) -> u64 {
-    let work = |layers: &[Vec<u64>]| layers.iter().fold(0, |a, b| a ^ sum_words(&b[..words]));
-    match pool {
-        None => work(bufs),
-        Some(p) => {
-            let per = bufs.len().div_ceil(p.current_num_threads());
-            p.install(|| bufs.par_chunks(per).map(work).reduce(|| 0, |a, b| a ^ b))
-        }
-    }
+    xor_parts(bufs, pool, |layers| layers.iter().fold(0, |a, b| a ^ sum_words(&b[..words])))
 }
 
 /// A prefill chunk's queries, keys and values (`[n][heads][head_dim]` each).
@@ -180,7 +181,12 @@ fn main() {
     }
 
     let buf: Vec<u64> = (0..(1usize << 27)).map(|i| i as u64).collect(); // 1 GiB
-    let bw: Vec<(usize, f64)> = threads.iter().map(|&t| (t, membw(&buf, t, 5))).collect();
+    // A pool per thread count, kept for the whole run (one thread runs on the calling thread).
+    let pools: Vec<(usize, Option<ThreadPool>)> = threads
+        .iter()
+        .map(|&t| (t, (t > 1).then(|| ThreadPoolBuilder::new().num_threads(t).build().expect("threads"))))
+        .collect();
+    let bw: Vec<(usize, f64)> = pools.iter().map(|(t, p)| (*t, membw(&buf, p.as_ref(), 5))).collect();
     drop(buf);
     if !json {
         for (t, b) in &bw {
@@ -259,9 +265,8 @@ fn main() {
             held += 1;
         }
         let q: Vec<f32> = (0..Q_HEADS * HEAD_DIM).map(|_| rng.unit()).collect();
-        for &th in &threads {
-            let pool = (th > 1).then(|| ThreadPoolBuilder::new().num_threads(th).build().expect("threads"));
-            let pool = pool.as_ref();
+        for (th, pool) in &pools {
+            let (th, pool) = (*th, pool.as_ref());
             for &kernel in &kernels {
                 if kernel == Kernel::PORTABLE && t > 16384 {
                     continue;

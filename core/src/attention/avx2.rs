@@ -1382,13 +1382,12 @@ fn q8_token_values<const S: bool>(
             let sv: [__m256; T / 8] = core::array::from_fn(|k| ld_ph(&sr[8 * k..]));
             // Zero-point lanes first, every query's chain interleaved with the others' (one query's 16
             // dependent adds at a time were a latency chain); the same lane sums in the same order.
-            let mut qb = 0;
-            while qb < nq {
-                qb += match nq - qb {
+            for qb in (0..nq).step_by(3) {
+                match nq - qb {
                     1 => zero_lanes::<1>(zr, p, t0, zl, groups, gi, qb),
                     2 => zero_lanes::<2>(zr, p, t0, zl, groups, gi, qb),
                     _ => zero_lanes::<3>(zr, p, t0, zl, groups, gi, qb),
-                };
+                }
             }
             for qi in 0..nq {
                 let pr = &p.data[qi * p.stride + p.pos + t0..][..T];
@@ -1450,7 +1449,7 @@ fn q8_token_values<const S: bool>(
 }
 
 /// Adds `p_t z_t` over a value tile (`zr`: the group's zero points over its `Q8_TILE` tokens from `t0`)
-/// into lanes `t % 8` of `zl` for group `gi` and queries `qb..qb + M`; returns `M`.
+/// into lanes `t % 8` of `zl` for group `gi` and queries `qb..qb + M`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn zero_lanes<const M: usize>(
@@ -1461,7 +1460,7 @@ fn zero_lanes<const M: usize>(
     groups: usize,
     gi: usize,
     qb: usize,
-) -> usize {
+) {
     const T: usize = super::Q8_TILE;
     let base = qb * p.stride + p.pos + t0;
     // Reads entries `base + m * stride + t` (t < T) of the probabilities and the T zero points: checked
@@ -1484,7 +1483,6 @@ fn zero_lanes<const M: usize>(
     for (m, a) in za.into_iter().enumerate() {
         st(&mut zl[((qb + m) * groups + gi) * 8..], a);
     }
-    M
 }
 
 /// One tile's rows and rounded weights, for one word pair (32 channels of one group).

@@ -219,9 +219,7 @@ impl AttnProbs<'_> {
         if let Some(k) = self.inv.get_mut(h)
             && *k != 1.0
         {
-            for v in row.iter_mut() {
-                *v *= *k;
-            }
+            portable::scale(row, *k);
             *k = 1.0;
         }
         row
@@ -583,9 +581,7 @@ fn scale_row(x: &mut [f32], k: f32, kernel: Kernel) {
         return;
     }
     let _ = kernel;
-    for v in x {
-        *v *= k;
-    }
+    portable::scale(x, k);
 }
 
 /// Numerically stable softmax in place: `x_i = exp(x_i - max) / sum_j exp(x_j - max)`.

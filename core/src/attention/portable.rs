@@ -193,6 +193,13 @@ pub(crate) fn exp_shifted(x: &mut [f32]) -> f32 {
     sum
 }
 
+/// `x *= k` (the scalar tail of `avx2::scale` multiplies alike).
+pub(crate) fn scale(x: &mut [f32], k: f32) {
+    for v in x {
+        *v *= k;
+    }
+}
+
 /// The sum of eight lanes in the order `avx2::hsum` adds them, so the two paths round alike.
 #[inline]
 pub(crate) fn hsum_tree(l: &[f32; 8]) -> f32 {
