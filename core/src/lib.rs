@@ -27,6 +27,7 @@
 //!
 //! - [`pack`]: b-bit codes (1, 2, 3, 4, 8 and ternary) in `u32` words; the layout diagram is there.
 //! - [`quant::uniform`], [`quant::codebook`], [`quant::outliers`], [`quant::reorder`]: the quantizers.
+//! - [`transform`]: the Hadamard rotation and group-relative RoPE a cache may store keys and values under.
 //! - [`view`]: strided views, so a group is read out of a larger array without a copy.
 //! - [`error`]: the one error type.
 //!
@@ -75,6 +76,7 @@ pub mod cache;
 pub mod error;
 pub mod pack;
 pub mod quant;
+pub mod transform;
 pub mod view;
 
 #[cfg(test)]

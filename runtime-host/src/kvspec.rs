@@ -2,37 +2,121 @@
 //!
 //! ```text
 //! SPEC    := PRESET (":" KNOB)*
-//! PRESET  := f16 | kivi2 | kivi4 | kivi8 | q
-//! KNOB    := k=BITS | v=BITS            bits of keys / values: f16, 2, 4, 8 (3 and 1 are stored but have no
-//!                                        vector kernel yet)
+//! PRESET  := f16 | kivi2 | kivi4 | kivi8 | q | kvquant2 | kvquant3 | kvquant4 | skvq2 | kvq2 | kvq3
+//! KNOB    := k=BITS | v=BITS            bits of keys / values: f16, 1, 2, 3, 4, 8, or t (ternary, values)
 //!          | g=N | kg=N | vg=N           group size of both / keys / values (default 32)
 //!          | r=N                         residual window R in tokens (default 128; a multiple of the key group)
 //!          | s=N                         attention sinks kept in f16 (default 0)
-//!          | clip=F                      SKVQ clipping factor in (0, 1] (default 1)
+//!          | clip=F | clip=calib         SKVQ clipping factor in (0, 1] (default 1), or calibrated per layer
+//!          | p=FMT | kp=FMT | vp=FMT      group parameters: f16 or fp8 (E4M3)
+//!          | rot=kv|k|v|none             Hadamard rotation of keys and/or values
+//!          | rope=0|1                    keys quantized relative to their group's first position (pre-RoPE)
+//!          | nuq=0|1 | knuq= | vnuq=     calibrated codebook levels (KVQuant nuqX) instead of the uniform grid
+//!          | out=F | kout=F | vout=F     dense-and-sparse outliers, a fraction of the elements (0.01 = 1%)
+//!          | center=0|1                  subtract calibrated per-channel key means
+//!          | balance=0|1                 MiKV's calibrated query/key channel balancing
+//!          | kaxis=token|channel         keys quantized per token (SKVQ) or per channel (default)
+//!          | perm=0|1                    calibrated channel permutation with variable groups (per-token streams)
+//!          | calib=FILE                  the calibration file (default: the model's, from `kvq calibrate`)
 //! ```
 //!
 //! Presets: `f16` = keys and values in f16 (the baseline); `kivi2` = KIVI 2-bit (keys per channel, values per
-//! token, G=32, R=128); `kivi4`, `kivi8` the same at 4 and 8 bits. Examples: `kivi2:s=4` (KIVI-2 with four
-//! sinks), `kivi2:k=4` (4-bit keys, 2-bit values), `kivi4:g=64:r=256`.
+//! token, G=32, R=128); `kivi4`, `kivi8` the same at 4 and 8 bits; `q` is an alias of `kivi2`. Examples:
+//! `kivi2:s=4` (KIVI-2 with four sinks), `kivi2:k=4` (4-bit keys, 2-bit values), `kivi4:g=64:r=256`,
+//! `kivi2:s=4:rot=kv:p=fp8` (rotated, FP8 parameters).
+//!
+//! The method presets expand to knobs over `kivi2` ([`PRESET_KNOBS`]), so `kvq2:vg=32` is `kvq2` with
+//! 32-channel value groups: `kvquant2..4` (keys before RoPE, codebooks, 1% outliers, one f16 sink),
+//! `skvq2` (per-token 2-bit keys and ternary values, permuted and clipped, FP8 parameters, five sinks),
+//! `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values, keys relative to their group's first
+//! position, four sinks, 64-channel value groups). Presets with codebooks, permutations, centres,
+//! balance, calibrated clipping or key outliers read the model's calibration file (`kvq calibrate`).
 
-use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec};
+use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec, Transform};
 use kvq_core::pack::Width;
+use kvq_core::quant::param::ParamFormat;
+use kvq_core::transform::Rope;
+use std::path::PathBuf;
 
-/// A parsed spec: its canonical name and the per-layer configuration template (shape and capacity are
-/// filled in by [`KvSpec::config`]).
+/// How one stream (keys or values) is quantized.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StreamSpec {
+    /// Code width.
+    pub width: Width,
+    /// Group size.
+    pub group: usize,
+    /// Parameter format.
+    pub params: ParamFormat,
+    /// Calibrated codebook levels.
+    pub codebook: bool,
+    /// Outlier fraction of the elements (0: none).
+    pub outliers: f32,
+    /// Quantized per token (values always are; keys with `kaxis=token`, SKVQ's keys).
+    pub per_token: bool,
+    /// Calibrated channel permutation with variable groups (SKVQ; per-token streams only).
+    pub permuted: bool,
+}
+
+impl StreamSpec {
+    const fn new(width: Width) -> Self {
+        Self {
+            width,
+            group: 32,
+            params: ParamFormat::F16,
+            codebook: false,
+            outliers: 0.0,
+            per_token: false,
+            permuted: false,
+        }
+    }
+}
+
+/// A parsed spec: its canonical name and the per-layer configuration template (shape, capacity and the
+/// model's RoPE are filled in by [`KvSpec::config`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvSpec {
     /// The text it was parsed from.
     pub name: String,
-    keys: Option<(Width, usize)>,
-    values: Option<(Width, usize)>,
-    residual: usize,
-    sinks: usize,
-    clip: f32,
+    /// Key stream (`None`: f16).
+    pub keys: Option<StreamSpec>,
+    /// Value stream (`None`: f16).
+    pub values: Option<StreamSpec>,
+    /// Residual window.
+    pub residual: usize,
+    /// Attention sinks.
+    pub sinks: usize,
+    /// Clipping factor.
+    pub clip: f32,
+    /// Clipping factors per layer from the calibration file (`clip=calib`, SKVQ).
+    pub clip_calibrated: bool,
+    /// Hadamard rotation of keys.
+    pub rotate_keys: bool,
+    /// Hadamard rotation of values.
+    pub rotate_values: bool,
+    /// Keys relative to their group's first position.
+    pub rope: bool,
+    /// Calibrated key centring.
+    pub center: bool,
+    /// MiKV's calibrated query/key channel balancing.
+    pub balance: bool,
+    /// Calibration file given with `calib=`.
+    pub calib: Option<PathBuf>,
 }
 
 /// The named presets, for help texts and `kvq info`.
-pub const PRESETS: [&str; 4] = ["f16", "kivi2", "kivi4", "kivi8"];
+pub const PRESETS: [&str; 10] =
+    ["f16", "kivi2", "kivi4", "kivi8", "kvquant2", "kvquant3", "kvquant4", "skvq2", "kvq2", "kvq3"];
+
+/// What each preset expands to (a base and its knobs), for `kvq info` and the docs.
+pub const PRESET_KNOBS: [(&str, &str); 7] = [
+    ("kvquant2", "kivi2:s=1:rope=1:nuq=1:out=0.01"),
+    ("kvquant3", "kivi2:k=3:v=3:s=1:rope=1:nuq=1:out=0.01"),
+    ("kvquant4", "kivi2:k=4:v=4:s=1:rope=1:nuq=1:out=0.01"),
+    ("skvq2", "kivi2:kaxis=token:v=t:s=5:perm=1:clip=calib:p=fp8"),
+    ("kvq2", "kivi2:s=4:rot=kv:rope=1:vg=64"),
+    ("kvq3", "kivi2:k=3:v=3:s=4:rot=kv:rope=1:vg=64"),
+    ("mikv2", "(not built: needs the mixed-precision token tiers, see docs/methods.md)"),
+];
 
 fn width(s: &str) -> Result<Option<Width>, String> {
     Ok(Some(match s {
@@ -42,8 +126,43 @@ fn width(s: &str) -> Result<Option<Width>, String> {
         "3" => Width::B3,
         "4" => Width::B4,
         "8" => Width::B8,
-        _ => return Err(format!("bits {s:?}: expected f16, 1, 2, 3, 4 or 8")),
+        "t" | "1.5" => Width::Ternary,
+        _ => return Err(format!("bits {s:?}: expected f16, 1, 2, 3, 4, 8 or t (ternary)")),
     }))
+}
+
+fn params(s: &str) -> Result<ParamFormat, String> {
+    match s {
+        "f16" => Ok(ParamFormat::F16),
+        "fp8" | "e4m3" => Ok(ParamFormat::Fp8E4M3),
+        _ => Err(format!("parameter format {s:?}: expected f16 or fp8")),
+    }
+}
+
+fn flag(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "on" | "yes" | "true" => Ok(true),
+        "0" | "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("{s:?} is not 0 or 1")),
+    }
+}
+
+fn kivi(w: Width) -> KvSpec {
+    KvSpec {
+        name: String::new(),
+        keys: Some(StreamSpec::new(w)),
+        values: Some(StreamSpec::new(w)),
+        residual: 128,
+        sinks: 0,
+        clip: 1.0,
+        clip_calibrated: false,
+        rotate_keys: false,
+        rotate_values: false,
+        rope: false,
+        center: false,
+        balance: false,
+        calib: None,
+    }
 }
 
 impl KvSpec {
@@ -52,35 +171,20 @@ impl KvSpec {
     /// # Errors
     /// A message naming the part that does not parse.
     pub fn parse(s: &str) -> Result<Self, String> {
+        let preset = s.split(':').next().unwrap_or("");
+        if let Some((_, knobs)) = PRESET_KNOBS.iter().find(|(n, k)| *n == preset && !k.starts_with('(')) {
+            let rest = &s[preset.len()..];
+            let mut spec = Self::parse(&format!("{knobs}{rest}"))?;
+            spec.name = s.into();
+            return Ok(spec);
+        }
         let mut parts = s.split(':');
-        let preset = parts.next().unwrap_or("");
-        let q = |w| Some((w, 32));
+        parts.next();
         let mut spec = match preset {
-            "f16" => Self { name: s.into(), keys: None, values: None, residual: 0, sinks: 0, clip: 1.0 },
-            "kivi2" | "q" => Self {
-                name: s.into(),
-                keys: q(Width::B2),
-                values: q(Width::B2),
-                residual: 128,
-                sinks: 0,
-                clip: 1.0,
-            },
-            "kivi4" => Self {
-                name: s.into(),
-                keys: q(Width::B4),
-                values: q(Width::B4),
-                residual: 128,
-                sinks: 0,
-                clip: 1.0,
-            },
-            "kivi8" => Self {
-                name: s.into(),
-                keys: q(Width::B8),
-                values: q(Width::B8),
-                residual: 128,
-                sinks: 0,
-                clip: 1.0,
-            },
+            "f16" => KvSpec { keys: None, values: None, residual: 0, ..kivi(Width::B2) },
+            "kivi2" | "q" => kivi(Width::B2),
+            "kivi4" => kivi(Width::B4),
+            "kivi8" => kivi(Width::B8),
             _ => {
                 return Err(format!(
                     "--kv {s:?}: unknown preset {preset:?} (presets: {})",
@@ -88,30 +192,104 @@ impl KvSpec {
                 ));
             }
         };
+        spec.name = s.into();
         for knob in parts {
             let (k, v) =
                 knob.split_once('=').ok_or_else(|| format!("--kv {s:?}: {knob:?} is not key=value"))?;
+            let bad = |e: String| format!("--kv {s:?}: {k}: {e}");
             let num =
                 || v.parse::<usize>().map_err(|_| format!("--kv {s:?}: {k}={v:?} is not a whole number"));
-            let bad = |e: String| format!("--kv {s:?}: {e}");
+            let frac = || {
+                v.parse::<f32>()
+                    .ok()
+                    .filter(|f| (0.0..=0.5).contains(f))
+                    .ok_or_else(|| format!("--kv {s:?}: {k}={v:?} must be a fraction in [0, 0.5]"))
+            };
+            let stream = |cur: Option<StreamSpec>, w: Option<Width>| {
+                w.map(|w| StreamSpec { width: w, ..cur.unwrap_or(StreamSpec::new(w)) })
+            };
+            let both = |spec: &mut KvSpec, f: &dyn Fn(&mut StreamSpec)| {
+                spec.keys.iter_mut().chain(spec.values.iter_mut()).for_each(f);
+            };
             match k {
-                "k" => spec.keys = width(v).map_err(bad)?.map(|w| (w, spec.keys.map_or(32, |k| k.1))),
-                "v" => spec.values = width(v).map_err(bad)?.map(|w| (w, spec.values.map_or(32, |k| k.1))),
+                "k" => spec.keys = stream(spec.keys, width(v).map_err(bad)?),
+                "v" => spec.values = stream(spec.values, width(v).map_err(bad)?),
                 "g" => {
                     let g = num()?;
-                    spec.keys = spec.keys.map(|(w, _)| (w, g));
-                    spec.values = spec.values.map(|(w, _)| (w, g));
+                    both(&mut spec, &|x| x.group = g);
                 }
                 "kg" => {
                     let g = num()?;
-                    spec.keys = spec.keys.map(|(w, _)| (w, g));
+                    spec.keys.iter_mut().for_each(|x| x.group = g);
                 }
                 "vg" => {
                     let g = num()?;
-                    spec.values = spec.values.map(|(w, _)| (w, g));
+                    spec.values.iter_mut().for_each(|x| x.group = g);
                 }
+                "p" => {
+                    let p = params(v).map_err(bad)?;
+                    both(&mut spec, &|x| x.params = p);
+                }
+                "kp" => {
+                    let p = params(v).map_err(bad)?;
+                    spec.keys.iter_mut().for_each(|x| x.params = p);
+                }
+                "vp" => {
+                    let p = params(v).map_err(bad)?;
+                    spec.values.iter_mut().for_each(|x| x.params = p);
+                }
+                "nuq" => {
+                    let f = flag(v).map_err(bad)?;
+                    both(&mut spec, &|x| x.codebook = f);
+                }
+                "knuq" => {
+                    let f = flag(v).map_err(bad)?;
+                    spec.keys.iter_mut().for_each(|x| x.codebook = f);
+                }
+                "vnuq" => {
+                    let f = flag(v).map_err(bad)?;
+                    spec.values.iter_mut().for_each(|x| x.codebook = f);
+                }
+                "out" => {
+                    let f = frac()?;
+                    both(&mut spec, &|x| x.outliers = f);
+                }
+                "kout" => {
+                    let f = frac()?;
+                    spec.keys.iter_mut().for_each(|x| x.outliers = f);
+                }
+                "vout" => {
+                    let f = frac()?;
+                    spec.values.iter_mut().for_each(|x| x.outliers = f);
+                }
+                "rot" => {
+                    (spec.rotate_keys, spec.rotate_values) = match v {
+                        "kv" | "vk" => (true, true),
+                        "k" => (true, false),
+                        "v" => (false, true),
+                        "none" | "0" => (false, false),
+                        _ => return Err(format!("--kv {s:?}: rot={v:?}: expected kv, k, v or none")),
+                    }
+                }
+                "rope" => spec.rope = flag(v).map_err(bad)?,
+                "balance" => spec.balance = flag(v).map_err(bad)?,
+                "kaxis" => {
+                    let t = match v {
+                        "token" => true,
+                        "channel" => false,
+                        _ => return Err(format!("--kv {s:?}: kaxis={v:?}: expected token or channel")),
+                    };
+                    spec.keys.iter_mut().for_each(|x| x.per_token = t);
+                }
+                "perm" => {
+                    let f = flag(v).map_err(bad)?;
+                    both(&mut spec, &|x| x.permuted = f);
+                }
+                "center" => spec.center = flag(v).map_err(bad)?,
+                "calib" => spec.calib = Some(PathBuf::from(v)),
                 "r" => spec.residual = num()?,
                 "s" => spec.sinks = num()?,
+                "clip" if v == "calib" => spec.clip_calibrated = true,
                 "clip" => {
                     spec.clip = v
                         .parse::<f32>()
@@ -119,7 +297,11 @@ impl KvSpec {
                         .filter(|c| *c > 0.0 && *c <= 1.0)
                         .ok_or_else(|| format!("--kv {s:?}: clip={v:?} must be a number in (0, 1]"))?;
                 }
-                _ => return Err(format!("--kv {s:?}: unknown knob {k:?} (k, v, g, kg, vg, r, s, clip)")),
+                _ => {
+                    return Err(format!(
+                        "--kv {s:?}: unknown knob {k:?} (k, v, g, kg, vg, r, s, clip, p, kp, vp, rot, rope, nuq, knuq, vnuq, out, kout, vout, center, balance, kaxis, perm, calib)"
+                    ));
+                }
             }
         }
         if spec.keys.is_some() || spec.values.is_some() {
@@ -134,7 +316,22 @@ impl KvSpec {
         Ok(spec)
     }
 
-    /// One layer's cache configuration for `kv_heads` x `head_dim` and `capacity` tokens, checked.
+    /// Whether the spec needs calibration tables (codebooks, centres, key outlier thresholds).
+    pub fn needs_calibration(&self) -> bool {
+        let cb = |s: &Option<StreamSpec>| s.is_some_and(|s| s.codebook);
+        let perm = |s: &Option<StreamSpec>| s.is_some_and(|s| s.permuted);
+        cb(&self.keys)
+            || cb(&self.values)
+            || perm(&self.keys)
+            || perm(&self.values)
+            || self.center
+            || self.balance
+            || self.clip_calibrated
+            || self.keys.is_some_and(|k| k.outliers > 0.0 && !k.per_token)
+    }
+
+    /// One layer's cache configuration for `kv_heads` x `head_dim` and `capacity` tokens, with the model's
+    /// RoPE `rope` (used when the spec stores keys relative to their group), checked.
     ///
     /// # Errors
     /// The core's reason when the combination does not fit (for example a group that does not divide
@@ -145,13 +342,23 @@ impl KvSpec {
         head_dim: usize,
         capacity: usize,
         overflow: Overflow,
+        rope: Rope,
     ) -> Result<CacheConfig, String> {
-        let prec = |s: Option<(Width, usize)>, per_channel: bool| match s {
+        let prec = |s: Option<StreamSpec>, per_channel: bool| match s {
             None => Precision::F16,
-            Some((w, g)) => {
-                let mut q =
-                    if per_channel { QuantSpec::per_channel(w, g) } else { QuantSpec::per_token(w, g) };
+            Some(s) => {
+                let per_channel = per_channel && !s.per_token;
+                let mut q = if per_channel {
+                    QuantSpec::per_channel(s.width, s.group)
+                } else {
+                    QuantSpec::per_token(s.width, s.group)
+                };
                 q.clip = self.clip;
+                q.params = s.params;
+                q.codebook = s.codebook;
+                q.permuted = s.permuted && !per_channel;
+                let unit = if per_channel { s.group * head_dim } else { kv_heads * head_dim };
+                q.outliers = (s.outliers * unit as f32).round() as usize;
                 Precision::Quant(q)
             }
         };
@@ -164,6 +371,13 @@ impl KvSpec {
             residual: self.residual,
             sinks: self.sinks,
             overflow,
+            transform: Transform {
+                rope: self.rope.then_some(rope),
+                rotate_keys: self.rotate_keys,
+                rotate_values: self.rotate_values,
+                center_keys: self.center,
+                balance_keys: self.balance,
+            },
         };
         cfg.validate().map_err(|e| format!("--kv {:?}: {e}", self.name))?;
         Ok(cfg)
@@ -174,19 +388,23 @@ impl KvSpec {
 mod tests {
     use super::*;
     use kvq_core::cache::Axis;
+    use kvq_core::transform::Pairing;
+
+    const ROPE: Rope = Rope { base: 10_000.0, pairing: Pairing::Adjacent };
+
+    fn cfg(s: &str, cap: usize, o: Overflow) -> CacheConfig {
+        KvSpec::parse(s).unwrap().config(3, 64, cap, o, ROPE).unwrap()
+    }
 
     #[test]
     fn presets_and_knobs() {
-        let c = KvSpec::parse("f16").unwrap().config(3, 64, 1024, Overflow::Stop).unwrap();
-        assert_eq!(c, CacheConfig::fp16(3, 64, 1024));
-        let c = KvSpec::parse("kivi2").unwrap().config(3, 64, 1024, Overflow::Stop).unwrap();
-        assert_eq!(c, CacheConfig::kivi(Width::B2, 32, 128, 3, 64, 1024));
-        let c = KvSpec::parse("kivi4:s=4:g=64:r=256").unwrap().config(3, 64, 4096, Overflow::Slide).unwrap();
+        assert_eq!(cfg("f16", 1024, Overflow::Stop), CacheConfig::fp16(3, 64, 1024));
+        assert_eq!(cfg("kivi2", 1024, Overflow::Stop), CacheConfig::kivi(Width::B2, 32, 128, 3, 64, 1024));
         assert_eq!(
-            c,
+            cfg("kivi4:s=4:g=64:r=256", 4096, Overflow::Slide),
             CacheConfig::kivi(Width::B4, 64, 256, 3, 64, 4096).with_sinks(4).with_overflow(Overflow::Slide)
         );
-        let c = KvSpec::parse("kivi2:k=4").unwrap().config(3, 64, 1024, Overflow::Stop).unwrap();
+        let c = cfg("kivi2:k=4", 1024, Overflow::Stop);
         assert!(matches!(
             c.keys,
             Precision::Quant(QuantSpec { width: Width::B4, axis: Axis::PerChannel, .. })
@@ -195,8 +413,44 @@ mod tests {
             c.values,
             Precision::Quant(QuantSpec { width: Width::B2, axis: Axis::PerToken, .. })
         ));
-        let c = KvSpec::parse("kivi2:k=f16").unwrap().config(3, 64, 1024, Overflow::Stop).unwrap();
-        assert_eq!(c.keys, Precision::F16);
+        assert_eq!(cfg("kivi2:k=f16", 1024, Overflow::Stop).keys, Precision::F16);
+        let c = cfg("kivi2:s=4:rot=kv:rope=1:p=fp8:vout=0.01", 2048, Overflow::Stop);
+        assert!(c.transform.rotate_keys && c.transform.rotate_values && c.transform.rope == Some(ROPE));
+        let (k, v) = (c.key_spec().unwrap(), c.value_spec().unwrap());
+        assert_eq!((k.params, v.params), (ParamFormat::Fp8E4M3, ParamFormat::Fp8E4M3));
+        // 1% of a token's 3 x 64 values: 2 slots; keys have none.
+        assert_eq!((k.outliers, v.outliers), (0, 2));
+        let c = cfg("kivi2:kout=0.01:kp=fp8", 2048, Overflow::Stop);
+        // 1% of a key group's 32 x 64 values of one head: 20 slots.
+        assert_eq!(c.key_spec().unwrap().outliers, 20);
+        assert_eq!(c.value_spec().unwrap().params, ParamFormat::F16);
+        assert!(KvSpec::parse("kivi2:knuq=1").unwrap().needs_calibration());
+        assert!(!KvSpec::parse("kivi2:rot=kv:rope=1").unwrap().needs_calibration());
+    }
+
+    #[test]
+    fn method_presets_expand_to_their_knobs() {
+        let c = cfg("kvq2", 8192, Overflow::Stop);
+        assert_eq!(c.sinks, 4);
+        assert!(c.transform.rotate_keys && c.transform.rotate_values && c.transform.rope == Some(ROPE));
+        assert_eq!((c.key_spec().unwrap().group, c.value_spec().unwrap().group), (32, 64));
+        // Knobs after a preset override it.
+        assert_eq!(cfg("kvq2:vg=32:s=0", 8192, Overflow::Stop).value_spec().unwrap().group, 32);
+        let k3 = cfg("kvq3", 8192, Overflow::Stop).key_spec().unwrap();
+        assert_eq!(k3.width, Width::B3);
+        let s = KvSpec::parse("skvq2").unwrap();
+        assert!(s.needs_calibration() && s.clip_calibrated);
+        let c = s.config(3, 64, 8192, Overflow::Slide, ROPE).unwrap();
+        let (k, v) = (c.key_spec().unwrap(), c.value_spec().unwrap());
+        assert_eq!((k.axis, k.permuted, k.params), (Axis::PerToken, true, ParamFormat::Fp8E4M3));
+        assert_eq!((v.width, v.permuted, c.sinks), (Width::Ternary, true, 5));
+        let q = KvSpec::parse("kvquant3").unwrap();
+        assert!(q.needs_calibration());
+        let c = q.config(3, 64, 8192, Overflow::Stop, ROPE).unwrap();
+        let k = c.key_spec().unwrap();
+        assert!(k.codebook && k.outliers == 20 && c.transform.rope.is_some() && !c.transform.rotate_keys);
+        assert!(!KvSpec::parse("kvq2").unwrap().needs_calibration());
+        assert!(KvSpec::parse("mikv2").unwrap_err().contains("unknown preset"));
     }
 
     #[test]
@@ -206,8 +460,14 @@ mod tests {
         assert!(KvSpec::parse("kivi2:r=abc").unwrap_err().contains("whole number"));
         assert!(KvSpec::parse("kivi2:clip=2").unwrap_err().contains("(0, 1]"));
         assert!(KvSpec::parse("kivi2:k=5").unwrap_err().contains("bits"));
+        assert!(KvSpec::parse("kivi2:p=bf16").unwrap_err().contains("f16 or fp8"));
+        assert!(KvSpec::parse("kivi2:rot=q").unwrap_err().contains("expected kv"));
+        assert!(KvSpec::parse("kivi2:out=2").unwrap_err().contains("fraction"));
         // A group that does not divide head_dim is the core's refusal.
         let s = KvSpec::parse("kivi2:g=48").unwrap();
-        assert!(s.config(3, 64, 1024, Overflow::Stop).is_err());
+        assert!(s.config(3, 64, 1024, Overflow::Stop, ROPE).is_err());
+        // A rotation needs a power-of-two head_dim.
+        let s = KvSpec::parse("kivi2:rot=kv:g=16").unwrap();
+        assert!(s.config(3, 48, 1024, Overflow::Stop, ROPE).unwrap_err().contains("power of two"));
     }
 }

@@ -569,7 +569,7 @@ fn info(a: ModelArgs) -> Result<()> {
     for p in PRESETS {
         let spec = KvSpec::parse(p).map_err(anyhow::Error::msg)?;
         let cfg = spec
-            .config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop)
+            .config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope())
             .map_err(anyhow::Error::msg)?;
         let counts = cfg.counts_after(c.n_ctx_train).map_err(|e| anyhow::anyhow!("{e}"))?;
         let u = cfg.usage(counts);

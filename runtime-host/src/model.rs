@@ -13,6 +13,7 @@ use crate::quants::{self, Q16Act};
 use anyhow::{Context, Result, bail, ensure};
 use kvq_core::attention::{self, Kernel};
 use kvq_core::cache::{Cache, CacheConfig, Overflow};
+use kvq_core::transform::{Pairing, Rope};
 use rayon::prelude::*;
 use std::path::Path;
 
@@ -244,7 +245,22 @@ impl Model {
     /// The spec's reason when it does not fit the model (for example a group that does not divide
     /// `head_dim`).
     pub fn cache_config(&self, spec: &KvSpec, capacity: usize, overflow: Overflow) -> Result<CacheConfig> {
-        spec.config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow).map_err(anyhow::Error::msg)
+        ensure!(
+            !spec.needs_calibration(),
+            "--kv {:?} needs calibration tables (codebooks, permutations, thresholds), which this build cannot make yet",
+            spec.name
+        );
+        spec.config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow, self.rope())
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// The model's RoPE as the cache describes it (for keys stored relative to their group).
+    pub fn rope(&self) -> Rope {
+        let pairing = match self.cfg.arch {
+            Arch::Llama => Pairing::Adjacent,
+            Arch::Qwen2 => Pairing::Halves,
+        };
+        Rope { base: self.cfg.rope_base, pairing }
     }
 
     /// The weight matrix named `name` (a GGUF tensor name such as `blk.0.ffn_up.weight` or `output.weight`).
@@ -537,8 +553,7 @@ impl<'a> Session<'a> {
             .map(|a| Cache::new(cfg, a).map_err(|e| anyhow::anyhow!("KV cache: {e}")))
             .collect::<Result<Vec<_>>>()?;
         let c = &model.cfg;
-        let scratch = attention::prefill_scratch_len(cfg.capacity, CHUNK, c.n_head, c.n_kv_head, c.head_dim)
-            .max(attention::decode_scratch_len(cfg.capacity, c.n_head, c.n_kv_head, c.head_dim));
+        let scratch = cfg.prefill_scratch_len(CHUNK, c.n_head).max(cfg.decode_scratch_len(c.n_head));
         Ok(Self {
             model,
             caches,

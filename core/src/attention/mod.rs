@@ -25,10 +25,11 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub(crate) mod generic;
 mod portable;
 
 use crate::cache::layout::KEY_BLOCK;
-use crate::cache::{Axis, Cache, Precision, Stream, StreamView, window::ring_runs};
+use crate::cache::{Axis, Cache, CacheConfig, Precision, Stream, StreamView, window::ring_runs};
 use crate::error::{Error, Result, need};
 use crate::pack::Width;
 
@@ -305,6 +306,95 @@ pub const fn prefill_scratch_len(
     nq * (tokens + chunk) + 2 * nq * head_dim + work_len(nq, head_dim)
 }
 
+/// Floats the generic formats need for `nq` query rows of one KV head, beyond the KIVI kernels' scratch:
+/// the transformed queries of a rotated or balanced plain key body, a key group's rows (`[G][d]`) for a
+/// generic per-channel key body, and the stored-basis value sums of a transformed or generic value body.
+const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
+    let d = cfg.head_dim;
+    let queries = if cfg.transform.keys() && cfg.plain_keys() { nq * d } else { 0 };
+    let rows = match cfg.keys {
+        Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => q.group * d,
+        _ => 0,
+    };
+    let acc = if cfg.generic(true) { nq * d } else { 0 };
+    queries + rows + acc
+}
+
+impl CacheConfig {
+    /// Scratch floats a decode over this cache needs ([`decode_scratch_len`] at the capacity, plus what
+    /// the generic formats need).
+    pub const fn decode_scratch_len(&self, q_heads: usize) -> usize {
+        let ratio = match q_heads.checked_div(self.kv_heads) {
+            Some(r) => r,
+            None => 0,
+        };
+        decode_scratch_len(self.capacity, q_heads, self.kv_heads, self.head_dim) + generic_work(self, ratio)
+    }
+
+    /// Scratch floats a prefill of `chunk` tokens over this cache needs ([`prefill_scratch_len`] at the
+    /// capacity, plus what the generic formats need).
+    pub const fn prefill_scratch_len(&self, chunk: usize, q_heads: usize) -> usize {
+        let ratio = match q_heads.checked_div(self.kv_heads) {
+            Some(r) => r,
+            None => 0,
+        };
+        prefill_scratch_len(self.capacity, chunk, q_heads, self.kv_heads, self.head_dim)
+            + generic_work(self, ratio * chunk)
+    }
+}
+
+/// The generic formats' parts of the scratch (see [`generic_work`]); empty where unused.
+struct GenericWork<'w> {
+    /// Queries in the stored basis of a rotated or balanced plain key body.
+    queries: &'w mut [f32],
+    /// A key group's rows.
+    rows: &'w mut [f32],
+    /// Stored-basis value sums.
+    acc: &'w mut [f32],
+}
+
+impl<'w> GenericWork<'w> {
+    /// No generic work (KIVI's plain formats).
+    #[cfg(test)]
+    fn none() -> Self {
+        Self { queries: &mut [], rows: &mut [], acc: &mut [] }
+    }
+
+    /// Splits the generic parts off the end of `work` (whose front stays the KIVI kernels' work).
+    fn split(cfg: &CacheConfig, nq: usize, work: &'w mut [f32]) -> (&'w mut [f32], Self) {
+        let d = cfg.head_dim;
+        let total = generic_work(cfg, nq);
+        let at = work.len() - total;
+        let (front, rest) = work.split_at_mut(at);
+        let nqueries = if cfg.transform.keys() && cfg.plain_keys() { nq * d } else { 0 };
+        let nacc = if cfg.generic(true) { nq * d } else { 0 };
+        let (queries, rest) = rest.split_at_mut(nqueries);
+        let (acc, rows) = rest.split_at_mut(nacc);
+        (front, Self { queries, rows, acc })
+    }
+
+    /// The stored-basis queries of a rotated or balanced plain key body: `H (q / b)` per row.
+    fn stored_queries(&mut self, cache: &Cache<'_>, h: usize, q: &[f32], d: usize) {
+        let cfg = cache.config();
+        if self.queries.is_empty() {
+            return;
+        }
+        let t = cfg.transform;
+        self.queries.copy_from_slice(q);
+        let balance = cache.view(Stream::Keys).tables.balance;
+        for row in self.queries.chunks_exact_mut(d) {
+            if t.balance_keys {
+                for (x, &b) in row.iter_mut().zip(&balance[h * d..][..d]) {
+                    *x /= b;
+                }
+            }
+            if t.rotate_keys {
+                crate::transform::hadamard(row);
+            }
+        }
+    }
+}
+
 struct Shape {
     kv_heads: usize,
     d: usize,
@@ -397,10 +487,17 @@ pub fn decode_heads<'s>(
     if held == 0 {
         return Err(Error::EmptyInput { what: "cache" });
     }
-    need("attention scratch", decode_scratch_len(held, q_heads, sh.kv_heads, d), scratch.len())?;
+    let cfg = cache.config();
+    let generic_len = generic_work(cfg, sh.ratio);
+    need(
+        "attention scratch",
+        decode_scratch_len(held, q_heads, sh.kv_heads, d) + generic_len,
+        scratch.len(),
+    )?;
     let (scores, rest) = scratch.split_at_mut(q_heads * held);
     let (inv, rest) = rest.split_at_mut(q_heads);
     let (qs, work) = rest.split_at_mut(sh.ratio * d);
+    let (work, mut gw) = GenericWork::split(cfg, sh.ratio, work);
     // Rows of other heads are handed back as they are.
     inv.fill(1.0);
     let keys = cache.view(Stream::Keys);
@@ -410,9 +507,10 @@ pub fn decode_heads<'s>(
         for (o, &x) in qs.iter_mut().zip(&q[rows.start * d..rows.end * d]) {
             *o = x * scale;
         }
+        gw.stored_queries(cache, h, qs, d);
         let qv = Queries { q: qs, nq: sh.ratio, d };
         let sc = &mut scores[rows.start * held..rows.end * held];
-        key_scores(cache, &keys, h, &qv, sc, held, work, kernel);
+        key_scores(cache, &keys, h, &qv, sc, held, work, &mut gw, kernel);
         // The values take the softmax's numerators and the outputs its denominators (a pass over the
         // scores fewer); `AttnProbs` divides a row only when it is asked for.
         for (row, iv) in sc.chunks_exact_mut(held).zip(&mut inv[rows.clone()]) {
@@ -420,7 +518,8 @@ pub fn decode_heads<'s>(
         }
         let o = &mut out[rows.start * d..rows.end * d];
         o.fill(0.0);
-        value_sums(cache, &values, h, &Probs { data: sc, stride: held, pos: 0 }, sh.ratio, o, work, kernel);
+        let pr = Probs { data: sc, stride: held, pos: 0 };
+        value_sums(cache, &values, h, &pr, sh.ratio, o, work, &mut gw, kernel);
         for (orow, &iv) in o.chunks_exact_mut(d).zip(&inv[rows]) {
             scale_row(orow, iv, kernel);
         }
@@ -496,12 +595,19 @@ pub fn prefill_heads(
     check_finite(k)?;
     check_finite(v)?;
     let held = cache.held();
-    need("attention scratch", prefill_scratch_len(held, n, q_heads, sh.kv_heads, d), scratch.len())?;
     let nq = sh.ratio * n;
+    let cfg = cache.config();
+    let generic_len = generic_work(cfg, nq);
+    need(
+        "attention scratch",
+        prefill_scratch_len(held, n, q_heads, sh.kv_heads, d) + generic_len,
+        scratch.len(),
+    )?;
     let stride = held + n;
     let (scores, rest) = scratch.split_at_mut(nq * stride);
     let (qs, rest) = rest.split_at_mut(nq * d);
     let (acc, work) = rest.split_at_mut(nq * d);
+    let (work, mut gw) = GenericWork::split(cfg, nq, work);
     let keys = cache.view(Stream::Keys);
     let values = cache.view(Stream::Values);
     for h in heads {
@@ -514,9 +620,10 @@ pub fn prefill_heads(
                 }
             }
         }
+        gw.stored_queries(cache, h, qs, d);
         let qv = Queries { q: qs, nq, d };
         if held > 0 {
-            key_scores(cache, &keys, h, &qv, scores, stride, work, kernel);
+            key_scores(cache, &keys, h, &qv, scores, stride, work, &mut gw, kernel);
         }
         for (row, qrow) in qs.chunks_exact(d).enumerate() {
             let i = row / sh.ratio;
@@ -529,7 +636,8 @@ pub fn prefill_heads(
         }
         acc.fill(0.0);
         if held > 0 {
-            value_sums(cache, &values, h, &Probs { data: scores, stride, pos: 0 }, nq, acc, work, kernel);
+            let pr = Probs { data: scores, stride, pos: 0 };
+            value_sums(cache, &values, h, &pr, nq, acc, work, &mut gw, kernel);
         }
         for (row, a) in acc.chunks_exact_mut(d).enumerate() {
             let i = row / sh.ratio;
@@ -655,16 +763,32 @@ fn key_scores(
     scores: &mut [f32],
     stride: usize,
     work: &mut [f32],
+    gw: &mut GenericWork<'_>,
     kernel: Kernel,
 ) {
     let (d, l) = (q.d, sv.layout);
     let vector = kernel.vector(d);
+    let cfg = cache.config();
+    // The body's queries: in the stored basis where a plain body is rotated or balanced.
+    let stored = if gw.queries.is_empty() {
+        Queries { q: q.q, nq: q.nq, d }
+    } else {
+        Queries { q: gw.queries, nq: q.nq, d }
+    };
     for seg in segments(cache, sv) {
         let mut out = Scores { data: scores, stride, pos: seg.pos };
         match (seg.part, sv.precision) {
             (Part::Sinks | Part::Window, _) => {
                 dot_rows(token_rows(cache, sv, h, seg), seg.len, q, &mut out, vector)
             }
+            (Part::Body, Precision::Quant(spec)) if !cfg.plain_keys() => match spec.axis {
+                Axis::PerChannel => {
+                    generic::channel_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out, gw.rows)
+                }
+                Axis::PerToken => {
+                    generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out)
+                }
+            },
             (Part::Body, Precision::F16) => {
                 let body = &sv.body_f16()[h * d * l.ring..][..d * l.ring];
                 f16_keys(body, seg, q, &mut out, vector);
@@ -680,11 +804,11 @@ fn key_scores(
                     width: spec.width,
                     group: spec.group,
                 };
-                channel_keys(&b, seg, q, &mut out, work, vector, q8_width(kernel, spec.width));
+                channel_keys(&b, seg, &stored, &mut out, work, vector, q8_width(kernel, spec.width));
             }
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
-                portable::scores_q_token(&b, seg.start, seg.len, q, &mut out);
+                portable::scores_q_token(&b, seg.start, seg.len, &stored, &mut out);
             }
         }
     }
@@ -700,11 +824,16 @@ fn value_sums(
     nq: usize,
     out: &mut [f32],
     work: &mut [f32],
+    gw: &mut GenericWork<'_>,
     kernel: Kernel,
 ) {
     let (d, l) = (cache.config().head_dim, sv.layout);
     let vector = kernel.vector(d);
     let out = &mut out[..nq * d];
+    // Body sums in the stored basis where the body is transformed or generic, turned back at the end.
+    let stored = !gw.acc.is_empty();
+    let acc = &mut gw.acc[..if stored { nq * d } else { 0 }];
+    acc.fill(0.0);
     for seg in segments(cache, sv) {
         let pr = Probs { pos: seg.pos, ..*p };
         match (seg.part, sv.precision) {
@@ -715,11 +844,18 @@ fn value_sums(
                 let body = &sv.body_f16()[h * l.ring * d..][..l.ring * d];
                 axpy_rows(&body[seg.start * d..][..seg.len * d], seg.len, &pr, d, out, vector);
             }
+            (Part::Body, Precision::Quant(spec)) if !spec.plain() => {
+                generic::token_value_sums(sv, spec, h, seg.start, seg.len, &pr, d, acc)
+            }
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
-                token_values(&b, seg, &pr, d, out, work, vector, q8_width(kernel, spec.width));
+                let dst = if stored { &mut *acc } else { &mut *out };
+                token_values(&b, seg, &pr, d, dst, work, vector, q8_width(kernel, spec.width));
             }
         }
+    }
+    if stored {
+        generic::finish_values(cache, sv, h, acc, out);
     }
 }
 

@@ -685,6 +685,7 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                                 &mut scores,
                                 held,
                                 &mut work,
+                                &mut GenericWork::none(),
                                 kernel,
                             );
                         }
@@ -698,6 +699,7 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                             nq,
                             &mut out,
                             &mut work,
+                            &mut GenericWork::none(),
                             kernel,
                         );
                         got.push((scores, out));
@@ -754,10 +756,30 @@ fn int8_sums_at_their_largest_stay_exact() {
         for kernel in [Kernel::PORTABLE.with_int8(true), fast.with_int8(true)] {
             let mut work = vec![0.0f32; work_len(nq, d)];
             let mut scores = vec![0.0f32; nq * held];
-            key_scores(&cache, &cache.view(Stream::Keys), 0, &qv, &mut scores, held, &mut work, kernel);
+            key_scores(
+                &cache,
+                &cache.view(Stream::Keys),
+                0,
+                &qv,
+                &mut scores,
+                held,
+                &mut work,
+                &mut GenericWork::none(),
+                kernel,
+            );
             let mut out = vec![0.0f32; nq * d];
             let pr = Probs { data: &p, stride: held, pos: 0 };
-            value_sums(&cache, &cache.view(Stream::Values), 0, &pr, nq, &mut out, &mut work, kernel);
+            value_sums(
+                &cache,
+                &cache.view(Stream::Values),
+                0,
+                &pr,
+                nq,
+                &mut out,
+                &mut work,
+                &mut GenericWork::none(),
+                kernel,
+            );
             got.push((scores, out));
         }
         for (i, (a, b)) in
@@ -818,7 +840,17 @@ fn int8_path_follows_its_definition() {
         let mut work = vec![0.0f32; work_len(nq, d)];
         let mut scores = vec![0.0f32; nq * held];
         let (ks, vs) = (cache.view(Stream::Keys), cache.view(Stream::Values));
-        key_scores(&cache, &ks, 0, &Queries { q: &q, nq, d }, &mut scores, held, &mut work, kernel);
+        key_scores(
+            &cache,
+            &ks,
+            0,
+            &Queries { q: &q, nq, d },
+            &mut scores,
+            held,
+            &mut work,
+            &mut GenericWork::none(),
+            kernel,
+        );
         let mut out = vec![0.0f32; nq * d];
         value_sums(
             &cache,
@@ -828,6 +860,7 @@ fn int8_path_follows_its_definition() {
             nq,
             &mut out,
             &mut work,
+            &mut GenericWork::none(),
             kernel,
         );
         let qmax = q8_key_max(d, width);
@@ -1011,4 +1044,170 @@ fn int8_attention_is_within_its_bound() {
     }
     std::println!("int8 attention: worst error / bound = {worst:.3}");
     assert!(worst > 0.0);
+}
+
+/// The rounding-only tolerance for the generic formats, where keys and values pass through a transform
+/// (Hadamard: `L = log2 d + 1` roundings per element; RoPE, balance and centring: a few more) and the value
+/// sums run in the stored basis. Every element of a stored-basis vector is at most its 2-norm (the
+/// transforms are orthonormal, the balance scales by at most `bmax`, the centre adds `|mu|`), and a zero
+/// point or scaled code of a group at most three times the group's largest element, so:
+///
+/// - a score is off by at most `E = scale * gamma(d + 2L + 10) * d * Q * K`, with `Q` the largest element
+///   of the query in either basis and `K = 3 max_t (bmax |k_t| + |mu|)`;
+/// - an output element by at most `(exp(2E + 8u + 2 gamma(t + 1)) - 1) sum_t p_t |v_tc|` (the
+///   probabilities' error) plus `gamma(t + 2L + 8) sqrt(d) sum_t p_t V_t`, `V_t = 3 |v_t|` (the sums).
+fn generic_tolerance(
+    cache: &Cache<'_>,
+    h: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    p: &[f64],
+    scale: f32,
+) -> Vec<f64> {
+    let cfg = cache.config();
+    let d = q.len();
+    let t = k.len() / d;
+    let tables = cache.view(Stream::Keys).tables;
+    let bmax = if cfg.transform.balance_keys {
+        tables.balance[h * d..][..d].iter().fold(1.0f32, |a, &b| a.max(b).max(1.0 / b))
+    } else {
+        1.0
+    };
+    let mu = if cfg.transform.center_keys { norm(&tables.center[h * d..][..d]) } else { 0.0 };
+    let l = d.trailing_zeros() as usize + 1;
+    let qmax = q.iter().fold(0.0f32, |a, x| a.max(x.abs())).max(norm(q) * bmax);
+    let kmax = 3.0
+        * (0..t).map(|u| f64::from(bmax) * norm(&k[u * d..][..d]) as f64 + f64::from(mu)).fold(0.0, f64::max);
+    let e = f64::from(scale) * gamma(d + 2 * l + 10) * d as f64 * f64::from(qmax) * kmax;
+    let rel = (2.0 * e + 8.0 * U + 2.0 * gamma(t + 1)).exp_m1();
+    // A rotated value row's stored elements are each at most its norm and mix into every output channel
+    // with weights 1/sqrt(d); an unrotated one's are at most three times its largest element.
+    let vmag = |u: usize| {
+        let row = &v[u * d..][..d];
+        if cfg.transform.rotate_values {
+            3.0 * f64::from(norm(row)) * (d as f64).sqrt()
+        } else {
+            3.0 * f64::from(row.iter().fold(0.0f32, |a, x| a.max(x.abs())))
+        }
+    };
+    let sums: f64 = (0..t).map(|u| p[u] * vmag(u)).sum::<f64>() * gamma(t + 2 * l + 8);
+    (0..d)
+        .map(|c| {
+            rel * (0..t).map(|u| p[u] * f64::from(v[u * d + c].abs())).sum::<f64>() + sums + f64::MIN_POSITIVE
+        })
+        .collect()
+}
+
+fn norm(x: &[f32]) -> f32 {
+    x.iter().map(|a| a * a).sum::<f32>().sqrt() * (1.0 + 1e-6)
+}
+
+/// Decode and prefill over every generic format (RoPE at read, rotations, centring, balance, codebooks,
+/// FP8 parameters, outliers, permuted variable groups, ternary values) equal exact attention over
+/// [`Cache::dequantize`] within [`generic_tolerance`], with calibration-like tables, at lengths around
+/// the group and window sizes, GQA 1, 3 and 7, head_dim 64 and 128, with every kernel.
+#[test]
+fn generic_formats_attend_as_their_dequantized_cache() {
+    let mut rng = Rng::new(77);
+    let big = !cfg!(miri);
+    let mut cases = 0;
+    for &d in if big { &[64usize, 128][..] } else { &[64][..] } {
+        let configs = crate::cache::tests::generic_configs(2, d, 1024);
+        let picked: Vec<_> = if big { configs } else { configs.into_iter().step_by(3).collect() };
+        for (name, cfg) in picked {
+            let ts: &[usize] = if big { &[1, 31, 32, 33, 97, 300] } else { &[40] };
+            for &t in ts {
+                let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+                let mut cache = Cache::new(cfg, &mut mem).unwrap();
+                crate::cache::tests::fill_tables(&mut cache, &mut rng);
+                let k = activations(&mut rng, t, 2, d);
+                let v = activations(&mut rng, t, 2, d);
+                cache.append(&k, &v).unwrap();
+                let keys = dequantized(&cache, Stream::Keys);
+                let values = dequantized(&cache, Stream::Values);
+                for ratio in [1usize, 3, 7] {
+                    if !big && ratio != 3 {
+                        continue;
+                    }
+                    let qh = 2 * ratio;
+                    let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
+                    for kernel in kernels() {
+                        let mut out = vec![0.0f32; qh * d];
+                        let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
+                        decode(&cache, &q, qh, scale, &mut out, &mut scratch, kernel).unwrap();
+                        for hq in 0..qh {
+                            let h = hq / ratio;
+                            let qr = &q[hq * d..][..d];
+                            let tol =
+                                generic_tolerance(&cache, h, qr, &keys[h], &values[h], &probs[hq], scale);
+                            for c in 0..d {
+                                let (o, w) = (f64::from(out[hq * d + c]), want[hq * d + c]);
+                                assert!(
+                                    (o - w).abs() <= tol[c],
+                                    "{name} {} d {d} T {t} ratio {ratio} head {hq} ch {c}: {o} vs {w} (tol {:e})",
+                                    kernel.name(),
+                                    tol[c]
+                                );
+                            }
+                        }
+                        cases += 1;
+                    }
+                }
+                // Prefill of a chunk over the same cache: position i sees the cache and chunk rows 0..=i.
+                if t % 3 != 0 && big {
+                    continue;
+                }
+                let n = 5;
+                let kc = activations(&mut rng, n, 2, d);
+                let vc = activations(&mut rng, n, 2, d);
+                let qh = 6;
+                let q: Vec<f32> = (0..n * qh * d).map(|_| rng.unit()).collect();
+                for kernel in kernels() {
+                    let mut out = vec![0.0f32; n * qh * d];
+                    let mut scratch = vec![0.0f32; cfg.prefill_scratch_len(n, qh)];
+                    prefill(&cache, &q, &kc, &vc, qh, 0.125, &mut out, &mut scratch, kernel).unwrap();
+                    for i in 0..n {
+                        let with = |base: &[Vec<f32>], x: &[f32]| -> Vec<Vec<f32>> {
+                            (0..2)
+                                .map(|h| {
+                                    let mut r = base[h].clone();
+                                    (0..=i).for_each(|j| r.extend_from_slice(&x[(j * 2 + h) * d..][..d]));
+                                    r
+                                })
+                                .collect()
+                        };
+                        let (ks, vs) = (with(&keys, &kc), with(&values, &vc));
+                        let qi = &q[i * qh * d..][..qh * d];
+                        let (want, probs) = naive_p(qi, &ks, &vs, qh, d, 0.125);
+                        for hq in 0..qh {
+                            let h = hq / 3;
+                            let tol = generic_tolerance(
+                                &cache,
+                                h,
+                                &qi[hq * d..][..d],
+                                &ks[h],
+                                &vs[h],
+                                &probs[hq],
+                                0.125,
+                            );
+                            for c in 0..d {
+                                let (o, w) = (f64::from(out[(i * qh + hq) * d + c]), want[hq * d + c]);
+                                assert!(
+                                    (o - w).abs() <= tol[c],
+                                    "prefill {name} {} d {d} T {t} pos {i} head {hq} ch {c}: {o} vs {w} (tol {:e})",
+                                    kernel.name(),
+                                    tol[c]
+                                );
+                            }
+                        }
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert!(cases > if big { 300 } else { 3 }, "{cases}");
 }

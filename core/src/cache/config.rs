@@ -3,6 +3,8 @@
 use super::window::Residual;
 use crate::error::{Error, Result};
 use crate::pack::Width;
+use crate::quant::param::ParamFormat;
+use crate::transform::{Rope, hadamard_len_ok};
 
 /// Which axis a quantization group runs along.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,29 +16,120 @@ pub enum Axis {
     PerToken,
 }
 
-/// Quantization of one stream: uniform min-max groups with f16 scale and zero point (methods.md §1.1).
+/// Quantization of one stream: min-max groups (methods.md §1.1), with KVQuant's and SKVQ's options.
+///
+/// - `params`: the groups' two parameters in f16 (KIVI) or FP8 E4M3 (SKVQ), half the bytes.
+/// - `codebook`: the codes index calibrated levels instead of a uniform grid (KVQuant's nuqX, §2.3): a
+///   group is normalized to `[-1, 1]` by its centre and half-range and each value takes its nearest level.
+///   The levels live in the cache's tables ([`crate::cache::Cache::set_levels`]), per channel for
+///   per-channel keys and per head otherwise.
+/// - `outliers`: dense-and-sparse slots (§2.5): per key group of `G` tokens and KV head for per-channel
+///   keys (values beyond calibrated per-channel thresholds), per token across all KV heads for per-token
+///   streams (its largest magnitudes). Each slot is 4 bytes: index and f16 correction.
+/// - `permuted`: per-token groups run over a calibrated channel permutation with variable-size groups
+///   (SKVQ's reordering, §3.1); queries are permuted alike and value outputs permuted back.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct QuantSpec {
     /// Code width.
     pub width: Width,
-    /// Group size `G`.
+    /// Group size `G` (for permuted streams, `head_dim / G` is the number of groups).
     pub group: usize,
     /// Grouping axis.
     pub axis: Axis,
     /// Clipping factor in `(0, 1]` (SKVQ); 1 is plain min-max.
     pub clip: f32,
+    /// Storage format of each group's two parameters.
+    pub params: ParamFormat,
+    /// Calibrated non-uniform levels instead of the uniform grid.
+    pub codebook: bool,
+    /// Outlier slots per unit (see above); 0 for none.
+    pub outliers: usize,
+    /// Per-token groups over a calibrated channel permutation.
+    pub permuted: bool,
 }
 
 impl QuantSpec {
     /// KIVI keys: `width`-bit codes per channel in groups of `group` tokens.
     pub const fn per_channel(width: Width, group: usize) -> Self {
-        Self { width, group, axis: Axis::PerChannel, clip: 1.0 }
+        Self {
+            width,
+            group,
+            axis: Axis::PerChannel,
+            clip: 1.0,
+            params: ParamFormat::F16,
+            codebook: false,
+            outliers: 0,
+            permuted: false,
+        }
     }
 
     /// KIVI values: `width`-bit codes per token in groups of `group` channels.
     pub const fn per_token(width: Width, group: usize) -> Self {
-        Self { width, group, axis: Axis::PerToken, clip: 1.0 }
+        Self { axis: Axis::PerToken, ..Self::per_channel(width, group) }
+    }
+
+    /// The same with parameters stored as `params`.
+    pub const fn with_params(self, params: ParamFormat) -> Self {
+        Self { params, ..self }
+    }
+
+    /// The same with calibrated codebook levels.
+    pub const fn with_codebook(self) -> Self {
+        Self { codebook: true, ..self }
+    }
+
+    /// The same with `slots` outlier slots per unit.
+    pub const fn with_outliers(self, slots: usize) -> Self {
+        Self { outliers: slots, ..self }
+    }
+
+    /// Whether KIVI's kernels read this body: uniform levels, f16 parameters, fixed groups, no outliers.
+    pub const fn plain(&self) -> bool {
+        matches!(self.params, ParamFormat::F16) && !self.codebook && self.outliers == 0 && !self.permuted
+    }
+
+    /// Bytes of one group parameter.
+    pub const fn param_bytes(&self) -> usize {
+        self.params.bytes()
+    }
+}
+
+/// Orthogonal transforms of the stored keys and values ([`crate::transform`]); attention applies the same
+/// to the query and turns the output back, so scores and outputs are unchanged up to rounding.
+///
+/// Keys go through, in this order: the RoPE rotation back by their offset in their key group (`rope`,
+/// per-channel keys), multiplication by calibrated per-channel balancing factors (`balance_keys`, MiKV),
+/// the Hadamard rotation (`rotate_keys`), and subtraction of calibrated per-channel means
+/// (`center_keys`). Values: the Hadamard rotation (`rotate_values`).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Transform {
+    /// Store per-channel keys relative to their group's first position (pre-RoPE quantization).
+    pub rope: Option<Rope>,
+    /// Hadamard-rotate keys (head_dim a power of two).
+    pub rotate_keys: bool,
+    /// Hadamard-rotate values (head_dim a power of two).
+    pub rotate_values: bool,
+    /// Subtract calibrated per-channel key means before quantizing.
+    pub center_keys: bool,
+    /// Scale keys by calibrated per-channel factors, queries by their inverse (MiKV's balancer).
+    pub balance_keys: bool,
+}
+
+impl Transform {
+    /// No transform.
+    pub const NONE: Self = Self {
+        rope: None,
+        rotate_keys: false,
+        rotate_values: false,
+        center_keys: false,
+        balance_keys: false,
+    };
+
+    /// Whether the key body is stored in another basis than the keys handed in.
+    pub const fn keys(&self) -> bool {
+        self.rope.is_some() || self.rotate_keys || self.center_keys || self.balance_keys
     }
 }
 
@@ -103,10 +196,18 @@ pub struct CacheConfig {
     pub sinks: usize,
     /// Behaviour at capacity.
     pub overflow: Overflow,
+    /// Transforms of the stored keys and values.
+    pub transform: Transform,
 }
 
 /// Largest group size the cache takes (KIVI and SKVQ use up to 128).
 pub const MAX_GROUP: usize = 256;
+
+/// Largest head dimension of a generic stream (its rows are staged on the stack).
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// Most outlier slots per unit.
+pub const MAX_OUTLIER_SLOTS: usize = 256;
 
 impl CacheConfig {
     /// Keys and values in f16.
@@ -120,6 +221,7 @@ impl CacheConfig {
             residual: 0,
             sinks: 0,
             overflow: Overflow::Stop,
+            transform: Transform::NONE,
         }
     }
 
@@ -148,6 +250,55 @@ impl CacheConfig {
     /// The same with overflow behaviour `overflow`.
     pub const fn with_overflow(self, overflow: Overflow) -> Self {
         Self { overflow, ..self }
+    }
+
+    /// The same with transforms `transform`.
+    pub const fn with_transform(self, transform: Transform) -> Self {
+        Self { transform, ..self }
+    }
+
+    /// The key stream's spec, if quantized.
+    pub const fn key_spec(&self) -> Option<QuantSpec> {
+        match self.keys {
+            Precision::Quant(q) => Some(q),
+            Precision::F16 => None,
+        }
+    }
+
+    /// The value stream's spec, if quantized.
+    pub const fn value_spec(&self) -> Option<QuantSpec> {
+        match self.values {
+            Precision::Quant(q) => Some(q),
+            Precision::F16 => None,
+        }
+    }
+
+    /// Whether KIVI's kernels read the key body (with a transformed query where it is rotated or balanced):
+    /// a plain body, no RoPE offsets, no centring.
+    pub const fn plain_keys(&self) -> bool {
+        match self.keys {
+            Precision::F16 => true,
+            Precision::Quant(q) => q.plain() && self.transform.rope.is_none() && !self.transform.center_keys,
+        }
+    }
+
+    /// Whether appending to a stream goes through the generic quantizer (a transform, or anything beyond
+    /// KIVI's plain groups) rather than KIVI's.
+    pub const fn generic(&self, values: bool) -> bool {
+        let p = if values { self.values } else { self.keys };
+        let Precision::Quant(q) = p else {
+            return false;
+        };
+        let t = self.transform;
+        !q.plain() || if values { t.rotate_values } else { t.keys() }
+    }
+
+    /// Whether KIVI's kernels read the value body (outputs turned back where it is rotated).
+    pub const fn plain_values(&self) -> bool {
+        match self.values {
+            Precision::F16 => true,
+            Precision::Quant(q) => q.plain(),
+        }
     }
 
     /// Whether any stream is quantized (and so has a window of `residual` tokens).
@@ -191,6 +342,9 @@ impl CacheConfig {
         if let Err(e) = self.check_stream(&self.values) {
             return Err(e);
         }
+        if let Err(e) = self.check_transform() {
+            return Err(e);
+        }
         if matches!(self.overflow, Overflow::Slide) {
             let r = if self.quantized() { self.residual } else { 0 };
             if self.capacity < self.sinks + r + self.slide_step() {
@@ -203,12 +357,93 @@ impl CacheConfig {
         Ok(())
     }
 
+    const fn check_transform(&self) -> Result<()> {
+        let t = self.transform;
+        let pow2 = hadamard_len_ok(self.head_dim);
+        if (t.rotate_keys || t.rotate_values) && !pow2 {
+            return Err(Error::InvalidConfig {
+                what: "head_dim (a Hadamard rotation needs a power of two)",
+                value: self.head_dim,
+            });
+        }
+        if (t.keys() || t.rotate_values) && self.head_dim > MAX_HEAD_DIM {
+            return Err(Error::InvalidConfig {
+                what: "head_dim (at most 512 with a transform)",
+                value: self.head_dim,
+            });
+        }
+        let quant_keys = matches!(self.keys, Precision::Quant(_));
+        if t.rotate_values && !matches!(self.values, Precision::Quant(_)) {
+            return Err(Error::InvalidConfig { what: "value rotation (values must be quantized)", value: 0 });
+        }
+        if t.keys() && !quant_keys {
+            return Err(Error::InvalidConfig { what: "key transform (keys must be quantized)", value: 0 });
+        }
+        if t.rope.is_some() {
+            if !matches!(self.keys, Precision::Quant(QuantSpec { axis: Axis::PerChannel, .. })) {
+                return Err(Error::InvalidConfig {
+                    what: "RoPE offsets (keys must be per-channel groups)",
+                    value: 0,
+                });
+            }
+            if !self.head_dim.is_multiple_of(2) {
+                return Err(Error::InvalidConfig {
+                    what: "head_dim (RoPE needs it even)",
+                    value: self.head_dim,
+                });
+            }
+            if let Some(r) = t.rope
+                && !(r.base.is_finite() && r.base > 1.0)
+            {
+                return Err(Error::InvalidConfig { what: "RoPE base (finite, above 1)", value: 0 });
+            }
+        }
+        Ok(())
+    }
+
     const fn check_stream(&self, p: &Precision) -> Result<()> {
         let Precision::Quant(q) = *p else {
             return Ok(());
         };
         if !(q.clip > 0.0 && q.clip <= 1.0) {
             return Err(Error::InvalidClip { alpha: q.clip });
+        }
+        if q.codebook && q.width.levels() as usize > crate::quant::codebook::MAX_LEVELS {
+            return Err(Error::InvalidConfig {
+                what: "codebook width (at most 4 bits)",
+                value: q.width.bits() as usize,
+            });
+        }
+        if q.permuted && !matches!(q.axis, Axis::PerToken) {
+            return Err(Error::InvalidConfig {
+                what: "channel permutation (per-token groups only)",
+                value: 0,
+            });
+        }
+        if self.head_dim > MAX_HEAD_DIM && !q.plain() {
+            return Err(Error::InvalidConfig {
+                what: "head_dim (at most 512 for this format)",
+                value: self.head_dim,
+            });
+        }
+        if q.outliers > MAX_OUTLIER_SLOTS {
+            return Err(Error::InvalidConfig { what: "outlier slots (at most 256)", value: q.outliers });
+        }
+        if q.outliers > 0 {
+            // Slot indices are u16 (0xFFFF marks an empty slot): a key group's `G * head_dim` positions of
+            // one head, or a token's `kv_heads * head_dim`.
+            let (unit, what) = match q.axis {
+                Axis::PerChannel => (q.group * self.head_dim, "outlier slots (at most G * head_dim)"),
+                Axis::PerToken => {
+                    (self.kv_heads * self.head_dim, "outlier slots (at most kv_heads * head_dim)")
+                }
+            };
+            if unit >= u16::MAX as usize {
+                return Err(Error::InvalidConfig { what: "outlier index space (u16)", value: unit });
+            }
+            if q.outliers > unit {
+                return Err(Error::InvalidConfig { what, value: q.outliers });
+            }
         }
         if q.group == 0 || q.group > MAX_GROUP {
             return Err(Error::InvalidConfig { what: "group size", value: q.group });

@@ -14,7 +14,12 @@
 //! body, per-token     codes u32 [kv_heads][ring][head_dim*b/32]   a token's channels, LSB first (KIVI)
 //!                     scale f16 [kv_heads][head_dim/G][ring]      a group's tokens contiguous
 //!                     zero  f16 [kv_heads][head_dim/G][ring]
+//! outliers, per-channel  [kv_heads][ring/G][slots] Outlier       a key group's slots (index t*d + c)
+//! outliers, per-token    [ring][slots] Outlier                   a token's slots (index h*d + c)
+//! tables               f32 and u16 calibration tables (see `Tables`), written once, kept by `reset`
 //! ```
+//!
+//! FP8 parameters take one byte each in the same order (`scale` and `zero` regions then hold bytes).
 //!
 //! Quantized keys are stored in blocks of [`KEY_BLOCK`] = 256 tokens (fp16 keys in blocks of
 //! [`KEY_BLOCK_F16`] = 32, again one line per channel): within a block each
@@ -63,6 +68,69 @@ impl Region {
     }
 }
 
+/// Where a stream's calibration tables sit (each region empty when the configuration does not use it).
+///
+/// ```text
+/// rope        f32 [G][head_dim/2][2]        cos, sin of t * theta_i for offsets t < G (computed by `Cache::new`)
+/// center      f32 [kv_heads][head_dim]      per-channel key means in the stored basis (default 0)
+/// balance     f32 [kv_heads][head_dim]      per-channel key factors (default 1)
+/// levels      f32 [units][2][L]             codebook: encoding levels, then decoding levels (after Q-Norm);
+///                                          units = kv_heads * head_dim for per-channel keys, else kv_heads
+/// thresholds  f32 [kv_heads][head_dim][2]   per-channel outlier thresholds (lower, upper) of per-channel keys
+/// perm        u16 [kv_heads][head_dim]      permuted position i holds stored channel perm[i]
+/// bounds      u16 [kv_heads][groups + 1]    variable group boundaries in permuted order
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Tables {
+    /// RoPE offsets.
+    pub rope: Region,
+    /// Key centres.
+    pub center: Region,
+    /// Key balancing factors.
+    pub balance: Region,
+    /// Codebook levels.
+    pub levels: Region,
+    /// Outlier thresholds.
+    pub thresholds: Region,
+    /// Channel permutation.
+    pub perm: Region,
+    /// Group bounds.
+    pub bounds: Region,
+}
+
+impl Tables {
+    /// One past the last word.
+    pub const fn end(&self) -> usize {
+        self.bounds.end()
+    }
+
+    /// The same tables with every offset moved down by `base` (for a view of the arena from `base`).
+    pub fn shifted(&self, base: usize) -> Self {
+        let m = |r: Region| Region { offset: r.offset - base, words: r.words };
+        Self {
+            rope: m(self.rope),
+            center: m(self.center),
+            balance: m(self.balance),
+            levels: m(self.levels),
+            thresholds: m(self.thresholds),
+            perm: m(self.perm),
+            bounds: m(self.bounds),
+        }
+    }
+
+    /// Words of all tables.
+    pub const fn words(&self) -> usize {
+        self.rope.words
+            + self.center.words
+            + self.balance.words
+            + self.levels.words
+            + self.thresholds.words
+            + self.perm.words
+            + self.bounds.words
+    }
+}
+
 /// The regions of one stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -77,6 +145,13 @@ pub struct StreamLayout {
     pub scale: Region,
     /// Body group zero points (quantized streams).
     pub zero: Region,
+    /// Outlier slots (quantized streams with outliers).
+    pub outliers: Region,
+    /// Calibration tables.
+    pub tables: Tables,
+    /// f32 working rows for quantizing transformed or generic groups (`[G][head_dim]` for per-channel keys,
+    /// `[kv_heads][head_dim]` for per-token streams); empty for KIVI's plain streams.
+    pub scratch: Region,
     /// Ring slots of the body, in tokens.
     pub ring: usize,
     /// Window slots, in tokens.
@@ -136,6 +211,14 @@ const fn f16_words(n: usize) -> usize {
     n.div_ceil(2)
 }
 
+/// Words that `n` parameters of `bytes` bytes take.
+const fn param_words(n: usize, bytes: usize) -> Result<usize> {
+    match n.checked_mul(bytes) {
+        Some(b) => Ok(b.div_ceil(4)),
+        None => Err(OVERFLOW),
+    }
+}
+
 macro_rules! tri {
     ($e:expr) => {
         match $e {
@@ -188,7 +271,7 @@ impl CacheConfig {
                 }
                 at = s.codes.end();
             }
-            Precision::Quant(QuantSpec { width, group, axis, .. }) => {
+            Precision::Quant(q @ QuantSpec { width, group, axis, .. }) => {
                 let r = self.residual;
                 s.window_tokens = r;
                 s.window = Region { offset: at, words: f16_words(tri!(mul(hd, r))) };
@@ -207,10 +290,12 @@ impl CacheConfig {
                             offset: at,
                             words: tri!(mul(tri!(mul(hd, s.ring / KEY_BLOCK)), s.row_words)),
                         };
-                        let params = f16_words(tri!(mul(hd, s.row_groups)));
+                        let params = tri!(param_words(tri!(mul(hd, s.row_groups)), q.param_bytes()));
                         s.scale = Region { offset: s.codes.end(), words: params };
                         s.zero = Region { offset: s.scale.end(), words: params };
-                        at = s.zero.end();
+                        let slots = tri!(mul(tri!(mul(self.kv_heads, s.row_groups)), q.outliers));
+                        s.outliers = Region { offset: s.zero.end(), words: slots };
+                        at = s.outliers.end();
                     }
                     Axis::PerToken => {
                         s.ring = body.saturating_sub(r);
@@ -220,24 +305,67 @@ impl CacheConfig {
                             offset: at,
                             words: tri!(mul(tri!(mul(self.kv_heads, s.ring)), s.row_words)),
                         };
-                        let params = f16_words(tri!(mul(tri!(mul(self.kv_heads, s.ring)), s.row_groups)));
+                        let n = tri!(mul(tri!(mul(self.kv_heads, s.ring)), s.row_groups));
+                        let params = tri!(param_words(n, q.param_bytes()));
                         s.scale = Region { offset: s.codes.end(), words: params };
                         s.zero = Region { offset: s.scale.end(), words: params };
-                        at = s.zero.end();
+                        s.outliers = Region { offset: s.zero.end(), words: tri!(mul(s.ring, q.outliers)) };
+                        at = s.outliers.end();
                     }
+                }
+                s.tables = tri!(self.tables_layout(&q, values, at));
+                at = s.tables.end();
+                if self.generic(values) {
+                    let rows = if matches!(axis, Axis::PerChannel) { group } else { self.kv_heads };
+                    s.scratch = Region { offset: at, words: tri!(mul(rows, self.head_dim)) };
+                    at = s.scratch.end();
                 }
             }
         }
         Ok((s, at))
     }
+
+    const fn tables_layout(&self, q: &QuantSpec, values: bool, start: usize) -> Result<Tables> {
+        let (heads, d) = (self.kv_heads, self.head_dim);
+        let hd = tri!(mul(heads, d));
+        let t = self.transform;
+        let keys = !values;
+        let rope =
+            Region { offset: start, words: if keys && t.rope.is_some() { tri!(mul(q.group, d)) } else { 0 } };
+        let center = Region { offset: rope.end(), words: if keys && t.center_keys { hd } else { 0 } };
+        let balance = Region { offset: center.end(), words: if keys && t.balance_keys { hd } else { 0 } };
+        let units = if matches!(q.axis, Axis::PerChannel) { hd } else { heads };
+        let lw = if q.codebook { tri!(mul(units, 2 * q.width.levels() as usize)) } else { 0 };
+        let levels = Region { offset: balance.end(), words: lw };
+        let per_channel = matches!(q.axis, Axis::PerChannel);
+        let tw = if q.outliers > 0 && per_channel { 2 * hd } else { 0 };
+        let thresholds = Region { offset: levels.end(), words: tw };
+        let perm = Region { offset: thresholds.end(), words: if q.permuted { f16_words(hd) } else { 0 } };
+        let bw = if q.permuted { f16_words(tri!(mul(heads, d / q.group + 1))) } else { 0 };
+        let bounds = Region { offset: perm.end(), words: bw };
+        Ok(Tables { rope, center, balance, levels, thresholds, perm, bounds })
+    }
 }
 
+const EMPTY: Region = Region { offset: 0, words: 0 };
+
 const ZERO: StreamLayout = StreamLayout {
-    sinks: Region { offset: 0, words: 0 },
-    window: Region { offset: 0, words: 0 },
-    codes: Region { offset: 0, words: 0 },
-    scale: Region { offset: 0, words: 0 },
-    zero: Region { offset: 0, words: 0 },
+    sinks: EMPTY,
+    window: EMPTY,
+    codes: EMPTY,
+    scale: EMPTY,
+    zero: EMPTY,
+    outliers: EMPTY,
+    scratch: EMPTY,
+    tables: Tables {
+        rope: EMPTY,
+        center: EMPTY,
+        balance: EMPTY,
+        levels: EMPTY,
+        thresholds: EMPTY,
+        perm: EMPTY,
+        bounds: EMPTY,
+    },
     ring: 0,
     window_tokens: 0,
     row_words: 0,
@@ -269,8 +397,10 @@ mod tests {
         assert_eq!(v.row_groups, 2);
         assert_eq!(v.codes.words, 3 * 892 * 4);
         assert_eq!(v.scale.words, 3 * 2 * 892 / 2);
-        let regions =
-            [k.sinks, k.window, k.codes, k.scale, k.zero, v.sinks, v.window, v.codes, v.scale, v.zero];
+        let regions = [
+            k.sinks, k.window, k.codes, k.scale, k.zero, k.outliers, v.sinks, v.window, v.codes, v.scale,
+            v.zero, v.outliers,
+        ];
         let mut at = 0;
         for r in regions {
             assert_eq!(r.offset, at);

@@ -21,18 +21,28 @@
 //! The arena layout is in [`layout`]; attention over the cache is [`crate::attention`].
 
 pub mod config;
+pub(crate) mod group;
 pub mod layout;
+pub(crate) mod tables;
 pub mod window;
 
-pub use config::{Axis, CacheConfig, Overflow, Precision, QuantSpec};
-pub use layout::{Layout, Region, StreamLayout};
+pub use config::{Axis, CacheConfig, Overflow, Precision, QuantSpec, Transform};
+pub use layout::{Layout, Region, StreamLayout, Tables};
 pub use window::Residual;
 
 use crate::error::{Error, Result};
 use crate::pack;
+use crate::quant::outliers::Outlier;
+use crate::quant::param::ParamFormat;
 use crate::quant::uniform::{GroupParams, UniformSpec};
 use crate::view::Strided;
+use config::{MAX_GROUP, MAX_HEAD_DIM, MAX_OUTLIER_SLOTS};
+use group::GroupCoder;
 use half::f16;
+use tables::TableView;
+
+/// An outlier slot's index when the slot is empty.
+pub(crate) const EMPTY_SLOT: u16 = u16::MAX;
 
 /// Largest magnitude the cache accepts. Any group of values within `±MAX_ABS` has a zero point and a step
 /// that f16 represents (the step is at most `2 * MAX_ABS` plus rounding, below f16's 65504), so a
@@ -63,12 +73,14 @@ pub struct Usage {
     pub body_bytes: usize,
     /// Bytes of the body's group scales and zero points.
     pub param_bytes: usize,
+    /// Bytes of the outlier slots reserved for the body's groups or tokens (index and f16 correction).
+    pub outlier_bytes: usize,
 }
 
 impl Usage {
     /// All bytes held.
     pub const fn total_bytes(&self) -> usize {
-        self.sink_bytes + self.window_bytes + self.body_bytes + self.param_bytes
+        self.sink_bytes + self.window_bytes + self.body_bytes + self.param_bytes + self.outlier_bytes
     }
 
     /// Average bits per stored element (keys and values, every head and channel); 0 when empty.
@@ -123,7 +135,14 @@ impl CacheConfig {
     /// Bytes held in each region at the given counts.
     pub const fn usage(&self, c: Counts) -> Usage {
         let hd = self.kv_heads * self.head_dim;
-        let mut u = Usage { tokens: c.held(), sink_bytes: 0, window_bytes: 0, body_bytes: 0, param_bytes: 0 };
+        let mut u = Usage {
+            tokens: c.held(),
+            sink_bytes: 0,
+            window_bytes: 0,
+            body_bytes: 0,
+            param_bytes: 0,
+            outlier_bytes: 0,
+        };
         let streams = [self.keys, self.values];
         let mut i = 0;
         while i < 2 {
@@ -135,7 +154,12 @@ impl CacheConfig {
                 Precision::F16 => u.body_bytes += live * hd * 2,
                 Precision::Quant(s) => {
                     u.body_bytes += live * hd * s.width.bits() as usize / 8;
-                    u.param_bytes += live * hd / s.group * 4;
+                    u.param_bytes += live * hd / s.group * 2 * s.param_bytes();
+                    let units = match s.axis {
+                        Axis::PerChannel => live / s.group * self.kv_heads,
+                        Axis::PerToken => live,
+                    };
+                    u.outlier_bytes += units * s.outliers * core::mem::size_of::<Outlier>();
                 }
             }
             i += 1;
@@ -163,14 +187,37 @@ pub(crate) struct StreamView<'c> {
     pub(crate) codes: &'c [u32],
     pub(crate) scale: &'c [u16],
     pub(crate) zero: &'c [u16],
+    /// The parameter regions as bytes (FP8 parameters).
+    pub(crate) scale8: &'c [u8],
+    pub(crate) zero8: &'c [u8],
+    pub(crate) outliers: &'c [Outlier],
+    pub(crate) tables: TableView<'c>,
     /// End of the quantized run (logical body index).
     pub(crate) q_end: usize,
 }
 
-impl StreamView<'_> {
+impl<'c> StreamView<'c> {
     /// The body as f16 values (fp16 streams).
-    pub(crate) fn body_f16(&self) -> &[u16] {
+    pub(crate) fn body_f16(&self) -> &'c [u16] {
         bytemuck::cast_slice(self.codes)
+    }
+
+    /// The scale and zero point at parameter index `i`, in the stream's format.
+    #[inline]
+    pub(crate) fn params(&self, fmt: ParamFormat, i: usize) -> GroupParams {
+        match fmt {
+            ParamFormat::F16 => GroupParams { scale: f32_of(self.scale[i]), zero: f32_of(self.zero[i]) },
+            _ => GroupParams {
+                scale: fmt.decode(u16::from(self.scale8[i])),
+                zero: fmt.decode(u16::from(self.zero8[i])),
+            },
+        }
+    }
+
+    /// The group coder of codebook unit `unit` (or the uniform one).
+    pub(crate) fn coder(&self, q: QuantSpec, unit: usize) -> GroupCoder<'c> {
+        let levels = if q.codebook { self.tables.unit_levels(unit, q.width.levels() as usize) } else { None };
+        GroupCoder { spec: q, levels }
     }
 }
 
@@ -186,6 +233,61 @@ fn uniform(s: &QuantSpec) -> UniformSpec {
     UniformSpec::new(s.width).with_clip(s.clip)
 }
 
+/// Writes a group's parameters `p` at parameter index `at` of stream layout `l`, in format `fmt`.
+fn write_params(arena: &mut [u32], l: StreamLayout, fmt: ParamFormat, at: usize, p: GroupParams) {
+    let [sc, z] = p.to_raw(fmt);
+    match fmt {
+        ParamFormat::F16 => {
+            bytemuck::cast_slice_mut::<u32, u16>(&mut arena[l.scale.offset..l.scale.end()])[at] = sc;
+            bytemuck::cast_slice_mut::<u32, u16>(&mut arena[l.zero.offset..l.zero.end()])[at] = z;
+        }
+        _ => {
+            bytemuck::cast_slice_mut::<u32, u8>(&mut arena[l.scale.offset..l.scale.end()])[at] = sc as u8;
+            bytemuck::cast_slice_mut::<u32, u8>(&mut arena[l.zero.offset..l.zero.end()])[at] = z as u8;
+        }
+    }
+}
+
+/// The largest magnitude a generic stream's stored (transformed) values may take: its parameters must
+/// represent the range (FP8 E4M3 reaches 448).
+fn stored_limit(q: &QuantSpec) -> f32 {
+    MAX_ABS.min(q.params.max())
+}
+
+/// Positions of the largest `cap` entries of `score` over `0..n` (ties to the lower position), written
+/// ascending into `out`; returns how many (at most `cap`, only entries with a positive score).
+fn top_positions(
+    n: usize,
+    cap: usize,
+    score: impl Fn(usize) -> f32,
+    out: &mut [u16; MAX_OUTLIER_SLOTS],
+) -> usize {
+    let mut best = [(0.0f32, 0u16); MAX_OUTLIER_SLOTS];
+    let mut k = 0;
+    if cap == 0 {
+        return 0;
+    }
+    for i in 0..n {
+        let v = score(i);
+        if v.is_nan() || v <= 0.0 || (k == cap && v <= best[k - 1].0) {
+            continue;
+        }
+        // Insert into the descending list (stable: equal scores keep the earlier position first).
+        let mut at = if k < cap { k } else { cap - 1 };
+        best[at] = (v, i as u16);
+        while at > 0 && best[at - 1].0 < best[at].0 {
+            best.swap(at - 1, at);
+            at -= 1;
+        }
+        k = (k + 1).min(cap);
+    }
+    for (o, b) in out.iter_mut().zip(&best[..k]) {
+        *o = b.1;
+    }
+    out[..k].sort_unstable();
+    k
+}
+
 impl<'a> Cache<'a> {
     /// A cache over `arena`, empty.
     ///
@@ -197,7 +299,9 @@ impl<'a> Cache<'a> {
         if arena.len() < layout.total_words {
             return Err(Error::ArenaTooSmall { needed: layout.total_bytes, got: arena.len() * 4 });
         }
-        Ok(Self { cfg, layout, arena, counts: Counts::default() })
+        let mut cache = Self { cfg, layout, arena, counts: Counts::default() };
+        cache.init_tables()?;
+        Ok(cache)
     }
 
     /// A cache over a byte arena; its first bytes are skipped up to a 4-byte boundary.
@@ -258,6 +362,10 @@ impl<'a> Cache<'a> {
             codes: words(layout.codes),
             scale: bytemuck::cast_slice(words(layout.scale)),
             zero: bytemuck::cast_slice(words(layout.zero)),
+            scale8: bytemuck::cast_slice(words(layout.scale)),
+            zero8: bytemuck::cast_slice(words(layout.zero)),
+            outliers: bytemuck::cast_slice(words(layout.outliers)),
+            tables: TableView::new(self.arena, &layout.tables),
             q_end: precision.residual().quantized_end(self.counts.n, self.cfg.residual),
         }
     }
@@ -303,10 +411,109 @@ impl<'a> Cache<'a> {
                 capacity: self.cfg.capacity,
             });
         }
+        self.check_stored_range(keys, values)?;
         for (k, v) in keys.chunks_exact(hd).zip(values.chunks_exact(hd)) {
             self.push(k, v)?;
         }
         Ok(())
+    }
+
+    /// Checks, before anything changes, that every body token of an append keeps its transformed values
+    /// within what a generic stream's parameters represent ([`stored_limit`]), so that no group fails to
+    /// quantize half-way through. The values are transformed exactly as the quantizer will transform them
+    /// (from their f16 window copies where there is a window).
+    fn check_stored_range(&self, keys: &[f32], values: &[f32]) -> Result<()> {
+        let (heads, d) = (self.cfg.kv_heads, self.cfg.head_dim);
+        let hd = heads * d;
+        let to_sinks = self.cfg.sinks - self.counts.sinks;
+        let mut row = [0.0f32; MAX_HEAD_DIM];
+        for (s, input) in [(Stream::Keys, keys), (Stream::Values, values)] {
+            let values_stream = s == Stream::Values;
+            if !self.cfg.generic(values_stream) {
+                continue;
+            }
+            let (Precision::Quant(q), _) = self.stream_cfg(s) else { continue };
+            let limit = stored_limit(&q);
+            for (i, tok) in input.chunks_exact(hd).enumerate().skip(to_sinks) {
+                let j = self.counts.n + i - to_sinks;
+                for (h, x) in tok.chunks_exact(d).enumerate() {
+                    let row = &mut row[..d];
+                    for (o, &v) in row.iter_mut().zip(x) {
+                        *o = if self.cfg.residual > 0 { f32_of(f16_bits(v)) } else { v };
+                    }
+                    self.forward(s, h, j % q.group, row);
+                    if let Some(&v) = row.iter().find(|v| v.abs() > limit) {
+                        return Err(Error::ParamOverflow { value: v, max: limit });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored basis of a body row of head `h` (`offset`: the token's offset within its key group, used
+    /// by RoPE offsets): keys turned back by their offset, balanced, rotated and centred; values rotated.
+    pub(crate) fn forward(&self, s: Stream, h: usize, offset: usize, row: &mut [f32]) {
+        let t = self.cfg.transform;
+        let d = self.cfg.head_dim;
+        let tables = self.tables_of(s);
+        match s {
+            Stream::Keys => {
+                if let Some(rope) = t.rope {
+                    rope.rotate(row, &tables.rope[offset * d..][..d], true);
+                }
+                if t.balance_keys {
+                    for (x, &b) in row.iter_mut().zip(&tables.balance[h * d..][..d]) {
+                        *x *= b;
+                    }
+                }
+                if t.rotate_keys {
+                    crate::transform::hadamard(row);
+                }
+                if t.center_keys {
+                    for (x, &m) in row.iter_mut().zip(&tables.center[h * d..][..d]) {
+                        *x -= m;
+                    }
+                }
+            }
+            Stream::Values => {
+                if t.rotate_values {
+                    crate::transform::hadamard(row);
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`Cache::forward`]: a stored-basis row back to the keys or values handed in.
+    pub(crate) fn inverse(&self, s: Stream, h: usize, offset: usize, row: &mut [f32]) {
+        let t = self.cfg.transform;
+        let d = self.cfg.head_dim;
+        let tables = self.tables_of(s);
+        match s {
+            Stream::Keys => {
+                if t.center_keys {
+                    for (x, &m) in row.iter_mut().zip(&tables.center[h * d..][..d]) {
+                        *x += m;
+                    }
+                }
+                if t.rotate_keys {
+                    crate::transform::hadamard(row);
+                }
+                if t.balance_keys {
+                    for (x, &b) in row.iter_mut().zip(&tables.balance[h * d..][..d]) {
+                        *x /= b;
+                    }
+                }
+                if let Some(rope) = t.rope {
+                    rope.rotate(row, &tables.rope[offset * d..][..d], false);
+                }
+            }
+            Stream::Values => {
+                if t.rotate_values {
+                    crate::transform::hadamard(row);
+                }
+            }
+        }
     }
 
     fn push(&mut self, k: &[f32], v: &[f32]) -> Result<()> {
@@ -358,6 +565,26 @@ impl<'a> Cache<'a> {
                     }
                 }
             }
+            Precision::Quant(q) if self.cfg.generic(s == Stream::Values) => match q.axis {
+                Axis::PerChannel => {
+                    self.write_window(l, j % r, x);
+                    if (j + 1).is_multiple_of(r) {
+                        for gs in (j + 1 - r..j + 1).step_by(q.group) {
+                            self.quantize_key_group(l, &q, gs)?;
+                        }
+                    }
+                }
+                Axis::PerToken => {
+                    if r == 0 {
+                        self.quantize_token_generic(s, l, &q, j, Some(x))?;
+                    } else {
+                        if j >= r {
+                            self.quantize_token_generic(s, l, &q, j - r, None)?;
+                        }
+                        self.write_window(l, j % r, x);
+                    }
+                }
+            },
             Precision::Quant(q) => match q.axis {
                 Axis::PerChannel => {
                     self.write_window(l, j % r, x);
@@ -441,6 +668,225 @@ impl<'a> Cache<'a> {
         bytemuck::cast_slice_mut::<u32, u16>(&mut self.arena[l.zero.offset..l.zero.end()])[at] = z;
     }
 
+    fn tables_of(&self, s: Stream) -> TableView<'_> {
+        TableView::new(self.arena, &self.stream_cfg(s).1.tables)
+    }
+
+    /// The arena split for a generic quantization of stream layout `l`: the words below its tables (codes,
+    /// parameters, outliers: written), and its tables and scratch rows (read).
+    fn split(&mut self, l: StreamLayout) -> (&mut [u32], TableView<'_>, &[f32]) {
+        let base = l.tables.rope.offset;
+        let (lo, hi) = self.arena.split_at_mut(base);
+        let hi: &[u32] = hi;
+        let tables = TableView::new(hi, &l.tables.shifted(base));
+        let scratch = bytemuck::cast_slice(&hi[l.scratch.offset - base..][..l.scratch.words]);
+        (lo, tables, scratch)
+    }
+
+    /// Quantizes key group `G` tokens from body index `gs` (group-aligned, in the window) through the generic
+    /// path: each head's rows go to the stored basis ([`Cache::forward`]) in the scratch rows, the values
+    /// beyond their channel's thresholds compete for the group's outlier slots (the farthest out, relative
+    /// to the thresholds' width, win), and each channel is coded over the rest of its values, clamped to
+    /// its thresholds.
+    fn quantize_key_group(&mut self, l: StreamLayout, q: &QuantSpec, gs: usize) -> Result<()> {
+        let (heads, d, r, g) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual, q.group);
+        let slot = gs % l.ring;
+        let gi = slot / g;
+        for h in 0..heads {
+            for i in 0..g {
+                let mut row = [0.0f32; MAX_HEAD_DIM];
+                let row = &mut row[..d];
+                let win: &[u16] = bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
+                for (o, &b) in row.iter_mut().zip(&win[(h * r + (gs + i) % r) * d..][..d]) {
+                    *o = f32_of(b);
+                }
+                self.forward(Stream::Keys, h, i, row);
+                let scratch: &mut [f32] =
+                    bytemuck::cast_slice_mut(&mut self.arena[l.scratch.offset..l.scratch.end()]);
+                scratch[i * d..][..d].copy_from_slice(row);
+            }
+            let (lo_words, tables, scratch) = self.split(l);
+            let th = |c: usize| {
+                if tables.thresholds.is_empty() {
+                    (f32::NEG_INFINITY, f32::INFINITY)
+                } else {
+                    (tables.thresholds[(h * d + c) * 2], tables.thresholds[(h * d + c) * 2 + 1])
+                }
+            };
+            let mut sel = [0u16; MAX_OUTLIER_SLOTS];
+            let n_sel = top_positions(
+                g * d,
+                q.outliers,
+                |i| {
+                    let (x, (lo, hi)) = (scratch[i], th(i % d));
+                    let excess = (x - hi).max(lo - x);
+                    if excess > 0.0 { excess / (hi - lo).max(f32::MIN_POSITIVE) } else { 0.0 }
+                },
+                &mut sel,
+            );
+            // Per channel: range over the values not kept as outliers, clamped to the thresholds.
+            let mut params = [GroupParams { scale: 0.0, zero: 0.0 }; MAX_HEAD_DIM];
+            let mut codes = [[0u8; MAX_GROUP]; 1];
+            let mut deltas = [0u16; MAX_OUTLIER_SLOTS];
+            let head_words = h * l.key_head_words(d);
+            for c in 0..d {
+                let coder = {
+                    let levels = if q.codebook {
+                        tables.unit_levels(h * d + c, q.width.levels() as usize)
+                    } else {
+                        None
+                    };
+                    GroupCoder { spec: *q, levels }
+                };
+                let kept = |t: usize| sel[..n_sel].binary_search(&((t * d + c) as u16)).is_err();
+                let (lo_t, hi_t) = th(c);
+                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                for t in (0..g).filter(|&t| kept(t)) {
+                    let x = scratch[t * d + c].clamp(lo_t, hi_t);
+                    lo = lo.min(x);
+                    hi = hi.max(x);
+                }
+                if lo > hi {
+                    // Every value is an outlier: the dense part is the threshold nearest zero.
+                    (lo, hi) = (0.0f32.clamp(lo_t, hi_t), 0.0f32.clamp(lo_t, hi_t));
+                }
+                let p = coder.fit(lo, hi)?;
+                params[c] = p;
+                for t in 0..g {
+                    let x = scratch[t * d + c];
+                    codes[0][t] = coder.encode(&p, x.clamp(lo, hi));
+                    if !kept(t)
+                        && let Ok(k) = sel[..n_sel].binary_search(&((t * d + c) as u16))
+                    {
+                        let delta = x - coder.decode(&p, codes[0][t]);
+                        deltas[k] = f16_bits(delta);
+                    }
+                }
+                let row_at = head_words + layout::key_row(slot, c, d, l.row_words);
+                let words = &mut lo_words[l.codes.offset..l.codes.end()][row_at..][..l.row_words];
+                pack::pack(&codes[0][..g], q.width, words, slot % layout::KEY_BLOCK)?;
+            }
+            for (c, p) in params[..d].iter().enumerate() {
+                write_params(lo_words, l, q.params, (h * l.row_groups + gi) * d + c, *p);
+            }
+            if q.outliers > 0 {
+                let slots: &mut [Outlier] =
+                    bytemuck::cast_slice_mut(&mut lo_words[l.outliers.offset..l.outliers.end()]);
+                let dst = &mut slots[(h * l.row_groups + gi) * q.outliers..][..q.outliers];
+                for (k, o) in dst.iter_mut().enumerate() {
+                    *o = if k < n_sel {
+                        Outlier { index: sel[k], delta: deltas[k] }
+                    } else {
+                        Outlier { index: EMPTY_SLOT, delta: 0 }
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Quantizes body token `j` of a per-token stream through the generic path, from `x` (`[heads][d]`,
+    /// no window) or its window slot: rows to the stored basis, the token's largest magnitudes across all
+    /// heads to its outlier slots, then each (permuted) group over the rest.
+    fn quantize_token_generic(
+        &mut self,
+        s: Stream,
+        l: StreamLayout,
+        q: &QuantSpec,
+        j: usize,
+        x: Option<&[f32]>,
+    ) -> Result<()> {
+        let (heads, d, r) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual);
+        let slot = j % l.ring;
+        for h in 0..heads {
+            let mut row = [0.0f32; MAX_HEAD_DIM];
+            let row = &mut row[..d];
+            match x {
+                Some(x) => row.copy_from_slice(&x[h * d..][..d]),
+                None => {
+                    let win: &[u16] = bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
+                    for (o, &b) in row.iter_mut().zip(&win[(h * r + j % r) * d..][..d]) {
+                        *o = f32_of(b);
+                    }
+                }
+            }
+            self.forward(s, h, 0, row);
+            let mut ordered = [0.0f32; MAX_HEAD_DIM];
+            {
+                let (perm, _) = self.tables_of(s).order(h, d, d / q.group);
+                // Stored order: permuted position i holds channel perm[i].
+                for (i, o) in ordered[..d].iter_mut().enumerate() {
+                    *o = if perm.is_empty() { row[i] } else { row[usize::from(perm[i])] };
+                }
+            }
+            let scratch: &mut [f32] =
+                bytemuck::cast_slice_mut(&mut self.arena[l.scratch.offset..l.scratch.end()]);
+            scratch[h * d..][..d].copy_from_slice(&ordered[..d]);
+        }
+        let (lo_words, tables, scratch) = self.split(l);
+        let mut sel = [0u16; MAX_OUTLIER_SLOTS];
+        let n_sel = top_positions(heads * d, q.outliers, |i| scratch[i].abs(), &mut sel);
+        let mut deltas = [0u16; MAX_OUTLIER_SLOTS];
+        let groups = d / q.group;
+        for h in 0..heads {
+            let coder = {
+                let levels = if q.codebook { tables.unit_levels(h, q.width.levels() as usize) } else { None };
+                GroupCoder { spec: *q, levels }
+            };
+            let (_, bounds) = tables.order(h, d, groups);
+            let row = &scratch[h * d..][..d];
+            let kept = |i: usize| sel[..n_sel].binary_search(&((h * d + i) as u16)).is_err();
+            let mut codes = [0u8; MAX_HEAD_DIM];
+            let mut params = [GroupParams { scale: 0.0, zero: 0.0 }; MAX_HEAD_DIM];
+            for (gj, p_out) in params[..groups].iter_mut().enumerate() {
+                let range = if bounds.is_empty() {
+                    gj * q.group..(gj + 1) * q.group
+                } else {
+                    usize::from(bounds[gj])..usize::from(bounds[gj + 1])
+                };
+                if range.is_empty() {
+                    continue;
+                }
+                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                for i in range.clone().filter(|&i| kept(i)) {
+                    lo = lo.min(row[i]);
+                    hi = hi.max(row[i]);
+                }
+                if lo > hi {
+                    (lo, hi) = (0.0, 0.0);
+                }
+                let p = coder.fit(lo, hi)?;
+                *p_out = p;
+                for i in range {
+                    codes[i] = coder.encode(&p, row[i].clamp(lo, hi));
+                    if !kept(i)
+                        && let Ok(k) = sel[..n_sel].binary_search(&((h * d + i) as u16))
+                    {
+                        deltas[k] = f16_bits(row[i] - coder.decode(&p, codes[i]));
+                    }
+                }
+            }
+            let words = &mut lo_words[l.codes.offset..l.codes.end()][(h * l.ring + slot) * l.row_words..]
+                [..l.row_words];
+            pack::pack(&codes[..d], q.width, words, 0)?;
+            for (gj, p) in params[..groups].iter().enumerate() {
+                write_params(lo_words, l, q.params, (h * l.row_groups + gj) * l.ring + slot, *p);
+            }
+        }
+        if q.outliers > 0 {
+            let slots: &mut [Outlier] =
+                bytemuck::cast_slice_mut(&mut lo_words[l.outliers.offset..l.outliers.end()]);
+            for (k, o) in slots[slot * q.outliers..][..q.outliers].iter_mut().enumerate() {
+                *o = if k < n_sel {
+                    Outlier { index: sel[k], delta: deltas[k] }
+                } else {
+                    Outlier { index: EMPTY_SLOT, delta: 0 }
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// Quantizes the full window (`R` tokens from logical `t0`) per channel into the body.
     fn flush_block(&mut self, l: StreamLayout, q: &QuantSpec, t0: usize) -> Result<()> {
         let (heads, d, r, g) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual, q.group);
@@ -505,6 +951,9 @@ impl<'a> Cache<'a> {
                         });
                     }
                 }
+                Precision::Quant(q) if self.cfg.generic(stream == Stream::Values) => {
+                    self.dequantize_generic(stream, &v, q, head, slot, row)?;
+                }
                 Precision::Quant(q) => {
                     for (c, o) in row.iter_mut().enumerate() {
                         let (code, at) = match q.axis {
@@ -534,7 +983,75 @@ impl<'a> Cache<'a> {
         }
         Ok(held)
     }
+
+    /// One body row of a generic stream, reconstructed in the stored basis (codes, parameters, levels,
+    /// outlier corrections), then turned back to the basis the tokens came in.
+    fn dequantize_generic(
+        &self,
+        stream: Stream,
+        v: &StreamView<'_>,
+        q: QuantSpec,
+        head: usize,
+        slot: usize,
+        row: &mut [f32],
+    ) -> Result<()> {
+        let (l, d) = (v.layout, self.cfg.head_dim);
+        match q.axis {
+            Axis::PerChannel => {
+                let gi = slot / q.group;
+                for (c, o) in row.iter_mut().enumerate() {
+                    let words = &v.codes
+                        [head * l.key_head_words(d) + layout::key_row(slot, c, d, l.row_words)..]
+                        [..l.row_words];
+                    let code = pack::get(words, q.width, slot % layout::KEY_BLOCK)?;
+                    let p = v.params(q.params, (head * l.row_groups + gi) * d + c);
+                    *o = v.coder(q, head * d + c).decode(&p, code);
+                }
+                if q.outliers > 0 {
+                    let t = slot % q.group;
+                    for o in &v.outliers[(head * l.row_groups + gi) * q.outliers..][..q.outliers] {
+                        let i = usize::from(o.index);
+                        if o.index != EMPTY_SLOT && i / d == t {
+                            row[i % d] += o.delta();
+                        }
+                    }
+                }
+                self.inverse(stream, head, slot % q.group, row);
+            }
+            Axis::PerToken => {
+                let groups = d / q.group;
+                let (perm, bounds) = v.tables.order(head, d, groups);
+                let words = &v.codes[(head * l.ring + slot) * l.row_words..][..l.row_words];
+                let mut codes = [0u8; MAX_HEAD_DIM];
+                pack::unpack(words, q.width, 0, &mut codes[..d])?;
+                let coder = v.coder(q, head);
+                let mut stored = [0.0f32; MAX_HEAD_DIM];
+                for gj in 0..groups {
+                    let range = if bounds.is_empty() {
+                        gj * q.group..(gj + 1) * q.group
+                    } else {
+                        usize::from(bounds[gj])..usize::from(bounds[gj + 1])
+                    };
+                    let p = v.params(q.params, (head * l.row_groups + gj) * l.ring + slot);
+                    for i in range {
+                        stored[i] = coder.decode(&p, codes[i]);
+                    }
+                }
+                for o in &v.outliers[slot * q.outliers..][..q.outliers] {
+                    let i = usize::from(o.index);
+                    if o.index != EMPTY_SLOT && i / d == head {
+                        stored[i % d] += o.delta();
+                    }
+                }
+                for (i, &x) in stored[..d].iter().enumerate() {
+                    row[if perm.is_empty() { i } else { usize::from(perm[i]) }] = x;
+                }
+                self.inverse(stream, head, 0, row);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -281,3 +281,405 @@ fn kivi_bits_per_element_at_1k_and_8k() {
     let f = CacheConfig::fp16(3, 64, 8192);
     assert_eq!(f.usage(f.counts_after(8192).unwrap()).bits_per_element(&f), 16.0);
 }
+
+/// The generic formats under test: every ingredient alone and stacked, over `kv` heads of `d`.
+pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static str, CacheConfig)> {
+    use crate::quant::param::ParamFormat::Fp8E4M3;
+    use crate::transform::{Pairing, Rope};
+    let base = CacheConfig::kivi(Width::B2, 32, 32, kv, d, cap).with_sinks(2);
+    let rope = |pairing| Some(Rope { base: 10_000.0, pairing });
+    let t = Transform::NONE;
+    let q = Precision::Quant;
+    let ch = |w| QuantSpec::per_channel(w, 32);
+    let tok = |w| QuantSpec::per_token(w, 32);
+    vec![
+        ("rot-kv", base.with_transform(Transform { rotate_keys: true, rotate_values: true, ..t })),
+        (
+            "rope-rot",
+            base.with_transform(Transform {
+                rope: rope(Pairing::Adjacent),
+                rotate_keys: true,
+                rotate_values: true,
+                ..t
+            }),
+        ),
+        (
+            "rope-halves-center",
+            base.with_transform(Transform { rope: rope(Pairing::Halves), center_keys: true, ..t }),
+        ),
+        ("balance", base.with_transform(Transform { balance_keys: true, ..t })),
+        (
+            "nuq2",
+            CacheConfig {
+                keys: q(ch(Width::B2).with_codebook()),
+                values: q(tok(Width::B2).with_codebook()),
+                ..base
+            },
+        ),
+        (
+            "nuq3-rope-outliers",
+            CacheConfig {
+                keys: q(ch(Width::B3).with_codebook().with_outliers(6)),
+                values: q(tok(Width::B3).with_codebook().with_outliers(3)),
+                ..base.with_transform(Transform { rope: rope(Pairing::Adjacent), ..t })
+            },
+        ),
+        (
+            "fp8",
+            CacheConfig {
+                keys: q(ch(Width::B2).with_params(Fp8E4M3)),
+                values: q(tok(Width::B2).with_params(Fp8E4M3)),
+                ..base
+            },
+        ),
+        (
+            "skvq-perm",
+            CacheConfig {
+                keys: q(QuantSpec { permuted: true, clip: 0.95, ..tok(Width::B2) }.with_params(Fp8E4M3)),
+                values: q(QuantSpec { permuted: true, ..QuantSpec::per_token(Width::Ternary, 32) }),
+                ..base
+            },
+        ),
+        (
+            "per-token-no-window",
+            CacheConfig {
+                keys: Precision::F16,
+                values: q(tok(Width::B4).with_outliers(2)),
+                residual: 0,
+                ..base.with_transform(Transform { rotate_values: true, ..t })
+            },
+        ),
+    ]
+}
+
+/// Calibration-like tables for `cache`: non-uniform levels, centres, balancing factors, thresholds and a
+/// permutation with uneven groups, so no table is the identity.
+pub(crate) fn fill_tables(cache: &mut Cache<'_>, rng: &mut Rng) {
+    let cfg = *cache.config();
+    let d = cfg.head_dim;
+    for (stream, spec) in [(Stream::Keys, cfg.key_spec()), (Stream::Values, cfg.value_spec())] {
+        let Some(q) = spec else { continue };
+        if q.codebook {
+            let n = q.width.levels() as usize;
+            let units = if q.axis == Axis::PerChannel { cfg.kv_heads * d } else { cfg.kv_heads };
+            for u in 0..units {
+                // Levels bunched towards zero, ends at -1 and 1, a Q-Norm-like decode table.
+                // Levels bunched towards zero (exponent 1.2 to 2 by unit), ends at -1 and 1.
+                let e = 1.2 + 0.8 * (u % 5) as f32 / 4.0 + 0.01 * rng.unit();
+                let enc: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let a = -1.0 + 2.0 * i as f32 / (n - 1) as f32;
+                        a.signum() * a.abs().powf(e)
+                    })
+                    .collect();
+                // A Q-Norm-like decode table: shrunk a little.
+                let dec: Vec<f32> = enc.iter().map(|a| a * 0.97).collect();
+                cache.set_levels(stream, u, &enc, &dec).unwrap();
+            }
+        }
+        if q.permuted {
+            let groups = d / q.group;
+            for h in 0..cfg.kv_heads {
+                let mut perm: Vec<u16> = (0..d as u16).collect();
+                for i in (1..d).rev() {
+                    perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+                }
+                // Uneven groups, one of them empty when there are three or more.
+                let mut bounds: Vec<u16> = (0..=groups).map(|j| (j * d / groups) as u16).collect();
+                if groups >= 2 {
+                    bounds[1] = (d / groups / 2) as u16;
+                }
+                if groups >= 3 {
+                    bounds[2] = bounds[1];
+                }
+                cache.set_permutation(stream, h, &perm, &bounds).unwrap();
+            }
+        }
+    }
+    let t = cfg.transform;
+    for h in 0..cfg.kv_heads {
+        if t.center_keys {
+            let m: Vec<f32> = (0..d).map(|_| rng.unit() * 3.0).collect();
+            cache.set_center(h, &m).unwrap();
+        }
+        if t.balance_keys {
+            let b: Vec<f32> = (0..d).map(|_| 2f32.powf(rng.unit() * 2.0)).collect();
+            cache.set_balance(h, &b).unwrap();
+        }
+        if matches!(cfg.key_spec(), Some(q) if q.outliers > 0 && q.axis == Axis::PerChannel) {
+            let lo: Vec<f32> = (0..d).map(|_| -2.0 - rng.unit().abs()).collect();
+            let hi: Vec<f32> = (0..d).map(|_| 2.0 + rng.unit().abs()).collect();
+            cache.set_thresholds(h, &lo, &hi).unwrap();
+        }
+    }
+}
+
+/// The stored basis of every quantized body row of `stream`, head `h`: what went in (turned forward as
+/// the cache turns it) and what the kernels decode, in stored order, with each element's outlier status.
+struct StoredRow {
+    slot: usize,
+    input: Vec<f32>,
+    decoded: Vec<f32>,
+    outlier: Vec<bool>,
+}
+
+fn stored_rows(cache: &Cache<'_>, stream: Stream, h: usize, x: &[f32]) -> Vec<StoredRow> {
+    let cfg = *cache.config();
+    let (heads, d) = (cfg.kv_heads, cfg.head_dim);
+    let v = cache.view(stream);
+    let l = v.layout;
+    let Precision::Quant(q) = v.precision else { return Vec::new() };
+    let c = cache.counts();
+    let windowed = q.axis == Axis::PerChannel || cfg.residual > 0;
+    let mut out = Vec::new();
+    for j in c.base..v.q_end {
+        let slot = j % l.ring;
+        let t = j + c.sinks;
+        let mut input: Vec<f32> =
+            x[(t * heads + h) * d..][..d].iter().map(|&a| if windowed { f16r(a) } else { a }).collect();
+        let offset = if q.axis == Axis::PerChannel { slot % q.group } else { 0 };
+        cache.forward(stream, h, offset, &mut input);
+        let mut decoded = vec![0.0f32; d];
+        let mut outlier = vec![false; d];
+        match q.axis {
+            Axis::PerChannel => {
+                let g0 = slot - slot % q.group;
+                let mut rows = vec![0.0f32; q.group * d];
+                crate::attention::generic::key_group_stored(&v, q, h, d, g0, &mut rows);
+                decoded.copy_from_slice(&rows[(slot - g0) * d..][..d]);
+                for o in &v.outliers[(h * l.row_groups + slot / q.group) * q.outliers..][..q.outliers] {
+                    let i = usize::from(o.index);
+                    if o.index != EMPTY_SLOT && i / d == slot - g0 {
+                        outlier[i % d] = true;
+                    }
+                }
+            }
+            Axis::PerToken => {
+                crate::attention::generic::token_stored(&v, q, h, d, slot, &mut decoded);
+                let (perm, _) = v.tables.order(h, d, d / q.group);
+                if !perm.is_empty() {
+                    input = perm.iter().map(|&p| input[usize::from(p)]).collect();
+                }
+                for o in &v.outliers[slot * q.outliers..][..q.outliers] {
+                    let i = usize::from(o.index);
+                    if o.index != EMPTY_SLOT && i / d == h {
+                        outlier[i % d] = true;
+                    }
+                }
+            }
+        }
+        out.push(StoredRow { slot, input, decoded, outlier });
+    }
+    out
+}
+
+/// Every generic format stores each element within its quantizer's bound, in the stored basis: an outlier
+/// to the f16 rounding of its correction; any other element (clamped to the key thresholds where there are
+/// any) to half its group's step (uniform) or half the widest gap between adjacent levels times the scale
+/// (codebook), with the step itself no wider than the group's range (outliers left out) asks for, after the
+/// parameter format's rounding. A clipped group (SKVQ's keys) is held to its clipped range instead.
+#[test]
+fn generic_formats_store_within_their_bound() {
+    let mut rng = Rng::new(99);
+    let configs = generic_configs(2, 64, 1024);
+    let picked: Vec<_> = if cfg!(miri) { configs.into_iter().step_by(3).collect() } else { configs };
+    let mut checked = 0usize;
+    for (name, cfg) in picked {
+        let ts: &[usize] = if cfg!(miri) { &[70] } else { &[33, 64, 97, 300] };
+        for &t in ts {
+            let mut mem = arena(&cfg);
+            let mut cache = Cache::new(cfg, &mut mem).unwrap();
+            fill_tables(&mut cache, &mut rng);
+            let (heads, d) = (cfg.kv_heads, cfg.head_dim);
+            let k = activations(&mut rng, t, heads, d);
+            let v = activations(&mut rng, t, heads, d);
+            let split = t / 3 * heads * d;
+            cache.append(&k[..split], &v[..split]).unwrap();
+            for (kt, vt) in k[split..].chunks(heads * d).zip(v[split..].chunks(heads * d)) {
+                cache.append(kt, vt).unwrap();
+            }
+            for (stream, x) in [(Stream::Keys, &k), (Stream::Values, &v)] {
+                let sv = cache.view(stream);
+                let Precision::Quant(q) = sv.precision else { continue };
+                if !cfg.generic(stream == Stream::Values) {
+                    continue;
+                }
+                let l = sv.layout;
+                let fmt = q.params;
+                let ulp = |a: f32| (2.0 * fmt.unit_roundoff() * a.abs()).max(fmt.subnormal_step());
+                for h in 0..heads {
+                    let rows = stored_rows(&cache, stream, h, x);
+                    let mut bounds = vec![vec![0.0f32; d]; rows.len()];
+                    let groups: Vec<(usize, std::ops::Range<usize>)> = match q.axis {
+                        // (first row, channel range) per group: per channel, each channel over G rows.
+                        Axis::PerChannel => (0..rows.len())
+                            .step_by(q.group)
+                            .flat_map(|r0| (0..d).map(move |c| (r0, c..c + 1)))
+                            .collect(),
+                        Axis::PerToken => {
+                            let (_, bounds) = sv.tables.order(h, d, d / q.group);
+                            (0..rows.len())
+                                .flat_map(|r| {
+                                    (0..d / q.group).map(move |gj| {
+                                        (
+                                            r,
+                                            if bounds.is_empty() {
+                                                gj * q.group..(gj + 1) * q.group
+                                            } else {
+                                                usize::from(bounds[gj])..usize::from(bounds[gj + 1])
+                                            },
+                                        )
+                                    })
+                                })
+                                .collect()
+                        }
+                    };
+                    for (r0, chans) in groups {
+                        if chans.is_empty() {
+                            continue;
+                        }
+                        let (row_range, unit, pi) = match q.axis {
+                            Axis::PerChannel => {
+                                let c = chans.start;
+                                (
+                                    r0..r0 + q.group,
+                                    h * d + c,
+                                    (h * l.row_groups + rows[r0].slot / q.group) * d + c,
+                                )
+                            }
+                            Axis::PerToken => {
+                                let gj = (0..d / q.group)
+                                    .position(|gj| {
+                                        let (_, b) = sv.tables.order(h, d, d / q.group);
+                                        (if b.is_empty() { gj * q.group } else { usize::from(b[gj]) })
+                                            == chans.start
+                                            && (if b.is_empty() {
+                                                (gj + 1) * q.group
+                                            } else {
+                                                usize::from(b[gj + 1])
+                                            }) == chans.end
+                                    })
+                                    .unwrap();
+                                (r0..r0 + 1, h, (h * l.row_groups + gj) * l.ring + rows[r0].slot)
+                            }
+                        };
+                        let p = sv.params(fmt, pi);
+                        let thresholds = if q.axis == Axis::PerChannel && q.outliers > 0 {
+                            let th = sv.tables.thresholds;
+                            Some((th[(h * d + chans.start) * 2], th[(h * d + chans.start) * 2 + 1]))
+                        } else {
+                            None
+                        };
+                        let clamp = |a: f32| thresholds.map_or(a, |(lo, hi)| a.clamp(lo, hi));
+                        let kept: Vec<f32> = row_range
+                            .clone()
+                            .flat_map(|r| chans.clone().map(move |c| (r, c)))
+                            .filter(|&(r, c)| !rows[r].outlier[c])
+                            .map(|(r, c)| clamp(rows[r].input[c]))
+                            .collect();
+                        let (mn, mx) = kept
+                            .iter()
+                            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+                        let (mn, mx) = if kept.is_empty() { (0.0, 0.0) } else { (mn, mx) };
+                        let spec = crate::quant::uniform::UniformSpec::new(q.width).with_clip(q.clip);
+                        let (lo, hi) = spec.clip_range(mn, mx);
+                        let levels = if q.codebook {
+                            sv.tables.unit_levels(unit, q.width.levels() as usize)
+                        } else {
+                            None
+                        };
+                        let (step_need, half_err) = match levels {
+                            None => {
+                                let exact = (hi - lo) / f32::from(q.width.max_code());
+                                let need =
+                                    exact + ulp(lo) / f32::from(q.width.max_code()) + ulp(exact + ulp(lo));
+                                (need, p.scale / 2.0)
+                            }
+                            Some((enc, dec)) => {
+                                let half = (hi - lo) / 2.0;
+                                let need = half + ulp((hi + lo) / 2.0) + ulp(half + ulp((hi + lo) / 2.0));
+                                let gap = enc.windows(2).map(|w| w[1] - w[0]).fold(0.0f32, f32::max);
+                                // The decode table's shift from the encode table adds its largest move.
+                                let moved =
+                                    enc.iter().zip(dec).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                                (need, p.scale * (gap / 2.0 + moved))
+                            }
+                        };
+                        assert!(
+                            p.scale <= step_need * (1.0 + 8.0 * f32::EPSILON),
+                            "{name} {stream:?} T {t} head {h} group at row {r0}: scale {} > {step_need} ({fmt:?})",
+                            p.scale
+                        );
+                        let reach = p.zero.abs() + (f32::from(q.width.max_code()) + 1.0) * p.scale.abs();
+                        let slack = |a: f32| 8.0 * f32::EPSILON * (a.abs() + reach);
+                        for r in row_range {
+                            for c in chans.clone() {
+                                let (got, want) = (rows[r].decoded[c], rows[r].input[c]);
+                                let bound = if rows[r].outlier[c] {
+                                    // the correction is f16: its rounding, of a delta no bigger than |want| + the grid's reach
+                                    (want.abs() + reach) * 2f32.powi(-11) + slack(want)
+                                } else {
+                                    let w = clamp(want).clamp(lo, hi);
+                                    (w - want).abs() + half_err + slack(want)
+                                };
+                                assert!(
+                                    (got - want).abs() <= bound,
+                                    "{name} {stream:?} T {t} head {h} row {r} ch {c}: {got} vs {want} (bound {bound}, {p:?})"
+                                );
+                                bounds[r][c] = bound;
+                                checked += 1;
+                            }
+                        }
+                    }
+                    check_input_basis(&cache, stream, h, x, &rows, &bounds);
+                }
+            }
+        }
+    }
+    assert!(checked > if cfg!(miri) { 100 } else { 100_000 }, "{checked}");
+}
+
+/// Back in the basis the tokens came in, [`Cache::dequantize`] is within the stored-basis bounds `b` of
+/// each row: the transforms are orthonormal (RoPE, Hadamard) or scale by at most `bmax` (balance), so a
+/// row's error has at most `bmax |b|` as its 2-norm, plus the transforms' own rounding (`2 (log2 d + 4) u`
+/// of the row's norm). A mistake in the forward transform (a wrong RoPE offset, a missing balance) fails here.
+fn check_input_basis(
+    cache: &Cache<'_>,
+    stream: Stream,
+    h: usize,
+    x: &[f32],
+    rows: &[StoredRow],
+    b: &[Vec<f32>],
+) {
+    let cfg = *cache.config();
+    let (heads, d) = (cfg.kv_heads, cfg.head_dim);
+    let mut deq = vec![0.0f32; cache.held() * d];
+    cache.dequantize(stream, h, &mut deq).unwrap();
+    let c = cache.counts();
+    let bal = cache.view(Stream::Keys).tables.balance;
+    let bmax = if stream == Stream::Keys && cfg.transform.balance_keys {
+        bal[h * d..][..d].iter().fold(1.0f32, |a, &v| a.max(v).max(1.0 / v))
+    } else {
+        1.0
+    };
+    let windowed = match if stream == Stream::Keys { cfg.keys } else { cfg.values } {
+        Precision::Quant(q) => q.axis == Axis::PerChannel || cfg.residual > 0,
+        Precision::F16 => true,
+    };
+    let u = f32::EPSILON / 2.0;
+    let l = d.trailing_zeros() as f32 + 4.0;
+    for (r, (row, bound)) in rows.iter().zip(b).enumerate() {
+        let j = c.base + r; // rows run over the quantized body oldest first
+        let t = j + c.sinks;
+        let held_row = c.sinks + (j - c.base);
+        let got = &deq[held_row * d..][..d];
+        let want: Vec<f32> =
+            x[(t * heads + h) * d..][..d].iter().map(|&a| if windowed { f16r(a) } else { a }).collect();
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+        let bnorm = bound.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let wnorm = want.iter().map(|v| v * v).sum::<f32>().sqrt()
+            + row.decoded.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let lim = (bmax * bnorm + 2.0 * l * u * bmax * wnorm) * (1.0 + 1e-5);
+        assert!(err <= lim, "{stream:?} head {h} token {t}: error norm {err} > {lim}");
+    }
+}
