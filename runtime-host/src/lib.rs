@@ -6,8 +6,10 @@
 //! - [`tokenizer`]: byte-level BPE matching llama.cpp's ids.
 //! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
+//! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats.
 //! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
+pub mod calib;
 pub mod eval;
 pub mod fetch;
 pub mod gguf;

@@ -1,6 +1,6 @@
 //! `kvq`: run a GGUF language model on the CPU with a quantized KV cache.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvq_core::cache::{CacheConfig, Overflow};
 use kvq_host::fetch;
@@ -37,6 +37,30 @@ enum Cmd {
     Retrieval(RetrievalArgs),
     /// A long document with a planted fact in a chat, answered with f16 and kivi2 side by side.
     Demo(DemoArgs),
+    /// Measures the calibrated formats' tables (codebooks, thresholds, permutations, clipping, balance)
+    /// on a calibration text and writes the model's calibration file.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Calibration text file (UTF-8); never an evaluation text.
+    #[arg(short = 'f', long, conflicts_with = "text")]
+    file: Option<PathBuf>,
+    /// A fetched calibration text: emma (default) or mansfieldpark.
+    #[arg(long)]
+    text: Option<String>,
+    /// Tokens to calibrate on (whole chunks of --ctx-size).
+    #[arg(long, default_value_t = 16384)]
+    tokens: usize,
+    /// Tokens per chunk (a fresh context each).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
+    ctx: usize,
+    /// Where to write the file (default: $KVQ_CACHE/calib/<model sha256>.json, where presets look).
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -294,6 +318,7 @@ fn run() -> Result<()> {
         Cmd::Perplexity(a) => perplexity(a),
         Cmd::Retrieval(a) => retrieval(a),
         Cmd::Demo(a) => demo(a),
+        Cmd::Calibrate(a) => calibrate(a),
     }
 }
 
@@ -544,6 +569,54 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Evaluation texts, which calibration must never see.
+const EVALUATION_TEXTS: [&str; 3] = ["prideprejudice", "persuasion", "jargon"];
+
+fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let (name, text) = match (&a.file, &a.text) {
+        (Some(f), _) => (f.display().to_string(), read_utf8(f)?),
+        (None, t) => {
+            let t = t.as_deref().unwrap_or("emma");
+            ensure!(
+                !EVALUATION_TEXTS.contains(&t),
+                "{t} is an evaluation text; calibrate on emma or mansfieldpark so that evaluation stays disjoint"
+            );
+            (t.to_string(), kvq_host::texts::text(t, false)?)
+        }
+    };
+    let tokens = tok.encode(&text, true, false);
+    let n = a.tokens.min(tokens.len()) / a.ctx.max(1) * a.ctx.max(1);
+    ensure!(n > 0, "{name} holds {} tokens, fewer than one chunk of {}", tokens.len(), a.ctx);
+    let out = match &a.out {
+        Some(p) => p.clone(),
+        None => kvq_host::calib::default_path(&model.sha256()?)?,
+    };
+    eprintln!("kvq calibrate: {n} tokens of {name} in chunks of {}, writing {}", a.ctx, out.display());
+    let pb = bar(0, "calibrate");
+    let t = Instant::now();
+    let c = kvq_host::calib::calibrate(&model, &tokens[..n], a.ctx, &name, &|done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = out.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&c)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "kvq calibrate: {} layers in {:.1} s; clip factor {} (least 2-bit per-token error); wrote {}",
+        c.layers.len(),
+        t.elapsed().as_secs_f64(),
+        c.clip,
+        out.display()
+    );
+    Ok(())
+}
+
 fn info(a: ModelArgs) -> Result<()> {
     let model = load(&a)?;
     let c = &model.cfg;
@@ -564,20 +637,41 @@ fn info(a: ModelArgs) -> Result<()> {
     if let Ok(t) = Tokenizer::from_gguf(g) {
         println!("tokenizer     byte-level BPE, pre-tokenizer {}, add BOS {}", t.pre, t.add_bos);
     }
-    println!("\nKV cache per token (all {} layers), at {} tokens held:", c.n_layer, c.n_ctx_train);
-    println!("{:8} {:>14} {:>12}", "preset", "bytes/token", "bits/elem");
+    let calib = kvq_host::calib::default_path(&model.sha256()?)?;
+    println!(
+        "calibration   {}",
+        if calib.exists() {
+            format!("{} (presets kvquant*, skvq2 use it)", calib.display())
+        } else {
+            format!(
+                "none (kvquant*, skvq2 need one: kvq calibrate{})",
+                if a.model.is_some() { " -m MODEL" } else { "" }
+            )
+        }
+    );
+    let at = [2048usize, 8192].map(|t| t.min(c.n_ctx_train));
+    println!("\nKV cache per token (all {} layers), at {} and {} tokens held:", c.n_layer, at[0], at[1]);
+    println!(
+        "{:8} {:>14} {:>12} {:>14} {:>12}   is",
+        "preset", "bytes/token", "bits/elem", "bytes/token", "bits/elem"
+    );
     for p in PRESETS {
         let spec = KvSpec::parse(p).map_err(anyhow::Error::msg)?;
         let cfg = spec
             .config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope())
             .map_err(anyhow::Error::msg)?;
-        let counts = cfg.counts_after(c.n_ctx_train).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let u = cfg.usage(counts);
-        println!(
-            "{p:8} {:>14.1} {:>12.3}",
-            (u.total_bytes() * c.n_layer) as f64 / c.n_ctx_train as f64,
-            u.bits_per_element(&cfg)
-        );
+        let mut line = format!("{p:8}");
+        for t in at {
+            let counts = cfg.counts_after(t).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let u = cfg.usage(counts);
+            line += &format!(
+                " {:>14.1} {:>12.3}",
+                (u.total_bytes() * c.n_layer) as f64 / t as f64,
+                u.bits_per_element(&cfg)
+            );
+        }
+        let knobs = kvq_host::kvspec::PRESET_KNOBS.iter().find(|(n, _)| *n == p).map_or("", |(_, k)| k);
+        println!("{line}   {knobs}");
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use crate::kvspec::KvSpec;
 use crate::quants::{self, Q16Act};
 use anyhow::{Context, Result, bail, ensure};
 use kvq_core::attention::{self, Kernel};
-use kvq_core::cache::{Cache, CacheConfig, Overflow};
+use kvq_core::cache::{Cache, CacheConfig, Overflow, Precision};
 use kvq_core::transform::{Pairing, Rope};
 use rayon::prelude::*;
 use std::path::Path;
@@ -109,6 +109,11 @@ pub struct Model {
     /// Whether sessions read caches of codes up to 2 bits on attention's int8 path
     /// ([`Kernel::with_int8`]; on by default, off with `--exact` or `--f32-attention`).
     pub int8_attention: bool,
+    /// The file mapped.
+    path: std::path::PathBuf,
+    sha256: std::sync::OnceLock<String>,
+    /// The calibration sessions apply to calibrated formats (loaded by [`Model::cache_config`]).
+    calibration: std::sync::OnceLock<(std::path::PathBuf, std::sync::Arc<crate::calib::Calibration>)>,
 }
 
 fn meta_u(g: &Gguf, key: &str) -> Result<usize> {
@@ -133,7 +138,9 @@ impl Model {
         let map =
             unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
         let gguf = Gguf::parse(&map).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_parts(map, gguf)
+        let mut m = Self::from_parts(map, gguf)?;
+        m.path = path.to_path_buf();
+        Ok(m)
     }
 
     fn from_parts(map: memmap2::Mmap, gguf: Gguf) -> Result<Self> {
@@ -236,7 +243,52 @@ impl Model {
             inv_freq,
             mode: MatMode::Fast,
             int8_attention: true,
+            path: std::path::PathBuf::new(),
+            sha256: std::sync::OnceLock::new(),
+            calibration: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The sha256 of the model file (computed once).
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn sha256(&self) -> Result<String> {
+        if let Some(s) = self.sha256.get() {
+            return Ok(s.clone());
+        }
+        let s = crate::fetch::sha256_file(&self.path)?;
+        Ok(self.sha256.get_or_init(|| s).clone())
+    }
+
+    /// The calibration in use, if one was loaded.
+    pub fn calibration(&self) -> Option<&crate::calib::Calibration> {
+        self.calibration.get().map(|(_, c)| &**c)
+    }
+
+    /// Loads the calibration at `path`, or the model's default one, for the run (one per run).
+    ///
+    /// # Errors
+    /// No file (with how to make one), a file for another model, or a second, different file.
+    pub fn use_calibration(&self, path: Option<&Path>) -> Result<&crate::calib::Calibration> {
+        let want = match path {
+            Some(p) => p.to_path_buf(),
+            None => crate::calib::default_path(&self.sha256()?)?,
+        };
+        if let Some((p, c)) = self.calibration.get() {
+            ensure!(*p == want, "one calibration per run: {} is in use, not {}", p.display(), want.display());
+            return Ok(c);
+        }
+        if !want.exists() {
+            bail!(
+                "no calibration for this model at {}: run `kvq calibrate{}` first (a few minutes), or give calib=FILE",
+                want.display(),
+                if path.is_some() { "" } else { " -m MODEL" }
+            );
+        }
+        let c = crate::calib::Calibration::load(&want, self)?;
+        let (_, c) = self.calibration.get_or_init(|| (want, std::sync::Arc::new(c)));
+        Ok(c)
     }
 
     /// One layer's cache configuration for `spec` at this model's shape, holding `capacity` tokens.
@@ -245,13 +297,22 @@ impl Model {
     /// The spec's reason when it does not fit the model (for example a group that does not divide
     /// `head_dim`).
     pub fn cache_config(&self, spec: &KvSpec, capacity: usize, overflow: Overflow) -> Result<CacheConfig> {
-        ensure!(
-            !spec.needs_calibration(),
-            "--kv {:?} needs calibration tables (codebooks, permutations, thresholds), which this build cannot make yet",
-            spec.name
-        );
-        spec.config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow, self.rope())
-            .map_err(anyhow::Error::msg)
+        let mut cfg = spec
+            .config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow, self.rope())
+            .map_err(anyhow::Error::msg)?;
+        if spec.needs_calibration() {
+            let c = self
+                .use_calibration(spec.calib.as_deref())
+                .with_context(|| format!("--kv {:?}", spec.name))?;
+            if spec.clip_calibrated {
+                for p in [&mut cfg.keys, &mut cfg.values] {
+                    if let Precision::Quant(q) = p {
+                        q.clip = c.clip;
+                    }
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// The model's RoPE as the cache describes it (for keys stored relative to their group).
@@ -482,6 +543,8 @@ pub struct Session<'a> {
     scratch: Vec<Vec<f32>>,
     parts: Vec<Vec<f32>>,
     act: Q16Act,
+    /// Per layer, what calibration records of each token fed (keys, values, positions, query maxima).
+    pub capture: Option<Vec<crate::calib::LayerCapture>>,
 }
 
 /// How a chunk of several tokens attends.
@@ -548,10 +611,18 @@ impl<'a> Session<'a> {
             cfg.kv_heads == model.cfg.n_kv_head && cfg.head_dim == model.cfg.head_dim,
             "cache shape does not match the model"
         );
-        let caches = arenas
+        let mut caches = arenas
             .iter_mut()
             .map(|a| Cache::new(cfg, a).map_err(|e| anyhow::anyhow!("KV cache: {e}")))
             .collect::<Result<Vec<_>>>()?;
+        if crate::calib::needs_tables(&cfg) {
+            let calib = model.calibration().context(
+                "this cache format reads calibration tables and none is loaded (use a --kv preset, which loads the model's)",
+            )?;
+            for (li, c) in caches.iter_mut().enumerate() {
+                calib.apply(li, c)?;
+            }
+        }
         let c = &model.cfg;
         let scratch = cfg.prefill_scratch_len(CHUNK, c.n_head).max(cfg.decode_scratch_len(c.n_head));
         Ok(Self {
@@ -563,6 +634,7 @@ impl<'a> Session<'a> {
             scratch: (0..c.n_kv_head).map(|_| zeroed(scratch, "attention scratch")).collect::<Result<_>>()?,
             parts: vec![Vec::new(); c.n_kv_head],
             act: Q16Act::default(),
+            capture: None,
         })
     }
 
@@ -725,6 +797,21 @@ impl<'a> Session<'a> {
             for (t, table) in tables.iter().enumerate() {
                 rope(&mut q[t * qd..(t + 1) * qd], d, table, c.arch);
                 rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
+            }
+            if let Some(caps) = &mut self.capture {
+                if caps.len() < m.layers.len() {
+                    caps.resize_with(m.layers.len(), Default::default);
+                }
+                let cap = &mut caps[li];
+                cap.k.extend_from_slice(&k);
+                cap.v.extend_from_slice(&v);
+                cap.pos.extend(self.pos..self.pos + n);
+                cap.qmax.resize(qd, 0.0);
+                for row in q.chunks_exact(qd) {
+                    for (m, &x) in cap.qmax.iter_mut().zip(row) {
+                        *m = m.max(x.abs());
+                    }
+                }
             }
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
             if n == 1 || self.prefill == Prefill::AsDecode {

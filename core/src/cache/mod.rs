@@ -451,6 +451,32 @@ impl<'a> Cache<'a> {
         Ok(())
     }
 
+    /// Turns `row`, a key or value of KV head `head` as handed to [`Cache::append`], into the basis the
+    /// cache quantizes it in ([`Transform`]: RoPE undone by `offset`, the token's position within its key
+    /// group; balance; Hadamard rotation; centring): what calibration measures its statistics in.
+    ///
+    /// # Errors
+    /// [`Error::OutOfBounds`] for a head past `kv_heads` or an offset past the key group;
+    /// [`Error::ShapeMismatch`] unless `row` holds `head_dim` values.
+    pub fn stored_basis(&self, stream: Stream, head: usize, offset: usize, row: &mut [f32]) -> Result<()> {
+        if head >= self.cfg.kv_heads {
+            return Err(Error::OutOfBounds { index: head, len: self.cfg.kv_heads });
+        }
+        if row.len() != self.cfg.head_dim {
+            return Err(Error::ShapeMismatch {
+                what: "row length",
+                expected: self.cfg.head_dim,
+                got: row.len(),
+            });
+        }
+        let group = self.cfg.key_spec().map_or(1, |q| q.group);
+        if stream == Stream::Keys && self.cfg.transform.rope.is_some() && offset >= group {
+            return Err(Error::OutOfBounds { index: offset, len: group });
+        }
+        self.forward(stream, head, offset, row);
+        Ok(())
+    }
+
     /// The stored basis of a body row of head `h` (`offset`: the token's offset within its key group, used
     /// by RoPE offsets): keys turned back by their offset, balanced, rotated and centred; values rotated.
     pub(crate) fn forward(&self, s: Stream, h: usize, offset: usize, row: &mut [f32]) {

@@ -1,0 +1,85 @@
+//! Calibration on the real model: the tables it measures are what the cache formats accept, they survive
+//! the file round trip, a calibrated cache attends with them, and a file for another model is refused.
+
+mod common;
+
+use kvq_core::cache::{Overflow, Stream};
+use kvq_host::calib::{self, Calibration};
+use kvq_host::kvspec::KvSpec;
+use kvq_host::model::{self, Session};
+use kvq_host::tokenizer::Tokenizer;
+
+#[test]
+fn calibrate_apply_and_reload() {
+    let m = common::model();
+    let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
+    let text = kvq_host::texts::text("emma", true).unwrap();
+    let cut = text.char_indices().nth(4_000).map_or(text.len(), |c| c.0);
+    let tokens = tok.encode(&text[..cut], true, false);
+    let ctx = 128;
+    let c = calib::calibrate(&m, &tokens[..2 * ctx], ctx, "emma (test)", &|_, _| {}).unwrap();
+    assert_eq!((c.tokens, c.layers.len(), c.version), (2 * ctx, m.cfg.n_layer, calib::VERSION));
+    assert!(calib::CLIPS.contains(&c.clip));
+    let (h, d) = (m.cfg.n_kv_head, m.cfg.head_dim);
+    for l in &c.layers {
+        for k in &l.keys {
+            // 1% of the elements lie beyond the thresholds: lower <= upper everywhere.
+            assert!(k.lower.iter().zip(&k.upper).all(|(a, b)| a <= b));
+            assert!(k.perm.len() == h * d && k.bounds.len() == h * (d / calib::GROUP + 1));
+        }
+        assert!(l.balance.iter().all(|b| (1.0 / 64.0..=64.0).contains(b)));
+    }
+    let dir = std::env::temp_dir().join(format!("kvq-calib-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.json");
+    std::fs::write(&path, serde_json::to_vec(&c).unwrap()).unwrap();
+    let back = Calibration::load(&path, &m).unwrap();
+    for (li, (a, b)) in back.layers.iter().zip(&c.layers).enumerate() {
+        for (i, (x, y)) in a.keys.iter().zip(&b.keys).enumerate() {
+            assert!(x.mean == y.mean && x.lower == y.lower && x.upper == y.upper, "layer {li} key basis {i}");
+            assert!(
+                x.codebooks == y.codebooks && x.perm == y.perm && x.bounds == y.bounds,
+                "layer {li} key basis {i}"
+            );
+        }
+        assert!(a.values == b.values && a.balance == b.balance, "layer {li}");
+        assert!(a.clip_error == b.clip_error, "layer {li}: {:?} {:?}", a.clip_error, b.clip_error);
+    }
+    assert!(back == c, "the file round trip changes the calibration");
+    // Every calibrated preset builds its caches with the tables and attends.
+    let p = path.display().to_string();
+    for spec in [
+        "kvquant2",
+        "kvquant3",
+        "kvquant4",
+        "skvq2",
+        "kivi2:center=1:rot=kv:rope=1:kout=0.01",
+        "kivi2:balance=1",
+    ] {
+        let spec = KvSpec::parse(&format!("{spec}:calib={p}")).unwrap();
+        let cfg = m.cache_config(&spec, 256, Overflow::Stop).unwrap();
+        if spec.clip_calibrated {
+            assert_eq!(cfg.key_spec().unwrap().clip, c.clip);
+        }
+        let mut ar = model::arenas(&m, &cfg).unwrap();
+        let mut s = Session::new(&m, cfg, &mut ar).unwrap();
+        let logits = s.feed(&tokens[..100]).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()), "{}", spec.name);
+        let mut out = vec![0.0f32; 100 * d];
+        s.caches()[0].dequantize(Stream::Keys, 0, &mut out).unwrap();
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+    // Another model's file, another version, a truncated file: refused with the reason.
+    let mut other = c.clone();
+    other.model_sha256 = "0".repeat(64);
+    std::fs::write(&path, serde_json::to_vec(&other).unwrap()).unwrap();
+    let e = Calibration::load(&path, &m).unwrap_err().to_string();
+    assert!(e.contains("not this one"), "{e}");
+    other = c.clone();
+    other.version = 99;
+    std::fs::write(&path, serde_json::to_vec(&other).unwrap()).unwrap();
+    assert!(Calibration::load(&path, &m).unwrap_err().to_string().contains("version"));
+    std::fs::write(&path, &serde_json::to_vec(&c).unwrap()[..1000]).unwrap();
+    assert!(Calibration::load(&path, &m).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
