@@ -4,9 +4,9 @@
 //! Each reads the packed codes in place and never stores a dequantized history:
 //!
 //! - **Per-channel keys**, one key group (`G` tokens) at a time: the group's codes become values
-//!   `zero + scale * level(code)` in a `[G][d]` buffer, the group's outlier corrections are added, each
-//!   row is turned back to the query's basis ([`Cache::inverse`]: centre, Hadamard, balance, RoPE by its
-//!   offset), and every query is dotted with the rows. The buffer is reused group after group.
+//!   `zero + scale * level(code)` in a `[G][d]` buffer, the group's outlier corrections are added, and
+//!   each row is dotted with the query turned into the stored basis of its offset within the group
+//!   ([`offset_queries`], once per step). The buffer is reused group after group.
 //! - **Per-token keys**: the same per token, then the row is un-permuted and turned back.
 //! - **Per-token values**: rows stay in the stored basis; `sum_t p_t v_t` is accumulated there and turned
 //!   back once per query at the end ([`finish_values`]), since the inverse transform is linear.
@@ -49,28 +49,66 @@ pub(crate) fn key_group_stored(
     }
 }
 
+/// The queries of a generic per-channel key body, one set per offset within a key group: a stored row
+/// `k_s` at offset `o` is the key `R(o) (H (k_s + mu)) / b` (see [`Cache::inverse`]), so its score is
+/// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives `[G][nq][d]`, `bias` `[G][nq]`.
+/// Turning the `G * nq` queries once per step replaces turning every key row back.
+pub(crate) fn offset_queries(
+    cache: &Cache<'_>,
+    h: usize,
+    g: usize,
+    queries: &Queries<'_>,
+    oq: &mut [f32],
+    bias: &mut [f32],
+) {
+    let cfg = cache.config();
+    let (d, t) = (queries.d, cfg.transform);
+    let tables = cache.view(Stream::Keys).tables;
+    for o in 0..g {
+        for qi in 0..queries.nq {
+            let row = &mut oq[(o * queries.nq + qi) * d..][..d];
+            row.copy_from_slice(queries.row(qi));
+            if let Some(rope) = t.rope {
+                rope.rotate(row, &tables.rope[o * d..][..d], true);
+            }
+            if t.balance_keys {
+                for (x, &b) in row.iter_mut().zip(&tables.balance[h * d..][..d]) {
+                    *x /= b;
+                }
+            }
+            if t.rotate_keys {
+                crate::transform::hadamard(row);
+            }
+            bias[o * queries.nq + qi] =
+                if t.center_keys { super::dot(row, &tables.center[h * d..][..d]) } else { 0.0 };
+        }
+    }
+}
+
 /// Scores of body tokens at ring slots `start..start + n` (group-aligned) of per-channel keys of KV head
-/// `h`, against the raw (scaled) queries `q`. `rows` holds `G * d` floats.
+/// `h`, against the offset queries `oq` and `bias` of [`offset_queries`]. `rows` holds `G * d` floats.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn channel_key_scores(
-    cache: &Cache<'_>,
     sv: &StreamView<'_>,
     q: QuantSpec,
     h: usize,
     start: usize,
     n: usize,
-    queries: &Queries<'_>,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    bias: &[f32],
     out: &mut Scores<'_>,
     rows: &mut [f32],
 ) {
-    let (d, g) = (queries.d, q.group);
+    let g = q.group;
     let rows = &mut rows[..g * d];
     for g0 in (start..start + n).step_by(g) {
         key_group_stored(sv, q, h, d, g0, rows);
-        for (t, row) in rows.chunks_exact_mut(d).enumerate() {
-            cache.inverse(Stream::Keys, h, t, row);
-            for qi in 0..queries.nq {
-                *out.at(qi, g0 - start + t) = super::dot(queries.row(qi), row);
+        for (t, row) in rows.chunks_exact(d).enumerate() {
+            for qi in 0..nq {
+                *out.at(qi, g0 - start + t) =
+                    super::dot(&oq[(t * nq + qi) * d..][..d], row) + bias[t * nq + qi];
             }
         }
     }

@@ -312,8 +312,11 @@ pub const fn prefill_scratch_len(
 const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
     let d = cfg.head_dim;
     let queries = if cfg.transform.keys() && cfg.plain_keys() { nq * d } else { 0 };
+    // A key group's rows, and the queries and biases per offset within a group.
     let rows = match cfg.keys {
-        Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => q.group * d,
+        Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => {
+            q.group * d + q.group * nq * (d + 1)
+        }
         _ => 0,
     };
     let acc = if cfg.generic(true) { nq * d } else { 0 };
@@ -775,6 +778,7 @@ fn key_scores(
     } else {
         Queries { q: gw.queries, nq: q.nq, d }
     };
+    let mut offsets_ready = false;
     for seg in segments(cache, sv) {
         let mut out = Scores { data: scores, stride, pos: seg.pos };
         match (seg.part, sv.precision) {
@@ -783,7 +787,15 @@ fn key_scores(
             }
             (Part::Body, Precision::Quant(spec)) if !cfg.plain_keys() => match spec.axis {
                 Axis::PerChannel => {
-                    generic::channel_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out, gw.rows)
+                    let (rows, rest) = gw.rows.split_at_mut(spec.group * d);
+                    let (oq, bias) = rest.split_at_mut(spec.group * q.nq * d);
+                    if !offsets_ready {
+                        generic::offset_queries(cache, h, spec.group, q, oq, bias);
+                        offsets_ready = true;
+                    }
+                    generic::channel_key_scores(
+                        sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, rows,
+                    )
                 }
                 Axis::PerToken => {
                     generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out)
