@@ -41,7 +41,7 @@ fn chat_names_paris_with_f16_and_kivi2() {
 #[test]
 fn every_preset_generates() {
     let prompt = "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n";
-    for kv in ["f16", "kivi2", "kivi4", "kivi8", "kivi2:s=4", "kivi4:k=8:g=64:r=128"] {
+    for kv in ["f16", "kivi2", "kivi4", "kivi8", "kivi2:s=4", "kivi4:k=8:g=64:r=128", "kvq2", "kvq3"] {
         let out = kvq(&["generate", "--kv", kv, "-p", prompt, "-n", "24", "--greedy", "--json"], None);
         assert!(out.status.success(), "{kv}: {}", text(&out.stderr));
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -267,4 +267,42 @@ fn demo_command() {
             "{kv} row in {so}"
         );
     }
+}
+
+/// Presets that read calibration tables refuse to run without them and say what to run; `kvq calibrate`
+/// makes the file where they look, refuses an evaluation text, and then they generate.
+#[test]
+fn calibrated_presets_need_kvq_calibrate() {
+    let dir = std::env::temp_dir().join(format!("kvq-cli-calib-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvq"))
+            .args(args)
+            .arg("-m")
+            .arg(common::model_path())
+            .args(["-t", "2"])
+            .env("KVQ_CACHE", &dir)
+            .output()
+            .unwrap()
+    };
+    let prompt = "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n";
+    let out = run(&["generate", "--kv", "kvquant2", "-p", prompt, "-n", "8"]);
+    let se = text(&out.stderr);
+    assert!(!out.status.success() && se.contains("kvq calibrate"), "{se}");
+    let out = run(&["calibrate", "--text", "prideprejudice"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("evaluation text"));
+    let f = dir.join("cal.txt");
+    let prose = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, \
+        seemed to unite some of the best blessings of existence; and had lived nearly twenty-one years in the \
+        world with very little to distress or vex her. ";
+    std::fs::write(&f, prose.repeat(12)).unwrap();
+    let out = run(&["calibrate", "-f", f.to_str().unwrap(), "--tokens", "256", "-c", "128"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&["info"]);
+    assert!(text(&out.stdout).contains("calib/"), "{}", text(&out.stdout));
+    for kv in ["kvquant2", "skvq2"] {
+        let out = run(&["generate", "--kv", kv, "-p", prompt, "-n", "8", "--greedy"]);
+        assert!(out.status.success(), "{kv}: {}", text(&out.stderr));
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
