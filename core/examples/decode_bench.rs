@@ -5,6 +5,8 @@
 //! cargo run --release -p kvq-core --example decode_bench                  # table
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
+//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvquant2, skvq2; and the
+//!          ingredients alone over KIVI-2: rot, rope, nuq, out, fp8)
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
 //!          --prefill N (time a prefill of an N-token chunk over the cache instead of a decode step)
 //! ```
@@ -17,8 +19,10 @@
 //! alternation as the specs, so that it meets the same machine as the step it bounds.
 
 use kvq_core::attention::{Kernel, decode, decode_scratch_len, prefill, prefill_scratch_len};
-use kvq_core::cache::{Cache, CacheConfig};
+use kvq_core::cache::{Cache, CacheConfig, Precision, QuantSpec, Transform};
 use kvq_core::pack::Width;
+use kvq_core::quant::param::ParamFormat::Fp8E4M3;
+use kvq_core::transform::{Pairing, Rope};
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::time::Instant;
@@ -43,8 +47,62 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         "kivi2" => CacheConfig::kivi(Width::B2, 32, 128, KV_HEADS, HEAD_DIM, capacity),
         "kivi4" => CacheConfig::kivi(Width::B4, 32, 128, KV_HEADS, HEAD_DIM, capacity),
         "kivi8" => CacheConfig::kivi(Width::B8, 32, 128, KV_HEADS, HEAD_DIM, capacity),
+        // The method presets' formats (kvq's `--kv` presets, with the tables' default values: speed does
+        // not depend on the calibrated numbers), and each ingredient alone over KIVI-2.
+        "kvq2" => {
+            let c = kivi2(capacity).with_sinks(4).with_transform(Transform {
+                rope: ROPE,
+                rotate_keys: true,
+                rotate_values: true,
+                ..Transform::NONE
+            });
+            CacheConfig { values: Precision::Quant(QuantSpec::per_token(Width::B2, 64)), ..c }
+        }
+        "kvquant2" => CacheConfig {
+            keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_codebook().with_outliers(20)),
+            values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_codebook().with_outliers(2)),
+            ..kivi2(capacity).with_sinks(1).with_transform(Transform { rope: ROPE, ..Transform::NONE })
+        },
+        "skvq2" => CacheConfig {
+            keys: Precision::Quant(
+                QuantSpec { permuted: true, clip: 0.9, ..QuantSpec::per_token(Width::B2, 32) }
+                    .with_params(Fp8E4M3),
+            ),
+            values: Precision::Quant(
+                QuantSpec { permuted: true, clip: 0.9, ..QuantSpec::per_token(Width::Ternary, 32) }
+                    .with_params(Fp8E4M3),
+            ),
+            ..kivi2(capacity).with_sinks(5)
+        },
+        "rot" => kivi2(capacity).with_transform(Transform {
+            rotate_keys: true,
+            rotate_values: true,
+            ..Transform::NONE
+        }),
+        "rope" => kivi2(capacity).with_transform(Transform { rope: ROPE, ..Transform::NONE }),
+        "nuq" => CacheConfig {
+            keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_codebook()),
+            values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_codebook()),
+            ..kivi2(capacity)
+        },
+        "out" => CacheConfig {
+            keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_outliers(20)),
+            values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_outliers(2)),
+            ..kivi2(capacity)
+        },
+        "fp8" => CacheConfig {
+            keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_params(Fp8E4M3)),
+            values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_params(Fp8E4M3)),
+            ..kivi2(capacity)
+        },
         _ => return None,
     })
+}
+
+const ROPE: Option<Rope> = Some(Rope { base: 100_000.0, pairing: Pairing::Adjacent });
+
+fn kivi2(capacity: usize) -> CacheConfig {
+    CacheConfig::kivi(Width::B2, 32, 128, KV_HEADS, HEAD_DIM, capacity)
 }
 
 /// One policy's caches for every layer, each over its own arena.
@@ -226,10 +284,22 @@ fn main() {
     let hd = KV_HEADS * HEAD_DIM;
     let mut held = 0;
     let max_threads = *threads.iter().max().unwrap_or(&1);
-    let scratch_len = match chunk_len {
-        None => decode_scratch_len(capacity, Q_HEADS, KV_HEADS, HEAD_DIM),
-        Some(n) => prefill_scratch_len(capacity, n, Q_HEADS, KV_HEADS, HEAD_DIM),
-    };
+    // The KIVI kernels' scratch, plus what the generic formats need.
+    let scratch_len = models
+        .iter()
+        .map(|m| {
+            let c = m.layers[0].config();
+            match chunk_len {
+                None => c.decode_scratch_len(Q_HEADS),
+                Some(n) => c.prefill_scratch_len(n, Q_HEADS),
+            }
+        })
+        .max()
+        .unwrap_or(0)
+        .max(match chunk_len {
+            None => decode_scratch_len(capacity, Q_HEADS, KV_HEADS, HEAD_DIM),
+            Some(n) => prefill_scratch_len(capacity, n, Q_HEADS, KV_HEADS, HEAD_DIM),
+        });
     let mut scratch: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; scratch_len]).collect();
     let rows = chunk_len.unwrap_or(1);
     let mut outs: Vec<Vec<f32>> = (0..max_threads).map(|_| vec![0.0; rows * Q_HEADS * HEAD_DIM]).collect();

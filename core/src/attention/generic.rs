@@ -3,10 +3,10 @@
 //!
 //! Each reads the packed codes in place and never stores a dequantized history:
 //!
-//! - **Per-channel keys**, one key group (`G` tokens) at a time: the group's codes become values
-//!   `zero + scale * level(code)` in a `[G][d]` buffer, the group's outlier corrections are added, and
-//!   each row is dotted with the query turned into the stored basis of its offset within the group
-//!   ([`offset_queries`], once per step). The buffer is reused group after group.
+//! - **Per-channel keys**, one key group (`G` tokens) at a time, one channel at a time: the channel's
+//!   codes become values `zero + scale * level(code)`, multiplied lane by lane (a lane per token of the
+//!   group) with each query turned into the stored basis of that token's offset within the group
+//!   ([`offset_queries`], once per step); the group's outlier corrections are added after.
 //! - **Per-token keys**: the same per token, then the row is un-permuted and turned back.
 //! - **Per-token values**: rows stay in the stored basis; `sum_t p_t v_t` is accumulated there and turned
 //!   back once per query at the end ([`finish_values`]), since the inverse transform is linear.
@@ -18,6 +18,7 @@ use crate::cache::{Cache, EMPTY_SLOT, QuantSpec, Stream, StreamView, config::MAX
 use crate::pack;
 
 /// The values of key group `gi` (starting at ring slot `g0`) of KV head `h` in the stored basis, outliers
+#[cfg(test)]
 /// added, into `rows` (`[G][d]`).
 pub(crate) fn key_group_stored(
     sv: &StreamView<'_>,
@@ -51,7 +52,8 @@ pub(crate) fn key_group_stored(
 
 /// The queries of a generic per-channel key body, one set per offset within a key group: a stored row
 /// `k_s` at offset `o` is the key `R(o) (H (k_s + mu)) / b` (see [`Cache::inverse`]), so its score is
-/// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives `[G][nq][d]`, `bias` `[G][nq]`.
+/// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives them transposed, `[nq][d][G]` (for
+/// each query and channel, the `G` offsets side by side, as a key group's codes lie), `bias` `[nq][G]`.
 /// Turning the `G * nq` queries once per step replaces turning every key row back.
 pub(crate) fn offset_queries(
     cache: &Cache<'_>,
@@ -64,9 +66,10 @@ pub(crate) fn offset_queries(
     let cfg = cache.config();
     let (d, t) = (queries.d, cfg.transform);
     let tables = cache.view(Stream::Keys).tables;
-    for o in 0..g {
-        for qi in 0..queries.nq {
-            let row = &mut oq[(o * queries.nq + qi) * d..][..d];
+    let mut row = [0.0f32; MAX_HEAD_DIM];
+    let row = &mut row[..d];
+    for qi in 0..queries.nq {
+        for o in 0..g {
             row.copy_from_slice(queries.row(qi));
             if let Some(rope) = t.rope {
                 rope.rotate(row, &tables.rope[o * d..][..d], true);
@@ -79,16 +82,57 @@ pub(crate) fn offset_queries(
             if t.rotate_keys {
                 crate::transform::hadamard(row);
             }
-            bias[o * queries.nq + qi] =
+            bias[qi * g + o] =
                 if t.center_keys { super::dot(row, &tables.center[h * d..][..d]) } else { 0.0 };
+            for (c, &x) in row.iter().enumerate() {
+                oq[(qi * d + c) * g + o] = x;
+            }
+        }
+    }
+}
+
+/// Codes `start..start + out.len()` of a per-channel key row: word by word with constant shifts where no
+/// code straddles a word and the run starts on a word (1, 2, 4 and 8 bits; key groups start on one), the
+/// serial unpacker otherwise.
+#[inline]
+fn row_codes(words: &[u32], width: pack::Width, start: usize, out: &mut [u8]) {
+    match width.bits() {
+        1 => word_codes::<1>(words, start, out),
+        2 => word_codes::<2>(words, start, out),
+        4 => word_codes::<4>(words, start, out),
+        8 => word_codes::<8>(words, start, out),
+        _ => pack::unpack_bits(words, width, start, out),
+    }
+}
+
+#[inline]
+fn word_codes<const B: usize>(words: &[u32], start: usize, out: &mut [u8]) {
+    let per = 32 / B;
+    if !(start * B).is_multiple_of(32) || !out.len().is_multiple_of(per) {
+        let w = match B {
+            1 => pack::Width::B1,
+            2 => pack::Width::B2,
+            4 => pack::Width::B4,
+            _ => pack::Width::B8,
+        };
+        return pack::unpack_bits(words, w, start, out);
+    }
+    let mask = (1u32 << B) - 1;
+    for (o, &w) in out.chunks_exact_mut(per).zip(&words[start * B / 32..]) {
+        for (k, x) in o.iter_mut().enumerate() {
+            *x = ((w >> (k * B)) & mask) as u8;
         }
     }
 }
 
 /// Scores of body tokens at ring slots `start..start + n` (group-aligned) of per-channel keys of KV head
-/// `h`, against the offset queries `oq` and `bias` of [`offset_queries`]. `rows` holds `G * d` floats.
+/// `h`, against the offset queries `oq` and `bias` of [`offset_queries`]. One key group at a time, one
+/// channel at a time: the channel's `G` codes become stored values `zero + scale * level(code)` and every
+/// query's `G` offset weights for that channel multiply them, lane by lane (the token within the group is
+/// the lane); outlier corrections are added to the tokens they belong to. `acc` holds `nq * G` floats.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn channel_key_scores(
+#[inline(always)]
+fn channel_key_scores_in(
     sv: &StreamView<'_>,
     q: QuantSpec,
     h: usize,
@@ -99,16 +143,53 @@ pub(crate) fn channel_key_scores(
     oq: &[f32],
     bias: &[f32],
     out: &mut Scores<'_>,
-    rows: &mut [f32],
+    acc: &mut [f32],
 ) {
-    let g = q.group;
-    let rows = &mut rows[..g * d];
+    let (l, g) = (sv.layout, q.group);
+    let acc = &mut acc[..nq * g];
+    let mut codes = [0u8; crate::cache::config::MAX_GROUP];
+    let mut col = [0.0f32; crate::cache::config::MAX_GROUP];
     for g0 in (start..start + n).step_by(g) {
-        key_group_stored(sv, q, h, d, g0, rows);
-        for (t, row) in rows.chunks_exact(d).enumerate() {
+        let gi = g0 / g;
+        acc.copy_from_slice(&bias[..nq * g]);
+        for c in 0..d {
+            let words =
+                &sv.codes[h * l.key_head_words(d) + layout::key_row(g0, c, d, l.row_words)..][..l.row_words];
+            row_codes(words, q.width, g0 % layout::KEY_BLOCK, &mut codes[..g]);
+            let p = sv.params(q.params, (h * l.row_groups + gi) * d + c);
+            match sv.coder(q, h * d + c).levels {
+                None => {
+                    for (x, &k) in col[..g].iter_mut().zip(&codes[..g]) {
+                        *x = p.zero + f32::from(k) * p.scale;
+                    }
+                }
+                Some((_, dec)) => {
+                    for (x, &k) in col[..g].iter_mut().zip(&codes[..g]) {
+                        *x = p.zero + p.scale * dec[usize::from(k)];
+                    }
+                }
+            }
             for qi in 0..nq {
-                *out.at(qi, g0 - start + t) =
-                    super::dot(&oq[(t * nq + qi) * d..][..d], row) + bias[t * nq + qi];
+                let w = &oq[(qi * d + c) * g..][..g];
+                for ((a, &x), &wq) in acc[qi * g..][..g].iter_mut().zip(&col[..g]).zip(w) {
+                    *a += wq * x;
+                }
+            }
+        }
+        if q.outliers > 0 {
+            for o in &sv.outliers[(h * l.row_groups + gi) * q.outliers..][..q.outliers] {
+                if o.index != EMPTY_SLOT {
+                    let (t, c) = (usize::from(o.index) / d, usize::from(o.index) % d);
+                    let delta = o.delta();
+                    for qi in 0..nq {
+                        acc[qi * g + t] += oq[(qi * d + c) * g + t] * delta;
+                    }
+                }
+            }
+        }
+        for qi in 0..nq {
+            for t in 0..g {
+                *out.at(qi, g0 - start + t) = acc[qi * g + t];
             }
         }
     }
@@ -168,7 +249,8 @@ fn unpermute(sv: &StreamView<'_>, q: QuantSpec, h: usize, stored: &[f32], row: &
 /// Scores of body tokens at ring slots `start..start + n` of per-token keys of KV head `h` against the raw
 /// (scaled) queries.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn token_key_scores(
+#[inline(always)]
+fn token_key_scores_in(
     cache: &Cache<'_>,
     sv: &StreamView<'_>,
     q: QuantSpec,
@@ -193,7 +275,8 @@ pub(crate) fn token_key_scores(
 /// `acc[qi] += sum_t p[qi][t] * v_t` over body tokens at ring slots `start..start + n` of per-token values
 /// of KV head `h`, with `v_t` in the stored basis and order (turn `acc` back with [`finish_values`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn token_value_sums(
+#[inline(always)]
+fn token_value_sums_in(
     sv: &StreamView<'_>,
     q: QuantSpec,
     h: usize,
@@ -231,4 +314,133 @@ pub(crate) fn finish_values(cache: &Cache<'_>, sv: &StreamView<'_>, h: usize, ac
             *o += x;
         }
     }
+}
+
+/// [`channel_key_scores_in`], compiled for AVX2 where `vector` says the CPU has it (the loops are the same code; the
+/// compiler widens them to eight lanes), else as is.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+pub(crate) fn channel_key_scores(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    acc: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
+        // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { channel_key_scores_avx2(sv, q, h, start, n, nq, d, oq, bias, out, acc) };
+    }
+    let _ = vector;
+    channel_key_scores_in(sv, q, h, start, n, nq, d, oq, bias, out, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(unsafe_code)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn channel_key_scores_avx2(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    acc: &mut [f32],
+) {
+    channel_key_scores_in(sv, q, h, start, n, nq, d, oq, bias, out, acc)
+}
+
+/// [`token_key_scores_in`], compiled for AVX2 where `vector` says the CPU has it (the loops are the same code; the
+/// compiler widens them to eight lanes), else as is.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+pub(crate) fn token_key_scores(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    queries: &Queries<'_>,
+    out: &mut Scores<'_>,
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
+        // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { token_key_scores_avx2(cache, sv, q, h, start, n, queries, out) };
+    }
+    let _ = vector;
+    token_key_scores_in(cache, sv, q, h, start, n, queries, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(unsafe_code)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn token_key_scores_avx2(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    queries: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
+    token_key_scores_in(cache, sv, q, h, start, n, queries, out)
+}
+
+/// [`token_value_sums_in`], compiled for AVX2 where `vector` says the CPU has it (the loops are the same code; the
+/// compiler widens them to eight lanes), else as is.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+pub(crate) fn token_value_sums(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
+        // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { token_value_sums_avx2(sv, q, h, start, n, p, d, acc) };
+    }
+    let _ = vector;
+    token_value_sums_in(sv, q, h, start, n, p, d, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(unsafe_code)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn token_value_sums_avx2(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+) {
+    token_value_sums_in(sv, q, h, start, n, p, d, acc)
 }

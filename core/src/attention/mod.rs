@@ -315,7 +315,7 @@ const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
     // A key group's rows, and the queries and biases per offset within a group.
     let rows = match cfg.keys {
         Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => {
-            q.group * d + q.group * nq * (d + 1)
+            q.group * nq * (d + 2)
         }
         _ => 0,
     };
@@ -787,18 +787,18 @@ fn key_scores(
             }
             (Part::Body, Precision::Quant(spec)) if !cfg.plain_keys() => match spec.axis {
                 Axis::PerChannel => {
-                    let (rows, rest) = gw.rows.split_at_mut(spec.group * d);
+                    let (acc, rest) = gw.rows.split_at_mut(spec.group * q.nq);
                     let (oq, bias) = rest.split_at_mut(spec.group * q.nq * d);
                     if !offsets_ready {
                         generic::offset_queries(cache, h, spec.group, q, oq, bias);
                         offsets_ready = true;
                     }
                     generic::channel_key_scores(
-                        sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, rows,
+                        sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, acc, vector,
                     )
                 }
                 Axis::PerToken => {
-                    generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out)
+                    generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out, vector)
                 }
             },
             (Part::Body, Precision::F16) => {
@@ -857,7 +857,7 @@ fn value_sums(
                 axpy_rows(&body[seg.start * d..][..seg.len * d], seg.len, &pr, d, out, vector);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => {
-                generic::token_value_sums(sv, spec, h, seg.start, seg.len, &pr, d, acc)
+                generic::token_value_sums(sv, spec, h, seg.start, seg.len, &pr, d, acc, vector)
             }
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
