@@ -76,6 +76,9 @@ fn tokenize_and_info() {
         so.contains("9 query / 3 KV, head_dim 64") && so.contains("Q4_1 x210") && so.contains("kivi2"),
         "{so}"
     );
+    // kvq2's bits per element at 2k and 8k tokens, everything counted (the README's figures).
+    let row = so.lines().find(|l| l.starts_with("kvq2 ")).unwrap_or_default();
+    assert!(row.contains("3.591") && row.contains("2.960") && row.contains("rot=kv"), "{row}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
