@@ -638,20 +638,17 @@ mod tests {
 
     #[test]
     fn clip_search_prefers_clipping_a_heavy_tail() {
-        // One huge value per row: clipping it loses less than the step it costs the rest.
         let d = 64;
-        let rows: Vec<f32> =
-            (0..200 * d).map(|i| if i % d == 5 { 40.0 } else { ((i * 7919) % 97) as f32 / 97.0 }).collect();
         let perm: Vec<u16> = (0..d as u16).collect();
         let bounds = [0u16, 32, 64];
-        let e1 = clip_error(&rows, d, &perm, &bounds, Width::B2, 1.0);
-        let e8 = clip_error(&rows, d, &perm, &bounds, Width::B2, 0.8);
-        assert!(e1.is_finite() && e8.is_finite());
-        // Without a tail, no clipping is best.
-        let flat: Vec<f32> = (0..200 * d).map(|i| ((i * 7919) % 97) as f32 / 97.0).collect();
-        assert!(
-            clip_error(&flat, d, &perm, &bounds, Width::B2, 1.0)
-                <= clip_error(&flat, d, &perm, &bounds, Width::B2, 0.8)
-        );
+        let err = |rows: &[f32], a: f32| clip_error(rows, d, &perm, &bounds, Width::B2, a);
+        // One value per group three times the bulk: clipping it loses less than the coarse step costs the rest.
+        let tail: Vec<f32> =
+            (0..200 * d).map(|i| if i % 32 == 5 { 3.0 } else { ((i * 7919) % 97) as f32 / 97.0 }).collect();
+        assert!(err(&tail, 0.8) < err(&tail, 1.0));
+        // Values only at the ends of the range sit on the unclipped grid: any clipping moves them.
+        let ends: Vec<f32> = (0..200 * d).map(|i| if (i * 7) % 3 == 0 { 0.0 } else { 1.0 }).collect();
+        assert!(err(&ends, 1.0) < err(&ends, 0.8));
+        assert!(CLIPS.iter().all(|&a| err(&tail, a).is_finite()));
     }
 }
