@@ -230,41 +230,48 @@ impl Calibration {
                         .set_thresholds(h, &shift(&kb.lower[row.clone()]), &shift(&kb.upper[row.clone()]))
                         .map_err(err)?;
                 }
-                if q.permuted {
-                    let groups = d / q.group;
-                    ensure!(q.group == GROUP, "perm=1 is calibrated for groups of {GROUP} channels");
-                    let b = &kb.bounds[h * (groups + 1)..][..groups + 1];
-                    cache.set_permutation(Stream::Keys, h, &kb.perm[row.clone()], b).map_err(err)?;
-                }
-                if q.codebook {
-                    let t =
-                        kb.codebooks.of(q.width).context("key codebooks exist for 2, 3 and 4 bits only")?;
-                    let n = q.width.levels() as usize;
-                    for c in 0..d {
-                        let u = h * d + c;
-                        let e = &t[u * 2 * n..][..2 * n];
-                        cache.set_levels(Stream::Keys, u, &e[..n], &e[n..]).map_err(err)?;
-                    }
-                }
+                stream_tables(cache, Stream::Keys, q, h, &kb.perm, &kb.bounds, &kb.codebooks, d, &err)?;
             }
             if let Some(q) = cfg.value_spec() {
-                if q.permuted {
-                    let groups = d / q.group;
-                    ensure!(q.group == GROUP, "perm=1 is calibrated for groups of {GROUP} channels");
-                    let b = &vb.bounds[h * (groups + 1)..][..groups + 1];
-                    cache.set_permutation(Stream::Values, h, &vb.perm[row.clone()], b).map_err(err)?;
-                }
-                if q.codebook {
-                    let t =
-                        vb.codebooks.of(q.width).context("value codebooks exist for 2, 3 and 4 bits only")?;
-                    let n = q.width.levels() as usize;
-                    let e = &t[h * 2 * n..][..2 * n];
-                    cache.set_levels(Stream::Values, h, &e[..n], &e[n..]).map_err(err)?;
-                }
+                stream_tables(cache, Stream::Values, q, h, &vb.perm, &vb.bounds, &vb.codebooks, d, &err)?;
             }
         }
         Ok(())
     }
+}
+
+/// Sets head `h`'s permutation and codebooks of one stream, as its spec `q` asks: keys have a codebook per
+/// channel (unit `h * d + c`), values one per head (unit `h`).
+#[allow(clippy::too_many_arguments)]
+fn stream_tables(
+    cache: &mut Cache<'_>,
+    stream: Stream,
+    q: QuantSpec,
+    h: usize,
+    perm: &[u16],
+    bounds: &[u16],
+    books: &Codebooks,
+    d: usize,
+    core: &dyn Fn(kvq_core::Error) -> anyhow::Error,
+) -> Result<()> {
+    let what = if stream == Stream::Keys { "key" } else { "value" };
+    if q.permuted {
+        let groups = d / q.group;
+        ensure!(q.group == GROUP, "perm=1 is calibrated for groups of {GROUP} channels");
+        let b = &bounds[h * (groups + 1)..][..groups + 1];
+        cache.set_permutation(stream, h, &perm[h * d..][..d], b).map_err(core)?;
+    }
+    if q.codebook {
+        let t =
+            books.of(q.width).with_context(|| format!("{what} codebooks exist for 2, 3 and 4 bits only"))?;
+        let n = q.width.levels() as usize;
+        let units = if q.axis == Axis::PerChannel { h * d..(h + 1) * d } else { h..h + 1 };
+        for u in units {
+            let e = &t[u * 2 * n..][..2 * n];
+            cache.set_levels(stream, u, &e[..n], &e[n..]).map_err(core)?;
+        }
+    }
+    Ok(())
 }
 
 fn books_ok(b: &Codebooks, units: usize) -> bool {

@@ -306,13 +306,14 @@ pub const fn prefill_scratch_len(
     nq * (tokens + chunk) + 2 * nq * head_dim + work_len(nq, head_dim)
 }
 
-/// Floats the generic formats need for `nq` query rows of one KV head, beyond the KIVI kernels' scratch:
-/// the transformed queries of a rotated or balanced plain key body, a key group's rows (`[G][d]`) for a
-/// generic per-channel key body, and the stored-basis value sums of a transformed or generic value body.
-const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
+/// Floats the generic formats need for `nq` query rows of one KV head, beyond the KIVI kernels' scratch,
+/// as `[queries, rows, acc]`: the transformed queries of a rotated or balanced plain key body; for a
+/// generic per-channel key body, the score accumulators (`[nq][G]`), the queries per offset within a key
+/// group (`[nq][d][G]`) and their biases (`[nq][G]`); the stored-basis value sums of a transformed or
+/// generic value body.
+const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 3] {
     let d = cfg.head_dim;
     let queries = if cfg.transform.keys() && cfg.plain_keys() { nq * d } else { 0 };
-    // A key group's rows, and the queries and biases per offset within a group.
     let rows = match cfg.keys {
         Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => {
             q.group * nq * (d + 2)
@@ -320,6 +321,12 @@ const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
         _ => 0,
     };
     let acc = if cfg.generic(true) { nq * d } else { 0 };
+    [queries, rows, acc]
+}
+
+/// The total of [`generic_parts`].
+const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
+    let [queries, rows, acc] = generic_parts(cfg, nq);
     queries + rows + acc
 }
 
@@ -365,12 +372,9 @@ impl<'w> GenericWork<'w> {
 
     /// Splits the generic parts off the end of `work` (whose front stays the KIVI kernels' work).
     fn split(cfg: &CacheConfig, nq: usize, work: &'w mut [f32]) -> (&'w mut [f32], Self) {
-        let d = cfg.head_dim;
-        let total = generic_work(cfg, nq);
-        let at = work.len() - total;
+        let [nqueries, _, nacc] = generic_parts(cfg, nq);
+        let at = work.len() - generic_work(cfg, nq);
         let (front, rest) = work.split_at_mut(at);
-        let nqueries = if cfg.transform.keys() && cfg.plain_keys() { nq * d } else { 0 };
-        let nacc = if cfg.generic(true) { nq * d } else { 0 };
         let (queries, rest) = rest.split_at_mut(nqueries);
         let (acc, rows) = rest.split_at_mut(nacc);
         (front, Self { queries, rows, acc })
