@@ -5,8 +5,8 @@
 //! cargo run --release -p kvq-core --example decode_bench                  # table
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
-//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvquant2, skvq2; and the
-//!          ingredients alone over KIVI-2: rot, rope, nuq, out, fp8)
+//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvquant2, skvq2, mikv2; and
+//!          the ingredients alone over KIVI-2: rot, rope, nuq, out, fp8, tier)
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
 //!          --prefill N (time a prefill of an N-token chunk over the cache instead of a decode step)
 //! ```
@@ -19,7 +19,7 @@
 //! alternation as the specs, so that it meets the same machine as the step it bounds.
 
 use kvq_core::attention::{Kernel, decode, decode_scratch_len, prefill, prefill_scratch_len};
-use kvq_core::cache::{Cache, CacheConfig, Precision, QuantSpec, Transform};
+use kvq_core::cache::{Cache, CacheConfig, Precision, QuantSpec, Tiers, Transform};
 use kvq_core::pack::Width;
 use kvq_core::quant::param::ParamFormat::Fp8E4M3;
 use kvq_core::transform::{Pairing, Rope};
@@ -74,6 +74,15 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
             ),
             ..kivi2(capacity).with_sinks(5)
         },
+        "mikv2" => CacheConfig {
+            keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_params(Fp8E4M3)),
+            values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_params(Fp8E4M3)),
+            ..kivi2(capacity)
+                .with_sinks(4)
+                .with_transform(Transform { balance_keys: true, ..Transform::NONE })
+                .with_tiers(TIERS)
+        },
+        "tier" => kivi2(capacity).with_tiers(TIERS),
         "rot" => kivi2(capacity).with_transform(Transform {
             rotate_keys: true,
             rotate_values: true,
@@ -98,6 +107,9 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         _ => return None,
     })
 }
+
+/// MiKV's tiers as `mikv2` sets them: two tokens of each 32-token key group corrected at 4 bits.
+const TIERS: Tiers = Tiers { keep: 2, width: Width::B4 };
 
 const ROPE: Option<Rope> = Some(Rope { base: 100_000.0, pairing: Pairing::Adjacent });
 
@@ -316,6 +328,7 @@ fn main() {
             "tokens", "spec", "thr", "kernel", "us/step", "MB/step", "GB/s", "vs fp16"
         );
     }
+    let mut obs = Rng(0x5eed_0b5e);
     for &t in &tokens {
         // Grow every layer of every model to t tokens with the same keys and values.
         let mut k = vec![0.0f32; hd];
@@ -329,7 +342,13 @@ fn main() {
                     *x = rng.unit();
                 }
                 for m in models.iter_mut() {
-                    m.layers[layer].append(&k, &v).expect("append");
+                    let c = &mut m.layers[layer];
+                    c.append(&k, &v).expect("append");
+                    // Tiered caches: attention received by the window, so that tokens get promoted.
+                    for h in 0..KV_HEADS {
+                        let p: Vec<f32> = (0..c.tier_window()).map(|_| obs.unit().abs()).collect();
+                        c.observe(h, &p).expect("observe");
+                    }
                 }
             }
             held += 1;

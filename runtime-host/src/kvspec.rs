@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! SPEC    := PRESET (":" KNOB)*
-//! PRESET  := f16 | kivi2 | kivi4 | kivi8 | q | kvquant2 | kvquant3 | kvquant4 | skvq2 | kvq2 | kvq3
+//! PRESET  := f16 | kivi2 | kivi4 | kivi8 | q | kvquant2 | kvquant3 | kvquant4 | skvq2 | mikv2 | kvq2 | kvq3
 //! KNOB    := k=BITS | v=BITS            bits of keys / values: f16, 1, 2, 3, 4, 8, or t (ternary, values)
 //!          | g=N | kg=N | vg=N           group size of both / keys / values (default 32)
 //!          | r=N                         residual window R in tokens (default 128; a multiple of the key group)
@@ -17,6 +17,8 @@
 //!          | balance=0|1                 MiKV's calibrated query/key channel balancing
 //!          | kaxis=token|channel         keys quantized per token (SKVQ) or per channel (default)
 //!          | perm=0|1                    calibrated channel permutation with variable groups (per-token streams)
+//!          | tier=N                      MiKV: per key group, the N most attended tokens get a correction (0: none)
+//!          | tw=2|4|8                    bits of the promoted tokens' corrections (default 4)
 //!          | calib=FILE                  the calibration file (default: the model's, from `kvq calibrate`)
 //! ```
 //!
@@ -28,11 +30,12 @@
 //! The method presets expand to knobs over `kivi2` ([`PRESET_KNOBS`]), so `kvq2:vg=32` is `kvq2` with
 //! 32-channel value groups: `kvquant2..4` (keys before RoPE, codebooks, 1% outliers, one f16 sink),
 //! `skvq2` (per-token 2-bit keys and ternary values, permuted and clipped, FP8 parameters, five sinks),
-//! `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values, keys relative to their group's first
-//! position, four sinks, 64-channel value groups). Presets with codebooks, permutations, centres,
+//! `mikv2` (MiKV: calibrated query/key balancing, FP8 parameters, and per 32-token key group the two most
+//! attended tokens corrected at 4 bits), `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values,
+//! keys relative to their group's first position, four sinks, 64-channel value groups). Presets with codebooks, permutations, centres,
 //! balance, calibrated clipping or key outliers read the model's calibration file (`kvq calibrate`).
 
-use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec, Transform};
+use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec, Tiers, Transform};
 use kvq_core::pack::Width;
 use kvq_core::quant::param::ParamFormat;
 use kvq_core::transform::Rope;
@@ -101,11 +104,15 @@ pub struct KvSpec {
     pub balance: bool,
     /// Calibration file given with `calib=`.
     pub calib: Option<PathBuf>,
+    /// MiKV's tiers: tokens promoted per key group (0: none).
+    pub tier_keep: usize,
+    /// Width of the promoted tokens' corrections.
+    pub tier_width: Width,
 }
 
 /// The named presets, for help texts and `kvq info`.
-pub const PRESETS: [&str; 10] =
-    ["f16", "kivi2", "kivi4", "kivi8", "kvquant2", "kvquant3", "kvquant4", "skvq2", "kvq2", "kvq3"];
+pub const PRESETS: [&str; 11] =
+    ["f16", "kivi2", "kivi4", "kivi8", "kvquant2", "kvquant3", "kvquant4", "skvq2", "mikv2", "kvq2", "kvq3"];
 
 /// What each preset expands to (a base and its knobs), for `kvq info` and the docs.
 pub const PRESET_KNOBS: [(&str, &str); 7] = [
@@ -115,7 +122,7 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
     ("skvq2", "kivi2:kaxis=token:v=t:s=5:perm=1:clip=calib:p=fp8"),
     ("kvq2", "kivi2:s=4:rot=kv:rope=1:vg=64"),
     ("kvq3", "kivi2:k=3:v=3:s=4:rot=kv:rope=1:vg=64"),
-    ("mikv2", "(not built: needs the mixed-precision token tiers, see docs/methods.md)"),
+    ("mikv2", "kivi2:s=4:balance=1:p=fp8:tier=2:tw=4"),
 ];
 
 fn width(s: &str) -> Result<Option<Width>, String> {
@@ -162,6 +169,8 @@ fn kivi(w: Width) -> KvSpec {
         center: false,
         balance: false,
         calib: None,
+        tier_keep: 0,
+        tier_width: Width::B4,
     }
 }
 
@@ -286,6 +295,15 @@ impl KvSpec {
                     both(&mut spec, &|x| x.permuted = f);
                 }
                 "center" => spec.center = flag(v).map_err(bad)?,
+                "tier" => spec.tier_keep = num()?,
+                "tw" => {
+                    spec.tier_width = match v {
+                        "2" => Width::B2,
+                        "4" => Width::B4,
+                        "8" => Width::B8,
+                        _ => return Err(format!("--kv {s:?}: tw={v:?}: expected 2, 4 or 8")),
+                    }
+                }
                 "calib" => spec.calib = Some(PathBuf::from(v)),
                 "r" => spec.residual = num()?,
                 "s" => spec.sinks = num()?,
@@ -299,7 +317,7 @@ impl KvSpec {
                 }
                 _ => {
                     return Err(format!(
-                        "--kv {s:?}: unknown knob {k:?} (k, v, g, kg, vg, r, s, clip, p, kp, vp, rot, rope, nuq, knuq, vnuq, out, kout, vout, center, balance, kaxis, perm, calib)"
+                        "--kv {s:?}: unknown knob {k:?} (k, v, g, kg, vg, r, s, clip, p, kp, vp, rot, rope, nuq, knuq, vnuq, out, kout, vout, center, balance, kaxis, perm, tier, tw, calib)"
                     ));
                 }
             }
@@ -378,6 +396,7 @@ impl KvSpec {
                 center_keys: self.center,
                 balance_keys: self.balance,
             },
+            tiers: (self.tier_keep > 0).then_some(Tiers { keep: self.tier_keep, width: self.tier_width }),
         };
         cfg.validate().map_err(|e| format!("--kv {:?}: {e}", self.name))?;
         Ok(cfg)
@@ -450,7 +469,16 @@ mod tests {
         let k = c.key_spec().unwrap();
         assert!(k.codebook && k.outliers == 20 && c.transform.rope.is_some() && !c.transform.rotate_keys);
         assert!(!KvSpec::parse("kvq2").unwrap().needs_calibration());
-        assert!(KvSpec::parse("mikv2").unwrap_err().contains("unknown preset"));
+        let m = KvSpec::parse("mikv2").unwrap();
+        assert!(m.needs_calibration());
+        let c = m.config(3, 64, 8192, Overflow::Stop, ROPE).unwrap();
+        assert_eq!(c.tiers, Some(Tiers { keep: 2, width: Width::B4 }));
+        assert!(c.transform.balance_keys && c.key_spec().unwrap().params == ParamFormat::Fp8E4M3);
+        assert_eq!(cfg("mikv2:tier=0", 8192, Overflow::Stop).tiers, None);
+        assert!(KvSpec::parse("mikv2:tw=3").unwrap_err().contains("expected 2, 4 or 8"));
+        // Tiers need per-channel keys: the core's refusal names it.
+        let e = KvSpec::parse("kivi2:kaxis=token:tier=2").unwrap().config(3, 64, 1024, Overflow::Stop, ROPE);
+        assert!(e.unwrap_err().contains("per-channel"));
     }
 
     #[test]

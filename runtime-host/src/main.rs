@@ -641,10 +641,10 @@ fn info(a: ModelArgs) -> Result<()> {
     println!(
         "calibration   {}",
         if calib.exists() {
-            format!("{} (presets kvquant*, skvq2 use it)", calib.display())
+            format!("{} (presets kvquant*, skvq2, mikv2 use it)", calib.display())
         } else {
             format!(
-                "none (kvquant*, skvq2 need one: kvq calibrate{})",
+                "none (kvquant*, skvq2, mikv2 need one: kvq calibrate{})",
                 if a.model.is_some() { " -m MODEL" } else { "" }
             )
         }

@@ -542,6 +542,8 @@ pub struct Session<'a> {
     /// One scratch and one output buffer per KV head: heads run as parallel tasks.
     scratch: Vec<Vec<f32>>,
     parts: Vec<Vec<f32>>,
+    /// Per KV head, the attention a decode step's query heads gave the window (MiKV's tiers).
+    received: Vec<Vec<f32>>,
     act: Q16Act,
     /// Per layer, what calibration records of each token fed (keys, values, positions, query maxima).
     pub capture: Option<Vec<crate::calib::LayerCapture>>,
@@ -633,6 +635,7 @@ impl<'a> Session<'a> {
             prefill: Prefill::Chunked,
             scratch: (0..c.n_kv_head).map(|_| zeroed(scratch, "attention scratch")).collect::<Result<_>>()?,
             parts: vec![Vec::new(); c.n_kv_head],
+            received: vec![Vec::new(); c.n_kv_head],
             act: Q16Act::default(),
             capture: None,
         })
@@ -732,22 +735,41 @@ impl<'a> Session<'a> {
         let n = q.len() / qd;
         let cache = &self.caches[li];
         let kernel = self.kernel;
-        let run = |(h, (scratch, part)): (usize, (&mut Vec<f32>, &mut Vec<f32>))| -> kvq_core::Result<()> {
+        let ratio = c.n_head / c.n_kv_head;
+        let window = cache.tier_window();
+        type Task<'t> = (usize, ((&'t mut Vec<f32>, &'t mut Vec<f32>), &'t mut Vec<f32>));
+        let run = |(h, ((scratch, part), recv)): Task<'_>| -> kvq_core::Result<()> {
             part.resize(n * qd, 0.0);
             if n == 1 {
-                attention::decode_heads(cache, h..h + 1, q, c.n_head, scale, part, scratch, kernel)
-                    .map(|_| ())
+                let mut probs =
+                    attention::decode_heads(cache, h..h + 1, q, c.n_head, scale, part, scratch, kernel)?;
+                // MiKV's tiers: the attention each window token received, summed over the group's heads.
+                recv.clear();
+                recv.resize(window, 0.0);
+                let held = probs.tokens();
+                for r in h * ratio..(h + 1) * ratio {
+                    for (a, &p) in recv.iter_mut().zip(&probs.head(r)[held - window..]) {
+                        *a += p;
+                    }
+                }
+                Ok(())
             } else {
                 attention::prefill_heads(cache, h..h + 1, q, k, v, c.n_head, scale, part, scratch, kernel)
             }
         };
-        let tasks = self.scratch.iter_mut().zip(self.parts.iter_mut()).enumerate();
+        let tasks =
+            self.scratch.iter_mut().zip(self.parts.iter_mut()).zip(self.received.iter_mut()).enumerate();
         let res: Vec<kvq_core::Result<()>> = if rayon::current_num_threads() == 1 {
             tasks.map(run).collect()
         } else {
             tasks.par_bridge().map(run).collect()
         };
         res.into_iter().collect::<kvq_core::Result<()>>()?;
+        if n == 1 && window > 0 {
+            for (h, recv) in self.received.iter().enumerate() {
+                self.caches[li].observe(h, recv)?;
+            }
+        }
         let per_head = (c.n_head / c.n_kv_head) * d;
         for (h, part) in self.parts.iter().enumerate() {
             for t in 0..n {
@@ -814,7 +836,9 @@ impl<'a> Session<'a> {
                 }
             }
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
-            if n == 1 || self.prefill == Prefill::AsDecode {
+            // MiKV's tiers rank tokens by the attention they receive, which only a step-by-step pass
+            // hands back: a tiered cache takes a chunk token by token.
+            if n == 1 || self.prefill == Prefill::AsDecode || cc.tiers.is_some() {
                 // Decoding, or a chunk token by token as decoding does: each key and value enters the cache,
                 // then its query attends to the cache as stored (the products above stay batched).
                 for t in 0..n {

@@ -55,6 +55,7 @@ fn calibrate_apply_and_reload() {
         "skvq2",
         "kivi2:center=1:rot=kv:rope=1:kout=0.01",
         "kivi2:balance=1",
+        "mikv2",
     ] {
         let spec = KvSpec::parse(&format!("{spec}:calib={p}")).unwrap();
         let cfg = m.cache_config(&spec, 256, Overflow::Stop).unwrap();
@@ -68,6 +69,34 @@ fn calibrate_apply_and_reload() {
         let mut out = vec![0.0f32; 100 * d];
         s.caches()[0].dequantize(Stream::Keys, 0, &mut out).unwrap();
         assert!(out.iter().all(|x| x.is_finite()));
+    }
+    // MiKV's tiers: a chunk goes in token by token (the same state as feeding it one token at a time),
+    // and every quantized key group of every head has exactly `keep` promoted tokens (softmax gives each
+    // attended token a positive weight), never the one whose append quantized the block.
+    let spec = KvSpec::parse(&format!("mikv2:calib={p}")).unwrap();
+    let cfg = m.cache_config(&spec, 512, Overflow::Stop).unwrap();
+    let keep = cfg.tiers.unwrap().keep;
+    let mut ar = model::arenas(&m, &cfg).unwrap();
+    let mut s = Session::new(&m, cfg, &mut ar).unwrap();
+    let n = 300;
+    let chunked = s.feed(&tokens[..n]).unwrap();
+    let mut ar2 = model::arenas(&m, &cfg).unwrap();
+    let mut s2 = Session::new(&m, cfg, &mut ar2).unwrap();
+    let mut stepped = Vec::new();
+    for &t in &tokens[..n] {
+        stepped = s2.feed(&[t]).unwrap();
+    }
+    assert_eq!(chunked, stepped);
+    let body = n - cfg.sinks;
+    let quantized = body - body % cfg.residual;
+    for (li, cache) in s.caches().iter().enumerate() {
+        for head in 0..cfg.kv_heads {
+            for g0 in (0..quantized).step_by(32) {
+                let promoted: Vec<usize> = (g0..g0 + 32).filter(|&j| cache.is_promoted(head, j)).collect();
+                assert_eq!(promoted.len(), keep, "layer {li} head {head} group {g0}: {promoted:?}");
+                assert!(promoted.iter().all(|j| (j + 1) % cfg.residual != 0));
+            }
+        }
     }
     // Another model's file, another version, a truncated file: refused with the reason.
     let mut other = c.clone();

@@ -303,7 +303,7 @@ fn calibrated_presets_need_kvq_calibrate() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = run(&["info"]);
     assert!(text(&out.stdout).contains("calib/"), "{}", text(&out.stdout));
-    for kv in ["kvquant2", "skvq2"] {
+    for kv in ["kvquant2", "skvq2", "mikv2"] {
         let out = run(&["generate", "--kv", kv, "-p", prompt, "-n", "8", "--greedy"]);
         assert!(out.status.success(), "{kv}: {}", text(&out.stderr));
     }

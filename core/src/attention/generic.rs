@@ -14,6 +14,7 @@
 //! These are the portable twins (Miri's and the firmware's path); see `avx2` for the vector ones.
 
 use super::{Probs, Queries, Scores};
+use crate::cache::tier::TierView;
 use crate::cache::{Cache, EMPTY_SLOT, QuantSpec, Stream, StreamView, config::MAX_HEAD_DIM, layout};
 use crate::pack;
 
@@ -314,6 +315,55 @@ pub(crate) fn finish_values(cache: &Cache<'_>, sv: &StreamView<'_>, h: usize, ac
             *o += x;
         }
     }
+}
+
+/// Adds the tier corrections of KV head `h`'s promoted keys among logical body tokens `j0..j0 + n` (a run
+/// of whole key groups) to their scores: `q_o . c` with the offset query `q_o` of the token's offset within
+/// its group (see [`offset_queries`]) and the decoded correction `c`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tier_key_scores(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    nq: usize,
+    d: usize,
+    g: usize,
+    oq: &[f32],
+    out: &mut Scores<'_>,
+) {
+    let mut corr = [0.0f32; MAX_HEAD_DIM];
+    tv.each(h, j0, n, |t, slot| {
+        tv.correction(slot, Stream::Keys, &mut corr[..d]);
+        let o = (j0 + t) % g;
+        for qi in 0..nq {
+            let s: f32 = corr[..d].iter().enumerate().map(|(c, &x)| oq[(qi * d + c) * g + o] * x).sum();
+            *out.at(qi, t) += s;
+        }
+    });
+}
+
+/// Adds `p_t * c_t` for KV head `h`'s promoted values among logical body tokens `j0..j0 + n` into the
+/// stored-basis sums `acc` (`[nq][d]`), `c_t` the decoded correction.
+pub(crate) fn tier_value_sums(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+) {
+    let mut corr = [0.0f32; MAX_HEAD_DIM];
+    tv.each(h, j0, n, |t, slot| {
+        tv.correction(slot, Stream::Values, &mut corr[..d]);
+        for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
+            let pt = p.at(qi, t);
+            for (a, &x) in a.iter_mut().zip(&corr[..d]) {
+                *a += pt * x;
+            }
+        }
+    });
 }
 
 /// [`channel_key_scores_in`], compiled for AVX2 where `vector` says the CPU has it (the loops are the same code; the

@@ -29,6 +29,7 @@ pub(crate) mod generic;
 mod portable;
 
 use crate::cache::layout::KEY_BLOCK;
+use crate::cache::tier::TierView;
 use crate::cache::{Axis, Cache, CacheConfig, Precision, Stream, StreamView, window::ring_runs};
 use crate::error::{Error, Result, need};
 use crate::pack::Width;
@@ -749,6 +750,12 @@ fn segments(cache: &Cache<'_>, sv: &StreamView<'_>) -> impl Iterator<Item = Segm
         .filter(|s| s.len > 0)
 }
 
+/// The logical body index of a body segment's first token.
+fn body_index(cache: &Cache<'_>, seg: Segment) -> usize {
+    let c = cache.counts();
+    c.base + (seg.pos - c.sinks)
+}
+
 /// The f16 token rows of a sinks or window segment of KV head `h`.
 fn token_rows<'c>(cache: &Cache<'_>, sv: &StreamView<'c>, h: usize, seg: Segment) -> &'c [u16] {
     let cfg = cache.config();
@@ -799,7 +806,11 @@ fn key_scores(
                     }
                     generic::channel_key_scores(
                         sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, acc, vector,
-                    )
+                    );
+                    if let Some(tv) = TierView::of(cache) {
+                        let j0 = body_index(cache, seg);
+                        generic::tier_key_scores(&tv, h, j0, seg.len, q.nq, d, spec.group, oq, &mut out);
+                    }
                 }
                 Axis::PerToken => {
                     generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out, vector)
@@ -868,6 +879,12 @@ fn value_sums(
                 let dst = if stored { &mut *acc } else { &mut *out };
                 token_values(&b, seg, &pr, d, dst, work, vector, q8_width(kernel, spec.width));
             }
+        }
+        if seg.part == Part::Body
+            && let Some(tv) = TierView::of(cache)
+        {
+            // Tiers make the value body generic, so its sums are in `acc`.
+            generic::tier_value_sums(&tv, h, body_index(cache, seg), seg.len, &pr, d, acc);
         }
     }
     if stored {

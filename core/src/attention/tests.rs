@@ -1123,7 +1123,7 @@ fn generic_formats_attend_as_their_dequantized_cache() {
                 crate::cache::tests::fill_tables(&mut cache, &mut rng);
                 let k = activations(&mut rng, t, 2, d);
                 let v = activations(&mut rng, t, 2, d);
-                cache.append(&k, &v).unwrap();
+                crate::cache::tests::append_observed(&mut cache, &k, &v, &mut rng);
                 let keys = dequantized(&cache, Stream::Keys);
                 let values = dequantized(&cache, Stream::Values);
                 for ratio in [1usize, 3, 7] {

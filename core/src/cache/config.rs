@@ -133,6 +133,38 @@ impl Transform {
     }
 }
 
+/// MiKV's importance tiers (methods.md §4): per key group of `G` tokens and KV head, the `keep` tokens that
+/// received the most attention while they sat in the full-precision window (the mean of the probabilities
+/// handed to [`crate::cache::Cache::observe`]) are promoted when the group is quantized: their keys and
+/// values keep their low-bit codes and gain a per-token correction of `width`-bit codes (the difference
+/// between the token and its low-bit reconstruction, in groups of [`Tiers::group`] channels with f16
+/// parameters). A promoted token's error is then the correction's, `2^-width` of the low-bit error's range
+/// instead of the low-bit error. The rest stay as stored. Tiers need per-channel keys and per-token
+/// values, both generic (the window of `residual` tokens is where importance is measured). The token
+/// whose append quantizes a block has not been attended yet and is not promoted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Tiers {
+    /// Tokens promoted per key group and KV head (at most `G`).
+    pub keep: usize,
+    /// Width of the correction codes (2, 4 or 8 bits).
+    pub width: Width,
+}
+
+impl Tiers {
+    /// Channels per correction group for a head of `head_dim` channels: 64 where it divides, else all.
+    pub const fn group(head_dim: usize) -> usize {
+        if head_dim.is_multiple_of(64) { 64 } else { head_dim }
+    }
+
+    /// Words of one promoted token's slot: its logical body index, then per stream (keys, values) one word
+    /// of f16 scale and zero per correction group and the packed correction codes.
+    pub const fn slot_words(&self, head_dim: usize) -> usize {
+        let groups = head_dim / Self::group(head_dim);
+        1 + 2 * (groups + head_dim * self.width.bits() as usize / 32)
+    }
+}
+
 /// How one stream (keys or values) is stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -198,6 +230,8 @@ pub struct CacheConfig {
     pub overflow: Overflow,
     /// Transforms of the stored keys and values.
     pub transform: Transform,
+    /// MiKV's importance tiers, if any.
+    pub tiers: Option<Tiers>,
 }
 
 /// Largest group size the cache takes (KIVI and SKVQ use up to 128).
@@ -222,6 +256,7 @@ impl CacheConfig {
             sinks: 0,
             overflow: Overflow::Stop,
             transform: Transform::NONE,
+            tiers: None,
         }
     }
 
@@ -257,6 +292,11 @@ impl CacheConfig {
         Self { transform, ..self }
     }
 
+    /// The same with MiKV's importance tiers `tiers`.
+    pub const fn with_tiers(self, tiers: Tiers) -> Self {
+        Self { tiers: Some(tiers), ..self }
+    }
+
     /// The key stream's spec, if quantized.
     pub const fn key_spec(&self) -> Option<QuantSpec> {
         match self.keys {
@@ -278,7 +318,12 @@ impl CacheConfig {
     pub const fn plain_keys(&self) -> bool {
         match self.keys {
             Precision::F16 => true,
-            Precision::Quant(q) => q.plain() && self.transform.rope.is_none() && !self.transform.center_keys,
+            Precision::Quant(q) => {
+                q.plain()
+                    && self.transform.rope.is_none()
+                    && !self.transform.center_keys
+                    && self.tiers.is_none()
+            }
         }
     }
 
@@ -290,7 +335,7 @@ impl CacheConfig {
             return false;
         };
         let t = self.transform;
-        !q.plain() || if values { t.rotate_values } else { t.keys() }
+        !q.plain() || self.tiers.is_some() || if values { t.rotate_values } else { t.keys() }
     }
 
     /// Whether KIVI's kernels read the value body (outputs turned back where it is rotated).
@@ -345,6 +390,9 @@ impl CacheConfig {
         if let Err(e) = self.check_transform() {
             return Err(e);
         }
+        if let Err(e) = self.check_tiers() {
+            return Err(e);
+        }
         if matches!(self.overflow, Overflow::Slide) {
             let r = if self.quantized() { self.residual } else { 0 };
             if self.capacity < self.sinks + r + self.slide_step() {
@@ -353,6 +401,38 @@ impl CacheConfig {
                     value: self.capacity,
                 });
             }
+        }
+        Ok(())
+    }
+
+    const fn check_tiers(&self) -> Result<()> {
+        let Some(t) = self.tiers else {
+            return Ok(());
+        };
+        let (Precision::Quant(k), Precision::Quant(_)) = (self.keys, self.values) else {
+            return Err(Error::InvalidConfig { what: "tiers (keys and values must be quantized)", value: 0 });
+        };
+        if !matches!(k.axis, Axis::PerChannel) {
+            return Err(Error::InvalidConfig { what: "tiers (keys must be per-channel groups)", value: 0 });
+        }
+        if t.keep == 0 || t.keep > k.group {
+            return Err(Error::InvalidConfig {
+                what: "tier keep (1 to G tokens per key group)",
+                value: t.keep,
+            });
+        }
+        if !matches!(t.width, Width::B2 | Width::B4 | Width::B8) {
+            return Err(Error::InvalidConfig {
+                what: "tier width (2, 4 or 8 bits)",
+                value: t.width.bits() as usize,
+            });
+        }
+        let d = self.head_dim;
+        if d > MAX_HEAD_DIM || !(d * 2).is_multiple_of(32) {
+            return Err(Error::InvalidConfig {
+                what: "head_dim (tiers need a multiple of 16, at most 512)",
+                value: d,
+            });
         }
         Ok(())
     }

@@ -19,6 +19,14 @@
 //! tables               f32 and u16 calibration tables (see `Tables`), written once, kept by `reset`
 //! ```
 //!
+//! After both streams, MiKV's tiers ([`TierLayout`]) where configured:
+//!
+//! ```text
+//! slots   u32 [kv_heads][key ring/G][keep][slot_words]   promoted tokens' corrections (`Tiers::slot_words`)
+//! score   f32 [kv_heads][R]                              attention received per window slot, summed
+//! seen    u32 [kv_heads][R]                              queries that attended to it
+//! ```
+//!
 //! FP8 parameters take one byte each in the same order (`scale` and `zero` regions then hold bytes).
 //!
 //! Quantized keys are stored in blocks of [`KEY_BLOCK`] = 256 tokens (fp16 keys in blocks of
@@ -163,6 +171,20 @@ pub struct StreamLayout {
     pub row_groups: usize,
 }
 
+/// Where MiKV's tiers live (every region empty without tiers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct TierLayout {
+    /// Promoted tokens' slots.
+    pub slots: Region,
+    /// Summed attention per window slot and KV head.
+    pub score: Region,
+    /// Queries counted per window slot and KV head.
+    pub seen: Region,
+    /// Words of one slot.
+    pub slot_words: usize,
+}
+
 /// The regions of a layer cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -171,6 +193,8 @@ pub struct Layout {
     pub keys: StreamLayout,
     /// Value stream.
     pub values: StreamLayout,
+    /// MiKV's tiers.
+    pub tiers: TierLayout,
     /// Words of the whole arena.
     pub total_words: usize,
     /// Bytes of the whole arena (`4 * total_words`).
@@ -237,7 +261,23 @@ impl CacheConfig {
         tri!(self.validate());
         let (keys, end) = tri!(self.stream_layout(&self.keys, false, 0));
         let (values, end) = tri!(self.stream_layout(&self.values, true, end));
-        Ok(Layout { keys, values, total_words: end, total_bytes: tri!(mul(end, 4)) })
+        let mut tiers = TierLayout {
+            slots: Region { offset: end, words: 0 },
+            score: Region { offset: end, words: 0 },
+            seen: Region { offset: end, words: 0 },
+            slot_words: 0,
+        };
+        let mut end = end;
+        if let (Some(t), Precision::Quant(q)) = (self.tiers, self.keys) {
+            tiers.slot_words = t.slot_words(self.head_dim);
+            let units = tri!(mul(tri!(mul(self.kv_heads, keys.ring / q.group)), t.keep));
+            tiers.slots.words = tri!(mul(units, tiers.slot_words));
+            let win = tri!(mul(self.kv_heads, self.residual));
+            tiers.score = Region { offset: tiers.slots.end(), words: win };
+            tiers.seen = Region { offset: tiers.score.end(), words: win };
+            end = tiers.seen.end();
+        }
+        Ok(Layout { keys, values, tiers, total_words: end, total_bytes: tri!(mul(end, 4)) })
     }
 
     /// Bytes of the arena this configuration needs (0 if it is invalid; see [`CacheConfig::layout`]).

@@ -24,10 +24,11 @@ pub mod config;
 pub(crate) mod group;
 pub mod layout;
 pub(crate) mod tables;
+pub(crate) mod tier;
 pub mod window;
 
-pub use config::{Axis, CacheConfig, Overflow, Precision, QuantSpec, Transform};
-pub use layout::{Layout, Region, StreamLayout, Tables};
+pub use config::{Axis, CacheConfig, Overflow, Precision, QuantSpec, Tiers, Transform};
+pub use layout::{Layout, Region, StreamLayout, Tables, TierLayout};
 pub use window::Residual;
 
 use crate::error::{Error, Result};
@@ -75,12 +76,20 @@ pub struct Usage {
     pub param_bytes: usize,
     /// Bytes of the outlier slots reserved for the body's groups or tokens (index and f16 correction).
     pub outlier_bytes: usize,
+    /// Bytes of MiKV's tiers: the slots reserved for the quantized key groups, and the window's
+    /// attention sums and counts.
+    pub tier_bytes: usize,
 }
 
 impl Usage {
     /// All bytes held.
     pub const fn total_bytes(&self) -> usize {
-        self.sink_bytes + self.window_bytes + self.body_bytes + self.param_bytes + self.outlier_bytes
+        self.sink_bytes
+            + self.window_bytes
+            + self.body_bytes
+            + self.param_bytes
+            + self.outlier_bytes
+            + self.tier_bytes
     }
 
     /// Average bits per stored element (keys and values, every head and channel); 0 when empty.
@@ -142,6 +151,7 @@ impl CacheConfig {
             body_bytes: 0,
             param_bytes: 0,
             outlier_bytes: 0,
+            tier_bytes: 0,
         };
         let streams = [self.keys, self.values];
         let mut i = 0;
@@ -163,6 +173,14 @@ impl CacheConfig {
                 }
             }
             i += 1;
+        }
+        if let (Some(t), Precision::Quant(k)) = (self.tiers, self.keys)
+            && c.held() > 0
+        {
+            let q = Residual::Block.quantized_end(c.n, self.residual);
+            let groups = (q - c.base) / k.group;
+            u.tier_bytes = groups * self.kv_heads * t.keep * t.slot_words(self.head_dim) * 4
+                + self.kv_heads * self.residual * 8;
         }
         u
     }
@@ -593,6 +611,7 @@ impl<'a> Cache<'a> {
             }
             Precision::Quant(q) if self.cfg.generic(s == Stream::Values) => match q.axis {
                 Axis::PerChannel => {
+                    self.clear_importance(j % r);
                     self.write_window(l, j % r, x);
                     if (j + 1).is_multiple_of(r) {
                         for gs in (j + 1 - r..j + 1).step_by(q.group) {
@@ -807,6 +826,7 @@ impl<'a> Cache<'a> {
                     };
                 }
             }
+            self.promote_key_group(l, q, gs, h)?;
         }
         Ok(())
     }
@@ -910,6 +930,14 @@ impl<'a> Cache<'a> {
                 };
             }
         }
+        if s == Stream::Values && self.cfg.tiers.is_some() {
+            for h in 0..heads {
+                let mut ordered = [0.0f32; MAX_HEAD_DIM];
+                let scratch: &[f32] = bytemuck::cast_slice(&self.arena[l.scratch.offset..l.scratch.end()]);
+                ordered[..d].copy_from_slice(&scratch[h * d..][..d]);
+                self.correct_value(q, h, j, slot, &ordered[..d])?;
+            }
+        }
         Ok(())
     }
 
@@ -978,7 +1006,7 @@ impl<'a> Cache<'a> {
                     }
                 }
                 Precision::Quant(q) if self.cfg.generic(stream == Stream::Values) => {
-                    self.dequantize_generic(stream, &v, q, head, slot, row)?;
+                    self.dequantize_generic(stream, &v, q, head, j, row)?;
                 }
                 Precision::Quant(q) => {
                     for (c, o) in row.iter_mut().enumerate() {
@@ -1010,37 +1038,63 @@ impl<'a> Cache<'a> {
         Ok(held)
     }
 
-    /// One body row of a generic stream, reconstructed in the stored basis (codes, parameters, levels,
-    /// outlier corrections), then turned back to the basis the tokens came in.
+    /// Per-channel key row at ring slot `slot` of head `head` in the stored basis: codes, parameters,
+    /// levels and outlier corrections (no tier correction).
+    pub(crate) fn stored_key_row(
+        &self,
+        q: &QuantSpec,
+        head: usize,
+        slot: usize,
+        row: &mut [f32],
+    ) -> Result<()> {
+        let v = self.view(Stream::Keys);
+        let (l, d) = (v.layout, self.cfg.head_dim);
+        let gi = slot / q.group;
+        for (c, o) in row.iter_mut().enumerate() {
+            let words = &v.codes[head * l.key_head_words(d) + layout::key_row(slot, c, d, l.row_words)..]
+                [..l.row_words];
+            let code = pack::get(words, q.width, slot % layout::KEY_BLOCK)?;
+            let p = v.params(q.params, (head * l.row_groups + gi) * d + c);
+            *o = v.coder(*q, head * d + c).decode(&p, code);
+        }
+        if q.outliers > 0 {
+            let t = slot % q.group;
+            for o in &v.outliers[(head * l.row_groups + gi) * q.outliers..][..q.outliers] {
+                let i = usize::from(o.index);
+                if o.index != EMPTY_SLOT && i / d == t {
+                    row[i % d] += o.delta();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Body row `j` (logical) of a generic stream, reconstructed in the stored basis (codes, parameters,
+    /// levels, outlier and tier corrections), then turned back to the basis the tokens came in.
     fn dequantize_generic(
         &self,
         stream: Stream,
         v: &StreamView<'_>,
         q: QuantSpec,
         head: usize,
-        slot: usize,
+        j: usize,
         row: &mut [f32],
     ) -> Result<()> {
         let (l, d) = (v.layout, self.cfg.head_dim);
+        let slot = j % l.ring;
+        let mut corr = [0.0f32; MAX_HEAD_DIM];
+        let promoted = match tier::TierView::of(self).and_then(|t| t.find(head, j).map(|s| (t, s))) {
+            Some((t, s)) => {
+                t.correction(s, stream, &mut corr[..d]);
+                true
+            }
+            None => false,
+        };
         match q.axis {
             Axis::PerChannel => {
-                let gi = slot / q.group;
-                for (c, o) in row.iter_mut().enumerate() {
-                    let words = &v.codes
-                        [head * l.key_head_words(d) + layout::key_row(slot, c, d, l.row_words)..]
-                        [..l.row_words];
-                    let code = pack::get(words, q.width, slot % layout::KEY_BLOCK)?;
-                    let p = v.params(q.params, (head * l.row_groups + gi) * d + c);
-                    *o = v.coder(q, head * d + c).decode(&p, code);
-                }
-                if q.outliers > 0 {
-                    let t = slot % q.group;
-                    for o in &v.outliers[(head * l.row_groups + gi) * q.outliers..][..q.outliers] {
-                        let i = usize::from(o.index);
-                        if o.index != EMPTY_SLOT && i / d == t {
-                            row[i % d] += o.delta();
-                        }
-                    }
+                self.stored_key_row(&q, head, slot, row)?;
+                if promoted {
+                    row.iter_mut().zip(&corr[..d]).for_each(|(o, c)| *o += c);
                 }
                 self.inverse(stream, head, slot % q.group, row);
             }
@@ -1068,6 +1122,9 @@ impl<'a> Cache<'a> {
                     if o.index != EMPTY_SLOT && i / d == head {
                         stored[i % d] += o.delta();
                     }
+                }
+                if promoted {
+                    stored[..d].iter_mut().zip(&corr[..d]).for_each(|(o, c)| *o += c);
                 }
                 for (i, &x) in stored[..d].iter().enumerate() {
                     row[if perm.is_empty() { i } else { usize::from(perm[i]) }] = x;

@@ -349,7 +349,42 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
                 ..base.with_transform(Transform { rotate_values: true, ..t })
             },
         ),
+        ("tiers-b8", base.with_tiers(Tiers { keep: 3, width: Width::B8 })),
+        (
+            "tiers-b4-rope-rot-nuq",
+            CacheConfig {
+                keys: q(ch(Width::B2).with_codebook().with_outliers(4)),
+                values: q(tok(Width::B2).with_params(Fp8E4M3)),
+                ..base
+                    .with_transform(Transform {
+                        rope: rope(Pairing::Halves),
+                        rotate_keys: true,
+                        rotate_values: true,
+                        ..t
+                    })
+                    .with_tiers(Tiers { keep: 32, width: Width::B4 })
+            },
+        ),
     ]
+}
+
+/// Appends `k`, `v` (`[t][kv_heads][head_dim]`) to `cache`: at once without tiers; with tiers a token
+/// at a time, each followed by an observation of random attention (over `(0, 1)`) for every head, so that
+/// some tokens are promoted.
+pub(crate) fn append_observed(cache: &mut Cache<'_>, k: &[f32], v: &[f32], rng: &mut Rng) {
+    let cfg = *cache.config();
+    if cfg.tiers.is_none() {
+        cache.append(k, v).unwrap();
+        return;
+    }
+    let w = cfg.kv_heads * cfg.head_dim;
+    for (kt, vt) in k.chunks(w).zip(v.chunks(w)) {
+        cache.append(kt, vt).unwrap();
+        for h in 0..cfg.kv_heads {
+            let p: Vec<f32> = (0..cache.tier_window()).map(|_| rng.unit().abs() + 1e-3).collect();
+            cache.observe(h, &p).unwrap();
+        }
+    }
 }
 
 /// Calibration-like tables for `cache`: non-uniform levels, centres, balancing factors, thresholds and a
@@ -682,4 +717,137 @@ fn check_input_basis(
         let lim = (bmax * bnorm + 2.0 * l * u * bmax * wnorm) * (1.0 + 1e-5);
         assert!(err <= lim, "{stream:?} head {h} token {t}: error norm {err} > {lim}");
     }
+}
+
+/// MiKV's tiers promote, per key group and head, exactly the `keep` tokens with the largest mean attention
+/// received in the window; a promoted key or value is within the correction quantizer's bound (half a
+/// step of its correction group, [`group_bound`] of the low-bit error, plus the f32 rounding of the sum),
+/// and every other token decodes to the same bits as the same cache without tiers. The tier bytes are the
+/// layout's.
+#[test]
+fn tiers_promote_the_most_attended_tokens() {
+    for (d, width, keep, t) in [(64, Width::B4, 3, 300), (128, Width::B8, 1, 200), (64, Width::B2, 32, 130)] {
+        let heads = 2;
+        let plain = CacheConfig::kivi(Width::B2, 32, 64, heads, d, 512).with_sinks(2);
+        let cfg = plain.with_tiers(Tiers { keep, width });
+        let mut rng = Rng::new(5 + d as u64);
+        let k = activations(&mut rng, t, heads, d);
+        let v = activations(&mut rng, t, heads, d);
+        // A fixed importance per (token, head); each step's observation is exactly it, so the mean is too.
+        let imp: Vec<f32> = (0..t * heads).map(|_| rng.unit().abs() + 0.01).collect();
+        let (mut ma, mut mb) = (arena(&cfg), arena(&plain));
+        let mut tiered = Cache::new(cfg, &mut ma).unwrap();
+        let mut base = Cache::new(plain, &mut mb).unwrap();
+        let w = heads * d;
+        for i in 0..t {
+            tiered.append(&k[i * w..][..w], &v[i * w..][..w]).unwrap();
+            base.append(&k[i * w..][..w], &v[i * w..][..w]).unwrap();
+            let win = tiered.tier_window();
+            let first = tiered.held() - win; // held order: window tokens last
+            for h in 0..heads {
+                let p: Vec<f32> = (first..first + win).map(|r| imp[r * heads + h]).collect();
+                tiered.observe(h, &p).unwrap();
+            }
+        }
+        let c = tiered.counts();
+        let held = tiered.held();
+        let tv = tier::TierView::of(&tiered).unwrap();
+        let (mut got, mut want) = (vec![0.0f32; held * d], vec![0.0f32; held * d]);
+        let mut promoted = 0;
+        for (stream, x) in [(Stream::Keys, &k), (Stream::Values, &v)] {
+            let q_end = tiered.view(stream).q_end;
+            for h in 0..heads {
+                tiered.dequantize(stream, h, &mut got).unwrap();
+                base.dequantize(stream, h, &mut want).unwrap();
+                for j in c.base..c.n {
+                    let row = c.sinks + j - c.base;
+                    let tok = j + c.sinks;
+                    // Expected: the group's `keep` largest importances (ties cannot happen here).
+                    let key_quantized = j < Residual::Block.quantized_end(c.n, 64);
+                    let expect = key_quantized && {
+                        // The token whose append quantizes the block has not been attended yet.
+                        let g0 = j - j % 32;
+                        let mut rank: Vec<usize> = (g0..g0 + 32).filter(|u| (u + 1) % 64 != 0).collect();
+                        let at = |u: usize| imp[(u + c.sinks) * heads + h];
+                        rank.sort_by(|a, b| at(*b).total_cmp(&at(*a)));
+                        rank[..keep.min(rank.len())].contains(&j)
+                    };
+                    assert_eq!(tv.find(h, j).is_some(), expect, "{stream:?} d {d} head {h} token {j}");
+                    let (g, b) = (&got[row * d..][..d], &want[row * d..][..d]);
+                    if !(expect && j < q_end) {
+                        assert!(
+                            g.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{stream:?} token {j}"
+                        );
+                        continue;
+                    }
+                    promoted += 1;
+                    let input: Vec<f32> = x[(tok * heads + h) * d..][..d].iter().map(|&a| f16r(a)).collect();
+                    let tg = Tiers::group(d);
+                    for c0 in (0..d).step_by(tg) {
+                        let err: Vec<f32> = (c0..c0 + tg).map(|ch| input[ch] - b[ch]).collect();
+                        let bound = group_bound(&err, width);
+                        for ch in c0..c0 + tg {
+                            let e = (g[ch] - input[ch]).abs();
+                            let tol = bound + 2.0 * f32::EPSILON * input[ch].abs().max(b[ch].abs());
+                            assert!(e <= tol, "{stream:?} d {d} token {j} ch {ch}: error {e} > {tol}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(promoted > 0);
+        let u = tiered.usage();
+        let groups = Residual::Block.quantized_end(c.n, 64) / 32;
+        assert_eq!(
+            u.tier_bytes,
+            groups * heads * keep * Tiers { keep, width }.slot_words(d) * 4 + heads * 64 * 8
+        );
+        assert_eq!(u.total_bytes() - u.tier_bytes, base.usage().total_bytes());
+        let l = tiered.layout();
+        assert_eq!(l.tiers.slots.words, heads * (l.keys.ring / 32) * keep * l.tiers.slot_words);
+        assert_eq!(l.total_words, l.tiers.seen.end());
+    }
+}
+
+/// Bad tier settings and observations are refused with the setting named, and change nothing.
+#[test]
+fn tiers_refuse_bad_input() {
+    let base = CacheConfig::kivi(Width::B2, 32, 64, 2, 64, 512);
+    let tiers = Tiers { keep: 2, width: Width::B4 };
+    let what = |cfg: CacheConfig| match cfg.validate() {
+        Err(Error::InvalidConfig { what, .. }) => what,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        what(CacheConfig::fp16(2, 64, 512).with_tiers(tiers)),
+        "tiers (keys and values must be quantized)"
+    );
+    assert_eq!(what(base.with_tiers(Tiers { keep: 0, ..tiers })), "tier keep (1 to G tokens per key group)");
+    assert_eq!(what(base.with_tiers(Tiers { keep: 33, ..tiers })), "tier keep (1 to G tokens per key group)");
+    assert_eq!(what(base.with_tiers(Tiers { width: Width::B3, ..tiers })), "tier width (2, 4 or 8 bits)");
+    let per_token =
+        CacheConfig { keys: Precision::Quant(QuantSpec::per_token(Width::B2, 32)), ..base }.with_tiers(tiers);
+    assert_eq!(what(per_token), "tiers (keys must be per-channel groups)");
+    let cfg = base.with_tiers(tiers);
+    let mut mem = arena(&cfg);
+    let mut cache = Cache::new(cfg, &mut mem).unwrap();
+    let mut rng = Rng::new(3);
+    let k = activations(&mut rng, 10, 2, 64);
+    cache.append(&k, &k).unwrap();
+    assert_eq!(cache.tier_window(), 10);
+    let before = cache.arena.to_vec();
+    assert!(matches!(cache.observe(0, &[0.1; 9]), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(cache.observe(2, &[0.1; 10]), Err(Error::OutOfBounds { .. })));
+    let mut bad = [0.1f32; 10];
+    bad[4] = f32::NAN;
+    assert_eq!(cache.observe(0, &bad), Err(Error::NonFinite { index: 4 }));
+    bad[4] = -1.0;
+    assert_eq!(cache.observe(1, &bad), Err(Error::NonFinite { index: 4 }));
+    assert_eq!(cache.arena.to_vec(), before);
+    // A cache without tiers takes any observation as nothing.
+    let mut m2 = arena(&base);
+    let mut plain = Cache::new(base, &mut m2).unwrap();
+    assert_eq!(plain.tier_window(), 0);
+    assert_eq!(plain.observe(0, &[]), Ok(()));
 }
