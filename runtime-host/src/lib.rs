@@ -7,9 +7,11 @@
 //! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
 //! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats.
+//! - [`dump`]: one layer's attention inputs for the firmware demo (`kvq dump-qkv`).
 //! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
 pub mod calib;
+pub mod dump;
 pub mod eval;
 pub mod fetch;
 pub mod gguf;

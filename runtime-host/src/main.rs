@@ -40,6 +40,25 @@ enum Cmd {
     /// Measures the calibrated formats' tables (codebooks, thresholds, permutations, clipping, balance)
     /// on a calibration text and writes the model's calibration file.
     Calibrate(CalibrateArgs),
+    /// Writes one layer's queries, keys and values over a text (for the firmware demo and its test).
+    DumpQkv(DumpArgs),
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Tokens to run (from the start of the text; default Persuasion).
+    #[arg(long, default_value_t = kvq_host::dump::DEFAULT_TOKENS)]
+    tokens: usize,
+    /// The layer whose attention inputs are written.
+    #[arg(long, default_value_t = kvq_host::dump::DEFAULT_LAYER)]
+    layer: usize,
+    /// Output file.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -319,6 +338,7 @@ fn run() -> Result<()> {
         Cmd::Retrieval(a) => retrieval(a),
         Cmd::Demo(a) => demo(a),
         Cmd::Calibrate(a) => calibrate(a),
+        Cmd::DumpQkv(a) => dump_qkv(a),
     }
 }
 
@@ -613,6 +633,32 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         t.elapsed().as_secs_f64(),
         c.clip,
         out.display()
+    );
+    Ok(())
+}
+
+fn dump_qkv(a: DumpArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&model.gguf)?;
+    let text = a.text.read(kvq_host::dump::DEFAULT_TEXT)?;
+    let tokens = tok.encode(&text, true, false);
+    ensure!(a.tokens > 0, "--tokens must be positive");
+    ensure!(
+        tokens.len() >= a.tokens,
+        "the text holds {} tokens, fewer than --tokens {}",
+        tokens.len(),
+        a.tokens
+    );
+    let d = kvq_host::dump::Qkv::capture(&model, &tokens[..a.tokens], a.layer)?;
+    std::fs::write(&a.out, d.to_bytes()).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "kvq dump-qkv: layer {} over {} tokens ({} query / {} KV heads, head_dim {}) -> {}",
+        a.layer,
+        a.tokens,
+        d.q_heads,
+        d.kv_heads,
+        d.head_dim,
+        a.out.display()
     );
     Ok(())
 }

@@ -66,19 +66,32 @@ pub struct Weight {
     row_bytes: usize,
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    ffn_norm: Vec<f32>,
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
-    wo: Weight,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    gate: Weight,
-    up: Weight,
-    down: Weight,
+/// One transformer block's weights (public so that tests can replay a forward pass outside [`Session`]).
+pub struct Layer {
+    /// RMSNorm weights before attention.
+    pub attn_norm: Vec<f32>,
+    /// RMSNorm weights before the feed-forward block.
+    pub ffn_norm: Vec<f32>,
+    /// Query projection.
+    pub wq: Weight,
+    /// Key projection.
+    pub wk: Weight,
+    /// Value projection.
+    pub wv: Weight,
+    /// Attention output projection.
+    pub wo: Weight,
+    /// Query bias (Qwen2).
+    pub bq: Option<Vec<f32>>,
+    /// Key bias (Qwen2).
+    pub bk: Option<Vec<f32>>,
+    /// Value bias (Qwen2).
+    pub bv: Option<Vec<f32>>,
+    /// SwiGLU gate projection.
+    pub gate: Weight,
+    /// SwiGLU up projection.
+    pub up: Weight,
+    /// Down projection.
+    pub down: Weight,
 }
 
 /// How the matrix products treat activations.
@@ -454,8 +467,26 @@ impl Model {
         }
     }
 
+    /// The transformer blocks, first to last.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The output head and the final norm's weights.
+    pub fn output(&self) -> (&Weight, &[f32]) {
+        (&self.output, &self.output_norm)
+    }
+
+    /// RoPE's cosines and sines at `pos`, for [`rope`].
+    pub fn rope_angles(&self, pos: usize) -> Vec<(f64, f64)> {
+        rope_table(&self.inv_freq, pos)
+    }
+
     /// The embedding row of `token`.
-    fn embed(&self, token: u32, out: &mut [f32]) -> Result<()> {
+    ///
+    /// # Errors
+    /// An id outside the vocabulary.
+    pub fn embed(&self, token: u32, out: &mut [f32]) -> Result<()> {
         let t = token as usize;
         ensure!(t < self.cfg.n_vocab, "token id {token} is outside the vocabulary of {}", self.cfg.n_vocab);
         let w = &self.embd;
@@ -482,7 +513,8 @@ fn weight_of(g: &Gguf, t: &TensorInfo, cols: usize, rows: usize) -> Result<Weigh
     })
 }
 
-fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+/// RMSNorm of `x` scaled by `w` into `out` (the mean square in f64).
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len() as f64;
     let s = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
@@ -501,8 +533,8 @@ fn rope_table(inv_freq: &[f64], pos: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Rotates `x` (`heads` x `d`) by the angles in `table` (from [`rope_table`]).
-fn rope(x: &mut [f32], d: usize, table: &[(f64, f64)], arch: Arch) {
+/// Rotates `x` (`heads` x `d`) by the angles in `table` (from [`Model::rope_angles`]).
+pub fn rope(x: &mut [f32], d: usize, table: &[(f64, f64)], arch: Arch) {
     let half = d / 2;
     for head in x.chunks_exact_mut(d) {
         for (i, &(c, s)) in table.iter().enumerate() {
@@ -527,7 +559,8 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn silu(x: f32) -> f32 {
+/// SiLU, `x * sigmoid(x)`.
+pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
@@ -547,6 +580,8 @@ pub struct Session<'a> {
     act: Q16Act,
     /// Per layer, what calibration records of each token fed (keys, values, positions, query maxima).
     pub capture: Option<Vec<crate::calib::LayerCapture>>,
+    /// One layer's attention inputs, recorded for `kvq dump-qkv`.
+    pub tap: Option<crate::dump::Tap>,
 }
 
 /// How a chunk of several tokens attends.
@@ -638,6 +673,7 @@ impl<'a> Session<'a> {
             received: vec![Vec::new(); c.n_kv_head],
             act: Q16Act::default(),
             capture: None,
+            tap: None,
         })
     }
 
@@ -819,6 +855,13 @@ impl<'a> Session<'a> {
             for (t, table) in tables.iter().enumerate() {
                 rope(&mut q[t * qd..(t + 1) * qd], d, table, c.arch);
                 rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
+            }
+            if let Some(tap) = &mut self.tap
+                && tap.layer == li
+            {
+                tap.q.extend_from_slice(&q);
+                tap.k.extend_from_slice(&k);
+                tap.v.extend_from_slice(&v);
             }
             if let Some(caps) = &mut self.capture {
                 if caps.len() < m.layers.len() {
