@@ -7,8 +7,9 @@
 //! 64 tokens and at the end; then it exits 0 through semihosting (non-zero on an error or a panic). The
 //! host test (`kvq-tests`) runs the same stream and requires the same hashes.
 //!
-//! With `--features defmt` the progress logs also go through defmt over semihosting (`defmt-print -e ELF`
-//! decodes them); the result lines stay semihosting text.
+//! With `--features defmt` it also logs each policy's start and result through defmt over semihosting:
+//! the defmt frames then own standard output (`defmt-print -e ELF` or `kvq-tests` decode them) and the
+//! result lines move to standard error, as semihosting text still.
 
 #![no_std]
 #![no_main]
@@ -19,11 +20,21 @@ use alloc::vec;
 use cortex_m::peripheral::{SYST, syst::SystClkSource};
 use cortex_m_rt::entry;
 use embedded_alloc::LlffHeap as Heap;
-use semihosting::{eprintln, println};
+use semihosting::eprintln;
 use static_cell::ConstStaticCell;
 
 #[cfg(feature = "defmt")]
 use defmt_semihosting as _;
+
+/// Prints a result line: on standard output, or on standard error where defmt's frames own the output.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        #[cfg(not(feature = "defmt"))]
+        semihosting::println!($($t)*);
+        #[cfg(feature = "defmt")]
+        semihosting::eprintln!($($t)*);
+    }};
+}
 
 mod stream;
 include!(concat!(env!("OUT_DIR"), "/shape.rs"));
@@ -80,7 +91,7 @@ fn main() -> ! {
     let (mut q, mut k, mut v, mut out) =
         (vec![0.0f32; qd], vec![0.0f32; kd], vec![0.0f32; kd], vec![0.0f32; qd]);
     let mut received = vec![0.0f32; stream::received_len(&s)];
-    println!(
+    say!(
         "kvq-fw stream layer={} tokens={} q_heads={} kv_heads={} head_dim={} arena_bytes={}",
         LAYER,
         TOKENS,
@@ -119,30 +130,43 @@ fn main() -> ! {
             n += 1;
         };
         let report = stream::run(i, &s, &mut arena[..], b, fill, time, |t, h| {
-            println!("kvq-fw step policy={name} t={t} hash={h:016x}");
+            say!("kvq-fw step policy={name} t={t} hash={h:016x}");
         });
-        println!(
+        say!(
             "kvq-fw ticks policy={name} per_token={} last64_per_token={}",
             ticks / TOKENS as u64,
             tail / 64.min(TOKENS) as u64
         );
         match report {
-            Ok(r) => println!(
-                "kvq-fw done policy={name} tokens={} held={} arena_bytes={} bits_per_element={:.3} max_context_sram={} hash={:016x}",
-                r.tokens,
-                r.held,
-                r.arena_bytes,
-                r.bits_per_element,
-                stream::max_context(i, &s, SRAM_BYTES),
-                r.hash
-            ),
+            Ok(r) => {
+                let max = stream::max_context(i, &s, SRAM_BYTES);
+                say!(
+                    "kvq-fw done policy={name} tokens={} held={} arena_bytes={} bits_per_element={:.3} max_context_sram={max} hash={:016x}",
+                    r.tokens,
+                    r.held,
+                    r.arena_bytes,
+                    r.bits_per_element,
+                    r.hash
+                );
+                #[cfg(feature = "defmt")]
+                defmt::info!(
+                    "policy {=str}: {=usize} tokens, {=usize} held in {=usize} arena bytes, {=f32} bits per element, {=usize} tokens fit 4 MiB, hash {=u64:x}",
+                    name,
+                    r.tokens,
+                    r.held,
+                    r.arena_bytes,
+                    r.bits_per_element as f32,
+                    max,
+                    r.hash
+                );
+            }
             Err(e) => {
                 eprintln!("kvq-fw error policy={name}: {e}");
                 semihosting::process::exit(2);
             }
         }
     }
-    println!("kvq-fw ok");
+    say!("kvq-fw ok");
     semihosting::process::exit(0)
 }
 

@@ -33,16 +33,22 @@ pub fn missing() -> Option<String> {
     None
 }
 
-/// Builds the firmware (release) over the stream in `qkv`; returns the ELF's path.
+/// Builds the firmware (release) over the stream in `qkv`, with defmt logging or without; returns the ELF's
+/// path (the two builds keep apart target directories).
 ///
 /// # Errors
 /// Cargo's failure, with its output.
-pub fn build(qkv: &Path) -> Result<PathBuf> {
+pub fn build(qkv: &Path, defmt: bool) -> Result<PathBuf> {
     let dir = root().join("firmware-demo");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target = if defmt { "target/defmt" } else { "target" };
+    let mut args = vec!["build", "--release", "--quiet", "--target-dir", target];
+    if defmt {
+        args.extend(["--features", "defmt"]);
+    }
     let out = Command::new(cargo)
         .current_dir(&dir)
-        .args(["build", "--release", "--quiet"])
+        .args(&args)
         .env("KVQ_QKV", qkv)
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
@@ -50,27 +56,49 @@ pub fn build(qkv: &Path) -> Result<PathBuf> {
         .output()
         .context("running cargo for firmware-demo")?;
     ensure!(out.status.success(), "building firmware-demo failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let elf = dir.join("target/thumbv7em-none-eabihf/release/firmware-demo");
+    let elf = dir.join(target).join("thumbv7em-none-eabihf/release/firmware-demo");
     ensure!(elf.exists(), "no ELF at {}", elf.display());
     Ok(elf)
 }
 
-/// Runs the ELF under QEMU (killed after `timeout_s`); returns its exit code and standard output.
+/// Runs the ELF under QEMU (killed after `timeout_s`); returns its exit code, standard output (text, or
+/// defmt frames from a defmt build) and standard error.
 ///
 /// # Errors
 /// QEMU cannot be started.
-pub fn run(elf: &Path, timeout_s: u32) -> Result<(i32, String, String)> {
+pub fn run(elf: &Path, timeout_s: u32) -> Result<(i32, Vec<u8>, String)> {
     let out = Command::new(root().join("firmware-demo/run-qemu.sh"))
         .arg(elf)
         .env("QEMU_TIMEOUT", timeout_s.to_string())
         .output()
         .context("running qemu-system-arm")?;
     let code = out.status.code().unwrap_or(-1);
-    Ok((
-        code,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    Ok((code, out.stdout, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// Decodes the defmt frames a defmt build wrote, with the format table of its ELF: one line per frame,
+/// `LEVEL message`.
+///
+/// # Errors
+/// The ELF has no defmt table, or the bytes hold a malformed or unfinished frame.
+pub fn defmt_lines(elf: &[u8], frames: &[u8]) -> Result<Vec<String>> {
+    let table = defmt_decoder::Table::parse(elf)?.context("the ELF has no defmt table")?;
+    let mut dec = table.new_stream_decoder();
+    dec.received(frames);
+    let mut lines = Vec::new();
+    loop {
+        match dec.decode() {
+            Ok(f) => {
+                let level = f.level().map_or("PRINT", |l| l.as_str());
+                lines.push(format!("{} {}", level.to_uppercase(), f.display_message()));
+            }
+            Err(defmt_decoder::DecodeError::UnexpectedEof) => break,
+            Err(defmt_decoder::DecodeError::Malformed) => {
+                bail!("a malformed defmt frame after {} frames", lines.len())
+            }
+        }
+    }
+    Ok(lines)
 }
 
 /// Sizes of an ELF's allocated sections, as `size` sums them: `(text, data, bss)` in bytes (text: code and

@@ -6,35 +6,89 @@
 
 use kvq_tests::{firmware, host_lines, stream};
 
-#[test]
-fn firmware_matches_the_host_bit_for_bit() {
+/// The stream written for the firmware's build, with the host's result lines; `None` (after saying why)
+/// where the firmware cannot run here.
+fn setup(test: &str) -> Option<(std::path::PathBuf, Vec<String>)> {
     let q = kvq_tests::default_stream().expect("the default stream");
     let mut outputs = Vec::new();
     let want = host_lines(&q, &mut outputs).expect("host run");
     if let Some(why) = firmware::missing() {
         assert!(std::env::var_os("KVQ_REQUIRE_FIRMWARE").is_none(), "the firmware test must run: {why}");
-        eprintln!("firmware_matches_the_host_bit_for_bit: not run: {why}");
-        return;
+        eprintln!("{test}: not run: {why}");
+        return None;
     }
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let path = dir.join("kvq-qkv.bin");
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kvq-qkv.bin");
     std::fs::write(&path, q.to_bytes()).unwrap();
-    let elf = firmware::build(&path).expect("firmware builds");
-    let (code, stdout, stderr) = firmware::run(&elf, 600).expect("qemu runs");
-    assert_eq!(code, 0, "firmware exit code {code}\n{stdout}\n{stderr}");
+    Some((path, want))
+}
+
+/// Requires the firmware's step and done lines to be the host's, in order, and its final `ok`.
+fn same_as_host(text: &str, want: &[String]) {
     let got: Vec<&str> =
-        stdout.lines().filter(|l| l.starts_with("kvq-fw step ") || l.starts_with("kvq-fw done ")).collect();
-    assert_eq!(got.len(), want.len(), "firmware printed\n{stdout}");
-    for (g, w) in got.iter().zip(&want) {
+        text.lines().filter(|l| l.starts_with("kvq-fw step ") || l.starts_with("kvq-fw done ")).collect();
+    assert_eq!(got.len(), want.len(), "firmware printed\n{text}");
+    for (g, w) in got.iter().zip(want) {
         assert_eq!(g, w, "the firmware and the host differ");
     }
-    assert!(stdout.lines().any(|l| l == "kvq-fw ok"));
+    assert!(text.lines().any(|l| l == "kvq-fw ok"), "no final ok:\n{text}");
+}
+
+/// A `key=value` field of a result line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line.find(&format!(" {key}=")).unwrap_or_else(|| panic!("no {key} in {line}")) + key.len() + 2;
+    line[at..].split(' ').next().unwrap()
+}
+
+#[test]
+fn firmware_matches_the_host_bit_for_bit() {
+    let Some((path, want)) = setup("firmware_matches_the_host_bit_for_bit") else { return };
+    let elf = firmware::build(&path, false).expect("firmware builds");
+    let (code, stdout, stderr) = firmware::run(&elf, 600).expect("qemu runs");
+    let stdout = String::from_utf8_lossy(&stdout);
+    assert_eq!(code, 0, "firmware exit code {code}\n{stdout}\n{stderr}");
+    same_as_host(&stdout, &want);
     let (text, data, bss) = firmware::sizes(&std::fs::read(&elf).unwrap()).unwrap();
     eprintln!("firmware-demo: text {text} data {data} bss {bss} bytes");
     for l in &want {
         if l.starts_with("kvq-fw done") {
             eprintln!("{l}");
         }
+    }
+}
+
+/// The defmt build logs each policy's start and result as defmt frames on standard output, which decode
+/// with the ELF's own table into the host's figures; its result lines, now on standard error, are still
+/// the host's bit for bit.
+#[test]
+fn the_defmt_build_logs_decode_to_the_host_figures() {
+    let Some((path, want)) = setup("the_defmt_build_logs_decode_to_the_host_figures") else { return };
+    let elf = firmware::build(&path, true).expect("firmware builds with defmt");
+    let (code, frames, stderr) = firmware::run(&elf, 600).expect("qemu runs");
+    assert_eq!(code, 0, "firmware exit code {code}\n{stderr}");
+    same_as_host(&stderr, &want);
+    let logs = firmware::defmt_lines(&std::fs::read(&elf).unwrap(), &frames).expect("the frames decode");
+    let done: Vec<&String> = want.iter().filter(|l| l.starts_with("kvq-fw done ")).collect();
+    assert_eq!(logs.len(), 2 * done.len(), "decoded {logs:#?}");
+    for (pair, d) in logs.chunks(2).zip(done) {
+        let name = &d["kvq-fw done policy=".len()..d.find(" tokens=").unwrap()];
+        let tokens = field(d, "tokens");
+        assert_eq!(pair[0], format!("INFO policy {name}: streaming {tokens} tokens"));
+        let head = format!(
+            "INFO policy {name}: {tokens} tokens, {} held in {} arena bytes, ",
+            field(d, "held"),
+            field(d, "arena_bytes")
+        );
+        let hash = u64::from_str_radix(field(d, "hash"), 16).unwrap();
+        let tail =
+            format!(" bits per element, {} tokens fit 4 MiB, hash {hash:x}", field(d, "max_context_sram"));
+        assert!(
+            pair[1].starts_with(&head) && pair[1].ends_with(&tail),
+            "{:?} is not {head}..{tail}",
+            pair[1]
+        );
+        let bits: f64 = pair[1][head.len()..pair[1].len() - tail.len()].parse().unwrap();
+        let host: f64 = field(d, "bits_per_element").parse().unwrap();
+        assert!((bits - host).abs() <= 5e-4, "bits per element {bits} against {host}");
     }
 }
 
