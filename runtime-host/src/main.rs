@@ -42,6 +42,8 @@ enum Cmd {
     Calibrate(CalibrateArgs),
     /// Writes one layer's queries, keys and values over a text (for the firmware demo and its test).
     DumpQkv(DumpArgs),
+    /// The models `-m` knows by name: where they come from, their size and whether they are cached.
+    Models,
 }
 
 #[derive(Args)]
@@ -196,7 +198,8 @@ struct BenchArgs {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use into $KVQ_CACHE).
+    /// A GGUF file, or a model's name from `kvq models` (fetched on first use into $KVQ_CACHE; default
+    /// smollm2-135m).
     #[arg(short = 'm', long)]
     model: Option<PathBuf>,
     /// Threads (default: all cores).
@@ -209,6 +212,10 @@ struct ModelArgs {
     /// Read 2-bit KV caches with f32 arithmetic instead of attention's int8 path (implied by --exact).
     #[arg(long)]
     f32_attention: bool,
+    /// The cache of sliding-window layers (Gemma 3's local layers; default f16): an uncalibrated format
+    /// such as kivi4 or kivi2:s=0. `--kv` sets the layers that hold the whole context.
+    #[arg(long, value_name = "SPEC")]
+    kv_local: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -339,6 +346,7 @@ fn run() -> Result<()> {
         Cmd::Demo(a) => demo(a),
         Cmd::Calibrate(a) => calibrate(a),
         Cmd::DumpQkv(a) => dump_qkv(a),
+        Cmd::Models => models(),
     }
 }
 
@@ -346,15 +354,16 @@ fn load(a: &ModelArgs) -> Result<Model> {
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global().context("starting threads")?;
     }
-    let path = match &a.model {
-        Some(p) => p.clone(),
-        None => fetch::default_model(false)?,
-    };
+    let path = model_path(a.model.as_deref())?;
     let mut m = Model::load(&path)?;
     if a.exact {
         m.mode = model::MatMode::Exact;
     }
     m.int8_attention = !(a.exact || a.f32_attention);
+    if let Some(spec) = &a.kv_local {
+        let spec = KvSpec::parse(spec).map_err(|e| anyhow::anyhow!("--kv-local: {e}"))?;
+        m.set_local_kv(&spec)?;
+    }
     Ok(m)
 }
 
@@ -466,13 +475,54 @@ fn chatml(role: &str, content: &str) -> String {
     format!("<|im_start|>{role}\n{content}<|im_end|>\n")
 }
 
-/// The `<|im_end|>` id of a ChatML model; an error for other chat templates.
-fn chatml_end(model: &Model, tok: &Tokenizer) -> Result<u32> {
-    let tmpl = model.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str()).unwrap_or("");
-    if !tmpl.contains("<|im_start|>") || tok.id("<|im_start|>").is_none() {
-        bail!("this model's chat template is not ChatML; chat and demo support ChatML models (use generate)");
+/// A model's turn format.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turns {
+    /// `<|im_start|>role\n…<|im_end|>\n`, a system turn first.
+    ChatMl,
+    /// Gemma's `<start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n`: no system role, so the
+    /// system text opens the first user turn, followed by a blank line (as Gemma's template does).
+    Gemma,
+}
+
+impl Turns {
+    /// The conversation's opening before the first user message.
+    fn open(self, system: &str) -> String {
+        match self {
+            Turns::ChatMl => chatml("system", system),
+            Turns::Gemma => String::new(),
+        }
     }
-    tok.id("<|im_end|>").context("no <|im_end|> token")
+
+    /// A user turn and the opening of the reply; `system` is given with the first turn.
+    fn user(self, msg: &str, system: Option<&str>) -> String {
+        match self {
+            Turns::ChatMl => format!("{}<|im_start|>assistant\n", chatml("user", msg)),
+            Turns::Gemma => {
+                let sys = system.filter(|s| !s.is_empty()).map(|s| format!("{s}\n\n")).unwrap_or_default();
+                format!("<start_of_turn>user\n{sys}{msg}<end_of_turn>\n<start_of_turn>model\n")
+            }
+        }
+    }
+}
+
+/// The model's turn format and the id that ends a turn: ChatML, or Gemma's when the template uses
+/// `<start_of_turn>` (or a Gemma 3 GGUF carries no template, as the base model does, and its vocabulary has
+/// the turn tokens); an error for other templates.
+fn turns(model: &Model, tok: &Tokenizer) -> Result<(Turns, u32)> {
+    let tmpl = model.gguf.get("tokenizer.chat_template").and_then(|v| v.as_str());
+    let gemma_vocab = tok.id("<start_of_turn>").is_some();
+    let gemma = || Ok((Turns::Gemma, tok.id("<end_of_turn>").context("no <end_of_turn> token")?));
+    match tmpl {
+        Some(t) if t.contains("<|im_start|>") && tok.id("<|im_start|>").is_some() => {
+            Ok((Turns::ChatMl, tok.id("<|im_end|>").context("no <|im_end|> token")?))
+        }
+        Some(t) if t.contains("<start_of_turn>") && gemma_vocab => gemma(),
+        None if gemma_vocab && model.cfg.arch == model::Arch::Gemma3 => gemma(),
+        _ => bail!(
+            "this model's chat template is neither ChatML nor Gemma's; chat and demo support those (use generate)"
+        ),
+    }
 }
 
 /// Samples up to `n` tokens from `logits` on, feeding each back into `s`, until `stop` says a token ends
@@ -498,12 +548,13 @@ fn reply(
 
 fn chat(a: ChatArgs) -> Result<()> {
     let (model, tok, cfg) = prepare(&a.run, Overflow::Slide)?;
-    let end = chatml_end(&model, &tok)?;
+    let (fmt, end) = turns(&model, &tok)?;
     let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
     let mut sampler = a.run.sample.sampler();
     let (mut gen_tokens, mut gen_secs) = (0usize, 0f64);
-    let mut pending = tok.encode(&chatml("system", &a.system), true, true);
+    let mut pending = tok.encode(&fmt.open(&a.system), true, true);
+    let mut first = true;
     eprintln!(
         "kvq chat: {} ({} layers), KV cache {} ({} tokens, overflow {:?}). /reset, /stats, /quit.",
         model.gguf.get("general.name").and_then(|v| v.as_str()).unwrap_or("model"),
@@ -526,7 +577,8 @@ fn chat(a: ChatArgs) -> Result<()> {
             "/quit" | "/exit" => break,
             "/reset" => {
                 s.reset();
-                pending = tok.encode(&chatml("system", &a.system), true, true);
+                pending = tok.encode(&fmt.open(&a.system), true, true);
+                first = true;
                 eprintln!("(history cleared)");
                 continue;
             }
@@ -543,7 +595,8 @@ fn chat(a: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
-        pending.extend(tok.encode(&format!("{}<|im_start|>assistant\n", chatml("user", msg)), false, true));
+        pending.extend(tok.encode(&fmt.user(msg, first.then_some(a.system.as_str())), false, true));
+        first = false;
         let logits = s.feed(&pending).context("reading the message")?;
         pending.clear();
         let mut stream = Utf8Stream::default();
@@ -560,7 +613,7 @@ fn chat(a: ChatArgs) -> Result<()> {
                 Ok(out.flush()?)
             },
         )?;
-        // Close the turn in the cache: <|im_end|>\n.
+        // Close the turn in the cache: <|im_end|>\n or <end_of_turn>\n.
         pending = vec![end];
         pending.extend(tok.encode("\n", false, false));
         writeln!(out)?;
@@ -663,6 +716,40 @@ fn dump_qkv(a: DumpArgs) -> Result<()> {
     Ok(())
 }
 
+/// The GGUF `-m` names: a file, else a named model (fetched if it is not cached), else the default.
+fn model_path(m: Option<&std::path::Path>) -> Result<PathBuf> {
+    let Some(p) = m else { return fetch::default_model(false) };
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    match p.to_str().and_then(fetch::named) {
+        Some(n) => fetch::fetch(n, false),
+        None => {
+            let names: Vec<&str> = fetch::MODELS.iter().map(|n| n.name).collect();
+            bail!("{}: no such file, nor a model name ({})", p.display(), names.join(", "))
+        }
+    }
+}
+
+fn models() -> Result<()> {
+    println!("{:<14} {:>8}  {:<10} source and contents", "name", "MB", "cached");
+    for m in fetch::MODELS {
+        let cached = fetch::cached_path(m)?.exists();
+        let reqs: Vec<&str> = m.parts.iter().map(|p| p.requirement).collect();
+        println!(
+            "{:<14} {:>8.1}  {:<10} PyPI {}\n{:<36}{}",
+            m.name,
+            m.bytes as f64 / 1e6,
+            if cached { "yes" } else { "no" },
+            reqs.join(" + "),
+            "",
+            m.about
+        );
+    }
+    println!("cache: {}", fetch::cache_dir()?.display());
+    Ok(())
+}
+
 fn info(a: ModelArgs) -> Result<()> {
     let model = load(&a)?;
     let c = &model.cfg;
@@ -681,7 +768,11 @@ fn info(a: ModelArgs) -> Result<()> {
         model.kernel_name()
     );
     if let Ok(t) = Tokenizer::from_gguf(g) {
-        println!("tokenizer     byte-level BPE, pre-tokenizer {}, add BOS {}", t.pre, t.add_bos);
+        if t.pre == "spm" {
+            println!("tokenizer     SentencePiece ({} tokens), add BOS {}", t.len(), t.add_bos);
+        } else {
+            println!("tokenizer     byte-level BPE, pre-tokenizer {}, add BOS {}", t.pre, t.add_bos);
+        }
     }
     let calib = kvq_host::calib::default_path(&model.sha256()?)?;
     println!(
@@ -695,8 +786,32 @@ fn info(a: ModelArgs) -> Result<()> {
             )
         }
     );
-    let at = [2048usize, 8192].map(|t| t.min(c.n_ctx_train));
-    println!("\nKV cache per token (all {} layers), at {} and {} tokens held:", c.n_layer, at[0], at[1]);
+    let at = [2048usize, c.n_ctx_train.min(32768)].map(|t| t.min(c.n_ctx_train));
+    let n_global = (0..c.n_layer).filter(|&l| !c.is_local(l)).count();
+    if let Some(l) = model.local_config() {
+        let global: Vec<String> = (0..c.n_layer).filter(|&l| !c.is_local(l)).map(|l| l.to_string()).collect();
+        let full = l.usage(l.counts_after(l.capacity).map_err(|e| anyhow::anyhow!("{e}"))?);
+        println!(
+            "layer kinds   {} global (layers {}), {} local: a ring of the last {} tokens, f16 unless --kv-local, \
+             {} bytes each when full ({:.3} bits/elem)",
+            n_global,
+            global.join(", "),
+            c.n_layer - n_global,
+            c.window,
+            full.total_bytes(),
+            full.bits_per_element(l)
+        );
+    }
+    println!(
+        "\nKV cache per token ({}), at {} and {} tokens held:",
+        if n_global == c.n_layer {
+            format!("all {} layers", c.n_layer)
+        } else {
+            format!("the {n_global} global layers; --kv sets them")
+        },
+        at[0],
+        at[1]
+    );
     println!(
         "{:8} {:>14} {:>12} {:>14} {:>12}   is",
         "preset", "bytes/token", "bits/elem", "bytes/token", "bits/elem"
@@ -712,7 +827,7 @@ fn info(a: ModelArgs) -> Result<()> {
             let u = cfg.usage(counts);
             line += &format!(
                 " {:>14.1} {:>12.3}",
-                (u.total_bytes() * c.n_layer) as f64 / t as f64,
+                (u.total_bytes() * n_global) as f64 / t as f64,
                 u.bits_per_element(&cfg)
             );
         }
@@ -1177,7 +1292,7 @@ const DEMO_ANSWER: &str = "teapot";
 fn demo(a: DemoArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
-    let end = chatml_end(&model, &tok)?;
+    let (fmt, end) = turns(&model, &tok)?;
     let specs = parse_specs(&a.kv)?;
     let prose = kvq_host::texts::text("persuasion", false)?;
     // Whole paragraphs of the novel's opening chapters up to the token budget, the fact halfway.
@@ -1198,10 +1313,14 @@ fn demo(a: DemoArgs) -> Result<()> {
         doc.push_str("\n\n");
         used += t;
     }
+    let system = match fmt {
+        Turns::ChatMl => "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        Turns::Gemma => "",
+    };
     let prompt = format!(
-        "{}{}<|im_start|>assistant\n",
-        chatml("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-        chatml("user", &format!("Read this document.\n\n{doc}\nQuestion: {DEMO_QUESTION}"))
+        "{}{}",
+        fmt.open(system),
+        fmt.user(&format!("Read this document.\n\n{doc}\nQuestion: {DEMO_QUESTION}"), Some(system))
     );
     let ids = tok.encode(&prompt, true, true);
     eprintln!(
@@ -1250,4 +1369,27 @@ fn demo(a: DemoArgs) -> Result<()> {
         println!("{name:>8} {:>10.2} {bits:>10.2} {pre:>13.1} {dec:>12.1}", *kv as f64 / (1 << 20) as f64);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Turns;
+
+    /// Gemma's template (Gemma 3 instruct GGUFs): BOS, then `<start_of_turn>user\n` with the system text and
+    /// a blank line before the first message, `<end_of_turn>\n`, and the reply opened with
+    /// `<start_of_turn>model\n`; later turns carry no system text.
+    #[test]
+    fn gemma_turns_render_as_its_template() {
+        let g = Turns::Gemma;
+        assert_eq!(g.open("Be brief."), "");
+        assert_eq!(
+            g.user("Hi", Some("Be brief.")),
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(g.user("Bye", None), "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n");
+        assert_eq!(g.user("Hi", Some("")), "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n");
+        let c = Turns::ChatMl;
+        assert_eq!(c.open("S"), "<|im_start|>system\nS<|im_end|>\n");
+        assert_eq!(c.user("Hi", Some("S")), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
 }

@@ -1,10 +1,20 @@
-//! The Llama-family forward pass (`llama`, `qwen2`) over memory-mapped quantized weights, with every
-//! layer's KV cache held by `kvq-core`.
+//! The Llama-family forward pass (`llama`, `qwen2`, `gemma3`) over memory-mapped quantized weights, with
+//! every layer's KV cache held by `kvq-core`.
 //!
 //! Per layer: `x += Wo · attn(rope(Wq·n(x)), rope(Wk·n(x)), Wv·n(x))`, then
 //! `x += Wdown · (silu(Wgate·n(x)) * Wup·n(x))`, with `n` RMSNorm; logits `= Wout · n(x)` (`Wout` is the
 //! embedding when the file has no `output.weight`). `llama` GGUFs rotate adjacent pairs `(2i, 2i+1)` (the
 //! converter permuted the Q/K rows for it); `qwen2` rotates halves `(i, i + d/2)` and adds Q/K/V biases.
+//!
+//! `gemma3` as llama.cpp computes it: the embedding scaled by `sqrt(n_embd)`; per layer four RMS norms
+//! (before and after attention, before and after the feed-forward block, each result added to the
+//! residual after its post-norm; the GGUF stores the norms' weights as `1 + w`), RMS norms of each query
+//! and key head before RoPE (halves pairing), queries scaled by `1/sqrt(head_dim)`, a GELU (tanh)-gated
+//! feed-forward block and the tied output. Five of every six layers are local: they attend only to the
+//! last `sliding_window` tokens (the current one included), with RoPE base 10,000 (or
+//! `rope.freq_base_swa`); every sixth is global, with `rope.freq_base`. A local layer's cache is a sliding
+//! ring of the window (f16 unless [`Model::set_local_kv`] says otherwise); global layers hold the context
+//! in the session's format.
 
 use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
 use crate::kernels;
@@ -24,6 +34,8 @@ pub enum Arch {
     Llama,
     /// Qwen2: half-split RoPE, Q/K/V biases.
     Qwen2,
+    /// Gemma 3: half-split RoPE, Q/K norms, post-norms, GELU gate, local (sliding-window) layers.
+    Gemma3,
 }
 
 /// Model hyper-parameters from the GGUF metadata.
@@ -51,6 +63,30 @@ pub struct Config {
     pub rope_base: f32,
     /// RMSNorm epsilon.
     pub eps: f32,
+    /// RoPE base of local layers (equal to `rope_base` where there are none).
+    pub rope_base_local: f32,
+    /// Tokens a local layer attends to, the current one included (0: no local layers).
+    pub window: usize,
+    /// Per layer, whether it is local.
+    pub local: Vec<bool>,
+    /// Factor on the embedding rows (Gemma: `sqrt(n_embd)`).
+    pub embd_scale: f32,
+    /// Factor on the attention logits.
+    pub attn_scale: f32,
+    /// `tanh(logits / cap) * cap` when set.
+    pub logit_softcap: Option<f32>,
+}
+
+impl Config {
+    /// Whether layer `li` attends only to a sliding window.
+    pub fn is_local(&self, li: usize) -> bool {
+        self.local.get(li).copied().unwrap_or(false)
+    }
+
+    /// The first layer that holds the whole context.
+    pub fn first_global(&self) -> usize {
+        (0..self.n_layer).find(|&l| !self.is_local(l)).unwrap_or(0)
+    }
 }
 
 /// A weight matrix `[rows][cols]` in the file: row `r` is output `r`.
@@ -86,9 +122,17 @@ pub struct Layer {
     pub bk: Option<Vec<f32>>,
     /// Value bias (Qwen2).
     pub bv: Option<Vec<f32>>,
-    /// SwiGLU gate projection.
+    /// RMSNorm weights of each query head (Gemma 3), shared by the heads.
+    pub q_norm: Option<Vec<f32>>,
+    /// RMSNorm weights of each key head (Gemma 3).
+    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm weights on the attention output before the residual add (Gemma 3).
+    pub post_attn_norm: Option<Vec<f32>>,
+    /// RMSNorm weights on the feed-forward output before the residual add (Gemma 3).
+    pub post_ffn_norm: Option<Vec<f32>>,
+    /// Gate projection (SiLU-gated, GELU-gated for Gemma 3).
     pub gate: Weight,
-    /// SwiGLU up projection.
+    /// Up projection.
     pub up: Weight,
     /// Down projection.
     pub down: Weight,
@@ -117,6 +161,10 @@ pub struct Model {
     avx2: bool,
     /// RoPE inverse frequencies `base^(-2i/d)`, `i < d/2`.
     inv_freq: Vec<f64>,
+    /// The same for local layers.
+    inv_freq_local: Vec<f64>,
+    /// The cache of local layers (a sliding ring of the window), if the model has any.
+    local_cache: Option<CacheConfig>,
     /// Matrix-product mode.
     pub mode: MatMode,
     /// Whether sessions read caches of codes up to 2 bits on attention's int8 path
@@ -164,7 +212,8 @@ impl Model {
         let arch = match arch_s {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
-            a => bail!("architecture {a:?} is not supported (llama and qwen2 are)"),
+            "gemma3" => Arch::Gemma3,
+            a => bail!("architecture {a:?} is not supported (llama, qwen2 and gemma3 are)"),
         };
         let a = arch_s.to_string();
         let n_embd = meta_u(&gguf, &format!("{a}.embedding_length"))?;
@@ -174,7 +223,10 @@ impl Model {
             n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0,
             "head counts {n_head}/{n_kv_head}: query heads must be a multiple of KV heads"
         );
-        ensure!(n_embd % n_head == 0, "embedding {n_embd} is not a multiple of {n_head} heads");
+        ensure!(
+            arch == Arch::Gemma3 || n_embd % n_head == 0,
+            "embedding {n_embd} is not a multiple of {n_head} heads"
+        );
         let head_dim = meta_u(&gguf, &format!("{a}.attention.key_length")).unwrap_or(n_embd / n_head);
         ensure!(
             head_dim.is_multiple_of(2) && head_dim <= 256,
@@ -183,9 +235,39 @@ impl Model {
         let rope_dims = meta_u(&gguf, &format!("{a}.rope.dimension_count")).unwrap_or(head_dim);
         ensure!(rope_dims == head_dim, "partial RoPE ({rope_dims} of {head_dim} dims) is not supported");
         let embd_info = gguf.tensor("token_embd.weight").context("tensor token_embd.weight missing")?.clone();
+        let n_layer = meta_u(&gguf, &format!("{a}.block_count"))?;
+        ensure!(n_layer > 0 && n_layer <= 1024, "block_count {n_layer} out of range");
+        let f = |k: &str| gguf.get(&format!("{a}.{k}")).and_then(Value::as_f64);
+        let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
+        let gemma = arch == Arch::Gemma3;
+        let window =
+            if gemma { meta_u(&gguf, &format!("{a}.attention.sliding_window")).unwrap_or(0) } else { 0 };
+        let local: Vec<bool> = if window == 0 {
+            vec![false; n_layer]
+        } else {
+            // llama.cpp: a bool per layer, else a period n (default 6) whose last layer is global.
+            match gguf.get(&format!("{a}.attention.sliding_window_pattern")) {
+                Some(Value::Array(v)) => {
+                    ensure!(
+                        v.len() == n_layer,
+                        "sliding_window_pattern has {} entries for {n_layer} layers",
+                        v.len()
+                    );
+                    v.iter().map(|x| matches!(x, Value::Bool(true))).collect()
+                }
+                Some(v) => {
+                    let n = v.as_u64().context("sliding_window_pattern is neither an array nor an integer")?
+                        as usize;
+                    ensure!(n > 0, "sliding_window_pattern 0");
+                    (0..n_layer).map(|l| l % n < n - 1).collect()
+                }
+                None => (0..n_layer).map(|l| l % 6 < 5).collect(),
+            }
+        };
+        ensure!(window == 0 || window <= 1 << 20, "sliding_window {window} out of range");
         let cfg = Config {
             arch,
-            n_layer: meta_u(&gguf, &format!("{a}.block_count"))?,
+            n_layer,
             n_embd,
             n_ff: meta_u(&gguf, &format!("{a}.feed_forward_length"))?,
             n_head,
@@ -193,14 +275,24 @@ impl Model {
             head_dim,
             n_vocab: embd_info.dims.get(1).copied().unwrap_or(0) as usize,
             n_ctx_train: meta_u(&gguf, &format!("{a}.context_length")).unwrap_or(4096),
-            rope_base: gguf.get(&format!("{a}.rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0)
-                as f32,
-            eps: gguf
-                .get(&format!("{a}.attention.layer_norm_rms_epsilon"))
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-5) as f32,
+            rope_base,
+            eps: f("attention.layer_norm_rms_epsilon").unwrap_or(if gemma { 1e-6 } else { 1e-5 }) as f32,
+            rope_base_local: if window > 0 {
+                f("rope.freq_base_swa").unwrap_or(10000.0) as f32
+            } else {
+                rope_base
+            },
+            window,
+            local,
+            embd_scale: if gemma { (n_embd as f32).sqrt() } else { 1.0 },
+            // llama.cpp: 1/sqrt(n_embd/n_head) for Gemma 3 27B (62 layers), else 1/sqrt(head_dim).
+            attn_scale: if gemma && n_layer == 62 {
+                1.0 / ((n_embd / n_head) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            },
+            logit_softcap: f("final_logit_softcapping").map(|c| c as f32).filter(|&c| c > 0.0),
         };
-        ensure!(cfg.n_layer > 0 && cfg.n_layer <= 1024, "block_count {} out of range", cfg.n_layer);
         let weight = |name: &str, cols: usize, rows: usize| -> Result<Weight> {
             let t = gguf.tensor(name).with_context(|| format!("tensor {name} missing"))?;
             weight_of(&gguf, t, cols, rows)
@@ -220,6 +312,9 @@ impl Model {
             let bias = |s: &str, len: usize| -> Result<Option<Vec<f32>>> {
                 if gguf.tensor(&n(s)).is_some() { vector(&n(s), len).map(Some) } else { Ok(None) }
             };
+            let gemma_norm = |s: &str, len: usize| -> Result<Option<Vec<f32>>> {
+                if gemma { vector(&n(s), len).map(Some) } else { Ok(None) }
+            };
             layers.push(Layer {
                 attn_norm: vector(&n("attn_norm.weight"), n_embd)?,
                 ffn_norm: vector(&n("ffn_norm.weight"), n_embd)?,
@@ -230,6 +325,10 @@ impl Model {
                 bq: bias("attn_q.bias", q_dim)?,
                 bk: bias("attn_k.bias", kv_dim)?,
                 bv: bias("attn_v.bias", kv_dim)?,
+                q_norm: gemma_norm("attn_q_norm.weight", head_dim)?,
+                k_norm: gemma_norm("attn_k_norm.weight", head_dim)?,
+                post_attn_norm: gemma_norm("post_attention_norm.weight", n_embd)?,
+                post_ffn_norm: gemma_norm("post_ffw_norm.weight", n_embd)?,
                 gate: weight(&n("ffn_gate.weight"), n_embd, cfg.n_ff)?,
                 up: weight(&n("ffn_up.weight"), n_embd, cfg.n_ff)?,
                 down: weight(&n("ffn_down.weight"), cfg.n_ff, n_embd)?,
@@ -241,9 +340,13 @@ impl Model {
             None => embd.clone(),
         };
         let output_norm = vector("output_norm.weight", n_embd)?;
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| f64::from(cfg.rope_base).powf(-2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let inv = |base: f32| -> Vec<f64> {
+            (0..head_dim / 2).map(|i| f64::from(base).powf(-2.0 * i as f64 / head_dim as f64)).collect()
+        };
+        let (inv_freq, inv_freq_local) = (inv(cfg.rope_base), inv(cfg.rope_base_local));
+        let local_cache = (cfg.window > 0).then(|| {
+            CacheConfig::fp16(cfg.n_kv_head, cfg.head_dim, cfg.window).with_overflow(Overflow::Slide)
+        });
         Ok(Self {
             map,
             gguf,
@@ -254,6 +357,8 @@ impl Model {
             output_norm,
             avx2: kernels::has_avx2(),
             inv_freq,
+            inv_freq_local,
+            local_cache,
             mode: MatMode::Fast,
             int8_attention: true,
             path: std::path::PathBuf::new(),
@@ -332,9 +437,49 @@ impl Model {
     pub fn rope(&self) -> Rope {
         let pairing = match self.cfg.arch {
             Arch::Llama => Pairing::Adjacent,
-            Arch::Qwen2 => Pairing::Halves,
+            Arch::Qwen2 | Arch::Gemma3 => Pairing::Halves,
         };
         Rope { base: self.cfg.rope_base, pairing }
+    }
+
+    /// The cache of layer `li` when the session's format is `cfg`: `cfg` itself for a layer that holds
+    /// the context, the local ring for a sliding-window layer.
+    pub fn layer_config(&self, li: usize, cfg: &CacheConfig) -> CacheConfig {
+        match &self.local_cache {
+            Some(l) if self.cfg.is_local(li) => *l,
+            _ => *cfg,
+        }
+    }
+
+    /// The local layers' cache (`None` for a model without them).
+    pub fn local_config(&self) -> Option<&CacheConfig> {
+        self.local_cache.as_ref()
+    }
+
+    /// Stores the local layers' keys and values in `spec` (default f16): a ring of the window that slides
+    /// one token at a time, or a key group at a time for per-channel keys (it then holds between
+    /// `window - G + 1` and `window` tokens).
+    ///
+    /// # Errors
+    /// A model without local layers, a spec that does not fit the shape, or one that needs calibration
+    /// tables (those are measured on the global layers' context).
+    pub fn set_local_kv(&mut self, spec: &KvSpec) -> Result<()> {
+        ensure!(
+            self.cfg.window > 0,
+            "this model has no sliding-window layers (--kv-local applies to Gemma 3)"
+        );
+        ensure!(
+            !spec.needs_calibration(),
+            "--kv-local {:?}: calibrated formats apply to global layers only",
+            spec.name
+        );
+        let rope = Rope { base: self.cfg.rope_base_local, ..self.rope() };
+        let cfg = spec
+            .config(self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.window, Overflow::Slide, rope)
+            .map_err(anyhow::Error::msg)?;
+        ensure!(cfg.tiers.is_none(), "--kv-local {:?}: tiers apply to global layers only", spec.name);
+        self.local_cache = Some(cfg);
+        Ok(())
     }
 
     /// The weight matrix named `name` (a GGUF tensor name such as `blk.0.ffn_up.weight` or `output.weight`).
@@ -477,9 +622,14 @@ impl Model {
         (&self.output, &self.output_norm)
     }
 
-    /// RoPE's cosines and sines at `pos`, for [`rope`].
+    /// RoPE's cosines and sines at `pos` for the global layers, for [`rope`].
     pub fn rope_angles(&self, pos: usize) -> Vec<(f64, f64)> {
         rope_table(&self.inv_freq, pos)
+    }
+
+    /// RoPE's cosines and sines at `pos` for layer `li`.
+    pub fn layer_rope_angles(&self, li: usize, pos: usize) -> Vec<(f64, f64)> {
+        rope_table(if self.cfg.is_local(li) { &self.inv_freq_local } else { &self.inv_freq }, pos)
     }
 
     /// The embedding row of `token`.
@@ -492,6 +642,9 @@ impl Model {
         let w = &self.embd;
         let data = self.rows(w);
         quants::dequant_row(w.ty, &data[t * w.row_bytes..(t + 1) * w.row_bytes], out);
+        if self.cfg.embd_scale != 1.0 {
+            out.iter_mut().for_each(|x| *x *= self.cfg.embd_scale);
+        }
         Ok(())
     }
 }
@@ -540,7 +693,7 @@ pub fn rope(x: &mut [f32], d: usize, table: &[(f64, f64)], arch: Arch) {
         for (i, &(c, s)) in table.iter().enumerate() {
             let (a, b) = match arch {
                 Arch::Llama => (2 * i, 2 * i + 1),
-                Arch::Qwen2 => (i, i + half),
+                Arch::Qwen2 | Arch::Gemma3 => (i, i + half),
             };
             let (x0, x1) = (f64::from(head[a]), f64::from(head[b]));
             head[a] = (x0 * c - x1 * s) as f32;
@@ -564,10 +717,18 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// GELU, tanh approximation: `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`.
+pub fn gelu(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
 /// One conversation's state: a cache per layer over caller-owned arenas, the next position, and scratch.
 pub struct Session<'a> {
     model: &'a Model,
     caches: Vec<Cache<'a>>,
+    /// The format of the layers that hold the context.
+    cfg: CacheConfig,
     /// Position of the next token (tokens seen, including any that slid out of the cache).
     pub pos: usize,
     kernel: Kernel,
@@ -602,8 +763,9 @@ pub enum Prefill {
 /// When the memory cannot be had (a context far beyond this machine's memory): an error naming the size,
 /// not an abort.
 pub fn arenas(model: &Model, cfg: &CacheConfig) -> Result<Vec<Vec<u32>>> {
-    let words = cfg.arena_bytes().div_ceil(4);
-    let total = (words as u128) * 4 * model.cfg.n_layer as u128;
+    let words: Vec<usize> =
+        (0..model.cfg.n_layer).map(|l| model.layer_config(l, cfg).arena_bytes().div_ceil(4)).collect();
+    let total = words.iter().map(|&w| w as u128 * 4).sum::<u128>();
     if let Some(avail) = mem_available()
         && total > u128::from(avail)
     {
@@ -614,7 +776,7 @@ pub fn arenas(model: &Model, cfg: &CacheConfig) -> Result<Vec<Vec<u32>>> {
             avail >> 20
         );
     }
-    (0..model.cfg.n_layer).map(|_| zeroed(words, "KV cache arena")).collect()
+    words.into_iter().map(|w| zeroed(w, "KV cache arena")).collect()
 }
 
 /// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
@@ -648,23 +810,38 @@ impl<'a> Session<'a> {
             cfg.kv_heads == model.cfg.n_kv_head && cfg.head_dim == model.cfg.head_dim,
             "cache shape does not match the model"
         );
+        ensure!(
+            arenas.len() == model.cfg.n_layer,
+            "{} arenas for {} layers",
+            arenas.len(),
+            model.cfg.n_layer
+        );
         let mut caches = arenas
             .iter_mut()
-            .map(|a| Cache::new(cfg, a).map_err(|e| anyhow::anyhow!("KV cache: {e}")))
+            .enumerate()
+            .map(|(li, a)| {
+                Cache::new(model.layer_config(li, &cfg), a).map_err(|e| anyhow::anyhow!("KV cache: {e}"))
+            })
             .collect::<Result<Vec<_>>>()?;
         if crate::calib::needs_tables(&cfg) {
             let calib = model.calibration().context(
                 "this cache format reads calibration tables and none is loaded (use a --kv preset, which loads the model's)",
             )?;
             for (li, c) in caches.iter_mut().enumerate() {
-                calib.apply(li, c)?;
+                if !model.cfg.is_local(li) {
+                    calib.apply(li, c)?;
+                }
             }
         }
         let c = &model.cfg;
-        let scratch = cfg.prefill_scratch_len(CHUNK, c.n_head).max(cfg.decode_scratch_len(c.n_head));
+        let mut scratch = cfg.prefill_scratch_len(CHUNK, c.n_head).max(cfg.decode_scratch_len(c.n_head));
+        if let Some(l) = model.local_config() {
+            scratch = scratch.max(l.decode_scratch_len(c.n_head));
+        }
         Ok(Self {
             model,
             caches,
+            cfg,
             pos: 0,
             kernel: Kernel::detect().with_int8(model.int8_attention),
             prefill: Prefill::Chunked,
@@ -682,9 +859,9 @@ impl<'a> Session<'a> {
         &self.caches
     }
 
-    /// Tokens the caches hold.
+    /// Tokens the caches of the global layers hold.
     pub fn held(&self) -> usize {
-        self.caches[0].held()
+        self.caches[self.model.cfg.first_global()].held()
     }
 
     /// KV bytes held, all layers.
@@ -692,10 +869,25 @@ impl<'a> Session<'a> {
         self.caches.iter().map(|c| c.usage().total_bytes()).sum()
     }
 
-    /// Average bits per cached element (every layer is configured alike).
+    /// Average bits per cached element of the global layers.
     pub fn bits_per_element(&self) -> f64 {
-        let c = &self.caches[0];
+        let c = &self.caches[self.model.cfg.first_global()];
         c.usage().bits_per_element(c.config())
+    }
+
+    /// KV bytes held by the global and by the local layers.
+    pub fn kv_bytes_by_kind(&self) -> (usize, usize) {
+        let (mut g, mut l) = (0, 0);
+        for (li, c) in self.caches.iter().enumerate() {
+            let b = c.usage().total_bytes();
+            if self.model.cfg.is_local(li) { l += b } else { g += b }
+        }
+        (g, l)
+    }
+
+    /// The format of the layers that hold the context.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
     }
 
     /// Empties every cache.
@@ -823,7 +1015,7 @@ impl<'a> Session<'a> {
         let (e, d) = (c.n_embd, c.head_dim);
         let (qd, kvd) = (c.n_head * d, c.n_kv_head * d);
         // Refuse before touching any cache when a stopping cache cannot take the chunk.
-        let cc = *self.caches[0].config();
+        let cc = self.cfg;
         if cc.overflow == Overflow::Stop && self.held() + n > cc.capacity {
             bail!(
                 "context full: {} tokens held + {n} new exceed the capacity of {} (raise -c, or use --overflow slide)",
@@ -840,9 +1032,15 @@ impl<'a> Session<'a> {
         let mut att = vec![0f32; n * qd];
         let mut o = vec![0f32; n * e];
         let (mut g, mut u) = (vec![0f32; n * c.n_ff], vec![0f32; n * c.n_ff]);
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = c.attn_scale;
         let tables: Vec<Vec<(f64, f64)>> = (0..n).map(|t| rope_table(&m.inv_freq, self.pos + t)).collect();
+        let local_tables: Vec<Vec<(f64, f64)>> = if c.window > 0 {
+            (0..n).map(|t| rope_table(&m.inv_freq_local, self.pos + t)).collect()
+        } else {
+            Vec::new()
+        };
         for (li, layer) in m.layers.iter().enumerate() {
+            let local = c.is_local(li);
             norm_rows(&x, &layer.attn_norm, c.eps, &mut h);
             m.matmuls(&[&layer.wq, &layer.wk, &layer.wv], &h, &mut [&mut q, &mut k, &mut v], &mut self.act);
             for (buf, b, w) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
@@ -852,7 +1050,16 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            for (t, table) in tables.iter().enumerate() {
+            for (buf, w) in [(&mut q, &layer.q_norm), (&mut k, &layer.k_norm)] {
+                if let Some(w) = w {
+                    let mut tmp = vec![0f32; d];
+                    for head in buf.chunks_exact_mut(d) {
+                        rmsnorm(head, w, c.eps, &mut tmp);
+                        head.copy_from_slice(&tmp);
+                    }
+                }
+            }
+            for (t, table) in (if local { &local_tables } else { &tables }).iter().enumerate() {
                 rope(&mut q[t * qd..(t + 1) * qd], d, table, c.arch);
                 rope(&mut k[t * kvd..(t + 1) * kvd], d, table, c.arch);
             }
@@ -881,7 +1088,9 @@ impl<'a> Session<'a> {
             let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
             // MiKV's tiers rank tokens by the attention they receive, which only a step-by-step pass
             // hands back: a tiered cache takes a chunk token by token.
-            if n == 1 || self.prefill == Prefill::AsDecode || cc.tiers.is_some() {
+            // A local layer's ring holds exactly its window once its token is in, which a chunk attending
+            // to the cache plus itself would overrun: it too goes token by token.
+            if n == 1 || self.prefill == Prefill::AsDecode || cc.tiers.is_some() || local {
                 // Decoding, or a chunk token by token as decoding does: each key and value enters the cache,
                 // then its query attends to the cache as stored (the products above stay batched).
                 for t in 0..n {
@@ -895,14 +1104,19 @@ impl<'a> Session<'a> {
                 self.caches[li].append(&k, &v).map_err(err)?;
             }
             m.matmul(&layer.wo, &att, &mut o, &mut self.act);
+            if let Some(w) = &layer.post_attn_norm {
+                let raw = o.clone();
+                norm_rows(&raw, w, c.eps, &mut o);
+            }
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
             norm_rows(&x, &layer.ffn_norm, c.eps, &mut h);
             m.matmuls(&[&layer.gate, &layer.up], &h, &mut [&mut g, &mut u], &mut self.act);
+            let act = if c.arch == Arch::Gemma3 { gelu } else { silu };
             let swiglu = |(gc, uc): (&mut [f32], &[f32])| {
                 for (gv, uv) in gc.iter_mut().zip(uc) {
-                    *gv = silu(*gv) * uv;
+                    *gv = act(*gv) * uv;
                 }
             };
             if n > 1 {
@@ -911,6 +1125,10 @@ impl<'a> Session<'a> {
                 swiglu((&mut g, &u));
             }
             m.matmul(&layer.down, &g, &mut o, &mut self.act);
+            if let Some(w) = &layer.post_ffn_norm {
+                let raw = o.clone();
+                norm_rows(&raw, w, c.eps, &mut o);
+            }
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -926,6 +1144,9 @@ impl<'a> Session<'a> {
         }
         let mut logits = vec![0f32; rows.len() * c.n_vocab];
         m.matmul(&m.output, &hn, &mut logits, &mut self.act);
+        if let Some(cap) = c.logit_softcap {
+            logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
+        }
         Ok(logits)
     }
 }

@@ -1,7 +1,15 @@
-//! Byte-level BPE from GGUF metadata (`tokenizer.ggml.model = gpt2`), following llama.cpp's
-//! `llm_tokenizer_bpe`: special tokens are split out first, the text is cut by the model's pre-tokenizer
-//! regexes (applied in sequence, each to the pieces of the one before, unmatched stretches kept as pieces),
-//! each piece's bytes are mapped to GPT-2's printable characters and merged by rank.
+//! The tokenizers GGUF files describe, as llama.cpp implements them.
+//!
+//! Byte-level BPE (`tokenizer.ggml.model = gpt2`, llama.cpp's `llm_tokenizer_bpe`): special tokens are split
+//! out first, the text is cut by the model's pre-tokenizer regexes (applied in sequence, each to the pieces
+//! of the one before, unmatched stretches kept as pieces), each piece's bytes are mapped to GPT-2's
+//! printable characters and merged by rank.
+//!
+//! SentencePiece (`llama`, llama.cpp's `llm_tokenizer_spm`): special tokens are partitioned out longest
+//! first over the whole text (user-defined ones always, control ones with special parsing); in each text
+//! fragment spaces become U+2581 (with a leading one only where the metadata asks for a space prefix), the
+//! fragment is cut into characters and adjacent pairs that are tokens merge highest score first (ties to
+//! the leftmost); characters no token covers become `<0xNN>` byte tokens.
 
 use crate::gguf::{Gguf, Value};
 use anyhow::{Context, Result, bail, ensure};
@@ -10,34 +18,54 @@ use std::collections::HashMap;
 
 /// llama.cpp's token attribute values in `tokenizer.ggml.token_type`.
 const TYPE_NORMAL: i64 = 1;
+const TYPE_UNKNOWN: i64 = 2;
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
+const TYPE_BYTE: i64 = 6;
+
+/// SentencePiece's escaped space, U+2581.
+const SPM_SPACE: &str = "\u{2581}";
 
 /// The GPT-2 pre-tokenizer pattern llama.cpp uses for `smollm`, `gpt2`-style vocabularies.
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// A byte-level BPE tokenizer.
+/// The tokenizer's algorithm and its tables.
+enum Kind {
+    /// Byte-level BPE.
+    Bpe {
+        /// (left, right) -> (rank, merged id).
+        merges: HashMap<(u32, u32), (u32, u32)>,
+        regexes: Vec<Regex>,
+        ignore_merges: bool,
+        byte_char: [char; 256],
+        char_byte: HashMap<char, u8>,
+    },
+    /// SentencePiece with byte fallback.
+    Spm {
+        scores: Vec<f32>,
+        /// The `<0xNN>` token of each byte (else the byte's one-character token, else unknown).
+        byte_ids: [u32; 256],
+        add_space_prefix: bool,
+    },
+}
+
+/// A tokenizer: byte-level BPE or SentencePiece.
 pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<i64>,
     ids: HashMap<String, u32>,
-    /// (left, right) -> (rank, merged id).
-    merges: HashMap<(u32, u32), (u32, u32)>,
-    regexes: Vec<Regex>,
-    ignore_merges: bool,
+    kind: Kind,
     /// Special tokens to split out, longest first: (text, id, always).
     specials: Vec<(String, u32, bool)>,
-    byte_char: [char; 256],
-    char_byte: HashMap<char, u8>,
     /// BOS id, if the model has one.
     pub bos: Option<u32>,
     /// EOS id.
     pub eos: Option<u32>,
     /// Whether the metadata asks for BOS at the start.
     pub add_bos: bool,
-    /// Pre-tokenizer name.
+    /// Pre-tokenizer name (`spm` for SentencePiece).
     pub pre: String,
 }
 
@@ -78,7 +106,33 @@ impl Tokenizer {
     /// or merges.
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        ensure!(model == "gpt2", "tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", is)");
+        match model {
+            "gpt2" => Self::bpe(g),
+            "llama" => Self::spm(g),
+            m => bail!(
+                "tokenizer model {m:?} is not supported (byte-level BPE, \"gpt2\", and SentencePiece, \"llama\", are)"
+            ),
+        }
+    }
+
+    /// The vocabulary and token types, checked.
+    fn vocab(g: &Gguf) -> Result<(Vec<String>, Vec<i64>)> {
+        let tokens = str_array(g, "tokenizer.ggml.tokens")?;
+        ensure!(!tokens.is_empty() && tokens.len() < (1 << 24), "vocabulary of {} tokens", tokens.len());
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            Some(a) => a.iter().map(|v| v.as_f64().map_or(TYPE_NORMAL, |x| x as i64)).collect(),
+            None => vec![TYPE_NORMAL; tokens.len()],
+        };
+        ensure!(
+            types.len() == tokens.len(),
+            "token_type has {} entries for {} tokens",
+            types.len(),
+            tokens.len()
+        );
+        Ok((tokens, types))
+    }
+
+    fn bpe(g: &Gguf) -> Result<Self> {
         let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default").to_string();
         // llama.cpp's defaults per pre-tokenizer: the Llama 3 family adds BOS unless the metadata says no.
         let (pats, ignore_merges, bos_default): (Vec<&str>, bool, bool) = match pre.as_str() {
@@ -97,18 +151,7 @@ impl Tokenizer {
             .iter()
             .map(|p| Regex::new(p).map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}")))
             .collect::<Result<Vec<_>>>()?;
-        let tokens = str_array(g, "tokenizer.ggml.tokens")?;
-        ensure!(!tokens.is_empty() && tokens.len() < (1 << 24), "vocabulary of {} tokens", tokens.len());
-        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-            Some(a) => a.iter().map(|v| v.as_f64().map_or(TYPE_NORMAL, |x| x as i64)).collect(),
-            None => vec![TYPE_NORMAL; tokens.len()],
-        };
-        ensure!(
-            types.len() == tokens.len(),
-            "token_type has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        );
+        let (tokens, types) = Self::vocab(g)?;
         let mut ids = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             ids.entry(t.clone()).or_insert(i as u32);
@@ -123,22 +166,12 @@ impl Tokenizer {
             };
             merges.entry((ia, ib)).or_insert((rank as u32, ij));
         }
-        let mut specials: Vec<(String, u32, bool)> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (t, ty))| (**ty == TYPE_CONTROL || **ty == TYPE_USER_DEFINED) && !t.is_empty())
-            .map(|(i, (t, ty))| (t.clone(), i as u32, *ty == TYPE_USER_DEFINED))
-            .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        let id = |k: &str| {
-            g.get(k).and_then(Value::as_u64).map(|v| v as u32).filter(|&v| (v as usize) < tokens.len())
-        };
+        let specials = specials(&tokens, &types, false);
         let byte_char = byte_chars();
         let char_byte = byte_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         Ok(Self {
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
+            bos: special_id(g, "tokenizer.ggml.bos_token_id", tokens.len()),
+            eos: special_id(g, "tokenizer.ggml.eos_token_id", tokens.len()),
             add_bos: match g.get("tokenizer.ggml.add_bos_token") {
                 Some(Value::Bool(b)) => *b,
                 _ => bos_default,
@@ -146,13 +179,52 @@ impl Tokenizer {
             tokens,
             types,
             ids,
-            merges,
-            regexes,
-            ignore_merges,
+            kind: Kind::Bpe { merges, regexes, ignore_merges, byte_char, char_byte },
             specials,
-            byte_char,
-            char_byte,
             pre,
+        })
+    }
+
+    fn spm(g: &Gguf) -> Result<Self> {
+        let (tokens, types) = Self::vocab(g)?;
+        let scores: Vec<f32> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+            Some(a) => a.iter().map(|v| v.as_f64().map_or(0.0, |x| x as f32)).collect(),
+            None => bail!("a SentencePiece vocabulary without tokenizer.ggml.scores"),
+        };
+        ensure!(scores.len() == tokens.len(), "{} scores for {} tokens", scores.len(), tokens.len());
+        ensure!(scores.iter().all(|s| s.is_finite()), "tokenizer.ggml.scores holds NaN or infinite values");
+        // llama.cpp's map keeps the last id of a repeated text.
+        let mut ids = HashMap::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            ids.insert(t.clone(), i as u32);
+        }
+        let unk = special_id(g, "tokenizer.ggml.unknown_token_id", tokens.len()).unwrap_or(0);
+        let mut byte_ids = [unk; 256];
+        for (b, slot) in byte_ids.iter_mut().enumerate() {
+            let ch = [b as u8];
+            let one = std::str::from_utf8(&ch).ok().and_then(|c| ids.get(c));
+            if let Some(&id) = ids.get(&format!("<0x{b:02X}>")).or(one) {
+                *slot = id;
+            }
+        }
+        let flag = |k: &str, default: bool| match g.get(k) {
+            Some(Value::Bool(b)) => *b,
+            _ => default,
+        };
+        Ok(Self {
+            bos: special_id(g, "tokenizer.ggml.bos_token_id", tokens.len()),
+            eos: special_id(g, "tokenizer.ggml.eos_token_id", tokens.len()),
+            add_bos: flag("tokenizer.ggml.add_bos_token", true),
+            specials: specials(&tokens, &types, true),
+            kind: Kind::Spm {
+                scores,
+                byte_ids,
+                add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true),
+            },
+            tokens,
+            types,
+            ids,
+            pre: "spm".into(),
         })
     }
 
@@ -184,6 +256,10 @@ impl Tokenizer {
         if add_bos && self.add_bos {
             out.extend(self.bos);
         }
+        if let Kind::Spm { .. } = self.kind {
+            self.encode_spm(text, parse_special, &mut out);
+            return out;
+        }
         let mut rest = text;
         while !rest.is_empty() {
             // The earliest special token; at one position the longest (the list is sorted by length).
@@ -210,9 +286,136 @@ impl Tokenizer {
         out
     }
 
+    /// llama.cpp's special-token partition: each special token in turn, longest first, is cut out of every
+    /// text fragment left (leftmost occurrence first); then each text fragment is tokenized on its own.
+    fn encode_spm(&self, text: &str, parse_special: bool, out: &mut Vec<u32>) {
+        enum Frag<'t> {
+            Text(&'t str),
+            Token(u32),
+        }
+        let mut frags = vec![Frag::Text(text)];
+        for (st, id, always) in &self.specials {
+            if !(parse_special || *always) {
+                continue;
+            }
+            let mut next = Vec::with_capacity(frags.len());
+            for f in frags {
+                let Frag::Text(mut rest) = f else {
+                    next.push(f);
+                    continue;
+                };
+                while let Some(p) = rest.find(st.as_str()) {
+                    if p > 0 {
+                        next.push(Frag::Text(&rest[..p]));
+                    }
+                    next.push(Frag::Token(*id));
+                    rest = &rest[p + st.len()..];
+                }
+                if !rest.is_empty() {
+                    next.push(Frag::Text(rest));
+                }
+            }
+            frags = next;
+        }
+        let Kind::Spm { add_space_prefix, .. } = self.kind else { return };
+        let mut prev_special = true;
+        for f in frags {
+            match f {
+                Frag::Token(id) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                Frag::Text(t) => {
+                    let prefix = if add_space_prefix && prev_special { " " } else { "" };
+                    let escaped = format!("{prefix}{t}").replace(' ', SPM_SPACE);
+                    self.spm_fragment(&escaped, out);
+                    prev_special = false;
+                }
+            }
+        }
+    }
+
+    /// One escaped fragment: characters merged pairwise, the pair whose merged text is the highest-scoring
+    /// token first (ties to the leftmost); what no token covers becomes byte tokens.
+    fn spm_fragment(&self, text: &str, out: &mut Vec<u32>) {
+        use std::cmp::Ordering;
+        use std::collections::BinaryHeap;
+        let Kind::Spm { scores, byte_ids, .. } = &self.kind else { return };
+        struct Bigram {
+            score: f32,
+            left: usize,
+            right: usize,
+            size: usize,
+        }
+        impl PartialEq for Bigram {
+            fn eq(&self, o: &Self) -> bool {
+                self.cmp(o) == Ordering::Equal
+            }
+        }
+        impl Eq for Bigram {}
+        impl PartialOrd for Bigram {
+            fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for Bigram {
+            // The heap's top: the higher score, then the smaller left index (llama.cpp's comparator).
+            fn cmp(&self, o: &Self) -> Ordering {
+                self.score.total_cmp(&o.score).then(o.left.cmp(&self.left))
+            }
+        }
+        // Symbols: byte start, byte length (0 once merged away), previous and next (usize::MAX: none).
+        let mut start: Vec<usize> = Vec::new();
+        let mut len: Vec<usize> = Vec::new();
+        for (i, c) in text.char_indices() {
+            start.push(i);
+            len.push(c.len_utf8());
+        }
+        let n = start.len();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut next: Vec<usize> = (0..n).map(|i| if i + 1 < n { i + 1 } else { usize::MAX }).collect();
+        let mut heap = BinaryHeap::new();
+        let try_add = |heap: &mut BinaryHeap<Bigram>, len: &[usize], l: usize, r: usize| {
+            if l == usize::MAX || r == usize::MAX {
+                return;
+            }
+            let piece = &text[start[l]..start[r] + len[r]];
+            if let Some(&id) = self.ids.get(piece) {
+                heap.push(Bigram { score: scores[id as usize], left: l, right: r, size: piece.len() });
+            }
+        };
+        for i in 1..n {
+            try_add(&mut heap, &len, i - 1, i);
+        }
+        while let Some(b) = heap.pop() {
+            let (l, r) = (b.left, b.right);
+            if len[l] == 0 || len[r] == 0 || len[l] + len[r] != b.size {
+                continue;
+            }
+            len[l] += len[r];
+            len[r] = 0;
+            next[l] = next[r];
+            if next[r] != usize::MAX {
+                prev[next[r]] = l;
+            }
+            try_add(&mut heap, &len, prev[l], l);
+            try_add(&mut heap, &len, l, next[l]);
+        }
+        let mut i = if n > 0 { 0 } else { usize::MAX };
+        while i != usize::MAX {
+            let piece = &text[start[i]..start[i] + len[i]];
+            match self.ids.get(piece) {
+                Some(&id) => out.push(id),
+                None => out.extend(piece.bytes().map(|b| byte_ids[b as usize])),
+            }
+            i = next[i];
+        }
+    }
+
     fn split<'t>(&self, text: &'t str) -> Vec<&'t str> {
         let mut pieces = vec![text];
-        for re in &self.regexes {
+        let Kind::Bpe { regexes, .. } = &self.kind else { return pieces };
+        for re in regexes {
             let mut next = Vec::new();
             for p in pieces {
                 let mut at = 0;
@@ -236,11 +439,10 @@ impl Tokenizer {
     }
 
     fn encode_text(&self, text: &str, out: &mut Vec<u32>) {
+        let Kind::Bpe { merges, ignore_merges, byte_char, .. } = &self.kind else { return };
         for piece in self.split(text) {
-            let mapped: String = piece.bytes().map(|b| self.byte_char[b as usize]).collect();
-            if self.ignore_merges
-                && let Some(&id) = self.ids.get(&mapped)
-            {
+            let mapped: String = piece.bytes().map(|b| byte_char[b as usize]).collect();
+            if *ignore_merges && let Some(&id) = self.ids.get(&mapped) {
                 out.push(id);
                 continue;
             }
@@ -253,7 +455,7 @@ impl Tokenizer {
             loop {
                 let mut best: Option<(u32, usize, u32)> = None;
                 for i in 0..syms.len().saturating_sub(1) {
-                    if let Some(&(rank, id)) = self.merges.get(&(syms[i], syms[i + 1]))
+                    if let Some(&(rank, id)) = merges.get(&(syms[i], syms[i + 1]))
                         && best.is_none_or(|(r, _, _)| rank < r)
                     {
                         best = Some((rank, i, id));
@@ -270,10 +472,23 @@ impl Tokenizer {
     /// The bytes token `id` stands for (control tokens as their text; none for an unknown id).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         let Some(t) = self.tokens.get(id as usize) else { return Vec::new() };
-        if self.types[id as usize] != TYPE_NORMAL {
-            return t.as_bytes().to_vec();
+        let ty = self.types[id as usize];
+        match &self.kind {
+            Kind::Bpe { char_byte, .. } => {
+                if ty != TYPE_NORMAL {
+                    return t.as_bytes().to_vec();
+                }
+                t.chars().map(|c| char_byte.get(&c).copied().unwrap_or(b'?')).collect()
+            }
+            Kind::Spm { .. } => match ty {
+                TYPE_NORMAL => t.replace(SPM_SPACE, " ").into_bytes(),
+                TYPE_BYTE => match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                    Some(h) => u8::from_str_radix(h, 16).map_or_else(|_| t.as_bytes().to_vec(), |b| vec![b]),
+                    None => t.as_bytes().to_vec(),
+                },
+                _ => t.as_bytes().to_vec(),
+            },
         }
-        t.chars().map(|c| self.char_byte.get(&c).copied().unwrap_or(b'?')).collect()
     }
 
     /// Text of `ids` (invalid UTF-8 sequences replaced by U+FFFD).
@@ -281,6 +496,28 @@ impl Tokenizer {
         let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i)).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// The special tokens to split out, longest first (ties by id): control and user-defined ones, and
+/// with `unknown` (SentencePiece) the unknown-typed too; `always` marks the user-defined ones.
+fn specials(tokens: &[String], types: &[i64], unknown: bool) -> Vec<(String, u32, bool)> {
+    let mut v: Vec<(String, u32, bool)> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (t, ty))| {
+            (**ty == TYPE_CONTROL || **ty == TYPE_USER_DEFINED || (unknown && **ty == TYPE_UNKNOWN))
+                && !t.is_empty()
+        })
+        .map(|(i, (t, ty))| (t.clone(), i as u32, *ty == TYPE_USER_DEFINED))
+        .collect();
+    v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+    v
+}
+
+/// A token id from the metadata, if it is inside the vocabulary.
+fn special_id(g: &Gguf, key: &str, n: usize) -> Option<u32> {
+    g.get(key).and_then(Value::as_u64).map(|v| v as u32).filter(|&v| (v as usize) < n)
 }
 
 /// Turns a stream of token bytes into complete UTF-8 text, holding back a split multi-byte character.
