@@ -83,7 +83,7 @@ impl Qkv {
             q_heads: c.n_head,
             kv_heads: c.n_kv_head,
             head_dim: c.head_dim,
-            rope: model.rope(),
+            rope: model.layer_rope(layer),
             q: tap.q,
             k: tap.k,
             v: tap.v,

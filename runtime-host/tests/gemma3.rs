@@ -10,6 +10,8 @@
 //! reference's own float32 and 16-bit-activation runs, as `logits.rs` derives them for SmolLM2. The long
 //! prompt (600 tokens) crosses the local layers' 512-token window.
 
+mod common;
+
 use kvq_core::cache::CacheConfig;
 use kvq_host::model::{self, MatMode, Model, Session};
 use kvq_host::tokenizer::Tokenizer;
@@ -54,7 +56,6 @@ fn check(mode: MatMode) {
     let sample: Vec<usize> =
         r["sample_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
-    let f = |v: &serde_json::Value| v.as_f64().unwrap();
     for p in r["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = p["ids"].as_array().unwrap().iter().map(|v| u(v) as u32).collect();
         let cfg = CacheConfig::fp16(m.cfg.n_kv_head, m.cfg.head_dim, 1024);
@@ -65,18 +66,7 @@ fn check(mode: MatMode) {
             let pos = u(&row["pos"]);
             let l = s.feed(&ids[at..=pos]).unwrap();
             at = pos + 1;
-            let mut worst = 0f64;
-            for (&i, w) in sample.iter().zip(row["logits"].as_array().unwrap()) {
-                worst = worst.max((f64::from(l[i]) - f(w)).abs());
-            }
-            for (i, w) in row["top_ids"].as_array().unwrap().iter().zip(row["top_logits"].as_array().unwrap())
-            {
-                worst = worst.max((f64::from(l[u(i)]) - f(w)).abs());
-            }
-            let (tol, top) = match mode {
-                MatMode::Exact => (2.0 * f(&row["f32_dev"]) + 1e-4, u(&row["top_ids"][0])),
-                MatMode::Fast => (2.0 * f(&row["q16_dev"]) + 2.0 * f(&row["f32_dev"]), u(&row["q16_argmax"])),
-            };
+            let (worst, tol, top) = common::row_check(&l, row, &sample, mode);
             eprintln!("{} pos {pos}: max |kvq - ref| = {worst:.3e} (tolerance {tol:.3e})", p["name"]);
             assert!(worst <= tol, "{} pos {pos}: deviation {worst} exceeds {tol}", p["name"]);
             assert_eq!(kvq_host::sample::argmax(&l) as usize, top, "{} pos {pos}: top token", p["name"]);

@@ -34,27 +34,14 @@ fn check(mode: MatMode) {
     let sample: Vec<usize> =
         r["sample_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
-    let f = |v: &serde_json::Value| v.as_f64().unwrap();
     for p in r["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = p["ids"].as_array().unwrap().iter().map(|v| u(v) as u32).collect();
         let rows = p["rows"].as_array().unwrap();
         let pos: Vec<usize> = rows.iter().map(|row| u(&row["pos"])).collect();
         let got = logits_at(&m, &ids, &pos);
         for (row, l) in rows.iter().zip(&got) {
-            let mut worst = 0f64;
-            let want = row["logits"].as_array().unwrap().iter().map(f);
-            for (&i, w) in sample.iter().zip(want) {
-                worst = worst.max((f64::from(l[i]) - w).abs());
-            }
-            for (i, w) in row["top_ids"].as_array().unwrap().iter().zip(row["top_logits"].as_array().unwrap())
-            {
-                worst = worst.max((f64::from(l[u(i)]) - f(w)).abs());
-            }
+            let (worst, tol, top) = common::row_check(l, row, &sample, mode);
             let argmax = kvq_host::sample::argmax(l) as usize;
-            let (tol, top) = match mode {
-                MatMode::Exact => (2.0 * f(&row["f32_dev"]) + 1e-4, u(&row["top_ids"][0])),
-                MatMode::Fast => (2.0 * f(&row["q16_dev"]) + 2.0 * f(&row["f32_dev"]), u(&row["q16_argmax"])),
-            };
             eprintln!(
                 "{} pos {}: max |kvq - ref| = {worst:.3e} (tolerance {tol:.3e})",
                 p["name"], row["pos"]

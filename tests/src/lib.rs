@@ -90,3 +90,13 @@ pub fn host_lines(q: &Qkv, outputs: &mut Vec<f32>) -> kvq_core::Result<Vec<Strin
     }
     Ok(lines)
 }
+
+/// The default model (fetched on first use), its tokenizer and the text of *Persuasion*: what the
+/// model-level scenarios run on.
+pub fn default_model_and_text() -> (kvq_host::model::Model, kvq_host::tokenizer::Tokenizer, String) {
+    let path = kvq_host::fetch::default_model(true).expect("the default model");
+    let m = kvq_host::model::Model::load(&path).expect("the default model loads");
+    let tok = kvq_host::tokenizer::Tokenizer::from_gguf(&m.gguf).expect("its tokenizer");
+    let text = kvq_host::texts::text("persuasion", true).expect("Persuasion");
+    (m, tok, text)
+}

@@ -85,10 +85,7 @@ fn replay(m: &Model, cfg: CacheConfig, tokens: &[u32]) -> Vec<f32> {
 
 #[test]
 fn the_session_and_a_core_only_replay_give_the_same_logits() {
-    let path = kvq_host::fetch::default_model(true).expect("the default model");
-    let m = Model::load(&path).unwrap();
-    let tok = kvq_host::tokenizer::Tokenizer::from_gguf(&m.gguf).unwrap();
-    let text = kvq_host::texts::text("persuasion", true).unwrap();
+    let (m, tok, text) = kvq_tests::default_model_and_text();
     let tokens = &tok.encode(&text, true, false)[..160];
     // 160 tokens through 80 slots: the sliding cache evicts half the text, sinks kept.
     for (spec, cap, overflow) in [

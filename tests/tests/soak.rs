@@ -7,7 +7,7 @@
 
 use kvq_core::cache::{Overflow, Stream};
 use kvq_host::kvspec::KvSpec;
-use kvq_host::model::{self, Model, Session};
+use kvq_host::model::{self, Session};
 use kvq_host::sample::Sampler;
 
 const TOKENS: usize = 20_000;
@@ -42,11 +42,8 @@ fn sink_bits(s: &Session<'_>) -> Vec<u32> {
 
 #[test]
 fn twenty_thousand_chat_tokens_through_a_sliding_two_bit_cache() {
-    let path = kvq_host::fetch::default_model(true).expect("the default model");
-    let m = Model::load(&path).unwrap();
-    let tok = kvq_host::tokenizer::Tokenizer::from_gguf(&m.gguf).unwrap();
+    let (m, tok, text) = kvq_tests::default_model_and_text();
     let end = tok.id("<|im_end|>").expect("a ChatML model");
-    let text = kvq_host::texts::text("persuasion", true).unwrap();
     let words: Vec<&str> = text.split_whitespace().collect();
     let cfg = m.cache_config(&KvSpec::parse("kvq2").unwrap(), CAPACITY, Overflow::Slide).unwrap();
     assert_eq!(cfg.sinks, 4);

@@ -81,3 +81,31 @@ pub(crate) fn id_mismatches(
         })
         .collect()
 }
+
+/// One row of a committed logits reference (`make_logits_ref.py`, `make_gemma3_ref.py`) against kvq's
+/// logits `l`: the largest |kvq - reference| over the sampled ids and the reference's top ids, the tolerance
+/// for `mode` (2 x f32_dev + 1e-4 exact; 2 x q16_dev + 2 x f32_dev fast, as `logits.rs` derives them) and
+/// the top token kvq must pick.
+pub(crate) fn row_check(
+    l: &[f32],
+    row: &serde_json::Value,
+    sample: &[usize],
+    mode: kvq_host::model::MatMode,
+) -> (f64, f64, usize) {
+    let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    let mut worst = 0f64;
+    for (&i, w) in sample.iter().zip(row["logits"].as_array().unwrap()) {
+        worst = worst.max((f64::from(l[i]) - f(w)).abs());
+    }
+    for (i, w) in row["top_ids"].as_array().unwrap().iter().zip(row["top_logits"].as_array().unwrap()) {
+        worst = worst.max((f64::from(l[u(i)]) - f(w)).abs());
+    }
+    let (tol, top) = match mode {
+        kvq_host::model::MatMode::Exact => (2.0 * f(&row["f32_dev"]) + 1e-4, u(&row["top_ids"][0])),
+        kvq_host::model::MatMode::Fast => {
+            (2.0 * f(&row["q16_dev"]) + 2.0 * f(&row["f32_dev"]), u(&row["q16_argmax"]))
+        }
+    };
+    (worst, tol, top)
+}

@@ -27,6 +27,8 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from make_logits_ref import q16, ref_row
+
 CHUNK = 64
 
 
@@ -44,14 +46,6 @@ def load(path):
         a = dequantize(t.data, t.tensor_type).astype(np.float64)
         w[t.name] = a.reshape([int(x) for x in reversed(t.shape)]) if len(t.shape) > 1 else a.reshape(-1)
     return cfg, w
-
-
-def q16(x):
-    """kvq's 16-bit activation quantization per block of 32: d = max|x| / 32767, q = round(x / d)."""
-    b = x.reshape(-1, 32)
-    d = np.abs(b).max(axis=1, keepdims=True) / 32767.0
-    q = np.where(d > 0, np.round(b / np.where(d > 0, d, 1)), 0)
-    return (q * d).reshape(x.shape)
 
 
 def forward(cfg, w, ids, rows, dt, quant_act):
@@ -130,18 +124,7 @@ def main():
         l64 = forward(cfg, w, ids, pos, np.float64, False)
         l32 = forward(cfg, w, ids, pos, np.float32, False)
         lq16 = forward(cfg, w, ids, pos, np.float64, True)
-        rows = []
-        for r, p in enumerate(pos):
-            top = np.argsort(-l64[r])[:16]
-            rows.append({
-                "pos": p,
-                "top_ids": top.tolist(),
-                "logits": l64[r][sample].tolist(),
-                "top_logits": l64[r][top].tolist(),
-                "f32_dev": float(np.abs(l32[r] - l64[r]).max()),
-                "q16_dev": float(np.abs(lq16[r] - l64[r]).max()),
-                "q16_argmax": int(np.argmax(lq16[r])),
-            })
+        rows = [ref_row(p, l64[r], l32[r], lq16[r], sample) for r, p in enumerate(pos)]
         out["prompts"].append({"name": name, "ids": ids, "rows": rows})
         print(name, len(ids), [(r["f32_dev"], r["q16_dev"]) for r in rows], file=sys.stderr)
     json.dump(out, sys.stdout)

@@ -95,6 +95,21 @@ def forward(cfg, w, ids, dt, quant_act):
     return ((q16(h) if quant_act else h) @ cast(out_w).T).astype(np.float64)
 
 
+def ref_row(pos, l64, l32, lq16, sample):
+    """One checked position: the f64 logits at the sampled ids and the top 16, and the f32 and 16-bit runs'
+    largest deviations from them (the tests' tolerances)."""
+    top = np.argsort(-l64)[:16]
+    return {
+        "pos": pos,
+        "top_ids": top.tolist(),
+        "logits": l64[sample].tolist(),
+        "top_logits": l64[top].tolist(),
+        "f32_dev": float(np.abs(l32 - l64).max()),
+        "q16_dev": float(np.abs(lq16 - l64).max()),
+        "q16_argmax": int(np.argmax(lq16)),
+    }
+
+
 def main():
     cfg, w = load(sys.argv[1])
     tok = json.load(open(os.path.join(HERE, "tokenizer_ref.json")))["cases"]
@@ -114,18 +129,7 @@ def main():
         l64 = forward(cfg, w, ids, np.float64, False)
         l32 = forward(cfg, w, ids, np.float32, False)
         lq16 = forward(cfg, w, ids, np.float64, True)
-        rows = []
-        for p in sorted({len(ids) // 2, len(ids) - 1}):
-            top = np.argsort(-l64[p])[:16]
-            rows.append({
-                "pos": p,
-                "top_ids": top.tolist(),
-                "logits": l64[p][sample].tolist(),
-                "top_logits": l64[p][top].tolist(),
-                "f32_dev": float(np.abs(l32[p] - l64[p]).max()),
-                "q16_dev": float(np.abs(lq16[p] - l64[p]).max()),
-                "q16_argmax": int(np.argmax(lq16[p])),
-            })
+        rows = [ref_row(p, l64[p], l32[p], lq16[p], sample) for p in sorted({len(ids) // 2, len(ids) - 1})]
         out["prompts"].append({"name": name, "ids": ids, "rows": rows})
         print(name, len(ids), [(r["f32_dev"], r["q16_dev"]) for r in rows], file=sys.stderr)
     json.dump(out, sys.stdout)
