@@ -452,17 +452,26 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "decode_tokens_per_s": decoded as f64 / decode_s,
             },
             "kv_bytes": s.kv_bytes(),
+            "kv_bytes_global": s.kv_bytes_by_kind().0,
+            "kv_bytes_local": s.kv_bytes_by_kind().1,
         });
         println!("{j}");
     } else {
         println!();
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        let (global, local) = s.kv_bytes_by_kind();
+        let kinds = if model.local_config().is_some() {
+            format!(": global layers {:.2}, local rings {:.2}", mib(global), mib(local))
+        } else {
+            String::new()
+        };
         eprintln!(
-            "kvq: prompt {} tokens at {:.1} tok/s, generated {} at {:.1} tok/s, KV {:.2} MiB ({}, {} kernels)",
+            "kvq: prompt {} tokens at {:.1} tok/s, generated {} at {:.1} tok/s, KV {:.2} MiB{kinds} ({}, {} kernels)",
             prompt.len(),
             prompt.len() as f64 / prefill_s,
             out_ids.len(),
             decoded as f64 / decode_s,
-            s.kv_bytes() as f64 / (1 << 20) as f64,
+            mib(s.kv_bytes()),
             a.run.cache.kv,
             model.kernel_name()
         );
