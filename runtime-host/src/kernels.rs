@@ -149,6 +149,38 @@ pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32
     }
 }
 
+/// Dequantizes a row of `ty` into `out`, as [`quants::dequant_row`] does and with the same bits: Q4_K and
+/// Q6_K rows (the only types the f32 path takes in the default mode) have AVX2 versions that do the same
+/// f32 multiply and subtract per element, eight at a time. Measured on Gemma 3 270M, whose feed-forward
+/// matrices are Q4_K and Q6_K: the scalar loop was 27% of a decode step (`perf record`, 1 thread).
+///
+/// # Panics
+/// As [`quants::dequant_row`].
+pub fn dequant_row(ty: TensorType, bytes: &[u8], out: &mut [f32], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && matches!(ty, TensorType::Q4K | TensorType::Q6K) {
+        let (bl, bb) = (ty.block_len(), ty.block_bytes());
+        assert!(
+            out.len().is_multiple_of(bl) && bytes.len() == out.len() / bl * bb,
+            "row of {ty} has the wrong length"
+        );
+        for (o, b) in out.chunks_exact_mut(bl).zip(bytes.chunks_exact(bb)) {
+            // SAFETY: AVX2/F16C present (`avx2` comes from `has_avx2`); `b` is one whole block of `ty` and
+            // `o` its 256 outputs, as the assertion above and `chunks_exact` guarantee.
+            unsafe {
+                if ty == TensorType::Q4K {
+                    x86::dequant_q4k(b, o);
+                } else {
+                    x86::dequant_q6k(b, o);
+                }
+            }
+        }
+        return;
+    }
+    let _ = avx2;
+    quants::dequant_row(ty, bytes, out);
+}
+
 /// `w · x` in f32.
 pub fn dot_f32(w: &[f32], x: &[f32], avx2: bool) -> f32 {
     assert_eq!(w.len(), x.len(), "dot of unequal lengths");
@@ -323,6 +355,100 @@ mod x86 {
         t
     }
 
+    /// The eight bytes at `p` in the low half of a vector.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bytes8(p: *const u8) -> __m128i {
+        // SAFETY: caller's contract; an unaligned 8-byte load.
+        unsafe { _mm_loadl_epi64(p.cast()) }
+    }
+
+    /// Eight unsigned byte codes (low 8 bytes of `v`) minus `bias`, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn codes_ps(v: __m128i, bias: i32) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(bias)))
+    }
+
+    /// One Q4_K super-block (144 bytes) into 256 floats: `d * sc * q - dmin * m` per element, the
+    /// multiply and the subtract rounded apart as in the scalar code.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `b.len() >= 144`, `out.len() >= 256` (asserted).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_q4k(b: &[u8], out: &mut [f32]) {
+        assert!(b.len() >= 144 && out.len() >= 256);
+        let (d, dmin) = (quants::h(b, 0), quants::h(b, 2));
+        let sc = &b[4..16];
+        let (qp, op) = (b[16..].as_ptr(), out.as_mut_ptr());
+        let m4 = _mm_set1_epi8(15);
+        for j in 0..4 {
+            let (s1, m1) = quants::scale_min_k4(2 * j, sc);
+            let (s2, m2) = quants::scale_min_k4(2 * j + 1, sc);
+            let (d1, d2) = (_mm256_set1_ps(d * f32::from(s1)), _mm256_set1_ps(d * f32::from(s2)));
+            let (n1, n2) = (_mm256_set1_ps(dmin * f32::from(m1)), _mm256_set1_ps(dmin * f32::from(m2)));
+            for l in (0..32).step_by(8) {
+                // SAFETY: 32j + l + 8 <= 128 code bytes after byte 16 (b.len() >= 144); outputs
+                // 64j + l + 32 + 8 <= 256.
+                unsafe {
+                    let v = bytes8(qp.add(32 * j + l));
+                    let lo = codes_ps(_mm_and_si128(v, m4), 0);
+                    let hi = codes_ps(_mm_and_si128(_mm_srli_epi16::<4>(v), m4), 0);
+                    _mm256_storeu_ps(op.add(64 * j + l), _mm256_sub_ps(_mm256_mul_ps(d1, lo), n1));
+                    _mm256_storeu_ps(op.add(64 * j + 32 + l), _mm256_sub_ps(_mm256_mul_ps(d2, hi), n2));
+                }
+            }
+        }
+    }
+
+    /// One Q6_K super-block (210 bytes) into 256 floats: `(d * sc) * (q - 32)` per element, as the scalar
+    /// code rounds it.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; `b.len() >= 210`, `out.len() >= 256` (asserted).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_q6k(b: &[u8], out: &mut [f32]) {
+        assert!(b.len() >= 210 && out.len() >= 256);
+        let d = quants::h(b, 208);
+        let (m4, m2) = (_mm_set1_epi8(15), _mm_set1_epi8(3));
+        let op = out.as_mut_ptr();
+        for n in 0..2 {
+            let (ql, qh) = (b[64 * n..].as_ptr(), b[128 + 32 * n..].as_ptr());
+            let sc = &b[192 + 8 * n..200 + 8 * n];
+            let s = |k: usize| _mm256_set1_ps(d * f32::from(sc[k] as i8));
+            for l in (0..32).step_by(8) {
+                let is = l / 16;
+                // SAFETY: ql + l + 32 + 8 <= 64 bytes of this half, qh + l + 8 <= 32; outputs
+                // 128n + l + 96 + 8 <= 256.
+                unsafe {
+                    let (a, c, hb) = (bytes8(ql.add(l)), bytes8(ql.add(l + 32)), bytes8(qh.add(l)));
+                    // Each high pair is at most 3, so shifting it left by 4 in 16-bit lanes stays in its byte.
+                    let hi = |sh: i32| {
+                        let x = match sh {
+                            0 => hb,
+                            2 => _mm_srli_epi16::<2>(hb),
+                            4 => _mm_srli_epi16::<4>(hb),
+                            _ => _mm_srli_epi16::<6>(hb),
+                        };
+                        _mm_slli_epi16::<4>(_mm_and_si128(x, m2))
+                    };
+                    let q1 = _mm_or_si128(_mm_and_si128(a, m4), hi(0));
+                    let q2 = _mm_or_si128(_mm_and_si128(c, m4), hi(2));
+                    let q3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(a), m4), hi(4));
+                    let q4 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(c), m4), hi(6));
+                    let y = op.add(128 * n + l);
+                    _mm256_storeu_ps(y, _mm256_mul_ps(s(is), codes_ps(q1, 32)));
+                    _mm256_storeu_ps(y.add(32), _mm256_mul_ps(s(is + 2), codes_ps(q2, 32)));
+                    _mm256_storeu_ps(y.add(64), _mm256_mul_ps(s(is + 4), codes_ps(q3, 32)));
+                    _mm256_storeu_ps(y.add(96), _mm256_mul_ps(s(is + 6), codes_ps(q4, 32)));
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// The CPU has AVX2 and FMA; `w.len() == x.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -450,6 +576,39 @@ mod tests {
                         let one = dot_q16(ty, &row, &a, [tt * nb], avx)[0];
                         assert_eq!(o.to_bits(), one.to_bits(), "{ty} n={n} token {tt} avx2={avx}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Random K-quant blocks with finite f16 scales (any bytes elsewhere are valid codes).
+    fn k_blocks(ty: TensorType, n: usize, seed: u64) -> Vec<u8> {
+        let mut b = rand_bytes(n * ty.block_bytes(), seed);
+        let at: &[usize] = if ty == TensorType::Q4K { &[0, 2] } else { &[208] };
+        for (i, blk) in b.chunks_exact_mut(ty.block_bytes()).enumerate() {
+            for (k, &o) in at.iter().enumerate() {
+                // Scales from 2^-14 (subnormal edge) to 2^15, and one negative, across the blocks.
+                let v = f16::from_f32([6.1e-5, 0.013, -0.5, 3.0, 32768.0][(i + k) % 5]);
+                blk[o..o + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn vector_k_quant_dequant_equals_scalar_bit_for_bit() {
+        if !has_avx2() {
+            eprintln!("skipped: this CPU has no AVX2/FMA, only the scalar path exists");
+            return;
+        }
+        for ty in [TensorType::Q4K, TensorType::Q6K] {
+            for (nb, seed) in [(1usize, 1u64), (2, 2), (3, 3), (8, 4), (10, 5)] {
+                let bytes = k_blocks(ty, nb, seed);
+                let (mut want, mut got) = (vec![0f32; nb * 256], vec![1f32; nb * 256]);
+                quants::dequant_row(ty, &bytes, &mut want);
+                dequant_row(ty, &bytes, &mut got, true);
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert_eq!(w.to_bits(), g.to_bits(), "{ty} blocks={nb} element {i}: {g} vs {w}");
                 }
             }
         }

@@ -43,7 +43,14 @@ enum Cmd {
     /// Writes one layer's queries, keys and values over a text (for the firmware demo and its test).
     DumpQkv(DumpArgs),
     /// The models `-m` knows by name: where they come from, their size and whether they are cached.
-    Models,
+    Models(ModelsArgs),
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// Print the GGUF path of this named model (fetching it first if it is not cached), for scripts
+    #[arg(long, value_name = "NAME")]
+    path: Option<String>,
 }
 
 #[derive(Args)]
@@ -346,7 +353,7 @@ fn run() -> Result<()> {
         Cmd::Demo(a) => demo(a),
         Cmd::Calibrate(a) => calibrate(a),
         Cmd::DumpQkv(a) => dump_qkv(a),
-        Cmd::Models => models(),
+        Cmd::Models(a) => models(a),
     }
 }
 
@@ -740,7 +747,14 @@ fn model_path(m: Option<&std::path::Path>) -> Result<PathBuf> {
     }
 }
 
-fn models() -> Result<()> {
+fn models(a: ModelsArgs) -> Result<()> {
+    if let Some(name) = a.path {
+        let known: Vec<&str> = fetch::MODELS.iter().map(|m| m.name).collect();
+        let m = fetch::named(&name)
+            .with_context(|| format!("no model is named {name:?} (named models: {})", known.join(", ")))?;
+        println!("{}", fetch::fetch(m, false)?.display());
+        return Ok(());
+    }
     println!("{:<14} {:>8}  {:<10} source and contents", "name", "MB", "cached");
     for m in fetch::MODELS {
         let cached = fetch::cached_path(m)?.exists();

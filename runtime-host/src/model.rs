@@ -598,7 +598,7 @@ impl Model {
             } else {
                 let mut buf = vec![0f32; w.cols];
                 for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                    quants::dequant_row(w.ty, row(k), &mut buf);
+                    kernels::dequant_row(w.ty, row(k), &mut buf, avx2);
                     for (t, o) in out.iter_mut().enumerate() {
                         *o = kernels::dot_f32(&buf, &x[t * w.cols..(t + 1) * w.cols], avx2);
                     }

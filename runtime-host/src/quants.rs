@@ -72,7 +72,7 @@ fn dequant_block(ty: TensorType, b: &[u8], out: &mut [f32]) {
 }
 
 /// Scale and min `j` (0..8) of a Q4_K super-block: 6 bits each, packed in 12 bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -309,3 +309,20 @@ fn calibrated_presets_need_kvq_calibrate() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `kvq models --path NAME` prints the cached GGUF of a named model (the scripts' way to find it); an unknown
+/// name is an error listing the known ones.
+#[test]
+fn models_path_names_the_cached_file() {
+    let model = common::model_path();
+    let run = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kvq")).args(["models", "--path", name]).output().unwrap()
+    };
+    let out = run("smollm2-135m");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::path::Path::new(text(&out.stdout).trim()), model.as_path());
+    let out = run("nope");
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{se}");
+    assert!(se.contains("no model is named \"nope\"") && se.contains("gemma3-270m"), "{se}");
+}
