@@ -352,18 +352,19 @@ pub struct Outcome {
     pub logprob: f64,
 }
 
-/// Runs `case` in `s` (reset first): the prompt through the prefill a user's prompt takes, then the answer
+/// Runs `case` in `s` (reset first): the prompt through the prefill a user's prompt takes (`progress(k)`
+/// after each chunk of `k` tokens), then the answer
 /// teacher-forced one token at a time, as decoding does. Exact match: greedy decoding would produce every
 /// answer token.
 ///
 /// # Errors
 /// A forward-pass error (a prompt beyond the session's capacity).
-pub fn run_case(s: &mut Session<'_>, case: &Case) -> Result<Outcome> {
+pub fn run_case(s: &mut Session<'_>, case: &Case, progress: impl FnMut(usize)) -> Result<Outcome> {
     if case.answer.is_empty() {
         bail!("empty answer");
     }
     s.reset();
-    let mut logits = s.feed(&case.prompt)?;
+    let mut logits = s.feed_progress(&case.prompt, progress)?;
     let (mut exact, mut logprob) = (true, 0.0);
     let mut lp = Vec::new();
     for (i, &t) in case.answer.iter().enumerate() {

@@ -290,8 +290,11 @@ struct GenerateArgs {
     #[command(flatten)]
     run: RunArgs,
     /// Prompt; control tokens such as <|im_start|> are parsed as special tokens.
-    #[arg(short = 'p', long)]
-    prompt: String,
+    #[arg(short = 'p', long, required_unless_present = "file", conflicts_with = "file")]
+    prompt: Option<String>,
+    /// Read the prompt from a UTF-8 file instead (not echoed; a bar shows the prefill's progress).
+    #[arg(short = 'f', long)]
+    file: Option<PathBuf>,
     /// Tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
     n: usize,
@@ -397,22 +400,33 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let (model, tok, cfg) = prepare(&a.run, Overflow::Stop)?;
     let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
-    let prompt = tok.encode(&a.prompt, true, true);
+    let text_in = match (&a.file, &a.prompt) {
+        (Some(f), _) => read_utf8(f)?,
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("give -p TEXT or -f FILE"),
+    };
+    let prompt = tok.encode(&text_in, true, true);
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
     let mut sampler = a.run.sample.sampler();
     let t0 = Instant::now();
-    let mut logits = s.feed(&prompt)?;
+    // Long prompts show the prefill's progress (on a terminal; indicatif stays silent otherwise).
+    let pb = bar(prompt.len(), "prefill");
+    if prompt.len() <= 4 * model::CHUNK {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut logits = s.feed_progress(&prompt, |k| pb.inc(k as u64))?;
+    pb.finish_and_clear();
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut out_ids = Vec::new();
     let mut stream = Utf8Stream::default();
     let mut text = String::new();
     let t1 = Instant::now();
     let stdout = std::io::stdout();
-    if !a.json {
+    if let (false, Some(p)) = (a.json, &a.prompt) {
         let mut o = stdout.lock();
-        write!(o, "{}", a.prompt)?;
+        write!(o, "{p}")?;
         o.flush()?;
     }
     let mut stop_reason = "length";
@@ -1231,15 +1245,15 @@ fn retrieval(a: RetrievalArgs) -> Result<()> {
         }
     }
     let cap = cases.iter().map(|c| c.4.prompt.len() + c.4.answer.len()).max().unwrap_or(1);
-    let pb = bar(cases.len() * specs.len(), "retrieval");
+    // Progress in prompt tokens: one 32k-token case is minutes of prefill.
+    let pb = bar(cases.iter().map(|c| c.4.prompt.len()).sum::<usize>() * specs.len(), "retrieval");
     let mut results = Vec::new(); // (spec index, task, len, depth, outcome)
     for (si, spec) in specs.iter().enumerate() {
         let cfg = model.cache_config(spec, cap, Overflow::Stop)?;
         let mut arenas = model::arenas(&model, &cfg)?;
         let mut s = Session::new(&model, cfg, &mut arenas)?;
         for (task, len, depth, _, case) in &cases {
-            results.push((si, *task, *len, *depth, run_case(&mut s, case)?));
-            pb.inc(1);
+            results.push((si, *task, *len, *depth, run_case(&mut s, case, |k| pb.inc(k as u64))?));
         }
     }
     pb.finish_and_clear();

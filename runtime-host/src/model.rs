@@ -936,10 +936,19 @@ impl<'a> Session<'a> {
     /// An id outside the vocabulary, a full context under the stop policy (nothing of the failing chunk
     /// enters the cache), NaN/Inf activations.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.feed_progress(tokens, |_| {})
+    }
+
+    /// [`Session::feed`], calling `progress(k)` after each chunk of `k` tokens enters the cache.
+    ///
+    /// # Errors
+    /// As [`Session::feed`]; the chunks before a failing one stay in the cache.
+    pub fn feed_progress(&mut self, tokens: &[u32], mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
         ensure!(!tokens.is_empty(), "nothing to feed");
         let mut logits = Vec::new();
         for chunk in tokens.chunks(CHUNK) {
             logits = self.forward_logits(chunk, true)?;
+            progress(chunk.len());
         }
         Ok(logits)
     }

@@ -326,3 +326,26 @@ fn models_path_names_the_cached_file() {
     assert_eq!(out.status.code(), Some(1), "{se}");
     assert!(se.contains("no model is named \"nope\"") && se.contains("gemma3-270m"), "{se}");
 }
+
+/// `generate -f FILE` reads the prompt from a file and generates what `-p` with the same text does; a file
+/// that is not UTF-8 is refused.
+#[test]
+fn generate_reads_a_prompt_file() {
+    let dir = tmpdir("gen-file");
+    let f = dir.join("prompt.txt");
+    let prompt = "The capital of France is";
+    std::fs::write(&f, prompt).unwrap();
+    let ids = |out: &Output| -> Vec<u64> {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    };
+    let by_file = kvq(&["generate", "--kv", "f16", "-n", "6", "--json", "-f", f.to_str().unwrap()], None);
+    let by_arg = kvq(&["generate", "--kv", "f16", "-n", "6", "--json", "-p", prompt], None);
+    assert_eq!(ids(&by_file), ids(&by_arg));
+    assert_eq!(ids(&by_file).len(), 6);
+    std::fs::write(&f, [0x66, 0xff, 0x66]).unwrap();
+    let out = kvq(&["generate", "-n", "1", "-f", f.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("UTF-8"), "{}", text(&out.stderr));
+}

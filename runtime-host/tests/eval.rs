@@ -126,12 +126,12 @@ fn f16_cache_finds_a_short_pass_key() {
     let mut s = Session::new(&m, cfg, &mut ar).unwrap();
     for seed in 0..2 {
         let case = eval::make_case(&tok, Task::Passkey, &hay, 512, 0.5, seed).unwrap();
-        let o = eval::run_case(&mut s, &case).unwrap();
+        let o = eval::run_case(&mut s, &case, |_| {}).unwrap();
         assert!(o.exact && o.logprob > -2.0, "seed {seed}: {o:?}");
         // A wrong answer scores far lower.
         let mut wrong = case.clone();
         wrong.answer = tok.encode("99999", false, false);
-        let w = eval::run_case(&mut s, &wrong).unwrap();
+        let w = eval::run_case(&mut s, &wrong, |_| {}).unwrap();
         assert!(!w.exact && w.logprob < o.logprob - 5.0, "seed {seed}: wrong answer {w:?} vs {o:?}");
     }
 }
