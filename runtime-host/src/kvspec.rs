@@ -178,12 +178,26 @@ impl KvSpec {
     /// Parses `s`.
     ///
     /// # Errors
-    /// A message naming the part that does not parse.
+    /// A message naming the part that does not parse, or a knob given twice (a preset's own knobs may be
+    /// overridden once: `kvq2:vg=32`).
     pub fn parse(s: &str) -> Result<Self, String> {
+        let mut seen: Vec<&str> = Vec::new();
+        for key in s.split(':').skip(1).map(|k| k.split_once('=').map_or(k, |kv| kv.0)) {
+            if seen.contains(&key) {
+                return Err(format!("--kv {s:?}: {key} is given twice"));
+            }
+            seen.push(key);
+        }
+        Self::parse_expanded(s)
+    }
+
+    /// [`KvSpec::parse`] after the duplicate check: a preset that stands for knobs is expanded and the
+    /// user's knobs after it override its own.
+    fn parse_expanded(s: &str) -> Result<Self, String> {
         let preset = s.split(':').next().unwrap_or("");
         if let Some((_, knobs)) = PRESET_KNOBS.iter().find(|(n, k)| *n == preset && !k.starts_with('(')) {
             let rest = &s[preset.len()..];
-            let mut spec = Self::parse(&format!("{knobs}{rest}"))?;
+            let mut spec = Self::parse_expanded(&format!("{knobs}{rest}"))?;
             spec.name = s.into();
             return Ok(spec);
         }
@@ -476,6 +490,11 @@ mod tests {
         assert!(c.transform.balance_keys && c.key_spec().unwrap().params == ParamFormat::Fp8E4M3);
         assert_eq!(cfg("mikv2:tier=0", 8192, Overflow::Stop).tiers, None);
         assert!(KvSpec::parse("mikv2:tw=3").unwrap_err().contains("expected 2, 4 or 8"));
+        // A knob given twice is refused; overriding a preset's own knob once is not.
+        assert!(KvSpec::parse("kivi2:s=4:s=8").unwrap_err().contains("s is given twice"));
+        assert!(KvSpec::parse("kvq2:vg=32:vg=16").unwrap_err().contains("vg is given twice"));
+        let o = KvSpec::parse("kvq2:vg=32").unwrap();
+        assert_eq!(o.values.unwrap().group, 32);
         // Tiers need per-channel keys: the core's refusal names it.
         let e = KvSpec::parse("kivi2:kaxis=token:tier=2").unwrap().config(3, 64, 1024, Overflow::Stop, ROPE);
         assert!(e.unwrap_err().contains("per-channel"));

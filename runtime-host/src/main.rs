@@ -251,8 +251,8 @@ struct SampleArgs {
     /// Greedy decoding (the default unless --temp is given).
     #[arg(long)]
     greedy: bool,
-    /// Temperature.
-    #[arg(long)]
+    /// Temperature (a finite number >= 0; 0 is greedy).
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_temp)]
     temp: Option<f32>,
     /// Top-k (0: off).
     #[arg(long, default_value_t = 40)]
@@ -263,6 +263,14 @@ struct SampleArgs {
     /// Seed.
     #[arg(long, short = 's', default_value_t = 42)]
     seed: u64,
+}
+
+fn parse_temp(v: &str) -> Result<f32, String> {
+    match v.parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(t) => Err(format!("{t} is not a temperature: give a finite number >= 0 (0 is greedy)")),
+        Err(e) => Err(format!("{v:?}: {e}")),
+    }
 }
 
 impl SampleArgs {
@@ -379,7 +387,8 @@ fn load(a: &ModelArgs) -> Result<Model> {
 
 fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Result<CacheConfig> {
     let spec = KvSpec::parse(&c.kv).map_err(anyhow::Error::msg)?;
-    let ctx = c.ctx.unwrap_or(m.cfg.n_ctx_train).max(1);
+    let ctx = c.ctx.unwrap_or(m.cfg.n_ctx_train);
+    ensure!(ctx > 0, "-c 0: the context must hold at least one token");
     let overflow = match c.overflow {
         Some(OverflowArg::Stop) => Overflow::Stop,
         Some(OverflowArg::Slide) => Overflow::Slide,
@@ -456,7 +465,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     let decode_s = t1.elapsed().as_secs_f64();
-    let decoded = out_ids.len().saturating_sub(1).max(1);
+    // The first token comes from the prefill's logits; the rate is over the steps after it (none for
+    // fewer than two tokens, when no rate is printed).
+    let decode_rate = (out_ids.len() >= 2).then(|| (out_ids.len() - 1) as f64 / decode_s);
     if a.json {
         let j = serde_json::json!({
             "prompt_ids": prompt,
@@ -470,7 +481,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
                 "generated_tokens": out_ids.len(),
                 "decode_s": decode_s,
-                "decode_tokens_per_s": decoded as f64 / decode_s,
+                "decode_tokens_per_s": decode_rate,
             },
             "kv_bytes": s.kv_bytes(),
             "kv_bytes_global": s.kv_bytes_by_kind().0,
@@ -487,11 +498,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
             String::new()
         };
         eprintln!(
-            "kvq: prompt {} tokens at {:.1} tok/s, generated {} at {:.1} tok/s, KV {:.2} MiB{kinds} ({}, {} kernels)",
+            "kvq: prompt {} tokens at {:.1} tok/s, generated {}{}, KV {:.2} MiB{kinds} ({}, {} kernels)",
             prompt.len(),
             prompt.len() as f64 / prefill_s,
             out_ids.len(),
-            decoded as f64 / decode_s,
+            decode_rate.map_or(String::new(), |r| format!(" at {r:.1} tok/s")),
             mib(s.kv_bytes()),
             a.run.cache.kv,
             model.kernel_name()

@@ -191,6 +191,7 @@ impl Model {
     /// An unreadable or malformed file, an unsupported architecture, a missing tensor or one whose shape or
     /// type does not fit: each named.
     pub fn load(path: &Path) -> Result<Self> {
+        ensure!(!path.is_dir(), "{} is a directory, not a GGUF model file", path.display());
         let file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
         // SAFETY: the map is read-only and private; kvq never writes the file. Another process truncating
         // it while mapped would fault (SIGBUS), the documented hazard of memory-mapped model files, which
