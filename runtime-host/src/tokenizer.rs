@@ -452,19 +452,7 @@ impl Tokenizer {
                 // A byte-level vocabulary has a token for every byte; llama.cpp maps a missing one to id 0.
                 syms.push(self.ids.get(ch.encode_utf8(&mut buf) as &str).copied().unwrap_or(0));
             }
-            loop {
-                let mut best: Option<(u32, usize, u32)> = None;
-                for i in 0..syms.len().saturating_sub(1) {
-                    if let Some(&(rank, id)) = merges.get(&(syms[i], syms[i + 1]))
-                        && best.is_none_or(|(r, _, _)| rank < r)
-                    {
-                        best = Some((rank, i, id));
-                    }
-                }
-                let Some((_, i, id)) = best else { break };
-                syms[i] = id;
-                syms.remove(i + 1);
-            }
+            bpe_merge(&mut syms, merges);
             out.extend(syms);
         }
     }
@@ -496,6 +484,59 @@ impl Tokenizer {
         let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i)).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// Merges `syms` in place as llama.cpp's BPE does: repeatedly the adjacent pair of lowest merge rank,
+/// the leftmost of equal ranks, becomes its merged token. A heap of candidate pairs over a linked list of
+/// symbols makes it `O(n log n)` in the pre-token's length (a rescan per merge was quadratic: one
+/// 80,000-letter word took 33 s). A heap entry is stale once either side has merged since it was pushed.
+fn bpe_merge(syms: &mut Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let n = syms.len();
+    if n < 2 {
+        return;
+    }
+    const NONE: usize = usize::MAX;
+    let mut next: Vec<usize> = (1..=n).map(|i| if i < n { i } else { NONE }).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| if i > 0 { i - 1 } else { NONE }).collect();
+    let mut alive = vec![true; n];
+    // Min-heap on (rank, left position); the ids recorded check the entry is still current.
+    type Pair = (u32, usize, usize, u32, u32);
+    let mut heap: BinaryHeap<Reverse<Pair>> = BinaryHeap::new();
+    let push = |heap: &mut BinaryHeap<_>, syms: &[u32], l: usize, r: usize| {
+        if let Some(&(rank, _)) = merges.get(&(syms[l], syms[r])) {
+            heap.push(Reverse((rank, l, r, syms[l], syms[r])));
+        }
+    };
+    for i in 0..n - 1 {
+        push(&mut heap, syms, i, i + 1);
+    }
+    while let Some(Reverse((_, l, r, lid, rid))) = heap.pop() {
+        if !alive[l] || !alive[r] || next[l] != r || syms[l] != lid || syms[r] != rid {
+            continue;
+        }
+        syms[l] = merges[&(lid, rid)].1;
+        alive[r] = false;
+        next[l] = next[r];
+        if next[r] != NONE {
+            prev[next[r]] = l;
+        }
+        if prev[l] != NONE {
+            push(&mut heap, syms, prev[l], l);
+        }
+        if next[l] != NONE {
+            push(&mut heap, syms, l, next[l]);
+        }
+    }
+    let mut k = 0;
+    for i in 0..n {
+        if alive[i] {
+            syms[k] = syms[i];
+            k += 1;
+        }
+    }
+    syms.truncate(k);
 }
 
 /// The special tokens to split out, longest first (ties by id): control and user-defined ones, and
@@ -557,6 +598,65 @@ impl Utf8Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The quadratic merge `bpe_merge` replaced: rescan for the lowest rank (leftmost on ties), merge, repeat.
+    fn rescan_merge(syms: &mut Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) {
+        loop {
+            let mut best: Option<(u32, usize, u32)> = None;
+            for i in 0..syms.len().saturating_sub(1) {
+                if let Some(&(rank, id)) = merges.get(&(syms[i], syms[i + 1]))
+                    && best.is_none_or(|(r, _, _)| rank < r)
+                {
+                    best = Some((rank, i, id));
+                }
+            }
+            let Some((_, i, id)) = best else { break };
+            syms[i] = id;
+            syms.remove(i + 1);
+        }
+    }
+
+    #[test]
+    fn heap_merge_equals_rescan_merge() {
+        // Random merge tables over 4 base symbols (ids 0..4, merged ids from 4), some ranks shared, and
+        // random sequences; both merges must give the same symbols.
+        let mut seed = 7u64;
+        let mut rnd = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        for _ in 0..200 {
+            let mut merges = HashMap::new();
+            let mut next_id = 4u32;
+            for _ in 0..rnd(30) + 1 {
+                let (a, b) = (rnd(u64::from(next_id)) as u32, rnd(u64::from(next_id)) as u32);
+                let rank = rnd(20) as u32;
+                merges.entry((a, b)).or_insert_with(|| {
+                    next_id += 1;
+                    (rank, next_id - 1)
+                });
+            }
+            let len = rnd(40) as usize;
+            let syms: Vec<u32> = (0..len).map(|_| rnd(4) as u32).collect();
+            let (mut a, mut b) = (syms.clone(), syms.clone());
+            bpe_merge(&mut a, &merges);
+            rescan_merge(&mut b, &merges);
+            assert_eq!(a, b, "sequence {syms:?}, merges {merges:?}");
+        }
+    }
+
+    #[test]
+    fn one_megabyte_word_merges_in_bounded_time() {
+        // 2^20 copies of one symbol with merges doubling it: 2^20 - 1 merges. The rescan took 33 s for 80,000
+        // letters (quadratic: about 170 times that here, hours); the heap takes well under a second in
+        // release builds. The bound is loose enough for a debug build on a slow machine.
+        let merges: HashMap<(u32, u32), (u32, u32)> = (0..20).map(|k| ((k, k), (k, k + 1))).collect();
+        let mut syms = vec![0u32; 1 << 20];
+        let t = std::time::Instant::now();
+        bpe_merge(&mut syms, &merges);
+        assert_eq!(syms, vec![20]);
+        assert!(t.elapsed().as_secs() < 30, "{:?} for 2^20 symbols", t.elapsed());
+    }
 
     #[test]
     fn byte_map_is_a_bijection() {
