@@ -12,6 +12,7 @@
 //! the leftmost); characters no token covers become `<0xNN>` byte tokens.
 
 use crate::gguf::{Gguf, Value};
+use aho_corasick::{AhoCorasick, MatchKind};
 use anyhow::{Context, Result, bail, ensure};
 use fancy_regex::Regex;
 use std::collections::HashMap;
@@ -57,8 +58,8 @@ pub struct Tokenizer {
     types: Vec<i64>,
     ids: HashMap<String, u32>,
     kind: Kind,
-    /// Special tokens to split out, longest first: (text, id, always).
-    specials: Vec<(String, u32, bool)>,
+    /// Special tokens to split out, longest first, and their automata.
+    specials: Specials,
     /// BOS id, if the model has one.
     pub bos: Option<u32>,
     /// EOS id.
@@ -166,7 +167,7 @@ impl Tokenizer {
             };
             merges.entry((ia, ib)).or_insert((rank as u32, ij));
         }
-        let specials = specials(&tokens, &types, false);
+        let specials = Specials::new(specials(&tokens, &types, false), MatchKind::LeftmostLongest)?;
         let byte_char = byte_chars();
         let char_byte = byte_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         Ok(Self {
@@ -215,7 +216,7 @@ impl Tokenizer {
             bos: special_id(g, "tokenizer.ggml.bos_token_id", tokens.len()),
             eos: special_id(g, "tokenizer.ggml.eos_token_id", tokens.len()),
             add_bos: flag("tokenizer.ggml.add_bos_token", true),
-            specials: specials(&tokens, &types, true),
+            specials: Specials::new(specials(&tokens, &types, true), MatchKind::Standard)?,
             kind: Kind::Spm {
                 scores,
                 byte_ids,
@@ -260,29 +261,16 @@ impl Tokenizer {
             self.encode_spm(text, parse_special, &mut out);
             return out;
         }
-        let mut rest = text;
-        while !rest.is_empty() {
-            // The earliest special token; at one position the longest (the list is sorted by length).
-            let mut best: Option<(usize, &(String, u32, bool))> = None;
-            for s in self.specials.iter().filter(|s| parse_special || s.2) {
-                if let Some(p) = rest.find(s.0.as_str())
-                    && best.is_none_or(|(bp, _)| p < bp)
-                {
-                    best = Some((p, s));
-                }
-            }
-            match best {
-                Some((p, s)) => {
-                    self.encode_text(&rest[..p], &mut out);
-                    out.push(s.1);
-                    rest = &rest[p + s.0.len()..];
-                }
-                None => {
-                    self.encode_text(rest, &mut out);
-                    break;
-                }
-            }
+        // The earliest special token, at one position the longest, then on after it: one leftmost-longest
+        // pass of the automaton (a search per token per step grew with text x tokens found).
+        let (ac, idx) = self.specials.automaton(parse_special);
+        let mut last = 0;
+        for m in ac.find_iter(text) {
+            self.encode_text(&text[last..m.start()], &mut out);
+            out.push(self.specials.list[idx[m.pattern().as_usize()]].1);
+            last = m.end();
         }
+        self.encode_text(&text[last..], &mut out);
         out
     }
 
@@ -294,10 +282,14 @@ impl Tokenizer {
             Token(u32),
         }
         let mut frags = vec![Frag::Text(text)];
-        for (st, id, always) in &self.specials {
-            if !(parse_special || *always) {
-                continue;
-            }
+        // Only the special tokens that occur in the text take part: one overlapping pass of the automaton
+        // finds them (a search of the whole text for each of Gemma 3's 6,414 control and user-defined tokens took 5.8 s for Emma).
+        let (ac, idx) = self.specials.automaton(parse_special);
+        let mut present = vec![false; self.specials.list.len()];
+        for m in ac.find_overlapping_iter(text) {
+            present[idx[m.pattern().as_usize()]] = true;
+        }
+        for ((st, id, _), _) in self.specials.list.iter().zip(&present).filter(|(_, p)| **p) {
             let mut next = Vec::with_capacity(frags.len());
             for f in frags {
                 let Frag::Text(mut rest) = f else {
@@ -537,6 +529,39 @@ fn bpe_merge(syms: &mut Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) {
         }
     }
     syms.truncate(k);
+}
+
+/// The special tokens and two automata over their texts: all of them, and the user-defined ones only
+/// (those split out without special parsing). A text that two tokens share is searched for once, as
+/// the first of them in the list (the one both searches found first).
+struct Specials {
+    list: Vec<(String, u32, bool)>,
+    all: (AhoCorasick, Vec<usize>),
+    always: (AhoCorasick, Vec<usize>),
+}
+
+impl Specials {
+    fn new(list: Vec<(String, u32, bool)>, kind: MatchKind) -> Result<Self> {
+        let build = |keep: &dyn Fn(&(String, u32, bool)) -> bool| -> Result<(AhoCorasick, Vec<usize>)> {
+            let mut seen = std::collections::HashSet::new();
+            let idx: Vec<usize> =
+                (0..list.len()).filter(|&i| keep(&list[i]) && seen.insert(list[i].0.as_str())).collect();
+            let ac = AhoCorasick::builder()
+                .match_kind(kind)
+                .build(idx.iter().map(|&i| list[i].0.as_str()))
+                .context("building the special-token automaton")?;
+            Ok((ac, idx))
+        };
+        let all = build(&|_| true)?;
+        let always = build(&|s| s.2)?;
+        Ok(Self { list, all, always })
+    }
+
+    /// The automaton for this parse and the list index of each of its patterns.
+    fn automaton(&self, parse_special: bool) -> (&AhoCorasick, &[usize]) {
+        let (ac, idx) = if parse_special { &self.all } else { &self.always };
+        (ac, idx)
+    }
 }
 
 /// The special tokens to split out, longest first (ties by id): control and user-defined ones, and

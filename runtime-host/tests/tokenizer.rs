@@ -28,3 +28,21 @@ fn bos_follows_metadata() {
     assert!(!tok.add_bos);
     assert_eq!(tok.encode("Hello", true, true), tok.encode("Hello", false, true));
 }
+
+/// Input that made the tokenizer quadratic (issue 25): one 1 MB word (BPE merges rescanned the word per
+/// merge: 93 s for 80,000 letters, so hours here) and 100,000 control tokens in a row (a search per token
+/// type per step over the rest of the text: 0.74 s for 2,000 of them, about half an hour here). The test
+/// takes about 1.4 s on an Intel Xeon (test profile); the 60 s bound fails either old path by far.
+#[test]
+fn hostile_lengths_tokenize_in_bounded_time() {
+    let m = common::model();
+    let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
+    let t = std::time::Instant::now();
+    let word = "a".repeat(1 << 20);
+    let ids = tok.encode(&word, false, false);
+    assert_eq!(tok.decode(&ids), word);
+    let start = tok.id("<|im_start|>").unwrap();
+    let ids = tok.encode(&"<|im_start|>".repeat(100_000), false, true);
+    assert!(ids.len() == 100_000 && ids.iter().all(|&i| i == start));
+    assert!(t.elapsed().as_secs() < 60, "{:?}", t.elapsed());
+}
