@@ -597,12 +597,15 @@ fn chat(a: ChatArgs) -> Result<()> {
     let mut pending = tok.encode(&fmt.open(&a.system), true, true);
     let mut first = true;
     eprintln!(
-        "kvq chat: {} ({} layers), KV cache {} ({} tokens, overflow {:?}). /reset, /stats, /quit.",
+        "kvq chat: {} ({} layers), KV cache {} ({} tokens; when full: {}). /reset, /stats, /quit.",
         model.gguf.get("general.name").and_then(|v| v.as_str()).unwrap_or("model"),
         model.cfg.n_layer,
         a.run.cache.kv,
         cfg.capacity,
-        cfg.overflow
+        match cfg.overflow {
+            Overflow::Stop => "stop",
+            Overflow::Slide => "slide, dropping the oldest tokens",
+        }
     );
     let stdin = std::io::stdin();
     let mut line = String::new();

@@ -35,6 +35,8 @@ fn chat_names_paris_with_f16_and_kivi2() {
         assert!(out.status.success(), "{kv}: {se}");
         assert!(so.contains("Paris"), "{kv}: answer {so:?}");
         assert!(se.contains("tokens held") && se.contains("bits per element"), "{kv}: /stats printed {se:?}");
+        // The header says in words what a full context does (it printed `overflow Slide`).
+        assert!(se.contains("when full: slide, dropping the oldest tokens") && !se.contains("Slide"), "{se}");
     }
 }
 
