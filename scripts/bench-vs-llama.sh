@@ -15,7 +15,7 @@
 # Usage: scripts/bench-vs-llama.sh PATH/TO/llama-bench [MODEL] [DEPTHS]
 #   MODEL   a name from `kvq models` or a GGUF path (default smollm2-135m)
 #   DEPTHS  comma-separated depths in tokens (default 0,2048,8192)
-# Environment: KV (kvq's specs, default f16,kivi2), LLAMA_KV (llama.cpp's cache types, default f16; q4_0
+# Environment: KV (kvq's specs, default f16,kivi2), LLAMA_DEPTHS (llama-bench's depths, default DEPTHS), LLAMA_KV (llama.cpp's cache types, default f16; q4_0
 # and q8_0 run with flash attention as llama.cpp requires), THREADS (default 2), ONE_THREAD=1 adds a
 # one-thread kvq run (the default for smollm2-135m).
 set -euo pipefail
@@ -23,6 +23,7 @@ cd "$(dirname "$0")/.."
 LB=${1:?path to llama-bench}
 MODEL=${2:-smollm2-135m}
 DEPTHS=${3:-0,2048,8192}
+LLAMA_DEPTHS=${LLAMA_DEPTHS:-$DEPTHS}
 KV=${KV:-f16,kivi2}
 LLAMA_KV=${LLAMA_KV:-f16}
 T=${THREADS:-2}
@@ -37,7 +38,7 @@ llama() {
 }
 date
 lscpu | grep -m1 'Model name'
-for kv in $LLAMA_KV; do llama "$kv" "$DEPTHS"; done
+for kv in $LLAMA_KV; do llama "$kv" "$LLAMA_DEPTHS"; done
 target/release/kvq bench -m "$M" -t "$T" --depths "$DEPTHS" --kv "$KV"
 if [ "$ONE_THREAD" = 1 ]; then target/release/kvq bench -m "$M" -t 1 --depths "$DEPTHS" --kv "$KV"; fi
 llama f16 0
