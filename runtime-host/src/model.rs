@@ -368,6 +368,11 @@ impl Model {
         })
     }
 
+    /// The file the model was loaded from (empty for a model built in memory).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// The sha256 of the model file (computed once).
     ///
     /// # Errors
