@@ -85,6 +85,11 @@ pub const GEMMA3_270M: Named = Named {
 /// Every named model, the default first.
 pub const MODELS: &[Named] = &[DEFAULT, GEMMA3_270M];
 
+/// The named models' names, comma-separated (for messages).
+pub fn model_names() -> String {
+    MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+}
+
 /// The named model called `name`.
 pub fn named(name: &str) -> Option<&'static Named> {
     MODELS.iter().find(|m| m.name == name)

@@ -159,14 +159,9 @@ pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32
 pub fn dequant_row(ty: TensorType, bytes: &[u8], out: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 && matches!(ty, TensorType::Q4K | TensorType::Q6K) {
-        let (bl, bb) = (ty.block_len(), ty.block_bytes());
-        assert!(
-            out.len().is_multiple_of(bl) && bytes.len() == out.len() / bl * bb,
-            "row of {ty} has the wrong length"
-        );
-        for (o, b) in out.chunks_exact_mut(bl).zip(bytes.chunks_exact(bb)) {
+        for (b, o) in quants::row_blocks(ty, bytes, out) {
             // SAFETY: AVX2/F16C present (`avx2` comes from `has_avx2`); `b` is one whole block of `ty` and
-            // `o` its 256 outputs, as the assertion above and `chunks_exact` guarantee.
+            // `o` its 256 outputs, as `row_blocks` checks.
             unsafe {
                 if ty == TensorType::Q4K {
                     x86::dequant_q4k(b, o);

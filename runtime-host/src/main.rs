@@ -409,12 +409,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let (model, tok, cfg) = prepare(&a.run, Overflow::Stop)?;
     let mut arenas = model::arenas(&model, &cfg)?;
     let mut s = Session::new(&model, cfg, &mut arenas)?;
-    let text_in = match (&a.file, &a.prompt) {
-        (Some(f), _) => read_utf8(f)?,
-        (None, Some(p)) => p.clone(),
-        (None, None) => bail!("give -p TEXT or -f FILE"),
-    };
-    let prompt = tok.encode(&text_in, true, true);
+    let prompt = tok.encode(&file_or_text(a.file.as_deref(), a.prompt.as_deref())?, true, true);
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -667,14 +662,19 @@ fn chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+/// The text of `-f FILE` (UTF-8), else of `-p TEXT`.
+fn file_or_text(file: Option<&std::path::Path>, text: Option<&str>) -> Result<String> {
+    match (file, text) {
+        (Some(f), _) => read_utf8(f),
+        (None, Some(p)) => Ok(p.to_string()),
+        (None, None) => bail!("give -f FILE or -p TEXT"),
+    }
+}
+
 fn tokenize(a: TokenizeArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
-    let text = match (&a.file, &a.prompt) {
-        (Some(f), _) => read_utf8(f)?,
-        (None, Some(p)) => p.clone(),
-        (None, None) => bail!("give -f FILE or -p TEXT"),
-    };
+    let text = file_or_text(a.file.as_deref(), a.prompt.as_deref())?;
     let ids = tok.encode(&text, true, !a.no_parse_special);
     if a.json {
         println!("{}", serde_json::json!({ "ids": ids }));
@@ -768,18 +768,15 @@ fn model_path(m: Option<&std::path::Path>) -> Result<PathBuf> {
     }
     match p.to_str().and_then(fetch::named) {
         Some(n) => fetch::fetch(n, false),
-        None => {
-            let names: Vec<&str> = fetch::MODELS.iter().map(|n| n.name).collect();
-            bail!("{}: no such file, nor a model name ({})", p.display(), names.join(", "))
-        }
+        None => bail!("{}: no such file, nor a model name ({})", p.display(), fetch::model_names()),
     }
 }
 
 fn models(a: ModelsArgs) -> Result<()> {
     if let Some(name) = a.path {
-        let known: Vec<&str> = fetch::MODELS.iter().map(|m| m.name).collect();
-        let m = fetch::named(&name)
-            .with_context(|| format!("no model is named {name:?} (named models: {})", known.join(", ")))?;
+        let m = fetch::named(&name).with_context(|| {
+            format!("no model is named {name:?} (named models: {})", fetch::model_names())
+        })?;
         println!("{}", fetch::fetch(m, false)?.display());
         return Ok(());
     }
@@ -1388,11 +1385,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         let mut s = Session::new(&model, cfg, &mut arenas)?;
         let pb = bar(ids.len(), &spec.name);
         let t = Instant::now();
-        let mut logits = Vec::new();
-        for chunk in ids.chunks(model::CHUNK) {
-            logits = s.feed(chunk)?;
-            pb.inc(chunk.len() as u64);
-        }
+        let logits = s.feed_progress(&ids, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         let prefill = ids.len() as f64 / t.elapsed().as_secs_f64();
         let t = Instant::now();

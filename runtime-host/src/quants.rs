@@ -86,14 +86,27 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 /// If `bytes` is not exactly `ty.row_bytes(out.len())` long or `out.len()` is not a multiple of the block
 /// (the loader checks shapes before any row is read).
 pub fn dequant_row(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
+    for (b, o) in row_blocks(ty, bytes, out) {
+        dequant_block(ty, b, o);
+    }
+}
+
+/// The blocks of a row of `ty` paired with their outputs, after checking that `bytes` holds exactly
+/// `out.len()` elements (a whole number of blocks).
+///
+/// # Panics
+/// If it does not (the loader checks shapes before any row is read).
+pub(crate) fn row_blocks<'a>(
+    ty: TensorType,
+    bytes: &'a [u8],
+    out: &'a mut [f32],
+) -> impl Iterator<Item = (&'a [u8], &'a mut [f32])> {
     let (bl, bb) = (ty.block_len(), ty.block_bytes());
     assert!(
         out.len().is_multiple_of(bl) && bytes.len() == out.len() / bl * bb,
         "row of {ty} has the wrong length"
     );
-    for (o, b) in out.chunks_exact_mut(bl).zip(bytes.chunks_exact(bb)) {
-        dequant_block(ty, b, o);
-    }
+    bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bl))
 }
 
 /// Activations quantized to 16 bits in blocks of 32: `q = round(x / d)`, `d = max|x| / 32767`, and each
