@@ -91,6 +91,13 @@ pub enum Error {
         /// Which input.
         what: &'static str,
     },
+    /// A serialized input (a table blob) does not parse: `what` failed at word `at`.
+    Malformed {
+        /// What was wrong.
+        what: &'static str,
+        /// Word where parsing stopped.
+        at: usize,
+    },
     /// A cache configured to stop when full was asked to hold more tokens than its capacity.
     ContextFull {
         /// Tokens the cache holds.
@@ -131,6 +138,7 @@ impl fmt::Display for Error {
                 write!(f, "permutation entry {index} repeats or is out of range")
             }
             Self::EmptyInput { what } => write!(f, "{what} is empty"),
+            Self::Malformed { what, at } => write!(f, "malformed table blob at word {at}: {what}"),
             Self::ContextFull { held, adding, capacity } => {
                 write!(f, "context full: holding {held} tokens, adding {adding}, capacity {capacity}")
             }

@@ -403,7 +403,8 @@ fn channel_scores<const S: bool>(
             bias[qi] = hsum(zacc);
         }
         for t0 in (g0..g0 + g).step_by(16) {
-            let word = key_row(t0, 0, d, b.block_words) + (t0 % KEY_BLOCK) / 16 * b.width.bits() as usize / 2;
+            let word = key_row(t0, 0, d, b.block, b.block_words)
+                + (t0 & (b.block - 1)) / 16 * b.width.bits() as usize / 2;
             prefetch_next_block::<16>(b, t0, d);
             let col = t0 - start;
             if S {
@@ -1065,21 +1066,22 @@ fn q8_channel_scores<const S: bool>(
 }
 
 /// Hints the next key block's channel rows, a part of them per tile of `STEP` tokens: the tile at `t0`
-/// hints rows `d * j / parts..d * (j + 1) / parts` (`parts = KEY_BLOCK / STEP`, `j = t0 % KEY_BLOCK /
-/// STEP`), every line of each. A block is one 4 KiB page at 2 bits (two at 4 bits), and the hardware
+/// hints rows `d * j / parts..d * (j + 1) / parts` (`parts = block / STEP`, `j = t0 % block / STEP`),
+/// every line of each. A 256-token block is one 4 KiB page at 2 bits (two at 4 bits), and the hardware
 /// prefetchers stop at a page's end, so without the hints each block's first tile waited on all its rows'
-/// line misses at once. A block's rows are consecutive, so the part is one run of lines; `STEP` is a
-/// constant so that the divisions are shifts (with a run-time step they were four `div`s per tile, and
-/// the hints a tenth of the int8 key kernel's instructions). A prefetch never faults, so the address may
-/// lie past the codes.
+/// line misses at once. A block's rows are consecutive, so the part is one run of lines. `STEP` is a
+/// constant and the block a power of two, so that the divisions are shifts and masks (with `div`s, four
+/// per tile, the hints were a tenth of the int8 key kernel's instructions). A prefetch never faults, so
+/// the address may lie past the codes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn prefetch_next_block<const STEP: usize>(b: &ChannelBody<'_>, t0: usize, d: usize) {
-    let parts = KEY_BLOCK / STEP;
-    let j = t0 % KEY_BLOCK / STEP;
-    let next = b.codes.as_ptr().wrapping_add(key_row(t0 + KEY_BLOCK, 0, d, b.block_words)).cast::<u8>();
+    let shift = (b.block / STEP).trailing_zeros();
+    let j = (t0 & (b.block - 1)) / STEP;
+    let next =
+        b.codes.as_ptr().wrapping_add(key_row(t0 + b.block, 0, d, b.block, b.block_words)).cast::<u8>();
     let row_bytes = 4 * b.block_words;
-    let (mut at, end) = (d * j / parts * row_bytes, d * (j + 1) / parts * row_bytes);
+    let (mut at, end) = (((d * j) >> shift) * row_bytes, ((d * (j + 1)) >> shift) * row_bytes);
     while at < end {
         _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
         at += 64;
@@ -1225,7 +1227,7 @@ impl KeyTiles<'_> {
         // The last tile's codes start furthest on (a tile's first word grows with its slot), and the last
         // group's entries come last.
         let last = self.b0 + 32 * (self.tiles - 1);
-        let last_word = key_row(last, 0, d, w) + (last % KEY_BLOCK) / 16;
+        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) / 16;
         let entries = ((self.tiles - 1) / per_group + 1) * nq;
         // The layout and the batch's split guarantee these; a failure is a bug in this crate.
         assert!(
@@ -1242,7 +1244,7 @@ impl KeyTiles<'_> {
         );
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
-            let word = key_row(t0, 0, d, w) + (t0 % KEY_BLOCK) / 16;
+            let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) / 16;
             prefetch_next_block::<32>(b, t0, d);
             if S {
                 unpack_code_pairs(&b.codes[word..], w, unpacked);

@@ -15,7 +15,7 @@
 
 use super::{Probs, Queries, Scores};
 use crate::cache::tier::TierView;
-use crate::cache::{Cache, EMPTY_SLOT, QuantSpec, Stream, StreamView, config::MAX_HEAD_DIM, layout};
+use crate::cache::{Cache, EMPTY_SLOT, QuantSpec, Stream, StreamView, config::MAX_HEAD_DIM};
 use crate::pack;
 
 /// The values of key group `gi` (starting at ring slot `g0`) of KV head `h` in the stored basis, outliers
@@ -33,9 +33,8 @@ pub(crate) fn key_group_stored(
     let gi = g0 / g;
     let mut codes = [0u8; crate::cache::config::MAX_GROUP];
     for c in 0..d {
-        let words =
-            &sv.codes[h * l.key_head_words(d) + layout::key_row(g0, c, d, l.row_words)..][..l.row_words];
-        pack::unpack_bits(words, q.width, g0 % layout::KEY_BLOCK, &mut codes[..g]);
+        let words = &sv.codes[h * l.key_head_words(d) + l.key_row(g0, c, d)..][..l.row_words];
+        pack::unpack_bits(words, q.width, l.key_col(g0), &mut codes[..g]);
         let p = sv.params(q.params, (h * l.row_groups + gi) * d + c);
         let coder = sv.coder(q, h * d + c);
         for (t, &code) in codes[..g].iter().enumerate() {
@@ -154,9 +153,8 @@ fn channel_key_scores_in(
         let gi = g0 / g;
         acc.copy_from_slice(&bias[..nq * g]);
         for c in 0..d {
-            let words =
-                &sv.codes[h * l.key_head_words(d) + layout::key_row(g0, c, d, l.row_words)..][..l.row_words];
-            row_codes(words, q.width, g0 % layout::KEY_BLOCK, &mut codes[..g]);
+            let words = &sv.codes[h * l.key_head_words(d) + l.key_row(g0, c, d)..][..l.row_words];
+            row_codes(words, q.width, l.key_col(g0), &mut codes[..g]);
             let p = sv.params(q.params, (h * l.row_groups + gi) * d + c);
             match sv.coder(q, h * d + c).levels {
                 None => {

@@ -160,6 +160,8 @@ impl Probs<'_> {
 /// One head of a per-channel quantized body, in key blocks (`cache::layout`).
 pub(crate) struct ChannelBody<'c> {
     pub(crate) codes: &'c [u32],
+    /// Tokens per block (a power of two, `cache::layout::key_block`).
+    pub(crate) block: usize,
     /// Words of one channel's row within a block.
     pub(crate) block_words: usize,
     pub(crate) scale: &'c [u16],
@@ -825,6 +827,7 @@ fn key_scores(
                 let words = l.key_head_words(d);
                 let b = ChannelBody {
                     codes: &sv.codes[h * words..][..words],
+                    block: l.block,
                     block_words: l.row_words,
                     scale: &sv.scale[h * gd..][..gd],
                     zero: &sv.zero[h * gd..][..gd],

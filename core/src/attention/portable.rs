@@ -7,7 +7,7 @@
 
 use super::{ChannelBody, Probs, Queries, Scores, TokenBody};
 use crate::cache::config::MAX_GROUP;
-use crate::cache::layout::{KEY_BLOCK, key_f16, key_row};
+use crate::cache::layout::{key_f16, key_row};
 use crate::pack;
 use half::f16;
 
@@ -106,8 +106,8 @@ fn add_group_codes(
     let g = b.group;
     let mut codes = [0u8; MAX_GROUP];
     for c in 0..d {
-        let row = &b.codes[key_row(g0, c, d, b.block_words)..][..b.block_words];
-        pack::unpack_bits(row, b.width, g0 % KEY_BLOCK, &mut codes[..g]);
+        let row = &b.codes[key_row(g0, c, d, b.block, b.block_words)..][..b.block_words];
+        pack::unpack_bits(row, b.width, g0 & (b.block - 1), &mut codes[..g]);
         for qi in 0..nq {
             let qs = qf[qi * d + c];
             for (t, &code) in codes[..g].iter().enumerate() {

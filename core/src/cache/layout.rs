@@ -29,7 +29,8 @@
 //!
 //! FP8 parameters take one byte each in the same order (`scale` and `zero` regions then hold bytes).
 //!
-//! Quantized keys are stored in blocks of [`KEY_BLOCK`] = 256 tokens (fp16 keys in blocks of
+//! Quantized keys are stored in blocks of [`KEY_BLOCK`] = 256 tokens (fewer, down to 32, in a ring too
+//! small to round up to whole 256-token blocks: [`key_block`]; fp16 keys in blocks of
 //! [`KEY_BLOCK_F16`] = 32, again one line per channel): within a block each
 //! channel's 256 tokens are consecutive words (KIVI's packing along the token axis: 16 tokens a word at
 //! 2 bits, so one 64-byte line), and a block's channels follow one another. A GPU warp reads consecutive
@@ -60,7 +61,20 @@ impl StreamLayout {
     /// Words of one KV head's per-channel key codes (`head_dim` channel rows in each of `ring / KEY_BLOCK`
     /// blocks).
     pub const fn key_head_words(&self, head_dim: usize) -> usize {
-        head_dim * self.ring / KEY_BLOCK * self.row_words
+        head_dim * (self.ring / self.block) * self.row_words
+    }
+
+    /// Word offset, within one head's per-channel key codes, of channel `c`'s row in the block holding ring
+    /// slot `slot` (see [`key_row`]).
+    #[inline]
+    pub const fn key_row(&self, slot: usize, c: usize, head_dim: usize) -> usize {
+        key_row(slot, c, head_dim, self.block, self.row_words)
+    }
+
+    /// Index of ring slot `slot`'s code within its per-channel key row.
+    #[inline]
+    pub const fn key_col(&self, slot: usize) -> usize {
+        slot & (self.block - 1)
     }
 }
 
@@ -164,7 +178,9 @@ pub struct StreamLayout {
     pub ring: usize,
     /// Window slots, in tokens.
     pub window_tokens: usize,
-    /// Words of one row: a channel's [`KEY_BLOCK`] tokens (per-channel keys; u16 values for fp16 keys), or
+    /// Tokens per key block of per-channel quantized keys ([`key_block`]; 1 for other streams).
+    pub block: usize,
+    /// Words of one row: a channel's `block` tokens (per-channel keys; u16 values for fp16 keys), or
     /// a token's channels (per-token).
     pub row_words: usize,
     /// Groups per row: `ring / G` (per-channel) or `head_dim / G` (per-token).
@@ -201,14 +217,32 @@ pub struct Layout {
     pub total_bytes: usize,
 }
 
-/// Tokens per key block (see the module docs). Per-channel key groups must divide it.
+/// Tokens per key block of a large ring (see the module docs), and the most any ring uses. Per-channel key
+/// groups must divide it.
 pub const KEY_BLOCK: usize = 256;
 
+/// The fewest tokens per key block, one tile of the int8 key kernel.
+pub const KEY_BLOCK_MIN: usize = 32;
+
+/// Tokens per key block for a per-channel key body of `tokens` tokens in groups of `group`: the largest
+/// power of two from [`KEY_BLOCK`] down to `max(group, KEY_BLOCK_MIN)` whose rounding of the ring wastes at
+/// most an eighth of `tokens`. Large rings keep 256-token blocks (one page per block at 2 bits); a small
+/// arena is not made to reserve up to 255 slots it cannot use.
+pub const fn key_block(tokens: usize, group: usize) -> usize {
+    let floor = if group > KEY_BLOCK_MIN { group } else { KEY_BLOCK_MIN };
+    let mut b = KEY_BLOCK;
+    while b > floor && tokens.div_ceil(b) * b - tokens > tokens / 8 {
+        b /= 2;
+    }
+    b
+}
+
 /// Word offset, within one head's per-channel codes, of channel `c`'s row in the block holding ring slot
-/// `slot`; the slot's code index within that row is `slot % KEY_BLOCK`.
+/// `slot`, for blocks of `block` tokens (a power of two) and rows of `block_words`; the slot's code index
+/// within that row is `slot & (block - 1)`.
 #[inline]
-pub const fn key_row(slot: usize, c: usize, head_dim: usize, block_words: usize) -> usize {
-    ((slot / KEY_BLOCK) * head_dim + c) * block_words
+pub const fn key_row(slot: usize, c: usize, head_dim: usize, block: usize, block_words: usize) -> usize {
+    ((slot >> block.trailing_zeros()) * head_dim + c) * block_words
 }
 
 /// Tokens per fp16 key block: one 64-byte line per channel, so a block's channels are one contiguous run.
@@ -323,12 +357,14 @@ impl CacheConfig {
                             Overflow::Stop => r,
                             Overflow::Slide => group,
                         };
-                        s.ring = (body - body % unit).div_ceil(KEY_BLOCK) * KEY_BLOCK;
-                        s.row_words = KEY_BLOCK * bits / 32;
+                        let trimmed = body - body % unit;
+                        s.block = key_block(trimmed, group);
+                        s.ring = trimmed.div_ceil(s.block) * s.block;
+                        s.row_words = s.block * bits / 32;
                         s.row_groups = s.ring / group;
                         s.codes = Region {
                             offset: at,
-                            words: tri!(mul(tri!(mul(hd, s.ring / KEY_BLOCK)), s.row_words)),
+                            words: tri!(mul(tri!(mul(hd, s.ring / s.block)), s.row_words)),
                         };
                         let params = tri!(param_words(tri!(mul(hd, s.row_groups)), q.param_bytes()));
                         s.scale = Region { offset: s.codes.end(), words: params };
@@ -355,7 +391,13 @@ impl CacheConfig {
                 }
                 s.tables = tri!(self.tables_layout(&q, values, at));
                 at = s.tables.end();
-                if self.generic(values) {
+                // Per-channel keys stored as handed in, without outliers or tiers, are coded straight from
+                // the window; every other generic stream goes through the scratch rows.
+                let direct = matches!(axis, Axis::PerChannel)
+                    && !self.transform.keys()
+                    && q.outliers == 0
+                    && self.tiers.is_none();
+                if self.generic(values) && !direct {
                     let rows = if matches!(axis, Axis::PerChannel) { group } else { self.kv_heads };
                     s.scratch = Region { offset: at, words: tri!(mul(rows, self.head_dim)) };
                     at = s.scratch.end();
@@ -407,6 +449,7 @@ const ZERO: StreamLayout = StreamLayout {
         bounds: EMPTY,
     },
     ring: 0,
+    block: 1,
     window_tokens: 0,
     row_words: 0,
     row_groups: 0,
@@ -417,6 +460,38 @@ mod tests {
     use super::*;
     use crate::pack::Width;
 
+    /// Key blocks: 256 tokens wherever rounding up to them wastes at most an eighth of the ring, else the
+    /// largest smaller power of two that does, never under the group or 32 tokens.
+    #[test]
+    fn key_blocks_shrink_only_for_small_rings() {
+        assert_eq!(key_block(0, 32), 256);
+        assert_eq!(key_block(2048, 32), 256);
+        assert_eq!(key_block(2048 + 224, 32), 256); // 32 slots over 2272: under an eighth
+        assert_eq!(key_block(288, 32), 64); // 512 or 384 would waste 224 or 96 of 288; 320 wastes 32
+        assert_eq!(key_block(384, 32), 128);
+        assert_eq!(key_block(160, 32), 32); // 192 would waste 32 of 160, over an eighth
+        assert_eq!(key_block(160, 64), 64); // but not under the group
+        assert_eq!(key_block(32, 128), 128); // never under the group
+        assert_eq!(key_block(16, 16), 32); // nor under the int8 kernel's 32-token tile
+        // The ring always covers the tokens, wastes at most an eighth (or one block of the floor), and a
+        // block is a power of two that the group divides.
+        for g in [16, 32, 64, 128, 256] {
+            for t in (0..3000).step_by(16) {
+                let b = key_block(t, g);
+                let ring = t.div_ceil(b) * b;
+                assert!(
+                    b.is_power_of_two() && b.is_multiple_of(g) && (32..=256).contains(&b),
+                    "{t} {g}: {b}"
+                );
+                assert!(ring >= t && (ring - t <= t / 8 || b == g.max(32)), "{t} {g}: {b}");
+            }
+        }
+        // A small cache no longer reserves a whole 256-token block: 4 sinks and 96 body tokens (a 32-token
+        // window among them) quantize keys into three 32-token blocks, 96 slots.
+        let small = CacheConfig::kivi(Width::B2, 32, 32, 3, 64, 100).with_sinks(4).layout().unwrap();
+        assert_eq!((small.keys.ring, small.keys.block), (96, 32));
+    }
+
     /// Regions follow one another without gaps or overlaps, and their sizes are the formulas above.
     #[test]
     fn kivi2_regions_add_up() {
@@ -426,11 +501,12 @@ mod tests {
         let k = l.keys;
         assert_eq!(k.sinks.words, hd * 4 / 2);
         assert_eq!(k.window.words, hd * 128 / 2);
-        // Stop mode flushes whole residual blocks: 1020 - 1020 % 128 = 896, rounded up to whole key blocks
-        assert_eq!(k.ring, 1024);
-        assert_eq!(k.row_words, 256 * 2 / 32);
-        assert_eq!(k.codes.words, hd * 1024 * 2 / 32);
-        assert_eq!(k.scale.words, hd * 32 / 2);
+        // Stop mode flushes whole residual blocks: 1020 - 1020 % 128 = 896 tokens, which 256-token blocks
+        // would round up to 1024 (128 more, over an eighth), so the blocks are 128 tokens: 7 of them.
+        assert_eq!((k.ring, k.block), (896, 128));
+        assert_eq!(k.row_words, 128 * 2 / 32);
+        assert_eq!(k.codes.words, hd * 896 * 2 / 32);
+        assert_eq!(k.scale.words, hd * 28 / 2);
         let v = l.values;
         assert_eq!(v.ring, 1020 - 128);
         assert_eq!(v.row_words, 4);
@@ -450,7 +526,8 @@ mod tests {
         assert_eq!(l.total_bytes, 4 * at);
         let slide = cfg.with_overflow(Overflow::Slide).layout().unwrap();
         assert_eq!(slide.keys.ring, 1024);
-        assert_eq!(key_row(300, 5, 64, 16), (64 + 5) * 16);
+        assert_eq!(key_row(300, 5, 64, 256, 16), (64 + 5) * 16);
+        assert_eq!(key_row(300, 5, 64, 32, 2), (9 * 64 + 5) * 2);
         assert_eq!(key_f16(300, 5, 64), (9 * 64 + 5) * 32 + 12);
     }
 

@@ -20,6 +20,7 @@
 //!
 //! The arena layout is in [`layout`]; attention over the cache is [`crate::attention`].
 
+pub mod blob;
 pub mod config;
 pub(crate) mod group;
 pub mod layout;
@@ -724,7 +725,11 @@ impl<'a> Cache<'a> {
         let (lo, hi) = self.arena.split_at_mut(base);
         let hi: &[u32] = hi;
         let tables = TableView::new(hi, &l.tables.shifted(base));
-        let scratch = bytemuck::cast_slice(&hi[l.scratch.offset - base..][..l.scratch.words]);
+        let scratch: &[f32] = if l.scratch.words == 0 {
+            &[]
+        } else {
+            bytemuck::cast_slice(&hi[l.scratch.offset - base..][..l.scratch.words])
+        };
         (lo, tables, scratch)
     }
 
@@ -737,8 +742,11 @@ impl<'a> Cache<'a> {
         let (heads, d, r, g) = (self.cfg.kv_heads, self.cfg.head_dim, self.cfg.residual, q.group);
         let slot = gs % l.ring;
         let gi = slot / g;
+        // Without scratch rows (keys stored as handed in, no outliers, no tiers) each channel is read from
+        // the window.
+        let direct = l.scratch.words == 0;
         for h in 0..heads {
-            for i in 0..g {
+            for i in (0..g).filter(|_| !direct) {
                 let mut row = [0.0f32; MAX_HEAD_DIM];
                 let row = &mut row[..d];
                 let win: &[u16] = bytemuck::cast_slice(&self.arena[l.window.offset..l.window.end()]);
@@ -759,16 +767,20 @@ impl<'a> Cache<'a> {
                 }
             };
             let mut sel = [0u16; MAX_OUTLIER_SLOTS];
-            let n_sel = top_positions(
-                g * d,
-                q.outliers,
-                |i| {
-                    let (x, (lo, hi)) = (scratch[i], th(i % d));
-                    let excess = (x - hi).max(lo - x);
-                    if excess > 0.0 { excess / (hi - lo).max(f32::MIN_POSITIVE) } else { 0.0 }
-                },
-                &mut sel,
-            );
+            let n_sel = if direct {
+                0
+            } else {
+                top_positions(
+                    g * d,
+                    q.outliers,
+                    |i| {
+                        let (x, (lo, hi)) = (scratch[i], th(i % d));
+                        let excess = (x - hi).max(lo - x);
+                        if excess > 0.0 { excess / (hi - lo).max(f32::MIN_POSITIVE) } else { 0.0 }
+                    },
+                    &mut sel,
+                )
+            };
             // Per channel: range over the values not kept as outliers, clamped to the thresholds.
             let mut params = [GroupParams { scale: 0.0, zero: 0.0 }; MAX_HEAD_DIM];
             let mut codes = [[0u8; MAX_GROUP]; 1];
@@ -783,11 +795,23 @@ impl<'a> Cache<'a> {
                     };
                     GroupCoder { spec: *q, levels }
                 };
+                let mut col = [0.0f32; MAX_GROUP];
+                let col = &mut col[..g];
+                if direct {
+                    let win: &[u16] = bytemuck::cast_slice(&lo_words[l.window.offset..l.window.end()]);
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = f32_of(win[(h * r + (gs + i) % r) * d + c]);
+                    }
+                } else {
+                    for (i, o) in col.iter_mut().enumerate() {
+                        *o = scratch[i * d + c];
+                    }
+                }
                 let kept = |t: usize| sel[..n_sel].binary_search(&((t * d + c) as u16)).is_err();
                 let (lo_t, hi_t) = th(c);
                 let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
                 for t in (0..g).filter(|&t| kept(t)) {
-                    let x = scratch[t * d + c].clamp(lo_t, hi_t);
+                    let x = col[t].clamp(lo_t, hi_t);
                     lo = lo.min(x);
                     hi = hi.max(x);
                 }
@@ -798,7 +822,7 @@ impl<'a> Cache<'a> {
                 let p = coder.fit(lo, hi)?;
                 params[c] = p;
                 for t in 0..g {
-                    let x = scratch[t * d + c];
+                    let x = col[t];
                     codes[0][t] = coder.encode(&p, x.clamp(lo, hi));
                     if !kept(t)
                         && let Ok(k) = sel[..n_sel].binary_search(&((t * d + c) as u16))
@@ -807,9 +831,9 @@ impl<'a> Cache<'a> {
                         deltas[k] = f16_bits(delta);
                     }
                 }
-                let row_at = head_words + layout::key_row(slot, c, d, l.row_words);
+                let row_at = head_words + l.key_row(slot, c, d);
                 let words = &mut lo_words[l.codes.offset..l.codes.end()][row_at..][..l.row_words];
-                pack::pack(&codes[0][..g], q.width, words, slot % layout::KEY_BLOCK)?;
+                pack::pack(&codes[0][..g], q.width, words, l.key_col(slot))?;
             }
             for (c, p) in params[..d].iter().enumerate() {
                 write_params(lo_words, l, q.params, (h * l.row_groups + gi) * d + c, *p);
@@ -955,9 +979,8 @@ impl<'a> Cache<'a> {
                     }
                     let codes = &mut self.arena[l.codes.offset..l.codes.end()];
                     let head = h * l.key_head_words(d);
-                    let row = &mut codes[head + layout::key_row(slot, c, d, l.row_words)..][..l.row_words];
-                    let p =
-                        uniform(q).quantize(Strided::contiguous(&buf[..g]), row, slot % layout::KEY_BLOCK)?;
+                    let row = &mut codes[head + l.key_row(slot, c, d)..][..l.row_words];
+                    let p = uniform(q).quantize(Strided::contiguous(&buf[..g]), row, l.key_col(slot))?;
                     self.store_params(l, (h * l.row_groups + slot / g) * d + c, p);
                 }
             }
@@ -1013,10 +1036,10 @@ impl<'a> Cache<'a> {
                         let (code, at) = match q.axis {
                             Axis::PerChannel => (
                                 pack::get(
-                                    &v.codes[head * l.key_head_words(d)
-                                        + layout::key_row(slot, c, d, l.row_words)..][..l.row_words],
+                                    &v.codes[head * l.key_head_words(d) + l.key_row(slot, c, d)..]
+                                        [..l.row_words],
                                     q.width,
-                                    slot % layout::KEY_BLOCK,
+                                    l.key_col(slot),
                                 )?,
                                 (head * l.row_groups + slot / q.group) * d + c,
                             ),
@@ -1051,9 +1074,8 @@ impl<'a> Cache<'a> {
         let (l, d) = (v.layout, self.cfg.head_dim);
         let gi = slot / q.group;
         for (c, o) in row.iter_mut().enumerate() {
-            let words = &v.codes[head * l.key_head_words(d) + layout::key_row(slot, c, d, l.row_words)..]
-                [..l.row_words];
-            let code = pack::get(words, q.width, slot % layout::KEY_BLOCK)?;
+            let words = &v.codes[head * l.key_head_words(d) + l.key_row(slot, c, d)..][..l.row_words];
+            let code = pack::get(words, q.width, l.key_col(slot))?;
             let p = v.params(q.params, (head * l.row_groups + gi) * d + c);
             *o = v.coder(*q, head * d + c).decode(&p, code);
         }

@@ -391,6 +391,11 @@ pub(crate) fn append_observed(cache: &mut Cache<'_>, k: &[f32], v: &[f32], rng: 
 /// permutation with uneven groups, so no table is the identity.
 pub(crate) fn fill_tables(cache: &mut Cache<'_>, rng: &mut Rng) {
     let cfg = *cache.config();
+    fill_tables_into(&cfg, cache, rng);
+}
+
+/// [`fill_tables`] for any sink of `cfg`'s tables (a cache, or a blob writer).
+pub(crate) fn fill_tables_into(cfg: &CacheConfig, cache: &mut impl super::blob::TableSink, rng: &mut Rng) {
     let d = cfg.head_dim;
     for (stream, spec) in [(Stream::Keys, cfg.key_spec()), (Stream::Values, cfg.value_spec())] {
         let Some(q) = spec else { continue };
