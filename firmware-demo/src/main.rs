@@ -129,7 +129,17 @@ fn main() -> ! {
             }
             n += 1;
         };
-        let report = stream::run(i, &s, &mut arena[..], b, fill, time, |t, h| {
+        let tables = match stream::calibrated(i) {
+            None => &[][..],
+            Some(preset) => match CALIB.iter().find(|(p, _)| *p == preset) {
+                Some((_, t)) => *t,
+                None => {
+                    eprintln!("kvq-fw error policy={name}: the stream holds no {preset} tables");
+                    semihosting::process::exit(2);
+                }
+            },
+        };
+        let report = stream::run(i, &s, &mut arena[..], tables, b, fill, time, |t, h| {
             say!("kvq-fw step policy={name} t={t} hash={h:016x}");
         });
         say!(

@@ -25,10 +25,12 @@ pub struct Shape {
     pub tokens: usize,
     /// The model's RoPE.
     pub rope: Rope,
+    /// SKVQ's clipping factor, from the model's calibration.
+    pub clip: f32,
 }
 
 /// Policies streamed, in order.
-pub const POLICIES: usize = 4;
+pub const POLICIES: usize = 7;
 
 /// Tokens between two reported hashes.
 pub const CHECKPOINT: usize = 64;
@@ -38,7 +40,9 @@ pub const CHECKPOINT: usize = 64;
 const R: usize = 32;
 
 /// Policy `i` for `s` at `capacity` tokens: its name (in the `--kv` grammar) and configuration. The
-/// sliding KIVI cache holds half the stream, so it slides.
+/// sliding KIVI caches hold half the stream, so they slide. The last is KIVI-2 cut to a small arena's
+/// size: 16-token key groups and window (the window is the largest fixed cost: 24 KiB at 32 tokens for
+/// SmolLM2's layer), 64-channel value groups and FP8 parameters.
 pub const fn policy(i: usize, s: &Shape, capacity: usize) -> (&'static str, CacheConfig) {
     let (kv, d) = (s.kv_heads, s.head_dim);
     let kivi2 = CacheConfig::kivi(Width::B2, 32, R, kv, d, capacity).with_sinks(4);
@@ -57,13 +61,72 @@ pub const fn policy(i: usize, s: &Shape, capacity: usize) -> (&'static str, Cach
         0 => ("f16", CacheConfig::fp16(kv, d, capacity)),
         1 => ("kivi2:r=32:s=4 (sliding)", kivi2.with_overflow(Overflow::Slide)),
         2 => ("kvq2:r=32:p=fp8", kvq2),
-        _ => ("kivi2:r=32:s=4:tier=2", kivi2.with_tiers(Tiers { keep: 2, width: Width::B4 })),
+        3 => (
+            "mikv2:r=32",
+            CacheConfig {
+                keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_params(fp8)),
+                values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_params(fp8)),
+                ..kivi2
+                    .with_transform(Transform { balance_keys: true, ..Transform::NONE })
+                    .with_tiers(Tiers { keep: 2, width: Width::B4 })
+            },
+        ),
+        5 => (
+            "kvquant2:r=32",
+            CacheConfig {
+                keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_codebook().with_outliers(
+                    // 1% of a key group's elements, rounded as the host's `out=0.01` rounds them.
+                    (32 * d + 50) / 100,
+                )),
+                values: Precision::Quant(
+                    QuantSpec::per_token(Width::B2, 32).with_codebook().with_outliers((kv * d + 50) / 100),
+                ),
+                ..CacheConfig::kivi(Width::B2, 32, R, kv, d, capacity)
+                    .with_sinks(1)
+                    .with_transform(Transform { rope: Some(s.rope), ..Transform::NONE })
+            },
+        ),
+        6 => (
+            "skvq2:r=32",
+            CacheConfig {
+                keys: Precision::Quant(
+                    QuantSpec { permuted: true, clip: s.clip, ..QuantSpec::per_token(Width::B2, 32) }
+                        .with_params(fp8),
+                ),
+                values: Precision::Quant(
+                    QuantSpec { permuted: true, clip: s.clip, ..QuantSpec::per_token(Width::Ternary, 32) }
+                        .with_params(fp8),
+                ),
+                ..CacheConfig::kivi(Width::B2, 32, R, kv, d, capacity).with_sinks(5)
+            },
+        ),
+        _ => (
+            "kivi2:kg=16:vg=64:r=16:s=4:p=fp8 (sliding)",
+            CacheConfig {
+                keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 16).with_params(fp8)),
+                values: Precision::Quant(QuantSpec::per_token(Width::B2, 64).with_params(fp8)),
+                ..CacheConfig::kivi(Width::B2, 16, 16, kv, d, capacity)
+                    .with_sinks(4)
+                    .with_overflow(Overflow::Slide)
+            },
+        ),
+    }
+}
+
+/// The host preset whose calibration tables policy `i` reads (`kvq dump-qkv` writes them into the stream
+/// file), if any.
+pub const fn calibrated(i: usize) -> Option<&'static str> {
+    match i {
+        3 => Some("mikv2"),
+        5 => Some("kvquant2"),
+        6 => Some("skvq2"),
+        _ => None,
     }
 }
 
 /// The capacity policy `i` streams with.
 pub const fn stream_capacity(i: usize, s: &Shape) -> usize {
-    if i == 1 { s.tokens / 2 } else { s.tokens }
+    if i == 1 || i == 4 { s.tokens / 2 } else { s.tokens }
 }
 
 /// The largest capacity of policy `i` whose arena fits in `bytes` (0 if none does).
@@ -173,16 +236,19 @@ pub const fn received_len(s: &Shape) -> usize {
     s.kv_heads * R
 }
 
-/// Streams `s.tokens` tokens through policy `i` over `arena`: `fill(t, q, k, v)` writes token `t`'s rows,
-/// `output(row)` sees each output row as it is hashed, `checkpoint(t, hash)` the hash after every
-/// [`CHECKPOINT`] tokens.
+/// Streams `s.tokens` tokens through policy `i` over `arena`: `tables` is the policy's calibration blob
+/// ([`calibrated`]; empty for the others), loaded into the cache first; `fill(t, q, k, v)` writes token
+/// `t`'s rows, `output(row)` sees each output row as it is hashed, `checkpoint(t, hash)` the hash after
+/// every [`CHECKPOINT`] tokens.
 ///
 /// # Errors
-/// The cache's and attention's errors.
+/// The cache's and attention's errors, and the blob's ([`kvq_core::cache::blob::load_tables`]).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     i: usize,
     s: &Shape,
     arena: &mut [u32],
+    tables: &[u32],
     b: Buffers<'_>,
     mut fill: impl FnMut(usize, &mut [f32], &mut [f32], &mut [f32]),
     mut output: impl FnMut(&[f32]),
@@ -192,6 +258,9 @@ pub fn run(
     let words = cfg.layout()?.total_words;
     let arena = arena.get_mut(..words).ok_or(kvq_core::Error::ArenaTooSmall { needed: words * 4, got: 0 })?;
     let mut cache = Cache::new(cfg, arena)?;
+    if !tables.is_empty() {
+        kvq_core::cache::blob::load_tables(&mut cache, tables)?;
+    }
     let ratio = s.q_heads / s.kv_heads;
     let scale = 1.0 / libm::sqrtf(s.head_dim as f32);
     let mut hash = Hash::new();

@@ -24,6 +24,7 @@
 
 use crate::model::{Model, Session};
 use anyhow::{Context, Result, bail, ensure};
+use kvq_core::cache::blob::TableSink;
 use kvq_core::cache::{Axis, Cache, CacheConfig, QuantSpec, Stream, Transform};
 use kvq_core::pack::Width;
 use kvq_core::quant::codebook::{Codebook, WeightedPoint, kmeans_1d};
@@ -142,6 +143,34 @@ pub fn default_path(sha256: &str) -> Result<PathBuf> {
     Ok(crate::fetch::cache_dir()?.join("calib").join(format!("{sha256}.json")))
 }
 
+/// Calibrates `model` as `kvq calibrate` does by default (16,384 tokens of Emma in chunks of 2,048) and
+/// writes the file where presets look, unless it is there already; returns its path. For what needs a
+/// calibration without asking for one (`kvq dump-qkv`, the tests).
+///
+/// # Errors
+/// Fetching the text, the forward pass, writing the file.
+pub fn ensure_default(model: &Model) -> Result<PathBuf> {
+    let out = default_path(&model.sha256()?)?;
+    if out.exists() {
+        return Ok(out);
+    }
+    eprintln!(
+        "kvq: no calibration for this model yet; calibrating on emma first (a few minutes) -> {}",
+        out.display()
+    );
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&model.gguf)?;
+    let tokens = tok.encode(&crate::texts::text("emma", false)?, true, false);
+    let (ctx, n) = (2048, 16384.min(tokens.len()) / 2048 * 2048);
+    let c = calibrate(model, &tokens[..n], ctx, "emma", &|_, _| {})?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = out.with_extension(format!("json.tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(&c)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
+}
+
 impl Calibration {
     /// Reads and checks the file at `path` against `model`.
     ///
@@ -199,6 +228,16 @@ impl Calibration {
     /// The core's refusal of a table (a codebook not increasing, a factor out of range), named.
     pub fn apply(&self, li: usize, cache: &mut Cache<'_>) -> Result<()> {
         let cfg = *cache.config();
+        self.apply_to(li, &cfg, cache)
+    }
+
+    /// [`Calibration::apply`] for a cache of `cfg` that is not at hand: the same calls go to `sink` (for
+    /// example a `TableWriter`, whose blob a device loads with `kvq_core::cache::blob::load_tables`).
+    ///
+    /// # Errors
+    /// As [`Calibration::apply`].
+    pub fn apply_to(&self, li: usize, cfg: &CacheConfig, cache: &mut impl TableSink) -> Result<()> {
+        let cfg = *cfg;
         let l = &self.layers[li];
         let d = cfg.head_dim;
         let kb = &l.keys[key_basis(&cfg.transform)];
@@ -244,7 +283,7 @@ impl Calibration {
 /// channel (unit `h * d + c`), values one per head (unit `h`).
 #[allow(clippy::too_many_arguments)]
 fn stream_tables(
-    cache: &mut Cache<'_>,
+    cache: &mut impl TableSink,
     stream: Stream,
     q: QuantSpec,
     h: usize,

@@ -40,7 +40,7 @@ enum Cmd {
     /// Measures the calibrated formats' tables (codebooks, thresholds, permutations, clipping, balance)
     /// on a calibration text and writes the model's calibration file.
     Calibrate(CalibrateArgs),
-    /// Writes one layer's queries, keys and values over a text (for the firmware demo and its test).
+    /// Writes one layer's queries, keys and values over a text, with its mikv2, kvquant2 and skvq2 calibration tables (calibrating first if the model has none), for the firmware demo and its test.
     DumpQkv(DumpArgs),
     /// The models `-m` knows by name: where they come from, their size and whether they are cached.
     Models(ModelsArgs),
@@ -746,7 +746,9 @@ fn dump_qkv(a: DumpArgs) -> Result<()> {
         tokens.len(),
         a.tokens
     );
-    let d = kvq_host::dump::Qkv::capture(&model, &tokens[..a.tokens], a.layer)?;
+    kvq_host::calib::ensure_default(&model)?;
+    let d = kvq_host::dump::Qkv::capture(&model, &tokens[..a.tokens], a.layer)?
+        .with_tables(&model, &kvq_host::dump::TABLE_PRESETS)?;
     std::fs::write(&a.out, d.to_bytes()).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
         "kvq dump-qkv: layer {} over {} tokens ({} query / {} KV heads, head_dim {}) -> {}",

@@ -24,6 +24,18 @@ pub fn shape(q: &Qkv) -> stream::Shape {
         head_dim: q.head_dim,
         tokens: q.tokens(),
         rope: q.rope,
+        clip: q.tables.iter().find(|t| t.preset == "skvq2").map_or(1.0, |t| t.clip),
+    }
+}
+
+/// Policy `i`'s calibration blob in `q` (empty for a policy without tables).
+///
+/// # Panics
+/// If the stream lacks the tables a calibrated policy reads.
+pub fn tables(q: &Qkv, i: usize) -> &[u32] {
+    match stream::calibrated(i) {
+        None => &[],
+        Some(p) => &q.tables.iter().find(|t| t.preset == p).unwrap_or_else(|| panic!("no {p} tables")).blob,
     }
 }
 
@@ -38,7 +50,9 @@ pub fn default_stream() -> anyhow::Result<Qkv> {
     let tok = kvq_host::tokenizer::Tokenizer::from_gguf(&model.gguf)?;
     let text = kvq_host::texts::text(DEFAULT_TEXT, true)?;
     let tokens = tok.encode(&text, true, false);
-    Qkv::capture(&model, &tokens[..DEFAULT_TOKENS], DEFAULT_LAYER)
+    kvq_host::calib::ensure_default(&model)?;
+    Qkv::capture(&model, &tokens[..DEFAULT_TOKENS], DEFAULT_LAYER)?
+        .with_tables(&model, &kvq_host::dump::TABLE_PRESETS)
 }
 
 /// The lines the firmware prints for `q`'s stream (its `step` and `done` lines), computed on the host
@@ -75,7 +89,7 @@ pub fn host_lines(q: &Qkv, outputs: &mut Vec<f32>) -> kvq_core::Result<Vec<Strin
                 outputs.extend_from_slice(row);
             }
         };
-        let r = stream::run(i, &s, &mut arena, b, fill, keep, |t, h| {
+        let r = stream::run(i, &s, &mut arena, tables(q, i), b, fill, keep, |t, h| {
             lines.push(format!("kvq-fw step policy={name} t={t} hash={h:016x}"))
         })?;
         lines.push(format!(

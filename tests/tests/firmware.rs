@@ -120,9 +120,10 @@ fn one_flipped_output_bit_changes_the_hash() {
 
 /// The edge figures: tokens of this layer that fit a 64 KiB, 256 KiB and 1 MiB arena per policy. The
 /// untiered 2-bit policies' marginal cost per token is at most a fifth of fp16's (so far from the fixed
-/// costs they hold 5x the tokens; MiKV's tier slots add 14 bytes a token, 5% over), and `kvq2:r=32:p=fp8` holds at least 5x fp16's tokens from 256 KiB. At 64 KiB
-/// the fixed costs (the f16 window, key codes in 256-token blocks, the RoPE table, the quantizer's
-/// scratch rows) keep every 2-bit policy under 5x: the printed table says by how much.
+/// costs they hold 5x the tokens; MiKV's tier slots add 14 bytes a token, 5% over). The small-arena
+/// policy (16-token window and key groups, FP8 parameters) holds at least 5x fp16's tokens at every size,
+/// `kvq2:r=32:p=fp8` from 256 KiB; at 64 KiB the 32-token window (24 KiB of f16) keeps the other 2-bit
+/// policies under 5x: the printed table says by how much.
 #[test]
 fn two_bit_caches_hold_five_times_the_tokens() {
     let q = kvq_tests::default_stream().expect("the default stream");
@@ -137,6 +138,7 @@ fn two_bit_caches_hold_five_times_the_tokens() {
             .collect();
         eprintln!("{} KiB: {}", bytes >> 10, row.join(", "));
         assert!(fp16 > 0);
+        assert!(stream::max_context(4, &s, bytes) >= 5 * fp16, "{}", row.join(", "));
         if bytes >= 256 << 10 {
             assert!(stream::max_context(2, &s, bytes) >= 5 * fp16, "{}", row.join(", "));
         }
@@ -145,7 +147,7 @@ fn two_bit_caches_hold_five_times_the_tokens() {
         let at = |c: usize| stream::policy(i, &s, c).1.arena_bytes() as f64;
         (at(1 << 16) - at(1 << 15)) / f64::from(1 << 15)
     };
-    for i in 1..3 {
+    for i in [1, 2, 4] {
         assert!(
             marginal(i) * 5.0 <= marginal(0),
             "{}: {} bytes per token",
@@ -153,4 +155,32 @@ fn two_bit_caches_hold_five_times_the_tokens() {
             marginal(i)
         );
     }
+}
+
+/// The firmware's calibrated policies are the host's presets (`mikv2`, `kvquant2`, `skvq2`) with the firmware's
+/// 32-token window, field for field, including the clipping factor the calibration measured, and their
+/// table blobs load into the firmware's caches (a blob from another configuration would be refused).
+#[test]
+fn calibrated_policies_are_the_host_presets() {
+    let q = kvq_tests::default_stream().expect("the default stream");
+    let s = kvq_tests::shape(&q);
+    let path = kvq_host::fetch::default_model(true).unwrap();
+    let model = kvq_host::model::Model::load(&path).unwrap();
+    let mut seen = 0;
+    for i in 0..stream::POLICIES {
+        let Some(preset) = stream::calibrated(i) else { continue };
+        let (name, fw) = stream::policy(i, &s, stream::stream_capacity(i, &s));
+        assert_eq!(name, format!("{preset}:r=32"));
+        let spec = kvq_host::kvspec::KvSpec::parse(name).unwrap();
+        let host = model.cache_config(&spec, fw.capacity, fw.overflow).unwrap();
+        assert_eq!(fw, host, "{name}");
+        let blob = kvq_tests::tables(&q, i);
+        assert!(blob.len() > 100, "{name}: {} words of tables", blob.len());
+        let mut arena = vec![0u32; fw.layout().unwrap().total_words];
+        let mut cache = kvq_core::cache::Cache::new(fw, &mut arena).unwrap();
+        assert!(kvq_core::cache::blob::load_tables(&mut cache, blob).unwrap() > 0);
+        seen += 1;
+    }
+    assert_eq!(seen, 3);
+    assert!(s.clip > 0.0 && s.clip < 1.0, "clip {}", s.clip);
 }
