@@ -11,6 +11,11 @@
 //! The input is hostile: every count and length is capped and checked against the bytes that remain before
 //! anything is allocated, ranks above 4 and unknown tensor types are refused by name, and every tensor's
 //! `offset + size` is checked against the file before use. Errors name the tensor and the numbers.
+//!
+//! Metadata arrays are stored as their element type gives them ([`Array`]: a `u8` array takes a byte per
+//! element), and only those kvq reads ([`decoded_array`]: the tokenizer's and the layer pattern) are
+//! decoded at all; the others are walked, checked and kept as their type and length. What is decoded is
+//! counted against [`MAX_DECODED`], so no file makes the reader allocate much more than its own size.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,6 +30,21 @@ pub const MAX_ENTRIES: u64 = 1 << 20;
 pub const MAX_DIMS: u32 = 4;
 /// Deepest nesting of arrays in metadata.
 const MAX_DEPTH: u32 = 3;
+/// Most bytes of decoded metadata arrays (elements and string bytes) one file may ask for; real
+/// vocabularies take a few tens of MiB.
+pub const MAX_DECODED: u64 = 256 << 20;
+
+/// Whether kvq reads the metadata array under `key` (the tokenizer's vocabulary, types, scores and merges,
+/// and Gemma's per-layer window pattern): others are skipped.
+pub fn decoded_array(key: &str) -> bool {
+    matches!(
+        key,
+        "tokenizer.ggml.tokens"
+            | "tokenizer.ggml.token_type"
+            | "tokenizer.ggml.scores"
+            | "tokenizer.ggml.merges"
+    ) || key.ends_with(".attention.sliding_window_pattern")
+}
 
 /// Why a file could not be read.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -246,8 +266,110 @@ pub enum Value {
     Bool(bool),
     /// string.
     Str(String),
-    /// array of values.
-    Array(Vec<Value>),
+    /// array.
+    Array(Array),
+}
+
+/// A metadata array, stored by element type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    /// `u8`, `u16`, `u32`, `u64` elements, widened.
+    U8(Vec<u8>),
+    /// `u16` elements.
+    U16(Vec<u16>),
+    /// `u32` elements.
+    U32(Vec<u32>),
+    /// `u64` elements.
+    U64(Vec<u64>),
+    /// `i8` elements.
+    I8(Vec<i8>),
+    /// `i16` elements.
+    I16(Vec<i16>),
+    /// `i32` elements.
+    I32(Vec<i32>),
+    /// `i64` elements.
+    I64(Vec<i64>),
+    /// `f32` elements.
+    F32(Vec<f32>),
+    /// `f64` elements.
+    F64(Vec<f64>),
+    /// `bool` elements.
+    Bool(Vec<bool>),
+    /// Strings.
+    Str(Vec<String>),
+    /// Arrays.
+    Nested(Vec<Array>),
+    /// An array kvq does not read ([`decoded_array`]): checked and skipped, its GGUF element type and
+    /// length kept.
+    Skipped {
+        /// GGUF element type.
+        ty: u32,
+        /// Elements.
+        len: u64,
+    },
+}
+
+impl Array {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::U8(v) => v.len(),
+            Self::U16(v) => v.len(),
+            Self::U32(v) => v.len(),
+            Self::U64(v) => v.len(),
+            Self::I8(v) => v.len(),
+            Self::I16(v) => v.len(),
+            Self::I32(v) => v.len(),
+            Self::I64(v) => v.len(),
+            Self::F32(v) => v.len(),
+            Self::F64(v) => v.len(),
+            Self::Bool(v) => v.len(),
+            Self::Str(v) => v.len(),
+            Self::Nested(v) => v.len(),
+            Self::Skipped { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as floats (any numeric type; `None` for strings, bools, arrays, skipped arrays).
+    pub fn to_f64(&self) -> Option<Vec<f64>> {
+        fn all<T: Copy + Into<f64>>(v: &[T]) -> Option<Vec<f64>> {
+            Some(v.iter().map(|&x| x.into()).collect())
+        }
+        match self {
+            Self::U8(v) => all(v),
+            Self::U16(v) => all(v),
+            Self::U32(v) => all(v),
+            Self::U64(v) => Some(v.iter().map(|&x| x as f64).collect()),
+            Self::I8(v) => all(v),
+            Self::I16(v) => all(v),
+            Self::I32(v) => all(v),
+            Self::I64(v) => Some(v.iter().map(|&x| x as f64).collect()),
+            Self::F32(v) => all(v),
+            Self::F64(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// The elements as strings.
+    pub fn as_strs(&self) -> Option<&[String]> {
+        match self {
+            Self::Str(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements as bools.
+    pub fn as_bools(&self) -> Option<&[bool]> {
+        match self {
+            Self::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 impl Value {
@@ -279,7 +401,7 @@ impl Value {
     }
 
     /// As an array.
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_array(&self) -> Option<&Array> {
         match self {
             Self::Array(a) => Some(a),
             _ => None,
@@ -327,6 +449,8 @@ pub struct Gguf {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Bytes of metadata arrays decoded so far.
+    decoded: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -387,42 +511,123 @@ impl<'a> Reader<'a> {
                 b => return Err(GgufError::Invalid(format!("{}: bool byte {b}", what()))),
             },
             8 => Value::Str(self.string(what)?),
-            9 => {
-                cap(u64::from(depth + 1), u64::from(MAX_DEPTH), || format!("{} (array nesting)", what()))?;
-                let ety = self.u32(&|| format!("{} (array type)", what()))?;
-                let n = self.u64(&|| format!("{} (array length)", what()))?;
-                let n = cap(n, MAX_ARRAY, || format!("{} (array length)", what()))?;
-                // Every element takes at least one byte: a count beyond the bytes left is a lie.
-                let min = match ety {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4..=6 => 4,
-                    8..=12 => 8,
-                    _ => {
-                        return Err(GgufError::Invalid(format!(
-                            "{}: unknown array element type {ety}",
-                            what()
-                        )));
-                    }
-                };
-                if n.saturating_mul(min) > self.remaining() {
-                    return Err(GgufError::Truncated {
-                        what: format!("{} ({n} array elements)", what()),
-                        need: n.saturating_mul(min),
-                        at: self.pos as u64,
-                        len: self.buf.len() as u64,
-                    });
-                }
-                let mut v = Vec::with_capacity(n as usize);
-                for i in 0..n {
-                    v.push(self.value(ety, depth + 1, &|| format!("{}[{i}]", what()))?);
-                }
-                Value::Array(v)
-            }
+            9 => Value::Array(self.array(depth, true, what)?),
             10 => Value::U64(self.u64(what)?),
             11 => Value::I64(i64::from_le_bytes(self.arr(what)?)),
             12 => Value::F64(f64::from_le_bytes(self.arr(what)?)),
             t => return Err(GgufError::Invalid(format!("{}: unknown value type {t}", what()))),
+        })
+    }
+}
+
+impl Reader<'_> {
+    /// Counts `bytes` more of decoded metadata against [`MAX_DECODED`].
+    fn spend(&mut self, bytes: u64, what: &dyn Fn() -> String) -> Result<()> {
+        self.decoded = self.decoded.saturating_add(bytes);
+        cap(self.decoded, MAX_DECODED, || format!("{} (decoded metadata bytes)", what()))?;
+        Ok(())
+    }
+
+    /// An array value (after its type tag): decoded by element type when `decode`, else walked and skipped.
+    fn array(&mut self, depth: u32, decode: bool, what: &dyn Fn() -> String) -> Result<Array> {
+        cap(u64::from(depth + 1), u64::from(MAX_DEPTH), || format!("{} (array nesting)", what()))?;
+        let ety = self.u32(&|| format!("{} (array type)", what()))?;
+        let n = self.u64(&|| format!("{} (array length)", what()))?;
+        let n = cap(n, MAX_ARRAY, || format!("{} (array length)", what()))?;
+        // Every element takes at least its size (strings their length, arrays their header): a count
+        // beyond the bytes left is a lie.
+        let (min, size) = match ety {
+            0 | 1 | 7 => (1, 1),
+            2 | 3 => (2, 2),
+            4..=6 => (4, 4),
+            10..=12 => (8, 8),
+            8 => (8, std::mem::size_of::<String>() as u64),
+            9 => (12, std::mem::size_of::<Array>() as u64),
+            _ => {
+                return Err(GgufError::Invalid(format!("{}: unknown array element type {ety}", what())));
+            }
+        };
+        if n.saturating_mul(min) > self.remaining() {
+            return Err(GgufError::Truncated {
+                what: format!("{} ({n} array elements)", what()),
+                need: n.saturating_mul(min),
+                at: self.pos as u64,
+                len: self.buf.len() as u64,
+            });
+        }
+        if !decode {
+            for i in 0..n {
+                match ety {
+                    8 => {
+                        let len = self.u64(&|| format!("{}[{i}] (length)", what()))?;
+                        let len = cap(len, MAX_STRING, || format!("{}[{i}] (string length)", what()))?;
+                        let b = self.take(len, &|| format!("{}[{i}]", what()))?;
+                        std::str::from_utf8(b).map_err(|e| {
+                            GgufError::Invalid(format!("{}[{i}]: invalid UTF-8 ({e})", what()))
+                        })?;
+                    }
+                    9 => {
+                        self.array(depth + 1, false, &|| format!("{}[{i}]", what()))?;
+                    }
+                    7 => {
+                        let b = self.arr::<1>(what)?[0];
+                        if b > 1 {
+                            return Err(GgufError::Invalid(format!("{}[{i}]: bool byte {b}", what())));
+                        }
+                    }
+                    _ => {
+                        self.take(min, what)?;
+                    }
+                }
+            }
+            return Ok(Array::Skipped { ty: ety, len: n });
+        }
+        self.spend(n * size, what)?;
+        let n = n as usize;
+        macro_rules! fixed {
+            ($variant:ident, $t:ty) => {{
+                let b = self.take((n * std::mem::size_of::<$t>()) as u64, what)?;
+                Array::$variant(
+                    b.chunks_exact(std::mem::size_of::<$t>())
+                        .map(|c| <$t>::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
+            }};
+        }
+        Ok(match ety {
+            0 => Array::U8(self.take(n as u64, what)?.to_vec()),
+            1 => fixed!(I8, i8),
+            2 => fixed!(U16, u16),
+            3 => fixed!(I16, i16),
+            4 => fixed!(U32, u32),
+            5 => fixed!(I32, i32),
+            6 => fixed!(F32, f32),
+            10 => fixed!(U64, u64),
+            11 => fixed!(I64, i64),
+            12 => fixed!(F64, f64),
+            7 => {
+                let b = self.take(n as u64, what)?;
+                if let Some(i) = b.iter().position(|&x| x > 1) {
+                    return Err(GgufError::Invalid(format!("{}[{i}]: bool byte {}", what(), b[i])));
+                }
+                Array::Bool(b.iter().map(|&x| x == 1).collect())
+            }
+            8 => {
+                let mut v = Vec::with_capacity(n);
+                for i in 0..n {
+                    let s = self.string(&|| format!("{}[{i}]", what()))?;
+                    self.spend(s.len() as u64, what)?;
+                    v.push(s);
+                }
+                Array::Str(v)
+            }
+            _ => {
+                let mut v = Vec::with_capacity(n);
+                for i in 0..n {
+                    v.push(self.array(depth + 1, true, &|| format!("{}[{i}]", what()))?);
+                }
+                Array::Nested(v)
+            }
         })
     }
 }
@@ -433,7 +638,7 @@ impl Gguf {
     /// # Errors
     /// [`GgufError`] for anything malformed, truncated, unsupported or out of bounds.
     pub fn parse(buf: &[u8]) -> Result<Self> {
-        let mut r = Reader { buf, pos: 0 };
+        let mut r = Reader { buf, pos: 0, decoded: 0 };
         let magic = r.arr::<4>(&|| "magic".into())?;
         if &magic != b"GGUF" {
             return Err(GgufError::BadMagic(magic));
@@ -448,7 +653,11 @@ impl Gguf {
         for i in 0..n_kv {
             let key = r.string(&|| format!("metadata key #{i}"))?;
             let ty = r.u32(&|| format!("metadata {key} (type)"))?;
-            let v = r.value(ty, 0, &|| format!("metadata {key}"))?;
+            let v = if ty == 9 {
+                Value::Array(r.array(0, decoded_array(&key), &|| format!("metadata {key}"))?)
+            } else {
+                r.value(ty, 0, &|| format!("metadata {key}"))?
+            };
             if metadata.insert(key.clone(), v).is_some() {
                 return Err(GgufError::Invalid(format!("metadata key {key} appears twice")));
             }
@@ -596,13 +805,48 @@ impl Writer {
             Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
             Value::Bool(b) => out.push(u8::from(*b)),
             Value::Str(s) => Self::put_str(out, s),
-            Value::Array(a) => {
-                let ety = a.first().map_or(10, Self::type_of);
-                out.extend_from_slice(&ety.to_le_bytes());
-                out.extend_from_slice(&(a.len() as u64).to_le_bytes());
-                for e in a {
-                    Self::put_value(out, e);
+            Value::Array(a) => Self::put_array(out, a),
+        }
+    }
+
+    fn put_array(out: &mut Vec<u8>, a: &Array) {
+        fn all<const N: usize, T: Copy>(out: &mut Vec<u8>, ty: u32, v: &[T], le: fn(T) -> [u8; N]) {
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            for &x in v {
+                out.extend_from_slice(&le(x));
+            }
+        }
+        match a {
+            Array::U8(v) => all(out, 0, v, u8::to_le_bytes),
+            Array::I8(v) => all(out, 1, v, i8::to_le_bytes),
+            Array::U16(v) => all(out, 2, v, u16::to_le_bytes),
+            Array::I16(v) => all(out, 3, v, i16::to_le_bytes),
+            Array::U32(v) => all(out, 4, v, u32::to_le_bytes),
+            Array::I32(v) => all(out, 5, v, i32::to_le_bytes),
+            Array::F32(v) => all(out, 6, v, f32::to_le_bytes),
+            Array::Bool(v) => all(out, 7, v, |b| [u8::from(b)]),
+            Array::U64(v) => all(out, 10, v, u64::to_le_bytes),
+            Array::I64(v) => all(out, 11, v, i64::to_le_bytes),
+            Array::F64(v) => all(out, 12, v, f64::to_le_bytes),
+            Array::Str(v) => {
+                out.extend_from_slice(&8u32.to_le_bytes());
+                out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                for x in v {
+                    Self::put_str(out, x);
                 }
+            }
+            Array::Nested(v) => {
+                out.extend_from_slice(&9u32.to_le_bytes());
+                out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                for x in v {
+                    Self::put_array(out, x);
+                }
+            }
+            // Written as the empty array of its type: the elements were never read.
+            Array::Skipped { ty, .. } => {
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&0u64.to_le_bytes());
             }
         }
     }
@@ -649,7 +893,9 @@ mod tests {
         let mut w = Writer::default();
         w.kv("general.architecture", Value::Str("llama".into()))
             .kv("llama.block_count", Value::U64(2))
-            .kv("tokenizer.ggml.tokens", Value::Array(vec![Value::Str("a".into()), Value::Str("b".into())]))
+            .kv("tokenizer.ggml.tokens", Value::Array(Array::Str(vec!["a".into(), "b".into()])))
+            .kv("tokenizer.ggml.scores", Value::Array(Array::F32(vec![0.5, -1.0])))
+            .kv("general.tags", Value::Array(Array::Str(vec!["x".into()])))
             .tensor("w", &[32, 2], 8, vec![7; 68])
             .tensor("n", &[4], 0, vec![1; 16]);
         w.finish()
@@ -729,6 +975,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Arrays are stored by element type, a byte per `u8`; arrays kvq does not read are skipped (checked,
+    /// not kept); the decoded bytes are capped.
+    #[test]
+    fn arrays_are_typed_skipped_and_capped() {
+        let n = 1 << 20;
+        let mut w = Writer::default();
+        w.kv("general.junk", Value::Array(Array::U8(vec![7; n])))
+            .kv("tokenizer.ggml.token_type", Value::Array(Array::U8(vec![1; n])))
+            .kv("tokenizer.ggml.scores", Value::Array(Array::F32(vec![0.25; 3])))
+            .kv("gemma3.attention.sliding_window_pattern", Value::Array(Array::Bool(vec![true, false])))
+            .kv("general.nested", Value::Array(Array::Nested(vec![Array::Str(vec!["a".into()])])));
+        let f = w.finish();
+        let g = Gguf::parse(&f).unwrap();
+        assert_eq!(g.get("general.junk"), Some(&Value::Array(Array::Skipped { ty: 0, len: n as u64 })));
+        assert_eq!(g.get("general.nested"), Some(&Value::Array(Array::Skipped { ty: 9, len: 1 })));
+        let Some(Value::Array(Array::U8(t))) = g.get("tokenizer.ggml.token_type") else { panic!() };
+        assert_eq!((t.len(), t.capacity()), (n, n));
+        assert_eq!(
+            g.get("tokenizer.ggml.scores").and_then(Value::as_array).unwrap().to_f64(),
+            Some(vec![0.25; 3])
+        );
+        let p = g.get("gemma3.attention.sliding_window_pattern").and_then(Value::as_array).unwrap();
+        assert_eq!(p.as_bools(), Some(&[true, false][..]));
+        // A skipped array is still checked: a bad bool or UTF-8 inside it is an error.
+        let mut w = Writer::default();
+        w.kv("general.flags", Value::Array(Array::Bool(vec![true; 4])));
+        let mut f = w.finish();
+        let at = f.windows(4).position(|w| w == [1, 1, 1, 1]).unwrap() + 2;
+        f[at] = 2;
+        assert!(Gguf::parse(&f).unwrap_err().to_string().contains("bool byte 2"));
+        // The decoded-bytes budget.
+        let mut r = Reader { buf: &[], pos: 0, decoded: 0 };
+        assert!(r.spend(MAX_DECODED, &|| "x".into()).is_ok());
+        assert!(matches!(r.spend(1, &|| "x".into()), Err(GgufError::TooLarge { .. })));
     }
 
     #[test]

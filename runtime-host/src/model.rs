@@ -254,7 +254,7 @@ impl Model {
                         "sliding_window_pattern has {} entries for {n_layer} layers",
                         v.len()
                     );
-                    v.iter().map(|x| matches!(x, Value::Bool(true))).collect()
+                    v.as_bools().context("sliding_window_pattern is not an array of bools")?.to_vec()
                 }
                 Some(v) => {
                     let n = v.as_u64().context("sliding_window_pattern is neither an array nor an integer")?

@@ -91,12 +91,7 @@ fn str_array(g: &Gguf, key: &str) -> Result<Vec<String>> {
         .get(key)
         .and_then(Value::as_array)
         .with_context(|| format!("metadata {key} missing or not an array"))?;
-    a.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_str().map(str::to_owned).with_context(|| format!("metadata {key}[{i}] is not a string"))
-        })
-        .collect()
+    Ok(a.as_strs().with_context(|| format!("metadata {key} is not an array of strings"))?.to_vec())
 }
 
 impl Tokenizer {
@@ -121,7 +116,12 @@ impl Tokenizer {
         let tokens = str_array(g, "tokenizer.ggml.tokens")?;
         ensure!(!tokens.is_empty() && tokens.len() < (1 << 24), "vocabulary of {} tokens", tokens.len());
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-            Some(a) => a.iter().map(|v| v.as_f64().map_or(TYPE_NORMAL, |x| x as i64)).collect(),
+            Some(a) => a
+                .to_f64()
+                .context("tokenizer.ggml.token_type is not an array of numbers")?
+                .into_iter()
+                .map(|x| x as i64)
+                .collect(),
             None => vec![TYPE_NORMAL; tokens.len()],
         };
         ensure!(
@@ -189,7 +189,12 @@ impl Tokenizer {
     fn spm(g: &Gguf) -> Result<Self> {
         let (tokens, types) = Self::vocab(g)?;
         let scores: Vec<f32> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-            Some(a) => a.iter().map(|v| v.as_f64().map_or(0.0, |x| x as f32)).collect(),
+            Some(a) => a
+                .to_f64()
+                .context("tokenizer.ggml.scores is not an array of numbers")?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
             None => bail!("a SentencePiece vocabulary without tokenizer.ggml.scores"),
         };
         ensure!(scores.len() == tokens.len(), "{} scores for {} tokens", scores.len(), tokens.len());
