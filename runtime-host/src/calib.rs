@@ -143,9 +143,16 @@ pub fn default_path(sha256: &str) -> Result<PathBuf> {
     Ok(crate::fetch::cache_dir()?.join("calib").join(format!("{sha256}.json")))
 }
 
-/// Calibrates `model` as `kvq calibrate` does by default (16,384 tokens of Emma in chunks of 2,048) and
-/// writes the file where presets look, unless it is there already; returns its path. For what needs a
-/// calibration without asking for one (`kvq dump-qkv`, the tests).
+/// The calibration text `kvq calibrate` reads by default.
+pub const DEFAULT_TEXT: &str = "emma";
+/// Tokens it calibrates on by default.
+pub const DEFAULT_TOKENS: usize = 16384;
+/// Tokens per chunk by default.
+pub const DEFAULT_CTX: usize = 2048;
+
+/// Calibrates `model` as `kvq calibrate` does by default ([`DEFAULT_TOKENS`] tokens of [`DEFAULT_TEXT`] in
+/// chunks of [`DEFAULT_CTX`]) and writes the file where presets look, unless it is there already; returns
+/// its path. For what needs a calibration without asking for one (`kvq dump-qkv`, the tests).
 ///
 /// # Errors
 /// Fetching the text, the forward pass, writing the file.
@@ -155,23 +162,32 @@ pub fn ensure_default(model: &Model) -> Result<PathBuf> {
         return Ok(out);
     }
     eprintln!(
-        "kvq: no calibration for this model yet; calibrating on emma first (a few minutes) -> {}",
+        "kvq: no calibration for this model yet; calibrating on {DEFAULT_TEXT} first (a few minutes) -> {}",
         out.display()
     );
     let tok = crate::tokenizer::Tokenizer::from_gguf(&model.gguf)?;
-    let tokens = tok.encode(&crate::texts::text("emma", false)?, true, false);
-    let (ctx, n) = (2048, 16384.min(tokens.len()) / 2048 * 2048);
-    let c = calibrate(model, &tokens[..n], ctx, "emma", &|_, _| {})?;
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = out.with_extension(format!("json.tmp{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(&c)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    let tokens = tok.encode(&crate::texts::text(DEFAULT_TEXT, false)?, true, false);
+    let n = DEFAULT_TOKENS.min(tokens.len()) / DEFAULT_CTX * DEFAULT_CTX;
+    calibrate(model, &tokens[..n], DEFAULT_CTX, DEFAULT_TEXT, &|_, _| {})?.save(&out)?;
     Ok(out)
 }
 
 impl Calibration {
+    /// Writes the file at `path` (its directory made if needed), through a temporary file renamed into
+    /// place, so that a reader never sees half a file.
+    ///
+    /// # Errors
+    /// Creating the directory, writing or renaming the file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// Reads and checks the file at `path` against `model`.
     ///
     /// # Errors

@@ -273,7 +273,7 @@ pub enum Value {
 /// A metadata array, stored by element type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Array {
-    /// `u8`, `u16`, `u32`, `u64` elements, widened.
+    /// `u8` elements.
     U8(Vec<u8>),
     /// `u16` elements.
     U16(Vec<u16>),
@@ -309,25 +309,34 @@ pub enum Array {
     },
 }
 
+/// `match $a` with one arm `$f` over the vector `$v` of every numeric variant, then `$arms`.
+macro_rules! numeric {
+    ($a:expr, |$v:ident| $f:expr, $($arms:tt)*) => {
+        match $a {
+            Array::U8($v) => $f,
+            Array::U16($v) => $f,
+            Array::U32($v) => $f,
+            Array::U64($v) => $f,
+            Array::I8($v) => $f,
+            Array::I16($v) => $f,
+            Array::I32($v) => $f,
+            Array::I64($v) => $f,
+            Array::F32($v) => $f,
+            Array::F64($v) => $f,
+            $($arms)*
+        }
+    };
+}
+
 impl Array {
     /// Elements.
     pub fn len(&self) -> usize {
-        match self {
-            Self::U8(v) => v.len(),
-            Self::U16(v) => v.len(),
-            Self::U32(v) => v.len(),
-            Self::U64(v) => v.len(),
-            Self::I8(v) => v.len(),
-            Self::I16(v) => v.len(),
-            Self::I32(v) => v.len(),
-            Self::I64(v) => v.len(),
-            Self::F32(v) => v.len(),
-            Self::F64(v) => v.len(),
+        numeric!(self, |v| v.len(),
             Self::Bool(v) => v.len(),
             Self::Str(v) => v.len(),
             Self::Nested(v) => v.len(),
             Self::Skipped { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
-        }
+        )
     }
 
     /// Whether it has no elements.
@@ -336,23 +345,10 @@ impl Array {
     }
 
     /// The elements as floats (any numeric type; `None` for strings, bools, arrays, skipped arrays).
+    // One arm for every numeric type, f64 included (its cast is a no-op).
+    #[allow(clippy::unnecessary_cast)]
     pub fn to_f64(&self) -> Option<Vec<f64>> {
-        fn all<T: Copy + Into<f64>>(v: &[T]) -> Option<Vec<f64>> {
-            Some(v.iter().map(|&x| x.into()).collect())
-        }
-        match self {
-            Self::U8(v) => all(v),
-            Self::U16(v) => all(v),
-            Self::U32(v) => all(v),
-            Self::U64(v) => Some(v.iter().map(|&x| x as f64).collect()),
-            Self::I8(v) => all(v),
-            Self::I16(v) => all(v),
-            Self::I32(v) => all(v),
-            Self::I64(v) => Some(v.iter().map(|&x| x as f64).collect()),
-            Self::F32(v) => all(v),
-            Self::F64(v) => Some(v.clone()),
-            _ => None,
-        }
+        numeric!(self, |v| Some(v.iter().map(|&x| x as f64).collect()), _ => None)
     }
 
     /// The elements as strings.
@@ -488,15 +484,29 @@ impl<'a> Reader<'a> {
         (self.buf.len() - self.pos) as u64
     }
 
-    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+    /// A string, checked, borrowed from the buffer.
+    fn str_ref(&mut self, what: &dyn Fn() -> String) -> Result<&'a str> {
         let n = self.u64(&|| format!("{} (length)", what()))?;
         let n = cap(n, MAX_STRING, || format!("{} (string length)", what()))?;
         let b = self.take(n, what)?;
-        String::from_utf8(b.to_vec())
-            .map_err(|e| GgufError::Invalid(format!("{}: invalid UTF-8 ({e})", what())))
+        std::str::from_utf8(b).map_err(|e| GgufError::Invalid(format!("{}: invalid UTF-8 ({e})", what())))
     }
 
-    fn value(&mut self, ty: u32, depth: u32, what: &dyn Fn() -> String) -> Result<Value> {
+    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        self.str_ref(what).map(str::to_owned)
+    }
+
+    /// `n` bool bytes, each checked to be 0 or 1.
+    fn bools(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
+        let b = self.take(n, what)?;
+        if let Some(i) = b.iter().position(|&x| x > 1) {
+            return Err(GgufError::Invalid(format!("{}[{i}]: bool byte {}", what(), b[i])));
+        }
+        Ok(b)
+    }
+
+    /// A value of GGUF type `ty`; an array is decoded only when `decode` ([`Reader::array`]).
+    fn value(&mut self, ty: u32, decode: bool, what: &dyn Fn() -> String) -> Result<Value> {
         Ok(match ty {
             0 => Value::U64(u64::from(self.arr::<1>(what)?[0])),
             1 => Value::I64(i64::from(self.arr::<1>(what)?[0] as i8)),
@@ -511,7 +521,7 @@ impl<'a> Reader<'a> {
                 b => return Err(GgufError::Invalid(format!("{}: bool byte {b}", what()))),
             },
             8 => Value::Str(self.string(what)?),
-            9 => Value::Array(self.array(depth, true, what)?),
+            9 => Value::Array(self.array(0, decode, what)?),
             10 => Value::U64(self.u64(what)?),
             11 => Value::I64(i64::from_le_bytes(self.arr(what)?)),
             12 => Value::F64(f64::from_le_bytes(self.arr(what)?)),
@@ -556,28 +566,22 @@ impl Reader<'_> {
             });
         }
         if !decode {
-            for i in 0..n {
-                match ety {
-                    8 => {
-                        let len = self.u64(&|| format!("{}[{i}] (length)", what()))?;
-                        let len = cap(len, MAX_STRING, || format!("{}[{i}] (string length)", what()))?;
-                        let b = self.take(len, &|| format!("{}[{i}]", what()))?;
-                        std::str::from_utf8(b).map_err(|e| {
-                            GgufError::Invalid(format!("{}[{i}]: invalid UTF-8 ({e})", what()))
-                        })?;
+            match ety {
+                8 => {
+                    for i in 0..n {
+                        self.str_ref(&|| format!("{}[{i}]", what()))?;
                     }
-                    9 => {
+                }
+                9 => {
+                    for i in 0..n {
                         self.array(depth + 1, false, &|| format!("{}[{i}]", what()))?;
                     }
-                    7 => {
-                        let b = self.arr::<1>(what)?[0];
-                        if b > 1 {
-                            return Err(GgufError::Invalid(format!("{}[{i}]: bool byte {b}", what())));
-                        }
-                    }
-                    _ => {
-                        self.take(min, what)?;
-                    }
+                }
+                7 => {
+                    self.bools(n, what)?;
+                }
+                _ => {
+                    self.take(n * min, what)?;
                 }
             }
             return Ok(Array::Skipped { ty: ety, len: n });
@@ -605,13 +609,7 @@ impl Reader<'_> {
             10 => fixed!(U64, u64),
             11 => fixed!(I64, i64),
             12 => fixed!(F64, f64),
-            7 => {
-                let b = self.take(n as u64, what)?;
-                if let Some(i) = b.iter().position(|&x| x > 1) {
-                    return Err(GgufError::Invalid(format!("{}[{i}]: bool byte {}", what(), b[i])));
-                }
-                Array::Bool(b.iter().map(|&x| x == 1).collect())
-            }
+            7 => Array::Bool(self.bools(n as u64, what)?.iter().map(|&x| x == 1).collect()),
             8 => {
                 let mut v = Vec::with_capacity(n);
                 for i in 0..n {
@@ -653,11 +651,7 @@ impl Gguf {
         for i in 0..n_kv {
             let key = r.string(&|| format!("metadata key #{i}"))?;
             let ty = r.u32(&|| format!("metadata {key} (type)"))?;
-            let v = if ty == 9 {
-                Value::Array(r.array(0, decoded_array(&key), &|| format!("metadata {key}"))?)
-            } else {
-                r.value(ty, 0, &|| format!("metadata {key}"))?
-            };
+            let v = r.value(ty, decoded_array(&key), &|| format!("metadata {key}"))?;
             if metadata.insert(key.clone(), v).is_some() {
                 return Err(GgufError::Invalid(format!("metadata key {key} appears twice")));
             }

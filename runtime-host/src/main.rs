@@ -81,10 +81,10 @@ struct CalibrateArgs {
     #[arg(long)]
     text: Option<String>,
     /// Tokens to calibrate on (whole chunks of --ctx-size).
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = kvq_host::calib::DEFAULT_TOKENS)]
     tokens: usize,
     /// Tokens per chunk (a fresh context each).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
+    #[arg(short = 'c', long = "ctx-size", default_value_t = kvq_host::calib::DEFAULT_CTX)]
     ctx: usize,
     /// Where to write the file (default: $KVQ_CACHE/calib/<model sha256>.json, where presets look).
     #[arg(short = 'o', long)]
@@ -695,7 +695,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     let (name, text) = match (&a.file, &a.text) {
         (Some(f), _) => (f.display().to_string(), read_utf8(f)?),
         (None, t) => {
-            let t = t.as_deref().unwrap_or("emma");
+            let t = t.as_deref().unwrap_or(kvq_host::calib::DEFAULT_TEXT);
             ensure!(
                 !EVALUATION_TEXTS.contains(&t),
                 "{t} is an evaluation text; calibrate on emma or mansfieldpark so that evaluation stays disjoint"
@@ -718,12 +718,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = out.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&c)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    c.save(&out)?;
     eprintln!(
         "kvq calibrate: {} layers in {:.1} s; clip factor {} (least 2-bit per-token error); wrote {}",
         c.layers.len(),

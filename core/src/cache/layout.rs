@@ -397,11 +397,14 @@ impl CacheConfig {
                     && !self.transform.keys()
                     && q.outliers == 0
                     && self.tiers.is_none();
-                if self.generic(values) && !direct {
-                    let rows = if matches!(axis, Axis::PerChannel) { group } else { self.kv_heads };
-                    s.scratch = Region { offset: at, words: tri!(mul(rows, self.head_dim)) };
-                    at = s.scratch.end();
-                }
+                let rows = match axis {
+                    _ if !self.generic(values) || direct => 0,
+                    Axis::PerChannel => group,
+                    Axis::PerToken => self.kv_heads,
+                };
+                // Placed (empty where unused) after the tables, so a view from the tables reaches it.
+                s.scratch = Region { offset: at, words: tri!(mul(rows, self.head_dim)) };
+                at = s.scratch.end();
             }
         }
         Ok((s, at))

@@ -725,11 +725,7 @@ impl<'a> Cache<'a> {
         let (lo, hi) = self.arena.split_at_mut(base);
         let hi: &[u32] = hi;
         let tables = TableView::new(hi, &l.tables.shifted(base));
-        let scratch: &[f32] = if l.scratch.words == 0 {
-            &[]
-        } else {
-            bytemuck::cast_slice(&hi[l.scratch.offset - base..][..l.scratch.words])
-        };
+        let scratch = bytemuck::cast_slice(&hi[l.scratch.offset - base..][..l.scratch.words]);
         (lo, tables, scratch)
     }
 
