@@ -94,7 +94,7 @@ pub(crate) fn offset_queries(
 /// Codes `start..start + out.len()` of a per-channel key row: word by word with constant shifts where no
 /// code straddles a word and the run starts on a word (1, 2, 4 and 8 bits; key groups start on one), the
 /// serial unpacker otherwise.
-#[inline]
+#[inline(always)]
 fn row_codes(words: &[u32], width: pack::Width, start: usize, out: &mut [u8]) {
     match width.bits() {
         1 => word_codes::<1>(words, start, out),
@@ -105,7 +105,7 @@ fn row_codes(words: &[u32], width: pack::Width, start: usize, out: &mut [u8]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn word_codes<const B: usize>(words: &[u32], start: usize, out: &mut [u8]) {
     let per = 32 / B;
     if !(start * B).is_multiple_of(32) || !out.len().is_multiple_of(per) {
@@ -145,7 +145,32 @@ fn channel_key_scores_in(
     out: &mut Scores<'_>,
     acc: &mut [f32],
 ) {
-    let (l, g) = (sv.layout, q.group);
+    // KIVI's and kvq's key groups of 32 with the group length a constant, so that the loops over a group's
+    // lanes compile to whole vectors; any other group with it read at run time.
+    if q.group == 32 {
+        channel_key_groups::<32>(sv, q, h, start, n, nq, d, oq, bias, out, acc)
+    } else {
+        channel_key_groups::<0>(sv, q, h, start, n, nq, d, oq, bias, out, acc)
+    }
+}
+
+/// [`channel_key_scores_in`] for groups of `G` tokens (`G = 0`: the spec's group, read at run time).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn channel_key_groups<const G: usize>(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+    acc: &mut [f32],
+) {
+    let (l, g) = (sv.layout, if G == 0 { q.group } else { G });
     let acc = &mut acc[..nq * g];
     let mut codes = [0u8; crate::cache::config::MAX_GROUP];
     let mut col = [0.0f32; crate::cache::config::MAX_GROUP];

@@ -222,7 +222,7 @@ impl<'c> StreamView<'c> {
     }
 
     /// The scale and zero point at parameter index `i`, in the stream's format.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn params(&self, fmt: ParamFormat, i: usize) -> GroupParams {
         match fmt {
             ParamFormat::F16 => GroupParams { scale: f32_of(self.scale[i]), zero: f32_of(self.zero[i]) },
