@@ -16,8 +16,10 @@
 //!   and ternary value reconstruction error over the calibration text is least);
 //! - MiKV's balance factors `sqrt(max |q_c| / max |k_c|)` over the query heads of each KV head.
 //!
-//! The k-means is unweighted: KVQuant weights it by Fisher information (squared gradients of the loss),
-//! which needs a backward pass the runtime does not have yet (see `docs/methods.md`).
+//! With [`Weighting::Fisher`] (the default of `kvq calibrate`) the k-means weighs each element by its Fisher
+//! information, as KVQuant does: the squared gradient of the loss with respect to it, from a backward pass
+//! through the whole model ([`crate::grad`]), times its group's half-range squared (the paper's objective
+//! `sum F (A - Q(A))^2` written over normalized values). [`Weighting::Uniform`] weighs every element alike.
 //!
 //! The file is JSON, versioned, and names the model's sha256; a preset that needs tables finds it in
 //! `$KVQ_CACHE/calib/<sha256>.json` (or `calib=FILE`).
@@ -41,6 +43,28 @@ pub const VERSION: u32 = 1;
 pub const GROUP: usize = 32;
 /// Fraction of key elements beyond the thresholds (KVQuant's 1%).
 pub const OUTLIER_FRACTION: f64 = 0.01;
+/// How the codebooks' k-means weighs the calibration elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Weighting {
+    /// Every element alike (keys and values from the runtime's own forward pass).
+    #[default]
+    Uniform,
+    /// By Fisher information, `(dL/dx)^2`, from [`crate::grad`]'s backward pass (keys and values from its
+    /// f32 forward pass).
+    Fisher,
+}
+
+impl Weighting {
+    /// Its name in files and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uniform => "uniform",
+            Self::Fisher => "fisher",
+        }
+    }
+}
+
 /// The clipping factors searched.
 pub const CLIPS: [f32; 9] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6];
 
@@ -120,6 +144,9 @@ pub struct Calibration {
     pub text: String,
     /// Tokens seen.
     pub tokens: usize,
+    /// How the codebooks were fitted (files written before weighting existed are uniform).
+    #[serde(default)]
+    pub weighting: Weighting,
     /// Shape: KV heads and head dimension.
     pub kv_heads: usize,
     /// See `kv_heads`.
@@ -168,7 +195,7 @@ pub fn ensure_default(model: &Model) -> Result<PathBuf> {
     let tok = crate::tokenizer::Tokenizer::from_gguf(&model.gguf)?;
     let tokens = tok.encode(&crate::texts::text(DEFAULT_TEXT, false)?, true, false);
     let n = DEFAULT_TOKENS.min(tokens.len()) / DEFAULT_CTX * DEFAULT_CTX;
-    calibrate(model, &tokens[..n], DEFAULT_CTX, DEFAULT_TEXT, &|_, _| {})?.save(&out)?;
+    calibrate(model, &tokens[..n], DEFAULT_CTX, DEFAULT_TEXT, Weighting::Uniform, &|_, _| {})?.save(&out)?;
     Ok(out)
 }
 
@@ -354,18 +381,23 @@ pub struct LayerCapture {
     pub pos: Vec<usize>,
     /// `max |q|` per `[n_head][d]`.
     pub qmax: Vec<f32>,
+    /// The loss's gradient with respect to each key ([`Weighting::Fisher`]; empty otherwise).
+    pub gk: Vec<f32>,
+    /// The same for values.
+    pub gv: Vec<f32>,
 }
 
-/// Runs `model` over `tokens` in chunks of `ctx` and measures the tables. `progress(done, total)` is
-/// called as tokens are fed and layers measured.
+/// Runs `model` over `tokens` in chunks of `ctx` and measures the tables, the codebooks weighted as
+/// `weighting` says. `progress(done, total)` is called as tokens are fed and layers measured.
 ///
 /// # Errors
-/// The forward pass's errors; a text shorter than one chunk.
+/// The forward pass's errors; a text shorter than one chunk; too little memory for the backward pass.
 pub fn calibrate(
     model: &Model,
     tokens: &[u32],
     ctx: usize,
     text: &str,
+    weighting: Weighting,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<Calibration> {
     let c = &model.cfg;
@@ -384,7 +416,23 @@ pub fn calibrate(
     let cfg = CacheConfig::fp16(h, d, ctx);
     let mut arenas = crate::model::arenas(model, &cfg)?;
     let mut caps: Vec<LayerCapture> = Vec::new();
-    {
+    if weighting == Weighting::Fisher {
+        let dense = crate::grad::Dense::new(model)?;
+        caps.resize_with(c.n_layer, Default::default);
+        for ci in 0..chunks {
+            let pass = dense.pass(&tokens[ci * ctx..(ci + 1) * ctx])?;
+            for (cap, lg) in caps.iter_mut().zip(pass.layers) {
+                cap.k.extend_from_slice(&lg.k);
+                cap.v.extend_from_slice(&lg.v);
+                cap.gk.extend_from_slice(&lg.gk);
+                cap.gv.extend_from_slice(&lg.gv);
+                cap.pos.extend(0..ctx);
+                cap.qmax.resize(lg.qmax.len(), 0.0);
+                cap.qmax.iter_mut().zip(&lg.qmax).for_each(|(a, b)| *a = a.max(*b));
+            }
+            progress((ci + 1) * ctx, total);
+        }
+    } else {
         let mut s = Session::new(model, cfg, &mut arenas)?;
         for ci in 0..chunks {
             s.reset();
@@ -417,6 +465,7 @@ pub fn calibrate(
         model_sha256: model.sha256()?,
         text: text.into(),
         tokens: chunks * ctx,
+        weighting,
         kv_heads: h,
         head_dim: d,
         clip,
@@ -453,13 +502,16 @@ fn quantile(xs: &mut [f32], q: f64) -> f32 {
     xs[i]
 }
 
-/// A codebook of `width` fitted by k-means to `points` (normalized to `[-1, 1]`), with Q-Norm: the
-/// encoding then the decoding levels.
-fn fit_codebook(points: &[f32], width: Width) -> Result<Vec<f32>> {
+/// A codebook of `width` fitted by k-means to `points` (normalized to `[-1, 1]`; weighted where `weights`
+/// is not empty), with Q-Norm: the encoding then the decoding levels.
+fn fit_codebook(points: &[f32], weights: &[f32], width: Width) -> Result<Vec<f32>> {
     let n = width.levels() as usize;
     let mut centroids = vec![0.0f32; n];
-    let mut pts: Vec<WeightedPoint> =
-        points.iter().map(|&value| WeightedPoint { value, weight: 1.0 }).collect();
+    let mut pts: Vec<WeightedPoint> = points
+        .iter()
+        .enumerate()
+        .map(|(i, &value)| WeightedPoint { value, weight: weights.get(i).copied().unwrap_or(1.0) })
+        .collect();
     if pts.is_empty() {
         pts.push(WeightedPoint { value: 0.0, weight: 1.0 });
     }
@@ -486,21 +538,40 @@ fn fit_codebook(points: &[f32], width: Width) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Normalized values of a group `xs` with its outliers (outside `[lo_t, hi_t]`) left out, as the cache
-/// normalizes codebook groups.
-fn normalized(xs: &[f32], lo_t: f32, hi_t: f32, out: &mut Vec<f32>) {
-    let kept = || xs.iter().copied().filter(|&x| x >= lo_t && x <= hi_t);
-    let (lo, hi) = kept().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
-    if lo >= hi {
-        return;
-    }
-    let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-    out.extend(kept().map(|x| ((x - mid) / half).clamp(-1.0, 1.0)));
+/// One codebook's calibration points: normalized values and, for Fisher weighting, their weights.
+#[derive(Default)]
+struct Unit {
+    points: Vec<f32>,
+    weights: Vec<f32>,
 }
 
-fn codebooks(units: &[Vec<f32>]) -> Result<Codebooks> {
+impl Unit {
+    /// Adds the normalized values of a group `xs` with its outliers (outside `[lo_t, hi_t]`) left out, as the
+    /// cache normalizes codebook groups. With gradients `gs` (one per element of `xs`), each point weighs
+    /// `(g * half)^2`: its Fisher information in the normalized units the k-means works in.
+    fn add(&mut self, xs: &[f32], gs: Option<&[f32]>, lo_t: f32, hi_t: f32) {
+        let keep = |x: f32| x >= lo_t && x <= hi_t;
+        let kept = || xs.iter().copied().filter(|&x| keep(x));
+        let (lo, hi) = kept().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+        if lo >= hi {
+            return;
+        }
+        let (mid, half) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
+        self.points.extend(kept().map(|x| ((x - mid) / half).clamp(-1.0, 1.0)));
+        if let Some(gs) = gs {
+            let w = xs.iter().zip(gs).filter(|(x, _)| keep(**x)).map(|(_, g)| (g * half) * (g * half));
+            self.weights.extend(w);
+        }
+    }
+}
+
+fn codebooks(units: &[Unit]) -> Result<Codebooks> {
     let fit = |w: Width| -> Result<Vec<f32>> {
-        Ok(units.par_iter().map(|u| fit_codebook(u, w)).collect::<Result<Vec<_>>>()?.concat())
+        Ok(units
+            .par_iter()
+            .map(|u| fit_codebook(&u.points, &u.weights, w))
+            .collect::<Result<Vec<_>>>()?
+            .concat())
     };
     Ok(Codebooks { b2: fit(Width::B2)?, b3: fit(Width::B3)?, b4: fit(Width::B4)? })
 }
@@ -581,10 +652,17 @@ fn measure_layer(model: &Model, cap: &LayerCapture) -> Result<LayerTables> {
         let cache = basis_cache(model, tr, &mut arena)?;
         let rows: Vec<Vec<f32>> =
             (0..heads).map(|h| to_basis(&cache, Stream::Keys, &cap.k, &cap.pos, h)).collect::<Result<_>>()?;
+        // The gradient in the stored basis: every basis is an orthogonal change of the handed keys, so the
+        // gradient changes with it.
+        let grads: Vec<Vec<f32>> = if cap.gk.is_empty() {
+            Vec::new()
+        } else {
+            (0..heads).map(|h| to_basis(&cache, Stream::Keys, &cap.gk, &cap.pos, h)).collect::<Result<_>>()?
+        };
         let t = cap.pos.len();
         let (mut mean, mut lower, mut upper) =
             (vec![0.0f32; heads * d], vec![0.0f32; heads * d], vec![0.0f32; heads * d]);
-        let mut units: Vec<Vec<f32>> = Vec::with_capacity(heads * d);
+        let mut units: Vec<Unit> = Vec::with_capacity(heads * d);
         for (h, x) in rows.iter().enumerate() {
             for ch in 0..d {
                 let mut col: Vec<f32> = (0..t).map(|u| x[u * d + ch]).collect();
@@ -593,20 +671,22 @@ fn measure_layer(model: &Model, cap: &LayerCapture) -> Result<LayerTables> {
                 lower[i] = quantile(&mut col, OUTLIER_FRACTION / 2.0);
                 upper[i] = quantile(&mut col, 1.0 - OUTLIER_FRACTION / 2.0);
                 // Groups of GROUP consecutive positions of one chunk, as the cache forms them.
-                let mut pts = Vec::new();
+                let mut unit = Unit::default();
                 let mut start = 0;
                 while start + GROUP <= t {
                     if cap.pos[start].is_multiple_of(GROUP)
                         && cap.pos[start + GROUP - 1] == cap.pos[start] + GROUP - 1
                     {
                         let xs: Vec<f32> = (start..start + GROUP).map(|u| x[u * d + ch]).collect();
-                        normalized(&xs, lower[i], upper[i], &mut pts);
+                        let gs: Option<Vec<f32>> =
+                            grads.get(h).map(|g| (start..start + GROUP).map(|u| g[u * d + ch]).collect());
+                        unit.add(&xs, gs.as_deref(), lower[i], upper[i]);
                         start += GROUP;
                     } else {
                         start += 1;
                     }
                 }
-                units.push(pts);
+                units.push(unit);
             }
         }
         let codebooks = codebooks(&units)?;
@@ -620,14 +700,23 @@ fn measure_layer(model: &Model, cap: &LayerCapture) -> Result<LayerTables> {
         let rows: Vec<Vec<f32>> = (0..heads)
             .map(|h| to_basis(&cache, Stream::Values, &cap.v, &cap.pos, h))
             .collect::<Result<_>>()?;
-        let units: Vec<Vec<f32>> = rows
+        let grads: Vec<Vec<f32>> = if cap.gv.is_empty() {
+            Vec::new()
+        } else {
+            (0..heads)
+                .map(|h| to_basis(&cache, Stream::Values, &cap.gv, &cap.pos, h))
+                .collect::<Result<_>>()?
+        };
+        let units: Vec<Unit> = rows
             .iter()
-            .map(|x| {
-                let mut pts = Vec::new();
-                for g in x.chunks_exact(GROUP) {
-                    normalized(g, f32::NEG_INFINITY, f32::INFINITY, &mut pts);
+            .enumerate()
+            .map(|(h, x)| {
+                let mut unit = Unit::default();
+                for (j, g) in x.chunks_exact(GROUP).enumerate() {
+                    let gs = grads.get(h).map(|gr| &gr[j * GROUP..(j + 1) * GROUP]);
+                    unit.add(g, gs, f32::NEG_INFINITY, f32::INFINITY);
                 }
-                pts
+                unit
             })
             .collect();
         let codebooks = codebooks(&units)?;
@@ -686,16 +775,38 @@ mod tests {
             .collect();
         for w in [Width::B2, Width::B3, Width::B4] {
             let n = w.levels() as usize;
-            let t = fit_codebook(&pts, w).unwrap();
+            let t = fit_codebook(&pts, &[], w).unwrap();
             let (enc, dec) = (&t[..n], &t[n..]);
             assert!(enc.windows(2).all(|p| p[0] < p[1]) && dec.windows(2).all(|p| p[0] < p[1]), "{t:?}");
             assert!(enc.iter().all(|a| (-1.0..=1.0).contains(a)));
         }
-        let t = fit_codebook(&pts, Width::B2).unwrap();
+        let t = fit_codebook(&pts, &[], Width::B2).unwrap();
         assert!(t[1].abs() < 1.0 / 3.0 && t[2].abs() < 1.0 / 3.0, "{t:?}");
         // Degenerate data (one value) still gives a valid table.
-        let t = fit_codebook(&[0.5; 100], Width::B3).unwrap();
+        let t = fit_codebook(&[0.5; 100], &[], Width::B3).unwrap();
         assert!(t[..8].windows(2).all(|p| p[0] < p[1]));
+    }
+
+    #[test]
+    fn fisher_weights_are_gradient_times_half_range_squared_and_pull_the_levels() {
+        // A group over [-1, 3] (centre 1, half-range 2) with one outlier beyond the threshold: the kept
+        // points normalized, each weighing (g * 2)^2, the outlier and its gradient left out.
+        let mut u = Unit::default();
+        u.add(&[-1.0, 1.0, 3.0, 9.0], Some(&[0.5, 0.0, -1.0, 7.0]), -5.0, 5.0);
+        assert_eq!(u.points, vec![-1.0, 0.0, 1.0]);
+        assert_eq!(u.weights, vec![1.0, 0.0, 4.0]);
+        // Without gradients no weights (uniform), and a flat group adds nothing.
+        let mut v = Unit::default();
+        v.add(&[2.0, 2.0], None, -5.0, 5.0);
+        v.add(&[0.0, 1.0], None, -5.0, 5.0);
+        assert!(v.weights.is_empty() && v.points == vec![-1.0, 1.0]);
+        // Heavy weights on the points near 0.5 pull a level there that uniform weights do not place.
+        let pts: Vec<f32> = (0..400).map(|i| -1.0 + 2.0 * i as f32 / 399.0).collect();
+        let w: Vec<f32> = pts.iter().map(|&x| if (x - 0.5).abs() < 0.05 { 1000.0 } else { 1.0 }).collect();
+        let near = |t: &[f32]| t[..4].iter().map(|l| (l - 0.5).abs()).fold(f32::INFINITY, f32::min);
+        let (uni, fis) =
+            (fit_codebook(&pts, &[], Width::B2).unwrap(), fit_codebook(&pts, &w, Width::B2).unwrap());
+        assert!(near(&fis) < 0.05 && near(&uni) > 0.1, "{uni:?} {fis:?}");
     }
 
     #[test]

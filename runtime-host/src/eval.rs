@@ -17,7 +17,7 @@ use kvq_core::cache::{CacheConfig, Overflow};
 use serde::Serialize;
 
 /// One spec's perplexity record (`kvq perplexity --json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PplRecord {
     /// The `--kv` spec.
     pub spec: String,

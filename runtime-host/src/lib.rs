@@ -6,7 +6,8 @@
 //! - [`tokenizer`]: byte-level BPE matching llama.cpp's ids.
 //! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
-//! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats.
+//! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats; [`grad`]: the loss's gradient
+//!   with respect to keys and values (Fisher weights for the codebooks).
 //! - [`dump`]: one layer's attention inputs for the firmware demo (`kvq dump-qkv`).
 //! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
@@ -15,6 +16,7 @@ pub mod dump;
 pub mod eval;
 pub mod fetch;
 pub mod gguf;
+pub mod grad;
 pub mod kernels;
 pub mod kvspec;
 pub mod model;

@@ -42,6 +42,9 @@ enum Cmd {
     Calibrate(CalibrateArgs),
     /// Writes one layer's queries, keys and values over a text, with its mikv2, kvquant2 and skvq2 calibration tables (calibrating first if the model has none), for the firmware demo and its test.
     DumpQkv(DumpArgs),
+    /// Plots perplexity change against bits per element from `kvq perplexity --json` files, with reference
+    /// points measured elsewhere.
+    PlotQuality(PlotQualityArgs),
     /// The models `-m` knows by name: where they come from, their size and whether they are cached.
     Models(ModelsArgs),
 }
@@ -89,6 +92,26 @@ struct CalibrateArgs {
     /// Where to write the file (default: $KVQ_CACHE/calib/<model sha256>.json, where presets look).
     #[arg(short = 'o', long)]
     out: Option<PathBuf>,
+    /// How the codebooks' k-means weighs elements: fisher (squared loss gradients from a backward pass
+    /// through the model, as KVQuant) or uniform.
+    #[arg(long, default_value = "fisher", value_parser = ["fisher", "uniform"])]
+    weights: String,
+}
+
+#[derive(Args)]
+struct PlotQualityArgs {
+    /// Files of `kvq perplexity --json` records; each spec is compared with the f16 record of its file.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// A point measured elsewhere, LABEL=BITS:DELTA_PCT (for example "llama.cpp q4_0=4.5:5.27").
+    #[arg(long = "ref")]
+    refs: Vec<String>,
+    /// Title of the chart.
+    #[arg(long, default_value = "Perplexity change against KV bits per element")]
+    title: String,
+    /// The SVG to write.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -364,6 +387,7 @@ fn run() -> Result<()> {
         Cmd::Demo(a) => demo(a),
         Cmd::Calibrate(a) => calibrate(a),
         Cmd::DumpQkv(a) => dump_qkv(a),
+        Cmd::PlotQuality(a) => plot_quality(a),
         Cmd::Models(a) => models(a),
     }
 }
@@ -713,19 +737,47 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     eprintln!("kvq calibrate: {n} tokens of {name} in chunks of {}, writing {}", a.ctx, out.display());
     let pb = bar(0, "calibrate");
     let t = Instant::now();
-    let c = kvq_host::calib::calibrate(&model, &tokens[..n], a.ctx, &name, &|done, total| {
+    let weighting = if a.weights == "fisher" {
+        kvq_host::calib::Weighting::Fisher
+    } else {
+        kvq_host::calib::Weighting::Uniform
+    };
+    let c = kvq_host::calib::calibrate(&model, &tokens[..n], a.ctx, &name, weighting, &|done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
     c.save(&out)?;
     eprintln!(
-        "kvq calibrate: {} layers in {:.1} s; clip factor {} (least 2-bit per-token error); wrote {}",
+        "kvq calibrate: {} layers in {:.1} s, {} codebooks; clip factor {} (least 2-bit per-token error); wrote {}",
         c.layers.len(),
         t.elapsed().as_secs_f64(),
+        c.weighting.name(),
         c.clip,
         out.display()
     );
+    Ok(())
+}
+
+fn plot_quality(a: PlotQualityArgs) -> Result<()> {
+    use kvq_host::plot::{QualityPoint, Series, chart, parse_ref, quality_points};
+    let mut points: Vec<QualityPoint> = Vec::new();
+    for f in &a.files {
+        let text = read_utf8(f)?;
+        points.extend(quality_points(&text, &f.display().to_string())?);
+    }
+    for r in &a.refs {
+        points.push(parse_ref(r)?);
+    }
+    let series: Vec<Series> = points
+        .iter()
+        .map(|p| Series {
+            label: format!("{} ({:+.2}%)", p.label, p.delta_pct),
+            points: vec![(p.bits, p.delta_pct)],
+        })
+        .collect();
+    chart(&a.out, &a.title, "bits per element held", "perplexity vs f16 (%)", &series, false)?;
+    eprintln!("kvq: wrote {} ({} points)", a.out.display(), points.len());
     Ok(())
 }
 
@@ -823,7 +875,16 @@ fn info(a: ModelArgs) -> Result<()> {
     println!(
         "calibration   {}",
         if calib.exists() {
-            format!("{} (presets kvquant*, skvq2, mikv2 use it)", calib.display())
+            match kvq_host::calib::Calibration::load(&calib, &model) {
+                Ok(c) => format!(
+                    "{} ({} tokens of {}, {} codebooks; presets kvquant*, skvq2, mikv2 use it)",
+                    calib.display(),
+                    c.tokens,
+                    c.text,
+                    c.weighting.name()
+                ),
+                Err(e) => format!("{} is unusable: {e:#}", calib.display()),
+            }
         } else {
             format!(
                 "none (kvquant*, skvq2, mikv2 need one: kvq calibrate{})",

@@ -539,6 +539,19 @@ impl Model {
         &self.map[w.offset..w.offset + w.rows * w.row_bytes]
     }
 
+    /// `w` dequantized to f32, row-major `[rows][cols]` (for the backward pass of [`crate::grad`]).
+    ///
+    /// # Errors
+    /// Too little memory for the matrix.
+    pub fn dense(&self, w: &Weight) -> Result<Vec<f32>> {
+        let data = self.rows(w);
+        let mut out: Vec<f32> = zeroed(w.rows * w.cols, "a dequantized weight")?;
+        out.par_chunks_mut(w.cols).enumerate().for_each(|(r, o)| {
+            quants::dequant_row(w.ty, &data[r * w.row_bytes..(r + 1) * w.row_bytes], o);
+        });
+        Ok(out)
+    }
+
     /// `y[t] = W · x[t]` for `n = x.len() / cols` tokens (`y` is `[n][rows]`).
     pub fn matmul(&self, w: &Weight, x: &[f32], y: &mut [f32], act: &mut Q16Act) {
         self.matmuls(&[w], x, &mut [y], act);

@@ -12,13 +12,17 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 fn range(vals: impl Iterator<Item = f64> + Clone, floor_zero: bool) -> (f64, f64) {
@@ -86,4 +90,87 @@ pub fn chart(
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
+}
+
+/// A quality point: a label, bits per element and the perplexity change against f16 in percent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QualityPoint {
+    /// Legend label.
+    pub label: String,
+    /// Bits per element held.
+    pub bits: f64,
+    /// `100 (ppl / ppl_f16 - 1)`.
+    pub delta_pct: f64,
+}
+
+/// The quality points of `kvq perplexity --json` output (one record per line): every spec but the
+/// baseline, against the baseline of the same run.
+///
+/// # Errors
+/// A line that is not a record, or a run without an `f16` record.
+pub fn quality_points(jsonl: &str, what: &str) -> Result<Vec<QualityPoint>> {
+    let recs = jsonl
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<crate::eval::PplRecord>(l)
+                .map_err(|e| anyhow!("{what}:{}: not a kvq perplexity --json record: {e}", i + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let base = recs
+        .iter()
+        .find(|r| r.spec == crate::eval::BASELINE)
+        .ok_or_else(|| anyhow!("{what}: no {} record to compare with", crate::eval::BASELINE))?
+        .ppl;
+    Ok(recs
+        .iter()
+        .filter(|r| r.spec != crate::eval::BASELINE)
+        .map(|r| QualityPoint {
+            label: r.spec.clone(),
+            bits: r.bits_per_element,
+            delta_pct: 100.0 * (r.ppl / base - 1.0),
+        })
+        .collect())
+}
+
+/// A reference point given as `LABEL=BITS:DELTA_PCT` (for example `llama.cpp q4_0=4.5:5.27`).
+///
+/// # Errors
+/// Another shape, or numbers that do not parse.
+pub fn parse_ref(s: &str) -> Result<QualityPoint> {
+    let (label, rest) =
+        s.rsplit_once('=').ok_or_else(|| anyhow!("--ref {s:?}: expected LABEL=BITS:DELTA_PCT"))?;
+    let (b, d) = rest.split_once(':').ok_or_else(|| anyhow!("--ref {s:?}: expected LABEL=BITS:DELTA_PCT"))?;
+    let num = |x: &str| {
+        x.trim()
+            .trim_start_matches('+')
+            .parse::<f64>()
+            .map_err(|_| anyhow!("--ref {s:?}: {x:?} is not a number"))
+    };
+    Ok(QualityPoint { label: label.trim().to_string(), bits: num(b)?, delta_pct: num(d)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quality_points_are_against_their_runs_baseline() {
+        let rec = |spec: &str, ppl: f64, bits: f64| {
+            format!(
+                r#"{{"spec":"{spec}","ppl":{ppl},"ppl_stderr":0.1,"kld":0.0,"kld_stderr":0.0,"top1_agree":1.0,"bits_per_element":{bits},"kv_bytes":1,"scored":10}}"#
+            )
+        };
+        let run = [rec("f16", 20.0, 16.0), rec("kvq2", 21.0, 3.5)].join("\n");
+        let p = quality_points(&run, "run").unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].label.as_str(), p[0].bits), ("kvq2", 3.5));
+        assert!((p[0].delta_pct - 5.0).abs() < 1e-9);
+        assert!(quality_points(&rec("kvq2", 21.0, 3.5), "run").unwrap_err().to_string().contains("no f16"));
+        assert!(quality_points("{", "run").is_err());
+        let r = parse_ref("llama.cpp q4_0=4.5:+5.27").unwrap();
+        assert_eq!((r.label.as_str(), r.bits, r.delta_pct), ("llama.cpp q4_0", 4.5, 5.27));
+        assert!(parse_ref("q4_0=4.5").is_err() && parse_ref("q4_0=x:1").is_err());
+    }
 }

@@ -17,7 +17,9 @@ fn calibrate_apply_and_reload() {
     let cut = text.char_indices().nth(4_000).map_or(text.len(), |c| c.0);
     let tokens = tok.encode(&text[..cut], true, false);
     let ctx = 128;
-    let c = calib::calibrate(&m, &tokens[..2 * ctx], ctx, "emma (test)", &|_, _| {}).unwrap();
+    let c =
+        calib::calibrate(&m, &tokens[..2 * ctx], ctx, "emma (test)", calib::Weighting::Uniform, &|_, _| {})
+            .unwrap();
     assert_eq!((c.tokens, c.layers.len(), c.version), (2 * ctx, m.cfg.n_layer, calib::VERSION));
     assert!(calib::CLIPS.contains(&c.clip));
     let (h, d) = (m.cfg.n_kv_head, m.cfg.head_dim);
@@ -111,4 +113,45 @@ fn calibrate_apply_and_reload() {
     std::fs::write(&path, &serde_json::to_vec(&c).unwrap()[..1000]).unwrap();
     assert!(Calibration::load(&path, &m).is_err());
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn fisher_calibration_weighs_the_codebooks() {
+    // The same text, uniform and Fisher-weighted: thresholds, permutations and balance come from the same
+    // keys (the backward pass's f32 forward against the runtime's, within rounding), while the codebooks move
+    // toward the elements the loss is sensitive to; every Fisher codebook is still a valid table.
+    let m = common::model();
+    let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
+    let text = kvq_host::texts::text("emma", true).unwrap();
+    let cut = text.char_indices().nth(4_000).map_or(text.len(), |c| c.0);
+    let tokens = tok.encode(&text[..cut], true, false);
+    let ctx = 256;
+    let u = calib::calibrate(&m, &tokens[..ctx], ctx, "emma (test)", calib::Weighting::Uniform, &|_, _| {})
+        .unwrap();
+    let f = calib::calibrate(&m, &tokens[..ctx], ctx, "emma (test)", calib::Weighting::Fisher, &|_, _| {})
+        .unwrap();
+    assert_eq!((u.weighting, f.weighting), (calib::Weighting::Uniform, calib::Weighting::Fisher));
+    let mut moved = 0usize;
+    let mut total = 0usize;
+    for (lu, lf) in u.layers.iter().zip(&f.layers) {
+        for (ku, kf) in lu.keys.iter().zip(&lf.keys) {
+            let worst = ku.mean.iter().zip(&kf.mean).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 0.05, "key means differ by {worst}");
+            for (a, b) in ku.codebooks.b2.chunks_exact(8).zip(kf.codebooks.b2.chunks_exact(8)) {
+                assert!(
+                    b[..4].windows(2).all(|p| p[0] < p[1]) && b[..4].iter().all(|x| (-1.0..=1.0).contains(x))
+                );
+                total += 1;
+                moved += usize::from(a[..4].iter().zip(&b[..4]).any(|(x, y)| (x - y).abs() > 0.01));
+            }
+        }
+    }
+    eprintln!("{moved} of {total} 2-bit key codebooks moved by more than 0.01");
+    assert!(moved * 4 > total, "Fisher weights moved only {moved} of {total} codebooks");
+    // The file says how it was fitted; a file from before weighting existed reads as uniform.
+    let mut j = serde_json::to_value(&f).unwrap();
+    assert_eq!(j["weighting"], "fisher");
+    j.as_object_mut().unwrap().remove("weighting");
+    let old: Calibration = serde_json::from_value(j).unwrap();
+    assert_eq!(old.weighting, calib::Weighting::Uniform);
 }
