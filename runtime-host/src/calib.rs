@@ -44,13 +44,13 @@ pub const GROUP: usize = 32;
 /// Fraction of key elements beyond the thresholds (KVQuant's 1%).
 pub const OUTLIER_FRACTION: f64 = 0.01;
 /// How the codebooks' k-means weighs the calibration elements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Weighting {
     /// Every element alike (keys and values from the runtime's own forward pass).
     #[default]
     Uniform,
-    /// By Fisher information, `(dL/dx)^2`, from [`crate::grad`]'s backward pass (keys and values from its
+    /// By Fisher information, `(dL/dx)^2`, from the backward pass of the `grad` module (keys and values from its
     /// f32 forward pass).
     Fisher,
 }

@@ -206,7 +206,7 @@ impl<'m> Dense<'m> {
     /// # Errors
     /// A token outside the vocabulary, fewer than two tokens, a non-finite activation, too little memory.
     pub fn pass(&self, tokens: &[u32]) -> Result<Pass> {
-        let Forward { x: xf, saved, qmax } = self.forward(tokens, None)?;
+        let Forward { x: xf, saved, mut qmax } = self.forward(tokens, None)?;
         let (loss, dhn) = self.head(&xf, tokens, true)?;
         let c = &self.model.cfg;
         let (e, d) = (c.n_embd, c.head_dim);
@@ -215,7 +215,7 @@ impl<'m> Dense<'m> {
         let mut dx = norm_back(&xf, self.model.output().1, c.eps, &dhn);
         let tables = self.tables(n, true);
         let mut out: Vec<LayerGrads> = Vec::with_capacity(c.n_layer);
-        for (li, (w, sv)) in self.layers.iter().zip(&saved).enumerate().rev() {
+        for (li, (w, mut sv)) in self.layers.iter().zip(saved).enumerate().rev() {
             let layer = &self.model.layers()[li];
             // x = xmid + post(down · (act(g) * u))
             let df = match &layer.post_ffn_norm {
@@ -244,14 +244,9 @@ impl<'m> Dense<'m> {
             };
             let mut datt = vec![0f32; n * qd];
             linear_back(&dout, &w.wo, qd, &mut datt, false)?;
-            let (mut dq, mut dk, dv) = self.attention_back(li, sv, &datt, n)?;
-            out.push(LayerGrads {
-                k: sv.k.clone(),
-                v: sv.v.clone(),
-                gk: dk.clone(),
-                gv: dv.clone(),
-                qmax: qmax[li].clone(),
-            });
+            let (mut dq, mut dk, dv) = self.attention_back(li, &sv, &datt, n)?;
+            // dL/dk as the cache is handed keys, before it is turned back through RoPE below.
+            let gk = dk.clone();
             let tab = &tables[usize::from(c.is_local(li))];
             for (t, table) in tab.iter().enumerate() {
                 rope(&mut dq[t * qd..(t + 1) * qd], d, table, c.arch);
@@ -269,6 +264,14 @@ impl<'m> Dense<'m> {
             linear_back(&dv, &w.wv, e, &mut dh, true)?;
             dx = norm_back(&sv.x, &layer.attn_norm, c.eps, &dh);
             dx.iter_mut().zip(&dxmid).for_each(|(a, b)| *a += b);
+            let qmax = std::mem::take(&mut qmax[li]);
+            out.push(LayerGrads {
+                k: std::mem::take(&mut sv.k),
+                v: std::mem::take(&mut sv.v),
+                gk,
+                gv: dv,
+                qmax,
+            });
         }
         out.reverse();
         Ok(Pass { loss, layers: out })
@@ -468,8 +471,8 @@ impl<'m> Dense<'m> {
         let m = self.model;
         let c = &m.cfg;
         let (e, vocab) = (c.n_embd, c.n_vocab);
+        // Every token is in the vocabulary: the forward pass embedded them all.
         let n = tokens.len();
-        ensure!(tokens.iter().all(|&t| (t as usize) < vocab), "a token is outside the vocabulary");
         let hn = norm(x, m.output().1, c.eps);
         let mut dhn = vec![0f32; n * e];
         let mut loss = 0f64;

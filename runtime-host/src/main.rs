@@ -94,8 +94,8 @@ struct CalibrateArgs {
     out: Option<PathBuf>,
     /// How the codebooks' k-means weighs elements: fisher (squared loss gradients from a backward pass
     /// through the model, as KVQuant) or uniform.
-    #[arg(long, default_value = "fisher", value_parser = ["fisher", "uniform"])]
-    weights: String,
+    #[arg(long, value_enum, default_value_t = kvq_host::calib::Weighting::Fisher)]
+    weights: kvq_host::calib::Weighting,
 }
 
 #[derive(Args)]
@@ -737,12 +737,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     eprintln!("kvq calibrate: {n} tokens of {name} in chunks of {}, writing {}", a.ctx, out.display());
     let pb = bar(0, "calibrate");
     let t = Instant::now();
-    let weighting = if a.weights == "fisher" {
-        kvq_host::calib::Weighting::Fisher
-    } else {
-        kvq_host::calib::Weighting::Uniform
-    };
-    let c = kvq_host::calib::calibrate(&model, &tokens[..n], a.ctx, &name, weighting, &|done, total| {
+    let c = kvq_host::calib::calibrate(&model, &tokens[..n], a.ctx, &name, a.weights, &|done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
