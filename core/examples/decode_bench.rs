@@ -5,8 +5,9 @@
 //! cargo run --release -p kvq-core --example decode_bench                  # table
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
-//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvquant2, skvq2, mikv2; and
-//!          the ingredients alone over KIVI-2: rot, rope, nuq, out, fp8, tier)
+//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvq3, kvquant2, skvq2, mikv2, and
+//!          kvq2k2 (the all-2-bit `kvq2:k=2:kg=32:kp=f16`); the ingredients alone over KIVI-2: rot, rope, nuq,
+//!          out, fp8, tier)
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
 //!          --prefill N (time a prefill of an N-token chunk over the cache instead of a decode step)
 //! ```
@@ -49,15 +50,11 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         "kivi8" => CacheConfig::kivi(Width::B8, 32, 128, KV_HEADS, HEAD_DIM, capacity),
         // The method presets' formats (kvq's `--kv` presets, with the tables' default values: speed does
         // not depend on the calibrated numbers), and each ingredient alone over KIVI-2.
-        "kvq2" => {
-            let c = kivi2(capacity).with_sinks(4).with_transform(Transform {
-                rope: ROPE,
-                rotate_keys: true,
-                rotate_values: true,
-                ..Transform::NONE
-            });
-            CacheConfig { values: Precision::Quant(QuantSpec::per_token(Width::B2, 64)), ..c }
-        }
+        // kvq2: 3-bit keys in 64-token groups with FP8 parameters, 2-bit values; kvq2k2: the all-2-bit
+        // recipe (`kvq2:k=2:kg=32:kp=f16`); kvq3: 3-bit keys and values.
+        "kvq2" => kvq(capacity, QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3), Width::B2),
+        "kvq2k2" => kvq(capacity, QuantSpec::per_channel(Width::B2, 32), Width::B2),
+        "kvq3" => kvq(capacity, QuantSpec::per_channel(Width::B3, 32), Width::B3),
         "kvquant2" => CacheConfig {
             keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_codebook().with_outliers(20)),
             values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_codebook().with_outliers(2)),
@@ -112,6 +109,22 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
 const TIERS: Tiers = Tiers { keep: 2, width: Width::B4 };
 
 const ROPE: Option<Rope> = Some(Rope { base: 100_000.0, pairing: Pairing::Adjacent });
+
+/// kvq's recipe over the given keys and values of `values` bits: rotated, keys relative to their group,
+/// four sinks, 64-channel value groups.
+fn kvq(capacity: usize, keys: QuantSpec, values: Width) -> CacheConfig {
+    let c = kivi2(capacity).with_sinks(4).with_transform(Transform {
+        rope: ROPE,
+        rotate_keys: true,
+        rotate_values: true,
+        ..Transform::NONE
+    });
+    CacheConfig {
+        keys: Precision::Quant(keys),
+        values: Precision::Quant(QuantSpec::per_token(values, 64)),
+        ..c
+    }
+}
 
 fn kivi2(capacity: usize) -> CacheConfig {
     CacheConfig::kivi(Width::B2, 32, 128, KV_HEADS, HEAD_DIM, capacity)

@@ -60,7 +60,7 @@ pub const fn policy(i: usize, s: &Shape, capacity: usize) -> (&'static str, Cach
     match i {
         0 => ("f16", CacheConfig::fp16(kv, d, capacity)),
         1 => ("kivi2:r=32:s=4 (sliding)", kivi2.with_overflow(Overflow::Slide)),
-        2 => ("kvq2:r=32:p=fp8", kvq2),
+        2 => ("kvq2:k=2:kg=32:r=32:p=fp8", kvq2),
         3 => (
             "mikv2:r=32",
             CacheConfig {

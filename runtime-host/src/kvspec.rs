@@ -32,8 +32,11 @@
 //! `skvq2` (per-token 2-bit keys and ternary values, permuted and clipped, FP8 parameters, five sinks),
 //! `mikv2` (MiKV: calibrated query/key balancing, FP8 parameters, and per 32-token key group the two most
 //! attended tokens corrected at 4 bits), `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values,
-//! keys relative to their group's first position, four sinks, 64-channel value groups). Presets with codebooks, permutations, centres,
-//! balance, calibrated clipping or key outliers read the model's calibration file (`kvq calibrate`).
+//! keys relative to their group's first position, four sinks, 64-channel value groups; `kvq2` spends its
+//! budget as 3-bit keys in 64-token groups with FP8 parameters beside 2-bit values, which measures better
+//! than 2-bit keys in 32-token groups at the same bits, and `kvq2:k=2:kg=32:kp=f16` is the all-2-bit
+//! recipe). Presets with codebooks, permutations, centres, balance, calibrated clipping or key outliers
+//! read the model's calibration file (`kvq calibrate`).
 
 use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec, Tiers, Transform};
 use kvq_core::pack::Width;
@@ -120,7 +123,7 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
     ("kvquant3", "kivi2:k=3:v=3:s=1:rope=1:nuq=1:out=0.01"),
     ("kvquant4", "kivi2:k=4:v=4:s=1:rope=1:nuq=1:out=0.01"),
     ("skvq2", "kivi2:kaxis=token:v=t:s=5:perm=1:clip=calib:p=fp8"),
-    ("kvq2", "kivi2:s=4:rot=kv:rope=1:vg=64"),
+    ("kvq2", "kivi2:k=3:kg=64:kp=fp8:s=4:rot=kv:rope=1:vg=64"),
     ("kvq3", "kivi2:k=3:v=3:s=4:rot=kv:rope=1:vg=64"),
     ("mikv2", "kivi2:s=4:balance=1:p=fp8:tier=2:tw=4"),
 ];
@@ -466,7 +469,9 @@ mod tests {
         let c = cfg("kvq2", 8192, Overflow::Stop);
         assert_eq!(c.sinks, 4);
         assert!(c.transform.rotate_keys && c.transform.rotate_values && c.transform.rope == Some(ROPE));
-        assert_eq!((c.key_spec().unwrap().group, c.value_spec().unwrap().group), (32, 64));
+        let (k, v) = (c.key_spec().unwrap(), c.value_spec().unwrap());
+        assert_eq!((k.width, k.group, k.params), (Width::B3, 64, ParamFormat::Fp8E4M3));
+        assert_eq!((v.width, v.group, v.params), (Width::B2, 64, ParamFormat::F16));
         // Knobs after a preset override it.
         assert_eq!(cfg("kvq2:vg=32:s=0", 8192, Overflow::Stop).value_spec().unwrap().group, 32);
         let k3 = cfg("kvq3", 8192, Overflow::Stop).key_spec().unwrap();

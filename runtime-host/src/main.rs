@@ -28,7 +28,7 @@ enum Cmd {
     /// Print the token ids of a file.
     Tokenize(TokenizeArgs),
     /// Architecture, tensor types and KV bytes per token of each preset.
-    Info(ModelArgs),
+    Info(InfoArgs),
     /// Prefill and decode speed at several depths, per KV spec, in one run.
     Bench(BenchArgs),
     /// Perplexity, KL divergence and top-1 agreement against the f16 cache, every spec in one run.
@@ -47,6 +47,15 @@ enum Cmd {
     PlotQuality(PlotQualityArgs),
     /// The models `-m` knows by name: where they come from, their size and whether they are cached.
     Models(ModelsArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated KV specs to list after the presets (any `--kv` spec, such as `kvq2:tier=1`).
+    #[arg(long)]
+    kv: Option<String>,
 }
 
 #[derive(Args)]
@@ -842,8 +851,9 @@ fn models(a: ModelsArgs) -> Result<()> {
     Ok(())
 }
 
-fn info(a: ModelArgs) -> Result<()> {
-    let model = load(&a)?;
+fn info(args: InfoArgs) -> Result<()> {
+    let a = &args.model;
+    let model = load(a)?;
     let c = &model.cfg;
     let g = &model.gguf;
     println!("name          {}", g.get("general.name").and_then(|v| v.as_str()).unwrap_or("?"));
@@ -913,16 +923,21 @@ fn info(a: ModelArgs) -> Result<()> {
         at[0],
         at[1]
     );
+    let extra: Vec<String> = match args.kv.as_deref() {
+        Some(list) => parse_specs(list)?.into_iter().map(|s| s.name).collect(),
+        None => Vec::new(),
+    };
+    let w = extra.iter().map(String::len).max().unwrap_or(0).max(8);
     println!(
-        "{:8} {:>14} {:>12} {:>14} {:>12}   is",
+        "{:w$} {:>14} {:>12} {:>14} {:>12}   is",
         "preset", "bytes/token", "bits/elem", "bytes/token", "bits/elem"
     );
-    for p in PRESETS {
+    for p in PRESETS.iter().copied().chain(extra.iter().map(String::as_str)) {
         let spec = KvSpec::parse(p).map_err(anyhow::Error::msg)?;
         let cfg = spec
             .config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope())
             .map_err(anyhow::Error::msg)?;
-        let mut line = format!("{p:8}");
+        let mut line = format!("{p:w$}");
         for t in at {
             let counts = cfg.counts_after(t).map_err(|e| anyhow::anyhow!("{e}"))?;
             let u = cfg.usage(counts);

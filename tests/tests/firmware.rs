@@ -122,7 +122,7 @@ fn one_flipped_output_bit_changes_the_hash() {
 /// untiered 2-bit policies' marginal cost per token is at most a fifth of fp16's (so far from the fixed
 /// costs they hold 5x the tokens; MiKV's tier slots add 14 bytes a token, 5% over). The small-arena
 /// policy (16-token window and key groups, FP8 parameters) holds at least 5x fp16's tokens at every size,
-/// `kvq2:r=32:p=fp8` from 256 KiB; at 64 KiB the 32-token window (24 KiB of f16) keeps the other 2-bit
+/// `kvq2:k=2:kg=32:r=32:p=fp8` from 256 KiB; at 64 KiB the 32-token window (24 KiB of f16) keeps the other 2-bit
 /// policies under 5x: the printed table says by how much.
 #[test]
 fn two_bit_caches_hold_five_times_the_tokens() {

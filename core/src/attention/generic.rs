@@ -101,7 +101,27 @@ fn row_codes(words: &[u32], width: pack::Width, start: usize, out: &mut [u8]) {
         2 => word_codes::<2>(words, start, out),
         4 => word_codes::<4>(words, start, out),
         8 => word_codes::<8>(words, start, out),
+        3 => triple_codes(words, start, out),
         _ => pack::unpack_bits(words, width, start, out),
+    }
+}
+
+/// Three-bit codes in blocks of 32 (three words, 96 bits): codes 0..21 of a block lie in its first two
+/// words read as one `u64`, codes 21..32 in its last two (code 21 starts at bit 63, the high word's bit
+/// 31), so every code is one constant shift of one of two `u64`s. Runs that start off a block or end
+/// inside one use the serial unpacker.
+#[inline(always)]
+fn triple_codes(words: &[u32], start: usize, out: &mut [u8]) {
+    if !start.is_multiple_of(32) || !out.len().is_multiple_of(32) {
+        return pack::unpack_bits(words, pack::Width::B3, start, out);
+    }
+    for (o, w) in out.chunks_exact_mut(32).zip(words[start * 3 / 32..].chunks_exact(3)) {
+        let lo = u64::from(w[0]) | u64::from(w[1]) << 32;
+        let hi = u64::from(w[1]) | u64::from(w[2]) << 32;
+        for (k, x) in o.iter_mut().enumerate() {
+            let v = if k < 21 { lo >> (3 * k) } else { hi >> (3 * k - 32) };
+            *x = (v & 7) as u8;
+        }
     }
 }
 
@@ -121,6 +141,25 @@ fn word_codes<const B: usize>(words: &[u32], start: usize, out: &mut [u8]) {
     for (o, &w) in out.chunks_exact_mut(per).zip(&words[start * B / 32..]) {
         for (k, x) in o.iter_mut().enumerate() {
             *x = ((w >> (k * B)) & mask) as u8;
+        }
+    }
+}
+
+/// `out[i] = table[codes[i]]` for codes of `bits` bits (at most 4). Two-bit codes pick among the four
+/// entries with two levels of selects, which compile to vector blends where a table load per element would
+/// stay scalar; wider codes load.
+#[inline(always)]
+fn lookup(bits: u32, table: &[f32; 16], codes: &[u8], out: &mut [f32]) {
+    if bits == 2 {
+        let [t0, t1, t2, t3] = [table[0], table[1], table[2], table[3]];
+        for (x, &k) in out.iter_mut().zip(codes) {
+            let odd = k & 1 != 0;
+            let (lo, hi) = if odd { (t1, t3) } else { (t0, t2) };
+            *x = if k & 2 != 0 { hi } else { lo };
+        }
+    } else {
+        for (x, &k) in out.iter_mut().zip(codes) {
+            *x = table[usize::from(k) & 15];
         }
     }
 }
@@ -145,10 +184,12 @@ fn channel_key_scores_in(
     out: &mut Scores<'_>,
     acc: &mut [f32],
 ) {
-    // KIVI's and kvq's key groups of 32 with the group length a constant, so that the loops over a group's
+    // KIVI's and kvq's key groups of 32 and 64 with the group length a constant, so that the loops over a group's
     // lanes compile to whole vectors; any other group with it read at run time.
     if q.group == 32 {
         channel_key_groups::<32>(sv, q, h, start, n, nq, d, oq, bias, out, acc)
+    } else if q.group == 64 {
+        channel_key_groups::<64>(sv, q, h, start, n, nq, d, oq, bias, out, acc)
     } else {
         channel_key_groups::<0>(sv, q, h, start, n, nq, d, oq, bias, out, acc)
     }
@@ -188,9 +229,11 @@ fn channel_key_groups<const G: usize>(
                     }
                 }
                 Some((_, dec)) => {
-                    for (x, &k) in col[..g].iter_mut().zip(&codes[..g]) {
-                        *x = p.zero + p.scale * dec[usize::from(k)];
+                    let mut table = [0.0f32; 16];
+                    for (x, &level) in table.iter_mut().zip(dec) {
+                        *x = p.zero + p.scale * level;
                     }
+                    lookup(q.width.bits(), &table, &codes[..g], &mut col[..g]);
                 }
             }
             for qi in 0..nq {
@@ -234,8 +277,13 @@ pub(crate) fn token_stored(
     let (_, bounds) = sv.tables.order(h, d, groups);
     let words = &sv.codes[(h * l.ring + slot) * l.row_words..][..l.row_words];
     let mut codes = [0u8; MAX_HEAD_DIM];
-    pack::unpack_bits(words, q.width, 0, &mut codes[..d]);
+    // Rows start on a word, so whole words unpack at once.
+    row_codes(words, q.width, 0, &mut codes[..d]);
     let coder = sv.coder(q, h);
+    // Each group's reconstructions of every code (at most 16 for widths up to 4 bits) are computed once,
+    // then the row is a table lookup per element; 8-bit codes decode one by one.
+    let levels = q.width.levels() as usize;
+    let mut table = [0.0f32; 16];
     for gj in 0..groups {
         let range = if bounds.is_empty() {
             gj * q.group..(gj + 1) * q.group
@@ -243,8 +291,15 @@ pub(crate) fn token_stored(
             usize::from(bounds[gj])..usize::from(bounds[gj + 1])
         };
         let p = sv.params(q.params, (h * l.row_groups + gj) * l.ring + slot);
-        for i in range {
-            row[i] = coder.decode(&p, codes[i]);
+        if levels <= table.len() {
+            for (k, x) in table[..levels].iter_mut().enumerate() {
+                *x = coder.decode(&p, k as u8);
+            }
+            lookup(q.width.bits(), &table, &codes[range.clone()], &mut row[range]);
+        } else {
+            for (x, &k) in row[range.clone()].iter_mut().zip(&codes[range]) {
+                *x = coder.decode(&p, k);
+            }
         }
     }
     if q.outliers > 0 {
@@ -516,4 +571,55 @@ unsafe fn token_value_sums_avx2(
     acc: &mut [f32],
 ) {
     token_value_sums_in(sv, q, h, start, n, p, d, acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pack::Width;
+
+    /// The word-at-a-time unpackers against the bit-by-bit reference, for every width, at word-aligned
+    /// and unaligned starts and at lengths that end on and off a word (the fast paths and their fallback).
+    #[test]
+    fn row_codes_match_the_reference() {
+        let mut words = [0u32; 64];
+        let mut x = 0x9e37_79b9_u32;
+        for w in &mut words {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *w = x;
+        }
+        for width in Width::ALL {
+            let n_max = 64 * 32 / width.bits() as usize;
+            for start in [0, 1, 5, 16, 31, 32, 33, 64, 96] {
+                for len in [0, 1, 7, 16, 31, 32, 33, 64, 96, 128] {
+                    if start + len > n_max {
+                        continue;
+                    }
+                    let (mut got, mut want) = ([0u8; 128], [0u8; 128]);
+                    row_codes(&words, width, start, &mut got[..len]);
+                    pack::unpack_ref(&words, width, start, &mut want[..len]);
+                    assert_eq!(got[..len], want[..len], "{width:?} start {start} len {len}");
+                }
+            }
+        }
+    }
+
+    /// `lookup` is `table[code]`, for the select tree of two-bit codes and the loads of wider ones.
+    #[test]
+    fn lookup_is_the_table() {
+        let mut table = [0.0f32; 16];
+        for (i, t) in table.iter_mut().enumerate() {
+            *t = (i as f32 - 7.5) * 0.37;
+        }
+        for bits in [1u32, 2, 3, 4] {
+            let codes: [u8; 40] = core::array::from_fn(|i| ((i * 7 + 3) % (1 << bits)) as u8);
+            let mut out = [0.0f32; 40];
+            lookup(bits, &table, &codes, &mut out);
+            for (&c, &o) in codes.iter().zip(&out) {
+                assert_eq!(o.to_bits(), table[usize::from(c)].to_bits(), "{bits} bits, code {c}");
+            }
+        }
+    }
 }

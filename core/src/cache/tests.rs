@@ -351,6 +351,31 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
         ),
         ("tiers-b8", base.with_tiers(Tiers { keep: 3, width: Width::B8 })),
         (
+            // kvq2: 3-bit keys in 64-token groups with FP8 parameters, 2-bit values in 64-channel groups.
+            "kvq2-k3g64",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3)),
+                values: q(QuantSpec::per_token(Width::B2, 64)),
+                residual: 64,
+                ..base.with_transform(Transform {
+                    rope: rope(Pairing::Adjacent),
+                    rotate_keys: true,
+                    rotate_values: true,
+                    ..t
+                })
+            },
+        ),
+        (
+            "kvq3-tiers",
+            CacheConfig {
+                keys: q(ch(Width::B3)),
+                values: q(tok(Width::B3)),
+                ..base
+                    .with_transform(Transform { rope: rope(Pairing::Halves), rotate_keys: true, ..t })
+                    .with_tiers(Tiers { keep: 2, width: Width::B4 })
+            },
+        ),
+        (
             "tiers-b4-rope-rot-nuq",
             CacheConfig {
                 keys: q(ch(Width::B2).with_codebook().with_outliers(4)),

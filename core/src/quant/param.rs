@@ -142,21 +142,43 @@ impl ParamFormat {
     pub fn decode(self, raw: u16) -> f32 {
         match self {
             Self::F16 => half::f16::from_bits(raw).to_f32(),
-            Self::Fp8E4M3 => {
-                let sign = if raw & 0x80 != 0 { -1.0 } else { 1.0 };
-                let exp = i32::from((raw >> 3) & 0xf);
-                let m = f32::from((raw & 7) as u8);
-                if exp == 15 && raw & 7 == 7 {
-                    f32::NAN
-                } else if exp == 0 {
-                    sign * libm::ldexpf(m, -9)
-                } else {
-                    sign * libm::ldexpf(8.0 + m, exp - 10)
-                }
-            }
+            Self::Fp8E4M3 => FP8_E4M3[usize::from(raw & 0xff)],
         }
     }
 }
+
+/// The value of an E4M3 byte: `(-1)^s * m * 2^-9` for exponent field 0 (subnormal), else
+/// `(-1)^s * (8 + m) * 2^(e - 10)`; `e = 15, m = 7` is NaN. Every factor is a power of two or a small
+/// integer, so the products are exact.
+const fn fp8_e4m3_value(raw: u8) -> f32 {
+    let sign = if raw & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((raw >> 3) & 0xf) as i32;
+    let m = (raw & 7) as f32;
+    if exp == 15 && raw & 7 == 7 {
+        f32::NAN
+    } else if exp == 0 {
+        sign * m * pow2(-9)
+    } else {
+        sign * (8.0 + m) * pow2(exp - 10)
+    }
+}
+
+/// `2^k` for a normal `k` (here -9..=5), from its bit pattern.
+const fn pow2(k: i32) -> f32 {
+    f32::from_bits(((k + 127) as u32) << 23)
+}
+
+/// Every E4M3 byte's value, so that decoding a group parameter is one load (the decode-attention paths read
+/// two per group).
+static FP8_E4M3: [f32; 256] = {
+    let mut t = [0.0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = fp8_e4m3_value(i as u8);
+        i += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {
@@ -174,6 +196,25 @@ mod tests {
             }
             x *= 1.0173;
         }
+    }
+
+    /// The decode table against the format's definition, evaluated with `ldexpf` for all 256 bytes.
+    #[test]
+    fn fp8_table_is_the_format() {
+        for raw in 0u16..256 {
+            let sign = if raw & 0x80 != 0 { -1.0 } else { 1.0 };
+            let (exp, m) = (i32::from((raw >> 3) & 0xf), f32::from((raw & 7) as u8));
+            let want =
+                if exp == 0 { sign * libm::ldexpf(m, -9) } else { sign * libm::ldexpf(8.0 + m, exp - 10) };
+            let got = ParamFormat::Fp8E4M3.decode(raw);
+            if exp == 15 && raw & 7 == 7 {
+                assert!(got.is_nan(), "{raw:#x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{raw:#x}");
+            }
+        }
+        assert_eq!(ParamFormat::Fp8E4M3.decode(0x7e), 448.0);
+        assert_eq!(ParamFormat::Fp8E4M3.decode(0x01), libm::ldexpf(1.0, -9));
     }
 
     #[test]
