@@ -377,3 +377,35 @@ pub fn run_case(s: &mut Session<'_>, case: &Case, progress: impl FnMut(usize)) -
     }
     Ok(Outcome { exact, logprob })
 }
+
+/// The fact `kvq demo` plants in its document.
+pub const DEMO_FACT: &str = "\n(A note pinned inside the Kellynch Hall library reads: the key to the old piano is kept in the \
+     blue teapot on the kitchen shelf.)\n";
+/// The question `kvq demo` asks about [`DEMO_FACT`].
+pub const DEMO_QUESTION: &str = "Where is the key to the old piano kept?";
+/// The word a right answer to [`DEMO_QUESTION`] holds.
+pub const DEMO_ANSWER: &str = "teapot";
+
+/// `kvq demo`'s document: whole paragraphs of `prose` from its start while they fit in `doc_tokens`
+/// (counted with `tok`, two tokens per paragraph break), with [`DEMO_FACT`] before the paragraph that crosses
+/// the halfway mark.
+pub fn demo_document(tok: &Tokenizer, prose: &str, doc_tokens: usize) -> String {
+    let mut doc = String::new();
+    let mut used = 0;
+    let mut planted = false;
+    for para in prose.split("\n\n").filter(|p| !p.trim().is_empty()) {
+        let t = tok.encode(para, false, false).len() + 2;
+        if used + t > doc_tokens {
+            break;
+        }
+        if !planted && used + t > doc_tokens / 2 {
+            doc.push_str(DEMO_FACT);
+            doc.push('\n');
+            planted = true;
+        }
+        doc.push_str(para.trim_matches('\n'));
+        doc.push_str("\n\n");
+        used += t;
+    }
+    doc
+}

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvq_core::cache::{CacheConfig, Overflow};
+use kvq_host::eval::{DEMO_ANSWER, DEMO_QUESTION, demo_document};
 use kvq_host::fetch;
 use kvq_host::kvspec::{KvSpec, PRESETS};
 use kvq_host::model::{self, Model, Session};
@@ -127,8 +128,8 @@ struct PlotQualityArgs {
 struct DemoArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// KV specs to compare, side by side.
-    #[arg(long, default_value = "f16,kivi2")]
+    /// KV specs to compare, side by side: by default f16, KIVI-2 and kvq's 2-bit recipe.
+    #[arg(long, default_value = "f16,kivi2,kvq2")]
     kv: String,
     /// Document length in tokens (prose from Persuasion, with the planted fact halfway).
     #[arg(long, default_value_t = 6000)]
@@ -1401,12 +1402,6 @@ fn score<'a>(outcomes: impl Iterator<Item = &'a kvq_host::eval::Outcome>) -> (f6
     (exact as f64 / n.max(1) as f64, lp / n.max(1) as f64, n)
 }
 
-/// The fact `kvq demo` plants in the document, the question about it, and the word the answer must hold.
-const DEMO_FACT: &str = "\n(A note pinned inside the Kellynch Hall library reads: the key to the old piano is kept in the blue \
-     teapot on the kitchen shelf.)\n";
-const DEMO_QUESTION: &str = "Where is the key to the old piano kept?";
-const DEMO_ANSWER: &str = "teapot";
-
 fn demo(a: DemoArgs) -> Result<()> {
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
@@ -1414,23 +1409,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let specs = parse_specs(&a.kv)?;
     let prose = kvq_host::texts::text("persuasion", false)?;
     // Whole paragraphs of the novel's opening chapters up to the token budget, the fact halfway.
-    let mut doc = String::new();
-    let mut used = 0;
-    let mut planted = false;
-    for para in prose.split("\n\n").filter(|p| !p.trim().is_empty()) {
-        let t = tok.encode(para, false, false).len() + 2;
-        if used + t > a.doc_tokens {
-            break;
-        }
-        if !planted && used + t > a.doc_tokens / 2 {
-            doc.push_str(DEMO_FACT);
-            doc.push('\n');
-            planted = true;
-        }
-        doc.push_str(para.trim_matches('\n'));
-        doc.push_str("\n\n");
-        used += t;
-    }
+    let doc = demo_document(&tok, &prose, a.doc_tokens);
     let system = match fmt {
         Turns::ChatMl => "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
         Turns::Gemma => "",

@@ -299,7 +299,8 @@ fn demo_command() {
     let so = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(so.contains("Where is the key to the old piano kept?"), "{so}");
-    for kv in ["f16", "kivi2"] {
+    // The default comparison: f16, KIVI-2 and kvq2, each with an answer and a row of figures.
+    for kv in ["f16", "kivi2", "kvq2"] {
         assert!(so.lines().any(|l| l.trim_start().starts_with(kv) && l.contains('[')), "{kv} answer in {so}");
         assert!(
             so.lines().any(|l| l.trim_start().starts_with(kv) && l.split_whitespace().count() == 5),
