@@ -5,7 +5,7 @@
 //! `demo_probe SPECS [DOC_TOKENS]` (default 6000, as `kvq demo`).
 use anyhow::{Context, Result};
 use kvq_core::cache::Overflow;
-use kvq_host::eval::{DEMO_QUESTION, demo_document};
+use kvq_host::eval::{DEMO_QUESTION, demo_document, log_softmax};
 use kvq_host::kvspec::KvSpec;
 use kvq_host::model::{self, Model, Session};
 use kvq_host::tokenizer::Tokenizer;
@@ -48,11 +48,11 @@ fn main() -> Result<()> {
         }
         let mut lp = 0.0;
         let mut info = Vec::new();
+        let mut ls = Vec::new();
         for (i, &tk) in reference.iter().enumerate() {
             let l = &all[i * v..(i + 1) * v];
-            let mx = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let z = l.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
-            let prob = |id: usize| (l[id] as f64 - z).exp();
+            log_softmax(l, &mut ls);
+            let prob = |id: usize| ls[id].exp();
             lp += prob(tk as usize).ln();
             // The most likely token other than the reference's, and its probability.
             let other =

@@ -7,6 +7,7 @@
 //! (default 0). `QUIET=1` prints only the means over the documents.
 use anyhow::{Context, Result};
 use kvq_core::cache::Overflow;
+use kvq_host::eval::{log_softmax, planted_document};
 use kvq_host::kvspec::KvSpec;
 use kvq_host::model::{self, Model, Session};
 use kvq_host::tokenizer::Tokenizer;
@@ -65,23 +66,10 @@ fn main() -> Result<()> {
     let prose = kvq_host::texts::text("persuasion", true)?;
     let mut sums: Vec<(String, f64, f64, usize)> = Vec::new();
     for &off in &offsets {
-        let mut doc = String::new();
-        let mut used = 0;
-        let mut planted = 0;
-        for para in prose.split("\n\n").filter(|p| !p.trim().is_empty()).skip(off) {
-            let t = tok.encode(para, false, false).len() + 2;
-            if used + t > doc_tokens {
-                break;
-            }
-            // Facts at depths 1/12, 3/12, ... 11/12.
-            if planted < FACTS.len() && used + t > doc_tokens * (2 * planted + 1) / 12 {
-                doc.push_str(&format!("\n({})\n\n", FACTS[planted].0));
-                planted += 1;
-            }
-            doc.push_str(para.trim_matches('\n'));
-            doc.push_str("\n\n");
-            used += t;
-        }
+        // Facts at depths 1/12, 3/12, ... 11/12.
+        let marks: Vec<(&str, usize)> =
+            FACTS.iter().enumerate().map(|(k, f)| (f.0, doc_tokens * (2 * k + 1) / 12)).collect();
+        let (doc, planted) = planted_document(&tok, &prose, off, doc_tokens, &marks);
         let sys = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
         let head =
             format!("<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\nRead this document.\n\n{doc}");
@@ -128,9 +116,8 @@ fn main() -> Result<()> {
                 let (mut lp, mut ok) = (0.0, true);
                 for (i, &tk) in a.iter().enumerate() {
                     let l = &all[i * v..(i + 1) * v];
-                    let mx = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                    let z = l.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
-                    let ls: Vec<f64> = l.iter().map(|&x| x as f64 - z).collect();
+                    let mut ls = Vec::new();
+                    log_softmax(l, &mut ls);
                     lp += ls[tk as usize];
                     ok &= kvq_host::sample::argmax(l) == tk;
                     dists.push(ls);

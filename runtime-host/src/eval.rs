@@ -52,8 +52,8 @@ struct Acc {
     n: usize,
 }
 
-/// `log_softmax(logits)` in f64.
-fn log_softmax(logits: &[f32], out: &mut Vec<f64>) {
+/// `log_softmax(logits)` in f64, written into `out`.
+pub fn log_softmax(logits: &[f32], out: &mut Vec<f64>) {
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let s: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
     let ls = m + s.ln();
@@ -379,8 +379,7 @@ pub fn run_case(s: &mut Session<'_>, case: &Case, progress: impl FnMut(usize)) -
 }
 
 /// The fact `kvq demo` plants in its document.
-pub const DEMO_FACT: &str = "\n(A note pinned inside the Kellynch Hall library reads: the key to the old piano is kept in the \
-     blue teapot on the kitchen shelf.)\n";
+pub const DEMO_FACT: &str = "A note pinned inside the Kellynch Hall library reads: the key to the old piano is kept in the blue teapot on the kitchen shelf.";
 /// The question `kvq demo` asks about [`DEMO_FACT`].
 pub const DEMO_QUESTION: &str = "Where is the key to the old piano kept?";
 /// The word a right answer to [`DEMO_QUESTION`] holds.
@@ -390,22 +389,37 @@ pub const DEMO_ANSWER: &str = "teapot";
 /// (counted with `tok`, two tokens per paragraph break), with [`DEMO_FACT`] before the paragraph that crosses
 /// the halfway mark.
 pub fn demo_document(tok: &Tokenizer, prose: &str, doc_tokens: usize) -> String {
+    planted_document(tok, prose, 0, doc_tokens, &[(DEMO_FACT, doc_tokens / 2)]).0
+}
+
+/// Whole paragraphs of `prose`, from its `skip`-th on, while they fit in `doc_tokens` (counted with `tok`,
+/// two tokens per paragraph break). Each `(text, mark)` of `facts`, in order, goes on a line of its own in
+/// parentheses before the first paragraph that crosses `mark` tokens, at most one per paragraph. Returns
+/// the document and how many facts it holds.
+pub fn planted_document(
+    tok: &Tokenizer,
+    prose: &str,
+    skip: usize,
+    doc_tokens: usize,
+    facts: &[(&str, usize)],
+) -> (String, usize) {
     let mut doc = String::new();
     let mut used = 0;
-    let mut planted = false;
-    for para in prose.split("\n\n").filter(|p| !p.trim().is_empty()) {
+    let mut planted = 0;
+    for para in prose.split("\n\n").filter(|p| !p.trim().is_empty()).skip(skip) {
         let t = tok.encode(para, false, false).len() + 2;
         if used + t > doc_tokens {
             break;
         }
-        if !planted && used + t > doc_tokens / 2 {
-            doc.push_str(DEMO_FACT);
-            doc.push('\n');
-            planted = true;
+        if let Some((fact, mark)) = facts.get(planted)
+            && used + t > *mark
+        {
+            doc.push_str(&format!("\n({fact})\n\n"));
+            planted += 1;
         }
         doc.push_str(para.trim_matches('\n'));
         doc.push_str("\n\n");
         used += t;
     }
-    doc
+    (doc, planted)
 }
