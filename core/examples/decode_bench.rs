@@ -5,7 +5,7 @@
 //! cargo run --release -p kvq-core --example decode_bench                  # table
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
-//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvq3, kvquant2, skvq2, mikv2, and
+//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvq3, kvquant2..4, skvq2, mikv2, and
 //!          kvq2k2 (the all-2-bit `kvq2:k=2:kg=32:kp=f16`); the ingredients alone over KIVI-2: rot, rope, nuq,
 //!          out, fp8, tier)
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
@@ -55,11 +55,9 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         "kvq2" => kvq(capacity, QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3), Width::B2),
         "kvq2k2" => kvq(capacity, QuantSpec::per_channel(Width::B2, 32), Width::B2),
         "kvq3" => kvq(capacity, QuantSpec::per_channel(Width::B3, 32), Width::B3),
-        "kvquant2" => CacheConfig {
-            keys: Precision::Quant(QuantSpec::per_channel(Width::B2, 32).with_codebook().with_outliers(20)),
-            values: Precision::Quant(QuantSpec::per_token(Width::B2, 32).with_codebook().with_outliers(2)),
-            ..kivi2(capacity).with_sinks(1).with_transform(Transform { rope: ROPE, ..Transform::NONE })
-        },
+        "kvquant2" => kvquant(capacity, Width::B2),
+        "kvquant3" => kvquant(capacity, Width::B3),
+        "kvquant4" => kvquant(capacity, Width::B4),
         "skvq2" => CacheConfig {
             keys: Precision::Quant(
                 QuantSpec { permuted: true, clip: 0.9, ..QuantSpec::per_token(Width::B2, 32) }
@@ -109,6 +107,17 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
 const TIERS: Tiers = Tiers { keep: 2, width: Width::B4 };
 
 const ROPE: Option<Rope> = Some(Rope { base: 100_000.0, pairing: Pairing::Adjacent });
+
+/// KVQuant's format at `bits` as the `kvquantN` presets set it: keys relative to their group, codebook
+/// levels, 1% outliers (20 slots per 32-token key group of 64 channels, 2 per token of 3 value heads), one
+/// sink.
+fn kvquant(capacity: usize, bits: Width) -> CacheConfig {
+    CacheConfig {
+        keys: Precision::Quant(QuantSpec::per_channel(bits, 32).with_codebook().with_outliers(20)),
+        values: Precision::Quant(QuantSpec::per_token(bits, 32).with_codebook().with_outliers(2)),
+        ..kivi2(capacity).with_sinks(1).with_transform(Transform { rope: ROPE, ..Transform::NONE })
+    }
+}
 
 /// kvq's recipe over the given keys and values of `values` bits: rotated, keys relative to their group,
 /// four sinks, 64-channel value groups.

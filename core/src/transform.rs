@@ -76,7 +76,7 @@ impl Rope {
 
     /// Rotates `x` (one head of `d`) by the angles in `cs` (one offset's `[d/2][2]` row of
     /// [`Rope::offsets_table`]): forward (`R(t) x`) or, with `inverse`, back (`R(-t) x`).
-    #[inline]
+    #[inline(always)]
     pub fn rotate(&self, x: &mut [f32], cs: &[f32], inverse: bool) {
         let d = x.len();
         for i in 0..d / 2 {
@@ -97,6 +97,7 @@ pub const fn hadamard_len_ok(n: usize) -> bool {
 /// The normalized Walsh-Hadamard transform of `x` in place (`x <- H x`, `H` Sylvester-ordered and scaled
 /// by `1/sqrt(n)`, so applying it twice gives `x` back up to rounding). `x.len()` must be a power of two
 /// (the configuration checks it); other lengths are left unchanged.
+#[inline]
 pub fn hadamard(x: &mut [f32]) {
     let n = x.len();
     if !hadamard_len_ok(n) {

@@ -163,6 +163,27 @@ unsafe fn unpack16<const B: u32>(p: *const u32) -> [__m256; 2] {
     }
 }
 
+/// Run `r` of 16 three-bit codes (bits `48 r..48 r + 48`) of a row of `row_words` words at `p`, as two
+/// vectors of 8 f32: the 8 bytes from the run's first byte, or the row's last 8 where those would pass
+/// its end, read as one `u64` and shifted down to the run; then 8 codes per 24 bits, each a per-lane
+/// shift of a broadcast word, masked and converted.
+///
+/// # Safety
+/// `p` must point at `row_words` readable `u32`s, with `row_words >= 2` and `48 (r + 1) <= 32 row_words`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack16_b3(p: *const u32, row_words: usize, r: usize) -> [__m256; 2] {
+    let off = 6 * r;
+    let at = off.min(4 * row_words - 8);
+    // SAFETY: at + 8 <= 4 * row_words bytes, all readable by the caller's contract; unaligned read.
+    let x = unsafe { p.cast::<u8>().add(at).cast::<u64>().read_unaligned() } >> (8 * (off - at));
+    let sh = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    let m = _mm256_set1_epi32(7);
+    let lanes =
+        |w: u64| _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), sh), m));
+    [lanes(x), lanes(x >> 24)]
+}
+
 /// See [`portable::dot_rows_f16`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_rows_f16(rows: &[u16], n: usize, q: &Queries<'_>, out: &mut Scores<'_>) {
@@ -510,6 +531,20 @@ fn unpack_runs<const B: u32>(raw: &[u32], stride: usize, out: &mut [__m256]) {
     }
 }
 
+/// [`unpack_runs`] for 3-bit codes: code run `r` (see [`unpack16_b3`]) of each of `out.len() / 2` rows of
+/// `row_words` words at the start of `rows`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_runs_b3(rows: &[u32], row_words: usize, r: usize, out: &mut [__m256]) {
+    let n = out.len() / 2;
+    // The layout guarantees this; a failure is a bug in this crate, never a property of the input.
+    assert!(n > 0 && row_words >= 2 && 48 * (r + 1) <= 32 * row_words && rows.len() >= n * row_words);
+    for (i, u) in out.chunks_exact_mut(2).enumerate() {
+        // SAFETY: i < n, so row i's row_words words lie within `rows` (checked above), as does run r.
+        u.copy_from_slice(&unsafe { unpack16_b3(rows.as_ptr().add(i * row_words), row_words, r) });
+    }
+}
+
 /// An unpacked chunk's 16 tokens (see [`unpack_runs`]) by up to 6 queries from `qb` (`fq`: their folded
 /// queries, `bias`: their zero-point terms).
 #[inline]
@@ -549,7 +584,8 @@ fn shared_chunk_m<const M: usize>(
     store_scores(&acc, out, qb, col);
 }
 
-/// See [`portable::values_q_token`]. Widths 2 (or ternary), 4 and 8 bits; `group % 16 == 0`.
+/// See [`portable::values_q_token`]. Widths 2 (or ternary), 3, 4 and 8 bits; `group % 16 == 0`; for 3 bits
+/// `d >= 32` (rows of at least two words).
 ///
 /// Tiles of 32 tokens: the products `p_t * s_t` are formed 8 at a time (a group's scales are contiguous
 /// over tokens), then 16 channels by up to 3 queries accumulate in 6
@@ -617,8 +653,12 @@ fn token_values<const S: bool>(
         let rows = &b.codes[slot * b.row_words..][..TILE * b.row_words];
         if S {
             for c0 in (0..d).step_by(16) {
-                let (raw, u) = (&rows[c0 / 16 * b.width.bits() as usize / 2..], &mut unpacked[..2 * TILE]);
+                let (raw, u) = (
+                    &rows[(c0 / 16 * b.width.bits() as usize / 2).min(rows.len())..],
+                    &mut unpacked[..2 * TILE],
+                );
                 match b.width {
+                    Width::B3 => unpack_runs_b3(rows, b.row_words, c0 / 16, u),
                     Width::B4 => unpack_runs::<4>(raw, b.row_words, u),
                     Width::B8 => unpack_runs::<8>(raw, b.row_words, u),
                     _ => unpack_runs::<2>(raw, b.row_words, u),
@@ -634,6 +674,9 @@ fn token_values<const S: bool>(
         for qb in (0..nq).step_by(3) {
             let m = nq - qb;
             match (b.width, m) {
+                (Width::B3, 1) => v_tile::<3, 1>(rows, b, d, ps, nq, out, qb),
+                (Width::B3, 2) => v_tile::<3, 2>(rows, b, d, ps, nq, out, qb),
+                (Width::B3, _) => v_tile::<3, 3>(rows, b, d, ps, nq, out, qb),
                 (Width::B4, 1) => v_tile::<4, 1>(rows, b, d, ps, nq, out, qb),
                 (Width::B4, 2) => v_tile::<4, 2>(rows, b, d, ps, nq, out, qb),
                 (Width::B4, _) => v_tile::<4, 3>(rows, b, d, ps, nq, out, qb),
@@ -718,7 +761,7 @@ fn v_tile<const B: u32, const M: usize>(
     out: &mut [f32],
     qb: usize,
 ) {
-    let h = B as usize / 2; // words per 16 codes
+    let h = B as usize / 2; // words per 16 codes (3-bit runs are read by `unpack16_b3`)
     let tile = rows.len() / b.row_words;
     for c0 in (0..d).step_by(16) {
         let gi = c0 / b.group;
@@ -729,15 +772,27 @@ fn v_tile<const B: u32, const M: usize>(
         }
         let word = c0 / 16 * h;
         let pg = &ps[(gi * nq + qb) * tile..][..M * tile];
-        // Reads word `t * row_words + word + k` (k < h) of `rows` and entry `m * tile + t` of `pg` for
-        // t < tile, m < M: both ranges checked here, then read through pointers (as in `q_chunk_m`).
+        // Reads word `t * row_words + word + k` (k < h) of `rows` (for 3 bits, run `c0 / 16` of row `t`)
+        // and entry `m * tile + t` of `pg` for t < tile, m < M: both ranges checked here, then read
+        // through pointers (as in `q_chunk_m`).
         // The layout guarantees this; a failure is a bug in this crate, never a property of the input.
-        assert!(tile > 0 && word + h <= b.row_words, "value row shorter than its layout");
+        let fits = if B == 3 {
+            b.row_words >= 2 && 48 * (c0 / 16 + 1) <= 32 * b.row_words
+        } else {
+            word + h <= b.row_words
+        };
+        assert!(tile > 0 && fits, "value row shorter than its layout");
         let (rp, pp) = (rows.as_ptr(), pg.as_ptr());
         for t in 0..tile {
-            // SAFETY: t < tile = rows.len() / row_words and word + h <= row_words, so the words lie in
-            // `rows`; m * tile + t < M * tile = pg.len().
-            let x = unsafe { unpack16::<B>(rp.add(t * b.row_words + word)) };
+            // SAFETY: t < tile = rows.len() / row_words and the run lies in its row (checked above), so
+            // the words lie in `rows`; m * tile + t < M * tile = pg.len().
+            let x = unsafe {
+                if B == 3 {
+                    unpack16_b3(rp.add(t * b.row_words), b.row_words, c0 / 16)
+                } else {
+                    unpack16::<B>(rp.add(t * b.row_words + word))
+                }
+            };
             // SAFETY: as above.
             unsafe { fma_bcast(&mut acc, pp.add(t), tile, x) };
         }
@@ -1539,4 +1594,236 @@ impl Q8Values<'_> {
             }
         }
     }
+}
+
+/// Eight codes of `B` bits (1 to 4) from the low `8 B` bits of `x`, one per 32-bit lane, code `k` in the
+/// low bits of lane `k` with the following codes' bits above it (unmasked: [`lookup8`] reads only the
+/// code's own bits).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes8<const B: i32>(x: u32) -> __m256i {
+    let sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    _mm256_srlv_epi32(_mm256_set1_epi32(x as i32), sh)
+}
+
+/// `table[code]` per lane for codes of `B` bits, up to 4, in the low bits of each lane (bits above the
+/// code are ignored): `vpermps` reads a lane's low 3 bits, so 3-bit codes index the table's first half
+/// directly, and 1- and 2-bit codes do too because the table repeats its levels with their period (the
+/// next code's bits in the index land on a copy); 4-bit codes pick between both halves on their fourth
+/// bit, shifted into the sign bit for `vblendvps`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lookup8<const B: i32>(lo: __m256, hi: __m256, codes: __m256i) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lo, codes);
+    if B <= 3 {
+        return a;
+    }
+    let b = _mm256_permutevar8x32_ps(hi, codes);
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(codes)))
+}
+
+/// The first `2 B` bytes of `bytes[off..]` (16 codes of `B` bits) as the low bits of a `u64`.
+#[inline(always)]
+fn read16<const B: usize>(bytes: &[u8], off: usize) -> u64 {
+    match bytes.get(off..off + 8) {
+        Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
+        None => {
+            let mut a = [0u8; 8];
+            a[..2 * B].copy_from_slice(&bytes[off..off + 2 * B]);
+            u64::from_le_bytes(a)
+        }
+    }
+}
+
+/// Key groups of the generic per-channel path (see `generic::channel_key_groups`) in one pass: for each
+/// group's `g` tokens (`g % 16 == 0`) and the `nq` queries, the score `bias[qi * g + t] + sum_c w(qi, c, t)
+/// * table_c[code(c, t)]`, with `w(qi, c, t)` the offset query at `oq[oq_at(qi, c, t, ..)]`, written to
+/// `out`. Each group is `(word, col, at)`: its channel `c`'s codes are the row at `word + c * row_words` of
+/// `codes`, from code `col` (`col % 8 == 0`), and its scores go to columns `at..at + g`; its tables are the
+/// next `d` of `tables` (entry `k` is the reconstruction of code `k % levels`, see [`lookup8`]).
+///
+/// Blocks of 16 tokens by up to 4 queries keep 8 accumulators in registers; a run of 16 codes is unpacked
+/// by a broadcast and per-lane shifts and looked up with `vpermps`. The groups are the inner loop, so each
+/// block's offset queries (12 KiB for 3 queries of 64 channels) are read from L1 for every group of the
+/// batch instead of streaming the whole `[G][nq][d]` set (48 KiB at G = 64) from L2 once per group.
+pub(crate) struct GroupRun<'a> {
+    pub(crate) codes: &'a [u32],
+    pub(crate) row_words: usize,
+    pub(crate) groups: &'a [(usize, usize, usize)],
+    pub(crate) tables: &'a [[f32; 16]],
+    pub(crate) d: usize,
+    pub(crate) g: usize,
+    pub(crate) oq: &'a [f32],
+    pub(crate) bias: &'a [f32],
+}
+
+impl GroupRun<'_> {
+    /// Every group's scores for codes of `bits` bits (1 to 4).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn scores(&self, bits: u32, out: &mut Scores<'_>) {
+        let nq = self.bias.len() / self.g;
+        let mut qb = 0;
+        while qb < nq {
+            let m = (nq - qb).min(4);
+            match bits {
+                1 => self.block_any::<1>(out, qb, m),
+                2 => self.block_any::<2>(out, qb, m),
+                3 => self.block_any::<3>(out, qb, m),
+                _ => self.block_any::<4>(out, qb, m),
+            }
+            qb += m;
+        }
+    }
+
+    /// Queries `qb..qb + m` (`m` at most 4) for `B`-bit codes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_any<const B: i32>(&self, out: &mut Scores<'_>, qb: usize, m: usize) {
+        match m {
+            1 => self.block::<B, 1>(out, qb),
+            2 => self.block::<B, 2>(out, qb),
+            3 => self.block::<B, 3>(out, qb),
+            _ => self.block::<B, 4>(out, qb),
+        }
+    }
+
+    /// Queries `qb..qb + M` for `B`-bit codes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block<const B: i32, const M: usize>(&self, out: &mut Scores<'_>, qb: usize) {
+        let (g, d) = (self.g, self.d);
+        let nq = self.bias.len() / g;
+        let bytes: &[u8] = bytemuck::cast_slice(self.codes);
+        let b = B as usize;
+        for t0 in (0..g).step_by(16) {
+            let oq = &self.oq[crate::attention::generic::oq_at(qb, 0, t0, nq, d, g)..][..M * d * 16];
+            for (&(word, col, at), tables) in self.groups.iter().zip(self.tables.chunks_exact(d)) {
+                let mut a: [[__m256; 2]; M] =
+                    core::array::from_fn(|m| ldn::<2>(&self.bias[(qb + m) * g + t0..][..16]));
+                let off = word * 4 + (col + t0) * b / 8;
+                for (c, table) in tables.iter().enumerate() {
+                    let at = off + c * self.row_words * 4;
+                    let x = match b {
+                        1 => read16::<1>(bytes, at),
+                        2 => read16::<2>(bytes, at),
+                        3 => read16::<3>(bytes, at),
+                        _ => read16::<4>(bytes, at),
+                    };
+                    let lo = ld(&table[..8]);
+                    let hi = if B < 4 { lo } else { ld(&table[8..]) };
+                    let v = [
+                        lookup8::<B>(lo, hi, codes8::<B>(x as u32)),
+                        lookup8::<B>(lo, hi, codes8::<B>((x >> (8 * b)) as u32)),
+                    ];
+                    for (m, am) in a.iter_mut().enumerate() {
+                        let w = ldn::<2>(&oq[(m * d + c) * 16..][..16]);
+                        am[0] = _mm256_fmadd_ps(w[0], v[0], am[0]);
+                        am[1] = _mm256_fmadd_ps(w[1], v[1], am[1]);
+                    }
+                }
+                store_scores(&a, out, qb, at + t0);
+            }
+        }
+    }
+}
+
+/// Per-token value rows of the generic path (see `generic::token_value_sums_in`) in one pass:
+/// `acc[qi * d + c] += sum_t p[qi][t] * table_{t, c / group}[code(t, c)]` over the tokens of `codes`
+/// (row `t` at word `t * row_words`, `bits` per code), each token's `d / group` tables in turn in `tables`
+/// (entry `k` the reconstruction of code `k % levels`, see [`lookup8`]).
+///
+/// Blocks of 16 channels by up to 4 queries keep 8 accumulators in registers while the tile's rows stream
+/// past; a run of 16 codes is unpacked by a broadcast and per-lane shifts and looked up with `vpermps`.
+pub(crate) struct ValueRun<'a> {
+    pub(crate) codes: &'a [u32],
+    pub(crate) row_words: usize,
+    pub(crate) tables: &'a [[f32; 16]],
+    pub(crate) group: usize,
+    pub(crate) p: &'a Probs<'a>,
+}
+
+impl ValueRun<'_> {
+    /// Adds the tile's sums into `acc` (`[nq][d]`) for codes of `bits` bits (1 to 4; ternary is 2).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn sums(&self, bits: u32, d: usize, acc: &mut [f32]) {
+        let nq = acc.len() / d;
+        let mut qb = 0;
+        while qb < nq {
+            let m = (nq - qb).min(4);
+            match bits {
+                1 => self.block_any::<1>(d, acc, qb, m),
+                2 => self.block_any::<2>(d, acc, qb, m),
+                3 => self.block_any::<3>(d, acc, qb, m),
+                _ => self.block_any::<4>(d, acc, qb, m),
+            }
+            qb += m;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_any<const B: i32>(&self, d: usize, acc: &mut [f32], qb: usize, m: usize) {
+        match m {
+            1 => self.block::<B, 1>(d, acc, qb),
+            2 => self.block::<B, 2>(d, acc, qb),
+            3 => self.block::<B, 3>(d, acc, qb),
+            _ => self.block::<B, 4>(d, acc, qb),
+        }
+    }
+
+    /// Queries `qb..qb + M` for `B`-bit codes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block<const B: i32, const M: usize>(&self, d: usize, acc: &mut [f32], qb: usize) {
+        let bytes: &[u8] = bytemuck::cast_slice(self.codes);
+        let b = B as usize;
+        let groups = d / self.group;
+        let nt = self.tables.len() / groups;
+        let p = self.p;
+        for c0 in (0..d).step_by(16) {
+            let gj = c0 / self.group;
+            let mut a: [[__m256; 2]; M] = core::array::from_fn(|m| ldn::<2>(&acc[(qb + m) * d + c0..][..16]));
+            for t in 0..nt {
+                let at = t * self.row_words * 4 + c0 * b / 8;
+                let x = match b {
+                    1 => read16::<1>(bytes, at),
+                    2 => read16::<2>(bytes, at),
+                    3 => read16::<3>(bytes, at),
+                    _ => read16::<4>(bytes, at),
+                };
+                let table = &self.tables[t * groups + gj];
+                let lo = ld(&table[..8]);
+                let hi = if B < 4 { lo } else { ld(&table[8..]) };
+                let v = [
+                    lookup8::<B>(lo, hi, codes8::<B>(x as u32)),
+                    lookup8::<B>(lo, hi, codes8::<B>((x >> (8 * b)) as u32)),
+                ];
+                for (m, am) in a.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(p.at(qb + m, t));
+                    am[0] = _mm256_fmadd_ps(w, v[0], am[0]);
+                    am[1] = _mm256_fmadd_ps(w, v[1], am[1]);
+                }
+            }
+            for (m, am) in a.iter().enumerate() {
+                stn(&mut acc[(qb + m) * d + c0..][..16], *am);
+            }
+        }
+    }
+}
+
+/// A group's lookup table (see [`lookup8`]): entry `k` is `zero + scale * levels[k]`, a product and then a
+/// sum, each rounded, as the portable paths form a reconstruction.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn fill_table(table: &mut [f32; 16], levels: &[f32; 16], scale: f32, zero: f32) {
+    let (s, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero));
+    st(&mut table[..8], _mm256_add_ps(z, _mm256_mul_ps(s, ld(&levels[..8]))));
+    st(&mut table[8..], _mm256_add_ps(z, _mm256_mul_ps(s, ld(&levels[8..]))));
+}
+
+/// An f16 (its bits) as f32, with F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }

@@ -52,10 +52,45 @@ pub(crate) fn key_group_stored(
 
 /// The queries of a generic per-channel key body, one set per offset within a key group: a stored row
 /// `k_s` at offset `o` is the key `R(o) (H (k_s + mu)) / b` (see [`Cache::inverse`]), so its score is
-/// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives them transposed, `[nq][d][G]` (for
-/// each query and channel, the `G` offsets side by side, as a key group's codes lie), `bias` `[nq][G]`.
+/// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives them transposed, with offsets side
+/// by side as a key group's codes lie (see [`oq_at`]), `bias` `[nq][G]`.
 /// Turning the `G * nq` queries once per step replaces turning every key row back.
+#[allow(unsafe_code)]
 pub(crate) fn offset_queries(
+    cache: &Cache<'_>,
+    h: usize,
+    g: usize,
+    queries: &Queries<'_>,
+    oq: &mut [f32],
+    bias: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
+        // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { offset_queries_avx2(cache, h, g, queries, oq, bias) };
+    }
+    let _ = vector;
+    offset_queries_in(cache, h, g, queries, oq, bias)
+}
+
+/// [`offset_queries_in`] compiled for AVX2 (the same code; the compiler widens the rotations).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn offset_queries_avx2(
+    cache: &Cache<'_>,
+    h: usize,
+    g: usize,
+    queries: &Queries<'_>,
+    oq: &mut [f32],
+    bias: &mut [f32],
+) {
+    offset_queries_in(cache, h, g, queries, oq, bias)
+}
+
+#[inline(always)]
+fn offset_queries_in(
     cache: &Cache<'_>,
     h: usize,
     g: usize,
@@ -85,10 +120,28 @@ pub(crate) fn offset_queries(
             bias[qi * g + o] =
                 if t.center_keys { super::dot(row, &tables.center[h * d..][..d]) } else { 0.0 };
             for (c, &x) in row.iter().enumerate() {
-                oq[(qi * d + c) * g + o] = x;
+                oq[oq_at(qi, c, o, queries.nq, d, g)] = x;
             }
         }
     }
+}
+
+/// Offsets per run of the offset queries' layout ([`oq_at`]): 16 where the key group is a multiple of 16
+/// tokens, else the whole group.
+#[inline(always)]
+pub(crate) const fn oq_run(g: usize) -> usize {
+    if g.is_multiple_of(16) { 16 } else { g }
+}
+
+/// Index in [`offset_queries`]' output of query `qi`'s weight of channel `c` at offset `o` (of `nq` queries,
+/// head_dim `d`, key groups of `g`): runs of [`oq_run`] offsets, run-major, then query, then channel
+/// (`[g / run][nq][d][run]`), so that a block of 16 tokens reads its weights for every channel and query
+/// in one sequential sweep (a `[nq][d][g]` layout strides them `4 g` bytes apart, and at `g = 64` the
+/// queries alias in the L1 cache).
+#[inline(always)]
+pub(crate) const fn oq_at(qi: usize, c: usize, o: usize, nq: usize, d: usize, g: usize) -> usize {
+    let run = oq_run(g);
+    ((o / run * nq + qi) * d + c) * run + o % run
 }
 
 /// Codes `start..start + out.len()` of a per-channel key row: word by word with constant shifts where no
@@ -236,29 +289,169 @@ fn channel_key_groups<const G: usize>(
                     lookup(q.width.bits(), &table, &codes[..g], &mut col[..g]);
                 }
             }
+            let run = oq_run(g);
             for qi in 0..nq {
-                let w = &oq[(qi * d + c) * g..][..g];
-                for ((a, &x), &wq) in acc[qi * g..][..g].iter_mut().zip(&col[..g]).zip(w) {
-                    *a += wq * x;
-                }
-            }
-        }
-        if q.outliers > 0 {
-            for o in &sv.outliers[(h * l.row_groups + gi) * q.outliers..][..q.outliers] {
-                if o.index != EMPTY_SLOT {
-                    let (t, c) = (usize::from(o.index) / d, usize::from(o.index) % d);
-                    let delta = o.delta();
-                    for qi in 0..nq {
-                        acc[qi * g + t] += oq[(qi * d + c) * g + t] * delta;
+                for t0 in (0..g).step_by(run) {
+                    let w = &oq[oq_at(qi, c, t0, nq, d, g)..][..run];
+                    for ((a, &x), &wq) in acc[qi * g + t0..][..run].iter_mut().zip(&col[t0..][..run]).zip(w) {
+                        *a += wq * x;
                     }
                 }
             }
         }
-        for qi in 0..nq {
-            for t in 0..g {
-                *out.at(qi, g0 - start + t) = acc[qi * g + t];
+        finish_key_group(sv, q, h, g0 - start, gi, nq, d, oq, out, acc);
+    }
+}
+
+/// The end of a per-channel key group's scores: `acc` (`[nq][G]`, the group's scores without outliers)
+/// stored as the scores of body tokens `at..at + G`, then the group's outlier corrections added there.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn finish_key_group(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    at: usize,
+    gi: usize,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    out: &mut Scores<'_>,
+    acc: &[f32],
+) {
+    let g = q.group;
+    for qi in 0..nq {
+        for t in 0..g {
+            *out.at(qi, at + t) = acc[qi * g + t];
+        }
+    }
+    key_group_outliers(sv, q, h, at, gi, nq, d, oq, out);
+}
+
+/// Adds key group `gi`'s outlier corrections to the scores of body tokens `at..at + G`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn key_group_outliers(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    at: usize,
+    gi: usize,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    out: &mut Scores<'_>,
+) {
+    let (l, g) = (sv.layout, q.group);
+    if q.outliers > 0 {
+        for o in &sv.outliers[(h * l.row_groups + gi) * q.outliers..][..q.outliers] {
+            if o.index != EMPTY_SLOT {
+                let (t, c) = (usize::from(o.index) / d, usize::from(o.index) % d);
+                let delta = o.delta();
+                for qi in 0..nq {
+                    *out.at(qi, at + t) += oq[oq_at(qi, c, t, nq, d, g)] * delta;
+                }
             }
         }
+    }
+}
+
+/// The scale and zero point at parameter index `i` (as [`StreamView::params`]), f16 ones converted with
+/// F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn params_f16c(sv: &StreamView<'_>, fmt: crate::quant::param::ParamFormat, i: usize) -> (f32, f32) {
+    use super::avx2::f16_to_f32;
+    match fmt {
+        crate::quant::param::ParamFormat::F16 => (f16_to_f32(sv.scale[i]), f16_to_f32(sv.zero[i])),
+        _ => {
+            let p = sv.params(fmt, i);
+            (p.scale, p.zero)
+        }
+    }
+}
+
+/// The levels of a coder as a lookup table's 16 entries: entry `k` is the level of code `k % 2^bits`
+/// (the codebook's, or the code itself for the uniform grid; a ternary codebook's missing fourth level
+/// repeats its third).
+#[cfg(target_arch = "x86_64")]
+fn repeated_levels(coder: &super::super::cache::group::GroupCoder<'_>, bits: u32) -> [f32; 16] {
+    let mask = (1usize << bits) - 1;
+    core::array::from_fn(|k| match coder.levels {
+        None => f32::from((k & mask) as u8),
+        Some((_, dec)) => dec[(k & mask).min(dec.len() - 1)],
+    })
+}
+
+/// Channel tables [`channel_key_scores_lookup`] holds at once: its batches of key groups take
+/// `LOOKUP_TABLES / d` groups.
+#[cfg(target_arch = "x86_64")]
+const LOOKUP_TABLES: usize = 256;
+
+/// Whether [`channel_key_scores_lookup`] takes a per-channel key body of spec `q`: codes of 1 to 4 bits
+/// (not ternary) in groups of a multiple of 16 tokens.
+#[cfg(target_arch = "x86_64")]
+fn lookup_path(q: QuantSpec, d: usize) -> bool {
+    !matches!(q.width, pack::Width::Ternary | pack::Width::B8)
+        && q.group.is_multiple_of(16)
+        && d <= LOOKUP_TABLES
+}
+
+/// [`channel_key_scores_in`] with hand-written AVX2 for the groups' codes (see
+/// [`super::avx2::channel_group_lookup`]): per batch of key groups, each channel's reconstruction of every
+/// code is formed once (`zero + scale * level`, as the portable path forms it), then the scores are table
+/// lookups and FMAs in registers, written straight to `out`; outliers are added after, as the portable path
+/// adds them. `d <= LOOKUP_TABLES`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn channel_key_scores_lookup(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    nq: usize,
+    d: usize,
+    oq: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+) {
+    let (l, g) = (sv.layout, q.group);
+    let mut levels = [[0.0f32; 16]; LOOKUP_TABLES];
+    for (c, lv) in levels[..d].iter_mut().enumerate() {
+        *lv = repeated_levels(&sv.coder(q, h * d + c), q.width.bits());
+    }
+    let mut tables = [[0.0f32; 16]; LOOKUP_TABLES];
+    let batch = LOOKUP_TABLES / d;
+    let mut groups = [(0usize, 0usize, 0usize); LOOKUP_TABLES];
+    let mut g0 = start;
+    while g0 < start + n {
+        let nb = ((start + n - g0) / g).min(batch);
+        for (b, grp) in groups[..nb].iter_mut().enumerate() {
+            let s0 = g0 + b * g;
+            let gi = s0 / g;
+            for (c, (table, lv)) in tables[b * d..][..d].iter_mut().zip(&levels[..d]).enumerate() {
+                let (scale, zero) = params_f16c(sv, q.params, (h * l.row_groups + gi) * d + c);
+                super::avx2::fill_table(table, lv, scale, zero);
+            }
+            *grp = (h * l.key_head_words(d) + l.key_row(s0, 0, d), l.key_col(s0), s0 - start);
+        }
+        let run = super::avx2::GroupRun {
+            codes: sv.codes,
+            row_words: l.row_words,
+            groups: &groups[..nb],
+            tables: &tables[..nb * d],
+            d,
+            g,
+            oq,
+            bias: &bias[..nq * g],
+        };
+        run.scores(q.width.bits(), out);
+        for &(_, _, at) in &groups[..nb] {
+            key_group_outliers(sv, q, h, at, (start + at) / g, nq, d, oq, out);
+        }
+        g0 += nb * g;
     }
 }
 
@@ -377,6 +570,68 @@ fn token_value_sums_in(
     }
 }
 
+/// Whether [`token_value_sums_lookup`] takes a per-token value body of spec `q`: codes of 1 to 4 bits (or
+/// ternary) in fixed groups (not permuted) of a multiple of 16 channels.
+#[cfg(target_arch = "x86_64")]
+fn value_lookup_path(q: QuantSpec, d: usize) -> bool {
+    q.width != pack::Width::B8 && !q.permuted && q.group.is_multiple_of(16) && d.is_multiple_of(q.group)
+}
+
+/// [`token_value_sums_in`] with hand-written AVX2 (see [`super::avx2::ValueRun`]): per tile of tokens, each
+/// token's group reconstructions of every code are formed once (`zero + scale * level`, as
+/// [`token_stored`] forms them), then the sums are table lookups and FMAs in registers; outliers are added
+/// after, token by token.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn token_value_sums_lookup(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+) {
+    let l = sv.layout;
+    let groups = d / q.group;
+    let levels = repeated_levels(&sv.coder(q, h), q.width.bits());
+    let mut tables = [[0.0f32; 16]; LOOKUP_TABLES];
+    let tile = (LOOKUP_TABLES / groups).max(1);
+    for t0 in (0..n).step_by(tile) {
+        let nt = tile.min(n - t0);
+        for (t, row) in tables[..nt * groups].chunks_exact_mut(groups).enumerate() {
+            for (gj, table) in row.iter_mut().enumerate() {
+                let (scale, zero) =
+                    params_f16c(sv, q.params, (h * l.row_groups + gj) * l.ring + start + t0 + t);
+                super::avx2::fill_table(table, &levels, scale, zero);
+            }
+        }
+        let run = super::avx2::ValueRun {
+            codes: &sv.codes[(h * l.ring + start + t0) * l.row_words..][..nt * l.row_words],
+            row_words: l.row_words,
+            tables: &tables[..nt * groups],
+            group: q.group,
+            p: &Probs { pos: p.pos + t0, ..*p },
+        };
+        run.sums(q.width.bits(), d, acc);
+        if q.outliers > 0 {
+            for t in 0..nt {
+                for o in &sv.outliers[(start + t0 + t) * q.outliers..][..q.outliers] {
+                    let i = usize::from(o.index);
+                    if o.index != EMPTY_SLOT && i / d == h {
+                        let delta = o.delta();
+                        for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
+                            a[i % d] += p.at(qi, t0 + t) * delta;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Adds the stored-basis sums `acc` (`[nq][d]`) of KV head `h`'s value body, turned back (un-permuted, then
 /// the inverse value transform), into `out`.
 pub(crate) fn finish_values(cache: &Cache<'_>, sv: &StreamView<'_>, h: usize, acc: &[f32], out: &mut [f32]) {
@@ -415,7 +670,7 @@ pub(crate) fn tier_key_scores(
         tv.correction(slot, Stream::Keys, &mut corr[..d]);
         let o = (j0 + t) % g;
         for qi in 0..nq {
-            let s: f32 = corr[..d].iter().enumerate().map(|(c, &x)| oq[(qi * d + c) * g + o] * x).sum();
+            let s: f32 = corr[..d].iter().enumerate().map(|(c, &x)| oq[oq_at(qi, c, o, nq, d, g)] * x).sum();
             *out.at(qi, t) += s;
         }
     });
@@ -462,9 +717,14 @@ pub(crate) fn channel_key_scores(
     vector: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if vector {
+    if vector && lookup_path(q, d) {
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
         // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { channel_key_scores_lookup(sv, q, h, start, n, nq, d, oq, bias, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: as above.
         return unsafe { channel_key_scores_avx2(sv, q, h, start, n, nq, d, oq, bias, out, acc) };
     }
     let _ = vector;
@@ -547,9 +807,14 @@ pub(crate) fn token_value_sums(
     vector: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if vector {
+    if vector && value_lookup_path(q, d) {
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
         // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { token_value_sums_lookup(sv, q, h, start, n, p, d, acc) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: as above.
         return unsafe { token_value_sums_avx2(sv, q, h, start, n, p, d, acc) };
     }
     let _ = vector;

@@ -803,7 +803,7 @@ fn key_scores(
                     let (acc, rest) = gw.rows.split_at_mut(spec.group * q.nq);
                     let (oq, bias) = rest.split_at_mut(spec.group * q.nq * d);
                     if !offsets_ready {
-                        generic::offset_queries(cache, h, spec.group, q, oq, bias);
+                        generic::offset_queries(cache, h, spec.group, q, oq, bias, vector);
                         offsets_ready = true;
                     }
                     generic::channel_key_scores(
@@ -993,7 +993,7 @@ fn token_values(
         return portable::values_q8_token(b, seg.start, seg.len, p, d, out, work);
     }
     #[cfg(target_arch = "x86_64")]
-    if vector && vector_width(b.width) && b.group.is_multiple_of(16) {
+    if vector && (vector_width(b.width) || b.width == Width::B3 && d >= 32) && b.group.is_multiple_of(16) {
         // SAFETY: see the note above the dispatchers.
         return unsafe { avx2::values_q_token(b, seg.start, seg.len, p, d, out, work) };
     }

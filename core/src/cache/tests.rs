@@ -366,6 +366,25 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
             },
         ),
         (
+            // 4-bit codebooks (the kernels' two-half lookups), 64-token key groups, 16-channel value groups.
+            "nuq4-g64-outliers",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B4, 64).with_codebook().with_outliers(9)),
+                values: q(QuantSpec::per_token(Width::B4, 16).with_codebook().with_outliers(2)),
+                residual: 64,
+                ..base.with_transform(Transform { rope: rope(Pairing::Halves), ..t })
+            },
+        ),
+        (
+            // 1-bit keys with FP8 parameters, ternary values in fixed groups (lookups over repeated levels).
+            "b1-ternary",
+            CacheConfig {
+                keys: q(ch(Width::B1).with_params(Fp8E4M3)),
+                values: q(tok(Width::Ternary).with_codebook()),
+                ..base.with_transform(Transform { rotate_keys: true, rotate_values: true, ..t })
+            },
+        ),
+        (
             "kvq3-tiers",
             CacheConfig {
                 keys: q(ch(Width::B3)),
