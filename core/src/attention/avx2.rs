@@ -1760,6 +1760,41 @@ impl ValueRun<'_> {
         }
     }
 
+    /// The tile's rows reconstructed into `rows` (`[t][d]`), for codes of `bits` bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn rows(&self, bits: u32, d: usize, rows: &mut [f32]) {
+        match bits {
+            1 => self.rows_b::<1>(d, rows),
+            2 => self.rows_b::<2>(d, rows),
+            3 => self.rows_b::<3>(d, rows),
+            _ => self.rows_b::<4>(d, rows),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn rows_b<const B: i32>(&self, d: usize, rows: &mut [f32]) {
+        let bytes: &[u8] = bytemuck::cast_slice(self.codes);
+        let b = B as usize;
+        let groups = d / self.group;
+        for (t, row) in rows.chunks_exact_mut(d).enumerate() {
+            for c0 in (0..d).step_by(16) {
+                let at = t * self.row_words * 4 + c0 * b / 8;
+                let x = match b {
+                    1 => read16::<1>(bytes, at),
+                    2 => read16::<2>(bytes, at),
+                    3 => read16::<3>(bytes, at),
+                    _ => read16::<4>(bytes, at),
+                };
+                let table = &self.tables[t * groups + c0 / self.group];
+                let lo = ld(&table[..8]);
+                let hi = if B < 4 { lo } else { ld(&table[8..]) };
+                st(&mut row[c0..], lookup8::<B>(lo, hi, codes8::<B>(x as u32)));
+                st(&mut row[c0 + 8..], lookup8::<B>(lo, hi, codes8::<B>((x >> (8 * b)) as u32)));
+            }
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block_any<const B: i32>(&self, d: usize, acc: &mut [f32], qb: usize, m: usize) {
@@ -1826,4 +1861,93 @@ pub(crate) fn fill_table(table: &mut [f32; 16], levels: &[f32; 16], scale: f32, 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn f16_to_f32(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// Scores of the `g` tokens of a dequantized key group against every query: `cols` holds the keys channel
+/// by channel (`[d][g]`, `g % 16 == 0`), and query `qi`'s scores go to columns `at..at + g` of `out`.
+/// Blocks of 16 tokens by up to 6 queries keep 12 accumulators in registers; each channel's 16 keys are
+/// loaded once per block and every query's element is broadcast against them.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn scores_rows_f32(cols: &[f32], g: usize, q: &Queries<'_>, out: &mut Scores<'_>, at: usize) {
+    let mut qb = 0;
+    while qb < q.nq {
+        let m = (q.nq - qb).min(6);
+        match m {
+            1 => rows_block::<1>(cols, g, q, out, at, qb),
+            2 => rows_block::<2>(cols, g, q, out, at, qb),
+            3 => rows_block::<3>(cols, g, q, out, at, qb),
+            4 => rows_block::<4>(cols, g, q, out, at, qb),
+            5 => rows_block::<5>(cols, g, q, out, at, qb),
+            _ => rows_block::<6>(cols, g, q, out, at, qb),
+        }
+        qb += m;
+    }
+}
+
+/// [`scores_rows_f32`] for queries `qb..qb + M`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_block<const M: usize>(
+    cols: &[f32],
+    g: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    at: usize,
+    qb: usize,
+) {
+    let d = q.d;
+    let qs = &q.q[qb * d..][..M * d];
+    for t0 in (0..g).step_by(16) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for c in 0..d {
+            let x = ldn::<2>(&cols[c * g + t0..][..16]);
+            for (m, a) in acc.iter_mut().enumerate() {
+                let b = _mm256_set1_ps(qs[m * d + c]);
+                a[0] = _mm256_fmadd_ps(b, x[0], a[0]);
+                a[1] = _mm256_fmadd_ps(b, x[1], a[1]);
+            }
+        }
+        store_scores(&acc, out, qb, at + t0);
+    }
+}
+
+/// `acc[qi * d + c] += sum_t p[qi][t] * rows[t * d + c]` over the `rows.len() / d` f32 rows (`d % 16 ==
+/// 0`): blocks of 16 channels by up to 6 queries keep 12 accumulators in registers while the rows stream
+/// past.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn sums_rows_f32(rows: &[f32], p: &Probs<'_>, d: usize, acc: &mut [f32]) {
+    let nq = acc.len() / d;
+    let mut qb = 0;
+    while qb < nq {
+        let m = (nq - qb).min(6);
+        match m {
+            1 => sums_block::<1>(rows, p, d, acc, qb),
+            2 => sums_block::<2>(rows, p, d, acc, qb),
+            3 => sums_block::<3>(rows, p, d, acc, qb),
+            4 => sums_block::<4>(rows, p, d, acc, qb),
+            5 => sums_block::<5>(rows, p, d, acc, qb),
+            _ => sums_block::<6>(rows, p, d, acc, qb),
+        }
+        qb += m;
+    }
+}
+
+/// [`sums_rows_f32`] for queries `qb..qb + M`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn sums_block<const M: usize>(rows: &[f32], p: &Probs<'_>, d: usize, acc: &mut [f32], qb: usize) {
+    for c0 in (0..d).step_by(16) {
+        let mut a: [[__m256; 2]; M] = core::array::from_fn(|m| ldn::<2>(&acc[(qb + m) * d + c0..][..16]));
+        for (t, row) in rows.chunks_exact(d).enumerate() {
+            let x = ldn::<2>(&row[c0..][..16]);
+            for (m, am) in a.iter_mut().enumerate() {
+                let w = _mm256_set1_ps(p.at(qb + m, t));
+                am[0] = _mm256_fmadd_ps(w, x[0], am[0]);
+                am[1] = _mm256_fmadd_ps(w, x[1], am[1]);
+            }
+        }
+        for (m, am) in a.iter().enumerate() {
+            stn(&mut acc[(qb + m) * d + c0..][..16], *am);
+        }
+    }
 }

@@ -19,8 +19,8 @@ use crate::cache::{Cache, EMPTY_SLOT, QuantSpec, Stream, StreamView, config::MAX
 use crate::pack;
 
 /// The values of key group `gi` (starting at ring slot `g0`) of KV head `h` in the stored basis, outliers
-#[cfg(test)]
 /// added, into `rows` (`[G][d]`).
+#[inline(always)]
 pub(crate) fn key_group_stored(
     sv: &StreamView<'_>,
     q: QuantSpec,
@@ -383,6 +383,10 @@ fn repeated_levels(coder: &super::super::cache::group::GroupCoder<'_>, bits: u32
     })
 }
 
+/// Floats of the tile of dequantized value rows [`token_value_sums_lookup`] holds for prefill.
+#[cfg(target_arch = "x86_64")]
+const VALUE_ROWS: usize = 8192;
+
 /// Channel tables [`channel_key_scores_lookup`] holds at once: its batches of key groups take
 /// `LOOKUP_TABLES / d` groups.
 #[cfg(target_arch = "x86_64")]
@@ -452,6 +456,81 @@ fn channel_key_scores_lookup(
             key_group_outliers(sv, q, h, at, (start + at) / g, nq, d, oq, out);
         }
         g0 += nb * g;
+    }
+}
+
+/// Query heads per KV head from which a per-channel key body is scored by
+/// [`channel_key_scores_dequant`] (prefill's chunks) rather than by offset queries (decode).
+pub(crate) const DEQUANT_QUERIES: usize = 16;
+// The generic test's prefill puts 15 and 18 queries on a KV head, one on each side of the threshold.
+const _: () = assert!(15 < DEQUANT_QUERIES && DEQUANT_QUERIES <= 18);
+
+/// Whether [`channel_key_scores_dequant`] takes `nq` queries over a per-channel key body of spec `q` with
+/// head_dim `d`: prefill's many queries, groups of a multiple of 16, a group's rows within the scratch
+/// that [`super::GenericWork`] holds for them, no tiers (their corrections use offset queries).
+pub(crate) fn dequant_path(cache: &Cache<'_>, q: QuantSpec, nq: usize, vector: bool) -> bool {
+    cfg!(target_arch = "x86_64")
+        && vector
+        && nq >= DEQUANT_QUERIES
+        && q.group.is_multiple_of(16)
+        && cache.config().tiers.is_none()
+}
+
+/// Scores of body tokens at ring slots `start..start + n` (group-aligned) of per-channel keys of KV head
+/// `h` against the raw queries, for prefill's many queries: each key group is dequantized once into the
+/// queries' basis (stored rows, outliers added, turned back with [`Cache::inverse`]) and laid out channel by
+/// channel (`[d][G]` in `buf`, which holds `2 G d` floats), then every query is dotted with it in registers
+/// ([`super::avx2::scores_rows_f32`]). A decode step's few queries use the offset queries instead, which
+/// read the codes without a dequantized copy; here the copy costs about one key's inverse transform per
+/// token, against `nq` dot products.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+pub(crate) fn channel_key_scores_dequant(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    queries: &Queries<'_>,
+    out: &mut Scores<'_>,
+    buf: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `dequant_path` admitted this call only with `vector`, which comes from an AVX2 `Kernel`,
+        // which exists only where the CPU has AVX2, FMA and F16C (see the note above the dispatchers in
+        // `attention`).
+        unsafe { channel_key_scores_dequant_avx2(cache, sv, q, h, start, n, queries, out, buf) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (cache, sv, q, h, start, n, queries, out, buf);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn channel_key_scores_dequant_avx2(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    queries: &Queries<'_>,
+    out: &mut Scores<'_>,
+    buf: &mut [f32],
+) {
+    let (d, g) = (queries.d, q.group);
+    let (rows, cols) = buf[..2 * g * d].split_at_mut(g * d);
+    for g0 in (start..start + n).step_by(g) {
+        key_group_stored(sv, q, h, d, g0, rows);
+        for (o, row) in rows.chunks_exact_mut(d).enumerate() {
+            cache.inverse(Stream::Keys, h, o, row);
+            for (c, &x) in row.iter().enumerate() {
+                cols[c * g + o] = x;
+            }
+        }
+        super::avx2::scores_rows_f32(cols, g, queries, out, g0 - start);
     }
 }
 
@@ -598,7 +677,13 @@ fn token_value_sums_lookup(
     let groups = d / q.group;
     let levels = repeated_levels(&sv.coder(q, h), q.width.bits());
     let mut tables = [[0.0f32; 16]; LOOKUP_TABLES];
-    let tile = (LOOKUP_TABLES / groups).max(1);
+    // Prefill's many queries: each tile is dequantized once into `rows` and every query's sums are
+    // products with it; a decode step's few reconstruct codes in registers.
+    let nq = acc.len() / d;
+    let mut rows = [0.0f32; VALUE_ROWS];
+    let dequant = nq >= DEQUANT_QUERIES && d <= VALUE_ROWS;
+    let tile =
+        if dequant { (LOOKUP_TABLES / groups).min(VALUE_ROWS / d) } else { LOOKUP_TABLES / groups }.max(1);
     for t0 in (0..n).step_by(tile) {
         let nt = tile.min(n - t0);
         for (t, row) in tables[..nt * groups].chunks_exact_mut(groups).enumerate() {
@@ -615,17 +700,27 @@ fn token_value_sums_lookup(
             group: q.group,
             p: &Probs { pos: p.pos + t0, ..*p },
         };
-        run.sums(q.width.bits(), d, acc);
-        if q.outliers > 0 {
+        let outliers = |t: usize| {
+            let slots = &sv.outliers[(start + t0 + t) * q.outliers..][..q.outliers];
+            slots.iter().filter(move |o| o.index != EMPTY_SLOT && usize::from(o.index) / d == h)
+        };
+        if dequant {
+            let rows = &mut rows[..nt * d];
+            run.rows(q.width.bits(), d, rows);
             for t in 0..nt {
-                for o in &sv.outliers[(start + t0 + t) * q.outliers..][..q.outliers] {
-                    let i = usize::from(o.index);
-                    if o.index != EMPTY_SLOT && i / d == h {
-                        let delta = o.delta();
-                        for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
-                            a[i % d] += p.at(qi, t0 + t) * delta;
-                        }
-                    }
+                for o in outliers(t) {
+                    rows[t * d + usize::from(o.index) % d] += o.delta();
+                }
+            }
+            super::avx2::sums_rows_f32(rows, &Probs { pos: p.pos + t0, ..*p }, d, acc);
+            continue;
+        }
+        run.sums(q.width.bits(), d, acc);
+        for t in 0..nt {
+            for o in outliers(t) {
+                let (c, delta) = (usize::from(o.index) % d, o.delta());
+                for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
+                    a[c] += p.at(qi, t0 + t) * delta;
                 }
             }
         }

@@ -799,6 +799,11 @@ fn key_scores(
                 dot_rows(token_rows(cache, sv, h, seg), seg.len, q, &mut out, vector)
             }
             (Part::Body, Precision::Quant(spec)) if !cfg.plain_keys() => match spec.axis {
+                Axis::PerChannel if generic::dequant_path(cache, spec, q.nq, vector) => {
+                    generic::channel_key_scores_dequant(
+                        cache, sv, spec, h, seg.start, seg.len, q, &mut out, gw.rows,
+                    );
+                }
                 Axis::PerChannel => {
                     let (acc, rest) = gw.rows.split_at_mut(spec.group * q.nq);
                     let (oq, bias) = rest.split_at_mut(spec.group * q.nq * d);

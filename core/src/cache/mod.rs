@@ -530,6 +530,7 @@ impl<'a> Cache<'a> {
     }
 
     /// The inverse of [`Cache::forward`]: a stored-basis row back to the keys or values handed in.
+    #[inline]
     pub(crate) fn inverse(&self, s: Stream, h: usize, offset: usize, row: &mut [f32]) {
         let t = self.cfg.transform;
         let d = self.cfg.head_dim;
