@@ -1951,3 +1951,74 @@ fn sums_block<const M: usize>(rows: &[f32], p: &Probs<'_>, d: usize, acc: &mut [
         }
     }
 }
+
+/// Per-token rows of the generic path (see `generic::token_key_scores_lookup` and
+/// `generic::token_value_sums_rows`), and for keys a block of queries in the stored basis and order: a
+/// row's codes at its word offset of `codes`, `bits` each; `levels` the coder's levels repeated for the
+/// lookups ([`lookup8`]); channel `i` in group `lane_group[i]` (at most 8 groups, permuted ones of any
+/// sizes); `queries` `[m][d]` with their `bias` (empty for values).
+pub(crate) struct TokenRows<'a> {
+    pub(crate) codes: &'a [u32],
+    pub(crate) row_words: usize,
+    pub(crate) levels: &'a [f32; 16],
+    pub(crate) lane_group: &'a [u32],
+    pub(crate) queries: &'a [f32],
+    pub(crate) bias: &'a [f32],
+}
+
+impl TokenRows<'_> {
+    /// The row at word `word` reconstructed into `row` (`d` floats): each lane `zero[g] + scale[g] *
+    /// level(code)` with `g` its group, a product and then a sum as the portable path forms it.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn row(&self, bits: u32, word: usize, zero: &[f32; 8], scale: &[f32; 8], row: &mut [f32]) {
+        match bits {
+            1 => self.row_b::<1>(word, zero, scale, row),
+            2 => self.row_b::<2>(word, zero, scale, row),
+            3 => self.row_b::<3>(word, zero, scale, row),
+            _ => self.row_b::<4>(word, zero, scale, row),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn row_b<const B: i32>(&self, word: usize, zero: &[f32; 8], scale: &[f32; 8], row: &mut [f32]) {
+        let bytes: &[u8] = bytemuck::cast_slice(&self.codes[word..][..self.row_words]);
+        let b = B as usize;
+        let (z, s) = (ld(zero), ld(scale));
+        let (lo, hi) = (ld(&self.levels[..8]), ld(&self.levels[8..]));
+        for c0 in (0..row.len()).step_by(16) {
+            let x = match b {
+                1 => read16::<1>(bytes, c0 * b / 8),
+                2 => read16::<2>(bytes, c0 * b / 8),
+                3 => read16::<3>(bytes, c0 * b / 8),
+                _ => read16::<4>(bytes, c0 * b / 8),
+            };
+            for (k, w) in [x as u32, (x >> (8 * b)) as u32].into_iter().enumerate() {
+                let at = c0 + 8 * k;
+                let level = lookup8::<B>(lo, hi, codes8::<B>(w));
+                // SAFETY: `lane_group[at..at + 8]` is 8 u32 (sliced, so bounds-checked); unaligned load.
+                let g = unsafe { _mm256_loadu_si256(self.lane_group[at..at + 8].as_ptr().cast()) };
+                let v = _mm256_add_ps(
+                    _mm256_permutevar8x32_ps(z, g),
+                    _mm256_mul_ps(_mm256_permutevar8x32_ps(s, g), level),
+                );
+                st(&mut row[at..], v);
+            }
+        }
+    }
+
+    /// `put(j, bias[j] + queries[j] . row)` for every query of the block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn dots(&self, row: &[f32], mut put: impl FnMut(usize, f32)) {
+        let d = row.len();
+        for (j, (qr, &b)) in self.queries.chunks_exact(d).zip(self.bias).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for c0 in (0..d).step_by(16) {
+                let (x, w) = (ldn::<2>(&row[c0..][..16]), ldn::<2>(&qr[c0..][..16]));
+                acc[0] = _mm256_fmadd_ps(w[0], x[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(w[1], x[1], acc[1]);
+            }
+            put(j, b + hsum(_mm256_add_ps(acc[0], acc[1])));
+        }
+    }
+}

@@ -861,13 +861,179 @@ pub(crate) fn token_key_scores(
     vector: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if vector {
+    if vector && token_lookup_path(q, queries.d) {
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
         // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { token_key_scores_lookup(cache, sv, q, h, start, n, queries, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: as above.
         return unsafe { token_key_scores_avx2(cache, sv, q, h, start, n, queries, out) };
     }
     let _ = vector;
     token_key_scores_in(cache, sv, q, h, start, n, queries, out)
+}
+
+/// Whether [`token_key_scores_lookup`] takes a per-token key body of spec `q` with head_dim `d`: codes of
+/// 1 to 4 bits (or ternary), at most 8 groups a row (permuted ones of any sizes), `d` a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+fn token_lookup_path(q: QuantSpec, d: usize) -> bool {
+    q.width != pack::Width::B8 && d.is_multiple_of(16) && d <= LOOKUP_TABLES && d / q.group <= 8
+}
+
+/// Each channel's group in a per-token row (stored order): fixed groups of `q.group`, or a permuted
+/// stream's `bounds`.
+#[cfg(target_arch = "x86_64")]
+fn lane_groups(q: QuantSpec, bounds: &[u16], out: &mut [u32]) {
+    for (i, g) in out.iter_mut().enumerate() {
+        *g = if bounds.is_empty() {
+            (i / q.group) as u32
+        } else {
+            bounds[1..].iter().take_while(|&&b| usize::from(b) <= i).count() as u32
+        };
+    }
+}
+
+/// [`token_value_sums_in`] for rows [`token_value_sums_lookup`] does not take (permuted groups of any
+/// sizes, at most 8 a row): each tile of rows is reconstructed in registers ([`super::avx2::TokenRows`]),
+/// outliers added, and every query's sums are products with it ([`super::avx2::sums_rows_f32`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn token_value_sums_rows(
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+) {
+    let l = sv.layout;
+    let groups = d / q.group;
+    let (_, bounds) = sv.tables.order(h, d, groups);
+    let mut lane_group = [0u32; LOOKUP_TABLES];
+    lane_groups(q, bounds, &mut lane_group[..d]);
+    let levels = repeated_levels(&sv.coder(q, h), q.width.bits());
+    let rows_of = super::avx2::TokenRows {
+        codes: sv.codes,
+        row_words: l.row_words,
+        levels: &levels,
+        lane_group: &lane_group[..d],
+        queries: &[],
+        bias: &[],
+    };
+    let mut rows = [0.0f32; VALUE_ROWS];
+    let tile = VALUE_ROWS / d;
+    let (mut zero, mut scale) = ([0.0f32; 8], [0.0f32; 8]);
+    for t0 in (0..n).step_by(tile) {
+        let nt = tile.min(n - t0);
+        for (t, row) in rows[..nt * d].chunks_exact_mut(d).enumerate() {
+            let slot = start + t0 + t;
+            for gj in 0..groups {
+                (scale[gj], zero[gj]) = params_f16c(sv, q.params, (h * l.row_groups + gj) * l.ring + slot);
+            }
+            rows_of.row(q.width.bits(), (h * l.ring + slot) * l.row_words, &zero, &scale, row);
+            if q.outliers > 0 {
+                for o in &sv.outliers[slot * q.outliers..][..q.outliers] {
+                    let i = usize::from(o.index);
+                    if o.index != EMPTY_SLOT && i / d == h {
+                        row[i % d] += o.delta();
+                    }
+                }
+            }
+        }
+        super::avx2::sums_rows_f32(&rows[..nt * d], &Probs { pos: p.pos + t0, ..*p }, d, acc);
+    }
+}
+
+/// Queries [`token_key_scores_lookup`] turns into the stored basis at once.
+#[cfg(target_arch = "x86_64")]
+const TOKEN_QUERIES: usize = 16;
+
+/// [`token_key_scores_in`] with hand-written AVX2 (see [`super::avx2::TokenRows`]). The queries are turned
+/// into the stored basis and order once per block of [`TOKEN_QUERIES`] instead of every key row back:
+/// a row's key is `k = H (unperm(s) + mu) / b` ([`Cache::inverse`] at offset 0), so the score
+/// `q . k = q' . unperm(s) + q' . mu` with `q' = H (q / b)`, and `q' . unperm(s) = sum_i q'[perm[i]] s[i]`.
+/// Each row is then
+/// reconstructed in registers, its lanes' group parameters picked with `vpermps`, and dotted with every
+/// query of the block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn token_key_scores_lookup(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    queries: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
+    let (d, l) = (queries.d, sv.layout);
+    let t = cache.config().transform;
+    let groups = d / q.group;
+    let (perm, bounds) = sv.tables.order(h, d, groups);
+    let mut lane_group = [0u32; LOOKUP_TABLES];
+    lane_groups(q, bounds, &mut lane_group[..d]);
+    let levels = repeated_levels(&sv.coder(q, h), q.width.bits());
+    let mut qs = [0.0f32; TOKEN_QUERIES * LOOKUP_TABLES];
+    let mut bias = [0.0f32; TOKEN_QUERIES];
+    let mut row = [0.0f32; LOOKUP_TABLES];
+    for q0 in (0..queries.nq).step_by(TOKEN_QUERIES) {
+        let m = TOKEN_QUERIES.min(queries.nq - q0);
+        for j in 0..m {
+            let r = &mut row[..d];
+            r.copy_from_slice(queries.row(q0 + j));
+            if t.balance_keys {
+                for (x, &b) in r.iter_mut().zip(&sv.tables.balance[h * d..][..d]) {
+                    *x /= b;
+                }
+            }
+            if t.rotate_keys {
+                crate::transform::hadamard(r);
+            }
+            bias[j] = if t.center_keys { super::dot(r, &sv.tables.center[h * d..][..d]) } else { 0.0 };
+            let dst = &mut qs[j * d..][..d];
+            if perm.is_empty() {
+                dst.copy_from_slice(r);
+            } else {
+                for (x, &p) in dst.iter_mut().zip(perm) {
+                    *x = r[usize::from(p)];
+                }
+            }
+        }
+        let keys = super::avx2::TokenRows {
+            codes: sv.codes,
+            row_words: l.row_words,
+            levels: &levels,
+            lane_group: &lane_group[..d],
+            queries: &qs[..m * d],
+            bias: &bias[..m],
+        };
+        let mut zero = [0.0f32; 8];
+        let mut scale = [0.0f32; 8];
+        for tt in 0..n {
+            let slot = start + tt;
+            for gj in 0..groups {
+                (scale[gj], zero[gj]) = params_f16c(sv, q.params, (h * l.row_groups + gj) * l.ring + slot);
+            }
+            let r = &mut row[..d];
+            keys.row(q.width.bits(), (h * l.ring + slot) * l.row_words, &zero, &scale, r);
+            if q.outliers > 0 {
+                for o in &sv.outliers[slot * q.outliers..][..q.outliers] {
+                    let i = usize::from(o.index);
+                    if o.index != EMPTY_SLOT && i / d == h {
+                        r[i % d] += o.delta();
+                    }
+                }
+            }
+            keys.dots(r, |j, x| *out.at(q0 + j, tt) = x);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -906,6 +1072,11 @@ pub(crate) fn token_value_sums(
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
         // F16C (see the note above the dispatchers in `attention`).
         return unsafe { token_value_sums_lookup(sv, q, h, start, n, p, d, acc) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector && token_lookup_path(q, d) {
+        // SAFETY: as above.
+        return unsafe { token_value_sums_rows(sv, q, h, start, n, p, d, acc) };
     }
     #[cfg(target_arch = "x86_64")]
     if vector {

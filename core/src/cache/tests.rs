@@ -385,6 +385,20 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
             },
         ),
         (
+            // Per-token keys through every key transform, with codebooks and outliers.
+            "token-keys-nuq3-center-rot-balance",
+            CacheConfig {
+                keys: q(tok(Width::B3).with_codebook().with_outliers(3)),
+                values: q(tok(Width::B2)),
+                ..base.with_transform(Transform {
+                    center_keys: true,
+                    rotate_keys: true,
+                    balance_keys: true,
+                    ..t
+                })
+            },
+        ),
+        (
             "kvq3-tiers",
             CacheConfig {
                 keys: q(ch(Width::B3)),
