@@ -32,7 +32,8 @@
 //! `skvq2` (per-token 2-bit keys and ternary values, permuted and clipped, FP8 parameters, five sinks),
 //! `mikv2` (MiKV: calibrated query/key balancing, FP8 parameters, and per 32-token key group the two most
 //! attended tokens corrected at 4 bits), `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values,
-//! keys relative to their group's first position, four sinks, 64-channel value groups; `kvq2` spends its
+//! keys relative to their group's first position, four sinks, 64-channel value groups; on models that norm
+//! each head's keys, Gemma 3, the keys are left unrotated, see [`KvSpec::for_model`]; `kvq2` spends its
 //! budget as 3-bit keys in 64-token groups with FP8 parameters beside 2-bit values, which measures better
 //! than 2-bit keys in 32-token groups at the same bits, and `kvq2:k=2:kg=32:kp=f16` is the all-2-bit
 //! recipe). Presets with codebooks, permutations, centres, balance, calibrated clipping or key outliers
@@ -126,6 +127,16 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
     ("kvq2", "kivi2:k=3:kg=64:kp=fp8:s=4:rot=kv:rope=1:vg=64"),
     ("kvq3", "kivi2:k=3:v=3:s=4:rot=kv:rope=1:vg=64"),
     ("mikv2", "kivi2:s=4:balance=1:p=fp8:tier=2:tw=4"),
+];
+
+/// kvq's recipes on models whose keys pass through a per-head RMS norm before RoPE (Gemma 3): values
+/// rotated, keys not. On Gemma 3 270M a Hadamard rotation of such keys costs more than it gains
+/// (CTX 2048, Pride and Prejudice, one chunk: `kvq2` KLD 0.0117 against 0.0355 with rotated keys,
+/// `kvq3` 0.0030 against 0.0130), where on SmolLM2 it is the recipe's strongest step. A `rot=` knob given
+/// after the preset still wins.
+pub const PRESET_KNOBS_KEY_NORM: [(&str, &str); 2] = [
+    ("kvq2", "kivi2:k=3:kg=64:kp=fp8:s=4:rot=v:rope=1:vg=64"),
+    ("kvq3", "kivi2:k=3:v=3:s=4:rot=v:rope=1:vg=64"),
 ];
 
 fn width(s: &str) -> Result<Option<Width>, String> {
@@ -351,6 +362,25 @@ impl KvSpec {
         Ok(spec)
     }
 
+    /// The spec for a model whose keys are RMS-normed per head (`key_norm`): a `kvq2` or `kvq3` preset
+    /// takes its [`PRESET_KNOBS_KEY_NORM`] expansion there, with the user's knobs after it; anything else
+    /// is unchanged.
+    ///
+    /// # Errors
+    /// A message if the re-expanded spec does not parse (it parsed with the default expansion, so only a
+    /// knob that conflicts with the other expansion can fail).
+    pub fn for_model(&self, key_norm: bool) -> Result<Self, String> {
+        let preset = self.name.split(':').next().unwrap_or("");
+        match PRESET_KNOBS_KEY_NORM.iter().find(|(n, _)| *n == preset) {
+            Some((_, knobs)) if key_norm => {
+                let mut spec = Self::parse_expanded(&format!("{knobs}{}", &self.name[preset.len()..]))?;
+                spec.name.clone_from(&self.name);
+                Ok(spec)
+            }
+            _ => Ok(self.clone()),
+        }
+    }
+
     /// Whether the spec needs calibration tables (codebooks, centres, key outlier thresholds).
     pub fn needs_calibration(&self) -> bool {
         let cb = |s: &Option<StreamSpec>| s.is_some_and(|s| s.codebook);
@@ -462,6 +492,34 @@ mod tests {
         assert_eq!(c.value_spec().unwrap().params, ParamFormat::F16);
         assert!(KvSpec::parse("kivi2:knuq=1").unwrap().needs_calibration());
         assert!(!KvSpec::parse("kivi2:rot=kv:rope=1").unwrap().needs_calibration());
+    }
+
+    /// On a model with per-head key norms `kvq2` and `kvq3` leave keys unrotated, the user's knobs still
+    /// apply after the preset (a `rot=` among them wins), and other specs are untouched.
+    #[test]
+    fn kvq_recipes_follow_the_model() {
+        let on = |s: &str, key_norm: bool| {
+            KvSpec::parse(s)
+                .unwrap()
+                .for_model(key_norm)
+                .unwrap()
+                .config(1, 256, 4096, Overflow::Stop, ROPE)
+                .unwrap()
+        };
+        for p in ["kvq2", "kvq3"] {
+            let (plain, normed) = (on(p, false), on(p, true));
+            assert!(plain.transform.rotate_keys && plain.transform.rotate_values);
+            assert!(!normed.transform.rotate_keys && normed.transform.rotate_values);
+            assert_eq!((normed.keys, normed.values, normed.sinks), (plain.keys, plain.values, plain.sinks));
+            assert_eq!(normed.transform.rope, plain.transform.rope);
+        }
+        let c = on("kvq2:vg=32:s=2", true);
+        assert!(!c.transform.rotate_keys);
+        assert_eq!((c.value_spec().unwrap().group, c.sinks), (32, 2));
+        assert!(on("kvq2:rot=kv", true).transform.rotate_keys);
+        assert_eq!(KvSpec::parse("kvq2:rot=kv").unwrap().for_model(true).unwrap().name, "kvq2:rot=kv");
+        assert_eq!(on("kivi2:rot=kv", true), on("kivi2:rot=kv", false));
+        assert!(on("kivi2:rot=kv", true).transform.rotate_keys);
     }
 
     #[test]

@@ -948,7 +948,12 @@ fn info(args: InfoArgs) -> Result<()> {
                 u.bits_per_element(&cfg)
             );
         }
-        let knobs = kvq_host::kvspec::PRESET_KNOBS.iter().find(|(n, _)| *n == p).map_or("", |(_, k)| k);
+        let normed = c.arch == kvq_host::model::Arch::Gemma3;
+        let knobs = (if normed { &kvq_host::kvspec::PRESET_KNOBS_KEY_NORM[..] } else { &[] })
+            .iter()
+            .chain(&kvq_host::kvspec::PRESET_KNOBS)
+            .find(|(n, _)| *n == p)
+            .map_or("", |(_, k)| k);
         println!("{line}   {knobs}");
     }
     Ok(())

@@ -421,6 +421,8 @@ impl Model {
     /// The spec's reason when it does not fit the model (for example a group that does not divide
     /// `head_dim`).
     pub fn cache_config(&self, spec: &KvSpec, capacity: usize, overflow: Overflow) -> Result<CacheConfig> {
+        // Gemma 3 norms each head's keys before RoPE; kvq's recipes leave such keys unrotated.
+        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(anyhow::Error::msg)?;
         let mut cfg = spec
             .config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow, self.rope())
             .map_err(anyhow::Error::msg)?;
@@ -487,6 +489,7 @@ impl Model {
         );
         let local = (0..self.cfg.n_layer).find(|&l| self.cfg.is_local(l)).unwrap_or(0);
         let rope = self.layer_rope(local);
+        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(anyhow::Error::msg)?;
         let cfg = spec
             .config(self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.window, Overflow::Slide, rope)
             .map_err(anyhow::Error::msg)?;
