@@ -14,10 +14,13 @@
 //!
 //! Each step reads every layer's whole cache, as the model does, so at 16k tokens the fp16 caches
 //! (377 MB) come from DRAM, not the 32 MiB L3. Specs are timed in alternation, one step each in turn, and
-//! the median step is reported. The memory bandwidth is measured twice in the same run: once at the start
-//! (the best of 5 reads of a 1 GiB buffer), and as the fp16 step's read bound, a plain read of as many
-//! bytes as the fp16 step reads (per layer, split across threads the same way) timed in the same
-//! alternation as the specs, so that it meets the same machine as the step it bounds.
+//! the median step is reported. The memory bandwidth is measured in two ways in the same run: once at the
+//! start (the best of 5 reads of a 1 GiB buffer), and as each spec's **read bound**, a plain read of as
+//! many bytes as that spec's step reads (per layer, split across threads the same way), timed right after
+//! each of its steps in the same alternation, so that it meets the same machine as the step it bounds.
+//! The table and `--json` give each spec's bound (`read_bound_ms`), the share of it the step reaches
+//! (`bound_share`, bound over step: 1 means as fast as reading its bytes) and the ratio to fp16
+//! (`speedup_vs_fp16`).
 
 use kvq_core::attention::{Kernel, decode, decode_scratch_len, prefill, prefill_scratch_len};
 use kvq_core::cache::{Cache, CacheConfig, Precision, QuantSpec, Tiers, Transform};
@@ -189,8 +192,8 @@ fn membw(buf: &[u64], pool: Option<&ThreadPool>, passes: usize) -> f64 {
     (buf.len() * 8) as f64 / best / 1e9
 }
 
-/// The read bound's step: the first `words` of every layer's buffer (as many bytes as one layer's fp16
-/// cache holds), split across the pool's threads by layer as [`step`] splits the caches.
+/// A read bound's step: the first `words` of every layer's buffer (as many bytes as one layer's cache of
+/// the spec it bounds holds), split across the pool's threads by layer as [`step`] splits the caches.
 fn read_step(bufs: &[Vec<u64>], words: usize, pool: Option<&ThreadPool>) -> u64 {
     xor_parts(bufs, pool, |layers| layers.iter().fold(0, |a, b| a ^ sum_words(&b[..words])))
 }
@@ -303,16 +306,16 @@ fn main() {
         })
         .collect();
 
-    // The read bound: per layer a buffer as large as that layer's fp16 arena, of which each round reads as
-    // many bytes as the fp16 step does, timed in the same alternation (so that it meets the same machine).
+    // The read bounds: per layer a buffer as large as the largest spec's arena, of which each round reads,
+    // after each spec's step, as many bytes as that step does, timed in the same alternation (so that each
+    // bound meets the machine its step meets).
     let fp16_at = models.iter().position(|m| m.name == "fp16");
-    let read_bufs: Vec<Vec<u64>> = match fp16_at {
-        Some(i) => {
-            let words = models[i].layers[0].config().layout().expect("layout").total_words.div_ceil(2);
-            (0..n_layers).map(|_| (0..words as u64).collect()).collect()
-        }
-        None => Vec::new(),
-    };
+    let read_words_max = models
+        .iter()
+        .map(|m| m.layers[0].config().layout().expect("layout").total_words.div_ceil(2))
+        .max()
+        .unwrap_or(0);
+    let read_bufs: Vec<Vec<u64>> = (0..n_layers).map(|_| (0..read_words_max as u64).collect()).collect();
 
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let hd = KV_HEADS * HEAD_DIM;
@@ -346,8 +349,17 @@ fn main() {
     }
     if !json {
         println!(
-            "{:>6} {:>10} {:>3} {:>13} {:>12} {:>9} {:>10} {:>9}",
-            "tokens", "spec", "thr", "kernel", "us/step", "MB/step", "GB/s", "vs fp16"
+            "{:>6} {:>10} {:>3} {:>13} {:>12} {:>9} {:>10} {:>10} {:>8} {:>9}",
+            "tokens",
+            "spec",
+            "thr",
+            "kernel",
+            "us/step",
+            "MB/step",
+            "GB/s",
+            "bound us",
+            "of bound",
+            "vs fp16"
         );
     }
     let mut obs = Rng(0x5eed_0b5e);
@@ -389,24 +401,24 @@ fn main() {
                 let first = t0.elapsed().as_secs_f64();
                 let rounds = reps.unwrap_or(((1.0 / (first * models.len() as f64)) as usize).clamp(5, 200));
                 let mut times = vec![Vec::new(); models.len()];
-                let mut reads = Vec::new();
-                let read_words = fp16_at.map_or(0, |i| models[i].layers[0].usage().total_bytes().div_ceil(8));
+                let mut reads = vec![Vec::new(); models.len()];
+                let read_words: Vec<usize> =
+                    models.iter().map(|m| m.layers[0].usage().total_bytes().div_ceil(8)).collect();
                 let mut sink = 0;
                 for _ in 0..rounds {
                     for (i, m) in models.iter().enumerate() {
                         let s = Instant::now();
                         step(m, &q, chunk.as_ref(), &mut scratch, &mut outs, pool, kernel);
                         times[i].push(s.elapsed().as_secs_f64());
-                    }
-                    if !read_bufs.is_empty() {
                         let s = Instant::now();
-                        sink ^= read_step(&read_bufs, read_words, pool);
-                        reads.push(s.elapsed().as_secs_f64());
+                        sink ^= read_step(&read_bufs, read_words[i], pool);
+                        reads[i].push(s.elapsed().as_secs_f64());
                     }
                 }
                 std::hint::black_box(sink);
-                // GB/s of the read bound: the fp16 step's bytes over the median read.
-                let read_gbs = fp16_at.map_or(f64::NAN, |i| bytes[i] as f64 / median(reads) / 1e9);
+                // Each spec's read bound: a plain read of its step's bytes (median), and fp16's in GB/s.
+                let bound_s: Vec<f64> = reads.into_iter().map(median).collect();
+                let read_gbs = fp16_at.map_or(f64::NAN, |i| bytes[i] as f64 / bound_s[i] / 1e9);
                 let med: Vec<f64> = times.into_iter().map(median).collect();
                 let base = fp16_at.map(|i| med[i]);
                 let kname = |m: &Model| kernel.with_int8(m.int8).name();
@@ -414,25 +426,30 @@ fn main() {
                 for (i, m) in models.iter().enumerate() {
                     let gbs = bytes[i] as f64 / med[i] / 1e9;
                     let speedup = base.map_or(f64::NAN, |b| b / med[i]);
+                    // The share of its read bound the step reaches (1: as fast as reading its bytes).
+                    let share = bound_s[i] / med[i];
                     if json {
                         println!(
-                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{},\"bytes_per_step\":{},\"mem_bw_gb_per_s\":{bound:.2},\"read_bound_gb_per_s\":{},\"layers\":{n_layers},\"prefill_chunk\":{}}}",
+                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{},\"bytes_per_step\":{},\"read_bound_ms\":{:.4},\"bound_share\":{share:.3},\"mem_bw_gb_per_s\":{bound:.2},\"read_bound_gb_per_s\":{},\"layers\":{n_layers},\"prefill_chunk\":{}}}",
                             m.name,
                             kname(m),
                             med[i] * 1e9,
                             json_num(speedup),
                             bytes[i],
+                            bound_s[i] * 1e3,
                             json_num(read_gbs),
                             chunk_len.unwrap_or(0)
                         );
                     } else {
                         println!(
-                            "{t:>6} {:>10} {th:>3} {:>13} {:>12.1} {:>9.2} {:>10.2} {:>8.2}x{}",
+                            "{t:>6} {:>10} {th:>3} {:>13} {:>12.1} {:>9.2} {:>10.2} {:>10.1} {:>7.0}% {:>8.2}x{}",
                             m.name,
                             kname(m),
                             med[i] * 1e6,
                             bytes[i] as f64 / 1e6,
                             gbs,
+                            bound_s[i] * 1e6,
+                            share * 100.0,
                             speedup,
                             if m.name == "fp16" {
                                 format!(

@@ -89,6 +89,11 @@ fn offset_queries_avx2(
     offset_queries_in(cache, h, g, queries, oq, bias)
 }
 
+/// [`offset_queries`]' loops, a run of offsets at a time with the offsets side by side (as they lie in
+/// `oq`): each channel of a run is a row of `run` lanes, so RoPE, balance and the Hadamard butterflies are
+/// the same elementwise operations as [`crate::transform::Rope::rotate`] and
+/// [`crate::transform::hadamard`] apply to one row, run across the lanes (which the compiler widens),
+/// instead of one offset's row at a time.
 #[inline(always)]
 fn offset_queries_in(
     cache: &Cache<'_>,
@@ -99,28 +104,81 @@ fn offset_queries_in(
     bias: &mut [f32],
 ) {
     let cfg = cache.config();
-    let (d, t) = (queries.d, cfg.transform);
+    let (d, t, nq) = (queries.d, cfg.transform, queries.nq);
     let tables = cache.view(Stream::Keys).tables;
-    let mut row = [0.0f32; MAX_HEAD_DIM];
-    let row = &mut row[..d];
-    for qi in 0..queries.nq {
-        for o in 0..g {
-            row.copy_from_slice(queries.row(qi));
-            if let Some(rope) = t.rope {
-                rope.rotate(row, &tables.rope[o * d..][..d], true);
-            }
-            if t.balance_keys {
-                for (x, &b) in row.iter_mut().zip(&tables.balance[h * d..][..d]) {
-                    *x /= b;
+    let run = oq_run(g);
+    let norm = 1.0 / libm::sqrtf(d as f32);
+    let (mut cos, mut sin) =
+        ([0.0f32; crate::cache::config::MAX_GROUP], [0.0f32; crate::cache::config::MAX_GROUP]);
+    for o0 in (0..g).step_by(run) {
+        // The inverse rotation by each offset, `R(-o) q` (see `Rope::rotate`): per channel pair, the run's
+        // angles gathered once for every query.
+        if let Some(rope) = t.rope {
+            for i in 0..d / 2 {
+                for l in 0..run {
+                    let cs = &tables.rope[(o0 + l) * d + 2 * i..][..2];
+                    (cos[l], sin[l]) = (cs[0], -cs[1]);
+                }
+                let (a, b) = rope.pair(i, d);
+                for qi in 0..nq {
+                    let (qa, qb) = (queries.row(qi)[a], queries.row(qi)[b]);
+                    let x = &mut oq[oq_at(qi, 0, o0, nq, d, g)..][..d * run];
+                    let (xa, xb) = if a < b {
+                        let (lo, hi) = x.split_at_mut(b * run);
+                        (&mut lo[a * run..][..run], &mut hi[..run])
+                    } else {
+                        let (lo, hi) = x.split_at_mut(a * run);
+                        (&mut hi[..run], &mut lo[b * run..][..run])
+                    };
+                    for (((xa, xb), &c), &s) in xa.iter_mut().zip(xb).zip(&cos[..run]).zip(&sin[..run]) {
+                        *xa = qa * c - qb * s;
+                        *xb = qa * s + qb * c;
+                    }
                 }
             }
-            if t.rotate_keys {
-                crate::transform::hadamard(row);
+        }
+        for qi in 0..nq {
+            let q = queries.row(qi);
+            let x = &mut oq[oq_at(qi, 0, o0, nq, d, g)..][..d * run];
+            if t.rope.is_none() {
+                for (c, &v) in q.iter().enumerate() {
+                    x[c * run..][..run].fill(v);
+                }
             }
-            bias[qi * g + o] =
-                if t.center_keys { super::dot(row, &tables.center[h * d..][..d]) } else { 0.0 };
-            for (c, &x) in row.iter().enumerate() {
-                oq[oq_at(qi, c, o, queries.nq, d, g)] = x;
+            if t.balance_keys {
+                for (c, &b) in tables.balance[h * d..][..d].iter().enumerate() {
+                    for v in &mut x[c * run..][..run] {
+                        *v /= b;
+                    }
+                }
+            }
+            if t.rotate_keys && crate::transform::hadamard_len_ok(d) {
+                // `hadamard`'s butterflies, channel rows for elements.
+                let mut hh = 1;
+                while hh < d {
+                    for blk in (0..d).step_by(2 * hh) {
+                        for c in blk..blk + hh {
+                            let (lo, hi) = x.split_at_mut((c + hh) * run);
+                            for (u, v) in lo[c * run..][..run].iter_mut().zip(&mut hi[..run]) {
+                                let (p, m) = (*u + *v, *u - *v);
+                                (*u, *v) = (p, m);
+                            }
+                        }
+                    }
+                    hh *= 2;
+                }
+                for v in x.iter_mut() {
+                    *v *= norm;
+                }
+            }
+            let bias = &mut bias[qi * g + o0..][..run];
+            bias.fill(0.0);
+            if t.center_keys {
+                for (c, &m) in tables.center[h * d..][..d].iter().enumerate() {
+                    for (b, &v) in bias.iter_mut().zip(&x[c * run..][..run]) {
+                        *b += v * m;
+                    }
+                }
             }
         }
     }
