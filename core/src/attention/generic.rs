@@ -20,6 +20,7 @@ use crate::pack;
 
 /// The values of key group `gi` (starting at ring slot `g0`) of KV head `h` in the stored basis, outliers
 /// added, into `rows` (`[G][d]`).
+#[cfg(any(test, target_arch = "x86_64"))]
 #[inline(always)]
 pub(crate) fn key_group_stored(
     sv: &StreamView<'_>,
