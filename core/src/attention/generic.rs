@@ -524,22 +524,19 @@ pub(crate) const DEQUANT_QUERIES: usize = 16;
 // The generic test's prefill puts 15 and 18 queries on a KV head, one on each side of the threshold.
 const _: () = assert!(15 < DEQUANT_QUERIES && DEQUANT_QUERIES <= 18);
 
-/// Whether [`channel_key_scores_dequant`] takes `nq` queries over a per-channel key body of spec `q` with
-/// head_dim `d`: prefill's many queries, groups of a multiple of 16, a group's rows within the scratch
-/// that [`super::GenericWork`] holds for them, no tiers (their corrections use offset queries).
-pub(crate) fn dequant_path(cache: &Cache<'_>, q: QuantSpec, nq: usize, vector: bool) -> bool {
-    cfg!(target_arch = "x86_64")
-        && vector
-        && nq >= DEQUANT_QUERIES
-        && q.group.is_multiple_of(16)
-        && cache.config().tiers.is_none()
+/// Whether [`channel_key_scores_dequant`] takes `nq` queries over a per-channel key body of spec `q`:
+/// prefill's many queries (whose scratch, [`super::GenericWork`], holds a group's rows twice over) and
+/// groups of a multiple of 16.
+pub(crate) fn dequant_path(q: QuantSpec, nq: usize, vector: bool) -> bool {
+    cfg!(target_arch = "x86_64") && vector && nq >= DEQUANT_QUERIES && q.group.is_multiple_of(16)
 }
 
 /// Scores of body tokens at ring slots `start..start + n` (group-aligned) of per-channel keys of KV head
 /// `h` against the raw queries, for prefill's many queries: each key group is dequantized once into the
 /// queries' basis (stored rows, outliers added, turned back with [`Cache::inverse`]) and laid out channel by
-/// channel (`[d][G]` in `buf`, which holds `2 G d` floats), then every query is dotted with it in registers
-/// ([`super::avx2::scores_rows_f32`]). A decode step's few queries use the offset queries instead, which
+/// channel (`[d][G]` in `buf`, which holds `2 G d` floats), promoted tokens' tier corrections added in
+/// the stored basis (`tiers`: the view and the segment's first logical body index), then every query is
+/// dotted with it in registers ([`super::avx2::scores_rows_f32`]). A decode step's few queries use the offset queries instead, which
 /// read the codes without a dequantized copy; here the copy costs about one key's inverse transform per
 /// token, against `nq` dot products.
 #[allow(clippy::too_many_arguments, unsafe_code)]
@@ -553,16 +550,17 @@ pub(crate) fn channel_key_scores_dequant(
     queries: &Queries<'_>,
     out: &mut Scores<'_>,
     buf: &mut [f32],
+    tiers: Option<(TierView<'_>, usize)>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `dequant_path` admitted this call only with `vector`, which comes from an AVX2 `Kernel`,
         // which exists only where the CPU has AVX2, FMA and F16C (see the note above the dispatchers in
         // `attention`).
-        unsafe { channel_key_scores_dequant_avx2(cache, sv, q, h, start, n, queries, out, buf) }
+        unsafe { channel_key_scores_dequant_avx2(cache, sv, q, h, start, n, queries, out, buf, tiers) }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (cache, sv, q, h, start, n, queries, out, buf);
+    let _ = (cache, sv, q, h, start, n, queries, out, buf, tiers);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -578,11 +576,21 @@ fn channel_key_scores_dequant_avx2(
     queries: &Queries<'_>,
     out: &mut Scores<'_>,
     buf: &mut [f32],
+    tiers: Option<(TierView<'_>, usize)>,
 ) {
     let (d, g) = (queries.d, q.group);
     let (rows, cols) = buf[..2 * g * d].split_at_mut(g * d);
+    let mut corr = [0.0f32; MAX_HEAD_DIM];
     for g0 in (start..start + n).step_by(g) {
         key_group_stored(sv, q, h, d, g0, rows);
+        if let Some((tv, j0)) = &tiers {
+            tv.each(h, j0 + (g0 - start), g, |t, slot| {
+                tv.correction(slot, Stream::Keys, &mut corr[..d]);
+                for (x, &c) in rows[t * d..][..d].iter_mut().zip(&corr[..d]) {
+                    *x += c;
+                }
+            });
+        }
         for (o, row) in rows.chunks_exact_mut(d).enumerate() {
             cache.inverse(Stream::Keys, h, o, row);
             for (c, &x) in row.iter().enumerate() {

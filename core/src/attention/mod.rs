@@ -799,9 +799,10 @@ fn key_scores(
                 dot_rows(token_rows(cache, sv, h, seg), seg.len, q, &mut out, vector)
             }
             (Part::Body, Precision::Quant(spec)) if !cfg.plain_keys() => match spec.axis {
-                Axis::PerChannel if generic::dequant_path(cache, spec, q.nq, vector) => {
+                Axis::PerChannel if generic::dequant_path(spec, q.nq, vector) => {
+                    let tiers = TierView::of(cache).map(|tv| (tv, body_index(cache, seg)));
                     generic::channel_key_scores_dequant(
-                        cache, sv, spec, h, seg.start, seg.len, q, &mut out, gw.rows,
+                        cache, sv, spec, h, seg.start, seg.len, q, &mut out, gw.rows, tiers,
                     );
                 }
                 Axis::PerChannel => {

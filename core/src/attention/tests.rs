@@ -1213,8 +1213,9 @@ fn generic_formats_attend_as_their_dequantized_cache() {
                     continue;
                 }
                 // 6 tokens of 3 queries per KV head reach the per-channel keys' dequantizing prefill path
-                // (`generic::DEQUANT_QUERIES`), 5 stay on the offset queries.
-                let n = 5 + t % 2;
+                // (`generic::DEQUANT_QUERIES`), 5 stay on the offset queries: the long cache (with promoted
+                // tokens where there are tiers) takes the former.
+                let n = 5 + usize::from(t >= 100);
                 let kc = activations(&mut rng, n, 2, d);
                 let vc = activations(&mut rng, n, 2, d);
                 let qh = 6;
