@@ -1624,12 +1624,13 @@ fn lookup8<const B: i32>(lo: __m256, hi: __m256, codes: __m256i) -> __m256 {
 
 /// The first `2 B` bytes of `bytes[off..]` (16 codes of `B` bits) as the low bits of a `u64`.
 #[inline(always)]
-fn read16<const B: usize>(bytes: &[u8], off: usize) -> u64 {
+fn read16<const B: i32>(bytes: &[u8], off: usize) -> u64 {
+    let n = 2 * B as usize;
     match bytes.get(off..off + 8) {
         Some(s) => u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
         None => {
             let mut a = [0u8; 8];
-            a[..2 * B].copy_from_slice(&bytes[off..off + 2 * B]);
+            a[..n].copy_from_slice(&bytes[off..off + n]);
             u64::from_le_bytes(a)
         }
     }
@@ -1703,12 +1704,7 @@ impl GroupRun<'_> {
                 let off = word * 4 + (col + t0) * b / 8;
                 for (c, table) in tables.iter().enumerate() {
                     let at = off + c * self.row_words * 4;
-                    let x = match b {
-                        1 => read16::<1>(bytes, at),
-                        2 => read16::<2>(bytes, at),
-                        3 => read16::<3>(bytes, at),
-                        _ => read16::<4>(bytes, at),
-                    };
+                    let x = read16::<B>(bytes, at);
                     let lo = ld(&table[..8]);
                     let hi = if B < 4 { lo } else { ld(&table[8..]) };
                     let v = [
@@ -1780,12 +1776,7 @@ impl ValueRun<'_> {
         for (t, row) in rows.chunks_exact_mut(d).enumerate() {
             for c0 in (0..d).step_by(16) {
                 let at = t * self.row_words * 4 + c0 * b / 8;
-                let x = match b {
-                    1 => read16::<1>(bytes, at),
-                    2 => read16::<2>(bytes, at),
-                    3 => read16::<3>(bytes, at),
-                    _ => read16::<4>(bytes, at),
-                };
+                let x = read16::<B>(bytes, at);
                 let table = &self.tables[t * groups + c0 / self.group];
                 let lo = ld(&table[..8]);
                 let hi = if B < 4 { lo } else { ld(&table[8..]) };
@@ -1820,12 +1811,7 @@ impl ValueRun<'_> {
             let mut a: [[__m256; 2]; M] = core::array::from_fn(|m| ldn::<2>(&acc[(qb + m) * d + c0..][..16]));
             for t in 0..nt {
                 let at = t * self.row_words * 4 + c0 * b / 8;
-                let x = match b {
-                    1 => read16::<1>(bytes, at),
-                    2 => read16::<2>(bytes, at),
-                    3 => read16::<3>(bytes, at),
-                    _ => read16::<4>(bytes, at),
-                };
+                let x = read16::<B>(bytes, at);
                 let table = &self.tables[t * groups + gj];
                 let lo = ld(&table[..8]);
                 let hi = if B < 4 { lo } else { ld(&table[8..]) };
@@ -1987,12 +1973,7 @@ impl TokenRows<'_> {
         let (z, s) = (ld(zero), ld(scale));
         let (lo, hi) = (ld(&self.levels[..8]), ld(&self.levels[8..]));
         for c0 in (0..row.len()).step_by(16) {
-            let x = match b {
-                1 => read16::<1>(bytes, c0 * b / 8),
-                2 => read16::<2>(bytes, c0 * b / 8),
-                3 => read16::<3>(bytes, c0 * b / 8),
-                _ => read16::<4>(bytes, c0 * b / 8),
-            };
+            let x = read16::<B>(bytes, c0 * b / 8);
             for (k, w) in [x as u32, (x >> (8 * b)) as u32].into_iter().enumerate() {
                 let at = c0 + 8 * k;
                 let level = lookup8::<B>(lo, hi, codes8::<B>(w));

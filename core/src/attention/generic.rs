@@ -641,14 +641,26 @@ pub(crate) fn token_stored(
             }
         }
     }
-    if q.outliers > 0 {
-        for o in &sv.outliers[slot * q.outliers..][..q.outliers] {
-            let i = usize::from(o.index);
-            if o.index != EMPTY_SLOT && i / d == h {
-                row[i % d] += o.delta();
-            }
-        }
+    for (c, delta) in token_outliers(sv, q, h, d, slot) {
+        row[c] += delta;
     }
+}
+
+/// The outliers of KV head `h` in the per-token row at ring slot `slot`: each as its channel (in the stored
+/// order) and the value to add there.
+#[inline(always)]
+fn token_outliers<'a>(
+    sv: &StreamView<'a>,
+    q: QuantSpec,
+    h: usize,
+    d: usize,
+    slot: usize,
+) -> impl Iterator<Item = (usize, f32)> + 'a {
+    let slots = &sv.outliers[slot * q.outliers..][..q.outliers];
+    slots
+        .iter()
+        .filter(move |o| o.index != EMPTY_SLOT && usize::from(o.index) / d == h)
+        .map(move |o| (usize::from(o.index) % d, o.delta()))
 }
 
 /// Undoes a permuted stream's order: `row[perm[i]] = stored[i]`.
@@ -767,16 +779,12 @@ fn token_value_sums_lookup(
             group: q.group,
             p: &Probs { pos: p.pos + t0, ..*p },
         };
-        let outliers = |t: usize| {
-            let slots = &sv.outliers[(start + t0 + t) * q.outliers..][..q.outliers];
-            slots.iter().filter(move |o| o.index != EMPTY_SLOT && usize::from(o.index) / d == h)
-        };
         if dequant {
             let rows = &mut rows[..nt * d];
             run.rows(q.width.bits(), d, rows);
             for t in 0..nt {
-                for o in outliers(t) {
-                    rows[t * d + usize::from(o.index) % d] += o.delta();
+                for (c, delta) in token_outliers(sv, q, h, d, start + t0 + t) {
+                    rows[t * d + c] += delta;
                 }
             }
             super::avx2::sums_rows_f32(rows, &Probs { pos: p.pos + t0, ..*p }, d, acc);
@@ -784,8 +792,7 @@ fn token_value_sums_lookup(
         }
         run.sums(q.width.bits(), d, acc);
         for t in 0..nt {
-            for o in outliers(t) {
-                let (c, delta) = (usize::from(o.index) % d, o.delta());
+            for (c, delta) in token_outliers(sv, q, h, d, start + t0 + t) {
                 for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
                     a[c] += p.at(qi, t0 + t) * delta;
                 }
@@ -1003,13 +1010,8 @@ fn token_value_sums_rows(
                 (scale[gj], zero[gj]) = params_f16c(sv, q.params, (h * l.row_groups + gj) * l.ring + slot);
             }
             rows_of.row(q.width.bits(), (h * l.ring + slot) * l.row_words, &zero, &scale, row);
-            if q.outliers > 0 {
-                for o in &sv.outliers[slot * q.outliers..][..q.outliers] {
-                    let i = usize::from(o.index);
-                    if o.index != EMPTY_SLOT && i / d == h {
-                        row[i % d] += o.delta();
-                    }
-                }
+            for (c, delta) in token_outliers(sv, q, h, d, slot) {
+                row[c] += delta;
             }
         }
         super::avx2::sums_rows_f32(&rows[..nt * d], &Probs { pos: p.pos + t0, ..*p }, d, acc);
@@ -1090,13 +1092,8 @@ fn token_key_scores_lookup(
             }
             let r = &mut row[..d];
             keys.row(q.width.bits(), (h * l.ring + slot) * l.row_words, &zero, &scale, r);
-            if q.outliers > 0 {
-                for o in &sv.outliers[slot * q.outliers..][..q.outliers] {
-                    let i = usize::from(o.index);
-                    if o.index != EMPTY_SLOT && i / d == h {
-                        r[i % d] += o.delta();
-                    }
-                }
+            for (c, delta) in token_outliers(sv, q, h, d, slot) {
+                r[c] += delta;
             }
             keys.dots(r, |j, x| *out.at(q0 + j, tt) = x);
         }
