@@ -5,6 +5,7 @@
 //! - [`quants`], [`kernels`]: ggml weight blocks and their dot products (scalar reference, AVX2/FMA).
 //! - [`tokenizer`]: byte-level BPE matching llama.cpp's ids.
 //! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
+//! - [`chat`]: one conversation driven a line at a time (`kvq chat`'s loop, without the terminal).
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
 //! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats; [`grad`]: the loss's gradient
 //!   with respect to keys and values (Fisher weights for the codebooks).
@@ -12,6 +13,7 @@
 //! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
 pub mod calib;
+pub mod chat;
 pub mod dump;
 pub mod eval;
 pub mod fetch;
