@@ -5,9 +5,9 @@
 //! cargo run --release -p kvq-core --example decode_bench                  # table
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
-//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvq3, kvquant2..4, skvq2, mikv2, and
-//!          kvq2k2 (the all-2-bit `kvq2:k=2:kg=32:kp=f16`); the ingredients alone over KIVI-2: rot, rope, nuq,
-//!          out, fp8, tier)
+//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvq3, kvquant2..4, skvq2, mikv2,
+//!          and kvq2kp8 (`kvq2` until 2026-12-06), kvq2k2 (the all-2-bit `kvq2:k=2:kg=32:kp=f16`); the
+//!          ingredients alone over KIVI-2: rot, rope, nuq, out, fp8, tier)
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
 //!          --prefill N (time a prefill of an N-token chunk over the cache instead of a decode step)
 //! ```
@@ -53,11 +53,17 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         "kivi8" => CacheConfig::kivi(Width::B8, 32, 128, KV_HEADS, HEAD_DIM, capacity),
         // The method presets' formats (kvq's `--kv` presets, with the tables' default values: speed does
         // not depend on the calibrated numbers), and each ingredient alone over KIVI-2.
-        // kvq2: 3-bit keys in 64-token groups with FP8 parameters, 2-bit values; kvq2k2: the all-2-bit
-        // recipe (`kvq2:k=2:kg=32:kp=f16`); kvq3: 3-bit keys and values.
-        "kvq2" => kvq(capacity, QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3), Width::B2),
-        "kvq2k2" => kvq(capacity, QuantSpec::per_channel(Width::B2, 32), Width::B2),
-        "kvq3" => kvq(capacity, QuantSpec::per_channel(Width::B3, 32), Width::B3),
+        // kvq2: 3-bit keys in 128-token groups, 2-bit values; kvq2kp8: 3-bit keys in 64-token groups with
+        // FP8 parameters (`kvq2` until 2026-12-06); kvq2k2: the all-2-bit recipe (`kvq2:k=2:kg=32:kp=f16`);
+        // kvq3: 3-bit keys and values.
+        "kvq2" => kvq(capacity, QuantSpec::per_channel(Width::B3, 128), QuantSpec::per_token(Width::B2, 64)),
+        "kvq2kp8" => kvq(
+            capacity,
+            QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3),
+            QuantSpec::per_token(Width::B2, 64),
+        ),
+        "kvq2k2" => kvq(capacity, QuantSpec::per_channel(Width::B2, 32), QuantSpec::per_token(Width::B2, 64)),
+        "kvq3" => kvq(capacity, QuantSpec::per_channel(Width::B3, 32), QuantSpec::per_token(Width::B3, 64)),
         "kvquant2" => kvquant(capacity, Width::B2),
         "kvquant3" => kvquant(capacity, Width::B3),
         "kvquant4" => kvquant(capacity, Width::B4),
@@ -122,20 +128,15 @@ fn kvquant(capacity: usize, bits: Width) -> CacheConfig {
     }
 }
 
-/// kvq's recipe over the given keys and values of `values` bits: rotated, keys relative to their group,
-/// four sinks, 64-channel value groups.
-fn kvq(capacity: usize, keys: QuantSpec, values: Width) -> CacheConfig {
+/// kvq's recipe over the given key and value formats: rotated, keys relative to their group, four sinks.
+fn kvq(capacity: usize, keys: QuantSpec, values: QuantSpec) -> CacheConfig {
     let c = kivi2(capacity).with_sinks(4).with_transform(Transform {
         rope: ROPE,
         rotate_keys: true,
         rotate_values: true,
         ..Transform::NONE
     });
-    CacheConfig {
-        keys: Precision::Quant(keys),
-        values: Precision::Quant(QuantSpec::per_token(values, 64)),
-        ..c
-    }
+    CacheConfig { keys: Precision::Quant(keys), values: Precision::Quant(values), ..c }
 }
 
 fn kivi2(capacity: usize) -> CacheConfig {

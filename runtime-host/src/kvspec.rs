@@ -34,9 +34,9 @@
 //! attended tokens corrected at 4 bits), `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values,
 //! keys relative to their group's first position, four sinks, 64-channel value groups; on models that norm
 //! each head's keys, Gemma 3, the keys are left unrotated, see [`KvSpec::for_model`]; `kvq2` spends its
-//! budget as 3-bit keys in 64-token groups with FP8 parameters beside 2-bit values, which measures better
-//! than 2-bit keys in 32-token groups at the same bits, and `kvq2:k=2:kg=32:kp=f16` is the all-2-bit
-//! recipe). Presets with codebooks, permutations, centres, balance, calibrated clipping or key outliers
+//! budget as 3-bit keys in 128-token groups beside 2-bit values, which measures better than 2-bit keys in
+//! 32-token groups at the same bits; FP8 key parameters, as `kvq2` had until 2026-12-06, cost as much
+//! perplexity and lose `kvq demo`'s fact; `kvq2:k=2:kg=32:kp=f16` is the all-2-bit recipe). Presets with codebooks, permutations, centres, balance, calibrated clipping or key outliers
 //! read the model's calibration file (`kvq calibrate`).
 
 use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec, Tiers, Transform};
@@ -124,7 +124,7 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
     ("kvquant3", "kivi2:k=3:v=3:s=1:rope=1:nuq=1:out=0.01"),
     ("kvquant4", "kivi2:k=4:v=4:s=1:rope=1:nuq=1:out=0.01"),
     ("skvq2", "kivi2:kaxis=token:v=t:s=5:perm=1:clip=calib:p=fp8"),
-    ("kvq2", "kivi2:k=3:kg=64:kp=fp8:s=4:rot=kv:rope=1:vg=64"),
+    ("kvq2", "kivi2:k=3:kg=128:s=4:rot=kv:rope=1:vg=64"),
     ("kvq3", "kivi2:k=3:v=3:s=4:rot=kv:rope=1:vg=64"),
     ("mikv2", "kivi2:s=4:balance=1:p=fp8:tier=2:tw=4"),
 ];
@@ -135,7 +135,7 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
 /// `kvq3` 0.0030 against 0.0130), where on SmolLM2 it is the recipe's strongest step. A `rot=` knob given
 /// after the preset still wins.
 pub const PRESET_KNOBS_KEY_NORM: [(&str, &str); 2] = [
-    ("kvq2", "kivi2:k=3:kg=64:kp=fp8:s=4:rot=v:rope=1:vg=64"),
+    ("kvq2", "kivi2:k=3:kg=128:s=4:rot=v:rope=1:vg=64"),
     ("kvq3", "kivi2:k=3:v=3:s=4:rot=v:rope=1:vg=64"),
 ];
 

@@ -351,7 +351,8 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
         ),
         ("tiers-b8", base.with_tiers(Tiers { keep: 3, width: Width::B8 })),
         (
-            // kvq2: 3-bit keys in 64-token groups with FP8 parameters, 2-bit values in 64-channel groups.
+            // kvq2 until 2026-12-06: 3-bit keys in 64-token groups with FP8 parameters, 2-bit values in
+            // 64-channel groups.
             "kvq2-k3g64",
             CacheConfig {
                 keys: q(QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3)),
@@ -359,6 +360,22 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
                 residual: 64,
                 ..base.with_transform(Transform {
                     rope: rope(Pairing::Adjacent),
+                    rotate_keys: true,
+                    rotate_values: true,
+                    ..t
+                })
+            },
+        ),
+        (
+            // kvq2 since 2026-12-06: 3-bit keys in 128-token groups (f16 parameters), 2-bit values in
+            // 64-channel groups, a 128-token window.
+            "kvq2-k3g128",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B3, 128)),
+                values: q(QuantSpec::per_token(Width::B2, 64)),
+                residual: 128,
+                ..base.with_transform(Transform {
+                    rope: rope(Pairing::Halves),
                     rotate_keys: true,
                     rotate_values: true,
                     ..t
