@@ -243,32 +243,53 @@ fn step(
     }
 }
 
-/// `x` with three decimals, or `null` where it is not a number (no fp16 in the run to compare with).
-fn json_num(x: f64) -> String {
-    if x.is_finite() { format!("{x:.3}") } else { "null".to_string() }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
+/// The benchmark's options (see the module docs).
+#[derive(clap::Parser)]
+struct Opts {
+    /// Cache lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384,65536")]
+    tokens: Vec<usize>,
+    /// Specs to time (fp16 first gives the ratios).
+    #[arg(long, value_delimiter = ',', default_value = "fp16,kivi2,kivi2+int8,kivi4")]
+    specs: Vec<String>,
+    /// Thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Layers per step.
+    #[arg(long, default_value_t = 30)]
+    layers: usize,
+    /// Timed repetitions (default: by length).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Time a prefill of an N-token chunk over the cache instead of a decode step.
+    #[arg(long, value_name = "N")]
+    prefill: Option<usize>,
+    /// Also time the scalar kernels (up to 16k tokens).
+    #[arg(long)]
+    portable: bool,
+    /// One JSON record per line instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    let json = args.iter().any(|a| a == "--json");
-    let with_portable = args.iter().any(|a| a == "--portable");
-    let list = |flag: &str, default: &str| -> Vec<String> {
-        get(flag).unwrap_or_else(|| default.to_string()).split(',').map(str::to_string).collect()
-    };
-    let tokens: Vec<usize> =
-        list("--tokens", "1024,4096,16384,65536").iter().map(|s| s.parse().expect("--tokens")).collect();
-    let specs = list("--specs", "fp16,kivi2,kivi2+int8,kivi4");
-    let threads: Vec<usize> =
-        list("--threads", "1,2").iter().map(|s| s.parse().expect("--threads")).collect();
-    let n_layers: usize = get("--layers").map_or(30, |s| s.parse().expect("--layers"));
-    let reps: Option<usize> = get("--reps").map(|s| s.parse().expect("--reps"));
-    let chunk_len: Option<usize> = get("--prefill").map(|s| s.parse().expect("--prefill"));
+    let opts = <Opts as clap::Parser>::parse();
+    let Opts {
+        tokens,
+        specs,
+        threads,
+        layers: n_layers,
+        reps,
+        prefill: chunk_len,
+        portable: with_portable,
+        json,
+    } = opts;
+    assert!(!tokens.is_empty() && !threads.is_empty() && n_layers > 0, "--tokens, --threads and --layers");
     let capacity = *tokens.iter().max().expect("tokens") + 1;
     let fast = Kernel::detect();
     let mut kernels = vec![fast];
@@ -430,17 +451,23 @@ fn main() {
                     // The share of its read bound the step reaches (1: as fast as reading its bytes).
                     let share = bound_s[i] / med[i];
                     if json {
-                        println!(
-                            "{{\"spec\":\"{}\",\"tokens\":{t},\"threads\":{th},\"kernel\":\"{}\",\"ns_per_step\":{:.0},\"gb_per_s\":{gbs:.3},\"speedup_vs_fp16\":{},\"bytes_per_step\":{},\"read_bound_ms\":{:.4},\"bound_share\":{share:.3},\"mem_bw_gb_per_s\":{bound:.2},\"read_bound_gb_per_s\":{},\"layers\":{n_layers},\"prefill_chunk\":{}}}",
-                            m.name,
-                            kname(m),
-                            med[i] * 1e9,
-                            json_num(speedup),
-                            bytes[i],
-                            bound_s[i] * 1e3,
-                            json_num(read_gbs),
-                            chunk_len.unwrap_or(0)
-                        );
+                        let record = serde_json::json!({
+                            "spec": m.name,
+                            "tokens": t,
+                            "threads": th,
+                            "kernel": kname(m),
+                            "ns_per_step": (med[i] * 1e9).round(),
+                            "gb_per_s": gbs,
+                            "speedup_vs_fp16": speedup.is_finite().then_some(speedup),
+                            "bytes_per_step": bytes[i],
+                            "read_bound_ms": bound_s[i] * 1e3,
+                            "bound_share": share,
+                            "mem_bw_gb_per_s": bound,
+                            "read_bound_gb_per_s": read_gbs.is_finite().then_some(read_gbs),
+                            "layers": n_layers,
+                            "prefill_chunk": chunk_len.unwrap_or(0),
+                        });
+                        println!("{record}");
                     } else {
                         println!(
                             "{t:>6} {:>10} {th:>3} {:>13} {:>12.1} {:>9.2} {:>10.2} {:>10.1} {:>7.0}% {:>8.2}x{}",
