@@ -97,8 +97,7 @@ fn main() {
         println!("overlap_probe: this CPU has no AVX2/FMA; nothing to measure");
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    let mb: usize = args.iter().position(|a| a == "--mb").map_or(377, |i| args[i + 1].parse().expect("--mb"));
+    let Opts { mb } = <Opts as clap::Parser>::parse();
     let big: Vec<u16> = (0..mb << 19).map(|i| (i as u16).wrapping_mul(40503) & 0x3bff).collect();
     let small = &big[..128 << 10];
     let best = |buf: &[u16], f: &dyn Fn(&[u16]) -> u64| {
@@ -152,4 +151,12 @@ fn main() {
 #[cfg(not(target_arch = "x86_64"))]
 fn main() {
     println!("overlap_probe: x86-64 only");
+}
+
+/// The probe's options.
+#[derive(clap::Parser)]
+struct Opts {
+    /// Size of the large buffer in MB (the weights' size by default).
+    #[arg(long, default_value_t = 377)]
+    mb: usize,
 }

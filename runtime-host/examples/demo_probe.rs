@@ -3,17 +3,26 @@
 //! token's. The first spec is the reference whose greedy answer is scored (normally `f16`).
 //!
 //! `demo_probe SPECS [DOC_TOKENS]` (default 6000, as `kvq demo`).
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kvq_core::cache::Overflow;
 use kvq_host::eval::{DEMO_QUESTION, demo_document, log_softmax};
 use kvq_host::kvspec::KvSpec;
 use kvq_host::model::{self, Model, Session};
 use kvq_host::tokenizer::Tokenizer;
 
+/// The probe's arguments.
+#[derive(clap::Parser)]
+struct Args {
+    /// KV specs, comma-separated; the first is the reference.
+    specs: String,
+    /// Document length in tokens.
+    #[arg(default_value_t = 6000)]
+    doc_tokens: usize,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let specs = args.get(1).context("usage: demo_probe SPECS [DOC_TOKENS]")?;
-    let doc_tokens: usize = args.get(2).map_or(Ok(6000), |s| s.parse()).context("DOC_TOKENS")?;
+    let Args { specs, doc_tokens } = <Args as clap::Parser>::parse();
+    let specs = &specs;
     let path = kvq_host::fetch::default_model(true)?;
     let m = Model::load(&path)?;
     let tok = Tokenizer::from_gguf(&m.gguf)?;

@@ -5,7 +5,7 @@
 //! `fact_probe SPECS [DOC_TOKENS] [OFFSETS]`: comma-separated specs (the first is the reference, normally
 //! `f16`), the document length (default 6000), and paragraph offsets into the novel, one document each
 //! (default 0). `QUIET=1` prints only the means over the documents.
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kvq_core::cache::Overflow;
 use kvq_host::eval::{log_softmax, planted_document};
 use kvq_host::kvspec::KvSpec;
@@ -51,14 +51,22 @@ const FACTS: [(&str, &str, &str, &str); 6] = [
     ),
 ];
 
+/// The probe's arguments.
+#[derive(clap::Parser)]
+struct Args {
+    /// KV specs, comma-separated.
+    specs: String,
+    /// Document length in tokens.
+    #[arg(default_value_t = 6000)]
+    doc_tokens: usize,
+    /// Paragraph offsets into the novel where documents start, comma-separated.
+    #[arg(value_delimiter = ',', default_value = "0")]
+    offsets: Vec<usize>,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let specs = args.get(1).context("usage: fact_probe SPECS [DOC_TOKENS] [OFFSETS]")?;
-    let doc_tokens: usize = args.get(2).map_or(Ok(6000), |s| s.parse()).context("DOC_TOKENS")?;
-    let offsets: Vec<usize> = match args.get(3) {
-        Some(s) => s.split(',').map(str::parse).collect::<Result<_, _>>().context("OFFSETS")?,
-        None => vec![0],
-    };
+    let Args { specs, doc_tokens, offsets } = <Args as clap::Parser>::parse();
+    let specs = &specs;
     let quiet = std::env::var("QUIET").is_ok();
     let path = kvq_host::fetch::default_model(true)?;
     let m = Model::load(&path)?;
