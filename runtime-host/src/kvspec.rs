@@ -134,10 +134,8 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
 /// (CTX 2048, Pride and Prejudice, one chunk: `kvq2` KLD 0.0117 against 0.0355 with rotated keys,
 /// `kvq3` 0.0030 against 0.0130), where on SmolLM2 it is the recipe's strongest step. A `rot=` knob given
 /// after the preset still wins.
-pub const PRESET_KNOBS_KEY_NORM: [(&str, &str); 2] = [
-    ("kvq2", "kivi2:k=3:kg=128:s=4:rot=v:rope=1:vg=64"),
-    ("kvq3", "kivi2:k=3:v=3:s=4:rot=v:rope=1:vg=64"),
-];
+pub const PRESET_KNOBS_KEY_NORM: [(&str, &str); 2] =
+    [("kvq2", "kivi2:k=3:kg=128:s=4:rot=v:rope=1:vg=64"), ("kvq3", "kivi2:k=3:v=3:s=4:rot=v:rope=1:vg=64")];
 
 fn width(s: &str) -> Result<Option<Width>, String> {
     Ok(Some(match s {

@@ -10,6 +10,7 @@
 //! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats; [`grad`]: the loss's gradient
 //!   with respect to keys and values (Fisher weights for the codebooks).
 //! - [`dump`]: one layer's attention inputs for the firmware demo (`kvq dump-qkv`).
+//! - [`tiny`]: a tiny Llama GGUF with random weights, made in Rust, for tests and fuzz seeds.
 //! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
 
 pub mod calib;
@@ -27,4 +28,5 @@ pub mod quants;
 pub mod rdata;
 pub mod sample;
 pub mod texts;
+pub mod tiny;
 pub mod tokenizer;

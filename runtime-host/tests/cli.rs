@@ -1,5 +1,6 @@
-//! The `kvq` binary end to end on the default model: chat answers, every `--kv` preset, tokenize, info,
-//! and bad input (malformed and truncated GGUF files, a bad spec, a full context) as errors, never panics.
+//! The `kvq` binary end to end on the default model: chat answers, every `--kv` preset, tokenize, info;
+//! and bad input (malformed and truncated GGUF files, a bad spec, a full context) as errors, never panics,
+//! on a tiny model made in Rust ([`kvq_host::tiny`]), so those run offline.
 
 mod common;
 
@@ -7,9 +8,13 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 fn kvq(args: &[&str], stdin: Option<&str>) -> Output {
-    let model = common::model_path();
+    kvq_on(&common::model_path(), args, stdin)
+}
+
+/// `kvq` with `-m model` (a tiny one where the real model's numbers do not matter).
+fn kvq_on(model: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvq"));
-    c.args(args).arg("-m").arg(&model).arg("-t").arg("2");
+    c.args(args).arg("-m").arg(model).arg("-t").arg("2");
     c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut input = child.stdin.take().unwrap();
@@ -96,6 +101,9 @@ fn tokenize_and_info() {
 
 #[test]
 fn bad_input_is_an_error() {
+    // The tiny model made in Rust: these are the commands' checks, not the model's numbers.
+    let tiny = common::tiny_model_path();
+    let kvq = |args: &[&str], stdin: Option<&str>| kvq_on(&tiny, args, stdin);
     let out = kvq(&["generate", "--kv", "kivi3", "-p", "x"], None);
     assert!(!out.status.success() && text(&out.stderr).contains("unknown preset"));
     // A context too small for the prompt under the stop policy.
@@ -135,10 +143,11 @@ fn bad_input_is_an_error() {
     assert!(se.contains("is a directory, not a GGUF model file"), "{se}");
 }
 
-/// Truncated and corrupted copies of the real model: every one is refused with a message, none panics.
+/// Truncated and corrupted copies of a model file (the tiny one made in Rust): every one is refused with a
+/// message, none panics.
 #[test]
 fn malformed_model_files_are_refused() {
-    let bytes = std::fs::read(common::model_path()).unwrap();
+    let bytes = std::fs::read(common::tiny_model_path()).unwrap();
     let g = kvq_host::gguf::Gguf::parse(&bytes).unwrap();
     let header = g.data_start as usize;
     let dir = std::env::temp_dir().join(format!("kvq-bad-{}", std::process::id()));

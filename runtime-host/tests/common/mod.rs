@@ -109,3 +109,15 @@ pub(crate) fn row_check(
     };
     (worst, tol, top)
 }
+
+/// A tiny Llama GGUF made in Rust ([`kvq_host::tiny`], random weights), written once per test binary into
+/// Cargo's scratch directory: for tests that need a model but not a real model's numbers (no download).
+pub(crate) fn tiny_model_path() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kvq-tiny-llama.gguf");
+        std::fs::write(&path, kvq_host::tiny::llama(&kvq_host::tiny::Tiny::default())).unwrap();
+        path
+    })
+    .clone()
+}
