@@ -123,11 +123,21 @@ fn bad_input_is_an_error() {
         (&["generate", "--temp", "nan", "-p", "x", "-n", "1"][..], "NaN is not a temperature"),
         (&["generate", "--temp", "-1", "-p", "x", "-n", "1"][..], "-1 is not a temperature"),
         (&["generate", "--kv", "kivi2:s=4:s=8", "-p", "x", "-n", "1"][..], "s is given twice"),
+        // A sliding window keeps four sinks by default: 4 + 128 + 32 tokens do not fit in 160.
+        (
+            &["generate", "--overflow", "slide", "--kv", "kivi2", "-c", "160", "-p", "x", "-n", "1"][..],
+            "keeps 4 sinks (s=0 for none), which -c 160 cannot hold",
+        ),
     ] {
         let out = kvq(args, None);
         let se = text(&out.stderr);
         assert!(!out.status.success() && se.contains(says), "{args:?}: {se}");
         assert!(!se.contains("panicked"), "{se}");
+    }
+    // They fit in 164, and without sinks (s=0) in 160.
+    for (kv, c) in [("kivi2", "164"), ("kivi2:s=0", "160")] {
+        let out = kvq(&["generate", "--overflow", "slide", "--kv", kv, "-c", c, "-p", "x", "-n", "1"], None);
+        assert!(out.status.success(), "{kv} -c {c}: {}", text(&out.stderr));
     }
     // No rate for fewer than two generated tokens (it once printed 22,397.9 tok/s for -n 0).
     let out = kvq(&["generate", "--kv", "f16", "-p", "x", "-n", "0"], None);

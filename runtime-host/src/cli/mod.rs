@@ -75,7 +75,7 @@ pub(crate) struct ModelArgs {
 pub(crate) enum OverflowArg {
     /// Stop with a clear message when the context is full.
     Stop,
-    /// Drop the oldest tokens, keeping the sinks (`--kv ...:s=N`).
+    /// Drop the oldest tokens, keeping the sinks (four unless `--kv ...:s=N` says).
     Slide,
 }
 
@@ -165,7 +165,20 @@ pub(crate) fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Resul
         Some(OverflowArg::Slide) => Overflow::Slide,
         None => default,
     };
-    m.cache_config(&spec, ctx, overflow)
+    let mut cfg = m.cache_config(&spec, ctx, overflow)?;
+    // A window that slides keeps attention sinks unless the spec says how many (`s=0` for none).
+    if overflow == Overflow::Slide && !spec.name.split(':').any(|k| k.starts_with("s=")) {
+        cfg.sinks = cfg.sinks.max(kvq_host::chat::SLIDE_SINKS);
+        cfg.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "--kv {}: a sliding cache keeps {} sinks (s=0 for none), which -c {ctx} cannot hold beside its \
+                 window: {e}",
+                spec.name,
+                cfg.sinks
+            )
+        })?;
+    }
+    Ok(cfg)
 }
 
 /// The model, its tokenizer and the per-layer cache configuration `generate` and `chat` run with.
