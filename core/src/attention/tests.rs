@@ -1100,14 +1100,29 @@ fn int8_attention_is_within_its_bound() {
 
 /// The rounding-only tolerance for the generic formats, where keys and values pass through a transform
 /// (Hadamard: `L = log2 d + 1` roundings per element; RoPE, balance and centring: a few more) and the value
-/// sums run in the stored basis. Every element of a stored-basis vector is at most its 2-norm (the
-/// transforms are orthonormal, the balance scales by at most `bmax`, the centre adds `|mu|`), and a zero
-/// point or scaled code of a group at most three times the group's largest element, so:
+/// sums run in the stored basis.
 ///
-/// - a score is off by at most `E = scale * gamma(d + 2L + 10) * d * Q * K`, with `Q` the largest element
-///   of the query in either basis and `K = 3 max_t (bmax |k_t| + |mu|)`;
-/// - an output element by at most `(exp(2E + 8u + 2 gamma(t + 1)) - 1) sum_t p_t |v_tc|` (the
-///   probabilities' error) plus `gamma(t + 2L + 8) sqrt(d) sum_t p_t V_t`, `V_t = 3 |v_t|` (the sums).
+/// Scores. The transforms are orthonormal, the balance scales by at most `bmax` and the centre adds `|mu|`,
+/// so the stored-basis query has 2-norm at most `Q = bmax |q|` and key row `t` at most
+/// `K_t = bmax (|k_t| + |mu|)`; `K` is the largest `K_t`. A zero point, scaled code or tier correction of a
+/// group is at most `2.2 K` (FP8 rounds a parameter by 1/16 at most). The kernel's score of token `t` is
+/// off from the exact `q . k_t` over the reference keys by at most the sum of:
+/// - the dot product and the centring, outlier and tier terms, `gamma(d + 2L + 10) Q K_t`;
+/// - the dequantization, two roundings of `z + s level` per stored element plus the tier correction's:
+///   `2u sum_c |q'_c| (|k'_tc| + 3 * 2.2 K) <= 2u Q (K_t + 6.6 sqrt(d) K)`;
+/// - the query's transform, `gamma(L + 5) Q` per element, against `|k'_t|_1 <= sqrt(d) K_t`;
+/// - the reference keys, turned back by `dequantize` through the same transforms in f32: each element
+///   within `gamma(L + 5) K_t`, against `|q|_1 <= sqrt(d) Q`.
+///
+/// So a score is off by at most `E = scale Q K (gamma(d + 2L + 10) + 2u (1 + 6.6 sqrt(d)) + 2 sqrt(d)
+/// gamma(L + 5))`, and an output element by at most `(exp(2E + 8u + 2 gamma(t + 1)) - 1) sum_t p_t |v_tc|`
+/// (the probabilities' error) plus `gamma(t + 2L + 8) sum_t p_t V_t` (the sums: a rotated value row's
+/// stored elements are each at most its norm and mix into every output channel with weights 1/sqrt(d), so
+/// `V_t = 3 sqrt(d) |v_t|`; an unrotated one's are at most three times its largest element).
+///
+/// Before 2026-12-06 the score term bounded `sum_c |q'_c| |k'_tc|` by `d` times the largest elements
+/// (`3 d Q K`), some 50 times looser; [`generic_tolerance_notices_a_key_code_one_level_off`] shows this one
+/// sees a single code one level off.
 fn generic_tolerance(
     cache: &Cache<'_>,
     h: usize,
@@ -1128,13 +1143,16 @@ fn generic_tolerance(
     };
     let mu = if cfg.transform.center_keys { norm(&tables.center[h * d..][..d]) } else { 0.0 };
     let l = d.trailing_zeros() as usize + 1;
-    let qmax = q.iter().fold(0.0f32, |a, x| a.max(x.abs())).max(norm(q) * bmax);
-    let kmax = 3.0
-        * (0..t).map(|u| f64::from(bmax) * norm(&k[u * d..][..d]) as f64 + f64::from(mu)).fold(0.0, f64::max);
-    let e = f64::from(scale) * gamma(d + 2 * l + 10) * d as f64 * f64::from(qmax) * kmax;
+    let qn = f64::from(bmax) * f64::from(norm(q));
+    let kn = (0..t)
+        .map(|u| f64::from(bmax) * (f64::from(norm(&k[u * d..][..d])) + f64::from(mu)))
+        .fold(0.0, f64::max);
+    let sd = (d as f64).sqrt();
+    let e = f64::from(scale)
+        * qn
+        * kn
+        * (gamma(d + 2 * l + 10) + 2.0 * U * (1.0 + 6.6 * sd) + 2.0 * sd * gamma(l + 5));
     let rel = (2.0 * e + 8.0 * U + 2.0 * gamma(t + 1)).exp_m1();
-    // A rotated value row's stored elements are each at most its norm and mix into every output channel
-    // with weights 1/sqrt(d); an unrotated one's are at most three times its largest element.
     let vmag = |u: usize| {
         let row = &v[u * d..][..d];
         if cfg.transform.rotate_values {
@@ -1149,6 +1167,68 @@ fn generic_tolerance(
             rel * (0..t).map(|u| p[u] * f64::from(v[u * d + c].abs())).sum::<f64>() + sums + f64::MIN_POSITIVE
         })
         .collect()
+}
+
+/// [`generic_tolerance`] notices a key code one level off: for every generic format with quantized
+/// per-channel keys, moving one code of the most attended quantized token (in the channel where it shows
+/// most) by one level puts decode's output outside the tolerance of the unmoved cache's exact attention.
+#[test]
+fn generic_tolerance_notices_a_key_code_one_level_off() {
+    let mut rng = Rng::new(78);
+    let (d, t, ratio) = (64usize, 97usize, 3usize);
+    let mut checked = 0;
+    for (name, cfg) in crate::cache::tests::generic_configs(2, d, 1024) {
+        let Precision::Quant(kq) = cfg.keys else { continue };
+        if kq.axis != crate::cache::Axis::PerChannel || cfg.residual == 0 {
+            continue;
+        }
+        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = Cache::new(cfg, &mut mem).unwrap();
+        crate::cache::tests::fill_tables(&mut cache, &mut rng);
+        let k = activations(&mut rng, t, 2, d);
+        let v = activations(&mut rng, t, 2, d);
+        crate::cache::tests::append_observed(&mut cache, &k, &v, &mut rng);
+        let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
+        let qh = 2 * ratio;
+        let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
+        let tol = generic_tolerance(&cache, 0, &q[..d], &keys[0], &values[0], &probs[0], scale);
+        // Held rows: the sinks, then body slots 0.. (nothing slid); the quantized ones end at `q_end`.
+        let (sinks, q_end) = (cache.counts().sinks, cache.view(Stream::Keys).q_end);
+        let Some(slot) = (0..q_end).max_by(|&a, &b| probs[0][sinks + a].total_cmp(&probs[0][sinks + b]))
+        else {
+            continue;
+        };
+        for kernel in kernels() {
+            let mut worst = 0.0f64;
+            for c in 0..d {
+                let delta = if cache.shift_key_code(0, slot, c, 1) { 1 } else { -1 };
+                if delta < 0 {
+                    assert!(cache.shift_key_code(0, slot, c, -1));
+                }
+                let mut out = vec![0.0f32; qh * d];
+                let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
+                decode(&cache, &q, qh, scale, &mut out, &mut scratch, kernel).unwrap();
+                assert!(cache.shift_key_code(0, slot, c, -delta));
+                for (i, &tl) in tol.iter().enumerate() {
+                    worst = worst.max((f64::from(out[i]) - want[i]).abs() / tl);
+                }
+            }
+            std::println!(
+                "{name} {}: a key code one level off (token p = {:.3}) is {worst:.1} times the tolerance",
+                kernel.name(),
+                probs[0][sinks + slot]
+            );
+            assert!(
+                worst > 1.0,
+                "{name} {}: one level off stays within the tolerance ({worst:.3})",
+                kernel.name()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked} formats checked");
 }
 
 fn norm(x: &[f32]) -> f32 {
