@@ -1,7 +1,8 @@
 //! `kvq-core`: exact, `no_std` primitives for storing keys and values at 1.5 to 8 bits.
 //!
 //! Numbers in, numbers out, over memory the caller hands in: no allocator, no files, no threads. The
-//! methods are those of KIVI, KVQuant, SKVQ and MiKV as specified in the project's `methods.md`.
+//! methods are those of KIVI, KVQuant, SKVQ and MiKV; `docs/methods.md` in the repository says what each
+//! does here and cites the papers.
 //!
 //! ```
 //! use kvq_core::pack::Width;
@@ -29,6 +30,10 @@
 //! - [`quant::uniform`], [`quant::codebook`], [`quant::outliers`], [`quant::reorder`]: the quantizers.
 //! - [`transform`]: the Hadamard rotation and group-relative RoPE a cache may store keys and values under.
 //! - [`view`]: strided views, so a group is read out of a larger array without a copy.
+//! - [`cache`]: the KV cache over a caller's arena: sinks, full-precision windows, quantized bodies in
+//!   every format the presets use, sliding, calibration tables; sizes from `const fn`s.
+//! - [`attention`]: decode and prefill attention over a cache, fused with the dequantization (portable
+//!   code, and AVX2 kernels chosen at run time where the `std` feature can detect them).
 //! - [`error`]: the one error type.
 //!
 //! # Storage per element
@@ -60,14 +65,12 @@
 //!
 //! # Features
 //!
-//! `alloc` and `std` are additive and reserved for conveniences; `defmt` derives `defmt::Format` on the
-//! public enums and errors for firmware logging. Nothing in the crate needs an allocator.
+//! `std` adds run-time CPU detection for the AVX2 kernels; `defmt` derives `defmt::Format` on the public
+//! enums and errors for firmware logging. Nothing in the crate needs an allocator.
 
 #![no_std]
 #![deny(unsafe_code)]
 
-#[cfg(feature = "alloc")]
-extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 

@@ -1,11 +1,18 @@
 //! AVX2 + FMA + F16C twins of [`super::portable`], for x86-64 CPUs that have them.
 //!
 //! Every function is `#[target_feature(enable = "avx2,fma,f16c")]`: callers outside this module hold a
-//! [`super::Kernel`] with AVX2 set, which exists only where the CPU has the features. Inside, the only
-//! `unsafe` is in the load/store helpers, each of which reads or writes exactly the slice it is given
-//! after a bounds-checked reslice, and in the two code-unpacking inner loops, which check their ranges once
-//! and then read through pointers. The vector path is what makes the quantized cache faster than
-//! fp16 (the `decode_bench` example reports both kernels side by side).
+//! [`super::Kernel`] with AVX2 set, which exists only where the CPU has the features. Inside, `unsafe`
+//! appears in three forms, each block with its `SAFETY` comment:
+//! - the load/store helpers (`ld`, `st`, `ld_ph`, `ldn`, `stn`), which read or write exactly the slice they are given after
+//!   a bounds-checked reslice;
+//! - `unsafe fn` inner-loop helpers that read through raw pointers (`unpack16`, `unpack16_b3`, `ldn_ph`,
+//!   `fma_bcast`, `axpy_pass`, `code_pairs`, `madd_pairs`, the int8 tiles): each states in `# Safety` the
+//!   range it reads, and its callers check that whole range once before the loop;
+//! - a few `get_unchecked` reads in inner loops whose indices the loop bounds already limit.
+//!
+//! What the pointer walks bought is in `docs/decode-speed-history.md` (for the int8 step, counted with
+//! callgrind: from 130 to 113 instructions per token and KV head with other changes of that commit); the
+//! portable twins in [`super::portable`] and [`super::generic`] are the reference the tests hold these to.
 //!
 //! Code unpacking: a run of 16 codes starts on a word (`G * b` is a multiple of 32 and `G` of 16, runs
 //! start on a group), so 2-bit codes are 1 word, 4-bit 2 words, 8-bit 4 words; each word is broadcast and
