@@ -14,6 +14,8 @@ targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(gguf tokenizer kvspec cache)
 model="${KVQ_CACHE:-$HOME/.cache/kvq}/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$model" ] && export KVQ_FUZZ_MODEL="$model"
+# The committed seeds, made again (they are deterministic): a change to the GGUF writer shows in git.
+cargo run --release -q -p kvq-host --example fuzz_seeds
 for t in "${targets[@]}"; do
   corpus="target/fuzz-corpus/$t"
   mkdir -p "$corpus"
