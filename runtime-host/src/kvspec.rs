@@ -526,8 +526,11 @@ mod tests {
         assert_eq!(c.sinks, 4);
         assert!(c.transform.rotate_keys && c.transform.rotate_values && c.transform.rope == Some(ROPE));
         let (k, v) = (c.key_spec().unwrap(), c.value_spec().unwrap());
-        assert_eq!((k.width, k.group, k.params), (Width::B3, 64, ParamFormat::Fp8E4M3));
+        assert_eq!((k.width, k.group, k.params), (Width::B3, 128, ParamFormat::F16));
         assert_eq!((v.width, v.group, v.params), (Width::B2, 64, ParamFormat::F16));
+        // The format `kvq2` had until 2026-12-06, by its knobs.
+        let old = cfg("kvq2:kg=64:kp=fp8", 8192, Overflow::Stop).key_spec().unwrap();
+        assert_eq!((old.width, old.group, old.params), (Width::B3, 64, ParamFormat::Fp8E4M3));
         // Knobs after a preset override it.
         assert_eq!(cfg("kvq2:vg=32:s=0", 8192, Overflow::Stop).value_spec().unwrap().group, 32);
         let k3 = cfg("kvq3", 8192, Overflow::Stop).key_spec().unwrap();
