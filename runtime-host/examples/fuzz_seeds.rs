@@ -1,5 +1,6 @@
-//! Writes the seed corpus of the GGUF fuzz target (`fuzz/corpus/gguf/`): small GGUF files built with
-//! `kvq_host::gguf::Writer`, one per shape of input the reader and the tokenizers take.
+//! Writes the seed corpus of the GGUF fuzz target (`fuzz/corpus/gguf/`, not committed; `scripts/fuzz.sh`
+//! runs this first): small GGUF files built with `kvq_host::gguf::Writer`, one per shape of input the
+//! reader and the tokenizers take.
 //!
 //! ```text
 //! cargo run -p kvq-host --example fuzz_seeds
