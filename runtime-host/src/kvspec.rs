@@ -92,6 +92,9 @@ pub struct KvSpec {
     pub residual: usize,
     /// Attention sinks.
     pub sinks: usize,
+    /// Whether the spec sets its sinks (`s=`, its own or its preset's); where it does not, a cache that
+    /// slides keeps a few by default (`generate` and `chat`).
+    pub sinks_set: bool,
     /// Clipping factor.
     pub clip: f32,
     /// Clipping factors per layer from the calibration file (`clip=calib`, SKVQ).
@@ -173,6 +176,7 @@ fn kivi(w: Width) -> KvSpec {
         values: Some(StreamSpec::new(w)),
         residual: 128,
         sinks: 0,
+        sinks_set: false,
         clip: 1.0,
         clip_calibrated: false,
         rotate_keys: false,
@@ -332,7 +336,7 @@ impl KvSpec {
                 }
                 "calib" => spec.calib = Some(PathBuf::from(v)),
                 "r" => spec.residual = num()?,
-                "s" => spec.sinks = num()?,
+                "s" => (spec.sinks, spec.sinks_set) = (num()?, true),
                 "clip" if v == "calib" => spec.clip_calibrated = true,
                 "clip" => {
                     spec.clip = v
@@ -518,6 +522,17 @@ mod tests {
         assert_eq!(KvSpec::parse("kvq2:rot=kv").unwrap().for_model(true).unwrap().name, "kvq2:rot=kv");
         assert_eq!(on("kivi2:rot=kv", true), on("kivi2:rot=kv", false));
         assert!(on("kivi2:rot=kv", true).transform.rotate_keys);
+    }
+
+    /// A spec sets its sinks with `s=`, its own or its preset's expansion's; the sliding default leaves
+    /// those alone.
+    #[test]
+    fn sinks_set_by_the_spec_or_its_preset() {
+        for (s, set) in
+            [("kivi2", false), ("f16", false), ("kivi2:s=0", true), ("kvquant2", true), ("kvq2", true)]
+        {
+            assert_eq!(KvSpec::parse(s).unwrap().sinks_set, set, "{s}");
+        }
     }
 
     #[test]

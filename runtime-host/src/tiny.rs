@@ -39,22 +39,6 @@ const MERGES: [(&str, &str); 8] =
 /// ChatML's control tokens, after the byte tokens and the merged ones.
 pub const CONTROL: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-/// The characters GPT-2's byte-level BPE stands each byte for.
-fn byte_chars() -> Vec<char> {
-    let mut n = 0u32;
-    (0..256u32)
-        .map(|b| {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-            if printable {
-                char::from_u32(b).unwrap_or('?')
-            } else {
-                n += 1;
-                char::from_u32(255 + n).unwrap_or('?')
-            }
-        })
-        .collect()
-}
-
 /// xorshift64*, uniform in [-1, 1).
 struct Rng(u64);
 
@@ -70,7 +54,7 @@ impl Rng {
 
 /// The vocabulary: every byte, the merged pairs, then [`CONTROL`].
 pub fn vocabulary() -> Vec<String> {
-    let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+    let mut tokens: Vec<String> = crate::tokenizer::byte_chars().into_iter().map(String::from).collect();
     tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
     tokens.extend(CONTROL.iter().map(|s| s.to_string()));
     tokens

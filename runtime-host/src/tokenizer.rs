@@ -71,7 +71,7 @@ pub struct Tokenizer {
 }
 
 /// GPT-2's reversible byte -> printable character map.
-fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {

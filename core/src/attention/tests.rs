@@ -1182,12 +1182,8 @@ fn generic_tolerance_notices_a_key_code_one_level_off() {
         if kq.axis != crate::cache::Axis::PerChannel || cfg.residual == 0 {
             continue;
         }
-        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
-        let mut cache = Cache::new(cfg, &mut mem).unwrap();
-        crate::cache::tests::fill_tables(&mut cache, &mut rng);
-        let k = activations(&mut rng, t, 2, d);
-        let v = activations(&mut rng, t, 2, d);
-        crate::cache::tests::append_observed(&mut cache, &k, &v, &mut rng);
+        let mut mem = Vec::new();
+        let mut cache = observed_cache(cfg, &mut mem, t, &mut rng);
         let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
         let qh = 2 * ratio;
         let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
@@ -1231,6 +1227,18 @@ fn generic_tolerance_notices_a_key_code_one_level_off() {
     assert!(checked >= 8, "{checked} formats checked");
 }
 
+/// A cache of format `cfg` (two KV heads) over `mem`, with calibration-like tables, holding `t` tokens of
+/// activations appended as the model would (attention observed for the tiers).
+fn observed_cache<'m>(cfg: CacheConfig, mem: &'m mut Vec<u32>, t: usize, rng: &mut Rng) -> Cache<'m> {
+    *mem = vec![0u32; cfg.layout().unwrap().total_words];
+    let mut cache = Cache::new(cfg, mem).unwrap();
+    crate::cache::tests::fill_tables(&mut cache, rng);
+    let k = activations(rng, t, 2, cfg.head_dim);
+    let v = activations(rng, t, 2, cfg.head_dim);
+    crate::cache::tests::append_observed(&mut cache, &k, &v, rng);
+    cache
+}
+
 fn norm(x: &[f32]) -> f32 {
     x.iter().map(|a| a * a).sum::<f32>().sqrt() * (1.0 + 1e-6)
 }
@@ -1250,12 +1258,8 @@ fn generic_formats_attend_as_their_dequantized_cache() {
         for (name, cfg) in picked {
             let ts: &[usize] = if big { &[1, 31, 32, 33, 97, 300] } else { &[40] };
             for &t in ts {
-                let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
-                let mut cache = Cache::new(cfg, &mut mem).unwrap();
-                crate::cache::tests::fill_tables(&mut cache, &mut rng);
-                let k = activations(&mut rng, t, 2, d);
-                let v = activations(&mut rng, t, 2, d);
-                crate::cache::tests::append_observed(&mut cache, &k, &v, &mut rng);
+                let mut mem = Vec::new();
+                let cache = observed_cache(cfg, &mut mem, t, &mut rng);
                 let keys = dequantized(&cache, Stream::Keys);
                 let values = dequantized(&cache, Stream::Values);
                 for ratio in [1usize, 3, 7] {

@@ -40,10 +40,8 @@ pub(crate) fn chat(a: ChatArgs) -> Result<()> {
     ctrlc::set_handler(move || {
         if k.replying.load(Ordering::SeqCst) {
             k.cancel.store(true, Ordering::SeqCst);
-        } else if k.at_prompt.fetch_add(1, Ordering::SeqCst) >= 1 {
+        } else if k.press_at_prompt() {
             std::process::exit(130);
-        } else {
-            eprintln!("\n(Ctrl-C again or Ctrl-D to quit)");
         }
     })
     .context("installing the Ctrl-C handler")?;
@@ -53,13 +51,8 @@ pub(crate) fn chat(a: ChatArgs) -> Result<()> {
         let line = match input.read(prompt)? {
             Read::Line(l) => l,
             Read::Eof => break,
-            Read::Interrupted => {
-                if keys.at_prompt.fetch_add(1, Ordering::SeqCst) >= 1 {
-                    break;
-                }
-                eprintln!("(Ctrl-C again or Ctrl-D to quit)");
-                continue;
-            }
+            Read::Interrupted if keys.press_at_prompt() => break,
+            Read::Interrupted => continue,
             Read::NotUtf8 => {
                 eprintln!("kvq: that line is not UTF-8 text; nothing was sent");
                 continue;
@@ -112,6 +105,17 @@ pub(crate) struct Keys {
     pub(crate) cancel: AtomicBool,
     /// Ctrl-C presses at the prompt in a row.
     pub(crate) at_prompt: AtomicUsize,
+}
+
+impl Keys {
+    /// A Ctrl-C at the prompt: true on the second in a row (quit), else a word on how to quit.
+    fn press_at_prompt(&self) -> bool {
+        if self.at_prompt.fetch_add(1, Ordering::SeqCst) >= 1 {
+            return true;
+        }
+        eprintln!("\n(Ctrl-C again or Ctrl-D to quit)");
+        false
+    }
 }
 
 /// What one read at the chat's prompt gave.

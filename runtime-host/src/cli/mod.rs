@@ -166,8 +166,8 @@ pub(crate) fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Resul
         None => default,
     };
     let mut cfg = m.cache_config(&spec, ctx, overflow)?;
-    // A window that slides keeps attention sinks unless the spec says how many (`s=0` for none).
-    if overflow == Overflow::Slide && !spec.name.split(':').any(|k| k.starts_with("s=")) {
+    // A window that slides keeps attention sinks unless the spec or its preset says how many (`s=0`: none).
+    if overflow == Overflow::Slide && !spec.sinks_set {
         cfg.sinks = cfg.sinks.max(kvq_host::chat::SLIDE_SINKS);
         cfg.validate().map_err(|e| {
             anyhow::anyhow!(
