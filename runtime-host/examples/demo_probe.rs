@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     let path = kvq_host::fetch::default_model(true)?;
     let m = Model::load(&path)?;
     let tok = Tokenizer::from_gguf(&m.gguf)?;
-    let prose = kvq_host::texts::text("persuasion", true)?;
+    let prose = kvq_host::eval::texts::text("persuasion", true)?;
     let doc = demo_document(&tok, &prose, doc_tokens);
     let sys = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
     let prompt = format!(

@@ -71,7 +71,7 @@ fn main() -> Result<()> {
     let path = kvq_host::fetch::default_model(true)?;
     let m = Model::load(&path)?;
     let tok = Tokenizer::from_gguf(&m.gguf)?;
-    let prose = kvq_host::texts::text("persuasion", true)?;
+    let prose = kvq_host::eval::texts::text("persuasion", true)?;
     let mut sums: Vec<(String, f64, f64, usize)> = Vec::new();
     for &off in &offsets {
         // Facts at depths 1/12, 3/12, ... 11/12.

@@ -44,7 +44,8 @@ pub const GROUP: usize = 32;
 /// Fraction of key elements beyond the thresholds (KVQuant's 1%).
 pub const OUTLIER_FRACTION: f64 = 0.01;
 /// How the codebooks' k-means weighs the calibration elements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Weighting {
     /// Every element alike (keys and values from the runtime's own forward pass).
@@ -176,28 +177,6 @@ pub const DEFAULT_TEXT: &str = "emma";
 pub const DEFAULT_TOKENS: usize = 16384;
 /// Tokens per chunk by default.
 pub const DEFAULT_CTX: usize = 2048;
-
-/// Calibrates `model` as `kvq calibrate` does by default ([`DEFAULT_TOKENS`] tokens of [`DEFAULT_TEXT`] in
-/// chunks of [`DEFAULT_CTX`]) and writes the file where presets look, unless it is there already; returns
-/// its path. For what needs a calibration without asking for one (`kvq dump-qkv`, the tests).
-///
-/// # Errors
-/// Fetching the text, the forward pass, writing the file.
-pub fn ensure_default(model: &Model) -> Result<PathBuf> {
-    let out = default_path(&model.sha256()?)?;
-    if out.exists() {
-        return Ok(out);
-    }
-    eprintln!(
-        "kvq: no calibration for this model yet; calibrating on {DEFAULT_TEXT} first (a few minutes) -> {}",
-        out.display()
-    );
-    let tok = crate::tokenizer::Tokenizer::from_gguf(&model.gguf)?;
-    let tokens = tok.encode(&crate::texts::text(DEFAULT_TEXT, false)?, true, false);
-    let n = DEFAULT_TOKENS.min(tokens.len()) / DEFAULT_CTX * DEFAULT_CTX;
-    calibrate(model, &tokens[..n], DEFAULT_CTX, DEFAULT_TEXT, Weighting::Uniform, &|_, _| {})?.save(&out)?;
-    Ok(out)
-}
 
 impl Calibration {
     /// Writes the file at `path` (its directory made if needed), through a temporary file renamed into

@@ -11,11 +11,13 @@
 //!   with respect to keys and values (Fisher weights for the codebooks).
 //! - [`dump`]: one layer's attention inputs for the firmware demo (`kvq dump-qkv`).
 //! - [`tiny`]: a tiny Llama GGUF with random weights, made in Rust, for tests and fuzz seeds.
-//! - [`texts`]: evaluation texts from Debian packages ([`rdata`] reads R's lazy-load databases).
+//! - [`eval`] (feature `eval`, on by default): the evaluation harness apart from the runtime: perplexity,
+//!   retrieval, the demo's document, the texts they read and the charts they draw.
 
 pub mod calib;
 pub mod chat;
 pub mod dump;
+#[cfg(feature = "eval")]
 pub mod eval;
 pub mod fetch;
 pub mod gguf;
@@ -23,10 +25,7 @@ pub mod grad;
 pub mod kernels;
 pub mod kvspec;
 pub mod model;
-pub mod plot;
 pub mod quants;
-pub mod rdata;
 pub mod sample;
-pub mod texts;
 pub mod tiny;
 pub mod tokenizer;

@@ -13,7 +13,7 @@ use kvq_host::tokenizer::Tokenizer;
 fn calibrate_apply_and_reload() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
-    let text = kvq_host::texts::text("emma", true).unwrap();
+    let text = kvq_host::eval::texts::text("emma", true).unwrap();
     let cut = text.char_indices().nth(4_000).map_or(text.len(), |c| c.0);
     let tokens = tok.encode(&text[..cut], true, false);
     let ctx = 128;
@@ -122,7 +122,7 @@ fn fisher_calibration_weighs_the_codebooks() {
     // toward the elements the loss is sensitive to; every Fisher codebook is still a valid table.
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
-    let text = kvq_host::texts::text("emma", true).unwrap();
+    let text = kvq_host::eval::texts::text("emma", true).unwrap();
     let cut = text.char_indices().nth(4_000).map_or(text.len(), |c| c.0);
     let tokens = tok.encode(&text[..cut], true, false);
     let ctx = 256;

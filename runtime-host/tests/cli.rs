@@ -198,7 +198,7 @@ fn tmpdir(tag: &str) -> std::path::PathBuf {
 fn perplexity_command() {
     let dir = tmpdir("ppl");
     let f = dir.join("doc.txt");
-    let book = kvq_host::texts::text("prideprejudice", true).unwrap();
+    let book = kvq_host::eval::texts::text("prideprejudice", true).unwrap();
     std::fs::write(&f, &book[..6000]).unwrap();
     let plot = dir.join("q.svg");
     let doc = f.to_str().unwrap();

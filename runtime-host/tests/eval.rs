@@ -19,7 +19,7 @@ fn log_softmax(l: &[f32]) -> Vec<f64> {
 fn perplexity_equals_token_by_token_scoring() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
-    let text = kvq_host::texts::text("prideprejudice", true).unwrap();
+    let text = kvq_host::eval::texts::text("prideprejudice", true).unwrap();
     let cut = text.char_indices().nth(20_000).map_or(text.len(), |c| c.0);
     let tokens = tok.encode(&text[..cut], true, false);
     let (ctx, chunks) = (96, 2);
@@ -83,7 +83,7 @@ fn perplexity_equals_token_by_token_scoring() {
 fn retrieval_cases_are_deterministic_and_well_formed() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
-    let hay = kvq_host::texts::text("persuasion", true).unwrap();
+    let hay = kvq_host::eval::texts::text("persuasion", true).unwrap();
     for task in [Task::Passkey, Task::Lines] {
         for len in [300, 1000] {
             for depth in [0.0, 0.5, 1.0] {
@@ -120,7 +120,7 @@ fn retrieval_cases_are_deterministic_and_well_formed() {
 fn f16_cache_finds_a_short_pass_key() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
-    let hay = kvq_host::texts::text("persuasion", true).unwrap();
+    let hay = kvq_host::eval::texts::text("persuasion", true).unwrap();
     let cfg = m.cache_config(&KvSpec::parse("f16").unwrap(), 600, Overflow::Stop).unwrap();
     let mut ar = model::arenas(&m, &cfg).unwrap();
     let mut s = Session::new(&m, cfg, &mut ar).unwrap();

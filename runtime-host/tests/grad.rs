@@ -12,7 +12,7 @@ use kvq_host::tokenizer::Tokenizer;
 
 fn tokens(m: &Model, n: usize) -> Vec<u32> {
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
-    let text = kvq_host::texts::text("emma", true).unwrap();
+    let text = kvq_host::eval::texts::text("emma", true).unwrap();
     let cut = text.char_indices().nth(2_000).map_or(text.len(), |c| c.0);
     tok.encode(&text[..cut], true, false)[..n].to_vec()
 }

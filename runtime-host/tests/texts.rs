@@ -1,6 +1,6 @@
 //! The evaluation texts come out of their Debian packages intact.
 
-use kvq_host::texts;
+use kvq_host::eval::texts;
 
 #[test]
 fn austen_novels_come_out_of_the_r_database() {

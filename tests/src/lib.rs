@@ -48,9 +48,9 @@ pub fn default_stream() -> anyhow::Result<Qkv> {
     let path = kvq_host::fetch::default_model(true)?;
     let model = kvq_host::model::Model::load(&path)?;
     let tok = kvq_host::tokenizer::Tokenizer::from_gguf(&model.gguf)?;
-    let text = kvq_host::texts::text(DEFAULT_TEXT, true)?;
+    let text = kvq_host::eval::texts::text(DEFAULT_TEXT, true)?;
     let tokens = tok.encode(&text, true, false);
-    kvq_host::calib::ensure_default(&model)?;
+    kvq_host::eval::ensure_calibration(&model)?;
     Qkv::capture(&model, &tokens[..DEFAULT_TOKENS], DEFAULT_LAYER)?
         .with_tables(&model, &kvq_host::dump::TABLE_PRESETS)
 }
@@ -111,6 +111,6 @@ pub fn default_model_and_text() -> (kvq_host::model::Model, kvq_host::tokenizer:
     let path = kvq_host::fetch::default_model(true).expect("the default model");
     let m = kvq_host::model::Model::load(&path).expect("the default model loads");
     let tok = kvq_host::tokenizer::Tokenizer::from_gguf(&m.gguf).expect("its tokenizer");
-    let text = kvq_host::texts::text("persuasion", true).expect("Persuasion");
+    let text = kvq_host::eval::texts::text("persuasion", true).expect("Persuasion");
     (m, tok, text)
 }

@@ -229,15 +229,15 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         );
     }
     if let Some(path) = &a.plot {
-        let series: Vec<kvq_host::plot::Series> = specs
+        let series: Vec<kvq_host::eval::plot::Series> = specs
             .iter()
             .enumerate()
-            .map(|(si, s)| kvq_host::plot::Series {
+            .map(|(si, s)| kvq_host::eval::plot::Series {
                 label: s.name.clone(),
                 points: depths.iter().enumerate().map(|(di, &d)| (d as f64, rows[di][si].0)).collect(),
             })
             .collect();
-        kvq_host::plot::chart(
+        kvq_host::eval::plot::chart(
             path,
             &format!("Decode speed against depth ({threads} threads)"),
             "tokens in the cache",

@@ -41,7 +41,7 @@ pub(crate) fn calibrate(a: CalibrateArgs) -> Result<()> {
                 !EVALUATION_TEXTS.contains(&t),
                 "{t} is an evaluation text; calibrate on emma or mansfieldpark so that evaluation stays disjoint"
             );
-            (t.to_string(), kvq_host::texts::text(t, false)?)
+            (t.to_string(), kvq_host::eval::texts::text(t, false)?)
         }
     };
     let tokens = tok.encode(&text, true, false);

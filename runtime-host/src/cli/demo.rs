@@ -22,7 +22,7 @@ pub(crate) fn demo(a: DemoArgs) -> Result<()> {
     let tok = Tokenizer::from_gguf(&model.gguf)?;
     let (fmt, end) = Turns::of(&model, &tok)?;
     let specs = parse_specs(&a.kv)?;
-    let prose = kvq_host::texts::text("persuasion", false)?;
+    let prose = kvq_host::eval::texts::text("persuasion", false)?;
     // Whole paragraphs of the novel's opening chapters up to the token budget, the fact halfway.
     let doc = demo_document(&tok, &prose, a.doc_tokens);
     let system = match fmt {

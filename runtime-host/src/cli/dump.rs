@@ -31,7 +31,7 @@ pub(crate) fn dump_qkv(a: DumpArgs) -> Result<()> {
         tokens.len(),
         a.tokens
     );
-    kvq_host::calib::ensure_default(&model)?;
+    kvq_host::eval::ensure_calibration(&model)?;
     let d = kvq_host::dump::Qkv::capture(&model, &tokens[..a.tokens], a.layer)?
         .with_tables(&model, &kvq_host::dump::TABLE_PRESETS)?;
     std::fs::write(&a.out, d.to_bytes()).with_context(|| format!("writing {}", a.out.display()))?;

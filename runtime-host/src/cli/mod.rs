@@ -44,7 +44,7 @@ impl TextArgs {
     fn read(&self, default: &str) -> Result<String> {
         match &self.file {
             Some(f) => read_utf8(f),
-            None => kvq_host::texts::text(self.text.as_deref().unwrap_or(default), false),
+            None => kvq_host::eval::texts::text(self.text.as_deref().unwrap_or(default), false),
         }
     }
 }

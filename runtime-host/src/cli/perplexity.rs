@@ -51,14 +51,14 @@ pub(crate) fn perplexity(a: PerplexityArgs) -> Result<()> {
     })?;
     pb.finish_and_clear();
     if let Some(path) = &a.plot {
-        let series: Vec<kvq_host::plot::Series> = recs
+        let series: Vec<kvq_host::eval::plot::Series> = recs
             .iter()
-            .map(|r| kvq_host::plot::Series {
+            .map(|r| kvq_host::eval::plot::Series {
                 label: r.spec.clone(),
                 points: vec![(r.bits_per_element, r.ppl)],
             })
             .collect();
-        kvq_host::plot::chart(
+        kvq_host::eval::plot::chart(
             path,
             &format!(
                 "Perplexity against KV bits per element (CTX {}, {} predictions)",

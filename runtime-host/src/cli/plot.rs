@@ -19,7 +19,7 @@ pub(crate) struct PlotQualityArgs {
 }
 
 pub(crate) fn plot_quality(a: PlotQualityArgs) -> Result<()> {
-    use kvq_host::plot::{QualityPoint, Series, chart, parse_ref, quality_points};
+    use kvq_host::eval::plot::{QualityPoint, Series, chart, parse_ref, quality_points};
     let mut points: Vec<QualityPoint> = Vec::new();
     for f in &a.files {
         let text = read_utf8(f)?;

@@ -33,7 +33,7 @@ pub(crate) fn retrieval(a: RetrievalArgs) -> Result<()> {
     use kvq_host::eval::{Task, make_case, run_case};
     let model = load(&a.model)?;
     let tok = Tokenizer::from_gguf(&model.gguf)?;
-    let hay = kvq_host::texts::text(&a.text, false)?;
+    let hay = kvq_host::eval::texts::text(&a.text, false)?;
     let specs = parse_specs(&a.kv)?;
     let tasks: Vec<Task> = a
         .tasks

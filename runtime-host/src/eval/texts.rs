@@ -1,14 +1,14 @@
 //! Evaluation texts, fetched from Debian packages on first use and cached, never committed:
 //! Jane Austen's six novels from `r-cran-janeaustenr` (read out of R's lazy-load database by
-//! [`crate::rdata`]) and the Jargon File from `jargon-text`.
+//! [`crate::eval::rdata`]) and the Jargon File from `jargon-text`.
 //!
 //! Packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x` (never installed: the
 //! Austen package would pull in R). The texts land in `<cache>/texts/NAME.txt`.
 //!
 //! Evaluation uses these texts; calibration (a later issue) must use other text, so the two stay disjoint.
 
+use crate::eval::rdata::LazyLoadDb;
 use crate::fetch::cache_dir;
-use crate::rdata::LazyLoadDb;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
