@@ -74,9 +74,12 @@ fn main() -> std::io::Result<()> {
         .tensor("q8_0", &[32], 8, [vec![0, 60], (0..32u8).collect()].concat())
         .tensor("q4_0", &[32], 2, [vec![0, 60], vec![0x5a; 16]].concat());
     std::fs::write(dir.join("tensors.gguf"), w.finish())?;
-    // A whole model file, as small as the shapes allow (one layer, one head of 32).
-    let tiny = Tiny { n_layer: 1, n_embd: 32, n_head: 1, n_kv_head: 1, n_ff: 32, n_ctx: 64, seed: 3 };
+    // Whole model files, as small as the shapes allow (one layer, one head of 32), one per architecture.
+    let tiny =
+        Tiny { n_layer: 1, n_embd: 32, n_head: 1, n_kv_head: 1, n_ff: 32, n_ctx: 64, seed: 3, window: 16 };
     std::fs::write(dir.join("tiny-llama.gguf"), kvq_host::tiny::llama(&tiny))?;
-    println!("wrote 4 seeds to {}", dir.display());
+    std::fs::write(dir.join("tiny-qwen2.gguf"), kvq_host::tiny::qwen2(&tiny))?;
+    std::fs::write(dir.join("tiny-gemma3.gguf"), kvq_host::tiny::gemma3(&tiny))?;
+    println!("wrote 6 seeds to {}", dir.display());
     Ok(())
 }

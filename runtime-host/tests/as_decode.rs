@@ -2,16 +2,23 @@
 //! enter the quantized cache one at a time and each query attends to the cache as stored, so the logits of
 //! `feed_all` over many tokens are those of feeding the tokens one by one. With the chunked prefill they are
 //! not (the chunk sees its own keys and values at full precision), which the test also shows, so it can fail.
+//! Run on the tiny models of every architecture (random weights, made in Rust): Gemma 3's local layers
+//! slide their 32-token rings inside the prompt.
 
 mod common;
 
 use kvq_core::cache::Overflow;
 use kvq_host::kvspec::KvSpec;
-use kvq_host::model::{self, Prefill, Session};
+use kvq_host::model::{self, Model, Prefill, Session};
 
 #[test]
 fn batched_as_decode_equals_token_by_token() {
-    let m = common::model();
+    for arch in common::TINY_ARCHS {
+        check(&Model::load(&common::tiny_path(arch)).unwrap(), arch);
+    }
+}
+
+fn check(m: &Model, arch: &str) {
     let text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, \
                 must be in want of a wife. However little known the feelings or views of such a man may be \
                 on his first entering a neighbourhood, this truth is so well fixed in the minds of the \
@@ -20,7 +27,7 @@ fn batched_as_decode_equals_token_by_token() {
                 Netherfield Park is let at last?\" Mr. Bennet replied that he had not.";
     let ids = kvq_host::tokenizer::Tokenizer::from_gguf(&m.gguf).unwrap().encode(text, false, false);
     let ids = &ids[..ids.len().min(110)];
-    assert!(ids.len() >= 100, "{} tokens", ids.len());
+    assert!(ids.len() >= 100, "{arch}: {} tokens", ids.len());
     let v = m.cfg.n_vocab;
     // Small groups and window so that key blocks and value tokens are quantized inside every 64-token chunk;
     // sinks; and a sliding cache that overflows partway.
@@ -29,11 +36,12 @@ fn batched_as_decode_equals_token_by_token() {
         ("kivi4:g=16:r=32", 256, Overflow::Stop),
         ("kivi2:g=16:r=16:s=4", 64, Overflow::Slide),
         ("f16", 256, Overflow::Stop),
+        ("kvq2:kg=32:r=32", 256, Overflow::Stop),
     ] {
         let cfg = m.cache_config(&KvSpec::parse(spec).unwrap(), cap, overflow).unwrap();
         let run = |prefill: Option<Prefill>| -> Vec<f32> {
-            let mut arenas = model::arenas(&m, &cfg).unwrap();
-            let mut s = Session::new(&m, cfg, &mut arenas).unwrap();
+            let mut arenas = model::arenas(m, &cfg).unwrap();
+            let mut s = Session::new(m, cfg, &mut arenas).unwrap();
             match prefill {
                 Some(p) => {
                     s.set_prefill(p);
@@ -49,11 +57,14 @@ fn batched_as_decode_equals_token_by_token() {
         // The products are the same arithmetic whether one token or four share a weight decode, and
         // attention is the same call: equal bit for bit.
         let d = max(&batched, &one_by_one);
-        assert!(d == 0.0, "{spec}: batched AsDecode differs from token-by-token decoding by {d}");
+        assert!(d == 0.0, "{arch} {spec}: batched AsDecode differs from token-by-token decoding by {d}");
         if spec != "f16" && overflow == Overflow::Stop {
             let chunked = run(Some(Prefill::Chunked));
             let d = max(&chunked, &one_by_one);
-            assert!(d > 1e-3, "{spec}: the chunked prefill should differ from decoding, differs by {d}");
+            assert!(
+                d > 1e-3,
+                "{arch} {spec}: the chunked prefill should differ from decoding, differs by {d}"
+            );
         }
     }
 }

@@ -113,11 +113,26 @@ pub(crate) fn row_check(
 /// A tiny Llama GGUF made in Rust ([`kvq_host::tiny`], random weights), written once per test binary into
 /// Cargo's scratch directory: for tests that need a model but not a real model's numbers (no download).
 pub(crate) fn tiny_model_path() -> PathBuf {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kvq-tiny-llama.gguf");
-        std::fs::write(&path, kvq_host::tiny::llama(&kvq_host::tiny::Tiny::default())).unwrap();
-        path
-    })
-    .clone()
+    tiny_path("llama")
 }
+
+/// The tiny model of architecture `arch` (`llama`, `qwen2` or `gemma3`), written as [`tiny_model_path`].
+pub(crate) fn tiny_path(arch: &str) -> PathBuf {
+    static P: [OnceLock<PathBuf>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let (slot, build): (usize, fn(&kvq_host::tiny::Tiny) -> Vec<u8>) = match arch {
+        "llama" => (0, kvq_host::tiny::llama),
+        "qwen2" => (1, kvq_host::tiny::qwen2),
+        "gemma3" => (2, kvq_host::tiny::gemma3),
+        a => panic!("no tiny {a}"),
+    };
+    P[slot]
+        .get_or_init(|| {
+            let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kvq-tiny-{arch}.gguf"));
+            std::fs::write(&path, build(&kvq_host::tiny::Tiny::default())).unwrap();
+            path
+        })
+        .clone()
+}
+
+/// The three tiny architectures.
+pub(crate) const TINY_ARCHS: [&str; 3] = ["llama", "qwen2", "gemma3"];
