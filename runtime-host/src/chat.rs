@@ -413,7 +413,9 @@ impl<'a> Chat<'a> {
 
     /// Sends `msg` and streams the reply to `on_text` (whole UTF-8 characters) until it ends; `cancel`,
     /// raised from another thread (Ctrl-C), ends it after the token being made. The reply's tokens stay
-    /// in the conversation and its turn is closed.
+    /// in the conversation and its turn is closed. Raised while the message is being read, `cancel` stops
+    /// the reading after the chunk of [`crate::model::CHUNK`] tokens in hand (the first is always read):
+    /// the reply is then empty and [`End::Cancelled`], with a notice saying how much was read.
     ///
     /// # Errors
     /// A message that does not fit the context that is left (nothing of it enters the cache), `on_text`'s
@@ -443,7 +445,30 @@ impl<'a> Chat<'a> {
             );
         }
         let before = self.s.pos.saturating_sub(self.s.held());
-        let mut logits = self.s.feed(&ids).context("reading the message")?;
+        // A chunk at a time (the chunks `Session::feed` makes, so the same arithmetic), stopping at a chunk
+        // boundary when `cancel` is raised: a pasted document can take seconds to read.
+        let mut logits = Vec::new();
+        let mut read = 0;
+        for chunk in ids.chunks(crate::model::CHUNK) {
+            if read > 0 && cancel.swap(false, Ordering::Relaxed) {
+                break;
+            }
+            logits = self.s.feed(chunk).context("reading the message")?;
+            read += chunk.len();
+        }
+        if read < ids.len() {
+            // What was read stays (a quantized cache cannot take tokens back); the turn is closed before
+            // the next message, after whatever of the earlier pending tokens was not read.
+            let unread = self.pending.len().saturating_sub(read);
+            self.pending = [&self.pending[self.pending.len() - unread..], &close[..]].concat();
+            self.first &= unread > 0;
+            let notice = format!(
+                "(stopped reading the message after {read} of {} tokens; what was read stays in the context, \
+                 /reset clears it)",
+                ids.len()
+            );
+            return Ok(Reply { text: String::new(), tokens: 0, end: End::Cancelled, notice: Some(notice) });
+        }
         self.pending.clear();
         self.first = false;
         let t = Instant::now();

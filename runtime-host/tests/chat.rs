@@ -111,6 +111,25 @@ fn cancel_ends_one_reply() {
     });
 }
 
+/// Cancel raised while a long message is read stops the reading after one chunk: the reply is empty with
+/// a notice giving the count, the chunk stays in the cache, and the next message closes the cut turn first
+/// and gets its reply.
+#[test]
+fn cancel_while_reading_a_long_message() {
+    let model = tiny("llama");
+    with_chat(&model, "kivi2", 512, Overflow::Stop, 8, |chat| {
+        let held = chat.session().held();
+        let long = "the tin man ".repeat(40);
+        let r = chat.send(&long, &AtomicBool::new(true), |_| Ok(())).unwrap();
+        assert_eq!((r.end, r.tokens), (End::Cancelled, 0));
+        assert_eq!(chat.session().held(), held + model::CHUNK, "exactly one chunk was read");
+        let n = r.notice.unwrap();
+        assert!(n.contains(&format!("after {} of ", model::CHUNK)) && n.contains("/reset"), "{n}");
+        let r = send(chat, "Hello.");
+        assert!(r.tokens > 0, "{r:?}");
+    });
+}
+
 /// A sliding 2-bit chat keeps its system prompt as sinks, says once that it slides, and `/stats` tells the
 /// f16 part apart: all of it before the window fills, part of it after.
 #[test]
