@@ -137,7 +137,7 @@ pub fn chat_config(mut cfg: CacheConfig, prefix_tokens: usize) -> Result<CacheCo
             let need = sinks + cfg.residual + cfg.slide_step();
             bail!(
                 "a sliding chat keeps the system prompt ({prefix_tokens} tokens) as {sinks} sinks (the spec \
-                 gave {before}); with them the context must hold at least {need} tokens, and -c gave {} ({e})",
+                 gave {before}); with them the context must hold at least {need} tokens, and it holds {} ({e})",
                 cfg.capacity
             );
         }
@@ -438,7 +438,7 @@ impl<'a> Chat<'a> {
             let cfg = self.s.config();
             bail!(
                 "the context is full: it holds {} of {} tokens and this message needs {} more; /reset starts \
-                 over (or run with --overflow slide, or a larger -c)",
+                 over (a larger context, or one that slides, holds more)",
                 self.s.held(),
                 cfg.capacity,
                 ids.len() + close.len()

@@ -119,7 +119,7 @@ impl Qkv {
     pub fn with_tables(mut self, model: &Model, presets: &[&str]) -> Result<Self> {
         use kvq_core::cache::blob::TableWriter;
         for &p in presets {
-            let spec = crate::kvspec::KvSpec::parse(p).map_err(anyhow::Error::msg)?;
+            let spec = crate::kvspec::KvSpec::parse(p)?;
             let cfg = model.cache_config(&spec, 1024, kvq_core::cache::Overflow::Stop)?;
             let calib = model.use_calibration(spec.calib.as_deref())?;
             let mut words = vec![0u32; MAX_BLOB_WORDS];

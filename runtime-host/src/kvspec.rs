@@ -45,6 +45,13 @@ use kvq_core::quant::param::ParamFormat;
 use kvq_core::transform::Rope;
 use std::path::PathBuf;
 
+use crate::error::{Error, Result};
+
+/// A spec error for the spec `spec` as given (the binary names the flag).
+fn spec_error(spec: &str, reason: String) -> Error {
+    Error::Spec { spec: spec.into(), reason, local: false }
+}
+
 /// How one stream (keys or values) is quantized.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StreamSpec {
@@ -196,15 +203,15 @@ impl KvSpec {
     /// # Errors
     /// A message naming the part that does not parse, or a knob given twice (a preset's own knobs may be
     /// overridden once: `kvq2:vg=32`).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self> {
         let mut seen: Vec<&str> = Vec::new();
         for key in s.split(':').skip(1).map(|k| k.split_once('=').map_or(k, |kv| kv.0)) {
             if seen.contains(&key) {
-                return Err(format!("--kv {s:?}: {key} is given twice"));
+                return Err(spec_error(s, format!("{key} is given twice")));
             }
             seen.push(key);
         }
-        Self::parse_expanded(s)
+        Self::parse_expanded(s).map_err(|reason| spec_error(s, reason))
     }
 
     /// [`KvSpec::parse`] after the duplicate check: a preset that stands for knobs is expanded and the
@@ -225,24 +232,19 @@ impl KvSpec {
             "kivi4" => kivi(Width::B4),
             "kivi8" => kivi(Width::B8),
             _ => {
-                return Err(format!(
-                    "--kv {s:?}: unknown preset {preset:?} (presets: {})",
-                    PRESETS.join(", ")
-                ));
+                return Err(format!("unknown preset {preset:?} (presets: {})", PRESETS.join(", ")));
             }
         };
         spec.name = s.into();
         for knob in parts {
-            let (k, v) =
-                knob.split_once('=').ok_or_else(|| format!("--kv {s:?}: {knob:?} is not key=value"))?;
-            let bad = |e: String| format!("--kv {s:?}: {k}: {e}");
-            let num =
-                || v.parse::<usize>().map_err(|_| format!("--kv {s:?}: {k}={v:?} is not a whole number"));
+            let (k, v) = knob.split_once('=').ok_or_else(|| format!("{knob:?} is not key=value"))?;
+            let bad = |e: String| format!("{k}: {e}");
+            let num = || v.parse::<usize>().map_err(|_| format!("{k}={v:?} is not a whole number"));
             let frac = || {
                 v.parse::<f32>()
                     .ok()
                     .filter(|f| (0.0..=0.5).contains(f))
-                    .ok_or_else(|| format!("--kv {s:?}: {k}={v:?} must be a fraction in [0, 0.5]"))
+                    .ok_or_else(|| format!("{k}={v:?} must be a fraction in [0, 0.5]"))
             };
             let stream = |cur: Option<StreamSpec>, w: Option<Width>| {
                 w.map(|w| StreamSpec { width: w, ..cur.unwrap_or(StreamSpec::new(w)) })
@@ -307,7 +309,7 @@ impl KvSpec {
                         "k" => (true, false),
                         "v" => (false, true),
                         "none" | "0" => (false, false),
-                        _ => return Err(format!("--kv {s:?}: rot={v:?}: expected kv, k, v or none")),
+                        _ => return Err(format!("rot={v:?}: expected kv, k, v or none")),
                     }
                 }
                 "rope" => spec.rope = flag(v).map_err(bad)?,
@@ -316,7 +318,7 @@ impl KvSpec {
                     let t = match v {
                         "token" => true,
                         "channel" => false,
-                        _ => return Err(format!("--kv {s:?}: kaxis={v:?}: expected token or channel")),
+                        _ => return Err(format!("kaxis={v:?}: expected token or channel")),
                     };
                     spec.keys.iter_mut().for_each(|x| x.per_token = t);
                 }
@@ -331,7 +333,7 @@ impl KvSpec {
                         "2" => Width::B2,
                         "4" => Width::B4,
                         "8" => Width::B8,
-                        _ => return Err(format!("--kv {s:?}: tw={v:?}: expected 2, 4 or 8")),
+                        _ => return Err(format!("tw={v:?}: expected 2, 4 or 8")),
                     }
                 }
                 "calib" => spec.calib = Some(PathBuf::from(v)),
@@ -343,20 +345,20 @@ impl KvSpec {
                         .parse::<f32>()
                         .ok()
                         .filter(|c| *c > 0.0 && *c <= 1.0)
-                        .ok_or_else(|| format!("--kv {s:?}: clip={v:?} must be a number in (0, 1]"))?;
+                        .ok_or_else(|| format!("clip={v:?} must be a number in (0, 1]"))?;
                 }
                 _ => {
                     return Err(format!(
-                        "--kv {s:?}: unknown knob {k:?} (k, v, g, kg, vg, r, s, clip, p, kp, vp, rot, rope, nuq, knuq, vnuq, out, kout, vout, center, balance, kaxis, perm, tier, tw, calib)"
+                        "unknown knob {k:?} (k, v, g, kg, vg, r, s, clip, p, kp, vp, rot, rope, nuq, knuq, vnuq, out, kout, vout, center, balance, kaxis, perm, tier, tw, calib)"
                     ));
                 }
             }
         }
         if spec.keys.is_some() || spec.values.is_some() {
             if spec.residual == 0 && spec.keys.is_some() {
-                return Err(format!(
-                    "--kv {s:?}: quantized keys need a residual window r > 0 (a multiple of the group)"
-                ));
+                return Err(
+                    "quantized keys need a residual window r > 0 (a multiple of the group)".to_string()
+                );
             }
         } else {
             spec.residual = 0;
@@ -371,11 +373,12 @@ impl KvSpec {
     /// # Errors
     /// A message if the re-expanded spec does not parse (it parsed with the default expansion, so only a
     /// knob that conflicts with the other expansion can fail).
-    pub fn for_model(&self, key_norm: bool) -> Result<Self, String> {
+    pub fn for_model(&self, key_norm: bool) -> Result<Self> {
         let preset = self.name.split(':').next().unwrap_or("");
         match PRESET_KNOBS_KEY_NORM.iter().find(|(n, _)| *n == preset) {
             Some((_, knobs)) if key_norm => {
-                let mut spec = Self::parse_expanded(&format!("{knobs}{}", &self.name[preset.len()..]))?;
+                let mut spec = Self::parse_expanded(&format!("{knobs}{}", &self.name[preset.len()..]))
+                    .map_err(|reason| spec_error(&self.name, reason))?;
                 spec.name.clone_from(&self.name);
                 Ok(spec)
             }
@@ -410,7 +413,7 @@ impl KvSpec {
         capacity: usize,
         overflow: Overflow,
         rope: Rope,
-    ) -> Result<CacheConfig, String> {
+    ) -> Result<CacheConfig> {
         let prec = |s: Option<StreamSpec>, per_channel: bool| match s {
             None => Precision::F16,
             Some(s) => {
@@ -447,7 +450,7 @@ impl KvSpec {
             },
             tiers: (self.tier_keep > 0).then_some(Tiers { keep: self.tier_keep, width: self.tier_width }),
         };
-        cfg.validate().map_err(|e| format!("--kv {:?}: {e}", self.name))?;
+        cfg.validate().map_err(|e| spec_error(&self.name, e.to_string()))?;
         Ok(cfg)
     }
 }
@@ -568,32 +571,34 @@ mod tests {
         assert_eq!(c.tiers, Some(Tiers { keep: 2, width: Width::B4 }));
         assert!(c.transform.balance_keys && c.key_spec().unwrap().params == ParamFormat::Fp8E4M3);
         assert_eq!(cfg("mikv2:tier=0", 8192, Overflow::Stop).tiers, None);
-        assert!(KvSpec::parse("mikv2:tw=3").unwrap_err().contains("expected 2, 4 or 8"));
+        assert!(KvSpec::parse("mikv2:tw=3").unwrap_err().to_string().contains("expected 2, 4 or 8"));
         // A knob given twice is refused; overriding a preset's own knob once is not.
-        assert!(KvSpec::parse("kivi2:s=4:s=8").unwrap_err().contains("s is given twice"));
-        assert!(KvSpec::parse("kvq2:vg=32:vg=16").unwrap_err().contains("vg is given twice"));
+        assert!(KvSpec::parse("kivi2:s=4:s=8").unwrap_err().to_string().contains("s is given twice"));
+        assert!(KvSpec::parse("kvq2:vg=32:vg=16").unwrap_err().to_string().contains("vg is given twice"));
         let o = KvSpec::parse("kvq2:vg=32").unwrap();
         assert_eq!(o.values.unwrap().group, 32);
         // Tiers need per-channel keys: the core's refusal names it.
         let e = KvSpec::parse("kivi2:kaxis=token:tier=2").unwrap().config(3, 64, 1024, Overflow::Stop, ROPE);
-        assert!(e.unwrap_err().contains("per-channel"));
+        assert!(e.unwrap_err().to_string().contains("per-channel"));
     }
 
     #[test]
     fn errors_name_the_part() {
-        assert!(KvSpec::parse("kivi3").unwrap_err().contains("unknown preset"));
-        assert!(KvSpec::parse("kivi2:x=1").unwrap_err().contains("unknown knob"));
-        assert!(KvSpec::parse("kivi2:r=abc").unwrap_err().contains("whole number"));
-        assert!(KvSpec::parse("kivi2:clip=2").unwrap_err().contains("(0, 1]"));
-        assert!(KvSpec::parse("kivi2:k=5").unwrap_err().contains("bits"));
-        assert!(KvSpec::parse("kivi2:p=bf16").unwrap_err().contains("f16 or fp8"));
-        assert!(KvSpec::parse("kivi2:rot=q").unwrap_err().contains("expected kv"));
-        assert!(KvSpec::parse("kivi2:out=2").unwrap_err().contains("fraction"));
+        assert!(KvSpec::parse("kivi3").unwrap_err().to_string().contains("unknown preset"));
+        assert!(KvSpec::parse("kivi2:x=1").unwrap_err().to_string().contains("unknown knob"));
+        assert!(KvSpec::parse("kivi2:r=abc").unwrap_err().to_string().contains("whole number"));
+        assert!(KvSpec::parse("kivi2:clip=2").unwrap_err().to_string().contains("(0, 1]"));
+        assert!(KvSpec::parse("kivi2:k=5").unwrap_err().to_string().contains("bits"));
+        assert!(KvSpec::parse("kivi2:p=bf16").unwrap_err().to_string().contains("f16 or fp8"));
+        assert!(KvSpec::parse("kivi2:rot=q").unwrap_err().to_string().contains("expected kv"));
+        assert!(KvSpec::parse("kivi2:out=2").unwrap_err().to_string().contains("fraction"));
         // A group that does not divide head_dim is the core's refusal.
         let s = KvSpec::parse("kivi2:g=48").unwrap();
         assert!(s.config(3, 64, 1024, Overflow::Stop, ROPE).is_err());
         // A rotation needs a power-of-two head_dim.
         let s = KvSpec::parse("kivi2:rot=kv:g=16").unwrap();
-        assert!(s.config(3, 48, 1024, Overflow::Stop, ROPE).unwrap_err().contains("power of two"));
+        assert!(
+            s.config(3, 48, 1024, Overflow::Stop, ROPE).unwrap_err().to_string().contains("power of two")
+        );
     }
 }

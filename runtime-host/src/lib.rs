@@ -6,6 +6,7 @@
 //! - [`tokenizer`]: byte-level BPE matching llama.cpp's ids.
 //! - [`model`]: the forward pass and [`model::Session`], one conversation's caches.
 //! - [`chat`]: one conversation driven a line at a time (`kvq chat`'s loop, without the terminal).
+//! - [`error`]: the library's typed errors.
 //! - [`kvspec`]: the `--kv` grammar; [`sample`]: token sampling; [`fetch`]: the default model.
 //! - [`calib`]: `kvq calibrate`'s tables for the calibrated cache formats; [`grad`]: the loss's gradient
 //!   with respect to keys and values (Fisher weights for the codebooks).
@@ -17,6 +18,7 @@
 pub mod calib;
 pub mod chat;
 pub mod dump;
+pub mod error;
 #[cfg(feature = "eval")]
 pub mod eval;
 pub mod fetch;

@@ -48,7 +48,7 @@ enum Cmd {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("kvq: error: {e:#}");
+        eprintln!("kvq: error: {}", cli::report(&e));
         std::process::exit(1);
     }
 }

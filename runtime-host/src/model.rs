@@ -16,11 +16,11 @@
 //! ring of the window (f16 unless [`Model::set_local_kv`] says otherwise); global layers hold the context
 //! in the session's format.
 
+use crate::error::{Error, Result, bail_model, ensure_model};
 use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
 use crate::kernels;
 use crate::kvspec::KvSpec;
 use crate::quants::{self, Q16Act};
-use anyhow::{Context, Result, bail, ensure};
 use kvq_core::attention::{self, Kernel};
 use kvq_core::cache::{Cache, CacheConfig, Overflow, Precision};
 use kvq_core::transform::{Pairing, Rope};
@@ -181,7 +181,7 @@ fn meta_u(g: &Gguf, key: &str) -> Result<usize> {
     g.get(key)
         .and_then(Value::as_u64)
         .map(|v| v as usize)
-        .with_context(|| format!("metadata {key} missing or not an integer"))
+        .ok_or_else(|| Error::Model(format!("metadata {key} missing or not an integer")))
 }
 
 impl Model {
@@ -191,15 +191,15 @@ impl Model {
     /// An unreadable or malformed file, an unsupported architecture, a missing tensor or one whose shape or
     /// type does not fit: each named.
     pub fn load(path: &Path) -> Result<Self> {
-        ensure!(!path.is_dir(), "{} is a directory, not a GGUF model file", path.display());
-        let file = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        ensure_model!(!path.is_dir(), "{} is a directory, not a GGUF model file", path.display());
+        let io = |reason| Error::Io { path: path.to_path_buf(), reason };
+        let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private; kvq never writes the file. Another process truncating
         // it while mapped would fault (SIGBUS), the documented hazard of memory-mapped model files, which
         // every GGUF runtime accepts to avoid copying hundreds of MB.
         #[allow(unsafe_code)]
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-        let gguf = Gguf::parse(&map).with_context(|| format!("reading {}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let gguf = Gguf::parse(&map).map_err(|reason| Error::Gguf { path: path.to_path_buf(), reason })?;
         let mut m = Self::from_parts(map, gguf)?;
         m.path = path.to_path_buf();
         Ok(m)
@@ -209,35 +209,41 @@ impl Model {
         let arch_s = gguf
             .get("general.architecture")
             .and_then(Value::as_str)
-            .context("metadata general.architecture missing")?;
+            .ok_or_else(|| Error::Model("metadata general.architecture missing".into()))?;
         let arch = match arch_s {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "gemma3" => Arch::Gemma3,
-            a => bail!("architecture {a:?} is not supported (llama, qwen2 and gemma3 are)"),
+            a => bail_model!("architecture {a:?} is not supported (llama, qwen2 and gemma3 are)"),
         };
         let a = arch_s.to_string();
         let n_embd = meta_u(&gguf, &format!("{a}.embedding_length"))?;
         let n_head = meta_u(&gguf, &format!("{a}.attention.head_count"))?;
         let n_kv_head = meta_u(&gguf, &format!("{a}.attention.head_count_kv")).unwrap_or(n_head);
-        ensure!(
+        ensure_model!(
             n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0,
             "head counts {n_head}/{n_kv_head}: query heads must be a multiple of KV heads"
         );
-        ensure!(
+        ensure_model!(
             arch == Arch::Gemma3 || n_embd % n_head == 0,
             "embedding {n_embd} is not a multiple of {n_head} heads"
         );
         let head_dim = meta_u(&gguf, &format!("{a}.attention.key_length")).unwrap_or(n_embd / n_head);
-        ensure!(
+        ensure_model!(
             head_dim.is_multiple_of(2) && head_dim <= 256,
             "head_dim {head_dim} is not supported (even, at most 256)"
         );
         let rope_dims = meta_u(&gguf, &format!("{a}.rope.dimension_count")).unwrap_or(head_dim);
-        ensure!(rope_dims == head_dim, "partial RoPE ({rope_dims} of {head_dim} dims) is not supported");
-        let embd_info = gguf.tensor("token_embd.weight").context("tensor token_embd.weight missing")?.clone();
+        ensure_model!(
+            rope_dims == head_dim,
+            "partial RoPE ({rope_dims} of {head_dim} dims) is not supported"
+        );
+        let embd_info = gguf
+            .tensor("token_embd.weight")
+            .ok_or_else(|| Error::Model("tensor token_embd.weight missing".into()))?
+            .clone();
         let n_layer = meta_u(&gguf, &format!("{a}.block_count"))?;
-        ensure!(n_layer > 0 && n_layer <= 1024, "block_count {n_layer} out of range");
+        ensure_model!(n_layer > 0 && n_layer <= 1024, "block_count {n_layer} out of range");
         let f = |k: &str| gguf.get(&format!("{a}.{k}")).and_then(Value::as_f64);
         let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
         let gemma = arch == Arch::Gemma3;
@@ -249,23 +255,28 @@ impl Model {
             // llama.cpp: a bool per layer, else a period n (default 6) whose last layer is global.
             match gguf.get(&format!("{a}.attention.sliding_window_pattern")) {
                 Some(Value::Array(v)) => {
-                    ensure!(
+                    ensure_model!(
                         v.len() == n_layer,
                         "sliding_window_pattern has {} entries for {n_layer} layers",
                         v.len()
                     );
-                    v.as_bools().context("sliding_window_pattern is not an array of bools")?.to_vec()
+                    v.as_bools()
+                        .ok_or_else(|| {
+                            Error::Model("sliding_window_pattern is not an array of bools".into())
+                        })?
+                        .to_vec()
                 }
                 Some(v) => {
-                    let n = v.as_u64().context("sliding_window_pattern is neither an array nor an integer")?
-                        as usize;
-                    ensure!(n > 0, "sliding_window_pattern 0");
+                    let n = v.as_u64().ok_or_else(|| {
+                        Error::Model("sliding_window_pattern is neither an array nor an integer".into())
+                    })? as usize;
+                    ensure_model!(n > 0, "sliding_window_pattern 0");
                     (0..n_layer).map(|l| l % n < n - 1).collect()
                 }
                 None => (0..n_layer).map(|l| l % 6 < 5).collect(),
             }
         };
-        ensure!(window == 0 || window <= 1 << 20, "sliding_window {window} out of range");
+        ensure_model!(window == 0 || window <= 1 << 20, "sliding_window {window} out of range");
         let cfg = Config {
             arch,
             n_layer,
@@ -295,15 +306,19 @@ impl Model {
             logit_softcap: f("final_logit_softcapping").map(|c| c as f32).filter(|&c| c > 0.0),
         };
         let weight = |name: &str, cols: usize, rows: usize| -> Result<Weight> {
-            let t = gguf.tensor(name).with_context(|| format!("tensor {name} missing"))?;
+            let t = gguf.tensor(name).ok_or_else(|| Error::Model(format!("tensor {name} missing")))?;
             weight_of(&gguf, t, cols, rows)
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>> {
-            let t = gguf.tensor(name).with_context(|| format!("tensor {name} missing"))?;
-            ensure!(t.dims == [n as u64], "tensor {name}: dims {:?}, expected [{n}]", t.dims);
+            let t = gguf.tensor(name).ok_or_else(|| Error::Model(format!("tensor {name} missing")))?;
+            ensure_model!(t.dims == [n as u64], "tensor {name}: dims {:?}, expected [{n}]", t.dims);
             let mut v = vec![0f32; n];
-            quants::dequant_row(t.ty, gguf.tensor_bytes(&map, t)?, &mut v);
-            ensure!(v.iter().all(|x| x.is_finite()), "tensor {name} holds NaN or infinite values");
+            quants::dequant_row(
+                t.ty,
+                gguf.tensor_bytes(&map, t).map_err(|e| Error::Model(format!("tensor {name}: {e}")))?,
+                &mut v,
+            );
+            ensure_model!(v.iter().all(|x| x.is_finite()), "tensor {name} holds NaN or infinite values");
             Ok(v)
         };
         let (q_dim, kv_dim) = (n_head * head_dim, n_kv_head * head_dim);
@@ -381,7 +396,10 @@ impl Model {
         if let Some(s) = self.sha256.get() {
             return Ok(s.clone());
         }
-        let s = crate::fetch::sha256_file(&self.path)?;
+        let s = crate::fetch::sha256_file(&self.path).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            reason: std::io::Error::other(format!("{e:#}")),
+        })?;
         Ok(self.sha256.get_or_init(|| s).clone())
     }
 
@@ -397,20 +415,28 @@ impl Model {
     pub fn use_calibration(&self, path: Option<&Path>) -> Result<&crate::calib::Calibration> {
         let want = match path {
             Some(p) => p.to_path_buf(),
-            None => crate::calib::default_path(&self.sha256()?)?,
+            None => crate::calib::default_path(&self.sha256()?)
+                .map_err(|e| Error::Calibration(format!("{e:#}")))?,
         };
         if let Some((p, c)) = self.calibration.get() {
-            ensure!(*p == want, "one calibration per run: {} is in use, not {}", p.display(), want.display());
+            if *p != want {
+                return Err(Error::Calibration(format!(
+                    "one calibration per run: {} is in use, not {}",
+                    p.display(),
+                    want.display()
+                )));
+            }
             return Ok(c);
         }
         if !want.exists() {
-            bail!(
+            return Err(Error::Calibration(format!(
                 "no calibration for this model at {}: run `kvq calibrate{}` first (a few minutes), or give calib=FILE",
                 want.display(),
                 if path.is_some() { "" } else { " -m MODEL" }
-            );
+            )));
         }
-        let c = crate::calib::Calibration::load(&want, self)?;
+        let c =
+            crate::calib::Calibration::load(&want, self).map_err(|e| Error::Calibration(format!("{e:#}")))?;
         let (_, c) = self.calibration.get_or_init(|| (want, std::sync::Arc::new(c)));
         Ok(c)
     }
@@ -422,14 +448,14 @@ impl Model {
     /// `head_dim`).
     pub fn cache_config(&self, spec: &KvSpec, capacity: usize, overflow: Overflow) -> Result<CacheConfig> {
         // Gemma 3 norms each head's keys before RoPE; kvq's recipes leave such keys unrotated.
-        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(anyhow::Error::msg)?;
-        let mut cfg = spec
-            .config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow, self.rope())
-            .map_err(anyhow::Error::msg)?;
+        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3)?;
+        let mut cfg = spec.config(self.cfg.n_kv_head, self.cfg.head_dim, capacity, overflow, self.rope())?;
         if spec.needs_calibration() {
-            let c = self
-                .use_calibration(spec.calib.as_deref())
-                .with_context(|| format!("--kv {:?}", spec.name))?;
+            let c = self.use_calibration(spec.calib.as_deref()).map_err(|e| Error::Spec {
+                spec: spec.name.clone(),
+                reason: e.to_string(),
+                local: false,
+            })?;
             if spec.clip_calibrated {
                 for p in [&mut cfg.keys, &mut cfg.values] {
                     if let Precision::Quant(q) = p {
@@ -478,22 +504,27 @@ impl Model {
     /// A model without local layers, a spec that does not fit the shape, or one that needs calibration
     /// tables (those are measured on the global layers' context).
     pub fn set_local_kv(&mut self, spec: &KvSpec) -> Result<()> {
-        ensure!(
-            self.cfg.window > 0,
-            "this model has no sliding-window layers (--kv-local applies to Gemma 3)"
-        );
-        ensure!(
-            !spec.needs_calibration(),
-            "--kv-local {:?}: calibrated formats apply to global layers only",
-            spec.name
-        );
+        let refuse =
+            |reason: &str| Error::Spec { spec: spec.name.clone(), reason: reason.into(), local: true };
+        if self.cfg.window == 0 {
+            return Err(refuse("this model has no sliding-window layers (only Gemma 3's have)"));
+        }
+        if spec.needs_calibration() {
+            return Err(refuse("calibrated formats apply to global layers only"));
+        }
         let local = (0..self.cfg.n_layer).find(|&l| self.cfg.is_local(l)).unwrap_or(0);
         let rope = self.layer_rope(local);
-        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(anyhow::Error::msg)?;
+        let local = |e: Error| match e {
+            Error::Spec { spec, reason, .. } => Error::Spec { spec, reason, local: true },
+            e => e,
+        };
+        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(local)?;
         let cfg = spec
             .config(self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.window, Overflow::Slide, rope)
-            .map_err(anyhow::Error::msg)?;
-        ensure!(cfg.tiers.is_none(), "--kv-local {:?}: tiers apply to global layers only", spec.name);
+            .map_err(local)?;
+        if cfg.tiers.is_some() {
+            return Err(refuse("tiers apply to global layers only"));
+        }
         self.local_cache = Some(cfg);
         Ok(())
     }
@@ -667,7 +698,9 @@ impl Model {
     /// An id outside the vocabulary.
     pub fn embed(&self, token: u32, out: &mut [f32]) -> Result<()> {
         let t = token as usize;
-        ensure!(t < self.cfg.n_vocab, "token id {token} is outside the vocabulary of {}", self.cfg.n_vocab);
+        if t >= self.cfg.n_vocab {
+            return Err(Error::Token { id: token, vocab: self.cfg.n_vocab });
+        }
         let w = &self.embd;
         let data = self.rows(w);
         quants::dequant_row(w.ty, &data[t * w.row_bytes..(t + 1) * w.row_bytes], out);
@@ -679,13 +712,13 @@ impl Model {
 }
 
 fn weight_of(g: &Gguf, t: &TensorInfo, cols: usize, rows: usize) -> Result<Weight> {
-    ensure!(
+    ensure_model!(
         t.dims == [cols as u64, rows as u64],
         "tensor {}: dims {:?}, expected [{cols}, {rows}]",
         t.name,
         t.dims
     );
-    ensure!(cols.is_multiple_of(32), "tensor {}: {cols} columns is not a multiple of 32", t.name);
+    ensure_model!(cols.is_multiple_of(32), "tensor {}: {cols} columns is not a multiple of 32", t.name);
     Ok(Weight {
         ty: t.ty,
         rows,
@@ -813,12 +846,7 @@ pub fn arenas(model: &Model, cfg: &CacheConfig) -> Result<Vec<Vec<u32>>> {
     if let Some(avail) = mem_available()
         && total > u128::from(avail)
     {
-        bail!(
-            "a KV cache of {} tokens needs {} MiB, more than the {} MiB of memory available (lower -c)",
-            cfg.capacity,
-            total >> 20,
-            avail >> 20
-        );
+        return Err(Error::Memory { tokens: cfg.capacity, need_mib: total >> 20, avail_mib: avail >> 20 });
     }
     words.into_iter().map(|w| zeroed(w, "KV cache arena")).collect()
 }
@@ -832,11 +860,9 @@ fn mem_available() -> Option<u64> {
 }
 
 /// `n` zeroed values, or an error naming `what` and the size when the allocation fails.
-fn zeroed<T: Clone + Default>(n: usize, what: &str) -> Result<Vec<T>> {
+fn zeroed<T: Clone + Default>(n: usize, what: &'static str) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        anyhow::anyhow!("{what}: cannot allocate {} MiB (lower -c)", (n * size_of::<T>()) >> 20)
-    })?;
+    v.try_reserve_exact(n).map_err(|_| Error::Alloc { what, mib: (n * size_of::<T>()) >> 20 })?;
     v.resize(n, T::default());
     Ok(v)
 }
@@ -850,11 +876,11 @@ impl<'a> Session<'a> {
     /// # Errors
     /// The core's error if an arena is too small or the configuration does not fit the model.
     pub fn new(model: &'a Model, cfg: CacheConfig, arenas: &'a mut [Vec<u32>]) -> Result<Self> {
-        ensure!(
+        ensure_model!(
             cfg.kv_heads == model.cfg.n_kv_head && cfg.head_dim == model.cfg.head_dim,
             "cache shape does not match the model"
         );
-        ensure!(
+        ensure_model!(
             arenas.len() == model.cfg.n_layer,
             "{} arenas for {} layers",
             arenas.len(),
@@ -864,16 +890,21 @@ impl<'a> Session<'a> {
             .iter_mut()
             .enumerate()
             .map(|(li, a)| {
-                Cache::new(model.layer_config(li, &cfg), a).map_err(|e| anyhow::anyhow!("KV cache: {e}"))
+                Cache::new(model.layer_config(li, &cfg), a)
+                    .map_err(|reason| Error::Cache { what: format!("layer {li}'s KV cache"), reason })
             })
             .collect::<Result<Vec<_>>>()?;
         if crate::calib::needs_tables(&cfg) {
-            let calib = model.calibration().context(
-                "this cache format reads calibration tables and none is loaded (use a --kv preset, which loads the model's)",
-            )?;
+            let calib = model.calibration().ok_or_else(|| {
+                Error::Calibration(
+                    "this cache format reads calibration tables and none is loaded (a calibrated preset \
+                     loads the model's)"
+                        .into(),
+                )
+            })?;
             for (li, c) in caches.iter_mut().enumerate() {
                 if !model.cfg.is_local(li) {
-                    calib.apply(li, c)?;
+                    calib.apply(li, c).map_err(|e| Error::Calibration(format!("{e:#}")))?;
                 }
             }
         }
@@ -966,7 +997,7 @@ impl<'a> Session<'a> {
     /// # Errors
     /// As [`Session::feed`]; the chunks before a failing one stay in the cache.
     pub fn feed_progress(&mut self, tokens: &[u32], mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
-        ensure!(!tokens.is_empty(), "nothing to feed");
+        ensure_model!(!tokens.is_empty(), "nothing to feed");
         let mut logits = Vec::new();
         for chunk in tokens.chunks(CHUNK) {
             logits = self.forward_logits(chunk, true)?;
@@ -1070,11 +1101,7 @@ impl<'a> Session<'a> {
         // Refuse before touching any cache when a stopping cache cannot take the chunk.
         let cc = self.cfg;
         if cc.overflow == Overflow::Stop && self.held() + n > cc.capacity {
-            bail!(
-                "context full: {} tokens held + {n} new exceed the capacity of {} (raise -c, or use --overflow slide)",
-                self.held(),
-                cc.capacity
-            );
+            return Err(Error::ContextFull { held: self.held(), capacity: cc.capacity, needed: n });
         }
         let mut x = vec![0f32; n * e];
         for (t, &tok) in tokens.iter().enumerate() {
@@ -1138,7 +1165,7 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            let err = |e: kvq_core::Error| anyhow::anyhow!("layer {li}: {e}");
+            let err = |reason: kvq_core::Error| Error::Cache { what: format!("layer {li}"), reason };
             // MiKV's tiers rank tokens by the attention they receive, which only a step-by-step pass
             // hands back: a tiered cache takes a chunk token by token.
             // A local layer's ring holds exactly its window once its token is in, which a chunk attending
@@ -1174,7 +1201,7 @@ impl<'a> Session<'a> {
             m.matmul(&layer.down, &g, &mut o, &mut self.act);
             add_post_normed(&mut x, &o, layer.post_ffn_norm.as_deref(), c.eps, &mut h);
             if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-                bail!("layer {li}: activation {i} is {} (NaN/Inf); the model or input is broken", x[i]);
+                return Err(Error::NonFinite { layer: li, index: i, value: x[i] });
             }
         }
         self.pos += n;

@@ -11,9 +11,25 @@
 //! fragment is cut into characters and adjacent pairs that are tokens merge highest score first (ties to
 //! the leftmost); characters no token covers become `<0xNN>` byte tokens.
 
+use crate::error::{Error, Result};
 use crate::gguf::{Gguf, Value};
 use aho_corasick::{AhoCorasick, MatchKind};
-use anyhow::{Context, Result, bail, ensure};
+
+/// Returns early with `Error::Tokenizer(format!(...))` unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(Error::Tokenizer(format!($($arg)+)));
+        }
+    };
+}
+
+/// Returns early with `Error::Tokenizer(format!(...))`.
+macro_rules! bail {
+    ($($arg:tt)+) => {
+        return Err(Error::Tokenizer(format!($($arg)+)))
+    };
+}
 use fancy_regex::Regex;
 use std::collections::HashMap;
 
@@ -90,8 +106,10 @@ fn str_array(g: &Gguf, key: &str) -> Result<Vec<String>> {
     let a = g
         .get(key)
         .and_then(Value::as_array)
-        .with_context(|| format!("metadata {key} missing or not an array"))?;
-    Ok(a.as_strs().with_context(|| format!("metadata {key} is not an array of strings"))?.to_vec())
+        .ok_or_else(|| Error::Tokenizer(format!("metadata {key} missing or not an array")))?;
+    Ok(a.as_strs()
+        .ok_or_else(|| Error::Tokenizer(format!("metadata {key} is not an array of strings")))?
+        .to_vec())
 }
 
 impl Tokenizer {
@@ -118,7 +136,9 @@ impl Tokenizer {
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a
                 .to_f64()
-                .context("tokenizer.ggml.token_type is not an array of numbers")?
+                .ok_or_else(|| {
+                    Error::Tokenizer("tokenizer.ggml.token_type is not an array of numbers".into())
+                })?
                 .into_iter()
                 .map(|x| x as i64)
                 .collect(),
@@ -150,7 +170,7 @@ impl Tokenizer {
         };
         let regexes = pats
             .iter()
-            .map(|p| Regex::new(p).map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}")))
+            .map(|p| Regex::new(p).map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}"))))
             .collect::<Result<Vec<_>>>()?;
         let (tokens, types) = Self::vocab(g)?;
         let mut ids = HashMap::with_capacity(tokens.len());
@@ -160,7 +180,9 @@ impl Tokenizer {
         let merge_list = str_array(g, "tokenizer.ggml.merges")?;
         let mut merges = HashMap::with_capacity(merge_list.len());
         for (rank, m) in merge_list.iter().enumerate() {
-            let (a, b) = m.split_once(' ').with_context(|| format!("merge #{rank} {m:?} has no space"))?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| Error::Tokenizer(format!("merge #{rank} {m:?} has no space")))?;
             let (Some(&ia), Some(&ib), Some(&ij)) = (ids.get(a), ids.get(b), ids.get(&format!("{a}{b}")))
             else {
                 continue; // a merge whose parts are not tokens can never apply
@@ -191,7 +213,7 @@ impl Tokenizer {
         let scores: Vec<f32> = match g.get("tokenizer.ggml.scores").and_then(Value::as_array) {
             Some(a) => a
                 .to_f64()
-                .context("tokenizer.ggml.scores is not an array of numbers")?
+                .ok_or_else(|| Error::Tokenizer("tokenizer.ggml.scores is not an array of numbers".into()))?
                 .into_iter()
                 .map(|x| x as f32)
                 .collect(),
@@ -554,7 +576,7 @@ impl Specials {
             let ac = AhoCorasick::builder()
                 .match_kind(kind)
                 .build(idx.iter().map(|&i| list[i].0.as_str()))
-                .context("building the special-token automaton")?;
+                .map_err(|e| Error::Tokenizer(format!("building the special-token automaton: {e}")))?;
             Ok((ac, idx))
         };
         let all = build(&|_| true)?;

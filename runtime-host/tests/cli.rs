@@ -106,18 +106,30 @@ fn bad_input_is_an_error() {
     let tiny = common::tiny_model_path();
     let kvq = |args: &[&str], stdin: Option<&str>| kvq_on(&tiny, args, stdin);
     let out = kvq(&["generate", "--kv", "kivi3", "-p", "x"], None);
-    assert!(!out.status.success() && text(&out.stderr).contains("unknown preset"));
+    let se = text(&out.stderr);
+    assert!(!out.status.success() && se.contains("--kv \"kivi3\": unknown preset"), "{se}");
+    // The local layers' spec is named by its own flag.
+    let out = kvq(&["generate", "--kv-local", "kivi4", "-p", "x"], None);
+    let se = text(&out.stderr);
+    assert!(se.contains("--kv-local \"kivi4\": this model has no sliding-window layers"), "{se}");
+    let gemma = common::tiny_path("gemma3");
+    let out = kvq_on(&gemma, &["generate", "--kv-local", "kivi4:g=3", "-p", "x"], None);
+    let se = text(&out.stderr);
+    assert!(se.contains("--kv-local \"kivi4:g=3\":"), "{se}");
     // A context too small for the prompt under the stop policy.
     let out =
         kvq(&["generate", "--kv", "f16", "-c", "4", "-p", "one two three four five six", "-n", "4"], None);
     let se = text(&out.stderr);
-    assert!(!out.status.success() && se.contains("context full"), "{se}");
+    assert!(!out.status.success() && se.contains("context is full") && se.contains("raise -c"), "{se}");
     assert!(!se.contains("panicked"));
     // A context no machine can hold: an error naming the allocation, not an abort.
     let out = kvq(&["generate", "--kv", "f16", "-c", "4000000000000", "-p", "x", "-n", "1"], None);
     let se = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{se}");
-    assert!(se.contains("cannot allocate") || se.contains("memory available"), "{se}");
+    assert!(
+        (se.contains("cannot allocate") || se.contains("memory available")) && se.contains("(lower -c)"),
+        "{se}"
+    );
     // Values that used to be taken silently or misreported (issue 25): each is refused, naming what was given.
     for (args, says) in [
         (&["generate", "-c", "0", "-p", "x", "-n", "1"][..], "-c 0"),

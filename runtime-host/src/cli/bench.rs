@@ -56,7 +56,7 @@ pub(crate) struct Footprint {
 
 impl Footprint {
     /// Runs `f` for spec `si`, adding the RSS it grows by to that spec's.
-    fn track<T>(&mut self, si: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    fn track<T>(&mut self, si: usize, f: impl FnOnce() -> kvq_host::error::Result<T>) -> Result<T> {
         let r0 = rss() as isize;
         let out = f()?;
         self.own[si] += rss() as isize - r0;
@@ -90,8 +90,10 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         pos += k;
         v
     };
-    let cfgs: Vec<CacheConfig> =
-        specs.iter().map(|s| model.cache_config(s, capacity, Overflow::Stop)).collect::<Result<_>>()?;
+    let cfgs: Vec<CacheConfig> = specs
+        .iter()
+        .map(|s| model.cache_config(s, capacity, Overflow::Stop))
+        .collect::<kvq_host::error::Result<_>>()?;
     // Warm the weights into memory with a throwaway session, then take the base resident size.
     {
         let mut arenas = model::arenas(&model, &cfgs[0])?;

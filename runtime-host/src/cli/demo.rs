@@ -41,8 +41,10 @@ pub(crate) fn demo(a: DemoArgs) -> Result<()> {
     );
     let cap = ids.len() + a.n + 1;
     // Every spec is checked before the first runs: a bad one fails at once, not after minutes.
-    let cfgs =
-        specs.iter().map(|spec| model.cache_config(spec, cap, Overflow::Stop)).collect::<Result<Vec<_>>>()?;
+    let cfgs = specs
+        .iter()
+        .map(|spec| model.cache_config(spec, cap, Overflow::Stop))
+        .collect::<kvq_host::error::Result<Vec<_>>>()?;
     let mut rows = Vec::new();
     for (spec, cfg) in specs.iter().zip(cfgs) {
         let mut arenas = model::arenas(&model, &cfg)?;

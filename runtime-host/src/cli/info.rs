@@ -93,10 +93,8 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
         "preset", "bytes/token", "bits/elem", "bytes/token", "bits/elem"
     );
     for p in PRESETS.iter().copied().chain(extra.iter().map(String::as_str)) {
-        let spec = KvSpec::parse(p).map_err(anyhow::Error::msg)?;
-        let cfg = spec
-            .config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope())
-            .map_err(anyhow::Error::msg)?;
+        let spec = KvSpec::parse(p)?;
+        let cfg = spec.config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope())?;
         let mut line = format!("{p:w$}");
         for t in at {
             let counts = cfg.counts_after(t).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
 use kvq_core::cache::{CacheConfig, Overflow};
 use kvq_host::chat::{Chat, End, Line, Turns, chat_config, reply};
+use kvq_host::error::Error;
 use kvq_host::eval::{DEMO_ANSWER, DEMO_QUESTION, demo_document};
 use kvq_host::fetch;
 use kvq_host::kvspec::{KvSpec, PRESETS};
@@ -150,14 +151,17 @@ pub(crate) fn load(a: &ModelArgs) -> Result<Model> {
     }
     m.int8_attention = !(a.exact || a.f32_attention);
     if let Some(spec) = &a.kv_local {
-        let spec = KvSpec::parse(spec).map_err(|e| anyhow::anyhow!("--kv-local: {e}"))?;
+        let spec = KvSpec::parse(spec).map_err(|e| match e {
+            Error::Spec { spec, reason, .. } => Error::Spec { spec, reason, local: true },
+            e => e,
+        })?;
         m.set_local_kv(&spec)?;
     }
     Ok(m)
 }
 
 pub(crate) fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Result<CacheConfig> {
-    let spec = KvSpec::parse(&c.kv).map_err(anyhow::Error::msg)?;
+    let spec = KvSpec::parse(&c.kv)?;
     let ctx = c.ctx.unwrap_or(m.cfg.n_ctx_train);
     ensure!(ctx > 0, "-c 0: the context must hold at least one token");
     let overflow = match c.overflow {
@@ -171,7 +175,7 @@ pub(crate) fn cache_config(m: &Model, c: &CacheArgs, default: Overflow) -> Resul
         cfg.sinks = cfg.sinks.max(kvq_host::chat::SLIDE_SINKS);
         cfg.validate().map_err(|e| {
             anyhow::anyhow!(
-                "--kv {}: a sliding cache keeps {} sinks (s=0 for none), which -c {ctx} cannot hold beside its \
+                "--kv {:?}: a sliding cache keeps {} sinks (s=0 for none), which -c {ctx} cannot hold beside its \
                  window: {e}",
                 spec.name,
                 cfg.sinks
@@ -218,10 +222,8 @@ pub(crate) fn read_utf8(f: &std::path::Path) -> Result<String> {
 }
 
 pub(crate) fn parse_specs(list: &str) -> Result<Vec<KvSpec>> {
-    let specs: Vec<KvSpec> = list
-        .split(',')
-        .map(|s| KvSpec::parse(s.trim()).map_err(anyhow::Error::msg))
-        .collect::<Result<_>>()?;
+    let specs: Vec<KvSpec> =
+        list.split(',').map(|s| KvSpec::parse(s.trim())).collect::<kvq_host::error::Result<_>>()?;
     if specs.is_empty() {
         bail!("no KV specs given");
     }
@@ -246,4 +248,24 @@ pub(crate) fn bar(total: usize, msg: &str) -> indicatif::ProgressBar {
     );
     b.set_message(msg.to_string());
     b
+}
+
+/// `e` in the command line's words: the library's errors name the flag a spec came from and say which
+/// option helps; every other cause as it reads.
+pub(crate) fn report(e: &anyhow::Error) -> String {
+    let words = |le: &Error| match le {
+        Error::Spec { spec, reason, local } => {
+            format!("{} {spec:?}: {reason}", if *local { "--kv-local" } else { "--kv" })
+        }
+        Error::ContextFull { held, capacity, needed } => format!(
+            "the context is full: {held} tokens held + {needed} new exceed the capacity of {capacity} (raise -c, \
+             or use --overflow slide)"
+        ),
+        Error::Alloc { .. } | Error::Memory { .. } => format!("{le} (lower -c)"),
+        le => le.to_string(),
+    };
+    e.chain()
+        .map(|c| c.downcast_ref::<Error>().map_or_else(|| c.to_string(), words))
+        .collect::<Vec<_>>()
+        .join(": ")
 }

@@ -91,10 +91,12 @@ pub fn perplexity(
         specs.insert(0, KvSpec::parse(BASELINE).map_err(anyhow::Error::msg)?);
     }
     let base = specs.iter().position(|s| s.name == BASELINE).unwrap_or(0);
-    let cfgs: Vec<CacheConfig> =
-        specs.iter().map(|s| model.cache_config(s, ctx, Overflow::Stop)).collect::<Result<_>>()?;
+    let cfgs: Vec<CacheConfig> = specs
+        .iter()
+        .map(|s| model.cache_config(s, ctx, Overflow::Stop))
+        .collect::<crate::error::Result<_>>()?;
     let mut arenas: Vec<Vec<Vec<u32>>> =
-        cfgs.iter().map(|cfg| model::arenas(model, cfg)).collect::<Result<_>>()?;
+        cfgs.iter().map(|cfg| model::arenas(model, cfg)).collect::<crate::error::Result<_>>()?;
     let mut sessions: Vec<Session<'_>> = Vec::new();
     for (cfg, a) in cfgs.iter().zip(arenas.iter_mut()) {
         let mut s = Session::new(model, *cfg, a)?;
