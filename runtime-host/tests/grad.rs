@@ -78,12 +78,12 @@ fn check(mut m: Model, n: usize, window: Option<usize>) {
 }
 
 #[test]
-fn smollm2_gradients_are_the_loss_slope() {
+fn real_model_smollm2_gradients_are_the_loss_slope() {
     check(common::model(), 48, None);
 }
 
 #[test]
-fn gemma3_gradients_are_the_loss_slope() {
+fn real_model_gemma3_gradients_are_the_loss_slope() {
     let p = kvq_host::fetch::fetch(&kvq_host::fetch::GEMMA3_270M, true).expect("Gemma 3 270M");
     check(Model::load(&p).unwrap(), 48, Some(16));
 }

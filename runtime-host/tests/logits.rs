@@ -53,11 +53,11 @@ fn check(mode: MatMode) {
 }
 
 #[test]
-fn exact_mode_matches_reference() {
+fn real_model_exact_mode_matches_reference() {
     check(MatMode::Exact);
 }
 
 #[test]
-fn fast_mode_matches_quantized_reference() {
+fn real_model_fast_mode_matches_quantized_reference() {
     check(MatMode::Fast);
 }

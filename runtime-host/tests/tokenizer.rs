@@ -6,7 +6,7 @@ mod common;
 use kvq_host::tokenizer::Tokenizer;
 
 #[test]
-fn ids_match_llama_cpp() {
+fn real_model_ids_match_llama_cpp() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let refs: serde_json::Value = serde_json::from_str(include_str!("data/tokenizer_ref.json")).unwrap();
@@ -21,7 +21,7 @@ fn ids_match_llama_cpp() {
 }
 
 #[test]
-fn bos_follows_metadata() {
+fn real_model_bos_follows_metadata() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     // SmolLM2's metadata says add_bos_token = false.
@@ -34,7 +34,7 @@ fn bos_follows_metadata() {
 /// type per step over the rest of the text: 0.74 s for 2,000 of them, about half an hour here). The test
 /// takes about 1.4 s on an Intel Xeon (test profile); the 60 s bound fails either old path by far.
 #[test]
-fn hostile_lengths_tokenize_in_bounded_time() {
+fn real_model_hostile_lengths_tokenize_in_bounded_time() {
     let m = common::model();
     let tok = Tokenizer::from_gguf(&m.gguf).unwrap();
     let t = std::time::Instant::now();

@@ -40,8 +40,8 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 }
 
 #[test]
-fn firmware_matches_the_host_bit_for_bit() {
-    let Some((path, want)) = setup("firmware_matches_the_host_bit_for_bit") else { return };
+fn real_model_firmware_matches_the_host_bit_for_bit() {
+    let Some((path, want)) = setup("real_model_firmware_matches_the_host_bit_for_bit") else { return };
     let elf = firmware::build(&path, false).expect("firmware builds");
     let (code, stdout, stderr) = firmware::run(&elf, 600).expect("qemu runs");
     let stdout = String::from_utf8_lossy(&stdout);
@@ -60,8 +60,10 @@ fn firmware_matches_the_host_bit_for_bit() {
 /// with the ELF's own table into the host's figures; its result lines, now on standard error, are still
 /// the host's bit for bit.
 #[test]
-fn the_defmt_build_logs_decode_to_the_host_figures() {
-    let Some((path, want)) = setup("the_defmt_build_logs_decode_to_the_host_figures") else { return };
+fn real_model_the_defmt_build_logs_decode_to_the_host_figures() {
+    let Some((path, want)) = setup("real_model_the_defmt_build_logs_decode_to_the_host_figures") else {
+        return;
+    };
     let elf = firmware::build(&path, true).expect("firmware builds with defmt");
     let (code, frames, stderr) = firmware::run(&elf, 600).expect("qemu runs");
     assert_eq!(code, 0, "firmware exit code {code}\n{stderr}");
@@ -96,7 +98,7 @@ fn the_defmt_build_logs_decode_to_the_host_figures() {
 /// FNV-1a of the outputs' bits (checked against the report), and flipping a bit of the first, a middle
 /// or the last output of the stream, at the low, middle and sign bit, always gives another hash.
 #[test]
-fn one_flipped_output_bit_changes_the_hash() {
+fn real_model_one_flipped_output_bit_changes_the_hash() {
     let q = kvq_tests::default_stream().expect("the default stream");
     let mut outputs = Vec::new();
     let lines = host_lines(&q, &mut outputs).unwrap();
@@ -125,7 +127,7 @@ fn one_flipped_output_bit_changes_the_hash() {
 /// `kvq2:k=2:kg=32:r=32:p=fp8` from 256 KiB; at 64 KiB the 32-token window (24 KiB of f16) keeps the other 2-bit
 /// policies under 5x: the printed table says by how much.
 #[test]
-fn two_bit_caches_hold_five_times_the_tokens() {
+fn real_model_two_bit_caches_hold_five_times_the_tokens() {
     let q = kvq_tests::default_stream().expect("the default stream");
     let s = kvq_tests::shape(&q);
     for bytes in [64 << 10, 256 << 10, 1 << 20] {
@@ -161,7 +163,7 @@ fn two_bit_caches_hold_five_times_the_tokens() {
 /// 32-token window, field for field, including the clipping factor the calibration measured, and their
 /// table blobs load into the firmware's caches (a blob from another configuration would be refused).
 #[test]
-fn calibrated_policies_are_the_host_presets() {
+fn real_model_calibrated_policies_are_the_host_presets() {
     let q = kvq_tests::default_stream().expect("the default stream");
     let s = kvq_tests::shape(&q);
     let path = kvq_host::fetch::default_model(true).unwrap();

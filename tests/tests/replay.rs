@@ -84,7 +84,7 @@ fn replay(m: &Model, cfg: CacheConfig, tokens: &[u32]) -> Vec<f32> {
 }
 
 #[test]
-fn the_session_and_a_core_only_replay_give_the_same_logits() {
+fn real_model_the_session_and_a_core_only_replay_give_the_same_logits() {
     let (m, tok, text) = kvq_tests::default_model_and_text();
     let tokens = &tok.encode(&text, true, false)[..160];
     // 160 tokens through 80 slots: the sliding cache evicts half the text, sinks kept.

@@ -41,7 +41,7 @@ fn sink_bits(s: &Session<'_>) -> Vec<u32> {
 }
 
 #[test]
-fn twenty_thousand_chat_tokens_through_a_sliding_two_bit_cache() {
+fn real_model_twenty_thousand_chat_tokens_through_a_sliding_two_bit_cache() {
     let (m, tok, text) = kvq_tests::default_model_and_text();
     let end = tok.id("<|im_end|>").expect("a ChatML model");
     let words: Vec<&str> = text.split_whitespace().collect();
