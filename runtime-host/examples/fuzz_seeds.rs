@@ -1,6 +1,8 @@
-//! Writes the seed corpus of the GGUF fuzz target (`fuzz/corpus/gguf/`, not committed; `scripts/fuzz.sh`
-//! runs this first): small GGUF files built with `kvq_host::gguf::Writer`, one per shape of input the
-//! reader and the tokenizers take.
+//! Writes the seed corpus of the GGUF fuzz target: small GGUF files built with `kvq_host::gguf::Writer`,
+//! one per shape of input the reader and the tokenizers take. The vocabulary and tensor seeds (7 KB) go to
+//! `fuzz/corpus/gguf/`, where they are committed; the three tiny models (random weights, about 70 KB each:
+//! model files, which the repository does not hold) to `target/fuzz-seeds/gguf/`. `scripts/fuzz.sh` runs
+//! this first and gives the fuzzer both.
 //!
 //! ```text
 //! cargo run -p kvq-host --example fuzz_seeds
@@ -53,8 +55,11 @@ fn spm(w: &mut Writer) {
 }
 
 fn main() -> std::io::Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join("fuzz/corpus/gguf");
+    let models = root.join("target/fuzz-seeds/gguf");
     std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&models)?;
     let mut w = Writer::default();
     bpe(&mut w);
     std::fs::write(dir.join("bpe-vocab.gguf"), w.finish())?;
@@ -77,9 +82,9 @@ fn main() -> std::io::Result<()> {
     // Whole model files, as small as the shapes allow (one layer, one head of 32), one per architecture.
     let tiny =
         Tiny { n_layer: 1, n_embd: 32, n_head: 1, n_kv_head: 1, n_ff: 32, n_ctx: 64, seed: 3, window: 16 };
-    std::fs::write(dir.join("tiny-llama.gguf"), kvq_host::tiny::llama(&tiny))?;
-    std::fs::write(dir.join("tiny-qwen2.gguf"), kvq_host::tiny::qwen2(&tiny))?;
-    std::fs::write(dir.join("tiny-gemma3.gguf"), kvq_host::tiny::gemma3(&tiny))?;
-    println!("wrote 6 seeds to {}", dir.display());
+    std::fs::write(models.join("tiny-llama.gguf"), kvq_host::tiny::llama(&tiny))?;
+    std::fs::write(models.join("tiny-qwen2.gguf"), kvq_host::tiny::qwen2(&tiny))?;
+    std::fs::write(models.join("tiny-gemma3.gguf"), kvq_host::tiny::gemma3(&tiny))?;
+    println!("wrote 3 seeds to {} and 3 to {}", dir.display(), models.display());
     Ok(())
 }
