@@ -1227,6 +1227,63 @@ fn generic_tolerance_notices_a_key_code_one_level_off() {
     assert!(checked >= 8, "{checked} formats checked");
 }
 
+/// The same for values: one code of the most attended quantized value row moved by one level, channel by
+/// channel, moves the output beyond [`generic_tolerance`] (its bound is not so loose that a wrong value
+/// code passes), for every generic format with per-token values.
+#[test]
+fn generic_tolerance_notices_a_value_code_one_level_off() {
+    let mut rng = Rng::new(79);
+    let (d, t, ratio) = (64usize, 97usize, 3usize);
+    let mut checked = 0;
+    for (name, cfg) in crate::cache::tests::generic_configs(2, d, 1024) {
+        let Precision::Quant(vq) = cfg.values else { continue };
+        if vq.axis != crate::cache::Axis::PerToken || cfg.residual == 0 {
+            continue;
+        }
+        let mut mem = Vec::new();
+        let mut cache = observed_cache(cfg, &mut mem, t, &mut rng);
+        let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
+        let qh = 2 * ratio;
+        let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
+        let tol = generic_tolerance(&cache, 0, &q[..d], &keys[0], &values[0], &probs[0], scale);
+        let (sinks, q_end) = (cache.counts().sinks, cache.view(Stream::Values).q_end);
+        let Some(slot) = (0..q_end).max_by(|&a, &b| probs[0][sinks + a].total_cmp(&probs[0][sinks + b]))
+        else {
+            continue;
+        };
+        for kernel in kernels() {
+            let mut worst = 0.0f64;
+            for c in 0..d {
+                let delta = if cache.shift_value_code(0, slot, c, 1) { 1 } else { -1 };
+                if delta < 0 {
+                    assert!(cache.shift_value_code(0, slot, c, -1));
+                }
+                let mut out = vec![0.0f32; qh * d];
+                let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
+                decode(&cache, &q, qh, scale, &mut out, &mut scratch, kernel).unwrap();
+                assert!(cache.shift_value_code(0, slot, c, -delta));
+                for (i, &tl) in tol.iter().enumerate() {
+                    worst = worst.max((f64::from(out[i]) - want[i]).abs() / tl);
+                }
+            }
+            std::println!(
+                "{name} {}: a value code one level off (token p = {:.3}) is {worst:.1} times the tolerance",
+                kernel.name(),
+                probs[0][sinks + slot]
+            );
+            assert!(
+                worst > 1.0,
+                "{name} {}: one level off stays within the tolerance ({worst:.3})",
+                kernel.name()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "{checked} formats checked");
+}
+
 /// A cache of format `cfg` (two KV heads) over `mem`, with calibration-like tables, holding `t` tokens of
 /// activations appended as the model would (attention observed for the tiers).
 fn observed_cache<'m>(cfg: CacheConfig, mem: &'m mut Vec<u32>, t: usize, rng: &mut Rng) -> Cache<'m> {

@@ -385,6 +385,22 @@ impl<'a> Cache<'a> {
         true
     }
 
+    /// Moves the code of per-token value row `slot` (ring slot), stored column `c`, of head `h` by `delta`
+    /// levels; false (and nothing moved) where that leaves the code's range. For tests that a tolerance
+    /// notices one level.
+    #[cfg(test)]
+    pub(crate) fn shift_value_code(&mut self, h: usize, slot: usize, c: usize, delta: i32) -> bool {
+        let (Precision::Quant(q), l) = self.stream_cfg(Stream::Values) else { return false };
+        let codes = &mut self.arena[l.codes.offset..l.codes.end()];
+        let w = &mut codes[(h * l.ring + slot) * l.row_words..][..l.row_words];
+        let code = i32::from(pack::get(w, q.width, c).unwrap()) + delta;
+        if !(0..q.width.levels() as i32).contains(&code) {
+            return false;
+        }
+        pack::pack(&[code as u8], q.width, w, c).unwrap();
+        true
+    }
+
     /// Read-only views of one stream.
     pub(crate) fn view(&self, s: Stream) -> StreamView<'_> {
         let (precision, layout) = self.stream_cfg(s);
