@@ -57,6 +57,17 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         // FP8 parameters (`kvq2` until 2026-12-06); kvq2k2: the all-2-bit recipe (`kvq2:k=2:kg=32:kp=f16`);
         // kvq3: 3-bit keys and values.
         "kvq2" => kvq(capacity, QuantSpec::per_channel(Width::B3, 128), QuantSpec::per_token(Width::B2, 64)),
+        // Candidates for kvq2 with 64-token key groups and f16 key parameters: a 64-token window
+        // (kvq2g64r64), or FP8 value parameters (kvq2g64vp8).
+        "kvq2g64r64" => CacheConfig {
+            residual: 64,
+            ..kvq(capacity, QuantSpec::per_channel(Width::B3, 64), QuantSpec::per_token(Width::B2, 64))
+        },
+        "kvq2g64vp8" => kvq(
+            capacity,
+            QuantSpec::per_channel(Width::B3, 64),
+            QuantSpec::per_token(Width::B2, 64).with_params(Fp8E4M3),
+        ),
         "kvq2kp8" => kvq(
             capacity,
             QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3),

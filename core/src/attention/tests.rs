@@ -1,6 +1,7 @@
 extern crate std;
 use super::*;
 use crate::cache::{CacheConfig, Overflow, QuantSpec};
+use crate::quant::param::ParamFormat::Fp8E4M3;
 use crate::testutil::{Rng, activations, f16r, group_bound};
 use std::vec;
 use std::vec::Vec;
@@ -1029,15 +1030,27 @@ fn int8_attention_is_within_its_bound() {
     let mut kernels: Vec<Kernel> = vec![Kernel::PORTABLE.with_int8(true)];
     kernels.extend(Kernel::avx2().map(|k| k.with_int8(true)));
     let mut worst = 0.0f64;
-    let cases = [(64usize, 32, 32, 0, 200usize), (64, 32, 128, 4, 517), (128, 64, 64, 2, 300)];
-    for (d, g, r, s, t) in cases.into_iter().take(if cfg!(miri) { 1 } else { 3 }) {
-        let cfg = CacheConfig::kivi(Width::B2, g, r, 1, d, 600).with_sinks(s);
+    // The last two: FP8 value parameters (the AVX2 int8 kernels read them a tile at a time as f16; the
+    // portable twin reads them on the generic path).
+    let cases = [
+        (64usize, 32, 32, 0, 200usize, false),
+        (64, 32, 128, 4, 517, false),
+        (128, 64, 64, 2, 300, false),
+        (64, 64, 64, 4, 599, true),
+        (128, 32, 32, 0, 333, true),
+    ];
+    for (d, g, r, s, t, fp8) in cases.into_iter().take(if cfg!(miri) { 1 } else { 5 }) {
+        let mut cfg = CacheConfig::kivi(Width::B2, g, r, 1, d, 600).with_sinks(s);
+        if fp8 {
+            cfg.values = Precision::Quant(QuantSpec::per_token(Width::B2, g).with_params(Fp8E4M3));
+        }
         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
         let mut cache = Cache::new(cfg, &mut mem).unwrap();
         cache.append(&activations(&mut rng, t, 1, d), &activations(&mut rng, t, 1, d)).unwrap();
         let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
         let (ks, vs) = (cache.view(Stream::Keys), cache.view(Stream::Values));
         let f = |b: u16| f64::from(half::f16::from_bits(b).to_f32());
+        let vparams = cfg.value_spec().unwrap().params;
         let qh = 3;
         let scale = 1.0 / (d as f32).sqrt();
         let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
@@ -1045,7 +1058,7 @@ fn int8_attention_is_within_its_bound() {
         let qmax = f64::from(q8_key_max(d, Width::B2));
         for kernel in &kernels {
             let mut out = vec![0.0f32; qh * d];
-            let mut scratch = vec![0.0f32; decode_scratch_len(600, qh, 1, d)];
+            let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
             decode(&cache, &q, qh, scale, &mut out, &mut scratch, *kernel).unwrap();
             for hq in 0..qh {
                 let qr = &q[hq * d..][..d];
@@ -1069,7 +1082,10 @@ fn int8_attention_is_within_its_bound() {
                                 .map(|i| {
                                     probs[hq][seg.pos + t0 + i]
                                         * grow
-                                        * f(vs.scale[gi * vs.layout.ring + seg.start + t0 + i])
+                                        * f64::from(
+                                            vs.params(vparams, gi * vs.layout.ring + seg.start + t0 + i)
+                                                .scale,
+                                        )
                                 })
                                 .fold(0.0, f64::max);
                             for x in &mut tiles[gi * g..(gi + 1) * g] {

@@ -180,9 +180,53 @@ static FP8_E4M3: [f32; 256] = {
     t
 };
 
+/// The f16 bits of each E4M3 code's value. Every E4M3 value is an f16 value (3 mantissa bits within f16's
+/// 10, exponents from 2^-9 within f16's normal range from 2^-14), so this is exact; the attention kernels
+/// read FP8 parameters through it where they take f16 ones.
+#[cfg(any(target_arch = "x86_64", test))]
+pub(crate) static FP8_E4M3_F16: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = f16_bits_of_exact(FP8_E4M3[i]);
+        i += 1;
+    }
+    t
+};
+
+/// The f16 bits of `x`, for an `x` that is zero, NaN or an f16 normal (no rounding is done).
+#[cfg(any(target_arch = "x86_64", test))]
+const fn f16_bits_of_exact(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let e = ((b >> 23) & 0xff) as i32;
+    if e == 0 {
+        return sign;
+    }
+    if e == 0xff {
+        return sign | 0x7e00;
+    }
+    sign | (((e - 127 + 15) as u16) << 10) | ((b >> 13) & 0x3ff) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The f16 table equals `half`'s conversion of every E4M3 value, and converts back to it.
+    #[test]
+    fn fp8_values_are_f16_values() {
+        for raw in 0..=255u16 {
+            let v = ParamFormat::Fp8E4M3.decode(raw);
+            let h = FP8_E4M3_F16[usize::from(raw)];
+            if v.is_nan() {
+                assert!(half::f16::from_bits(h).is_nan(), "{raw:#x}");
+                continue;
+            }
+            assert_eq!(h, half::f16::from_f32(v).to_bits(), "{raw:#x}: {v}");
+            assert_eq!(half::f16::from_bits(h).to_f32(), v, "{raw:#x}");
+        }
+    }
 
     #[test]
     fn f16_nearest_matches_half() {
