@@ -883,7 +883,7 @@ fn value_sums(
             #[cfg(target_arch = "x86_64")]
             (Part::Body, Precision::Quant(spec)) if vector && fp8_plain(spec) => {
                 let dst = if stored { &mut *acc } else { &mut *out };
-                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, q8_width(kernel, spec.width));
+                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => {
                 generic::token_value_sums(sv, spec, h, seg.start, seg.len, &pr, d, acc, vector)
@@ -925,11 +925,12 @@ fn fp8_plain(q: crate::cache::QuantSpec) -> bool {
         && q.group.is_multiple_of(16)
 }
 
-/// KIVI's value kernels (f32 or int8, as [`token_values`] picks) over a per-token body with FP8 group
-/// parameters: a tile of [`FP8_TILE`] tokens at a time, its parameters are decoded and stored as f16
-/// first. That is exact (every E4M3 value is an f16 value), so each tile is summed as the plain body with
-/// the same parameters would be. Measured with `decode_bench` at 8k tokens: the generic lookup path it
-/// replaces for these bodies took the step from 0.63x to 0.47x of fp16's.
+/// KIVI's f32 value kernel over a per-token body with FP8 group parameters: a tile of [`FP8_TILE`] tokens
+/// at a time, its parameters are decoded and stored as f16 first. That is exact (every E4M3 value is an
+/// f16 value), so each tile is summed as the plain body with the same parameters would be. Measured with
+/// `decode_bench` at 8k tokens: the generic lookup path it replaces for these bodies took `kvq2`'s step
+/// from 0.74x to 0.46x of fp16's. The int8 value path is not taken here, even where the kernel allows it:
+/// on these bodies it measured no faster (0.72x) and cost `kvq demo` its fact with `kvq2`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn fp8_token_values(
@@ -941,7 +942,6 @@ fn fp8_token_values(
     d: usize,
     out: &mut [f32],
     work: &mut [f32],
-    int8: bool,
 ) {
     let l = sv.layout;
     let groups = d / spec.group;
@@ -968,7 +968,7 @@ fn fp8_token_values(
             group: spec.group,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
-        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, true, int8);
+        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, true, false);
     }
 }
 
