@@ -53,21 +53,18 @@ fn spec(name: &str, capacity: usize) -> Option<CacheConfig> {
         "kivi8" => CacheConfig::kivi(Width::B8, 32, 128, KV_HEADS, HEAD_DIM, capacity),
         // The method presets' formats (kvq's `--kv` presets, with the tables' default values: speed does
         // not depend on the calibrated numbers), and each ingredient alone over KIVI-2.
-        // kvq2: 3-bit keys in 128-token groups, 2-bit values; kvq2kp8: 3-bit keys in 64-token groups with
-        // FP8 parameters (`kvq2` until 2026-12-06); kvq2k2: the all-2-bit recipe (`kvq2:k=2:kg=32:kp=f16`);
-        // kvq3: 3-bit keys and values.
-        "kvq2" => kvq(capacity, QuantSpec::per_channel(Width::B3, 128), QuantSpec::per_token(Width::B2, 64)),
-        // Candidates for kvq2 with 64-token key groups and f16 key parameters: a 64-token window
-        // (kvq2g64r64), or FP8 value parameters (kvq2g64vp8).
-        "kvq2g64r64" => CacheConfig {
-            residual: 64,
-            ..kvq(capacity, QuantSpec::per_channel(Width::B3, 64), QuantSpec::per_token(Width::B2, 64))
-        },
-        "kvq2g64vp8" => kvq(
+        // kvq2: 3-bit keys in 64-token groups, 2-bit values with FP8 parameters; kvq2g128: 3-bit keys in
+        // 128-token groups, f16 value parameters (`kvq2` on the afternoon of 2026-12-06); kvq2kp8: FP8 key
+        // parameters, f16 value parameters (`kvq2` until that morning); kvq2k2: the all-2-bit recipe
+        // (`kvq2:k=2:kg=32:kp=f16:vp=f16`); kvq3: 3-bit keys and values.
+        "kvq2" => kvq(
             capacity,
             QuantSpec::per_channel(Width::B3, 64),
             QuantSpec::per_token(Width::B2, 64).with_params(Fp8E4M3),
         ),
+        "kvq2g128" => {
+            kvq(capacity, QuantSpec::per_channel(Width::B3, 128), QuantSpec::per_token(Width::B2, 64))
+        }
         "kvq2kp8" => kvq(
             capacity,
             QuantSpec::per_channel(Width::B3, 64).with_params(Fp8E4M3),

@@ -34,9 +34,11 @@
 //! attended tokens corrected at 4 bits), `kvq2`/`kvq3` (kvq's recipe: Hadamard-rotated keys and values,
 //! keys relative to their group's first position, four sinks, 64-channel value groups; on models that norm
 //! each head's keys, Gemma 3, the keys are left unrotated, see [`KvSpec::for_model`]; `kvq2` spends its
-//! budget as 3-bit keys in 128-token groups beside 2-bit values, which measures better than 2-bit keys in
-//! 32-token groups at the same bits; FP8 key parameters, as `kvq2` had until 2026-12-06, cost as much
-//! perplexity and lose `kvq demo`'s fact; `kvq2:k=2:kg=32:kp=f16` is the all-2-bit recipe). Presets with codebooks, permutations, centres, balance, calibrated clipping or key outliers
+//! budget as 3-bit keys in 64-token groups with f16 parameters beside 2-bit values with FP8 parameters,
+//! which measures better than 2-bit keys in 32-token groups at the same bits; FP8 key parameters, as
+//! `kvq2` had until the morning of 2026-12-06 (`kvq2:kp=fp8:vp=f16` now), lose `kvq demo`'s fact, and
+//! 128-token key groups with f16 value parameters (`kvq2:kg=128:vp=f16`, `kvq2` until that evening) lose a
+//! pass key f16 finds; `kvq2:k=2:kg=32:kp=f16:vp=f16` is the all-2-bit recipe). Presets with codebooks, permutations, centres, balance, calibrated clipping or key outliers
 //! read the model's calibration file (`kvq calibrate`).
 
 use kvq_core::cache::{CacheConfig, Overflow, Precision, QuantSpec, Tiers, Transform};
@@ -134,7 +136,7 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
     ("kvquant3", "kivi2:k=3:v=3:s=1:rope=1:nuq=1:out=0.01"),
     ("kvquant4", "kivi2:k=4:v=4:s=1:rope=1:nuq=1:out=0.01"),
     ("skvq2", "kivi2:kaxis=token:v=t:s=5:perm=1:clip=calib:p=fp8"),
-    ("kvq2", "kivi2:k=3:kg=128:s=4:rot=kv:rope=1:vg=64"),
+    ("kvq2", "kivi2:k=3:kg=64:s=4:rot=kv:rope=1:vg=64:vp=fp8"),
     ("kvq3", "kivi2:k=3:v=3:s=4:rot=kv:rope=1:vg=64"),
     ("mikv2", "kivi2:s=4:balance=1:p=fp8:tier=2:tw=4"),
 ];
@@ -144,8 +146,10 @@ pub const PRESET_KNOBS: [(&str, &str); 7] = [
 /// (CTX 2048, Pride and Prejudice, one chunk: `kvq2` KLD 0.0117 against 0.0355 with rotated keys,
 /// `kvq3` 0.0030 against 0.0130), where on SmolLM2 it is the recipe's strongest step. A `rot=` knob given
 /// after the preset still wins.
-pub const PRESET_KNOBS_KEY_NORM: [(&str, &str); 2] =
-    [("kvq2", "kivi2:k=3:kg=128:s=4:rot=v:rope=1:vg=64"), ("kvq3", "kivi2:k=3:v=3:s=4:rot=v:rope=1:vg=64")];
+pub const PRESET_KNOBS_KEY_NORM: [(&str, &str); 2] = [
+    ("kvq2", "kivi2:k=3:kg=64:s=4:rot=v:rope=1:vg=64:vp=fp8"),
+    ("kvq3", "kivi2:k=3:v=3:s=4:rot=v:rope=1:vg=64"),
+];
 
 fn width(s: &str) -> Result<Option<Width>, String> {
     Ok(Some(match s {
@@ -544,11 +548,16 @@ mod tests {
         assert_eq!(c.sinks, 4);
         assert!(c.transform.rotate_keys && c.transform.rotate_values && c.transform.rope == Some(ROPE));
         let (k, v) = (c.key_spec().unwrap(), c.value_spec().unwrap());
-        assert_eq!((k.width, k.group, k.params), (Width::B3, 128, ParamFormat::F16));
-        assert_eq!((v.width, v.group, v.params), (Width::B2, 64, ParamFormat::F16));
-        // The format `kvq2` had until 2026-12-06, by its knobs.
-        let old = cfg("kvq2:kg=64:kp=fp8", 8192, Overflow::Stop).key_spec().unwrap();
-        assert_eq!((old.width, old.group, old.params), (Width::B3, 64, ParamFormat::Fp8E4M3));
+        assert_eq!((k.width, k.group, k.params), (Width::B3, 64, ParamFormat::F16));
+        assert_eq!((v.width, v.group, v.params), (Width::B2, 64, ParamFormat::Fp8E4M3));
+        // The formats `kvq2` had before, by their knobs: FP8 key parameters (until the morning of
+        // 2026-12-06), then 128-token key groups with f16 value parameters (until that evening).
+        let old = cfg("kvq2:kp=fp8:vp=f16", 8192, Overflow::Stop);
+        let (k, v) = (old.key_spec().unwrap(), old.value_spec().unwrap());
+        assert_eq!((k.group, k.params, v.params), (64, ParamFormat::Fp8E4M3, ParamFormat::F16));
+        let g128 = cfg("kvq2:kg=128:vp=f16", 8192, Overflow::Stop);
+        let (k, v) = (g128.key_spec().unwrap(), g128.value_spec().unwrap());
+        assert_eq!((k.group, k.params, v.params), (128, ParamFormat::F16, ParamFormat::F16));
         // Knobs after a preset override it.
         assert_eq!(cfg("kvq2:vg=32:s=0", 8192, Overflow::Stop).value_spec().unwrap().group, 32);
         let k3 = cfg("kvq3", 8192, Overflow::Stop).key_spec().unwrap();

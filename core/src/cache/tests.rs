@@ -367,8 +367,25 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
             },
         ),
         (
-            // kvq2 since 2026-12-06: 3-bit keys in 128-token groups (f16 parameters), 2-bit values in
-            // 64-channel groups, a 128-token window.
+            // kvq2 since the evening of 2026-12-06: 3-bit keys in 64-token groups (f16 parameters), 2-bit
+            // values in 64-channel groups with FP8 parameters, a 64-token window here (so that values are
+            // quantized within the tests' lengths).
+            "kvq2-k3g64-vp8",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B3, 64)),
+                values: q(QuantSpec::per_token(Width::B2, 64).with_params(Fp8E4M3)),
+                residual: 64,
+                ..base.with_transform(Transform {
+                    rope: rope(Pairing::Halves),
+                    rotate_keys: true,
+                    rotate_values: true,
+                    ..t
+                })
+            },
+        ),
+        (
+            // kvq2 on the afternoon of 2026-12-06: 3-bit keys in 128-token groups (f16 parameters), 2-bit
+            // values in 64-channel groups, a 128-token window.
             "kvq2-k3g128",
             CacheConfig {
                 keys: q(QuantSpec::per_channel(Width::B3, 128)),
