@@ -344,14 +344,14 @@ fn real_model_demo_command() {
 /// Presets that read calibration tables refuse to run without them and say what to run; `kvq calibrate`
 /// makes the file where they look, refuses an evaluation text, and then they generate.
 #[test]
-fn real_model_calibrated_presets_need_kvq_calibrate() {
+fn calibrated_presets_need_kvq_calibrate() {
     let dir = std::env::temp_dir().join(format!("kvq-cli-calib-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kvq"))
             .args(args)
             .arg("-m")
-            .arg(common::model_path())
+            .arg(common::tiny_model_path())
             .args(["-t", "2"])
             .env("KVQ_CACHE", &dir)
             .output()
