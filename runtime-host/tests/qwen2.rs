@@ -10,7 +10,7 @@ use kvq_core::cache::CacheConfig;
 use kvq_host::model::{self, Arch, MatMode, Model, Session};
 
 #[test]
-fn tiny_qwen2_matches_reference() {
+fn download_tiny_qwen2_matches_reference() {
     let r: serde_json::Value = serde_json::from_str(include_str!("data/qwen2_ref.json")).unwrap();
     let p =
         common::python_fixture("make_qwen2_ref.py", "qwen2-tiny.gguf", r["gguf_sha256"].as_str().unwrap());

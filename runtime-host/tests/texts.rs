@@ -3,7 +3,7 @@
 use kvq_host::eval::texts;
 
 #[test]
-fn austen_novels_come_out_of_the_r_database() {
+fn download_austen_novels_come_out_of_the_r_database() {
     let pp = texts::text("prideprejudice", true).expect("fetch janeaustenr");
     let lines: Vec<&str> = pp.lines().collect();
     // janeaustenr 1.0.0 holds Pride and Prejudice as 13030 lines (one R string each, blank lines empty).
@@ -24,7 +24,7 @@ fn austen_novels_come_out_of_the_r_database() {
 }
 
 #[test]
-fn jargon_file_is_unpacked() {
+fn download_jargon_file_is_unpacked() {
     let j = texts::text("jargon", true).expect("fetch jargon-text");
     assert!(j.contains("hacker"), "no `hacker` in the Jargon File");
     assert!(j.len() > 1_000_000, "{} bytes", j.len());

@@ -118,19 +118,19 @@ fn check(name: &str) {
 }
 
 #[test]
-fn llama_bpe_matches_llama_cpp_test_data() {
+fn download_llama_bpe_matches_llama_cpp_test_data() {
     check("llama-bpe");
 }
 
 #[test]
-fn qwen2_matches_llama_cpp_test_data() {
+fn download_qwen2_matches_llama_cpp_test_data() {
     check("qwen2");
 }
 
 /// More texts (code, digit runs, CRLF, scripts, each model's control tokens with and without special
 /// parsing), BOS as the metadata says, against `llama-tokenize`.
 #[test]
-fn extra_texts_match_llama_tokenize() {
+fn download_extra_texts_match_llama_tokenize() {
     let refs: serde_json::Value = serde_json::from_str(include_str!("data/vocab_extra_ref.json")).unwrap();
     for (name, rows) in refs["vocabs"].as_object().unwrap() {
         let tok = tokenizer(name);
