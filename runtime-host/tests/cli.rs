@@ -166,6 +166,26 @@ fn bad_input_is_an_error() {
     assert!(se.contains("is a directory, not a GGUF model file"), "{se}");
 }
 
+/// `kvq info` on a model whose shape a preset cannot take (head dimension 32: `kvq2`'s 64-channel value
+/// groups do not fit) lists that preset as n/a with the reason and the others as usual, where it once
+/// stopped at that preset.
+#[test]
+fn info_lists_a_preset_the_model_cannot_take_as_na() {
+    let dir = tmpdir("info-na");
+    let path = dir.join("tiny-hd32.gguf");
+    let t = kvq_host::tiny::Tiny { n_head: 4, n_kv_head: 2, ..kvq_host::tiny::Tiny::default() };
+    std::fs::write(&path, kvq_host::tiny::llama(&t)).unwrap();
+    let out = kvq_on(&path, &["info"], None);
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(so.contains("head_dim 32"), "{so}");
+    let row = |p: &str| so.lines().find(|l| l.starts_with(&format!("{p} "))).unwrap_or_default().to_string();
+    assert!(row("kvq2").contains("n/a") && row("kvq2").contains("head_dim"), "{so}");
+    assert!(!row("kivi2").contains("n/a") && row("kivi2").contains("4.625"), "{so}");
+    assert!(row("kvq3").contains("n/a"), "the presets after kvq2 are listed: {so}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Truncated and corrupted copies of a model file (the tiny one made in Rust): every one is refused with a
 /// message, none panics.
 #[test]

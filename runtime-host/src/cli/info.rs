@@ -94,7 +94,18 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
     );
     for p in PRESETS.iter().copied().chain(extra.iter().map(String::as_str)) {
         let spec = KvSpec::parse(p)?;
-        let cfg = spec.config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope())?;
+        // A preset this model's shape cannot take is listed as such, with the reason, and the rest go on.
+        let cfg = match spec
+            .for_model(c.arch == kvq_host::model::Arch::Gemma3)
+            .and_then(|s| s.config(c.n_kv_head, c.head_dim, c.n_ctx_train, Overflow::Stop, model.rope()))
+        {
+            Ok(cfg) => cfg,
+            Err(kvq_host::error::Error::Spec { reason, .. }) => {
+                println!("{p:w$} {:>14} {:>12} {:>14} {:>12}   ({reason})", "n/a", "n/a", "n/a", "n/a");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut line = format!("{p:w$}");
         for t in at {
             let counts = cfg.counts_after(t).map_err(|e| anyhow::anyhow!("{e}"))?;
