@@ -172,8 +172,9 @@ fn sliding_chat(model: &Model, arch: &str) {
     });
 }
 
-/// Through a pseudo-terminal: the prompt, `/help`, an unknown command, Ctrl-C during a reply (back to the
-/// prompt, the chat alive), a reply after it, then Ctrl-C twice at the prompt to leave.
+/// Through a pseudo-terminal: the prompt, `/help` typed with the left arrow key (line editing), an unknown
+/// command, Ctrl-C during a reply (back to the prompt, the chat alive), a reply after it, then Ctrl-C twice
+/// at the prompt to leave.
 #[test]
 fn real_model_chat_through_a_terminal() {
     use rexpect::session::spawn_command;
@@ -182,7 +183,9 @@ fn real_model_chat_through_a_terminal() {
     let mut p = spawn_command(cmd, Some(120_000)).unwrap();
     p.exp_string("/help lists the commands").unwrap();
     p.exp_string("> ").unwrap();
-    p.send_line("/help").unwrap();
+    // Line editing: "/hlp", two left arrows, "e" makes "/help" (raw escapes would make an unknown command).
+    p.send("/hlp\x1b[D\x1b[De").unwrap();
+    p.send_line("").unwrap();
     p.exp_string("/reset").unwrap();
     p.exp_string("> ").unwrap();
     p.send_line("/frobnicate").unwrap();
