@@ -3,8 +3,8 @@
 # text, the --kv grammar, and the cache with attention over random formats and tokens.
 #   scripts/fuzz.sh [SECONDS per target, default 600] [targets...]
 # Needs nightly and cargo-fuzz (`cargo install cargo-fuzz`). Corpora grow in target/fuzz-corpus/<target>
-# (not committed); the seeds are fuzz/corpus/<target> (committed) and target/fuzz-seeds/<target> (the tiny
-# models), both written first by runtime-host/examples/fuzz_seeds.rs.
+# (not committed); the seeds are fuzz/corpus/<target> and target/fuzz-seeds/<target> (the tiny models),
+# both written first by runtime-host/examples/fuzz_seeds.rs and not committed.
 # The tokenizer target also checks that the default model's byte-level BPE gives back the text it
 # encoded, when KVQ_FUZZ_MODEL names its GGUF (set here from kvq's cache when the model is there).
 set -euo pipefail
@@ -15,7 +15,7 @@ targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(gguf tokenizer kvspec cache)
 model="${KVQ_CACHE:-$HOME/.cache/kvq}/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$model" ] && export KVQ_FUZZ_MODEL="$model"
-# The seeds: small GGUF files made in Rust (deterministic; the committed ones are rewritten the same).
+# The seeds: small GGUF files made in Rust (deterministic), not committed.
 cargo run --release -q -p kvq-host --example fuzz_seeds
 for t in "${targets[@]}"; do
   corpus="target/fuzz-corpus/$t"

@@ -1,8 +1,7 @@
 //! Writes the seed corpus of the GGUF fuzz target: small GGUF files built with `kvq_host::gguf::Writer`,
-//! one per shape of input the reader and the tokenizers take. The vocabulary and tensor seeds (7 KB) go to
-//! `fuzz/corpus/gguf/`, where they are committed; the three tiny models (random weights, about 70 KB each:
-//! model files, which the repository does not hold) to `target/fuzz-seeds/gguf/`. `scripts/fuzz.sh` runs
-//! this first and gives the fuzzer both.
+//! one per shape of input the reader and the tokenizers take. The vocabulary and tensor seeds go to
+//! `fuzz/corpus/gguf/`, the three tiny models to `target/fuzz-seeds/gguf/`; neither is committed (binary
+//! files are made, not tracked). `scripts/fuzz.sh` runs this first and gives the fuzzer both.
 //!
 //! ```text
 //! cargo run -p kvq-host --example fuzz_seeds
