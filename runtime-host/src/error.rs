@@ -102,23 +102,33 @@ pub enum Error {
     Calibration(String),
 }
 
+impl Error {
+    /// The same error, a spec error marked as the spec of Gemma 3's local layers (`--kv-local`).
+    pub fn for_local_layers(self) -> Self {
+        match self {
+            Error::Spec { spec, reason, .. } => Error::Spec { spec, reason, local: true },
+            e => e,
+        }
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Returns early with `Error::Model(format!(...))` unless the condition holds.
-macro_rules! ensure_model {
-    ($cond:expr, $($arg:tt)+) => {
+/// Returns early with `Error::$variant(format!(...))` unless the condition holds (`Model`, `Tokenizer`).
+macro_rules! ensure_as {
+    ($variant:ident, $cond:expr, $($arg:tt)+) => {
         if !$cond {
-            return Err($crate::error::Error::Model(format!($($arg)+)));
+            return Err($crate::error::Error::$variant(format!($($arg)+)));
         }
     };
 }
 
-/// Returns early with `Error::Model(format!(...))`.
-macro_rules! bail_model {
-    ($($arg:tt)+) => {
-        return Err($crate::error::Error::Model(format!($($arg)+)))
+/// Returns early with `Error::$variant(format!(...))`.
+macro_rules! bail_as {
+    ($variant:ident, $($arg:tt)+) => {
+        return Err($crate::error::Error::$variant(format!($($arg)+)))
     };
 }
 
-pub(crate) use {bail_model, ensure_model};
+pub(crate) use {bail_as, ensure_as};

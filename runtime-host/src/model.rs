@@ -16,7 +16,7 @@
 //! ring of the window (f16 unless [`Model::set_local_kv`] says otherwise); global layers hold the context
 //! in the session's format.
 
-use crate::error::{Error, Result, bail_model, ensure_model};
+use crate::error::{Error, Result, bail_as, ensure_as};
 use crate::gguf::{Gguf, TensorInfo, TensorType, Value};
 use crate::kernels;
 use crate::kvspec::KvSpec;
@@ -191,7 +191,7 @@ impl Model {
     /// An unreadable or malformed file, an unsupported architecture, a missing tensor or one whose shape or
     /// type does not fit: each named.
     pub fn load(path: &Path) -> Result<Self> {
-        ensure_model!(!path.is_dir(), "{} is a directory, not a GGUF model file", path.display());
+        ensure_as!(Model, !path.is_dir(), "{} is a directory, not a GGUF model file", path.display());
         let io = |reason| Error::Io { path: path.to_path_buf(), reason };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private; kvq never writes the file. Another process truncating
@@ -214,27 +214,31 @@ impl Model {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "gemma3" => Arch::Gemma3,
-            a => bail_model!("architecture {a:?} is not supported (llama, qwen2 and gemma3 are)"),
+            a => bail_as!(Model, "architecture {a:?} is not supported (llama, qwen2 and gemma3 are)"),
         };
         let a = arch_s.to_string();
         let n_embd = meta_u(&gguf, &format!("{a}.embedding_length"))?;
         let n_head = meta_u(&gguf, &format!("{a}.attention.head_count"))?;
         let n_kv_head = meta_u(&gguf, &format!("{a}.attention.head_count_kv")).unwrap_or(n_head);
-        ensure_model!(
+        ensure_as!(
+            Model,
             n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0,
             "head counts {n_head}/{n_kv_head}: query heads must be a multiple of KV heads"
         );
-        ensure_model!(
+        ensure_as!(
+            Model,
             arch == Arch::Gemma3 || n_embd % n_head == 0,
             "embedding {n_embd} is not a multiple of {n_head} heads"
         );
         let head_dim = meta_u(&gguf, &format!("{a}.attention.key_length")).unwrap_or(n_embd / n_head);
-        ensure_model!(
+        ensure_as!(
+            Model,
             head_dim.is_multiple_of(2) && head_dim <= 256,
             "head_dim {head_dim} is not supported (even, at most 256)"
         );
         let rope_dims = meta_u(&gguf, &format!("{a}.rope.dimension_count")).unwrap_or(head_dim);
-        ensure_model!(
+        ensure_as!(
+            Model,
             rope_dims == head_dim,
             "partial RoPE ({rope_dims} of {head_dim} dims) is not supported"
         );
@@ -243,7 +247,7 @@ impl Model {
             .ok_or_else(|| Error::Model("tensor token_embd.weight missing".into()))?
             .clone();
         let n_layer = meta_u(&gguf, &format!("{a}.block_count"))?;
-        ensure_model!(n_layer > 0 && n_layer <= 1024, "block_count {n_layer} out of range");
+        ensure_as!(Model, n_layer > 0 && n_layer <= 1024, "block_count {n_layer} out of range");
         let f = |k: &str| gguf.get(&format!("{a}.{k}")).and_then(Value::as_f64);
         let rope_base = f("rope.freq_base").unwrap_or(10000.0) as f32;
         let gemma = arch == Arch::Gemma3;
@@ -255,7 +259,8 @@ impl Model {
             // llama.cpp: a bool per layer, else a period n (default 6) whose last layer is global.
             match gguf.get(&format!("{a}.attention.sliding_window_pattern")) {
                 Some(Value::Array(v)) => {
-                    ensure_model!(
+                    ensure_as!(
+                        Model,
                         v.len() == n_layer,
                         "sliding_window_pattern has {} entries for {n_layer} layers",
                         v.len()
@@ -270,13 +275,13 @@ impl Model {
                     let n = v.as_u64().ok_or_else(|| {
                         Error::Model("sliding_window_pattern is neither an array nor an integer".into())
                     })? as usize;
-                    ensure_model!(n > 0, "sliding_window_pattern 0");
+                    ensure_as!(Model, n > 0, "sliding_window_pattern 0");
                     (0..n_layer).map(|l| l % n < n - 1).collect()
                 }
                 None => (0..n_layer).map(|l| l % 6 < 5).collect(),
             }
         };
-        ensure_model!(window == 0 || window <= 1 << 20, "sliding_window {window} out of range");
+        ensure_as!(Model, window == 0 || window <= 1 << 20, "sliding_window {window} out of range");
         let cfg = Config {
             arch,
             n_layer,
@@ -311,14 +316,14 @@ impl Model {
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>> {
             let t = gguf.tensor(name).ok_or_else(|| Error::Model(format!("tensor {name} missing")))?;
-            ensure_model!(t.dims == [n as u64], "tensor {name}: dims {:?}, expected [{n}]", t.dims);
+            ensure_as!(Model, t.dims == [n as u64], "tensor {name}: dims {:?}, expected [{n}]", t.dims);
             let mut v = vec![0f32; n];
             quants::dequant_row(
                 t.ty,
                 gguf.tensor_bytes(&map, t).map_err(|e| Error::Model(format!("tensor {name}: {e}")))?,
                 &mut v,
             );
-            ensure_model!(v.iter().all(|x| x.is_finite()), "tensor {name} holds NaN or infinite values");
+            ensure_as!(Model, v.iter().all(|x| x.is_finite()), "tensor {name} holds NaN or infinite values");
             Ok(v)
         };
         let (q_dim, kv_dim) = (n_head * head_dim, n_kv_head * head_dim);
@@ -514,14 +519,10 @@ impl Model {
         }
         let local = (0..self.cfg.n_layer).find(|&l| self.cfg.is_local(l)).unwrap_or(0);
         let rope = self.layer_rope(local);
-        let local = |e: Error| match e {
-            Error::Spec { spec, reason, .. } => Error::Spec { spec, reason, local: true },
-            e => e,
-        };
-        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(local)?;
+        let spec = &spec.for_model(self.cfg.arch == Arch::Gemma3).map_err(Error::for_local_layers)?;
         let cfg = spec
             .config(self.cfg.n_kv_head, self.cfg.head_dim, self.cfg.window, Overflow::Slide, rope)
-            .map_err(local)?;
+            .map_err(Error::for_local_layers)?;
         if cfg.tiers.is_some() {
             return Err(refuse("tiers apply to global layers only"));
         }
@@ -712,13 +713,14 @@ impl Model {
 }
 
 fn weight_of(g: &Gguf, t: &TensorInfo, cols: usize, rows: usize) -> Result<Weight> {
-    ensure_model!(
+    ensure_as!(
+        Model,
         t.dims == [cols as u64, rows as u64],
         "tensor {}: dims {:?}, expected [{cols}, {rows}]",
         t.name,
         t.dims
     );
-    ensure_model!(cols.is_multiple_of(32), "tensor {}: {cols} columns is not a multiple of 32", t.name);
+    ensure_as!(Model, cols.is_multiple_of(32), "tensor {}: {cols} columns is not a multiple of 32", t.name);
     Ok(Weight {
         ty: t.ty,
         rows,
@@ -876,11 +878,13 @@ impl<'a> Session<'a> {
     /// # Errors
     /// The core's error if an arena is too small or the configuration does not fit the model.
     pub fn new(model: &'a Model, cfg: CacheConfig, arenas: &'a mut [Vec<u32>]) -> Result<Self> {
-        ensure_model!(
+        ensure_as!(
+            Model,
             cfg.kv_heads == model.cfg.n_kv_head && cfg.head_dim == model.cfg.head_dim,
             "cache shape does not match the model"
         );
-        ensure_model!(
+        ensure_as!(
+            Model,
             arenas.len() == model.cfg.n_layer,
             "{} arenas for {} layers",
             arenas.len(),
@@ -997,7 +1001,7 @@ impl<'a> Session<'a> {
     /// # Errors
     /// As [`Session::feed`]; the chunks before a failing one stay in the cache.
     pub fn feed_progress(&mut self, tokens: &[u32], mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
-        ensure_model!(!tokens.is_empty(), "nothing to feed");
+        ensure_as!(Model, !tokens.is_empty(), "nothing to feed");
         let mut logits = Vec::new();
         for chunk in tokens.chunks(CHUNK) {
             logits = self.forward_logits(chunk, true)?;

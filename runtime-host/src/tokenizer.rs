@@ -15,20 +15,16 @@ use crate::error::{Error, Result};
 use crate::gguf::{Gguf, Value};
 use aho_corasick::{AhoCorasick, MatchKind};
 
-/// Returns early with `Error::Tokenizer(format!(...))` unless the condition holds.
+use crate::error::{bail_as, ensure_as};
+
+/// `ensure_as!(Tokenizer, ...)`.
 macro_rules! ensure {
-    ($cond:expr, $($arg:tt)+) => {
-        if !$cond {
-            return Err(Error::Tokenizer(format!($($arg)+)));
-        }
-    };
+    ($($arg:tt)+) => { ensure_as!(Tokenizer, $($arg)+) };
 }
 
-/// Returns early with `Error::Tokenizer(format!(...))`.
+/// `bail_as!(Tokenizer, ...)`.
 macro_rules! bail {
-    ($($arg:tt)+) => {
-        return Err(Error::Tokenizer(format!($($arg)+)))
-    };
+    ($($arg:tt)+) => { bail_as!(Tokenizer, $($arg)+) };
 }
 use fancy_regex::Regex;
 use std::collections::HashMap;

@@ -151,10 +151,7 @@ pub(crate) fn load(a: &ModelArgs) -> Result<Model> {
     }
     m.int8_attention = !(a.exact || a.f32_attention);
     if let Some(spec) = &a.kv_local {
-        let spec = KvSpec::parse(spec).map_err(|e| match e {
-            Error::Spec { spec, reason, .. } => Error::Spec { spec, reason, local: true },
-            e => e,
-        })?;
+        let spec = KvSpec::parse(spec).map_err(Error::for_local_layers)?;
         m.set_local_kv(&spec)?;
     }
     Ok(m)
