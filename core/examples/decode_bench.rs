@@ -5,7 +5,8 @@
 //! cargo run --release -p kvq-core --example decode_bench                  # table
 //! cargo run --release -p kvq-core --example decode_bench -- --json        # one JSON record per line
 //! options: --tokens 1024,4096,16384,65536  --specs fp16,kivi2,kivi4  --threads 1,2  --layers 30
-//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8; the presets kvq2, kvq3, kvquant2..4, skvq2, mikv2,
+//!          (specs: fp16, kivi2, kivi4, kivi8, any +int8 and/or +avx2 (the AVX2 kernels where AVX-512
+//!          would run, to compare the two in one run); the presets kvq2, kvq3, kvquant2..4, skvq2, mikv2,
 //!          and kvq2kp8 (`kvq2` until 2026-12-06), kvq2k2 (the all-2-bit `kvq2:k=2:kg=32:kp=f16`); the
 //!          ingredients alone over KIVI-2: rot, rope, nuq, out, fp8, tier)
 //!          --portable (also time the scalar kernels, up to 16k tokens)  --reps N
@@ -156,10 +157,19 @@ struct Model {
     name: String,
     /// Read with the int8 path (a spec named with `+int8`, e.g. `kivi2+int8`).
     int8: bool,
+    /// Read with the AVX2 kernels where the run's are AVX-512 (a spec named with `+avx2`).
+    avx2: bool,
     layers: Vec<Cache<'static>>,
 }
 
 impl Model {
+    /// The kernel this spec runs in a round of `kernel`.
+    fn kernel(&self, kernel: Kernel) -> Kernel {
+        let k =
+            if self.avx2 && kernel != Kernel::PORTABLE { Kernel::avx2().unwrap_or(kernel) } else { kernel };
+        k.with_int8(self.int8)
+    }
+
     fn bytes(&self) -> usize {
         self.layers.iter().map(|c| c.usage().total_bytes()).sum()
     }
@@ -225,7 +235,7 @@ fn step(
     pool: Option<&ThreadPool>,
     kernel: Kernel,
 ) {
-    let kernel = kernel.with_int8(model.int8);
+    let kernel = model.kernel(kernel);
     let work = |((layers, scr), out): ((&[Cache<'static>], &mut Vec<f32>), &mut Vec<f32>)| {
         for cache in layers {
             match chunk {
@@ -323,7 +333,16 @@ fn main() {
     let mut models: Vec<Model> = specs
         .iter()
         .map(|name| {
-            let (base, int8) = name.strip_suffix("+int8").map_or((name.as_str(), false), |b| (b, true));
+            let (mut base, mut int8, mut avx2) = (name.as_str(), false, false);
+            loop {
+                if let Some(b) = base.strip_suffix("+int8") {
+                    (base, int8) = (b, true);
+                } else if let Some(b) = base.strip_suffix("+avx2") {
+                    (base, avx2) = (b, true);
+                } else {
+                    break;
+                }
+            }
             let cfg = spec(base, capacity).unwrap_or_else(|| panic!("unknown spec {name}"));
             let layers = (0..n_layers)
                 .map(|_| {
@@ -332,7 +351,7 @@ fn main() {
                     Cache::new(cfg, arena).expect("cache")
                 })
                 .collect();
-            Model { name: name.clone(), int8, layers }
+            Model { name: name.clone(), int8, avx2, layers }
         })
         .collect();
 
@@ -451,7 +470,7 @@ fn main() {
                 let read_gbs = fp16_at.map_or(f64::NAN, |i| bytes[i] as f64 / bound_s[i] / 1e9);
                 let med: Vec<f64> = times.into_iter().map(median).collect();
                 let base = fp16_at.map(|i| med[i]);
-                let kname = |m: &Model| kernel.with_int8(m.int8).name();
+                let kname = |m: &Model| m.kernel(kernel).name();
                 let bound = bw.iter().find(|(x, _)| *x == th).map_or(0.0, |b| b.1);
                 for (i, m) in models.iter().enumerate() {
                     let gbs = bytes[i] as f64 / med[i] / 1e9;

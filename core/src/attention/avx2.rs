@@ -29,6 +29,8 @@ use crate::cache::layout::{KEY_BLOCK, KEY_BLOCK_F16, key_f16, key_row};
 use crate::pack::Width;
 use core::arch::x86_64::*;
 
+pub(crate) mod avx512;
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn ld(s: &[f32]) -> __m256 {
@@ -599,6 +601,7 @@ fn shared_chunk_m<const M: usize>(
 /// registers while the tile's rows stream past. With more than 3 queries (prefill) each 16 channels of a
 /// tile are unpacked once for all of them ([`unpack_runs`]), and they run 6 at a time ([`VTile`]).
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn values_q_token(
     b: &TokenBody<'_>,
     start: usize,
@@ -607,12 +610,13 @@ pub(crate) fn values_q_token(
     d: usize,
     out: &mut [f32],
     work: &mut [f32],
+    avx512: bool,
 ) {
     if out.len() / d > 3 {
         let mut unpacked = [_mm256_setzero_ps(); 2 * VALUE_TILE];
-        return token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
+        return token_values::<true>(b, start, n, p, d, out, work, &mut unpacked, false);
     }
-    token_values::<false>(b, start, n, p, d, out, work, &mut []);
+    token_values::<false>(b, start, n, p, d, out, work, &mut [], avx512);
 }
 
 /// Tokens per tile of the f32 value path.
@@ -633,6 +637,7 @@ fn token_values<const S: bool>(
     out: &mut [f32],
     work: &mut [f32],
     unpacked: &mut [__m256],
+    avx512: bool,
 ) {
     const TILE: usize = VALUE_TILE;
     let nq = out.len() / d;
@@ -676,6 +681,12 @@ fn token_values<const S: bool>(
                     qb += vt.block(d, ps, nq, out, qb);
                 }
             }
+            continue;
+        }
+        if avx512 && d.is_multiple_of(32) {
+            // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
+            // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+            unsafe { avx512::value_tiles(rows, b, d, ps, nq, out) };
             continue;
         }
         for qb in (0..nq).step_by(3) {

@@ -467,7 +467,7 @@ fn lookup_path(q: QuantSpec, d: usize) -> bool {
 /// adds them. `d <= LOOKUP_TABLES`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, unsafe_code)]
 fn channel_key_scores_lookup(
     sv: &StreamView<'_>,
     q: QuantSpec,
@@ -479,6 +479,7 @@ fn channel_key_scores_lookup(
     oq: &[f32],
     bias: &[f32],
     out: &mut Scores<'_>,
+    avx512: bool,
 ) {
     let (l, g) = (sv.layout, q.group);
     let mut levels = [[0.0f32; 16]; LOOKUP_TABLES];
@@ -494,9 +495,17 @@ fn channel_key_scores_lookup(
         for (b, grp) in groups[..nb].iter_mut().enumerate() {
             let s0 = g0 + b * g;
             let gi = s0 / g;
-            for (c, (table, lv)) in tables[b * d..][..d].iter_mut().zip(&levels[..d]).enumerate() {
-                let (scale, zero) = params_f16c(sv, q.params, (h * l.row_groups + gi) * d + c);
-                super::avx2::fill_table(table, lv, scale, zero);
+            let (i0, tb) = ((h * l.row_groups + gi) * d, &mut tables[b * d..][..d]);
+            if avx512 && q.params == crate::quant::param::ParamFormat::F16 && d.is_multiple_of(16) {
+                // SAFETY: as for `group_scores` below.
+                unsafe {
+                    super::avx2::avx512::fill_tables(tb, &levels[..d], &sv.scale[i0..], &sv.zero[i0..])
+                };
+            } else {
+                for (c, (table, lv)) in tb.iter_mut().zip(&levels[..d]).enumerate() {
+                    let (scale, zero) = params_f16c(sv, q.params, i0 + c);
+                    super::avx2::fill_table(table, lv, scale, zero);
+                }
             }
             *grp = (h * l.key_head_words(d) + l.key_row(s0, 0, d), l.key_col(s0), s0 - start);
         }
@@ -510,7 +519,13 @@ fn channel_key_scores_lookup(
             oq,
             bias: &bias[..nq * g],
         };
-        run.scores(q.width.bits(), out);
+        if avx512 {
+            // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
+            // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+            unsafe { super::avx2::avx512::group_scores(&run, q.width.bits(), out) };
+        } else {
+            run.scores(q.width.bits(), out);
+        }
         for &(_, _, at) in &groups[..nb] {
             key_group_outliers(sv, q, h, at, (start + at) / g, nq, d, oq, out);
         }
@@ -884,13 +899,15 @@ pub(crate) fn channel_key_scores(
     out: &mut Scores<'_>,
     acc: &mut [f32],
     vector: bool,
+    avx512: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if vector && lookup_path(q, d) {
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
-        // F16C (see the note above the dispatchers in `attention`).
-        return unsafe { channel_key_scores_lookup(sv, q, h, start, n, nq, d, oq, bias, out) };
+        // F16C (see the note above the dispatchers in `attention`); `avx512` from one with AVX-512 too.
+        return unsafe { channel_key_scores_lookup(sv, q, h, start, n, nq, d, oq, bias, out, avx512) };
     }
+    let _ = avx512;
     #[cfg(target_arch = "x86_64")]
     if vector {
         // SAFETY: as above.

@@ -10,8 +10,10 @@
 //! out[h]       = sum_t p[h][t] * v_t
 //! ```
 //!
-//! Kernels come in two twins: [`Kernel::PORTABLE`] (scalar, `libm::expf`; what Miri and the firmware run)
-//! and [`Kernel::avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them). The probabilities
+//! Kernels come in twins: [`Kernel::PORTABLE`] (scalar, `libm::expf`; what Miri and the firmware run),
+//! [`Kernel::avx2`] (AVX2 + FMA + F16C, chosen at run time where the CPU has them) and [`Kernel::avx512`]
+//! (the AVX2 set with 64-byte kernels where they pay: the int8 path's keys and values with VNNI, the
+//! generic per-channel keys' lookups and the f32 value tiles; the same bits as the AVX2 kernels). The probabilities
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
 //!
 //! By default every product is f32, so attention over the cache equals attention over the dequantized cache
@@ -34,7 +36,8 @@ use crate::cache::{Axis, Cache, CacheConfig, Precision, Stream, StreamView, wind
 use crate::error::{Error, Result, need};
 use crate::pack::Width;
 
-/// Which kernels to run: the portable scalar twins, or AVX2 + FMA + F16C on x86-64.
+/// Which kernels to run: the portable scalar twins, or AVX2 + FMA + F16C on x86-64, with AVX-512 where the
+/// CPU has it.
 ///
 /// A `Kernel` that uses AVX2 can only be made where the CPU has the features ([`Kernel::avx2`] checks at
 /// run time with the `std` feature, or at compile time without it), so choosing one is always sound.
@@ -44,12 +47,14 @@ use crate::pack::Width;
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Kernel {
     avx2: bool,
+    /// AVX-512 (F, BW, VL, VNNI, VBMI) as well, for the int8 path's key tiles ([`Kernel::avx512`]).
+    avx512: bool,
     int8: bool,
 }
 
 impl Kernel {
     /// Scalar code, any target.
-    pub const PORTABLE: Self = Self { avx2: false, int8: false };
+    pub const PORTABLE: Self = Self { avx2: false, avx512: false, int8: false };
 
     /// The same kernels with the int8 path on or off (off by default). On it, bodies of codes up to 2 bits
     /// (`B1`, `B2`, `Ternary`) are read with integer dot products: per key group, the query with the
@@ -77,7 +82,7 @@ impl Kernel {
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")
             {
-                return Some(Self { avx2: true, int8: false });
+                return Some(Self { avx2: true, avx512: false, int8: false });
             }
         }
         #[cfg(all(
@@ -87,24 +92,62 @@ impl Kernel {
             target_feature = "f16c"
         ))]
         {
-            return Some(Self { avx2: true, int8: false });
+            return Some(Self { avx2: true, avx512: false, int8: false });
         }
         #[allow(unreachable_code)]
         None
     }
 
-    /// The fastest kernels this CPU runs.
-    pub fn detect() -> Self {
-        Self::avx2().unwrap_or(Self::PORTABLE)
+    /// The AVX2 kernels with AVX-512 where it pays, if this CPU runs them: the int8 path's key tiles
+    /// multiply with `vpdpbusd` (VNNI) on 64-byte vectors, four channels of 32 tokens by a query in two
+    /// instructions, after `vpermb` (VBMI) has put each token's four codes in one dword. Needs AVX-512 F,
+    /// BW, VL, VNNI and VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later) beside the AVX2 set. The results
+    /// are the same bits as [`Kernel::avx2`]'s and the portable twins'.
+    pub fn avx512() -> Option<Self> {
+        let base = Self::avx2()?;
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vbmi")
+            {
+                return Some(Self { avx512: true, ..base });
+            }
+        }
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl",
+            target_feature = "avx512vnni",
+            target_feature = "avx512vbmi"
+        ))]
+        {
+            return Some(Self { avx512: true, ..base });
+        }
+        #[allow(unreachable_code)]
+        {
+            let _ = base;
+            None
+        }
     }
 
-    /// `"avx2"` or `"portable"`, with `"+int8"` where the int8 path is on.
+    /// The fastest kernels this CPU runs.
+    pub fn detect() -> Self {
+        Self::avx512().or_else(Self::avx2).unwrap_or(Self::PORTABLE)
+    }
+
+    /// `"avx512"`, `"avx2"` or `"portable"`, with `"+int8"` where the int8 path is on.
     pub fn name(&self) -> &'static str {
-        match (self.avx2, self.int8) {
-            (true, false) => "avx2",
-            (true, true) => "avx2+int8",
-            (false, false) => "portable",
-            (false, true) => "portable+int8",
+        match (self.avx512, self.avx2, self.int8) {
+            (true, _, false) => "avx512",
+            (true, _, true) => "avx512+int8",
+            (false, true, false) => "avx2",
+            (false, true, true) => "avx2+int8",
+            (false, false, false) => "portable",
+            (false, false, true) => "portable+int8",
         }
     }
 
@@ -812,8 +855,9 @@ fn key_scores(
                         generic::offset_queries(cache, h, spec.group, q, oq, bias, vector);
                         offsets_ready = true;
                     }
+                    let avx512 = kernel.avx512 && vector;
                     generic::channel_key_scores(
-                        sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, acc, vector,
+                        sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, acc, vector, avx512,
                     );
                     if let Some(tv) = TierView::of(cache) {
                         let j0 = body_index(cache, seg);
@@ -840,7 +884,8 @@ fn key_scores(
                     width: spec.width,
                     group: spec.group,
                 };
-                channel_keys(&b, seg, &stored, &mut out, work, vector, q8_width(kernel, spec.width));
+                let int8 = q8_width(kernel, spec.width);
+                channel_keys(&b, seg, &stored, &mut out, work, vector, int8, kernel.avx512);
             }
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
@@ -883,7 +928,7 @@ fn value_sums(
             #[cfg(target_arch = "x86_64")]
             (Part::Body, Precision::Quant(spec)) if vector && fp8_plain(spec) => {
                 let dst = if stored { &mut *acc } else { &mut *out };
-                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work);
+                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, kernel.avx512);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => {
                 generic::token_value_sums(sv, spec, h, seg.start, seg.len, &pr, d, acc, vector)
@@ -891,7 +936,8 @@ fn value_sums(
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
                 let dst = if stored { &mut *acc } else { &mut *out };
-                token_values(&b, seg, &pr, d, dst, work, vector, q8_width(kernel, spec.width));
+                let int8 = q8_width(kernel, spec.width);
+                token_values(&b, seg, &pr, d, dst, work, vector, int8, kernel.avx512);
             }
         }
         if seg.part == Part::Body
@@ -942,6 +988,7 @@ fn fp8_token_values(
     d: usize,
     out: &mut [f32],
     work: &mut [f32],
+    avx512: bool,
 ) {
     let l = sv.layout;
     let groups = d / spec.group;
@@ -968,7 +1015,7 @@ fn fp8_token_values(
             group: spec.group,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
-        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, true, false);
+        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, true, false, avx512);
     }
 }
 
@@ -1023,7 +1070,7 @@ fn f16_keys(body: &[u16], seg: Segment, q: &Queries<'_>, out: &mut Scores<'_>, v
     portable::scores_f16_channel(body, seg.start, seg.len, q, out);
 }
 
-#[allow(unsafe_code)]
+#[allow(unsafe_code, clippy::too_many_arguments)]
 fn channel_keys(
     b: &ChannelBody<'_>,
     seg: Segment,
@@ -1032,13 +1079,20 @@ fn channel_keys(
     work: &mut [f32],
     vector: bool,
     int8: bool,
+    avx512: bool,
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
         if vector && b.width.bits() == 2 && b.group.is_multiple_of(32) && q.d.is_multiple_of(16) {
+            if avx512 {
+                // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
+                // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).
+                return unsafe { avx2::avx512::scores_q8_channel(b, seg.start, seg.len, q, out, work) };
+            }
             // SAFETY: see the note above the dispatchers.
             return unsafe { avx2::scores_q8_channel(b, seg.start, seg.len, q, out, work) };
         }
+        let _ = avx512;
         return portable::scores_q8_channel(b, seg.start, seg.len, q, out, work);
     }
     #[cfg(target_arch = "x86_64")]
@@ -1060,21 +1114,29 @@ fn token_values(
     work: &mut [f32],
     vector: bool,
     int8: bool,
+    avx512: bool,
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
         if vector && b.width.bits() == 2 && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
+            if avx512 {
+                // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
+                // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).
+                return unsafe { avx2::avx512::values_q8_token(b, seg.start, seg.len, p, d, out, work) };
+            }
             // SAFETY: see the note above the dispatchers.
             return unsafe { avx2::values_q8_token(b, seg.start, seg.len, p, d, out, work) };
         }
+        let _ = avx512;
         return portable::values_q8_token(b, seg.start, seg.len, p, d, out, work);
     }
     #[cfg(target_arch = "x86_64")]
     if vector && (vector_width(b.width) || b.width == Width::B3 && d >= 32) && b.group.is_multiple_of(16) {
-        // SAFETY: see the note above the dispatchers.
-        return unsafe { avx2::values_q_token(b, seg.start, seg.len, p, d, out, work) };
+        // SAFETY: see the note above the dispatchers; `avx512` comes from a `Kernel` with AVX-512 set
+        // (`Kernel::avx512`).
+        return unsafe { avx2::values_q_token(b, seg.start, seg.len, p, d, out, work, avx512) };
     }
-    let _ = (vector, work);
+    let _ = (vector, work, avx512);
     portable::values_q_token(b, seg.start, seg.len, p, d, out);
 }
 

@@ -13,9 +13,20 @@ fn gamma(n: usize) -> f64 {
     n as f64 * U / (1.0 - n as f64 * U)
 }
 
+/// The portable kernels and every vector set this CPU runs (AVX2; AVX-512 where present, else a line says
+/// why it is skipped, once per test binary).
 fn kernels() -> Vec<Kernel> {
     let mut k = vec![Kernel::PORTABLE];
     k.extend(Kernel::avx2());
+    match Kernel::avx512() {
+        Some(x) => k.push(x),
+        None => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                std::println!("AVX-512 kernels skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI")
+            });
+        }
+    }
     k
 }
 
@@ -668,19 +679,25 @@ fn head_ranges_compose() {
     }
 }
 
-/// The int8 path's AVX2 kernels give the same bits as their portable twins: key scores and value sums
-/// (from the same probabilities) over 2-bit and ternary bodies, G 32 and 64, R, S, head_dim 64 and 128,
-/// GQA 1, 3 and 7, token counts that leave partial value tiles, rings that have wrapped, and key blocks of
-/// 64 to 256 tokens (rings of 300, 600 and 1,056 slots).
+/// The int8 path's AVX2 and AVX-512 kernels give the same bits as their portable twins: key scores and
+/// value sums (from the same probabilities) over 2-bit and ternary bodies, G 32 and 64, R, S, head_dim 64,
+/// 128 and 256, GQA 1, 3, 4, 5 and 7 (the AVX-512 keys go by blocks of 4 queries, sharing each tile's
+/// unpacking above 4 up to head_dim 128), token counts that leave partial value tiles, rings that have
+/// wrapped, and key blocks of 64 to 256 tokens (rings of 300, 600 and 1,056 slots).
 #[test]
 fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
-    let Some(fast) = Kernel::avx2() else {
+    let Some(avx2) = Kernel::avx2() else {
         std::println!("skipped: this CPU has no AVX2 (the portable twin is the only int8 path)");
         return;
     };
+    let mut fast = vec![avx2];
+    match Kernel::avx512() {
+        Some(k) => fast.push(k),
+        None => std::println!("AVX-512 kernels skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI"),
+    }
     let mut rng = Rng::new(7);
     let mut cases = 0;
-    for d in [64usize, 128] {
+    for d in [64usize, 128, 256] {
         for (width, g, r, s) in [
             (Width::B2, 32, 32, 0),
             (Width::B2, 32, 128, 3),
@@ -712,7 +729,7 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                 let c = cache.counts();
                 let body = |sv: &StreamView<'_>| c.sinks..c.sinks + (sv.q_end.max(c.base) - c.base);
                 let (kb, vb) = (body(&cache.view(Stream::Keys)), body(&cache.view(Stream::Values)));
-                for ratio in [1usize, 3, 7] {
+                for ratio in [1usize, 3, 4, 5, 7] {
                     let nq = ratio;
                     let q: Vec<f32> = (0..nq * d).map(|_| rng.unit() * 0.3).collect();
                     let qv = Queries { q: &q, nq, d };
@@ -726,7 +743,8 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                         })
                         .collect();
                     let mut got = Vec::new();
-                    for kernel in [Kernel::PORTABLE.with_int8(true), fast.with_int8(true)] {
+                    let kernels = core::iter::once(Kernel::PORTABLE).chain(fast.iter().copied());
+                    for kernel in kernels.map(|k| k.with_int8(true)) {
                         let mut work = vec![0.0f32; work_len(nq, d)];
                         let mut scores = vec![0.0f32; nq * held];
                         for h in 0..2 {
@@ -757,27 +775,34 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                         );
                         got.push((scores, out));
                     }
-                    let what = std::format!("{width:?} d {d} G {g} R {r} S {s} T {t} ratio {ratio}");
-                    for (i, (a, b)) in
-                        got[0].0.iter().zip(&got[1].0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
-                    {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i}: {a} vs {b}");
-                    }
-                    for (i, (a, b)) in got[0].1.iter().zip(&got[1].1).enumerate() {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{what}: value sum {i}: {a} vs {b}");
+                    for (k, kernel) in fast.iter().enumerate() {
+                        let what = std::format!(
+                            "{} {width:?} d {d} G {g} R {r} S {s} T {t} ratio {ratio}",
+                            kernel.name()
+                        );
+                        let (a, b) = (&got[0], &got[k + 1]);
+                        for (i, (a, b)) in
+                            a.0.iter().zip(&b.0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
+                        {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i}: {a} vs {b}");
+                        }
+                        for (i, (a, b)) in a.1.iter().zip(&b.1).enumerate() {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{what}: value sum {i}: {a} vs {b}");
+                        }
                     }
                     cases += 1;
                 }
             }
         }
     }
-    assert_eq!(cases, 2 * 4 * 6 * 3);
+    assert_eq!(cases, 3 * 4 * 6 * 5);
 }
 
 /// The AVX2 int8 kernels' 16-bit sums at their largest: every key code 3 against a query rounded to
 /// `q8_key_max` in every channel (`d * 3 * qmax`, 32,640 at `head_dim` 128), and value codes 3 in every even
 /// channel of every token against weights all at [`Q8_VALUE_MAX`] (a tile's `Q8_TILE / 2` token pairs of
 /// `2 * 3 * 85`, 32,640). A wider rounding or a longer tile would wrap the sums, and the twins would part.
+/// The AVX-512 keys (dword sums, where the CPU has them) must give the same bits.
 #[test]
 fn int8_sums_at_their_largest_stay_exact() {
     let Some(fast) = Kernel::avx2() else {
@@ -806,7 +831,8 @@ fn int8_sums_at_their_largest_stay_exact() {
         let p: Vec<f32> =
             (0..nq * held).map(|i| if vb.contains(&(i % held)) { 1.0 / held as f32 } else { 0.0 }).collect();
         let mut got = Vec::new();
-        for kernel in [Kernel::PORTABLE.with_int8(true), fast.with_int8(true)] {
+        let kernels = [Kernel::PORTABLE, fast].into_iter().chain(Kernel::avx512());
+        for kernel in kernels.map(|k| k.with_int8(true)) {
             let mut work = vec![0.0f32; work_len(nq, d)];
             let mut scores = vec![0.0f32; nq * held];
             key_scores(
@@ -835,13 +861,15 @@ fn int8_sums_at_their_largest_stay_exact() {
             );
             got.push((scores, out));
         }
-        for (i, (a, b)) in
-            got[0].0.iter().zip(&got[1].0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
-        {
-            assert_eq!(a.to_bits(), b.to_bits(), "d {d}: score {i}: {a} vs {b}");
-        }
-        for (i, (a, b)) in got[0].1.iter().zip(&got[1].1).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "d {d}: value sum {i}: {a} vs {b}");
+        for other in &got[1..] {
+            for (i, (a, b)) in
+                got[0].0.iter().zip(&other.0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
+            {
+                assert_eq!(a.to_bits(), b.to_bits(), "d {d}: score {i}: {a} vs {b}");
+            }
+            for (i, (a, b)) in got[0].1.iter().zip(&other.1).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "d {d}: value sum {i}: {a} vs {b}");
+            }
         }
         // The even channels' sums are the body's weight, the odd ones' nothing (to the f16 rounding of
         // the scales and zero points and the weights' own rounding, both well under 1%).
@@ -1285,7 +1313,8 @@ fn norm(x: &[f32]) -> f32 {
 /// Decode and prefill over every generic format (RoPE at read, rotations, centring, balance, codebooks,
 /// FP8 parameters, outliers, permuted variable groups, ternary values) equal exact attention over
 /// [`Cache::dequantize`] within [`generic_tolerance`], with calibration-like tables, at lengths around
-/// the group and window sizes, GQA 1, 3 and 7, head_dim 64 and 128, with every kernel.
+/// the group and window sizes, GQA 1, 3 and 7, head_dim 64 and 128, with every kernel; in decode the
+/// AVX-512 kernels give the AVX2 kernels' bits.
 #[test]
 fn generic_formats_attend_as_their_dequantized_cache() {
     let mut rng = Rng::new(77);
@@ -1309,10 +1338,14 @@ fn generic_formats_attend_as_their_dequantized_cache() {
                     let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
                     let scale = 1.0 / (d as f32).sqrt();
                     let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
+                    let mut vector_outs = std::vec::Vec::new();
                     for kernel in kernels() {
                         let mut out = vec![0.0f32; qh * d];
                         let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
                         decode(&cache, &q, qh, scale, &mut out, &mut scratch, kernel).unwrap();
+                        if kernel != Kernel::PORTABLE {
+                            vector_outs.push(out.clone());
+                        }
                         for hq in 0..qh {
                             let h = hq / ratio;
                             let qr = &q[hq * d..][..d];
@@ -1329,6 +1362,16 @@ fn generic_formats_attend_as_their_dequantized_cache() {
                             }
                         }
                         cases += 1;
+                    }
+                    // The AVX-512 kernels sum what the AVX2 ones sum in the same order: the same bits.
+                    for o in vector_outs.iter().skip(1) {
+                        for (c, (a, b)) in vector_outs[0].iter().zip(o).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{name} d {d} T {t} ratio {ratio} out {c}: {a} vs {b}"
+                            );
+                        }
                     }
                 }
                 // Prefill of a chunk over the same cache: position i sees the cache and chunk rows 0..=i.

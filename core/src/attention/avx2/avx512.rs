@@ -1,0 +1,914 @@
+//! AVX-512 twins of the int8 path's key tiles, for CPUs with AVX-512 F, BW, VL, VNNI and VBMI.
+//!
+//! The key groups are folded and their scales batched exactly as in the parent module ([`fold_keys`],
+//! [`Pending`]); only the rounding's layout and the multiply loop differ. The AVX2 loop multiplies a
+//! channel pair of 32 tokens by a query pair with `vpmaddubsw` and adds the 16-bit sums (4 instructions per
+//! 4 channels and 16 tokens and query, after unpacking 2 rows at a time). Here one `vpdpbusd` multiplies
+//! four channels of 16 tokens by a query's four bytes and adds the dword sums in place, so a tile of 32
+//! tokens costs two per four channels and query:
+//!
+//! - the query's rounded bytes are kept in channel order, four to a dword ([`round_quads`]), and one is
+//!   broadcast per four channels;
+//! - four channel rows of a tile (32 tokens, 64 bits each) are read into one 256-bit vector, and `vpermb`
+//!   puts byte `b` of the four rows side by side in a dword, the same 4 dwords in each 128-bit lane (one
+//!   permute for bytes 0-3, one for bytes 4-7); a shift of `2 k` bits in lane `k` and a mask leave in dword
+//!   `b` of lane `k` the four channels' codes of token `4 b + k` ([`code_quads`]);
+//! - the sums come out in that order (lane `4 k + b` holds token `4 b + k`), and one `vpermps` per 16 scores
+//!   puts them back in token order after `delta * sum + bias`.
+//!
+//! The int8 path's value tiles take the same step along tokens: a tile's weights `p_t s_t` are rounded
+//! as the AVX2 path rounds them, kept four tokens to a dword, and four token rows of 32 channels are
+//! transposed by the same `vpermb` so that one `vpdpbusd` adds four tokens' products for 16 channels
+//! ([`values_q8_token`]).
+//!
+//! The generic per-channel key path (`kvq2`, `kvq3`, KVQuant, MiKV: [`group_scores`]) takes 16 tokens a
+//! vector: a channel's 16 codes are one broadcast and per-lane shift, and its reconstruction table of 16
+//! entries fits one register, so a code's value is one `vpermps` (AVX2 needs two per 16 codes, and a
+//! blend for 4-bit codes); the multiply-adds per channel, query and token are the AVX2 path's, in the same
+//! order, so the scores are the same bits.
+//!
+//! The f32 value path (every per-token value body that is not on the int8 path: `kvq2`'s FP8-parameter
+//! values, 3-, 4- and 8-bit values) takes 32 channels of a token a step, two vectors, against each query's
+//! weight `p_t s_t` broadcast ([`value_tiles`]); each output lane sums its tokens in the AVX2 path's
+//! order, so the outputs are the same bits.
+//!
+//! The integer sums are exact (the same bound as the AVX2 path's 16-bit sums, [`super::super::q8_key_max`],
+//! keeps them far inside a dword), the rounding is the same instruction on the same floats, and the
+//! scores are `delta * sum + bias` with the same two roundings, so every bit equals the AVX2 kernel's and
+//! the portable twin's (`int8_kernels_equal_their_portable_twin_bit_for_bit`).
+//!
+//! `unsafe` here takes the parent's forms: pointer reads in the multiply loop whose whole range [`Tiles::run`]
+//! checks once, and the loads of the permute indices.
+
+use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
+use super::{GroupRun, Pending, fold_keys, prefetch_next_block, read16, zero_lanes};
+use crate::cache::layout::{KEY_BLOCK, key_row};
+use crate::pack::Width;
+use core::arch::x86_64::*;
+
+/// `vpermb` indices of [`code_quads`]: byte `16 k + 4 b + j` of the result is byte `8 j + b + OFF` of the
+/// four rows (row `j` is the `j`-th 64-bit lane of the source), for every 128-bit lane `k`.
+const fn quad_index<const OFF: usize>() -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        let (b, j) = (i % 16 / 4, i % 4);
+        idx[i] = (8 * j + b + OFF) as u8;
+        i += 1;
+    }
+    idx
+}
+
+const QUAD_LO: [u8; 64] = quad_index::<0>();
+const QUAD_HI: [u8; 64] = quad_index::<4>();
+
+/// Largest `head_dim` whose unpacked key tile (two 64-byte vectors per four channels, 4 KiB at 128) is
+/// kept on the stack to share among blocks of queries (more than 4 queries: prefill); larger heads
+/// unpack the tile once per block of 4.
+const MAX_UNPACKED: usize = 128;
+
+/// See [`super::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`.
+///
+/// # Safety (of calling it)
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL, VNNI and VBMI (a [`super::super::Kernel`] with
+/// `avx512` set).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn scores_q8_channel(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+) {
+    if q.nq > 4 && q.d <= MAX_UNPACKED {
+        let mut unpacked = [_mm512_setzero_si512(); MAX_UNPACKED / 2];
+        return channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..q.d / 2]);
+    }
+    channel_scores::<false>(b, start, n, q, out, work, &mut []);
+}
+
+/// [`scores_q8_channel`]'s loops: the parent's batching (up to a key block of groups folded together),
+/// then [`Tiles::run`]. `S`: more than 4 queries share each tile's unpacking (`unpacked`, `d / 2`
+/// vectors).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn channel_scores<const S: bool>(
+    b: &ChannelBody<'_>,
+    start: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+    unpacked: &mut [__m512i],
+) {
+    let (d, g, nq) = (q.d, b.group, q.nq);
+    let qmax = super::super::q8_key_max(d, b.width);
+    let batch = (KEY_BLOCK / g).min(work.len() / super::super::q8_key_work(nq, d, 1)).max(1);
+    let np = batch * nq;
+    // The same split of `work` as the AVX2 path; the quads take half of its pairs' room.
+    let (qs, rest) = work.split_at_mut(np * d);
+    let (quads, rest) = rest.split_at_mut(np * d / 2);
+    let (delta, rest) = rest.split_at_mut(np);
+    let (bias, rest) = rest.split_at_mut(np);
+    let inv = &mut rest[..np];
+    let quads: &mut [u32] = bytemuck::cast_slice_mut(quads);
+    for b0 in (start..start + n).step_by(batch * g) {
+        let groups = (start + n - b0).min(batch * g) / g;
+        let mut pend = Pending::new(qmax, &mut *delta, &mut *inv, &mut *bias);
+        for j in 0..groups {
+            let (scale, zero) = b.group_params(b0 / g + j, d);
+            for qb in (0..nq).step_by(3) {
+                let qs = &mut qs[(j * nq + qb) * d..];
+                match nq - qb {
+                    1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend),
+                    2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend),
+                    _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend),
+                }
+            }
+        }
+        pend.flush();
+        round_quads(&qs[..groups * nq * d], &inv[..groups * nq], &mut quads[..groups * nq * d / 4]);
+        let tiles = Tiles {
+            b,
+            d,
+            b0,
+            tiles: groups * g / 32,
+            col: b0 - start,
+            nq,
+            quads,
+            delta: &*delta,
+            bias: &*bias,
+        };
+        tiles.run::<S>(out, unpacked);
+    }
+}
+
+/// Each row of `d = x.len() / inv.len()` floats of `x` times its `inv`, rounded to integers as the AVX2
+/// path rounds them (`vcvtps2dq`, to nearest even) and narrowed with signed saturation to bytes in
+/// channel order, four to a `quads` dword: `d / 4` dwords per row, `d % 16 == 0`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn round_quads(x: &[f32], inv: &[f32], quads: &mut [u32]) {
+    let n = x.len();
+    assert!(!inv.is_empty() && n.is_multiple_of(16 * inv.len()) && quads.len() >= n / 4);
+    let d = n / inv.len();
+    let (xp, pp) = (x.as_ptr(), quads.as_mut_ptr());
+    for (r, &iv) in inv.iter().enumerate() {
+        let iv = _mm512_set1_ps(iv);
+        for c in (r * d..(r + 1) * d).step_by(16) {
+            // SAFETY: c + 16 <= (r + 1) d <= n = x.len() and c / 4 + 4 <= n / 4 <= quads.len() (checked
+            // above); unaligned accesses.
+            unsafe {
+                let a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp.add(c)), iv));
+                _mm_storeu_si128(pp.add(c / 4).cast(), _mm512_cvtsepi32_epi8(a));
+            }
+        }
+    }
+}
+
+/// The 2-bit codes of 32 tokens of four channel rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, two words
+/// each) as bytes, each token's four codes in one dword: tokens 0-15 in the first vector, 16-31 in the
+/// second, dword `b` of 128-bit lane `k` holding token `4 b + k` (16 more in the second).
+///
+/// # Safety
+/// Words `0..2` of `rp + j w` are readable for `j < 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn code_quads(rp: *const u32, w: usize, lo_idx: __m512i, hi_idx: __m512i) -> [__m512i; 2] {
+    // SAFETY: the caller's contract; unaligned reads.
+    let rows = unsafe {
+        _mm256_setr_epi64x(
+            rp.cast::<i64>().read_unaligned(),
+            rp.add(w).cast::<i64>().read_unaligned(),
+            rp.add(2 * w).cast::<i64>().read_unaligned(),
+            rp.add(3 * w).cast::<i64>().read_unaligned(),
+        )
+    };
+    let rows = _mm512_zextsi256_si512(rows);
+    let sh = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+    let m3 = _mm512_set1_epi8(3);
+    let lo = _mm512_permutexvar_epi8(lo_idx, rows);
+    let hi = _mm512_permutexvar_epi8(hi_idx, rows);
+    [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m3), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m3)]
+}
+
+/// The permute indices of [`code_quads`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn quad_indices() -> (__m512i, __m512i) {
+    // SAFETY: each constant holds 64 bytes; unaligned reads.
+    unsafe { (_mm512_loadu_si512(QUAD_LO.as_ptr().cast()), _mm512_loadu_si512(QUAD_HI.as_ptr().cast())) }
+}
+
+/// The key tiles of one batch, as the parent's `KeyTiles` with `quads` (`d / 4` per entry, entry
+/// `j * nq + qi` for group `j` and query `qi`) in place of pairs.
+struct Tiles<'a> {
+    b: &'a ChannelBody<'a>,
+    d: usize,
+    b0: usize,
+    tiles: usize,
+    col: usize,
+    nq: usize,
+    quads: &'a [u32],
+    delta: &'a [f32],
+    bias: &'a [f32],
+}
+
+impl Tiles<'_> {
+    /// Every tile by every block of up to 4 queries; where `S`, each tile's codes are unpacked once into
+    /// `unpacked` (`d / 2` vectors) for all the blocks, else each block unpacks them in place.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    fn run<const S: bool>(&self, out: &mut Scores<'_>, unpacked: &mut [__m512i]) {
+        let (b, d, nq) = (self.b, self.d, self.nq);
+        let (w, per_group) = (b.block_words, b.group / 32);
+        if self.tiles == 0 {
+            return;
+        }
+        let last = self.b0 + 32 * (self.tiles - 1);
+        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) / 16;
+        let entries = ((self.tiles - 1) / per_group + 1) * nq;
+        // The layout and the batch's split guarantee these; a failure is a bug in this crate.
+        assert!(
+            d >= 4
+                && d.is_multiple_of(4)
+                && per_group > 0
+                && b.codes.len() >= last_word + (d - 1) * w + 2
+                && (!S || unpacked.len() >= d / 2)
+                && self.quads.len() >= entries * d / 4
+                && self.delta.len() >= entries
+                && self.bias.len() >= entries
+                && out.data.len() >= out.pos + self.col + (nq - 1) * out.stride + 32 * self.tiles,
+            "key batch shorter than its layout"
+        );
+        let (lo_idx, hi_idx) = quad_indices();
+        for k in 0..self.tiles {
+            let t0 = self.b0 + 32 * k;
+            let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) / 16;
+            prefetch_next_block::<32>(b, t0, d);
+            if S {
+                for (i, v) in unpacked[..d / 2].chunks_exact_mut(2).enumerate() {
+                    // SAFETY: rows 4 i..4 i + 4 < d of this tile lie in the codes (checked above).
+                    v.copy_from_slice(&unsafe {
+                        code_quads(b.codes.as_ptr().add(word + 4 * i * w), w, lo_idx, hi_idx)
+                    });
+                }
+            }
+            let at = k / per_group * nq;
+            for qb in (0..nq).step_by(4) {
+                // SAFETY: word <= last_word, at + qb + 4 <= entries wherever qb + 4 <= nq (and
+                // at + nq <= entries otherwise), k < tiles (all checked above).
+                unsafe {
+                    match nq - qb {
+                        1 => self.tile::<1, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        2 => self.tile::<2, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        3 => self.tile::<3, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        _ => self.tile::<4, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tile `k` (codes from word `word`) by queries `qb..qb + M` (entries `e..e + M`).
+    ///
+    /// # Safety
+    /// What [`Self::run`] checks: `word` at most the last tile's first word, `e + M` at most the batch's
+    /// entries, `qb + M <= nq`, `k < tiles`, and `codes` holds `d / 2` vectors where `S`.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    unsafe fn tile<const M: usize, const S: bool>(
+        &self,
+        k: usize,
+        word: usize,
+        e: usize,
+        qb: usize,
+        codes: &[__m512i],
+        out: &mut Scores<'_>,
+        lo_idx: __m512i,
+        hi_idx: __m512i,
+    ) {
+        let (w, h) = (self.b.block_words, self.d / 4);
+        let mut acc = [[_mm512_setzero_si512(); 2]; M];
+        // SAFETY: the tile's rows from `word` lie in the codes and entries e..e + M of `quads` in it (the
+        // caller's contract).
+        let (mut rp, qp) = unsafe { (self.b.codes.as_ptr().add(word), self.quads.as_ptr().add(e * h)) };
+        for i in 0..h {
+            let [lo, hi] = if S {
+                // SAFETY: 2 i + 1 < d / 2 <= codes.len() (the caller's contract).
+                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
+            } else {
+                // SAFETY: rows 4 i..4 i + 4 < d of the tile (the caller's contract).
+                unsafe { code_quads(rp, w, lo_idx, hi_idx) }
+            };
+            rp = rp.wrapping_add(4 * w);
+            for (m, a) in acc.iter_mut().enumerate() {
+                // SAFETY: m h + i < M h, inside entries e..e + M (the caller's contract).
+                let x = _mm512_set1_epi32(unsafe { qp.add(m * h + i).read() } as i32);
+                a[0] = _mm512_dpbusd_epi32(a[0], lo, x);
+                a[1] = _mm512_dpbusd_epi32(a[1], hi, x);
+            }
+        }
+        // Lane 4 k + b holds token 4 b + k: token t comes from lane 4 (t % 4) + t / 4.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let op = out.data.as_mut_ptr();
+        for (m, a) in acc.iter().enumerate() {
+            // SAFETY: e + m < the batch's entries <= delta.len(), bias.len() (the caller's contract).
+            let (dl, bs) = unsafe { (*self.delta.get_unchecked(e + m), *self.bias.get_unchecked(e + m)) };
+            let (dl, bs) = (_mm512_set1_ps(dl), _mm512_set1_ps(bs));
+            let at = out.pos + self.col + (qb + m) * out.stride + 32 * k;
+            for (j, v) in a.iter().enumerate() {
+                let s = _mm512_add_ps(_mm512_mul_ps(dl, _mm512_cvtepi32_ps(*v)), bs);
+                // SAFETY: at + 16 j + 16 <= pos + col + (nq - 1) stride + 32 tiles <= out.data.len() (the
+                // caller's contract); an unaligned store.
+                unsafe { _mm512_storeu_ps(op.add(at + 16 * j), _mm512_permutexvar_ps(order, s)) };
+            }
+        }
+    }
+}
+
+/// See [`super::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`.
+///
+/// Per tile of [`Q8_TILE`] tokens: the weights `p_t s_t` of each channel group and query are rounded as
+/// the AVX2 path rounds them and narrowed to bytes in token order, four to a dword; the zero-point lanes
+/// are the AVX2 path's ([`zero_lanes`]). Then for each 32 channels (a row's word pair, one group) and each
+/// four tokens, [`code_quads`] puts the four tokens' codes of each channel in a dword, and one `vpdpbusd`
+/// per 16 channels and query adds the four products. The sums are put in channel order once per tile
+/// (`vpermps`), scaled by the tile's `delta` and added to the query's output, as the AVX2 path adds them;
+/// a last partial tile runs the portable twin.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn values_q8_token(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
+    if out.len() / d > 4 {
+        let mut unpacked = [_mm512_setzero_si512(); Q8_TILE / 2];
+        return token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
+    }
+    token_values::<false>(b, start, n, p, d, out, work, &mut []);
+}
+
+/// [`values_q8_token`]'s loops; `S`: more than 4 queries share each word pair's unpacking (`unpacked`,
+/// `Q8_TILE / 2` vectors).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn token_values<const S: bool>(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    unpacked: &mut [__m512i],
+) {
+    const T: usize = Q8_TILE;
+    let nq = out.len() / d;
+    let g = b.group;
+    let groups = d / g;
+    // The AVX2 path's split of `work`; its permuted sums are not needed (these go in channel order), and
+    // the quads take half of its pairs' room.
+    let (l, rest) = work.split_at_mut(nq * d);
+    let (zl, rest) = rest.split_at_mut(nq * groups * 8);
+    let (tile, rest) = rest.split_at_mut(nq * d + groups * nq * (T + 1));
+    let rest = &mut rest[nq * d..];
+    let quads: &mut [u32] = bytemuck::cast_slice_mut(&mut rest[..groups * nq * T / 4]);
+    let delta = &mut tile[..groups * nq];
+    l.fill(0.0);
+    zl.fill(0.0);
+    let (lo_idx, hi_idx) = quad_indices();
+    let whole = n - n % T;
+    for t0 in (0..whole).step_by(T) {
+        let slot = start + t0;
+        for gi in 0..groups {
+            let at = gi * b.ring + slot;
+            let (sr, zr) = (&b.scale[at..][..T], &b.zero[at..][..T]);
+            for qb in (0..nq).step_by(3) {
+                match nq - qb {
+                    1 => zero_lanes::<1>(zr, p, t0, zl, groups, gi, qb),
+                    2 => zero_lanes::<2>(zr, p, t0, zl, groups, gi, qb),
+                    _ => zero_lanes::<3>(zr, p, t0, zl, groups, gi, qb),
+                }
+            }
+            let sv: [__m512; T / 16] = core::array::from_fn(|k| {
+                let h = &sr[16 * k..][..16];
+                // SAFETY: `h` holds 16 u16; an unaligned 32-byte read.
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(h.as_ptr().cast()) })
+            });
+            for qi in 0..nq {
+                let pr = &p.data[qi * p.stride + p.pos + t0..][..T];
+                let mut ps = [_mm512_setzero_ps(); T / 16];
+                let mut mx = _mm512_setzero_ps();
+                for (k, v) in ps.iter_mut().enumerate() {
+                    // SAFETY: 16 k + 16 <= T = pr.len(); an unaligned read.
+                    // p >= 0 and s >= 0, so p s is its own absolute value.
+                    *v = _mm512_mul_ps(unsafe { _mm512_loadu_ps(pr[16 * k..].as_ptr()) }, sv[k]);
+                    mx = _mm512_max_ps(mx, *v);
+                }
+                let m = _mm512_reduce_max_ps(mx);
+                let pq = &mut quads[(gi * nq + qi) * T / 4..][..T / 4];
+                if m == 0.0 {
+                    pq.fill(0);
+                    delta[gi * nq + qi] = 0.0;
+                    continue;
+                }
+                let inv = _mm512_set1_ps(Q8_VALUE_MAX / m);
+                for (k, o) in pq.chunks_exact_mut(4).enumerate() {
+                    let r = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(ps[k], inv)));
+                    // SAFETY: `o` holds 4 u32, 16 bytes; an unaligned store.
+                    unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), r) };
+                }
+                delta[gi * nq + qi] = m / Q8_VALUE_MAX;
+            }
+        }
+        let rw = b.row_words;
+        let rows = &b.codes[slot * rw..][..T * rw];
+        // The next tile's rows, hinted a line at a time (a prefetch never faults, so the address may lie
+        // past the codes).
+        let next = rows.as_ptr().wrapping_add(T * rw).cast::<u8>();
+        for at in (0..4 * T * rw).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+        }
+        for word in (0..d / 16).step_by(2) {
+            let group = word * 16 / g;
+            // The layout guarantees these; a failure is a bug in this crate.
+            assert!(
+                word + 2 <= rw && quads.len() >= (group + 1) * nq * T / 4,
+                "value rows shorter than their layout"
+            );
+            if S {
+                for (i, v) in unpacked[..T / 2].chunks_exact_mut(2).enumerate() {
+                    // SAFETY: rows 4 i..4 i + 4 < T of the tile, words word..word + 2 < rw of each (checked
+                    // above and by the reslice of `rows`).
+                    v.copy_from_slice(&unsafe {
+                        code_quads(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx)
+                    });
+                }
+            }
+            let v = ValueTile {
+                rows: &rows[word..],
+                rw,
+                quads: &quads[group * nq * T / 4..],
+                delta: &delta[group * nq..],
+            };
+            for qb in (0..nq).step_by(4) {
+                let o = &mut l[qb * d + word * 16..];
+                match nq - qb {
+                    1 => v.add::<1, S>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    2 => v.add::<2, S>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    3 => v.add::<3, S>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    _ => v.add::<4, S>(qb, unpacked, o, d, lo_idx, hi_idx),
+                }
+            }
+        }
+    }
+    if whole < n {
+        portable::value_tile_q8(b, start, whole, n - whole, p, d, l, zl, tile);
+    }
+    portable::finish_values_q8(g, d, l, zl, out);
+}
+
+/// One tile's token rows from one word pair on (32 channels of one group), with the group's rounded
+/// weights (`quads`, `Q8_TILE / 4` per query from the group's first) and scales (`delta`, one per query).
+struct ValueTile<'a> {
+    rows: &'a [u32],
+    rw: usize,
+    quads: &'a [u32],
+    delta: &'a [f32],
+}
+
+impl ValueTile<'_> {
+    /// Queries `qb..qb + M`: adds the tile's 32 channel sums, scaled, into `o` (query `m`'s at `m * d`); the
+    /// codes come unpacked from `codes` where `S`, else straight from the rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    fn add<const M: usize, const S: bool>(
+        &self,
+        qb: usize,
+        codes: &[__m512i],
+        o: &mut [f32],
+        d: usize,
+        lo_idx: __m512i,
+        hi_idx: __m512i,
+    ) {
+        const T: usize = Q8_TILE;
+        let rw = self.rw;
+        // Reads words `t * rw + i` (i < 2) of `rows` for t < T (or T / 2 vectors of `codes`) and entries
+        // `(qb + m) * T / 4 + i` (i < T / 4) of `quads` for m < M: checked once here, then read through
+        // pointers. The layout guarantees this; a failure is a bug in this crate.
+        assert!(
+            self.rows.len() >= (T - 1) * rw + 2
+                && (!S || codes.len() >= T / 2)
+                && self.quads.len() >= (qb + M) * T / 4
+                && self.delta.len() >= qb + M
+                && o.len() >= (M - 1) * d + 32,
+            "value rows shorter than their layout"
+        );
+        let mut acc = [[_mm512_setzero_si512(); 2]; M];
+        let (mut rp, qp) = (self.rows.as_ptr(), self.quads[qb * T / 4..].as_ptr());
+        for i in 0..T / 4 {
+            let [lo, hi] = if S {
+                // SAFETY: 2 i + 1 < T / 2 <= codes.len() (checked above).
+                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
+            } else {
+                // SAFETY: token rows 4 i..4 i + 4 < T, two words each, lie in `rows` (checked above).
+                unsafe { code_quads(rp, rw, lo_idx, hi_idx) }
+            };
+            rp = rp.wrapping_add(4 * rw);
+            for (m, a) in acc.iter_mut().enumerate() {
+                // SAFETY: m * T / 4 + i < M * T / 4, inside `quads[qb * T / 4..]` (checked above).
+                let x = _mm512_set1_epi32(unsafe { qp.add(m * T / 4 + i).read() } as i32);
+                a[0] = _mm512_dpbusd_epi32(a[0], lo, x);
+                a[1] = _mm512_dpbusd_epi32(a[1], hi, x);
+            }
+        }
+        // Lane 4 k + b holds channel 4 b + k: channel c comes from lane 4 (c % 4) + c / 4.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        for (m, a) in acc.iter().enumerate() {
+            let dl = _mm512_set1_ps(self.delta[qb + m]);
+            let om = &mut o[m * d..][..32];
+            for (h, v) in a.iter().enumerate() {
+                let x = _mm512_permutexvar_ps(order, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(*v)));
+                let oh = &mut om[16 * h..][..16];
+                // SAFETY: `oh` holds 16 floats; unaligned accesses.
+                unsafe { _mm512_storeu_ps(oh.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(oh.as_ptr()), x)) };
+            }
+        }
+    }
+}
+
+/// [`GroupRun::scores`] on 64-byte vectors (the same bits): every group's scores for codes of `bits` bits
+/// (1 to 4), blocks of 16 tokens by up to 4 queries.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn group_scores(run: &GroupRun<'_>, bits: u32, out: &mut Scores<'_>) {
+    let nq = run.bias.len() / run.g;
+    let mut qb = 0;
+    while qb < nq {
+        let m = (nq - qb).min(4);
+        match bits {
+            1 => group_block_any::<1>(run, out, qb, m),
+            2 => group_block_any::<2>(run, out, qb, m),
+            3 => group_block_any::<3>(run, out, qb, m),
+            _ => group_block_any::<4>(run, out, qb, m),
+        }
+        qb += m;
+    }
+}
+
+/// Queries `qb..qb + m` (`m` at most 4) for `B`-bit codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn group_block_any<const B: i32>(run: &GroupRun<'_>, out: &mut Scores<'_>, qb: usize, m: usize) {
+    match m {
+        1 => group_block::<B, 1>(run, out, qb),
+        2 => group_block::<B, 2>(run, out, qb),
+        3 => group_block::<B, 3>(run, out, qb),
+        _ => group_block::<B, 4>(run, out, qb),
+    }
+}
+
+/// Queries `qb..qb + M` for `B`-bit codes: per 16 tokens of each group, `bias + sum_c w(c, t) table_c[code]`
+/// with one FMA per channel and query in channel order, as the AVX2 path sums them. Two groups go
+/// together ([`channel_sums`]): they share each channel's offset queries, and their six chains of FMAs
+/// hide each other's latency.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn group_block<const B: i32, const M: usize>(run: &GroupRun<'_>, out: &mut Scores<'_>, qb: usize) {
+    let (g, d) = (run.g, run.d);
+    let nq = run.bias.len() / g;
+    let bytes: &[u8] = bytemuck::cast_slice(run.codes);
+    let (b, rw4) = (B as usize, run.row_words * 4);
+    let ng = run.groups.len();
+    assert!(d > 0 && qb + M <= nq && run.tables.len() >= ng * d, "key groups shorter than their layout");
+    let ld16 = |s: &[f32]| {
+        let s = &s[..16];
+        // SAFETY: `s` holds 16 floats; an unaligned read.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    };
+    for t0 in (0..g).step_by(16) {
+        let oq = &run.oq[super::super::generic::oq_at(qb, 0, t0, nq, d, g)..][..M * d * 16];
+        let bias: [__m512; M] = core::array::from_fn(|m| ld16(&run.bias[(qb + m) * g + t0..]));
+        // Group j's first code byte of channel 0, and whether all its channels' 8-byte reads lie in the
+        // codes (only a group at the very end of the arena may fail this; it takes the checked reads).
+        let at = |j: usize| {
+            let (word, col, _) = run.groups[j];
+            let off = word * 4 + (col + t0) * b / 8;
+            (off, off + (d - 1) * rw4 + 8 <= bytes.len())
+        };
+        let mut j = 0;
+        while j < ng {
+            let (o0, fast0) = at(j);
+            let two = j + 1 < ng && at(j + 1).1;
+            let sums: [[__m512; M]; 2] = if fast0 && two {
+                let o1 = at(j + 1).0;
+                // SAFETY: both groups' reads lie in the codes (checked by `at`), their tables are entries
+                // j d..(j + 2) d of `tables` (checked above), and `oq` holds M d runs of 16 (resliced).
+                unsafe {
+                    channel_sums::<B, M, 2>(
+                        [bytes.as_ptr().add(o0), bytes.as_ptr().add(o1)],
+                        rw4,
+                        [run.tables[j * d..].as_ptr().cast(), run.tables[(j + 1) * d..].as_ptr().cast()],
+                        oq.as_ptr(),
+                        d,
+                        [bias; 2],
+                    )
+                }
+            } else if fast0 {
+                // SAFETY: as above, for group j alone.
+                let [s] = unsafe {
+                    channel_sums::<B, M, 1>(
+                        [bytes.as_ptr().add(o0)],
+                        rw4,
+                        [run.tables[j * d..].as_ptr().cast()],
+                        oq.as_ptr(),
+                        d,
+                        [bias],
+                    )
+                };
+                [s, s]
+            } else {
+                let mut a = bias;
+                for (c, table) in run.tables[j * d..][..d].iter().enumerate() {
+                    let x = read16::<B>(bytes, o0 + c * rw4);
+                    let v = lookup16::<B>(x, ld16(table));
+                    for (m, am) in a.iter_mut().enumerate() {
+                        *am = _mm512_fmadd_ps(ld16(&oq[(m * d + c) * 16..]), v, *am);
+                    }
+                }
+                [a, a]
+            };
+            let n = if fast0 && two { 2 } else { 1 };
+            for (k, s) in sums.iter().enumerate().take(n) {
+                let (_, _, col) = run.groups[j + k];
+                for (m, am) in s.iter().enumerate() {
+                    let o = &mut out.data[(qb + m) * out.stride + out.pos + col + t0..][..16];
+                    // SAFETY: `o` holds 16 floats; an unaligned store.
+                    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *am) };
+                }
+            }
+            j += n;
+        }
+    }
+}
+
+/// The 16 codes of `B` bits in the low `16 B` bits of `x`, looked up in a channel's 16-entry `table`:
+/// lanes 0-7 take codes 0-7, lanes 8-15 codes 8-15, each shifted to the low bits of its lane. `vpermps`
+/// reads a lane's low 4 bits: 4-bit codes index the 16 entries, shorter codes a table that repeats its
+/// levels with their period (the next code's bits land on a copy).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn lookup16<const B: i32>(x: u64, table: __m512) -> __m512 {
+    let sh = _mm512_setr_epi32(
+        0,
+        B,
+        2 * B,
+        3 * B,
+        4 * B,
+        5 * B,
+        6 * B,
+        7 * B,
+        0,
+        B,
+        2 * B,
+        3 * B,
+        4 * B,
+        5 * B,
+        6 * B,
+        7 * B,
+    );
+    let both = _mm512_inserti64x4::<1>(
+        _mm512_set1_epi32(x as u32 as i32),
+        _mm256_set1_epi32((x >> (8 * B)) as u32 as i32),
+    );
+    _mm512_permutexvar_ps(_mm512_srlv_epi32(both, sh), table)
+}
+
+/// `NG` key groups' sums over 16 tokens from `a`: per channel `c` in order, each group's codes (8 bytes at
+/// `codes[k] + c * rw4`) looked up in its table (`tables[k] + 16 c`) and, for each query `m`, multiplied by
+/// the offset queries at `oq + (m d + c) 16` and added to `a[k][m]`.
+///
+/// # Safety
+/// For `c < d` and `k < NG`: 8 bytes at `codes[k] + c * rw4` and 16 floats at `tables[k] + 16 c` are
+/// readable, and `M d` runs of 16 floats at `oq`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn channel_sums<const B: i32, const M: usize, const NG: usize>(
+    mut codes: [*const u8; NG],
+    rw4: usize,
+    mut tables: [*const f32; NG],
+    oq: *const f32,
+    d: usize,
+    mut a: [[__m512; M]; NG],
+) -> [[__m512; M]; NG] {
+    let mut w = oq;
+    for _ in 0..d {
+        let mut v = [_mm512_setzero_ps(); NG];
+        for k in 0..NG {
+            // SAFETY: the caller's contract: channel c's codes and table, unaligned reads.
+            v[k] =
+                unsafe { lookup16::<B>(codes[k].cast::<u64>().read_unaligned(), _mm512_loadu_ps(tables[k])) };
+            codes[k] = codes[k].wrapping_add(rw4);
+            tables[k] = tables[k].wrapping_add(16);
+        }
+        for m in 0..M {
+            // SAFETY: the caller's contract: query m's run of channel c, at w + m d 16.
+            let wm = unsafe { _mm512_loadu_ps(w.add(m * d * 16)) };
+            for (ak, vk) in a.iter_mut().zip(v) {
+                ak[m] = _mm512_fmadd_ps(wm, vk, ak[m]);
+            }
+        }
+        w = w.wrapping_add(16);
+    }
+    a
+}
+
+/// [`super::fill_table`] for `d = tables.len()` channels at once (`d % 16 == 0`), from their f16 scales and
+/// zero points: each table is `zero + scale * levels`, multiplied and added as the AVX2 path does (the same
+/// bits), with 16 channels' parameters converted in one instruction and broadcast a lane at a time.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn fill_tables(tables: &mut [[f32; 16]], levels: &[[f32; 16]], scale: &[u16], zero: &[u16]) {
+    let d = tables.len();
+    assert!(d.is_multiple_of(16) && levels.len() >= d && scale.len() >= d && zero.len() >= d);
+    for c0 in (0..d).step_by(16) {
+        // SAFETY: c0 + 16 <= d <= scale.len(), zero.len() (checked above); unaligned 32-byte reads.
+        let (s, z) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(scale[c0..].as_ptr().cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(zero[c0..].as_ptr().cast())),
+            )
+        };
+        for (k, (t, lv)) in tables[c0..c0 + 16].iter_mut().zip(&levels[c0..c0 + 16]).enumerate() {
+            let i = _mm512_set1_epi32(k as i32);
+            let (sk, zk) = (_mm512_permutexvar_ps(i, s), _mm512_permutexvar_ps(i, z));
+            // SAFETY: `t` and `lv` hold 16 floats each; unaligned accesses.
+            unsafe {
+                _mm512_storeu_ps(
+                    t.as_mut_ptr(),
+                    _mm512_add_ps(zk, _mm512_mul_ps(sk, _mm512_loadu_ps(lv.as_ptr()))),
+                )
+            };
+        }
+    }
+}
+
+/// 16 codes of `B` bits (2, 3, 4 or 8) of run `r` (channels `16 r..16 r + 16`) of the row at `p`
+/// (`row_words` words) as 16 f32: the AVX2 path's [`super::unpack16`] and [`super::unpack16_b3`] in one
+/// vector, lanes 8-15 from the second half of the run's bits.
+///
+/// # Safety
+/// `p` points at `row_words` readable words, and run `r` lies in them (for 3 bits, `row_words >= 2`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn unpack_run<const B: u32>(p: *const u32, row_words: usize, r: usize) -> __m512 {
+    let halves = |lo: u32, hi: u32, step: i32, mask: i32| {
+        let both = _mm512_inserti64x4::<1>(_mm512_set1_epi32(lo as i32), _mm256_set1_epi32(hi as i32));
+        let s = step;
+        let sh = _mm512_setr_epi32(
+            0,
+            s,
+            2 * s,
+            3 * s,
+            4 * s,
+            5 * s,
+            6 * s,
+            7 * s,
+            0,
+            s,
+            2 * s,
+            3 * s,
+            4 * s,
+            5 * s,
+            6 * s,
+            7 * s,
+        );
+        _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(both, sh), _mm512_set1_epi32(mask)))
+    };
+    match B {
+        2 => {
+            // SAFETY: the caller's contract: word r of the row.
+            let w = unsafe { p.add(r).read_unaligned() };
+            halves(w, w >> 16, 2, 3)
+        }
+        3 => {
+            // As `unpack16_b3`: the 8 bytes from the run's first, or the row's last 8 where those would
+            // pass its end, shifted down to the run.
+            let off = 6 * r;
+            let at = off.min(4 * row_words - 8);
+            // SAFETY: at + 8 <= 4 row_words bytes (the caller's contract); an unaligned read.
+            let x = unsafe { p.cast::<u8>().add(at).cast::<u64>().read_unaligned() } >> (8 * (off - at));
+            halves(x as u32, (x >> 24) as u32, 3, 7)
+        }
+        4 => {
+            // SAFETY: the caller's contract: words 2 r and 2 r + 1 of the row.
+            let (w0, w1) = unsafe { (p.add(2 * r).read_unaligned(), p.add(2 * r + 1).read_unaligned()) };
+            halves(w0, w1, 4, 15)
+        }
+        _ => {
+            // SAFETY: the caller's contract: words 4 r..4 r + 4 of the row; an unaligned read.
+            let x = unsafe { _mm_loadu_si128(p.add(4 * r).cast()) };
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x))
+        }
+    }
+}
+
+/// The AVX2 path's `v_tile` for every query of a tile on 64-byte vectors (the same bits): `out[qi][c] +=
+/// sum_t ps[g(c)][qi][t] code_t[c]` over the tile's `rows`, 32 channels by up to 3 queries at a time (six
+/// chains of FMAs), each lane's tokens in order. `d % 32 == 0`.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn value_tiles(rows: &[u32], b: &TokenBody<'_>, d: usize, ps: &[f32], nq: usize, out: &mut [f32]) {
+    for qb in (0..nq).step_by(3) {
+        match (b.width, nq - qb) {
+            (Width::B3, 1) => value_tile::<3, 1>(rows, b, d, ps, nq, out, qb),
+            (Width::B3, 2) => value_tile::<3, 2>(rows, b, d, ps, nq, out, qb),
+            (Width::B3, _) => value_tile::<3, 3>(rows, b, d, ps, nq, out, qb),
+            (Width::B4, 1) => value_tile::<4, 1>(rows, b, d, ps, nq, out, qb),
+            (Width::B4, 2) => value_tile::<4, 2>(rows, b, d, ps, nq, out, qb),
+            (Width::B4, _) => value_tile::<4, 3>(rows, b, d, ps, nq, out, qb),
+            (Width::B8, 1) => value_tile::<8, 1>(rows, b, d, ps, nq, out, qb),
+            (Width::B8, 2) => value_tile::<8, 2>(rows, b, d, ps, nq, out, qb),
+            (Width::B8, _) => value_tile::<8, 3>(rows, b, d, ps, nq, out, qb),
+            (_, 1) => value_tile::<2, 1>(rows, b, d, ps, nq, out, qb),
+            (_, 2) => value_tile::<2, 2>(rows, b, d, ps, nq, out, qb),
+            (_, _) => value_tile::<2, 3>(rows, b, d, ps, nq, out, qb),
+        }
+    }
+}
+
+/// Queries `qb..qb + M` of [`value_tiles`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn value_tile<const B: u32, const M: usize>(
+    rows: &[u32],
+    b: &TokenBody<'_>,
+    d: usize,
+    ps: &[f32],
+    nq: usize,
+    out: &mut [f32],
+    qb: usize,
+) {
+    let rw = b.row_words;
+    let tile = rows.len() / rw;
+    // Every run of every row lies in its row: the layout guarantees this; a failure is a bug in this
+    // crate, never a property of the input.
+    let fits = if B == 3 { rw >= 2 && 48 * (d / 16) <= 32 * rw } else { d / 16 * B as usize / 2 <= rw };
+    assert!(
+        tile > 0 && fits && d.is_multiple_of(32) && b.group.is_multiple_of(16),
+        "value row shorter than its layout"
+    );
+    let ld16 = |s: &[f32]| {
+        let s = &s[..16];
+        // SAFETY: `s` holds 16 floats; an unaligned read.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    };
+    for c0 in (0..d).step_by(32) {
+        // The two runs' groups (a group is a multiple of 16 channels, so a run lies in one).
+        let (g0, g1) = (c0 / b.group, (c0 + 16) / b.group);
+        let mut acc: [[__m512; 2]; M] =
+            core::array::from_fn(|m| [ld16(&out[(qb + m) * d + c0..]), ld16(&out[(qb + m) * d + c0 + 16..])]);
+        let (p0, p1) = (&ps[(g0 * nq + qb) * tile..][..M * tile], &ps[(g1 * nq + qb) * tile..][..M * tile]);
+        let (pp0, pp1) = (p0.as_ptr(), p1.as_ptr());
+        let r = c0 / 16;
+        for t in 0..tile {
+            // SAFETY: t < tile = rows.len() / rw, so row t's words lie in `rows`, and runs r, r + 1 lie in
+            // it (checked above); m * tile + t < M * tile = p0.len() = p1.len().
+            unsafe {
+                let rp = rows.as_ptr().add(t * rw);
+                let x = [unpack_run::<B>(rp, rw, r), unpack_run::<B>(rp, rw, r + 1)];
+                for (m, a) in acc.iter_mut().enumerate() {
+                    let w0 = _mm512_set1_ps(pp0.add(m * tile + t).read());
+                    let w1 = _mm512_set1_ps(pp1.add(m * tile + t).read());
+                    a[0] = _mm512_fmadd_ps(w0, x[0], a[0]);
+                    a[1] = _mm512_fmadd_ps(w1, x[1], a[1]);
+                }
+            }
+        }
+        for (m, a) in acc.iter().enumerate() {
+            for (h, v) in a.iter().enumerate() {
+                let o = &mut out[(qb + m) * d + c0 + 16 * h..][..16];
+                // SAFETY: `o` holds 16 floats; an unaligned store.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *v) };
+            }
+        }
+    }
+}
