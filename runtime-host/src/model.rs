@@ -170,6 +170,10 @@ pub struct Model {
     /// Whether sessions read caches of codes up to 2 bits on attention's int8 path
     /// ([`Kernel::with_int8`]; on by default, off with `--exact` or `--f32-attention`).
     pub int8_attention: bool,
+    /// The attention kernels sessions run ([`Kernel::detect`] by default: AVX-512 where the CPU has it,
+    /// else AVX2, else the portable twins; `--attention-kernels` picks one); the int8 path is
+    /// [`Self::int8_attention`]'s.
+    pub attention_kernel: Kernel,
     /// The file mapped.
     path: std::path::PathBuf,
     sha256: std::sync::OnceLock<String>,
@@ -382,6 +386,7 @@ impl Model {
             local_cache,
             mode: MatMode::Fast,
             int8_attention: true,
+            attention_kernel: Kernel::detect(),
             path: std::path::PathBuf::new(),
             sha256: std::sync::OnceLock::new(),
             calibration: std::sync::OnceLock::new(),
@@ -922,7 +927,7 @@ impl<'a> Session<'a> {
             caches,
             cfg,
             pos: 0,
-            kernel: Kernel::detect().with_int8(model.int8_attention),
+            kernel: model.attention_kernel.with_int8(model.int8_attention),
             prefill: Prefill::Chunked,
             scratch: (0..c.n_kv_head).map(|_| zeroed(scratch, "attention scratch")).collect::<Result<_>>()?,
             parts: vec![Vec::new(); c.n_kv_head],

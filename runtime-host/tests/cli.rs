@@ -475,3 +475,30 @@ fn every_preset_runs_on_every_tiny_architecture() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--attention-kernels` picks the kernels `kvq info` names, a set the CPU lacks is refused with the
+/// reason, and the AVX2 and AVX-512 kernels (the same bits by construction) generate the same tokens.
+#[test]
+fn attention_kernels_flag_picks_the_kernels() {
+    let model = common::tiny_path("llama");
+    let out = kvq_on(&model, &["info", "--attention-kernels", "portable"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("attention     portable kernels"), "{}", text(&out.stdout));
+    let has =
+        [kvq_core::attention::Kernel::avx2().is_some(), kvq_core::attention::Kernel::avx512().is_some()];
+    let mut ids = Vec::new();
+    for (name, present) in ["avx2", "avx512"].into_iter().zip(has) {
+        let args =
+            ["generate", "--attention-kernels", name, "--kv", "kivi2", "-p", "the cat sat on", "-n", "12"];
+        let out = kvq_on(&model, &[&args[..], &["--greedy", "--json"]].concat(), None);
+        if !present {
+            assert!(!out.status.success() && text(&out.stderr).contains("lacks"), "{}", text(&out.stderr));
+            println!("{name}: this CPU lacks it; refused as it should be");
+            continue;
+        }
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids.push(j["generated_ids"].clone());
+    }
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+}

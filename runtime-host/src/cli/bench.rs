@@ -114,8 +114,9 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     }
     if !a.json {
         eprintln!(
-            "kvq bench: {threads} threads, {} kernels, weights {:.1} MB/token; at each depth {rounds} alternating rounds of {n} decode steps per spec (median), then a {p}-token prefill per spec",
+            "kvq bench: {threads} threads, {} weight and {} attention kernels, weights {:.1} MB/token; at each depth {rounds} alternating rounds of {n} decode steps per spec (median), then a {p}-token prefill per spec",
             model.kernel_name(),
+            model.attention_kernel.with_int8(model.int8_attention).name(),
             model.weight_bytes_per_token() as f64 / 1e6
         );
     }
@@ -207,6 +208,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
                 println!(
                     "{}",
                     serde_json::json!({"kv": spec.name, "depth": d, "threads": threads, "rounds": rounds,
+                        "attention_kernels": model.attention_kernel.with_int8(model.int8_attention).name(),
                         "decode_tokens_per_s": dec, "decode_vs_f16": rd,
                         "prefill_tokens": p, "prefill_tokens_per_s": pre, "prefill_vs_f16": rp,
                         "kv_bytes": kv, "kv_vs_f16": rk, "peak_rss_bytes": peak_rss, "peak_rss_vs_f16": rr,

@@ -29,6 +29,7 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
         model.weight_bytes_per_token() as f64 / 1e6,
         model.kernel_name()
     );
+    println!("attention     {} kernels", model.attention_kernel.name());
     if let Ok(t) = Tokenizer::from_gguf(g) {
         if t.pre == "spm" {
             println!("tokenizer     SentencePiece ({} tokens), add BOS {}", t.len(), t.add_bos);

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, ValueEnum};
+use kvq_core::attention::Kernel;
 use kvq_core::cache::{CacheConfig, Overflow};
 use kvq_host::chat::{Chat, End, Line, Turns, chat_config, reply};
 use kvq_host::error::Error;
@@ -66,10 +67,25 @@ pub(crate) struct ModelArgs {
     /// Read 2-bit KV caches with f32 arithmetic instead of attention's int8 path (implied by --exact).
     #[arg(long)]
     pub(crate) f32_attention: bool,
+    /// Attention kernels: the fastest this CPU runs (auto), or one set, to compare them.
+    #[arg(long, value_enum, default_value_t = AttentionKernels::Auto)]
+    pub(crate) attention_kernels: AttentionKernels,
     /// The cache of sliding-window layers (Gemma 3's local layers; default f16): an uncalibrated format
     /// such as kivi4 or kivi2:s=0. `--kv` sets the layers that hold the whole context.
     #[arg(long, value_name = "SPEC")]
     pub(crate) kv_local: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum AttentionKernels {
+    /// AVX-512 where the CPU has it, else AVX2, else portable.
+    Auto,
+    /// AVX-512 (F, BW, VL, VNNI, VBMI) beside AVX2.
+    Avx512,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// The scalar twins.
+    Portable,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,6 +166,15 @@ pub(crate) fn load(a: &ModelArgs) -> Result<Model> {
         m.mode = model::MatMode::Exact;
     }
     m.int8_attention = !(a.exact || a.f32_attention);
+    m.attention_kernel = match a.attention_kernels {
+        AttentionKernels::Auto => Kernel::detect(),
+        AttentionKernels::Avx512 => Kernel::avx512().context(
+            "--attention-kernels avx512: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI (try avx2)",
+        )?,
+        AttentionKernels::Avx2 => Kernel::avx2()
+            .context("--attention-kernels avx2: this CPU lacks one of AVX2, FMA, F16C (try portable)")?,
+        AttentionKernels::Portable => Kernel::PORTABLE,
+    };
     if let Some(spec) = &a.kv_local {
         let spec = KvSpec::parse(spec).map_err(Error::for_local_layers)?;
         m.set_local_kv(&spec)?;
