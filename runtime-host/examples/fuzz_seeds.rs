@@ -1,10 +1,18 @@
-//! Writes the seed corpus of the GGUF fuzz target: small GGUF files built with `kvq_host::gguf::Writer`,
-//! one per shape of input the reader and the tokenizers take. The vocabulary and tensor seeds go to
-//! `fuzz/corpus/gguf/`, the three tiny models to `target/fuzz-seeds/gguf/`; neither is committed (binary
-//! files are made, not tracked). `scripts/fuzz.sh` runs this first and gives the fuzzer both.
+//! The fuzz targets' seeds. Two kinds:
+//!
+//! - Small GGUF files built with `kvq_host::gguf::Writer`, one per shape of input the reader and the
+//!   tokenizers take: the vocabulary and tensor seeds go to `fuzz/corpus/gguf/`, the three tiny models to
+//!   `target/fuzz-seeds/gguf/`. They are made here, deterministically, each run.
+//! - The committed corpus: `fuzz/seeds/<target>.hex`, the inputs a fuzzing run kept (minimized with
+//!   `cargo fuzz cmin`), one per line in hex, so that git holds text only. Each run unpacks them into
+//!   `fuzz/corpus/<target>/`; `runtime-host/tests/fuzz_corpus.rs` replays the GGUF ones in the test suite.
+//!
+//! `scripts/fuzz.sh` runs this first and gives the fuzzer both. To refresh the committed corpus after a
+//! run, minimize it and pack it (inputs over `--max-bytes`, default 4096, are left out):
 //!
 //! ```text
-//! cargo run -p kvq-host --example fuzz_seeds
+//! cargo run -p kvq-host --example fuzz_seeds                          # make and unpack the seeds
+//! cargo run -p kvq-host --example fuzz_seeds -- --pack gguf DIR       # DIR's inputs to fuzz/seeds/gguf.hex
 //! ```
 
 use kvq_host::gguf::{Array, Value, Writer};
@@ -53,8 +61,92 @@ fn spm(w: &mut Writer) {
         .kv("tokenizer.ggml.eos_token_id", Value::U64(2));
 }
 
+/// The fuzz targets.
+const TARGETS: [&str; 4] = ["gguf", "tokenizer", "kvspec", "cache"];
+
+/// Writes `dir`'s inputs of at most `max` bytes to `out`, one per line in hex, sorted (so that a refresh
+/// changes only the lines that changed), after a header naming what they are.
+fn pack(target: &str, dir: &Path, out: &Path, max: usize) -> std::io::Result<()> {
+    let mut inputs = Vec::new();
+    let mut skipped = 0;
+    for e in std::fs::read_dir(dir)? {
+        let data = std::fs::read(e?.path())?;
+        if data.len() <= max {
+            inputs.push(data);
+        } else {
+            skipped += 1;
+        }
+    }
+    inputs.sort();
+    inputs.dedup();
+    let mut text = format!(
+        "# The {target} fuzz target's corpus: one input per line, in hex ({} inputs of at most {max} bytes).\n\
+         # Written by `cargo run -p kvq-host --example fuzz_seeds -- --pack {target} DIR`; see that example.\n",
+        inputs.len()
+    );
+    for d in &inputs {
+        for b in d {
+            text.push_str(&format!("{b:02x}"));
+        }
+        text.push('\n');
+    }
+    std::fs::write(out, text)?;
+    println!("packed {} inputs into {} ({skipped} over {max} bytes left out)", inputs.len(), out.display());
+    Ok(())
+}
+
+/// Each committed `fuzz/seeds/<target>.hex` unpacked into `fuzz/corpus/<target>/`, one file per line.
+fn unpack(root: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for t in TARGETS {
+        let Ok(text) = std::fs::read_to_string(root.join(format!("fuzz/seeds/{t}.hex"))) else { continue };
+        let dir = root.join("fuzz/corpus").join(t);
+        std::fs::create_dir_all(&dir)?;
+        for (i, line) in text.lines().filter(|l| !l.starts_with('#')).enumerate() {
+            let data = decode_hex(line).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("fuzz/seeds/{t}.hex: line {i} is not hex"),
+                )
+            })?;
+            std::fs::write(dir.join(format!("committed-{i:04}")), data)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// `line` as bytes, if it is an even number of hex digits.
+fn decode_hex(line: &str) -> Option<Vec<u8>> {
+    let b = line.trim().as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    b.chunks_exact(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok()).collect()
+}
+
 fn main() -> std::io::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--pack") {
+        let (Some(target), Some(dir)) = (args.get(1), args.get(2)) else {
+            eprintln!("usage: fuzz_seeds --pack TARGET DIR [--max-bytes N]");
+            std::process::exit(2);
+        };
+        if !TARGETS.contains(&target.as_str()) {
+            eprintln!("unknown target {target} (one of {})", TARGETS.join(", "));
+            std::process::exit(2);
+        }
+        let max = match args.get(3).map(String::as_str) {
+            Some("--max-bytes") => args.get(4).and_then(|n| n.parse().ok()).unwrap_or_else(|| {
+                eprintln!("--max-bytes takes a number");
+                std::process::exit(2)
+            }),
+            _ => 4096,
+        };
+        std::fs::create_dir_all(root.join("fuzz/seeds"))?;
+        return pack(target, Path::new(dir), &root.join(format!("fuzz/seeds/{target}.hex")), max);
+    }
     let dir = root.join("fuzz/corpus/gguf");
     let models = root.join("target/fuzz-seeds/gguf");
     std::fs::create_dir_all(&dir)?;
@@ -84,6 +176,11 @@ fn main() -> std::io::Result<()> {
     std::fs::write(models.join("tiny-llama.gguf"), kvq_host::tiny::llama(&tiny))?;
     std::fs::write(models.join("tiny-qwen2.gguf"), kvq_host::tiny::qwen2(&tiny))?;
     std::fs::write(models.join("tiny-gemma3.gguf"), kvq_host::tiny::gemma3(&tiny))?;
-    println!("wrote 3 seeds to {} and 3 to {}", dir.display(), models.display());
+    let committed = unpack(&root)?;
+    println!(
+        "wrote 3 seeds to {} and 3 to {}; unpacked {committed} committed inputs from fuzz/seeds",
+        dir.display(),
+        models.display()
+    );
     Ok(())
 }
