@@ -394,18 +394,20 @@ pub(crate) fn scores_q_channel(
     q: &Queries<'_>,
     out: &mut Scores<'_>,
     work: &mut [f32],
+    avx512: bool,
 ) {
     if q.nq > 3 && q.d <= MAX_UNPACKED {
         let mut unpacked = [_mm256_setzero_ps(); 2 * MAX_UNPACKED];
-        return channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..2 * q.d]);
+        return channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..2 * q.d], false);
     }
-    channel_scores::<false>(b, start, n, q, out, work, &mut []);
+    channel_scores::<false>(b, start, n, q, out, work, &mut [], avx512);
 }
 
 /// [`scores_q_channel`]'s loops: `S` (shared) unpacks each chunk once into `unpacked` (`2 * d` vectors)
 /// for every block of queries, else each block unpacks it in place (decode's path, a const parameter so
 /// that its loop carries no test of it).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn channel_scores<const S: bool>(
     b: &ChannelBody<'_>,
@@ -415,6 +417,7 @@ fn channel_scores<const S: bool>(
     out: &mut Scores<'_>,
     work: &mut [f32],
     unpacked: &mut [__m256],
+    avx512: bool,
 ) {
     let (d, g, nq) = (q.d, b.group, q.nq);
     let (folded, bias) = work.split_at_mut(nq * d);
@@ -431,6 +434,12 @@ fn channel_scores<const S: bool>(
                 zacc = _mm256_fmadd_ps(qv, ld_ph(&zero[c..]), zacc);
             }
             bias[qi] = hsum(zacc);
+        }
+        if avx512 && !S {
+            // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
+            // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+            unsafe { avx512::key_chunks(b, g0, start, d, folded, &bias[..nq], out) };
+            continue;
         }
         for t0 in (g0..g0 + g).step_by(16) {
             let word = key_row(t0, 0, d, b.block, b.block_words)

@@ -1098,7 +1098,7 @@ fn channel_keys(
     #[cfg(target_arch = "x86_64")]
     if vector && vector_width(b.width) && b.group.is_multiple_of(16) {
         // SAFETY: see the note above the dispatchers.
-        return unsafe { avx2::scores_q_channel(b, seg.start, seg.len, q, out, work) };
+        return unsafe { avx2::scores_q_channel(b, seg.start, seg.len, q, out, work, avx512) };
     }
     let _ = vector;
     portable::scores_q_channel(b, seg.start, seg.len, q, out, work);

@@ -32,6 +32,10 @@
 //! weight `p_t s_t` broadcast ([`value_tiles`]); each output lane sums its tokens in the AVX2 path's
 //! order, so the outputs are the same bits.
 //!
+//! KIVI's f32 per-channel keys (`kivi4`, and `kivi2` under `--f32-attention`) take 16 tokens a vector and
+//! two runs of 16 at a time ([`key_chunks`]): six chains of FMAs for three queries, each token's sum over
+//! the channels in the AVX2 path's order.
+//!
 //! The integer sums are exact (the same bound as the AVX2 path's 16-bit sums, [`super::super::q8_key_max`],
 //! keeps them far inside a dword), the rounding is the same instruction on the same floats, and the
 //! scores are `delta * sum + bias` with the same two roundings, so every bit equals the AVX2 kernel's and
@@ -906,6 +910,117 @@ fn value_tile<const B: u32, const M: usize>(
         for (m, a) in acc.iter().enumerate() {
             for (h, v) in a.iter().enumerate() {
                 let o = &mut out[(qb + m) * d + c0 + 16 * h..][..16];
+                // SAFETY: `o` holds 16 floats; an unaligned store.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *v) };
+            }
+        }
+    }
+}
+
+/// The AVX2 path's decode loop over one key group's tokens for KIVI's f32 per-channel keys, on 64-byte
+/// vectors (the same bits): `bias[qi] + sum_c folded[qi][c] code(c, t)`, 32 tokens at a time where the group
+/// has them (two runs of 16, six chains of FMAs for three queries), else 16. `folded` holds the group's
+/// folded queries (`nq` rows of `d`), `bias` their zero-point sums; scores go to column `t - start`.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn key_chunks(
+    b: &ChannelBody<'_>,
+    g0: usize,
+    start: usize,
+    d: usize,
+    folded: &[f32],
+    bias: &[f32],
+    out: &mut Scores<'_>,
+) {
+    let nq = bias.len();
+    let mut t0 = g0;
+    while t0 < g0 + b.group {
+        let two = t0 + 32 <= g0 + b.group;
+        prefetch_next_block::<16>(b, t0, d);
+        if two {
+            prefetch_next_block::<16>(b, t0 + 16, d);
+        }
+        let word = key_row(t0, 0, d, b.block, b.block_words)
+            + (t0 & (b.block - 1)) / 16 * b.width.bits() as usize / 2;
+        for qb in (0..nq).step_by(3) {
+            let m = (nq - qb).min(3);
+            let c = KeyChunk {
+                b,
+                word,
+                fq: &folded[qb * d..][..m * d],
+                bias: &bias[qb..][..m],
+                qb,
+                col: t0 - start,
+            };
+            match (b.width.bits(), two) {
+                (4, true) => c.run_m::<4, 2>(m, out),
+                (4, false) => c.run_m::<4, 1>(m, out),
+                (8, true) => c.run_m::<8, 2>(m, out),
+                (8, false) => c.run_m::<8, 1>(m, out),
+                (_, true) => c.run_m::<2, 2>(m, out),
+                (_, false) => c.run_m::<2, 1>(m, out),
+            }
+        }
+        t0 += if two { 32 } else { 16 };
+    }
+}
+
+/// `NC` runs of 16 tokens from word `word` of every channel row of a key block, for the queries whose
+/// folded rows are `fq` (first `qb`) and zero-point sums `bias`; scores from column `col`.
+struct KeyChunk<'a> {
+    b: &'a ChannelBody<'a>,
+    word: usize,
+    fq: &'a [f32],
+    bias: &'a [f32],
+    qb: usize,
+    col: usize,
+}
+
+impl KeyChunk<'_> {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    fn run_m<const B: u32, const NC: usize>(&self, m: usize, out: &mut Scores<'_>) {
+        match m {
+            1 => self.run::<B, NC, 1>(out),
+            2 => self.run::<B, NC, 2>(out),
+            _ => self.run::<B, NC, 3>(out),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    fn run<const B: u32, const NC: usize, const M: usize>(&self, out: &mut Scores<'_>) {
+        let h = B as usize / 2; // words per 16 codes
+        let d = self.fq.len() / M;
+        let w = self.b.block_words;
+        let codes = &self.b.codes[self.word..];
+        // The layout guarantees these; a failure is a bug in this crate, never a property of the input.
+        assert!(
+            d > 0 && codes.len() >= (d - 1) * w + NC * h && self.fq.len() >= M * d && self.bias.len() >= M,
+            "key block shorter than its layout"
+        );
+        let mut acc: [[__m512; NC]; M] = core::array::from_fn(|m| [_mm512_set1_ps(self.bias[m]); NC]);
+        let (cp, qp) = (codes.as_ptr(), self.fq.as_ptr());
+        for c in 0..d {
+            // SAFETY: c < d, so the NC h words at c w end within `codes`, and m d + c < M d <= fq.len()
+            // (checked above).
+            unsafe {
+                let x: [__m512; NC] = core::array::from_fn(|k| unpack_run::<B>(cp.add(c * w), w, k));
+                for (m, a) in acc.iter_mut().enumerate() {
+                    let q = _mm512_set1_ps(qp.add(m * d + c).read());
+                    for (ak, xk) in a.iter_mut().zip(x) {
+                        *ak = _mm512_fmadd_ps(q, xk, *ak);
+                    }
+                }
+            }
+        }
+        for (m, a) in acc.iter().enumerate() {
+            for (k, v) in a.iter().enumerate() {
+                let at = (self.qb + m) * out.stride + out.pos + self.col + 16 * k;
+                let o = &mut out.data[at..][..16];
                 // SAFETY: `o` holds 16 floats; an unaligned store.
                 unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *v) };
             }
