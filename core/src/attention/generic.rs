@@ -756,7 +756,7 @@ fn value_lookup_path(q: QuantSpec, d: usize) -> bool {
 /// after, token by token.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, unsafe_code)]
 fn token_value_sums_lookup(
     sv: &StreamView<'_>,
     q: QuantSpec,
@@ -766,6 +766,7 @@ fn token_value_sums_lookup(
     p: &Probs<'_>,
     d: usize,
     acc: &mut [f32],
+    avx512: bool,
 ) {
     let l = sv.layout;
     let groups = d / q.group;
@@ -780,11 +781,21 @@ fn token_value_sums_lookup(
         if dequant { (LOOKUP_TABLES / groups).min(VALUE_ROWS / d) } else { LOOKUP_TABLES / groups }.max(1);
     for t0 in (0..n).step_by(tile) {
         let nt = tile.min(n - t0);
-        for (t, row) in tables[..nt * groups].chunks_exact_mut(groups).enumerate() {
-            for (gj, table) in row.iter_mut().enumerate() {
-                let (scale, zero) =
-                    params_f16c(sv, q.params, (h * l.row_groups + gj) * l.ring + start + t0 + t);
-                super::avx2::fill_table(table, &levels, scale, zero);
+        if avx512 && q.params == crate::quant::param::ParamFormat::F16 {
+            let at = h * l.row_groups * l.ring + start + t0;
+            let (sc, ze) = (&sv.scale[at..], &sv.zero[at..]);
+            // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
+            // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+            unsafe {
+                super::avx2::avx512::fill_token_tables(&mut tables, &levels, sc, ze, l.ring, groups, nt)
+            };
+        } else {
+            for (t, row) in tables[..nt * groups].chunks_exact_mut(groups).enumerate() {
+                for (gj, table) in row.iter_mut().enumerate() {
+                    let (scale, zero) =
+                        params_f16c(sv, q.params, (h * l.row_groups + gj) * l.ring + start + t0 + t);
+                    super::avx2::fill_table(table, &levels, scale, zero);
+                }
             }
         }
         let run = super::avx2::ValueRun {
@@ -805,7 +816,12 @@ fn token_value_sums_lookup(
             super::avx2::sums_rows_f32(rows, &Probs { pos: p.pos + t0, ..*p }, d, acc);
             continue;
         }
-        run.sums(q.width.bits(), d, acc);
+        if avx512 {
+            // SAFETY: as above.
+            unsafe { super::avx2::avx512::value_run_sums(&run, q.width.bits(), d, acc) };
+        } else {
+            run.sums(q.width.bits(), d, acc);
+        }
         for t in 0..nt {
             for (c, delta) in token_outliers(sv, q, h, d, start + t0 + t) {
                 for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
@@ -1147,13 +1163,15 @@ pub(crate) fn token_value_sums(
     d: usize,
     acc: &mut [f32],
     vector: bool,
+    avx512: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if vector && value_lookup_path(q, d) {
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
-        // F16C (see the note above the dispatchers in `attention`).
-        return unsafe { token_value_sums_lookup(sv, q, h, start, n, p, d, acc) };
+        // F16C (see the note above the dispatchers in `attention`); `avx512` from one with AVX-512 too.
+        return unsafe { token_value_sums_lookup(sv, q, h, start, n, p, d, acc, avx512) };
     }
+    let _ = avx512;
     #[cfg(target_arch = "x86_64")]
     if vector && token_lookup_path(q, d) {
         // SAFETY: as above.

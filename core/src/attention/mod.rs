@@ -930,9 +930,18 @@ fn value_sums(
                 let dst = if stored { &mut *acc } else { &mut *out };
                 fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, kernel.avx512);
             }
-            (Part::Body, Precision::Quant(spec)) if !spec.plain() => {
-                generic::token_value_sums(sv, spec, h, seg.start, seg.len, &pr, d, acc, vector)
-            }
+            (Part::Body, Precision::Quant(spec)) if !spec.plain() => generic::token_value_sums(
+                sv,
+                spec,
+                h,
+                seg.start,
+                seg.len,
+                &pr,
+                d,
+                acc,
+                vector,
+                kernel.avx512 && vector,
+            ),
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
                 let dst = if stored { &mut *acc } else { &mut *out };

@@ -32,6 +32,9 @@
 //! weight `p_t s_t` broadcast ([`value_tiles`]); each output lane sums its tokens in the AVX2 path's
 //! order, so the outputs are the same bits.
 //!
+//! The generic per-token value path (codebook values: KVQuant) takes the same 16-lane lookups
+//! ([`value_run_sums`]), its per-token tables filled 16 tokens at a time ([`fill_token_tables`]).
+//!
 //! KIVI's f32 per-channel keys (`kivi4`, and `kivi2` under `--f32-attention`) take 16 tokens a vector and
 //! two runs of 16 at a time ([`key_chunks`]): six chains of FMAs for three queries, each token's sum over
 //! the channels in the AVX2 path's order.
@@ -45,7 +48,7 @@
 //! checks once, and the loads of the permute indices.
 
 use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
-use super::{GroupRun, Pending, fold_keys, prefetch_next_block, read16, zero_lanes};
+use super::{GroupRun, Pending, ValueRun, fold_keys, prefetch_next_block, read16, zero_lanes};
 use crate::cache::layout::{KEY_BLOCK, key_row};
 use crate::pack::Width;
 use core::arch::x86_64::*;
@@ -1024,6 +1027,119 @@ impl KeyChunk<'_> {
                 // SAFETY: `o` holds 16 floats; an unaligned store.
                 unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *v) };
             }
+        }
+    }
+}
+
+/// The per-token tables of [`ValueRun`] for `nt` tokens (`tables[t * groups + gj]`, `gj < groups`):
+/// `zero + scale * levels` from each token's f16 parameters of group `gj`, `scale[gj * ring + t]` and
+/// `zero[gj * ring + t]`, multiplied and added as [`super::fill_table`] does (the same bits), 16 tokens'
+/// parameters converted at once.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn fill_token_tables(
+    tables: &mut [[f32; 16]],
+    levels: &[f32; 16],
+    scale: &[u16],
+    zero: &[u16],
+    ring: usize,
+    groups: usize,
+    nt: usize,
+) {
+    assert!(tables.len() >= nt * groups, "token tables shorter than the tile");
+    // SAFETY: `levels` holds 16 floats; an unaligned read.
+    let lv = unsafe { _mm512_loadu_ps(levels.as_ptr()) };
+    for gj in 0..groups {
+        let (sr, zr) = (&scale[gj * ring..][..nt], &zero[gj * ring..][..nt]);
+        let mut t0 = 0;
+        while t0 < nt {
+            let k = (nt - t0).min(16);
+            let (mut sb, mut zb) = ([0u16; 16], [0u16; 16]);
+            sb[..k].copy_from_slice(&sr[t0..t0 + k]);
+            zb[..k].copy_from_slice(&zr[t0..t0 + k]);
+            // SAFETY: `sb` and `zb` hold 16 u16; unaligned reads.
+            let (s, z) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(sb.as_ptr().cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(zb.as_ptr().cast())),
+                )
+            };
+            for i in 0..k {
+                let ix = _mm512_set1_epi32(i as i32);
+                let (si, zi) = (_mm512_permutexvar_ps(ix, s), _mm512_permutexvar_ps(ix, z));
+                let t = &mut tables[(t0 + i) * groups + gj];
+                // SAFETY: `t` holds 16 floats; an unaligned store.
+                unsafe { _mm512_storeu_ps(t.as_mut_ptr(), _mm512_add_ps(zi, _mm512_mul_ps(si, lv))) };
+            }
+            t0 += k;
+        }
+    }
+}
+
+/// [`ValueRun::sums`] on 64-byte vectors (the same bits): 16 channels of a token a step, its table in one
+/// register and the codes looked up with one `vpermps`, for up to 4 queries at a time.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn value_run_sums(run: &ValueRun<'_>, bits: u32, d: usize, acc: &mut [f32]) {
+    let nq = acc.len() / d;
+    let mut qb = 0;
+    while qb < nq {
+        let m = (nq - qb).min(4);
+        match (bits, m) {
+            (1, 1) => value_run_block::<1, 1>(run, d, acc, qb),
+            (1, 2) => value_run_block::<1, 2>(run, d, acc, qb),
+            (1, 3) => value_run_block::<1, 3>(run, d, acc, qb),
+            (1, _) => value_run_block::<1, 4>(run, d, acc, qb),
+            (2, 1) => value_run_block::<2, 1>(run, d, acc, qb),
+            (2, 2) => value_run_block::<2, 2>(run, d, acc, qb),
+            (2, 3) => value_run_block::<2, 3>(run, d, acc, qb),
+            (2, _) => value_run_block::<2, 4>(run, d, acc, qb),
+            (3, 1) => value_run_block::<3, 1>(run, d, acc, qb),
+            (3, 2) => value_run_block::<3, 2>(run, d, acc, qb),
+            (3, 3) => value_run_block::<3, 3>(run, d, acc, qb),
+            (3, _) => value_run_block::<3, 4>(run, d, acc, qb),
+            (_, 1) => value_run_block::<4, 1>(run, d, acc, qb),
+            (_, 2) => value_run_block::<4, 2>(run, d, acc, qb),
+            (_, 3) => value_run_block::<4, 3>(run, d, acc, qb),
+            (_, _) => value_run_block::<4, 4>(run, d, acc, qb),
+        }
+        qb += m;
+    }
+}
+
+/// Queries `qb..qb + M` of [`value_run_sums`] for `B`-bit codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn value_run_block<const B: i32, const M: usize>(run: &ValueRun<'_>, d: usize, acc: &mut [f32], qb: usize) {
+    let bytes: &[u8] = bytemuck::cast_slice(run.codes);
+    let b = B as usize;
+    let groups = d / run.group;
+    let nt = run.tables.len() / groups;
+    let p = run.p;
+    let ld16 = |s: &[f32]| {
+        let s = &s[..16];
+        // SAFETY: `s` holds 16 floats; an unaligned read.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    };
+    for c0 in (0..d).step_by(16) {
+        let gj = c0 / run.group;
+        let mut a: [__m512; M] = core::array::from_fn(|m| ld16(&acc[(qb + m) * d + c0..]));
+        for t in 0..nt {
+            let x = read16::<B>(bytes, t * run.row_words * 4 + c0 * b / 8);
+            let v = lookup16::<B>(x, ld16(&run.tables[t * groups + gj]));
+            for (m, am) in a.iter_mut().enumerate() {
+                *am = _mm512_fmadd_ps(_mm512_set1_ps(p.at(qb + m, t)), v, *am);
+            }
+        }
+        for (m, am) in a.iter().enumerate() {
+            let o = &mut acc[(qb + m) * d + c0..][..16];
+            // SAFETY: `o` holds 16 floats; an unaligned store.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *am) };
         }
     }
 }
