@@ -1106,31 +1106,11 @@ fn q8_channel_scores<const S: bool>(
     unpacked: &mut [__m256i],
 ) {
     let (d, g, nq) = (q.d, b.group, q.nq);
-    let qmax = super::q8_key_max(d, b.width);
-    // Up to a key block's groups are folded together: their reductions wait in one [`Pending`] batch.
-    let batch = (KEY_BLOCK / g).min(work.len() / super::q8_key_work(nq, d, 1)).max(1);
-    let np = batch * nq;
-    let (qs, rest) = work.split_at_mut(np * d);
-    let (pairs, rest) = rest.split_at_mut(np * d / 2);
-    let (delta, rest) = rest.split_at_mut(np);
-    let (bias, rest) = rest.split_at_mut(np);
-    let inv = &mut rest[..np];
+    let (batch, KeyWork { qs, packed: pairs, delta, bias, inv }) = KeyWork::split(b, q, work);
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(pairs);
     for b0 in (start..start + n).step_by(batch * g) {
         let groups = (start + n - b0).min(batch * g) / g;
-        let mut pend = Pending::new(qmax, &mut *delta, &mut *inv, &mut *bias);
-        for j in 0..groups {
-            let (scale, zero) = b.group_params(b0 / g + j, d);
-            for qb in (0..nq).step_by(3) {
-                let qs = &mut qs[(j * nq + qb) * d..];
-                match nq - qb {
-                    1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend),
-                    2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend),
-                    _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend),
-                }
-            }
-        }
-        pend.flush();
+        fold_batch(b, q, b0, groups, qs, delta, inv, bias);
         round_pairs(&qs[..groups * nq * d], &inv[..groups * nq], &mut pairs[..groups * nq * d / 2]);
         let kt = KeyTiles {
             b,
@@ -1145,6 +1125,64 @@ fn q8_channel_scores<const S: bool>(
         };
         kt.run::<S>(out, unpacked);
     }
+}
+
+/// The int8 key path's `work` for one batch of up to a key block's groups, entry `j * nq + qi` for group
+/// `j` and query `qi`: the folded queries (`d` each), their rounded bytes (`packed`, `d / 2` floats' room
+/// each: the AVX2 kernels' pairs, the AVX-512 kernels' quads in half of it), and `delta`, `bias` and
+/// `inv` (one each).
+pub(super) struct KeyWork<'w> {
+    pub(super) qs: &'w mut [f32],
+    pub(super) packed: &'w mut [f32],
+    pub(super) delta: &'w mut [f32],
+    pub(super) bias: &'w mut [f32],
+    pub(super) inv: &'w mut [f32],
+}
+
+impl<'w> KeyWork<'w> {
+    /// `work` split for batches of as many groups as a key block holds (fewer where `work` is short),
+    /// with that batch size.
+    pub(super) fn split(b: &ChannelBody<'_>, q: &Queries<'_>, work: &'w mut [f32]) -> (usize, Self) {
+        let (d, nq) = (q.d, q.nq);
+        let batch = (KEY_BLOCK / b.group).min(work.len() / super::q8_key_work(nq, d, 1)).max(1);
+        let np = batch * nq;
+        let (qs, rest) = work.split_at_mut(np * d);
+        let (packed, rest) = rest.split_at_mut(np * d / 2);
+        let (delta, rest) = rest.split_at_mut(np);
+        let (bias, rest) = rest.split_at_mut(np);
+        (batch, KeyWork { qs, packed, delta, bias, inv: &mut rest[..np] })
+    }
+}
+
+/// Folds `groups` key groups from ring slot `b0` into every query ([`fold_keys`], blocks of 3) and
+/// their scales into `delta`, `inv` and `bias` ([`Pending`], flushed at the end).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn fold_batch(
+    b: &ChannelBody<'_>,
+    q: &Queries<'_>,
+    b0: usize,
+    groups: usize,
+    qs: &mut [f32],
+    delta: &mut [f32],
+    inv: &mut [f32],
+    bias: &mut [f32],
+) {
+    let (d, g, nq) = (q.d, b.group, q.nq);
+    let mut pend = Pending::new(super::q8_key_max(d, b.width), delta, inv, bias);
+    for j in 0..groups {
+        let (scale, zero) = b.group_params(b0 / g + j, d);
+        for qb in (0..nq).step_by(3) {
+            let qs = &mut qs[(j * nq + qb) * d..];
+            match nq - qb {
+                1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend),
+                2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend),
+                _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend),
+            }
+        }
+    }
+    pend.flush();
 }
 
 /// Hints the next key block's channel rows, a part of them per tile of `STEP` tokens: the tile at `t0`

@@ -1,7 +1,8 @@
-//! AVX-512 twins of the int8 path's key tiles, for CPUs with AVX-512 F, BW, VL, VNNI and VBMI.
+//! AVX-512 twins of some AVX2 kernels (the int8 path's key and value tiles, the generic lookups, the f32 value
+//! tiles and KIVI's f32 keys), for CPUs with AVX-512 F, BW, VL, VNNI and VBMI.
 //!
-//! The key groups are folded and their scales batched exactly as in the parent module ([`fold_keys`],
-//! [`Pending`]); only the rounding's layout and the multiply loop differ. The AVX2 loop multiplies a
+//! The key groups are folded and their scales batched exactly as in the parent module ([`fold_batch`],
+//! [`KeyWork`]); only the rounding's layout and the multiply loop differ. The AVX2 loop multiplies a
 //! channel pair of 32 tokens by a query pair with `vpmaddubsw` and adds the 16-bit sums (4 instructions per
 //! 4 channels and 16 tokens and query, after unpacking 2 rows at a time). Here one `vpdpbusd` multiplies
 //! four channels of 16 tokens by a query's four bytes and adds the dword sums in place, so a tile of 32
@@ -48,8 +49,8 @@
 //! checks once, and the loads of the permute indices.
 
 use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
-use super::{GroupRun, Pending, ValueRun, fold_keys, prefetch_next_block, read16, zero_lanes};
-use crate::cache::layout::{KEY_BLOCK, key_row};
+use super::{GroupRun, KeyWork, ValueRun, fold_batch, prefetch_next_block, read16, zero_lanes};
+use crate::cache::layout::key_row;
 use crate::pack::Width;
 use core::arch::x86_64::*;
 
@@ -110,31 +111,12 @@ fn channel_scores<const S: bool>(
     unpacked: &mut [__m512i],
 ) {
     let (d, g, nq) = (q.d, b.group, q.nq);
-    let qmax = super::super::q8_key_max(d, b.width);
-    let batch = (KEY_BLOCK / g).min(work.len() / super::super::q8_key_work(nq, d, 1)).max(1);
-    let np = batch * nq;
-    // The same split of `work` as the AVX2 path; the quads take half of its pairs' room.
-    let (qs, rest) = work.split_at_mut(np * d);
-    let (quads, rest) = rest.split_at_mut(np * d / 2);
-    let (delta, rest) = rest.split_at_mut(np);
-    let (bias, rest) = rest.split_at_mut(np);
-    let inv = &mut rest[..np];
+    // The AVX2 path's split of `work`; the quads take half of its pairs' room.
+    let (batch, KeyWork { qs, packed: quads, delta, bias, inv }) = KeyWork::split(b, q, work);
     let quads: &mut [u32] = bytemuck::cast_slice_mut(quads);
     for b0 in (start..start + n).step_by(batch * g) {
         let groups = (start + n - b0).min(batch * g) / g;
-        let mut pend = Pending::new(qmax, &mut *delta, &mut *inv, &mut *bias);
-        for j in 0..groups {
-            let (scale, zero) = b.group_params(b0 / g + j, d);
-            for qb in (0..nq).step_by(3) {
-                let qs = &mut qs[(j * nq + qb) * d..];
-                match nq - qb {
-                    1 => fold_keys::<1>(q, qb, scale, zero, qs, &mut pend),
-                    2 => fold_keys::<2>(q, qb, scale, zero, qs, &mut pend),
-                    _ => fold_keys::<3>(q, qb, scale, zero, qs, &mut pend),
-                }
-            }
-        }
-        pend.flush();
+        fold_batch(b, q, b0, groups, qs, delta, inv, bias);
         round_quads(&qs[..groups * nq * d], &inv[..groups * nq], &mut quads[..groups * nq * d / 4]);
         let tiles = Tiles {
             b,
@@ -198,6 +180,44 @@ unsafe fn code_quads(rp: *const u32, w: usize, lo_idx: __m512i, hi_idx: __m512i)
     let lo = _mm512_permutexvar_epi8(lo_idx, rows);
     let hi = _mm512_permutexvar_epi8(hi_idx, rows);
     [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m3), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m3)]
+}
+
+/// `M` queries' dword sums over `n` quads: quad `i`'s two vectors of codes, from `codes[2 i..2 i + 2]` where
+/// `S` or else from [`code_quads`] at `rp + 4 i stride` (rows `stride` apart), each multiplied by query
+/// `m`'s four bytes `qp[m * n + i]` broadcast and added with `vpdpbusd`. The key tiles' quads are four
+/// channel rows of 32 tokens, the value tiles' four token rows of 32 channels.
+///
+/// # Safety
+/// For `i < n` and `m < M`: entry `m * n + i` of `qp` is readable; where `S`, `codes.len() >= 2 n`, else
+/// words `0..2` of `rp + (4 i + j) stride` are readable for `j < 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn dp_quads<const M: usize, const S: bool>(
+    codes: &[__m512i],
+    mut rp: *const u32,
+    stride: usize,
+    qp: *const u32,
+    n: usize,
+    idx: [__m512i; 2],
+) -> [[__m512i; 2]; M] {
+    let mut acc = [[_mm512_setzero_si512(); 2]; M];
+    for i in 0..n {
+        let [lo, hi] = if S {
+            // SAFETY: 2 i + 1 < 2 n <= codes.len() (the caller's contract).
+            unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
+        } else {
+            // SAFETY: rows 4 i..4 i + 4 at `rp` (the caller's contract).
+            unsafe { code_quads(rp, stride, idx[0], idx[1]) }
+        };
+        rp = rp.wrapping_add(4 * stride);
+        for (m, a) in acc.iter_mut().enumerate() {
+            // SAFETY: m n + i < M n (the caller's contract).
+            let x = _mm512_set1_epi32(unsafe { qp.add(m * n + i).read() } as i32);
+            a[0] = _mm512_dpbusd_epi32(a[0], lo, x);
+            a[1] = _mm512_dpbusd_epi32(a[1], hi, x);
+        }
+    }
+    acc
 }
 
 /// The permute indices of [`code_quads`].
@@ -298,26 +318,19 @@ impl Tiles<'_> {
         hi_idx: __m512i,
     ) {
         let (w, h) = (self.b.block_words, self.d / 4);
-        let mut acc = [[_mm512_setzero_si512(); 2]; M];
-        // SAFETY: the tile's rows from `word` lie in the codes and entries e..e + M of `quads` in it (the
-        // caller's contract).
-        let (mut rp, qp) = unsafe { (self.b.codes.as_ptr().add(word), self.quads.as_ptr().add(e * h)) };
-        for i in 0..h {
-            let [lo, hi] = if S {
-                // SAFETY: 2 i + 1 < d / 2 <= codes.len() (the caller's contract).
-                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
-            } else {
-                // SAFETY: rows 4 i..4 i + 4 < d of the tile (the caller's contract).
-                unsafe { code_quads(rp, w, lo_idx, hi_idx) }
-            };
-            rp = rp.wrapping_add(4 * w);
-            for (m, a) in acc.iter_mut().enumerate() {
-                // SAFETY: m h + i < M h, inside entries e..e + M (the caller's contract).
-                let x = _mm512_set1_epi32(unsafe { qp.add(m * h + i).read() } as i32);
-                a[0] = _mm512_dpbusd_epi32(a[0], lo, x);
-                a[1] = _mm512_dpbusd_epi32(a[1], hi, x);
-            }
-        }
+        // SAFETY: the tile's rows from `word` (quads of channel rows 4 i..4 i + 4 < d, w apart) lie in the
+        // codes, entries e..e + M of `quads` (h each) in it, and `codes` holds d / 2 = 2 h vectors where S
+        // (the caller's contract).
+        let acc = unsafe {
+            dp_quads::<M, S>(
+                codes,
+                self.b.codes.as_ptr().add(word),
+                w,
+                self.quads.as_ptr().add(e * h),
+                h,
+                [lo_idx, hi_idx],
+            )
+        };
         // Lane 4 k + b holds token 4 b + k: token t comes from lane 4 (t % 4) + t / 4.
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         let op = out.data.as_mut_ptr();
@@ -523,24 +536,18 @@ impl ValueTile<'_> {
                 && o.len() >= (M - 1) * d + 32,
             "value rows shorter than their layout"
         );
-        let mut acc = [[_mm512_setzero_si512(); 2]; M];
-        let (mut rp, qp) = (self.rows.as_ptr(), self.quads[qb * T / 4..].as_ptr());
-        for i in 0..T / 4 {
-            let [lo, hi] = if S {
-                // SAFETY: 2 i + 1 < T / 2 <= codes.len() (checked above).
-                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
-            } else {
-                // SAFETY: token rows 4 i..4 i + 4 < T, two words each, lie in `rows` (checked above).
-                unsafe { code_quads(rp, rw, lo_idx, hi_idx) }
-            };
-            rp = rp.wrapping_add(4 * rw);
-            for (m, a) in acc.iter_mut().enumerate() {
-                // SAFETY: m * T / 4 + i < M * T / 4, inside `quads[qb * T / 4..]` (checked above).
-                let x = _mm512_set1_epi32(unsafe { qp.add(m * T / 4 + i).read() } as i32);
-                a[0] = _mm512_dpbusd_epi32(a[0], lo, x);
-                a[1] = _mm512_dpbusd_epi32(a[1], hi, x);
-            }
-        }
+        // SAFETY: token rows 4 i..4 i + 4 < T (two words each) lie in `rows`, entries qb..qb + M of `quads`
+        // (T / 4 each) in it, and `codes` holds T / 2 vectors where S (checked above).
+        let acc = unsafe {
+            dp_quads::<M, S>(
+                codes,
+                self.rows.as_ptr(),
+                rw,
+                self.quads[qb * T / 4..].as_ptr(),
+                T / 4,
+                [lo_idx, hi_idx],
+            )
+        };
         // Lane 4 k + b holds channel 4 b + k: channel c comes from lane 4 (c % 4) + c / 4.
         let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
         for (m, a) in acc.iter().enumerate() {
