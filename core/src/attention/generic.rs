@@ -496,11 +496,19 @@ fn channel_key_scores_lookup(
             let s0 = g0 + b * g;
             let gi = s0 / g;
             let (i0, tb) = ((h * l.row_groups + gi) * d, &mut tables[b * d..][..d]);
-            if avx512 && q.params == crate::quant::param::ParamFormat::F16 && d.is_multiple_of(16) {
-                // SAFETY: as for `group_scores` below.
-                unsafe {
-                    super::avx2::avx512::fill_tables(tb, &levels[..d], &sv.scale[i0..], &sv.zero[i0..])
-                };
+            if avx512 && d.is_multiple_of(16) {
+                use crate::quant::param::ParamFormat;
+                let lv = &levels[..d];
+                match q.params {
+                    // SAFETY: as for `group_scores` below.
+                    ParamFormat::F16 => unsafe {
+                        super::avx2::avx512::fill_tables(tb, lv, &sv.scale[i0..], &sv.zero[i0..])
+                    },
+                    // SAFETY: as for `group_scores` below.
+                    ParamFormat::Fp8E4M3 => unsafe {
+                        super::avx2::avx512::fill_tables_fp8(tb, lv, &sv.scale8[i0..], &sv.zero8[i0..])
+                    },
+                }
             } else {
                 for (c, (table, lv)) in tb.iter_mut().zip(&levels[..d]).enumerate() {
                     let (scale, zero) = params_f16c(sv, q.params, i0 + c);

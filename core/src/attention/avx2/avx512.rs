@@ -762,24 +762,57 @@ pub(crate) fn fill_tables(tables: &mut [[f32; 16]], levels: &[[f32; 16]], scale:
     let d = tables.len();
     assert!(d.is_multiple_of(16) && levels.len() >= d && scale.len() >= d && zero.len() >= d);
     for c0 in (0..d).step_by(16) {
-        // SAFETY: c0 + 16 <= d <= scale.len(), zero.len() (checked above); unaligned 32-byte reads.
+        let (sr, zr) = (&scale[c0..][..16], &zero[c0..][..16]);
+        // SAFETY: `sr` and `zr` hold 16 u16; unaligned 32-byte reads.
         let (s, z) = unsafe {
             (
-                _mm512_cvtph_ps(_mm256_loadu_si256(scale[c0..].as_ptr().cast())),
-                _mm512_cvtph_ps(_mm256_loadu_si256(zero[c0..].as_ptr().cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(sr.as_ptr().cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(zr.as_ptr().cast())),
             )
         };
-        for (k, (t, lv)) in tables[c0..c0 + 16].iter_mut().zip(&levels[c0..c0 + 16]).enumerate() {
-            let i = _mm512_set1_epi32(k as i32);
-            let (sk, zk) = (_mm512_permutexvar_ps(i, s), _mm512_permutexvar_ps(i, z));
-            // SAFETY: `t` and `lv` hold 16 floats each; unaligned accesses.
-            unsafe {
-                _mm512_storeu_ps(
-                    t.as_mut_ptr(),
-                    _mm512_add_ps(zk, _mm512_mul_ps(sk, _mm512_loadu_ps(lv.as_ptr()))),
-                )
-            };
-        }
+        fill16(&mut tables[c0..c0 + 16], &levels[c0..c0 + 16], s, z);
+    }
+}
+
+/// [`fill_tables`] from FP8 (E4M3) scales and zero points: 16 channels' bytes decoded at once through the
+/// exact E4M3 table (`vgatherdps`), as `ParamFormat::decode` reads it.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn fill_tables_fp8(tables: &mut [[f32; 16]], levels: &[[f32; 16]], scale: &[u8], zero: &[u8]) {
+    let d = tables.len();
+    assert!(d.is_multiple_of(16) && levels.len() >= d && scale.len() >= d && zero.len() >= d);
+    let fp8 = crate::quant::param::fp8_e4m3_table();
+    for c0 in (0..d).step_by(16) {
+        let (sr, zr) = (&scale[c0..][..16], &zero[c0..][..16]);
+        // SAFETY: `sr` and `zr` hold 16 bytes (unaligned reads); every gathered index is a byte, under the
+        // table's 256 entries.
+        let (s, z) = unsafe {
+            let (si, zi) = (
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(sr.as_ptr().cast())),
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(zr.as_ptr().cast())),
+            );
+            (_mm512_i32gather_ps::<4>(si, fp8.as_ptr()), _mm512_i32gather_ps::<4>(zi, fp8.as_ptr()))
+        };
+        fill16(&mut tables[c0..c0 + 16], &levels[c0..c0 + 16], s, z);
+    }
+}
+
+/// Tables `zero_k + scale_k * levels[k]` for 16 channels `k`, their parameters in the lanes of `s`, `z`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn fill16(tables: &mut [[f32; 16]], levels: &[[f32; 16]], s: __m512, z: __m512) {
+    for (k, (t, lv)) in tables.iter_mut().zip(levels).take(16).enumerate() {
+        let i = _mm512_set1_epi32(k as i32);
+        let (sk, zk) = (_mm512_permutexvar_ps(i, s), _mm512_permutexvar_ps(i, z));
+        // SAFETY: `t` and `lv` hold 16 floats each; unaligned accesses.
+        unsafe {
+            _mm512_storeu_ps(
+                t.as_mut_ptr(),
+                _mm512_add_ps(zk, _mm512_mul_ps(sk, _mm512_loadu_ps(lv.as_ptr()))),
+            )
+        };
     }
 }
 
