@@ -171,6 +171,7 @@ const fn pow2(k: i32) -> f32 {
 /// Every E4M3 byte's value, so that decoding a group parameter is one load (the decode-attention paths read
 /// two per group).
 /// The value of every E4M3 byte, for kernels that decode many at once (a gather).
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn fp8_e4m3_table() -> &'static [f32; 256] {
     &FP8_E4M3
 }
