@@ -1119,7 +1119,7 @@ fn q8_channel_scores<const S: bool>(
             tiles: groups * g / 32,
             col: b0 - start,
             nq,
-            pairs,
+            packed: pairs,
             delta: &*delta,
             bias: &*bias,
         };
@@ -1314,8 +1314,9 @@ fn key_scores32(a: &[__m256i; 2], delta: f32, bias: f32) -> [__m256; 4] {
 }
 
 /// The key tiles of one batch (up to a key block of groups): `tiles` tiles of 32 tokens from ring slot
-/// `b0`, written from column `col` of the scores, with the batch's rounded queries (`pairs`, `d / 2` per
-/// entry), scales (`delta`) and zero-point sums (`bias`), entry `j * nq + qi` for group `j` and query `qi`.
+/// `b0`, written from column `col` of the scores, with the batch's rounded queries (`packed`: pairs, `d / 2`
+/// per entry, for these kernels; quads, `d / 4`, for the AVX-512 ones), scales (`delta`) and zero-point
+/// sums (`bias`), entry `j * nq + qi` for group `j` and query `qi`.
 /// The ranges every tile reads and writes are checked once for the batch, and the tiles then walk by
 /// pointer: a tile's own checks, slicing and index arithmetic, with a call per rounded row
 /// ([`round_pairs`]), were 6% of the int8 key kernel's instructions (callgrind over `decode_bench` at 16k
@@ -1327,12 +1328,39 @@ struct KeyTiles<'a> {
     tiles: usize,
     col: usize,
     nq: usize,
-    pairs: &'a [u32],
+    packed: &'a [u32],
     delta: &'a [f32],
     bias: &'a [f32],
 }
 
 impl KeyTiles<'_> {
+    /// Checks once what every tile of the batch reads and writes: the codes up to the last tile's rows,
+    /// `per_entry` words of `packed` and one `delta` and `bias` per entry of the batch's groups, and the
+    /// scores; `unpacked` says whether the shared unpacking's room suffices. The layout and the batch's
+    /// split guarantee these; a failure is a bug in this crate.
+    #[inline]
+    fn check(&self, per_entry: usize, unpacked: bool, out: &Scores<'_>) {
+        let (b, d, nq) = (self.b, self.d, self.nq);
+        let (w, per_group) = (b.block_words, b.group / 32);
+        // The last tile's codes start furthest on (a tile's first word grows with its slot), and the last
+        // group's entries come last.
+        let last = self.b0 + 32 * (self.tiles - 1);
+        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) / 16;
+        let entries = ((self.tiles - 1) / per_group.max(1) + 1) * nq;
+        assert!(
+            d >= 4
+                && d.is_multiple_of(4)
+                && per_group > 0
+                && b.codes.len() >= last_word + (d - 1) * w + 2
+                && unpacked
+                && self.packed.len() >= entries * per_entry
+                && self.delta.len() >= entries
+                && self.bias.len() >= entries
+                && out.data.len() >= out.pos + self.col + (nq - 1) * out.stride + 32 * self.tiles,
+            "key batch shorter than its layout"
+        );
+    }
+
     /// Every tile by every block of up to 3 queries; where `S` (prefill), each tile's codes are unpacked
     /// once into `unpacked` (`d` vectors, [`unpack_code_pairs`]) for all the blocks, else each block
     /// unpacks them in place.
@@ -1344,24 +1372,7 @@ impl KeyTiles<'_> {
         if self.tiles == 0 {
             return;
         }
-        // The last tile's codes start furthest on (a tile's first word grows with its slot), and the last
-        // group's entries come last.
-        let last = self.b0 + 32 * (self.tiles - 1);
-        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) / 16;
-        let entries = ((self.tiles - 1) / per_group + 1) * nq;
-        // The layout and the batch's split guarantee these; a failure is a bug in this crate.
-        assert!(
-            d >= 4
-                && d.is_multiple_of(4)
-                && per_group > 0
-                && b.codes.len() >= last_word + (d - 1) * w + 2
-                && (!S || unpacked.len() >= d)
-                && self.pairs.len() >= entries * d / 2
-                && self.delta.len() >= entries
-                && self.bias.len() >= entries
-                && out.data.len() >= out.pos + self.col + (nq - 1) * out.stride + 32 * self.tiles,
-            "key batch shorter than its layout"
-        );
+        self.check(d / 2, !S || unpacked.len() >= d, out);
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
             let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) / 16;
@@ -1409,7 +1420,7 @@ impl KeyTiles<'_> {
                 codes,
                 self.b.codes.as_ptr().add(word),
                 self.b.block_words,
-                self.pairs.as_ptr().add(e * h),
+                self.packed.as_ptr().add(e * h),
                 h,
             )
         };
@@ -1484,11 +1495,8 @@ fn q8_token_values<const S: bool>(
     let nq = out.len() / d;
     let g = b.group;
     let groups = d / g;
-    let (l, rest) = work.split_at_mut(nq * d);
-    let (zl, rest) = rest.split_at_mut(nq * groups * 8);
-    let (tile, rest) = rest.split_at_mut(nq * d + groups * nq * (T + 1));
-    let (lp, rest) = rest.split_at_mut(nq * d);
-    let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut rest[..groups * nq * T / 2]);
+    let ValueWork { l, zl, tile, lp, packed } = ValueWork::split(work, nq, d, groups);
+    let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 2]);
     let delta = &mut tile[..groups * nq];
     lp.fill(0.0);
     zl.fill(0.0);
@@ -1568,6 +1576,30 @@ fn q8_token_values<const S: bool>(
         portable::value_tile_q8(b, start, whole, n - whole, p, d, l, zl, tile);
     }
     portable::finish_values_q8(g, d, l, zl, out);
+}
+
+/// The int8 value path's `work` ([`super::q8_value_work`] floats): the outputs `l` (`[nq][d]`), the
+/// zero-point lanes `zl` (8 per query and group), the portable tail's `tile` (its first `groups * nq`
+/// floats the current tile's scales `delta`), the permuted sums `lp` (`[nq][d]`, these kernels only), and
+/// the rounded weights (`packed`: pairs, `Q8_TILE / 2` per group and query, here; quads, `Q8_TILE / 4`, for
+/// the AVX-512 kernels).
+pub(super) struct ValueWork<'w> {
+    pub(super) l: &'w mut [f32],
+    pub(super) zl: &'w mut [f32],
+    pub(super) tile: &'w mut [f32],
+    pub(super) lp: &'w mut [f32],
+    pub(super) packed: &'w mut [f32],
+}
+
+impl<'w> ValueWork<'w> {
+    pub(super) fn split(work: &'w mut [f32], nq: usize, d: usize, groups: usize) -> Self {
+        const T: usize = super::Q8_TILE;
+        let (l, rest) = work.split_at_mut(nq * d);
+        let (zl, rest) = rest.split_at_mut(nq * groups * 8);
+        let (tile, rest) = rest.split_at_mut(nq * d + groups * nq * (T + 1));
+        let (lp, packed) = rest.split_at_mut(nq * d);
+        ValueWork { l, zl, tile, lp, packed }
+    }
 }
 
 /// Adds `p_t z_t` over a value tile (`zr`: the group's zero points over its `Q8_TILE` tokens from `t0`)

@@ -30,6 +30,16 @@ fn kernels() -> Vec<Kernel> {
     k
 }
 
+/// The vector kernels' outputs (AVX2's first) are the same bits: the AVX-512 kernels sum what the AVX2
+/// ones sum, in the same order.
+fn same_bits(outs: &[Vec<f32>], what: &str) {
+    for o in outs.iter().skip(1) {
+        for (c, (a, b)) in outs[0].iter().zip(o).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what} out {c}: {a} vs {b}");
+        }
+    }
+}
+
 /// Plain attention in f64 over explicit keys and values `[t][d]` per KV head: the reference. Returns the
 /// outputs and each query head's probabilities.
 fn naive_p(
@@ -254,16 +264,7 @@ fn decode_equals_attention_over_the_dequantized_cache() {
                                 assert_rounding_close(&what, &cfg, &q, &keys, &values, qh, scale, &out);
                                 cases += 1;
                             }
-                            // The AVX-512 kernels sum what the AVX2 ones sum in the same order.
-                            for o in vector_outs.iter().skip(1) {
-                                for (c, (a, b)) in vector_outs[0].iter().zip(o).enumerate() {
-                                    assert_eq!(
-                                        a.to_bits(),
-                                        b.to_bits(),
-                                        "{name} d {d} T {t} ratio {ratio} out {c}"
-                                    );
-                                }
-                            }
+                            same_bits(&vector_outs, &std::format!("{name} d {d} T {t} ratio {ratio}"));
                         }
                     }
                 }
@@ -1378,16 +1379,7 @@ fn generic_formats_attend_as_their_dequantized_cache() {
                         }
                         cases += 1;
                     }
-                    // The AVX-512 kernels sum what the AVX2 ones sum in the same order: the same bits.
-                    for o in vector_outs.iter().skip(1) {
-                        for (c, (a, b)) in vector_outs[0].iter().zip(o).enumerate() {
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "{name} d {d} T {t} ratio {ratio} out {c}: {a} vs {b}"
-                            );
-                        }
-                    }
+                    same_bits(&vector_outs, &std::format!("{name} d {d} T {t} ratio {ratio}"));
                 }
                 // Prefill of a chunk over the same cache: position i sees the cache and chunk rows 0..=i.
                 if t % 3 != 0 && big {

@@ -45,11 +45,13 @@
 //! scores are `delta * sum + bias` with the same two roundings, so every bit equals the AVX2 kernel's and
 //! the portable twin's (`int8_kernels_equal_their_portable_twin_bit_for_bit`).
 //!
-//! `unsafe` here takes the parent's forms: pointer reads in the multiply loop whose whole range [`Tiles::run`]
+//! `unsafe` here takes the parent's forms: pointer reads in the multiply loop whose whole range [`KeyTiles::check`]
 //! checks once, and the loads of the permute indices.
 
 use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
-use super::{GroupRun, KeyWork, ValueRun, fold_batch, prefetch_next_block, read16, zero_lanes};
+use super::{
+    GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, prefetch_next_block, read16, zero_lanes,
+};
 use crate::cache::layout::key_row;
 use crate::pack::Width;
 use core::arch::x86_64::*;
@@ -97,7 +99,7 @@ pub(crate) fn scores_q8_channel(
 }
 
 /// [`scores_q8_channel`]'s loops: the parent's batching (up to a key block of groups folded together),
-/// then [`Tiles::run`]. `S`: more than 4 queries share each tile's unpacking (`unpacked`, `d / 2`
+/// then [`KeyTiles::run512`]. `S`: more than 4 queries share each tile's unpacking (`unpacked`, `d / 2`
 /// vectors).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
@@ -118,18 +120,18 @@ fn channel_scores<const S: bool>(
         let groups = (start + n - b0).min(batch * g) / g;
         fold_batch(b, q, b0, groups, qs, delta, inv, bias);
         round_quads(&qs[..groups * nq * d], &inv[..groups * nq], &mut quads[..groups * nq * d / 4]);
-        let tiles = Tiles {
+        let tiles = KeyTiles {
             b,
             d,
             b0,
             tiles: groups * g / 32,
             col: b0 - start,
             nq,
-            quads,
+            packed: quads,
             delta: &*delta,
             bias: &*bias,
         };
-        tiles.run::<S>(out, unpacked);
+        tiles.run512::<S>(out, unpacked);
     }
 }
 
@@ -220,6 +222,23 @@ unsafe fn dp_quads<const M: usize, const S: bool>(
     acc
 }
 
+/// The first 16 floats of `s`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn ld16(s: &[f32]) -> __m512 {
+    let s = &s[..16];
+    // SAFETY: `s` holds 16 floats; an unaligned read.
+    unsafe { _mm512_loadu_ps(s.as_ptr()) }
+}
+
+/// The `vpermps` indices that put [`code_quads`]' sums in order: lane `4 k + b` holds position `4 b + k`
+/// (a token of a key tile, a channel of a value tile), so position `t` comes from lane `4 (t % 4) + t / 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn quad_order() -> __m512i {
+    _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+}
+
 /// The permute indices of [`code_quads`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
@@ -228,47 +247,19 @@ fn quad_indices() -> (__m512i, __m512i) {
     unsafe { (_mm512_loadu_si512(QUAD_LO.as_ptr().cast()), _mm512_loadu_si512(QUAD_HI.as_ptr().cast())) }
 }
 
-/// The key tiles of one batch, as the parent's `KeyTiles` with `quads` (`d / 4` per entry, entry
-/// `j * nq + qi` for group `j` and query `qi`) in place of pairs.
-struct Tiles<'a> {
-    b: &'a ChannelBody<'a>,
-    d: usize,
-    b0: usize,
-    tiles: usize,
-    col: usize,
-    nq: usize,
-    quads: &'a [u32],
-    delta: &'a [f32],
-    bias: &'a [f32],
-}
-
-impl Tiles<'_> {
+/// The parent's key tiles with `packed` holding quads (`d / 4` per entry), on 64-byte vectors.
+impl KeyTiles<'_> {
     /// Every tile by every block of up to 4 queries; where `S`, each tile's codes are unpacked once into
     /// `unpacked` (`d / 2` vectors) for all the blocks, else each block unpacks them in place.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    fn run<const S: bool>(&self, out: &mut Scores<'_>, unpacked: &mut [__m512i]) {
+    fn run512<const S: bool>(&self, out: &mut Scores<'_>, unpacked: &mut [__m512i]) {
         let (b, d, nq) = (self.b, self.d, self.nq);
         let (w, per_group) = (b.block_words, b.group / 32);
         if self.tiles == 0 {
             return;
         }
-        let last = self.b0 + 32 * (self.tiles - 1);
-        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) / 16;
-        let entries = ((self.tiles - 1) / per_group + 1) * nq;
-        // The layout and the batch's split guarantee these; a failure is a bug in this crate.
-        assert!(
-            d >= 4
-                && d.is_multiple_of(4)
-                && per_group > 0
-                && b.codes.len() >= last_word + (d - 1) * w + 2
-                && (!S || unpacked.len() >= d / 2)
-                && self.quads.len() >= entries * d / 4
-                && self.delta.len() >= entries
-                && self.bias.len() >= entries
-                && out.data.len() >= out.pos + self.col + (nq - 1) * out.stride + 32 * self.tiles,
-            "key batch shorter than its layout"
-        );
+        self.check(d / 4, !S || unpacked.len() >= d / 2, out);
         let (lo_idx, hi_idx) = quad_indices();
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
@@ -288,10 +279,10 @@ impl Tiles<'_> {
                 // at + nq <= entries otherwise), k < tiles (all checked above).
                 unsafe {
                     match nq - qb {
-                        1 => self.tile::<1, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
-                        2 => self.tile::<2, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
-                        3 => self.tile::<3, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
-                        _ => self.tile::<4, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        1 => self.tile512::<1, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        2 => self.tile512::<2, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        3 => self.tile512::<3, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        _ => self.tile512::<4, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
                     }
                 }
             }
@@ -306,7 +297,7 @@ impl Tiles<'_> {
     #[inline]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    unsafe fn tile<const M: usize, const S: bool>(
+    unsafe fn tile512<const M: usize, const S: bool>(
         &self,
         k: usize,
         word: usize,
@@ -326,13 +317,12 @@ impl Tiles<'_> {
                 codes,
                 self.b.codes.as_ptr().add(word),
                 w,
-                self.quads.as_ptr().add(e * h),
+                self.packed.as_ptr().add(e * h),
                 h,
                 [lo_idx, hi_idx],
             )
         };
-        // Lane 4 k + b holds token 4 b + k: token t comes from lane 4 (t % 4) + t / 4.
-        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let order = quad_order();
         let op = out.data.as_mut_ptr();
         for (m, a) in acc.iter().enumerate() {
             // SAFETY: e + m < the batch's entries <= delta.len(), bias.len() (the caller's contract).
@@ -400,11 +390,8 @@ fn token_values<const S: bool>(
     let groups = d / g;
     // The AVX2 path's split of `work`; its permuted sums are not needed (these go in channel order), and
     // the quads take half of its pairs' room.
-    let (l, rest) = work.split_at_mut(nq * d);
-    let (zl, rest) = rest.split_at_mut(nq * groups * 8);
-    let (tile, rest) = rest.split_at_mut(nq * d + groups * nq * (T + 1));
-    let rest = &mut rest[nq * d..];
-    let quads: &mut [u32] = bytemuck::cast_slice_mut(&mut rest[..groups * nq * T / 4]);
+    let ValueWork { l, zl, tile, packed, .. } = ValueWork::split(work, nq, d, groups);
+    let quads: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 4]);
     let delta = &mut tile[..groups * nq];
     l.fill(0.0);
     zl.fill(0.0);
@@ -548,8 +535,7 @@ impl ValueTile<'_> {
                 [lo_idx, hi_idx],
             )
         };
-        // Lane 4 k + b holds channel 4 b + k: channel c comes from lane 4 (c % 4) + c / 4.
-        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let order = quad_order();
         for (m, a) in acc.iter().enumerate() {
             let dl = _mm512_set1_ps(self.delta[qb + m]);
             let om = &mut o[m * d..][..32];
@@ -609,11 +595,6 @@ fn group_block<const B: i32, const M: usize>(run: &GroupRun<'_>, out: &mut Score
     let (b, rw4) = (B as usize, run.row_words * 4);
     let ng = run.groups.len();
     assert!(d > 0 && qb + M <= nq && run.tables.len() >= ng * d, "key groups shorter than their layout");
-    let ld16 = |s: &[f32]| {
-        let s = &s[..16];
-        // SAFETY: `s` holds 16 floats; an unaligned read.
-        unsafe { _mm512_loadu_ps(s.as_ptr()) }
-    };
     for t0 in (0..g).step_by(16) {
         let oq = &run.oq[super::super::generic::oq_at(qb, 0, t0, nq, d, g)..][..M * d * 16];
         let bias: [__m512; M] = core::array::from_fn(|m| ld16(&run.bias[(qb + m) * g + t0..]));
@@ -923,11 +904,6 @@ fn value_tile<const B: u32, const M: usize>(
         tile > 0 && fits && d.is_multiple_of(32) && b.group.is_multiple_of(16),
         "value row shorter than its layout"
     );
-    let ld16 = |s: &[f32]| {
-        let s = &s[..16];
-        // SAFETY: `s` holds 16 floats; an unaligned read.
-        unsafe { _mm512_loadu_ps(s.as_ptr()) }
-    };
     for c0 in (0..d).step_by(32) {
         // The two runs' groups (a group is a multiple of 16 channels, so a run lies in one).
         let (g0, g1) = (c0 / b.group, (c0 + 16) / b.group);
@@ -1161,11 +1137,6 @@ fn value_run_block<const B: i32, const M: usize>(run: &ValueRun<'_>, d: usize, a
     let groups = d / run.group;
     let nt = run.tables.len() / groups;
     let p = run.p;
-    let ld16 = |s: &[f32]| {
-        let s = &s[..16];
-        // SAFETY: `s` holds 16 floats; an unaligned read.
-        unsafe { _mm512_loadu_ps(s.as_ptr()) }
-    };
     for c0 in (0..d).step_by(16) {
         let gj = c0 / run.group;
         let mut a: [__m512; M] = core::array::from_fn(|m| ld16(&acc[(qb + m) * d + c0..]));
