@@ -342,6 +342,12 @@ impl<'a> Cache<'a> {
         &self.layout
     }
 
+    /// The arena's words that the layout uses, read-only: the cache's whole state besides its
+    /// [`Counts`], for copying it elsewhere (a GPU's memory).
+    pub fn words(&self) -> &[u32] {
+        &self.arena[..self.layout.total_words]
+    }
+
     /// Token counts.
     pub fn counts(&self) -> Counts {
         self.counts

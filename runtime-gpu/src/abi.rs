@@ -1,0 +1,349 @@
+//! The kernels' argument structs (`kernels/kvq.cuh` declares the same in C) and the host's plan of an
+//! append: which groups it codes and which rows it stores, computed from `kvq-core`'s counts exactly as
+//! `Cache::append` moves them token by token.
+
+use kvq_core::cache::{Axis, CacheConfig, Counts, Layout, Overflow, Precision, StreamLayout};
+use kvq_core::pack::Width;
+
+use crate::error::{GpuError, Result};
+
+/// `KVQ_F16`: an fp16 body.
+pub const KIND_F16: u32 = 0;
+/// `KVQ_PER_CHANNEL`: codes per channel along tokens (KIVI keys).
+pub const KIND_PER_CHANNEL: u32 = 1;
+/// `KVQ_PER_TOKEN`: codes per token along channels (KIVI values).
+pub const KIND_PER_TOKEN: u32 = 2;
+/// Largest head dimension the attention kernels take (`KVQ_MAX_HEAD_DIM`).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Most query heads per KV head (`KVQ_MAX_RATIO`).
+pub const MAX_RATIO: usize = 8;
+
+/// One stream's regions and shape (`KvqStream`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct KvqStream {
+    /// [`KIND_F16`], [`KIND_PER_CHANNEL`] or [`KIND_PER_TOKEN`].
+    pub kind: u32,
+    /// Bits a code occupies.
+    pub bits: u32,
+    /// Largest code.
+    pub max_code: u32,
+    /// Group size.
+    pub group: u32,
+    /// Body slots.
+    pub ring: u32,
+    /// Tokens per key block.
+    pub block: u32,
+    /// Words of one code row.
+    pub row_words: u32,
+    /// Groups per row.
+    pub row_groups: u32,
+    /// Window slots.
+    pub window_tokens: u32,
+    /// Word offset of the sinks.
+    pub sinks: u32,
+    /// Word offset of the window.
+    pub window: u32,
+    /// Word offset of the body.
+    pub codes: u32,
+    /// Word offset of the scales.
+    pub scale: u32,
+    /// Word offset of the zero points.
+    pub zero: u32,
+}
+
+/// A layer cache's shape and streams (`KvqLayout`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct KvqLayout {
+    /// KV heads.
+    pub kv_heads: u32,
+    /// Channels per head.
+    pub head_dim: u32,
+    /// Most tokens held.
+    pub capacity: u32,
+    /// Sinks `S`.
+    pub sinks: u32,
+    /// Window `R`.
+    pub residual: u32,
+    /// Words of the arena.
+    pub total_words: u32,
+    /// Keys.
+    pub keys: KvqStream,
+    /// Values.
+    pub values: KvqStream,
+}
+
+/// Token counts and the ends of the quantized runs (`KvqCounts`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct KvqCounts {
+    /// Sinks held.
+    pub sinks: u32,
+    /// Body tokens appended.
+    pub n: u32,
+    /// First body token held.
+    pub base: u32,
+    /// End of the key body's run.
+    pub key_q_end: u32,
+    /// End of the value body's run.
+    pub value_q_end: u32,
+}
+
+/// One append's work (`KvqAppend`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct KvqAppend {
+    /// Sinks held before.
+    pub sink0: u32,
+    /// Input rows that become sinks.
+    pub sink_new: u32,
+    /// Body tokens appended before.
+    pub n0: u32,
+    /// Body tokens in this append.
+    pub tokens: u32,
+    /// First key window block flushed.
+    pub key_blocks0: u32,
+    /// Key window blocks flushed.
+    pub key_blocks: u32,
+    /// First body token whose value this append codes.
+    pub value_q0: u32,
+    /// Values coded.
+    pub value_q: u32,
+}
+
+fn u32_of(what: &'static str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| GpuError::Unsupported { what, value: v })
+}
+
+fn stream(cfg: &CacheConfig, p: Precision, l: &StreamLayout, keys: bool) -> Result<KvqStream> {
+    let (kind, bits, max_code, group) = match p {
+        Precision::F16 => (KIND_F16, 16, 0, 0),
+        Precision::Quant(q) => {
+            if !q.plain() || cfg.generic(!keys) {
+                return Err(GpuError::Unsupported {
+                    what: "cache format on the GPU (only fp16 and KIVI's plain uniform formats)",
+                    value: 0,
+                });
+            }
+            let kind = match (q.axis, keys) {
+                (Axis::PerChannel, true) => KIND_PER_CHANNEL,
+                (Axis::PerToken, false) => KIND_PER_TOKEN,
+                _ => {
+                    return Err(GpuError::Unsupported { what: "per-token keys on the GPU", value: 0 });
+                }
+            };
+            if q.width == Width::B3 && kind == KIND_PER_TOKEN && q.group % 32 != 0 {
+                return Err(GpuError::Unsupported { what: "3-bit value group", value: q.group });
+            }
+            (kind, q.width.bits(), u32::from(q.width.max_code()), u32_of("group", q.group)?)
+        }
+    };
+    Ok(KvqStream {
+        kind,
+        bits,
+        max_code,
+        group,
+        ring: u32_of("ring", l.ring)?,
+        block: u32_of("block", l.block)?,
+        row_words: u32_of("row words", l.row_words)?,
+        row_groups: u32_of("row groups", l.row_groups)?,
+        window_tokens: u32_of("window", l.window_tokens)?,
+        sinks: u32_of("offset", l.sinks.offset)?,
+        window: u32_of("offset", l.window.offset)?,
+        codes: u32_of("offset", l.codes.offset)?,
+        scale: u32_of("offset", l.scale.offset)?,
+        zero: u32_of("offset", l.zero.offset)?,
+    })
+}
+
+impl KvqLayout {
+    /// The kernels' view of `cfg`'s layout `l` (`cfg.layout()`).
+    ///
+    /// # Errors
+    /// [`GpuError::Unsupported`] for the calibrated formats (codebooks, outliers, FP8 parameters,
+    /// transforms, tiers), per-token keys, and arenas whose f16 indices pass `u32` (8 GiB).
+    pub fn new(cfg: &CacheConfig, l: &Layout) -> Result<Self> {
+        if cfg.tiers.is_some() || cfg.transform.rope.is_some() {
+            return Err(GpuError::Unsupported { what: "tiers or RoPE offsets on the GPU", value: 0 });
+        }
+        // Kernels index halves of the arena with 32-bit integers.
+        if l.total_words > (u32::MAX / 2) as usize {
+            return Err(GpuError::Unsupported {
+                what: "arena words on the GPU (at most 2^31)",
+                value: l.total_words,
+            });
+        }
+        Ok(Self {
+            kv_heads: u32_of("kv_heads", cfg.kv_heads)?,
+            head_dim: u32_of("head_dim", cfg.head_dim)?,
+            capacity: u32_of("capacity", cfg.capacity)?,
+            sinks: u32_of("sinks", cfg.sinks)?,
+            residual: u32_of("residual", cfg.residual)?,
+            total_words: u32_of("words", l.total_words)?,
+            keys: stream(cfg, cfg.keys, &l.keys, true)?,
+            values: stream(cfg, cfg.values, &l.values, false)?,
+        })
+    }
+}
+
+impl KvqCounts {
+    /// The kernels' counts for a cache of `cfg` at `c`.
+    pub fn new(cfg: &CacheConfig, c: Counts) -> Self {
+        let r = cfg.residual;
+        Self {
+            sinks: c.sinks as u32,
+            n: c.n as u32,
+            base: c.base as u32,
+            key_q_end: cfg.keys.residual().quantized_end(c.n, r) as u32,
+            value_q_end: cfg.values.residual().quantized_end(c.n, r) as u32,
+        }
+    }
+}
+
+/// The counts after appending `tokens` tokens at `c`, as `Cache::append` moves them (sinks first; a full
+/// sliding cache drops a slide step before each new body token).
+///
+/// # Errors
+/// [`kvq_core::Error::ContextFull`] when a stopping cache would pass its capacity.
+pub fn counts_after(cfg: &CacheConfig, c: Counts, tokens: usize) -> Result<Counts> {
+    if cfg.overflow == Overflow::Stop && c.held() + tokens > cfg.capacity {
+        return Err(
+            kvq_core::Error::ContextFull { held: c.held(), adding: tokens, capacity: cfg.capacity }.into()
+        );
+    }
+    let mut c = c;
+    let to_sinks = (cfg.sinks - c.sinks).min(tokens);
+    c.sinks += to_sinks;
+    for _ in to_sinks..tokens {
+        if c.held() == cfg.capacity {
+            c.base += cfg.slide_step();
+        }
+        c.n += 1;
+    }
+    Ok(c)
+}
+
+/// Most tokens one append may carry so that no body slot or window slot is written twice within it
+/// (a longer append is cut into pieces of this size).
+pub fn max_piece(cfg: &CacheConfig, l: &Layout) -> usize {
+    let r = cfg.residual;
+    let mut p = usize::MAX;
+    for (precision, s) in [(cfg.keys, &l.keys), (cfg.values, &l.values)] {
+        let limit = match precision {
+            Precision::F16 => s.ring,
+            // A piece of P tokens flushes key blocks spanning at most P + R - 1 tokens.
+            Precision::Quant(q) if q.axis == Axis::PerChannel => (s.ring + 1).saturating_sub(r),
+            Precision::Quant(_) => s.ring,
+        };
+        if limit > 0 {
+            p = p.min(limit);
+        }
+    }
+    p.clamp(1, 1 << 20)
+}
+
+/// The work of appending `tokens` tokens (at most [`max_piece`]) to a cache at counts `c` (after any sinks
+/// the append fills).
+pub fn plan_append(cfg: &CacheConfig, c: Counts, tokens: usize) -> KvqAppend {
+    let sink_new = (cfg.sinks - c.sinks).min(tokens);
+    let body = tokens - sink_new;
+    let (n0, n1, r) = (c.n, c.n + body, cfg.residual);
+    let (mut key_blocks0, mut key_blocks) = (0, 0);
+    if let Precision::Quant(q) = cfg.keys
+        && q.axis == Axis::PerChannel
+    {
+        key_blocks0 = n0 / r;
+        key_blocks = n1 / r - n0 / r;
+    }
+    let (mut value_q0, mut value_q) = (0, 0);
+    if let Precision::Quant(_) = cfg.values {
+        value_q0 = n0.saturating_sub(r);
+        value_q = n1.saturating_sub(r) - value_q0;
+    }
+    KvqAppend {
+        sink0: c.sinks as u32,
+        sink_new: sink_new as u32,
+        n0: n0 as u32,
+        tokens: body as u32,
+        key_blocks0: key_blocks0 as u32,
+        key_blocks: key_blocks as u32,
+        value_q0: value_q0 as u32,
+        value_q: value_q as u32,
+    }
+}
+
+/// Items of the quantize pass (`kvq_quantize_items`).
+pub fn quantize_items(l: &KvqLayout, a: &KvqAppend) -> u64 {
+    let mut n = 0u64;
+    if l.keys.kind == KIND_PER_CHANNEL {
+        n += u64::from(a.key_blocks)
+            * u64::from(l.residual / l.keys.group)
+            * u64::from(l.kv_heads * l.head_dim);
+    }
+    if l.values.kind == KIND_PER_TOKEN {
+        n += u64::from(a.value_q) * u64::from(l.kv_heads) * u64::from(l.head_dim / l.values.group);
+    }
+    n
+}
+
+/// Items of the store pass (`kvq_store_items`).
+pub fn store_items(l: &KvqLayout, a: &KvqAppend) -> u64 {
+    2 * u64::from(a.sink_new + a.tokens) * u64::from(l.kv_heads) * u64::from(l.head_dim)
+}
+
+/// Checks an append's input as `Cache::append` does: equal lengths, a multiple of `kv_heads * head_dim`,
+/// finite, within `MAX_ABS`, and room in a stopping cache. Returns the tokens.
+///
+/// # Errors
+/// The `kvq_core` errors `Cache::append` gives for the same input.
+pub fn check_append(cfg: &CacheConfig, c: Counts, keys: &[f32], values: &[f32]) -> Result<usize> {
+    use kvq_core::Error;
+    let hd = cfg.kv_heads * cfg.head_dim;
+    if !keys.len().is_multiple_of(hd) {
+        return Err(Error::ShapeMismatch {
+            what: "keys length (multiple of kv_heads*head_dim)",
+            expected: hd,
+            got: keys.len(),
+        }
+        .into());
+    }
+    if values.len() != keys.len() {
+        return Err(
+            Error::ShapeMismatch { what: "values length", expected: keys.len(), got: values.len() }.into()
+        );
+    }
+    for (i, &x) in keys.iter().chain(values).enumerate() {
+        if !x.is_finite() {
+            return Err(Error::NonFinite { index: i }.into());
+        }
+        if x.abs() > kvq_core::cache::MAX_ABS {
+            return Err(Error::ParamOverflow { value: x, max: kvq_core::cache::MAX_ABS }.into());
+        }
+    }
+    let tokens = keys.len() / hd;
+    counts_after(cfg, c, tokens)?;
+    Ok(tokens)
+}
+
+/// How a decode or prefill is split along the tokens (Flash-Decoding): `splits` blocks per KV head and
+/// query, each over `split` tokens (a multiple of 128, the four warps' tiles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Splits {
+    /// Tokens per split.
+    pub split: usize,
+    /// Splits.
+    pub splits: usize,
+}
+
+impl Splits {
+    /// Splits for `tokens` tokens (the most any query sees) over `kv_heads` heads and `queries` queries,
+    /// aiming at `target` blocks in all (a few per multiprocessor), never under 128 tokens a split.
+    pub fn new(tokens: usize, kv_heads: usize, queries: usize, target: usize) -> Self {
+        let tokens = tokens.max(1);
+        let rows = (kv_heads * queries).max(1);
+        let want = target.div_ceil(rows).max(1);
+        let split = tokens.div_ceil(want).div_ceil(128).max(1) * 128;
+        Self { split, splits: tokens.div_ceil(split) }
+    }
+}
