@@ -148,6 +148,28 @@ fn grid_for(items: u64) -> Result<LaunchConfig> {
     Ok(LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
 }
 
+/// The buffers of one attention shape: the splits' partial outputs and softmax states.
+pub struct AttendWork {
+    splits: Splits,
+    queries: usize,
+    q_heads: usize,
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for AttendWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttendWork").field("splits", &self.splits).field("queries", &self.queries).finish()
+    }
+}
+
+impl AttendWork {
+    /// How the tokens are split.
+    pub fn splits(&self) -> Splits {
+        self.splits
+    }
+}
+
 /// One layer's cache in device memory, in kvq-core's layout.
 pub struct DeviceCache {
     gpu: Arc<Gpu>,
@@ -305,21 +327,7 @@ impl DeviceCache {
         scale: f32,
     ) -> Result<Vec<f32>> {
         let (heads, d) = (self.cfg.kv_heads, self.cfg.head_dim);
-        let shape = kvq_core::Error::ShapeMismatch {
-            what: "q_heads (a multiple of kv_heads)",
-            expected: heads,
-            got: q_heads,
-        };
-        if q_heads == 0 || !q_heads.is_multiple_of(heads) {
-            return Err(shape.into());
-        }
-        let ratio = q_heads / heads;
-        if ratio > MAX_RATIO || d > MAX_HEAD_DIM || !d.is_multiple_of(32) {
-            return Err(GpuError::Unsupported {
-                what: "query heads per KV head (<= 8) or head_dim (32..=256, x32)",
-                value: ratio.max(d),
-            });
-        }
+        self.check_heads(q_heads)?;
         let n = q.len() / (q_heads * d);
         if n == 0 || q.len() != n * q_heads * d || (chunk.is_none() && n != 1) {
             return Err(kvq_core::Error::ShapeMismatch {
@@ -332,10 +340,6 @@ impl DeviceCache {
         if let Some(i) = q.iter().position(|x| !x.is_finite()) {
             return Err(kvq_core::Error::NonFinite { index: i }.into());
         }
-        if !scale.is_finite() {
-            return Err(kvq_core::Error::NonFinite { index: 0 }.into());
-        }
-        let held = self.counts.held();
         if let Some((k, v)) = chunk {
             if k.len() != n * heads * d || v.len() != k.len() {
                 return Err(kvq_core::Error::ShapeMismatch {
@@ -348,35 +352,121 @@ impl DeviceCache {
             if let Some(i) = k.iter().chain(v).position(|x| !x.is_finite()) {
                 return Err(kvq_core::Error::NonFinite { index: i }.into());
             }
-        } else if held == 0 {
-            return Err(kvq_core::Error::EmptyInput { what: "cache" }.into());
         }
-        let tokens = held + if chunk.is_some() { n } else { 0 };
-        let sp = Splits::new(tokens, heads, n, self.gpu.sms * 4);
         let stream = &self.gpu.stream;
         let qd = stream.clone_htod(q)?;
         let (kd, vd) = match chunk {
             Some((k, v)) => (Some(stream.clone_htod(k)?), Some(stream.clone_htod(v)?)),
             None => (None, None),
         };
-        let rows = n * q_heads;
-        let mut part_o = stream.alloc_zeros::<f32>(rows * sp.splits * d)?;
-        let mut part_ml = stream.alloc_zeros::<f32>(rows * sp.splits * 2)?;
-        let counts = KvqCounts::new(&self.cfg, self.counts);
-        self.launch_attend(
-            &qd,
-            kd.as_ref().zip(vd.as_ref()),
-            n,
-            ratio,
-            scale,
-            sp,
-            counts,
-            &mut part_o,
-            &mut part_ml,
-        )?;
-        let mut out = stream.alloc_zeros::<f32>(rows * d)?;
-        self.launch_merge(&part_o, &part_ml, n, q_heads, sp.splits, &mut out)?;
+        let mut work = self.work(q_heads, n)?;
+        let mut out = stream.alloc_zeros::<f32>(n * q_heads * d)?;
+        self.attend_device(&qd, kd.as_ref().zip(vd.as_ref()), q_heads, scale, &mut work, &mut out)?;
         Ok(stream.clone_dtoh(&out)?)
+    }
+
+    fn check_heads(&self, q_heads: usize) -> Result<usize> {
+        let (heads, d) = (self.cfg.kv_heads, self.cfg.head_dim);
+        if q_heads == 0 || !q_heads.is_multiple_of(heads) {
+            return Err(kvq_core::Error::ShapeMismatch {
+                what: "q_heads (a multiple of kv_heads)",
+                expected: heads,
+                got: q_heads,
+            }
+            .into());
+        }
+        let ratio = q_heads / heads;
+        if ratio > MAX_RATIO || d > MAX_HEAD_DIM || !d.is_multiple_of(32) {
+            return Err(GpuError::Unsupported {
+                what: "query heads per KV head (at most 8) or head_dim (32 to 256, a multiple of 32)",
+                value: ratio.max(d),
+            });
+        }
+        Ok(ratio)
+    }
+
+    /// The buffers of an attention over what the cache holds now (plus `queries` chunk positions for a
+    /// prefill; 1 for a decode), split as the device's multiprocessors suit.
+    ///
+    /// # Errors
+    /// Shape errors as [`DeviceCache::decode`]; driver errors.
+    pub fn work(&self, q_heads: usize, queries: usize) -> Result<AttendWork> {
+        self.check_heads(q_heads)?;
+        let queries = queries.max(1);
+        let tokens = self.counts.held() + queries;
+        let sp = Splits::new(tokens, self.cfg.kv_heads, queries, self.gpu.sms * 4);
+        let rows = queries * q_heads;
+        let d = self.cfg.head_dim;
+        Ok(AttendWork {
+            splits: sp,
+            queries,
+            q_heads,
+            part_o: self.gpu.stream.alloc_zeros::<f32>(rows * sp.splits * d)?,
+            part_ml: self.gpu.stream.alloc_zeros::<f32>(rows * sp.splits * 2)?,
+        })
+    }
+
+    /// Attention with everything on the device and nothing synchronized: a decode (`chunk` `None`, `q`
+    /// one position) or a prefill (`chunk` the positions' f32 keys and values), into `out`
+    /// `[queries][q_heads][d]`. `work` comes from [`DeviceCache::work`] for the same shape.
+    ///
+    /// # Errors
+    /// Shape errors (buffers that do not match `work`, a cache that grew past the work's splits, an empty
+    /// cache for a decode); driver errors.
+    pub fn attend_device(
+        &self,
+        q: &CudaSlice<f32>,
+        chunk: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
+        q_heads: usize,
+        scale: f32,
+        work: &mut AttendWork,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let ratio = self.check_heads(q_heads)?;
+        let n = work.queries;
+        let held = self.counts.held();
+        let tokens = held + if chunk.is_some() { n } else { 0 };
+        let covered = work.splits.split * work.splits.splits;
+        if work.q_heads != q_heads || tokens > covered || (chunk.is_none() && n != 1) {
+            return Err(kvq_core::Error::ShapeMismatch {
+                what: "attention work (made for another shape or a shorter cache)",
+                expected: tokens,
+                got: covered,
+            }
+            .into());
+        }
+        if tokens == 0 {
+            return Err(kvq_core::Error::EmptyInput { what: "cache" }.into());
+        }
+        if !scale.is_finite() {
+            return Err(kvq_core::Error::NonFinite { index: 0 }.into());
+        }
+        let counts = KvqCounts::new(&self.cfg, self.counts);
+        let sp = work.splits;
+        self.launch_attend(q, chunk, n, ratio, scale, sp, counts, &mut work.part_o, &mut work.part_ml)?;
+        self.launch_merge(&work.part_o, &work.part_ml, n, q_heads, sp.splits, out)
+    }
+
+    /// A copy of the cache on the same device (device to device).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn try_clone(&self) -> Result<Self> {
+        let mut arena = self.gpu.stream.alloc_zeros::<u32>(self.arena.len())?;
+        self.gpu.stream.memcpy_dtod(&self.arena, &mut arena)?;
+        Ok(Self {
+            gpu: self.gpu.clone(),
+            cfg: self.cfg,
+            layout: self.layout,
+            abi: self.abi,
+            arena,
+            counts: self.counts,
+        })
+    }
+
+    /// Bytes held per region now (kvq-core's accounting).
+    pub fn usage(&self) -> kvq_core::cache::Usage {
+        self.cfg.usage(self.counts)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -24,5 +24,5 @@ pub mod error;
 pub mod nvrtc;
 pub mod sim;
 
-pub use device::{DeviceCache, Gpu};
+pub use device::{AttendWork, DeviceCache, Gpu};
 pub use error::{GpuError, Result};

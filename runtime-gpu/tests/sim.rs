@@ -24,63 +24,14 @@
 //! The simulation and kvq-core each stay within this of the exact result, so within twice it of each
 //! other. Moving one value or key element of the dominant token by one quantization level breaks it.
 
+mod common;
+
+use common::{Gen, bound, check, exact, rows};
 use kvq_core::attention::{self, Kernel};
 use kvq_core::cache::{Cache, CacheConfig, Overflow, Stream};
 use kvq_core::pack::Width;
 use kvq_gpu::abi::Splits;
 use kvq_gpu::sim;
-
-const U: f64 = 1.0 / (1u64 << 24) as f64;
-
-fn gamma(n: usize) -> f64 {
-    n as f64 * U / (1.0 - n as f64 * U)
-}
-
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn rows(&mut self, n: usize, width: usize) -> Vec<f32> {
-        (0..n * width).map(|i| self.next() * if i % 13 == 5 { 4.0 } else { 1.0 }).collect()
-    }
-}
-
-/// A KV head's dequantized rows, held tokens first.
-fn rows(cache: &Cache<'_>, s: Stream, h: usize) -> Vec<f32> {
-    let mut r = vec![0.0f32; cache.held() * cache.config().head_dim];
-    cache.dequantize(s, h, &mut r).unwrap();
-    r
-}
-
-/// Exact attention of one query over `tokens` rows, in f64.
-fn exact(k: &[f32], v: &[f32], q: &[f32], scale: f32, d: usize, tokens: usize) -> Vec<f64> {
-    let s: Vec<f64> = (0..tokens)
-        .map(|t| (0..d).map(|c| f64::from(q[c]) * f64::from(scale) * f64::from(k[t * d + c])).sum())
-        .collect();
-    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-    let l: f64 = p.iter().sum();
-    (0..d).map(|c| (0..tokens).map(|t| p[t] * f64::from(v[t * d + c])).sum::<f64>() / l).collect()
-}
-
-/// The bound of the module docs for one query over `tokens` rows in `splits` splits.
-fn bound(k: &[f32], v: &[f32], q: &[f32], scale: f32, d: usize, tokens: usize, splits: usize) -> Vec<f64> {
-    let kmax: Vec<f64> =
-        (0..d).map(|c| (0..tokens).map(|t| f64::from(k[t * d + c].abs())).fold(0.0, f64::max)).collect();
-    let vmax: Vec<f64> =
-        (0..d).map(|c| (0..tokens).map(|t| f64::from(v[t * d + c].abs())).fold(0.0, f64::max)).collect();
-    let e = gamma(d + 4) * (0..d).map(|c| 3.0 * f64::from((q[c] * scale).abs()) * kmax[c]).sum::<f64>();
-    let smax = (0..d).map(|c| f64::from((q[c] * scale).abs()) * kmax[c]).sum::<f64>();
-    let rho = 2.0 * e + 2.0 * U * smax + 4.0 * U * (tokens as f64 / 32.0 + splits as f64 + 8.0);
-    let f = (2.0 * rho).exp_m1() + gamma(tokens + 8);
-    vmax.iter().map(|vm| f * 3.0 * vm).collect()
-}
 
 fn configs(heads: usize, d: usize, cap: usize) -> Vec<(&'static str, CacheConfig)> {
     vec![
@@ -94,30 +45,6 @@ fn configs(heads: usize, d: usize, cap: usize) -> Vec<(&'static str, CacheConfig
                 .with_overflow(Overflow::Slide),
         ),
     ]
-}
-
-/// Checks one query head's result against the exact attention and kvq-core's.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    what: &str,
-    got: &[f32],
-    core: &[f32],
-    k: &[f32],
-    v: &[f32],
-    q: &[f32],
-    scale: f32,
-    d: usize,
-    tokens: usize,
-    splits: usize,
-) {
-    let ex = exact(k, v, q, scale, d, tokens);
-    let b = bound(k, v, q, scale, d, tokens, splits);
-    for c in 0..d {
-        let (g, co, e) = (f64::from(got[c]), f64::from(core[c]), ex[c]);
-        assert!((g - e).abs() <= b[c], "{what} c{c}: simulation {g} vs exact {e}, bound {}", b[c]);
-        assert!((co - e).abs() <= b[c], "{what} c{c}: core {co} vs exact {e}, bound {}", b[c]);
-        assert!((g - co).abs() <= 2.0 * b[c], "{what} c{c}: simulation {g} vs core {co}");
-    }
 }
 
 #[test]
