@@ -16,7 +16,7 @@
 #define KVQ_CUH
 
 #ifdef __CUDACC__
-#define KVQ_FN static __device__ __forceinline__
+#define KVQ_FN __device__ __forceinline__
 #else
 #define KVQ_FN static inline
 #include <string.h>

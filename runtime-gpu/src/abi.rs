@@ -347,3 +347,45 @@ impl Splits {
         Self { split, splits: tokens.div_ceil(split) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits cover the tokens with whole 128-token tiles per warp group, as few as the target allows.
+    #[test]
+    fn splits_cover_the_tokens() {
+        for tokens in [1usize, 127, 128, 129, 4096, 40_000, 131_072] {
+            for (heads, queries, target) in [(1usize, 1usize, 528usize), (3, 1, 528), (8, 64, 32), (1, 1, 1)]
+            {
+                let s = Splits::new(tokens, heads, queries, target);
+                assert!(s.split.is_multiple_of(128) && s.split >= 128, "{tokens} {s:?}");
+                assert!(s.split * s.splits >= tokens && s.split * (s.splits - 1) < tokens, "{tokens} {s:?}");
+                // No more blocks than the target asks for, unless the tiles force it.
+                assert!(s.splits * heads * queries <= target.max(heads * queries) || s.split == 128, "{s:?}");
+            }
+        }
+    }
+
+    /// The counts of an append equal kvq-core's after the same appends, sinks and slides included.
+    #[test]
+    fn counts_follow_core() {
+        let cfg =
+            CacheConfig::kivi(Width::B2, 32, 64, 2, 64, 300).with_sinks(4).with_overflow(Overflow::Slide);
+        let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = kvq_core::cache::Cache::new(cfg, &mut arena).unwrap();
+        let mut c = Counts::default();
+        for n in [1usize, 2, 3, 100, 250, 1, 64, 500] {
+            let x = vec![0.25f32; n * 128];
+            cache.append(&x, &x).unwrap();
+            c = counts_after(&cfg, c, n).unwrap();
+            assert_eq!(c, cache.counts());
+        }
+        let stop = CacheConfig { overflow: Overflow::Stop, ..cfg };
+        let full = Counts { sinks: 4, n: 296, base: 0 };
+        assert!(matches!(
+            counts_after(&stop, full, 1),
+            Err(GpuError::Core(kvq_core::Error::ContextFull { .. }))
+        ));
+    }
+}

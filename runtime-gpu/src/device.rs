@@ -51,14 +51,12 @@ impl Gpu {
     /// loads them.
     ///
     /// # Errors
-    /// [`GpuError::NoDriver`], [`GpuError::NoNvrtc`], [`GpuError::NoDevice`] when there is nothing to
-    /// run on (never a panic: the driver library's own panics are caught); [`GpuError::Compile`].
+    /// [`GpuError::NoDriver`], [`GpuError::NoDevice`] when there is nothing to run on (never a panic: the
+    /// driver library's own panics are caught); [`GpuError::NoNvrtc`] when a kernel is neither in the
+    /// module cache nor compilable here; [`GpuError::Compile`].
     pub fn open(ordinal: usize) -> Result<Self> {
         if !driver_present() {
             return Err(GpuError::NoDriver);
-        }
-        if !nvrtc::available() {
-            return Err(GpuError::NoNvrtc);
         }
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| GpuError::NoDevice("the driver library panicked while starting".into()))?

@@ -3,7 +3,7 @@
 //! Each source in `kernels/` is one operation and includes `kvq.cuh`; the header is pasted in before
 //! compiling, so the crate carries everything it needs. [`compile`] gives a CUBIN for a real architecture
 //! (`sm_87`) with ptxas's register and spill report, or PTX for a virtual one (`compute_87`).
-//! [`Module`]s are cached on disk per architecture, NVRTC version and source (see [`cache_dir`]).
+//! [`Module`]s are cached on disk per architecture and source (see [`cache_file`]).
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};
@@ -219,27 +219,29 @@ fn fnv(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// [`compile`] through the disk cache: a module compiled before for the same architecture, NVRTC
-/// version and source is read back instead. A cache that cannot be read or written is skipped.
+/// The cache file of `src` compiled for `arch`: keyed by the source text (header included) and the
+/// architecture, not by the NVRTC that compiled it (a CUBIN for an architecture loads under any driver
+/// new enough for it), so modules compiled on another machine can be carried to one without NVRTC.
+pub fn cache_file(src: &Source, arch: &str) -> Option<PathBuf> {
+    let ext = if arch.starts_with("sm_") { "cubin" } else { "ptx" };
+    let name = format!("{}-{arch}-{:016x}.{ext}", src.file.trim_end_matches(".cu"), fnv(&full_text(src)));
+    cache_dir().map(|d| d.join(name))
+}
+
+/// [`compile`] through the disk cache ([`cache_file`]): a module compiled before is read back (NVRTC is
+/// then not needed); otherwise it is compiled and written there. A cache that cannot be read or written
+/// is skipped.
 ///
 /// # Errors
-/// As [`compile`].
+/// As [`compile`], when the module is not in the cache.
 pub fn compile_cached(src: &Source, arch: &str) -> Result<Module> {
-    let (major, minor) = version()?;
-    let text = full_text(src);
-    let ext = if arch.starts_with("sm_") { "cubin" } else { "ptx" };
-    let file = cache_dir().map(|d| {
-        d.join(format!(
-            "{}-{arch}-nvrtc{major}.{minor}-{:016x}.{ext}",
-            src.file.trim_end_matches(".cu"),
-            fnv(&text)
-        ))
-    });
+    let file = cache_file(src, arch);
     if let Some(f) = &file
         && let Ok(image) = std::fs::read(f)
         && !image.is_empty()
     {
-        return Ok(Module { arch: arch.to_string(), image, cubin: ext == "cubin", log: String::new() });
+        let cubin = arch.starts_with("sm_");
+        return Ok(Module { arch: arch.to_string(), image, cubin, log: String::new() });
     }
     let m = compile(src, arch, false)?;
     if let Some(f) = &file {
@@ -252,4 +254,62 @@ pub fn compile_cached(src: &Source, arch: &str) -> Result<Module> {
         }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ptxas's verbose report as NVRTC 13.5 gives it for `merge.cu` on sm_87.
+    const LOG: &str = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kvq_merge' for 'sm_87'
+ptxas info    : Function properties for kvq_merge
+ptxas         .     8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 384 bytes cmem[0]
+ptxas info    : Compiling entry function 'kvq_copy' for 'sm_87'
+ptxas info    : Function properties for kvq_copy
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 14 registers, used 0 barriers, 376 bytes cmem[0]
+";
+
+    #[test]
+    fn ptxas_reports_parse_per_kernel() {
+        let u = usage(LOG);
+        assert_eq!(
+            u,
+            vec![
+                KernelUsage {
+                    name: "kvq_merge".into(),
+                    registers: 40,
+                    spill_stores: 12,
+                    spill_loads: 4,
+                    stack: 8
+                },
+                KernelUsage {
+                    name: "kvq_copy".into(),
+                    registers: 14,
+                    spill_stores: 0,
+                    spill_loads: 0,
+                    stack: 0
+                },
+            ]
+        );
+    }
+
+    /// The header is pasted into every source, and every kernel a source lists is defined in it.
+    #[test]
+    fn sources_define_their_kernels_and_take_the_header() {
+        for s in &SOURCES {
+            let text = full_text(s);
+            assert!(!text.contains("#include \"kvq.cuh\"") && text.contains("typedef struct"), "{}", s.file);
+            for k in s.kernels {
+                let g = k.strip_prefix("kvq_attend_g");
+                let defined = match g {
+                    Some(n) => text.contains(&format!("KVQ_ATTEND({n})")),
+                    None => text.contains(&format!("void {k}(")),
+                };
+                assert!(defined, "{} does not define {k}", s.file);
+            }
+        }
+    }
 }

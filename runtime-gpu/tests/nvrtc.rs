@@ -50,8 +50,8 @@ fn check(name: &str, archs: &str) {
                     .unwrap_or_else(|| panic!("{name}: no report for {k} on {arch}"));
                 let (regs, stores, loads) = (&r["registers"], &r["spill_stores"], &r["spill_loads"]);
                 eprintln!(
-                    "NVRTC {} {arch} {:<22} {regs:>4} registers, spills {stores}/{loads} bytes",
-                    r["nvrtc"], k
+                    "NVRTC {} {arch} {k:<22} {regs:>4} registers, spills {stores}/{loads} bytes",
+                    r["nvrtc"].as_str().unwrap_or("?")
                 );
                 assert!(
                     regs.as_u64().unwrap() > 0 && regs.as_u64().unwrap() <= 255,

@@ -2,8 +2,11 @@
 //! and reports each kernel's registers, spills and stack (ptxas's verbose output). No GPU needed.
 //!
 //! ```text
-//! kvq-gpu-compile [--arch sm_87,sm_90] [--json]
+//! kvq-gpu-compile [--arch sm_87,sm_90] [--json] [--cache]
 //! ```
+//!
+//! `--cache` also writes each module to the module cache (`KVQ_CUDA_CACHE`), so that a machine with a
+//! GPU but no NVRTC can load them.
 //!
 //! Exits 1 if a source does not compile or a decode kernel (attend, merge) spills; 2 without NVRTC.
 
@@ -14,6 +17,7 @@ use kvq_gpu::nvrtc;
 fn main() -> ExitCode {
     let mut archs = vec!["sm_87".to_string(), "sm_90".to_string()];
     let mut json = false;
+    let mut cache = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -25,8 +29,9 @@ fn main() -> ExitCode {
                 }
             },
             "--json" => json = true,
+            "--cache" => cache = true,
             _ => {
-                eprintln!("usage: kvq-gpu-compile [--arch sm_87,sm_90] [--json]");
+                eprintln!("usage: kvq-gpu-compile [--arch sm_87,sm_90] [--json] [--cache]");
                 return ExitCode::from(2);
             }
         }
@@ -56,6 +61,10 @@ fn main() -> ExitCode {
                     continue;
                 }
             };
+            if cache && let Err(e) = nvrtc::compile_cached(src, arch) {
+                eprintln!("{e}");
+                ok = false;
+            }
             let usage = nvrtc::usage(&m.log);
             for k in src.kernels {
                 let Some(u) = usage.iter().find(|u| u.name == *k) else {

@@ -1,0 +1,186 @@
+//! Decode attention on the GPU per step, over all layers of a model's shape, fp16 against KIVI-2 and
+//! KIVI-4 in the same run, with the device's copy bandwidth measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p kvq-gpu --example gpu_bench -- [--tokens 4096,16384,65536,131072]
+//!     [--model smollm2,gemma3] [--specs fp16,kivi2,kivi4] [--reps 50] [--json]
+//! ```
+//!
+//! Shapes: SmolLM2-135M (30 layers, 3 KV heads, 9 query heads, head_dim 64) and Gemma 3 270M (18 layers,
+//! 1 KV head, 4 query heads, head_dim 256; its 3 global layers hold the context in the spec, its 15 local
+//! layers an fp16 window of 512 tokens). The caches are filled with synthetic keys and values through
+//! the device append. Bytes read are the bytes the caches hold (kvq-core's accounting).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kvq_core::cache::{CacheConfig, Overflow};
+use kvq_core::pack::Width;
+use kvq_gpu::{DeviceCache, Gpu};
+
+#[derive(Parser)]
+struct Args {
+    /// Context lengths.
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384,65536,131072")]
+    tokens: Vec<usize>,
+    /// Model shapes: smollm2, gemma3.
+    #[arg(long, value_delimiter = ',', default_value = "smollm2,gemma3")]
+    model: Vec<String>,
+    /// Caches: fp16, kivi2, kivi4.
+    #[arg(long, value_delimiter = ',', default_value = "fp16,kivi2,kivi4")]
+    specs: Vec<String>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Shape {
+    layers: usize,
+    local: usize,
+    window: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    d: usize,
+}
+
+fn shape(name: &str) -> Result<Shape> {
+    Ok(match name {
+        "smollm2" => Shape { layers: 30, local: 0, window: 0, kv_heads: 3, q_heads: 9, d: 64 },
+        "gemma3" => Shape { layers: 18, local: 15, window: 512, kv_heads: 1, q_heads: 4, d: 256 },
+        _ => anyhow::bail!("unknown model shape {name} (smollm2, gemma3)"),
+    })
+}
+
+fn config(spec: &str, heads: usize, d: usize, cap: usize) -> Result<CacheConfig> {
+    Ok(match spec {
+        "fp16" => CacheConfig::fp16(heads, d, cap),
+        "kivi2" => CacheConfig::kivi(Width::B2, 32, 128, heads, d, cap),
+        "kivi4" => CacheConfig::kivi(Width::B4, 32, 128, heads, d, cap),
+        _ => anyhow::bail!("unknown spec {spec} (fp16, kivi2, kivi4)"),
+    })
+}
+
+/// Synthetic keys and values: a few outlier channels, as real keys have.
+fn rows(seed: &mut u64, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            let x = ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            if i % 61 == 7 { x * 8.0 } else { x }
+        })
+        .collect()
+}
+
+/// A cache of `cfg` filled with `tokens` synthetic tokens.
+fn filled(gpu: &Arc<Gpu>, cfg: CacheConfig, tokens: usize) -> Result<DeviceCache> {
+    let mut c = DeviceCache::new(gpu.clone(), cfg)?;
+    let hd = cfg.kv_heads * cfg.head_dim;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut left = tokens;
+    while left > 0 {
+        let n = left.min(8192);
+        c.append(&rows(&mut seed, n * hd), &rows(&mut seed, n * hd))?;
+        left -= n;
+    }
+    Ok(c)
+}
+
+/// Copy bandwidth in GB/s (bytes read plus bytes written), over 512 MiB.
+fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let words = 128 << 20;
+    let src = gpu.stream().alloc_zeros::<u32>(words)?;
+    let mut dst = gpu.stream().alloc_zeros::<u32>(words)?;
+    gpu.launch_copy(&src, &mut dst, words / 4)?;
+    gpu.stream().synchronize()?;
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        gpu.launch_copy(&src, &mut dst, words / 4)?;
+    }
+    gpu.stream().synchronize()?;
+    Ok(2.0 * (words * 4 * reps) as f64 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let gpu = Arc::new(Gpu::open(0).context("gpu_bench needs an NVIDIA GPU")?);
+    let bw = copy_bandwidth(&gpu)?;
+    if !a.json {
+        println!("{} ({}), {} SMs: copy {bw:.1} GB/s", gpu.name(), gpu.arch(), gpu.multiprocessors());
+        println!(
+            "{:<8} {:>7} {:<6} {:>10} {:>10} {:>8} {:>7} {:>8}",
+            "model", "tokens", "spec", "us/step", "MB read", "GB/s", "% copy", "vs fp16"
+        );
+    }
+    for m in &a.model {
+        let s = shape(m)?;
+        for &tokens in &a.tokens {
+            let mut fp16_us = None;
+            for spec in &a.specs {
+                let global = filled(&gpu, config(spec, s.kv_heads, s.d, tokens + 1)?, tokens)?;
+                let local = if s.local > 0 {
+                    let cfg = CacheConfig::fp16(s.kv_heads, s.d, s.window).with_overflow(Overflow::Slide);
+                    Some(filled(&gpu, cfg, tokens.min(s.window))?)
+                } else {
+                    None
+                };
+                let mut layers = Vec::new();
+                for l in 0..s.layers {
+                    let src = if l < s.local { local.as_ref().unwrap() } else { &global };
+                    layers.push(src.try_clone()?);
+                }
+                drop((global, local));
+                let bytes: usize = layers.iter().map(|c| c.usage().total_bytes()).sum();
+                let mut seed = 7u64;
+                let q = gpu.stream().clone_htod(&rows(&mut seed, s.q_heads * s.d))?;
+                let mut out = gpu.stream().alloc_zeros::<f32>(s.q_heads * s.d)?;
+                let mut work: Vec<_> =
+                    layers.iter().map(|c| c.work(s.q_heads, 1)).collect::<Result<_, _>>()?;
+                let scale = 1.0 / (s.d as f32).sqrt();
+                let mut step = |work: &mut Vec<kvq_gpu::AttendWork>| -> Result<()> {
+                    for (c, w) in layers.iter().zip(work.iter_mut()) {
+                        c.attend_device(&q, None, s.q_heads, scale, w, &mut out)?;
+                    }
+                    Ok(())
+                };
+                step(&mut work)?;
+                gpu.stream().synchronize()?;
+                let t = Instant::now();
+                for _ in 0..a.reps {
+                    step(&mut work)?;
+                }
+                gpu.stream().synchronize()?;
+                let us = t.elapsed().as_secs_f64() * 1e6 / a.reps as f64;
+                let gbs = bytes as f64 / us / 1e3;
+                if spec == "fp16" {
+                    fp16_us = Some(us);
+                }
+                let vs = fp16_us.map(|f| f / us);
+                if a.json {
+                    println!(
+                        "{{\"device\":\"{}\",\"arch\":\"{}\",\"model\":\"{m}\",\"tokens\":{tokens},\"spec\":\"{spec}\",\"us_per_step\":{us:.2},\"bytes\":{bytes},\"gbps\":{gbs:.2},\"copy_gbps\":{bw:.2},\"bandwidth_share\":{:.4},\"speedup_vs_fp16\":{}}}",
+                        gpu.name(),
+                        gpu.arch(),
+                        gbs / bw,
+                        vs.map_or("null".into(), |v| format!("{v:.3}"))
+                    );
+                } else {
+                    println!(
+                        "{m:<8} {tokens:>7} {spec:<6} {us:>10.1} {:>10.2} {gbs:>8.1} {:>6.1}% {:>8}",
+                        bytes as f64 / 1e6,
+                        100.0 * gbs / bw,
+                        vs.map_or("".into(), |v| format!("{v:.2}x"))
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
