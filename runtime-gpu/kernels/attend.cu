@@ -11,7 +11,9 @@
 // - values: a lane takes channels lane, lane+32, ...; each token's row is read once for all G heads.
 // The four warps take tiles w, w+4, ... and merge through shared memory; the block writes its unnormalized
 // output, running max and sum to part_o [queries][q_heads][splits][d] and part_ml [..][splits][2].
-// Scales are applied per element (code * scale + zero), as kvq-core's dequantization does.
+// Each element is dequantized as kvq-core dequantizes it (code * scale + zero, two roundings); the scales
+// are not folded into the query as kvq-core's CPU kernels fold them, because a tile of 32 tokens can
+// straddle a key group, the sinks and the window.
 #include "kvq.cuh"
 
 #define KVQ_WARPS 4u
@@ -107,8 +109,7 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
                     const unsigned *words = arena + ks.codes + key_head + kvq_key_row(&ks, row.slot, c, d);
                     unsigned code = kvq_code(words, row.slot & (ks.block - 1u), ks.bits);
                     unsigned p = kvq_key_param(&ks, h, row.slot, c, d);
-                    kv = (float)code * kvq_h2f(kvq_half_at(arena, ks.scale, p)) +
-                         kvq_h2f(kvq_half_at(arena, ks.zero, p));
+                    kv = kvq_deq(code, kvq_h2f(kvq_half_at(arena, ks.scale, p)), kvq_h2f(kvq_half_at(arena, ks.zero, p)));
                 }
 #pragma unroll
                 for (int r = 0; r < G; r++) sc[r] = fmaf(qs[r][c], kv, sc[r]);
@@ -151,8 +152,8 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
                         v = row.f[c];
                     } else {
                         unsigned p2 = kvq_value_param(&vs, h, c / vs.group, row.slot);
-                        v = (float)kvq_code(words, c, vs.bits) * kvq_h2f(kvq_half_at(arena, vs.scale, p2)) +
-                            kvq_h2f(kvq_half_at(arena, vs.zero, p2));
+                        v = kvq_deq(kvq_code(words, c, vs.bits), kvq_h2f(kvq_half_at(arena, vs.scale, p2)),
+                                    kvq_h2f(kvq_half_at(arena, vs.zero, p2)));
                     }
 #pragma unroll
                     for (int r = 0; r < G; r++) o[r][cc] = fmaf(pj[r], v, o[r][cc]);

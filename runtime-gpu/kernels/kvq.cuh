@@ -169,6 +169,16 @@ KVQ_FN unsigned kvq_code(const unsigned *row, unsigned i, unsigned bits) {
     return v & mask;
 }
 
+// The value of `code` under (scale, zero): a multiply and an add, each rounded, as kvq-core's
+// `GroupParams::decode` (not contracted into one fused multiply-add, as NVRTC would by default).
+KVQ_FN float kvq_deq(unsigned code, float scale, float zero) {
+#ifdef __CUDACC__
+    return __fadd_rn(__fmul_rn((float)code, scale), zero);
+#else
+    return (float)code * scale + zero;
+#endif
+}
+
 // ---- where things are ----
 
 // Index, within one head's fp16 key body, of ring slot `slot`, channel `c` (kvq-core `key_f16`).
@@ -234,8 +244,7 @@ KVQ_FN float kvq_element(const unsigned *arena, const KvqLayout *l, const KvqCou
         code = kvq_code(arena + s->codes + (h * s->ring + at) * s->row_words, c, s->bits);
         p = kvq_value_param(s, h, c / s->group, at);
     }
-    float scale = kvq_h2f(kvq_half_at(arena, s->scale, p)), zero = kvq_h2f(kvq_half_at(arena, s->zero, p));
-    return (float)code * scale + zero;
+    return kvq_deq(code, kvq_h2f(kvq_half_at(arena, s->scale, p)), kvq_h2f(kvq_half_at(arena, s->zero, p)));
 }
 
 // ---- the quantizer (kvq-core `UniformSpec` with f16 parameters, no clipping) ----

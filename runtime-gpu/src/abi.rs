@@ -3,7 +3,6 @@
 //! `Cache::append` moves them token by token.
 
 use kvq_core::cache::{Axis, CacheConfig, Counts, Layout, Overflow, Precision, StreamLayout};
-use kvq_core::pack::Width;
 
 use crate::error::{GpuError, Result};
 
@@ -120,9 +119,10 @@ fn stream(cfg: &CacheConfig, p: Precision, l: &StreamLayout, keys: bool) -> Resu
     let (kind, bits, max_code, group) = match p {
         Precision::F16 => (KIND_F16, 16, 0, 0),
         Precision::Quant(q) => {
-            if !q.plain() || cfg.generic(!keys) {
+            // `plain` leaves clipping to the quantizer; the device's quantizer has none.
+            if !q.plain() || cfg.generic(!keys) || q.clip != 1.0 {
                 return Err(GpuError::Unsupported {
-                    what: "cache format on the GPU (only fp16 and KIVI's plain uniform formats)",
+                    what: "cache format on the GPU (only fp16 and KIVI's plain uniform formats, unclipped)",
                     value: 0,
                 });
             }
@@ -133,9 +133,6 @@ fn stream(cfg: &CacheConfig, p: Precision, l: &StreamLayout, keys: bool) -> Resu
                     return Err(GpuError::Unsupported { what: "per-token keys on the GPU", value: 0 });
                 }
             };
-            if q.width == Width::B3 && kind == KIND_PER_TOKEN && q.group % 32 != 0 {
-                return Err(GpuError::Unsupported { what: "3-bit value group", value: q.group });
-            }
             (kind, q.width.bits(), u32::from(q.width.max_code()), u32_of("group", q.group)?)
         }
     };
@@ -224,11 +221,14 @@ pub fn counts_after(cfg: &CacheConfig, c: Counts, tokens: usize) -> Result<Count
     Ok(c)
 }
 
-/// Most tokens one append may carry so that no body slot or window slot is written twice within it
-/// (a longer append is cut into pieces of this size).
+/// Most tokens one append may carry so that no body slot or window slot is written twice within it, and
+/// both passes' item counts stay below 2^31 (the kernels index items with 32-bit integers): a longer
+/// append is cut into pieces of this size.
 pub fn max_piece(cfg: &CacheConfig, l: &Layout) -> usize {
     let r = cfg.residual;
-    let mut p = usize::MAX;
+    // Each pass has at most 2 (P + R) kv_heads head_dim items.
+    let hd = (cfg.kv_heads * cfg.head_dim).max(1);
+    let mut p = ((1usize << 30) / hd).saturating_sub(r);
     for (precision, s) in [(cfg.keys, &l.keys), (cfg.values, &l.values)] {
         let limit = match precision {
             Precision::F16 => s.ring,
@@ -296,7 +296,8 @@ pub fn store_items(l: &KvqLayout, a: &KvqAppend) -> u64 {
 /// finite, within `MAX_ABS`, and room in a stopping cache. Returns the tokens.
 ///
 /// # Errors
-/// The `kvq_core` errors `Cache::append` gives for the same input.
+/// The `kvq_core` errors `Cache::append` gives for the same input; [`GpuError::Unsupported`] past
+/// 2^32 - 1 body tokens since the start (the kernels count tokens in 32 bits).
 pub fn check_append(cfg: &CacheConfig, c: Counts, keys: &[f32], values: &[f32]) -> Result<usize> {
     use kvq_core::Error;
     let hd = cfg.kv_heads * cfg.head_dim;
@@ -322,8 +323,41 @@ pub fn check_append(cfg: &CacheConfig, c: Counts, keys: &[f32], values: &[f32]) 
         }
     }
     let tokens = keys.len() / hd;
-    counts_after(cfg, c, tokens)?;
+    let after = counts_after(cfg, c, tokens)?;
+    if after.n > u32::MAX as usize {
+        return Err(GpuError::Unsupported {
+            what: "body tokens since the start (at most 2^32 - 1)",
+            value: after.n,
+        });
+    }
     Ok(tokens)
+}
+
+/// Checks counts handed in with an arena (`DeviceCache::upload`) for ones `Cache::append` can leave: the
+/// kernels locate every token from them, so counts from elsewhere must not point outside the arena.
+///
+/// # Errors
+/// [`kvq_core::Error::InvalidConfig`] for counts no cache of `cfg` reaches.
+pub fn check_counts(cfg: &CacheConfig, c: Counts) -> Result<()> {
+    let slide = cfg.slide_step();
+    let ok = c.sinks <= cfg.sinks
+        && (c.sinks == cfg.sinks || (c.n == 0 && c.base == 0))
+        && c.base <= c.n
+        && c.n <= u32::MAX as usize
+        && c.held() <= cfg.capacity
+        && match cfg.overflow {
+            Overflow::Stop => c.base == 0,
+            Overflow::Slide => c.base.is_multiple_of(slide),
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(kvq_core::Error::InvalidConfig {
+            what: "counts (no cache of this configuration holds them)",
+            value: c.n,
+        }
+        .into())
+    }
 }
 
 /// How a decode or prefill is split along the tokens (Flash-Decoding): `splits` blocks per KV head and
@@ -351,6 +385,8 @@ impl Splits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvq_core::cache::QuantSpec;
+    use kvq_core::pack::Width;
 
     /// Splits cover the tokens with whole 128-token tiles per warp group, as few as the target allows.
     #[test]
@@ -387,5 +423,60 @@ mod tests {
             counts_after(&stop, full, 1),
             Err(GpuError::Core(kvq_core::Error::ContextFull { .. }))
         ));
+    }
+
+    /// Formats the kernels do not implement are refused, clipping included (`plain` does not look at it).
+    #[test]
+    fn unsupported_formats_are_refused() {
+        let kivi = CacheConfig::kivi(Width::B4, 32, 64, 2, 64, 1000);
+        let clipped = QuantSpec { clip: 0.9, ..QuantSpec::per_token(Width::B4, 32) };
+        let fp8 =
+            QuantSpec::per_token(Width::B2, 32).with_params(kvq_core::quant::param::ParamFormat::Fp8E4M3);
+        let token_keys = QuantSpec::per_token(Width::B2, 32);
+        for (what, cfg) in [
+            ("clipped values", CacheConfig { values: Precision::Quant(clipped), ..kivi }),
+            ("FP8 parameters", CacheConfig { values: Precision::Quant(fp8), ..kivi }),
+            ("per-token keys", CacheConfig { keys: Precision::Quant(token_keys), ..kivi }),
+        ] {
+            let l = cfg.layout().unwrap();
+            assert!(matches!(KvqLayout::new(&cfg, &l), Err(GpuError::Unsupported { .. })), "{what}");
+        }
+        assert!(KvqLayout::new(&kivi, &kivi.layout().unwrap()).is_ok());
+    }
+
+    /// Counts a cache can reach pass; counts that would send the kernels outside the arena do not.
+    #[test]
+    fn counts_from_elsewhere_are_checked() {
+        let cfg = CacheConfig::kivi(Width::B2, 32, 64, 2, 64, 300).with_sinks(4);
+        for tokens in [0usize, 3, 4, 5, 200, 300] {
+            assert!(check_counts(&cfg, cfg.counts_after(tokens).unwrap()).is_ok(), "{tokens}");
+        }
+        for bad in [
+            Counts { sinks: 5, n: 0, base: 0 },
+            Counts { sinks: 3, n: 1, base: 0 },
+            Counts { sinks: 4, n: 10, base: 11 },
+            Counts { sinks: 4, n: 400, base: 0 },
+            Counts { sinks: 4, n: 100, base: 32 },
+        ] {
+            assert!(check_counts(&cfg, bad).is_err(), "{bad:?}");
+        }
+        let slide = cfg.with_overflow(Overflow::Slide);
+        assert!(check_counts(&slide, slide.counts_after(1000).unwrap()).is_ok());
+        assert!(check_counts(&slide, Counts { sinks: 4, n: 300, base: 7 }).is_err());
+    }
+
+    /// A piece's items stay below 2^31 whatever the shape (the kernels count them in 32 bits).
+    #[test]
+    fn pieces_keep_item_counts_in_32_bits() {
+        let cfg = CacheConfig::kivi(Width::B2, 32, 128, 32, 128, 600_000);
+        let l = cfg.layout().unwrap();
+        let k = KvqLayout::new(&cfg, &l).unwrap();
+        let p = max_piece(&cfg, &l);
+        assert!(p >= 1);
+        for n0 in [0usize, 127, 5000] {
+            let c = Counts { sinks: 0, n: n0, base: 0 };
+            let a = plan_append(&cfg, c, p);
+            assert!(quantize_items(&k, &a) < 1 << 31 && store_items(&k, &a) < 1 << 31, "{a:?}");
+        }
     }
 }

@@ -30,6 +30,14 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+fn image(m: &nvrtc::Module) -> cudarc::nvrtc::Ptx {
+    if m.cubin {
+        cudarc::nvrtc::Ptx::from_binary(m.image.clone())
+    } else {
+        cudarc::nvrtc::Ptx::from_src(String::from_utf8_lossy(&m.image).trim_end_matches('\0').to_string())
+    }
+}
+
 /// A GPU with kvq's kernels compiled for it and loaded.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -71,14 +79,16 @@ impl Gpu {
         let mut functions = HashMap::new();
         for src in &nvrtc::SOURCES {
             let m = nvrtc::compile_cached(src, &arch)?;
-            let ptx = if m.cubin {
-                cudarc::nvrtc::Ptx::from_binary(m.image)
-            } else {
-                cudarc::nvrtc::Ptx::from_src(
-                    String::from_utf8_lossy(&m.image).trim_end_matches('\0').to_string(),
-                )
+            let module = match ctx.load_module(image(&m)) {
+                Ok(module) => module,
+                // A damaged or stale cached module: compile afresh and replace it.
+                Err(_) if m.cached => {
+                    let m = nvrtc::compile(src, &arch, false)?;
+                    nvrtc::store(src, &m);
+                    ctx.load_module(image(&m))?
+                }
+                Err(e) => return Err(e.into()),
             };
-            let module = ctx.load_module(ptx)?;
             for &k in src.kernels {
                 functions.insert(k, module.load_function(k)?);
             }
@@ -120,7 +130,8 @@ impl Gpu {
     /// # Errors
     /// [`GpuError::Unsupported`] if either buffer is shorter than `n16` 16-byte words; driver errors.
     pub fn launch_copy(&self, src: &CudaSlice<u32>, dst: &mut CudaSlice<u32>, n16: usize) -> Result<()> {
-        if src.len() < n16 * 4 || dst.len() < n16 * 4 {
+        let words = n16.checked_mul(4).ok_or(GpuError::Unsupported { what: "copy length", value: n16 })?;
+        if src.len() < words || dst.len() < words {
             return Err(GpuError::Unsupported { what: "copy length", value: n16 });
         }
         let f = self.function("kvq_copy")?;
@@ -200,9 +211,11 @@ impl DeviceCache {
     /// A cache of `cfg` holding `words` (a kvq-core arena) at `counts`.
     ///
     /// # Errors
-    /// As [`DeviceCache::new`], and [`kvq_core::Error::ArenaTooSmall`] for a short arena.
+    /// As [`DeviceCache::new`]; [`kvq_core::Error::ArenaTooSmall`] for a short arena;
+    /// [`kvq_core::Error::InvalidConfig`] for counts no cache of `cfg` reaches ([`abi::check_counts`]).
     pub fn upload(gpu: Arc<Gpu>, cfg: CacheConfig, words: &[u32], counts: Counts) -> Result<Self> {
         let layout = cfg.layout()?;
+        abi::check_counts(&cfg, counts)?;
         if words.len() < layout.total_words {
             return Err(
                 kvq_core::Error::ArenaTooSmall { needed: layout.total_bytes, got: words.len() * 4 }.into()
@@ -239,10 +252,12 @@ impl DeviceCache {
     }
 
     /// Appends `[tokens][kv_heads][head_dim]` keys and values, with `Cache::append`'s rules and bits:
-    /// either all tokens are appended or, on error, none.
+    /// either all tokens are appended or, on an input error, none (the input is checked on the host
+    /// before anything is launched).
     ///
     /// # Errors
-    /// The errors `Cache::append` gives for the same input; driver errors.
+    /// The errors `Cache::append` gives for the same input; driver errors, after which the device cache
+    /// may hold part of the append and should be rebuilt.
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
         let tokens = abi::check_append(&self.cfg, self.counts, keys, values)?;
         let hd = self.cfg.kv_heads * self.cfg.head_dim;
@@ -347,8 +362,11 @@ impl DeviceCache {
                 }
                 .into());
             }
-            if let Some(i) = k.iter().chain(v).position(|x| !x.is_finite()) {
-                return Err(kvq_core::Error::NonFinite { index: i }.into());
+            // As kvq-core: the index within the buffer that holds it, keys checked first.
+            for x in [k, v] {
+                if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+                    return Err(kvq_core::Error::NonFinite { index: i }.into());
+                }
             }
         }
         let stream = &self.gpu.stream;
@@ -406,7 +424,9 @@ impl DeviceCache {
 
     /// Attention with everything on the device and nothing synchronized: a decode (`chunk` `None`, `q`
     /// one position) or a prefill (`chunk` the positions' f32 keys and values), into `out`
-    /// `[queries][q_heads][d]`. `work` comes from [`DeviceCache::work`] for the same shape.
+    /// `[queries][q_heads][d]`. `work` comes from [`DeviceCache::work`] for the same shape. The device
+    /// buffers are not read back, so their contents are not checked for NaN here as the host entry
+    /// points check theirs.
     ///
     /// # Errors
     /// Shape errors (buffers that do not match `work`, a cache that grew past the work's splits, an empty
@@ -518,7 +538,7 @@ impl DeviceCache {
         let cfg = LaunchConfig {
             grid_dim: (
                 u32::try_from(sp.splits).map_err(|_| too_many(sp.splits))?,
-                u32::try_from(heads).map_err(|_| too_many(heads))?,
+                u32::try_from(heads).ok().filter(|&y| y <= 65535).ok_or(too_many(heads))?,
                 u32::try_from(n).ok().filter(|&z| z <= 65535).ok_or(too_many(n))?,
             ),
             block_dim: (128, 1, 1),

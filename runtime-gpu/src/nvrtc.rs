@@ -57,6 +57,9 @@ pub fn full_text(s: &Source) -> String {
     s.text.replace("#include \"kvq.cuh\"", HEADER)
 }
 
+/// NVRTC's options besides the architecture (part of the module cache's key).
+pub const OPTIONS: [&str; 2] = ["--std=c++17", "-default-device"];
+
 /// A compiled source.
 #[derive(Clone, Debug)]
 pub struct Module {
@@ -68,6 +71,8 @@ pub struct Module {
     pub cubin: bool,
     /// NVRTC's log (ptxas's report for a CUBIN).
     pub log: String,
+    /// Whether it was read from the module cache.
+    pub cached: bool,
 }
 
 /// Whether an NVRTC library can be loaded.
@@ -148,7 +153,7 @@ pub fn compile(src: &Source, arch: &str, report: bool) -> Result<Module> {
         let ptx = unsafe { result::get_ptx(guard.0) }.map_err(|e| nvrtc_err(src.file, arch, "ptx", e))?;
         ptx.iter().map(|&c| c as u8).collect()
     };
-    Ok(Module { arch: arch.to_string(), image, cubin, log })
+    Ok(Module { arch: arch.to_string(), image, cubin, log, cached: false })
 }
 
 struct Program(sys::nvrtcProgram);
@@ -224,7 +229,8 @@ fn fnv(text: &str) -> u64 {
 /// new enough for it), so modules compiled on another machine can be carried to one without NVRTC.
 pub fn cache_file(src: &Source, arch: &str) -> Option<PathBuf> {
     let ext = if arch.starts_with("sm_") { "cubin" } else { "ptx" };
-    let name = format!("{}-{arch}-{:016x}.{ext}", src.file.trim_end_matches(".cu"), fnv(&full_text(src)));
+    let key = format!("{}\n{}", OPTIONS.join(" "), full_text(src));
+    let name = format!("{}-{arch}-{:016x}.{ext}", src.file.trim_end_matches(".cu"), fnv(&key));
     cache_dir().map(|d| d.join(name))
 }
 
@@ -241,11 +247,18 @@ pub fn compile_cached(src: &Source, arch: &str) -> Result<Module> {
         && !image.is_empty()
     {
         let cubin = arch.starts_with("sm_");
-        return Ok(Module { arch: arch.to_string(), image, cubin, log: String::new() });
+        return Ok(Module { arch: arch.to_string(), image, cubin, log: String::new(), cached: true });
     }
     let m = compile(src, arch, false)?;
-    if let Some(f) = &file {
-        let tmp = f.with_extension("tmp");
+    store(src, &m);
+    Ok(m)
+}
+
+/// Writes `m` to the module cache (atomically: a temporary file of this process, then a rename), or
+/// nothing where the cache cannot be written.
+pub fn store(src: &Source, m: &Module) {
+    if let Some(f) = cache_file(src, &m.arch) {
+        let tmp = f.with_extension(format!("{}.tmp", std::process::id()));
         let ok = f.parent().is_some_and(|p| std::fs::create_dir_all(p).is_ok())
             && std::fs::write(&tmp, &m.image).is_ok()
             && std::fs::rename(&tmp, f).is_ok();
@@ -253,7 +266,6 @@ pub fn compile_cached(src: &Source, arch: &str) -> Result<Module> {
             let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(m)
 }
 
 #[cfg(test)]
