@@ -11,6 +11,8 @@
 //! layers an fp16 window of 512 tokens). The caches are filled with synthetic keys and values through
 //! the device append. Bytes read are the bytes the caches hold (kvq-core's accounting).
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +21,7 @@ use clap::Parser;
 use kvq_core::cache::{CacheConfig, Overflow};
 use kvq_core::pack::Width;
 use kvq_gpu::{DeviceCache, Gpu};
+use support::rows;
 
 #[derive(Parser)]
 struct Args {
@@ -63,19 +66,6 @@ fn config(spec: &str, heads: usize, d: usize, cap: usize) -> Result<CacheConfig>
         "kivi4" => CacheConfig::kivi(Width::B4, 32, 128, heads, d, cap),
         _ => anyhow::bail!("unknown spec {spec} (fp16, kivi2, kivi4)"),
     })
-}
-
-/// Synthetic keys and values: a few outlier channels, as real keys have.
-fn rows(seed: &mut u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            let x = ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-            if i % 61 == 7 { x * 8.0 } else { x }
-        })
-        .collect()
 }
 
 /// A cache of `cfg` filled with `tokens` synthetic tokens.

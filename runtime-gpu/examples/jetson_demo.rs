@@ -10,6 +10,8 @@
 //! The keys, values and queries are synthetic (with outlier channels, as real keys have): the demo
 //! measures the cache, not a model's text.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +20,7 @@ use clap::Parser;
 use kvq_core::cache::{CacheConfig, Overflow};
 use kvq_core::pack::Width;
 use kvq_gpu::{DeviceCache, Gpu};
+use support::rows;
 
 #[derive(Parser)]
 #[command(name = "jetson-demo")]
@@ -38,18 +41,6 @@ struct Args {
     /// Decode steps after the prefill.
     #[arg(long, default_value_t = 64)]
     decode: usize,
-}
-
-fn rows(seed: &mut u64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            let x = ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-            if i % 61 == 7 { x * 8.0 } else { x }
-        })
-        .collect()
 }
 
 fn main() -> Result<()> {

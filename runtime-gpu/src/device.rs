@@ -523,17 +523,7 @@ impl DeviceCache {
             }
             .into());
         }
-        const NAMES: [&str; 8] = [
-            "kvq_attend_g1",
-            "kvq_attend_g2",
-            "kvq_attend_g3",
-            "kvq_attend_g4",
-            "kvq_attend_g5",
-            "kvq_attend_g6",
-            "kvq_attend_g7",
-            "kvq_attend_g8",
-        ];
-        let f = self.gpu.function(NAMES[ratio - 1])?;
+        let f = self.gpu.function(nvrtc::ATTEND[ratio - 1])?;
         let too_many = |v: usize| GpuError::Unsupported { what: "attention grid", value: v };
         let cfg = LaunchConfig {
             grid_dim: (

@@ -27,6 +27,18 @@ pub struct Source {
     pub kernels: &'static [&'static str],
 }
 
+/// The attention kernels, by GQA group size: `ATTEND[g - 1]` for `g` query heads a KV head.
+pub const ATTEND: [&str; 8] = [
+    "kvq_attend_g1",
+    "kvq_attend_g2",
+    "kvq_attend_g3",
+    "kvq_attend_g4",
+    "kvq_attend_g5",
+    "kvq_attend_g6",
+    "kvq_attend_g7",
+    "kvq_attend_g8",
+];
+
 /// Every source.
 pub const SOURCES: [Source; 4] = [
     Source {
@@ -34,20 +46,7 @@ pub const SOURCES: [Source; 4] = [
         text: include_str!("../kernels/append.cu"),
         kernels: &["kvq_append_quantize", "kvq_append_store"],
     },
-    Source {
-        file: "attend.cu",
-        text: include_str!("../kernels/attend.cu"),
-        kernels: &[
-            "kvq_attend_g1",
-            "kvq_attend_g2",
-            "kvq_attend_g3",
-            "kvq_attend_g4",
-            "kvq_attend_g5",
-            "kvq_attend_g6",
-            "kvq_attend_g7",
-            "kvq_attend_g8",
-        ],
-    },
+    Source { file: "attend.cu", text: include_str!("../kernels/attend.cu"), kernels: &ATTEND },
     Source { file: "merge.cu", text: include_str!("../kernels/merge.cu"), kernels: &["kvq_merge"] },
     Source { file: "copy.cu", text: include_str!("../kernels/copy.cu"), kernels: &["kvq_copy"] },
 ];

@@ -13,9 +13,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Gen, check, rows};
-use kvq_core::attention::{self, Kernel};
-use kvq_core::cache::{Cache, CacheConfig, Overflow};
+use common::{Gen, check, core_decode, core_prefill, rows, rows_and_chunk};
+use kvq_core::cache::{Cache, CacheConfig, Overflow, Stream};
 use kvq_core::pack::Width;
 use kvq_gpu::{DeviceCache, Gpu, GpuError};
 
@@ -112,16 +111,11 @@ fn decode_case(gpu: &Arc<Gpu>, name: &str, cfg: CacheConfig, ratio: usize, token
     let held = cache.held();
     let q = g.rows(1, q_heads * d);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0.0f32; q_heads * d];
-    let mut scratch = vec![0.0f32; cfg.decode_scratch_len(q_heads)];
-    attention::decode(&cache, &q, q_heads, scale, &mut out, &mut scratch, Kernel::PORTABLE).unwrap();
+    let out = core_decode(&cache, &q, q_heads, scale);
     let got = dev.decode(&q, q_heads, scale).unwrap();
     let splits = dev.work(q_heads, 1).unwrap().splits().splits;
     for h in 0..heads {
-        let (kr, vr) = (
-            rows(&cache, kvq_core::cache::Stream::Keys, h),
-            rows(&cache, kvq_core::cache::Stream::Values, h),
-        );
+        let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
         for r in 0..ratio {
             let qh = h * ratio + r;
             let what = format!("{name}: {tokens} tokens, GQA {ratio}, d {d}, query head {qh}");
@@ -173,29 +167,12 @@ fn device_prefill_equals_core_within_the_bound() {
             let held = cache.held();
             let (ck, cv, q) = (g.rows(n, heads * d), g.rows(n, heads * d), g.rows(n, q_heads * d));
             let scale = 0.0884;
-            let mut out = vec![0.0f32; n * q_heads * d];
-            let mut scratch = vec![0.0f32; cfg.prefill_scratch_len(n, q_heads)];
-            attention::prefill(
-                &cache,
-                &q,
-                &ck,
-                &cv,
-                q_heads,
-                scale,
-                &mut out,
-                &mut scratch,
-                Kernel::PORTABLE,
-            )
-            .unwrap();
+            let out = core_prefill(&cache, &q, &ck, &cv, q_heads, scale);
             let got = dev.prefill(&q, &ck, &cv, q_heads, scale).unwrap();
             let splits = dev.work(q_heads, n).unwrap().splits().splits;
             for h in 0..heads {
-                let mut kr = rows(&cache, kvq_core::cache::Stream::Keys, h);
-                let mut vr = rows(&cache, kvq_core::cache::Stream::Values, h);
-                for i in 0..n {
-                    kr.extend_from_slice(&ck[(i * heads + h) * d..][..d]);
-                    vr.extend_from_slice(&cv[(i * heads + h) * d..][..d]);
-                }
+                let kr = rows_and_chunk(&cache, Stream::Keys, h, &ck);
+                let vr = rows_and_chunk(&cache, Stream::Values, h, &cv);
                 for i in 0..n {
                     for r in 0..ratio {
                         let row = (i * q_heads + h * ratio + r) * d;

@@ -26,8 +26,7 @@
 
 mod common;
 
-use common::{Gen, bound, check, exact, rows};
-use kvq_core::attention::{self, Kernel};
+use common::{Gen, bound, check, core_decode, core_prefill, exact, rows, rows_and_chunk};
 use kvq_core::cache::{Cache, CacheConfig, Overflow, Stream};
 use kvq_core::pack::Width;
 use kvq_gpu::abi::Splits;
@@ -61,10 +60,7 @@ fn split_decode_equals_core_decode_within_the_bound() {
                 let held = cache.held();
                 let q = g.rows(1, q_heads * d);
                 let scale = 1.0 / (d as f32).sqrt();
-                let mut out = vec![0.0f32; q_heads * d];
-                let mut scratch = vec![0.0f32; cfg.decode_scratch_len(q_heads)];
-                attention::decode(&cache, &q, q_heads, scale, &mut out, &mut scratch, Kernel::PORTABLE)
-                    .unwrap();
+                let out = core_decode(&cache, &q, q_heads, scale);
                 for h in 0..heads {
                     let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
                     let qg = &q[h * ratio * d..(h + 1) * ratio * d];
@@ -111,28 +107,11 @@ fn split_prefill_equals_core_prefill_within_the_bound() {
             let held = cache.held();
             let (ck, cv, q) = (g.rows(n, heads * d), g.rows(n, heads * d), g.rows(n, q_heads * d));
             let scale = 0.125;
-            let mut out = vec![0.0f32; n * q_heads * d];
-            let mut scratch = vec![0.0f32; cfg.prefill_scratch_len(n, q_heads)];
-            attention::prefill(
-                &cache,
-                &q,
-                &ck,
-                &cv,
-                q_heads,
-                scale,
-                &mut out,
-                &mut scratch,
-                Kernel::PORTABLE,
-            )
-            .unwrap();
+            let out = core_prefill(&cache, &q, &ck, &cv, q_heads, scale);
             let split = 128;
             for h in 0..heads {
-                let mut kr = rows(&cache, Stream::Keys, h);
-                let mut vr = rows(&cache, Stream::Values, h);
-                for i in 0..n {
-                    kr.extend_from_slice(&ck[(i * heads + h) * d..][..d]);
-                    vr.extend_from_slice(&cv[(i * heads + h) * d..][..d]);
-                }
+                let kr = rows_and_chunk(&cache, Stream::Keys, h, &ck);
+                let vr = rows_and_chunk(&cache, Stream::Values, h, &cv);
                 for i in 0..n {
                     let tokens = held + i + 1;
                     let qg = &q[(i * q_heads + h * ratio) * d..][..ratio * d];

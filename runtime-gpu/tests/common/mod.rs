@@ -2,6 +2,7 @@
 //! bound derived in `tests/sim.rs`.
 #![allow(dead_code, unreachable_pub)]
 
+use kvq_core::attention::{self, Kernel};
 use kvq_core::cache::{Cache, Stream};
 
 pub const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -29,6 +30,40 @@ impl Gen {
 pub fn rows(cache: &Cache<'_>, s: Stream, h: usize) -> Vec<f32> {
     let mut r = vec![0.0f32; cache.held() * cache.config().head_dim];
     cache.dequantize(s, h, &mut r).unwrap();
+    r
+}
+
+/// kvq-core's prefill attention (portable, exact f32 path) of queries `q` with the chunk `ck`, `cv`.
+pub fn core_prefill(
+    cache: &Cache<'_>,
+    q: &[f32],
+    ck: &[f32],
+    cv: &[f32],
+    q_heads: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let n = ck.len() / (cache.config().kv_heads * cache.config().head_dim);
+    let mut out = vec![0.0f32; q.len()];
+    let mut scratch = vec![0.0f32; cache.config().prefill_scratch_len(n, q_heads)];
+    attention::prefill(cache, q, ck, cv, q_heads, scale, &mut out, &mut scratch, Kernel::PORTABLE).unwrap();
+    out
+}
+
+/// kvq-core's decode attention (portable, exact f32 path).
+pub fn core_decode(cache: &Cache<'_>, q: &[f32], q_heads: usize, scale: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; q.len()];
+    let mut scratch = vec![0.0f32; cache.config().decode_scratch_len(q_heads)];
+    attention::decode(cache, q, q_heads, scale, &mut out, &mut scratch, Kernel::PORTABLE).unwrap();
+    out
+}
+
+/// A KV head's rows followed by the chunk's (`[n][kv_heads][d]` keys or values of a prefill).
+pub fn rows_and_chunk(cache: &Cache<'_>, s: Stream, h: usize, chunk: &[f32]) -> Vec<f32> {
+    let (heads, d) = (cache.config().kv_heads, cache.config().head_dim);
+    let mut r = rows(cache, s, h);
+    for tok in chunk.chunks_exact(heads * d) {
+        r.extend_from_slice(&tok[h * d..(h + 1) * d]);
+    }
     r
 }
 
