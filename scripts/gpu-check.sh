@@ -23,8 +23,9 @@ for l in sys.stdin:
     cp "$test_bin" "$dir/bin/gpu-tests"
     cp target/release/examples/gpu_bench target/release/examples/jetson-demo "$dir/bin/"
     strip --strip-debug "$dir"/bin/*
-    # sm_80 A100, sm_86 RTX 30, sm_87 Orin, sm_89 RTX 40/L4, sm_90 H100/H200, sm_100 B200, sm_120 RTX 50
-    KVQ_CUDA_CACHE="$dir/cuda" LD_LIBRARY_PATH=target/nvrtc/cu13/lib \
+    # sm_80 A100, sm_86 RTX 30, sm_87 Orin, sm_89 RTX 40/L4, sm_90 H100/H200, sm_100 B200, sm_120 RTX 50.
+    # NVRTC 12.9: its CUBINs load under CUDA 12 and 13 drivers alike (13.x ones may not under a 12.x driver).
+    KVQ_CUDA_CACHE="$dir/cuda" LD_LIBRARY_PATH=target/nvrtc/cu12/lib \
         target/release/kvq-gpu-compile --cache --arch sm_80,sm_86,sm_87,sm_89,sm_90,sm_100,sm_120 > "$dir/registers.txt"
     du -sh "$dir"
     ;;
