@@ -9,6 +9,8 @@
 //! - appending: the host's append plan run through the header's two passes (items in reverse order)
 //!   leaves the arena word for word as `Cache::append` does, after every append of random sizes.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::mem::offset_of;
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use common::Gen;
 use kvq_core::cache::{Cache, CacheConfig, Counts, Overflow, Precision, QuantSpec, Stream};
 use kvq_core::pack::Width;
 use kvq_gpu::abi::{self, KvqAppend, KvqCounts, KvqLayout, KvqStream};
@@ -133,30 +136,19 @@ fn half_conversions_equal_the_half_crate() {
     }
 }
 
-/// A deterministic generator (xorshift) of keys and values: channel-dependent spread, a few outlier
-/// channels, so that groups differ.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn rows(&mut self, n: usize, heads: usize, d: usize) -> Vec<f32> {
-        let mut v = Vec::with_capacity(n * heads * d);
-        for _ in 0..n {
-            for h in 0..heads {
-                for c in 0..d {
-                    let spread = if c % 17 == 3 { 12.0 } else { 0.5 + (c % 5) as f32 * 0.3 + h as f32 * 0.1 };
-                    v.push(self.next() * spread + if c % 11 == 0 { 2.0 } else { 0.0 });
-                }
+/// `n` tokens of `heads` x `d` keys or values from the shared generator, with channel-dependent spread and
+/// a few outlier channels, so that groups differ.
+fn spread_rows(g: &mut Gen, n: usize, heads: usize, d: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n * heads * d);
+    for _ in 0..n {
+        for h in 0..heads {
+            for c in 0..d {
+                let spread = if c % 17 == 3 { 12.0 } else { 0.5 + (c % 5) as f32 * 0.3 + h as f32 * 0.1 };
+                v.push(g.next() * spread + if c % 11 == 0 { 2.0 } else { 0.0 });
             }
         }
-        v
     }
+    v
 }
 
 /// Configurations with distinct numbers everywhere: 3 KV heads, head_dim 96, window 64 or 96 against
@@ -222,7 +214,7 @@ fn header_reads_every_held_element_as_core_dequantizes_it() {
             if n == 0 {
                 break;
             }
-            let (k, v) = (g.rows(n, heads, d), g.rows(n, heads, d));
+            let (k, v) = (spread_rows(&mut g, n, heads, d), spread_rows(&mut g, n, heads, d));
             cache.append(&k, &v).unwrap();
             appended += n;
             let held = cache.held();
@@ -268,7 +260,7 @@ fn header_appends_as_core_does_word_for_word() {
             if n == 0 {
                 break;
             }
-            let (k, v) = (g.rows(n, heads, d), g.rows(n, heads, d));
+            let (k, v) = (spread_rows(&mut g, n, heads, d), spread_rows(&mut g, n, heads, d));
             cache.append(&k, &v).unwrap();
             assert_eq!(abi::check_append(&cfg, counts, &k, &v).unwrap(), n);
             let mut done = 0;
