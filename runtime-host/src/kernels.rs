@@ -1,10 +1,11 @@
 //! Weight dot-product kernels: AVX2/FMA integer dots of 32-element ggml blocks against 16-bit activations,
 //! and f32 dots, chosen at run time; the scalar versions in [`crate::quants`] are the reference.
 //!
-//! The `unsafe` pays: `RAYON_NUM_THREADS=1 cargo run --release -p kvq-host --example matvec` measured the
-//! AVX2 kernels 9-12x faster than the portable ones at one token and 17-20x at eight, on SmolLM2's matrices
-//! (2-vCPU AMD EPYC, 2026-11-23). Each vector
-//! load reads through a pointer into a slice whose length is asserted first.
+//! The `unsafe` pays: the AVX2 kernels measured 9-12x faster than the portable ones at one token and 17-20x
+//! at eight on SmolLM2's matrices (2-vCPU AMD EPYC, 2026-11-23; `examples/matvec --portable` times both),
+//! and the fused K-quant dot ([`dot_kquant`]) 1.27-1.37x faster than dequantizing the row first on Gemma 3's
+//! (Zen 4, 2026-12-07, docs/decode-speed.md). Each vector load reads through a pointer into a slice whose
+//! length is asserted first.
 #![allow(unsafe_code)]
 
 use crate::gguf::TensorType;
@@ -186,6 +187,30 @@ pub fn dot_f32(w: &[f32], x: &[f32], avx2: bool) -> f32 {
     }
     let _ = avx2;
     dot_f32_ref(w, x)
+}
+
+/// `dequant(row) · x` for a Q4_K or Q6_K row, the bits of [`dequant_row`] then [`dot_f32`] (the AVX2
+/// pair) without storing the row: each element is formed as `dequant_row` forms it and enters
+/// `dot_f32`'s accumulator at its place in `dot_f32`'s order. For one token (a decode step) this halves
+/// the work per element; a chunk of tokens dequantizes the row once instead.
+///
+/// # Panics
+/// If `ty` is not Q4_K or Q6_K, the row is not whole super-blocks, or `x` is not as long as the row.
+pub fn dot_kquant(ty: TensorType, row: &[u8], x: &[f32], avx2: bool) -> f32 {
+    let (bl, bb) = (ty.block_len(), ty.block_bytes());
+    assert!(matches!(ty, TensorType::Q4K | TensorType::Q6K), "dot_kquant takes Q4_K and Q6_K rows");
+    assert!(
+        row.len().is_multiple_of(bb) && x.len() == row.len() / bb * bl,
+        "row of {ty} has the wrong length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; lengths checked above.
+        return unsafe { if ty == TensorType::Q4K { x86::dot_q4k(row, x) } else { x86::dot_q6k(row, x) } };
+    }
+    let mut buf = vec![0f32; x.len()];
+    dequant_row(ty, row, &mut buf, avx2);
+    dot_f32(&buf, x, avx2)
 }
 
 /// Scalar f32 dot with 8 partial sums (the order the vector kernel uses).
@@ -399,6 +424,35 @@ mod x86 {
         }
     }
 
+    /// The four 6-bit code runs of a Q6_K half at column `l` (elements `l`, `l + 32`, `l + 64`, `l + 96`
+    /// of the half, eight each) as bytes: low nibbles from `ql`, high pairs from `qh`.
+    ///
+    /// # Safety
+    /// `ql + l + 40` and `qh + l + 8` bytes are readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6k_codes(ql: *const u8, qh: *const u8, l: usize) -> [__m128i; 4] {
+        let (m4, m2) = (_mm_set1_epi8(15), _mm_set1_epi8(3));
+        // SAFETY: the caller's contract.
+        let (a, c, hb) = unsafe { (bytes8(ql.add(l)), bytes8(ql.add(l + 32)), bytes8(qh.add(l))) };
+        // Each high pair is at most 3, so shifting it left by 4 in 16-bit lanes stays in its byte.
+        let hi = |sh: i32| {
+            let x = match sh {
+                0 => hb,
+                2 => _mm_srli_epi16::<2>(hb),
+                4 => _mm_srli_epi16::<4>(hb),
+                _ => _mm_srli_epi16::<6>(hb),
+            };
+            _mm_slli_epi16::<4>(_mm_and_si128(x, m2))
+        };
+        [
+            _mm_or_si128(_mm_and_si128(a, m4), hi(0)),
+            _mm_or_si128(_mm_and_si128(c, m4), hi(2)),
+            _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(a), m4), hi(4)),
+            _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(c), m4), hi(6)),
+        ]
+    }
+
     /// One Q6_K super-block (210 bytes) into 256 floats: `(d * sc) * (q - 32)` per element, as the scalar
     /// code rounds it.
     ///
@@ -408,7 +462,6 @@ mod x86 {
     pub(super) unsafe fn dequant_q6k(b: &[u8], out: &mut [f32]) {
         assert!(b.len() >= 210 && out.len() >= 256);
         let d = quants::h(b, 208);
-        let (m4, m2) = (_mm_set1_epi8(15), _mm_set1_epi8(3));
         let op = out.as_mut_ptr();
         for n in 0..2 {
             let (ql, qh) = (b[64 * n..].as_ptr(), b[128 + 32 * n..].as_ptr());
@@ -419,21 +472,7 @@ mod x86 {
                 // SAFETY: ql + l + 32 + 8 <= 64 bytes of this half, qh + l + 8 <= 32; outputs
                 // 128n + l + 96 + 8 <= 256.
                 unsafe {
-                    let (a, c, hb) = (bytes8(ql.add(l)), bytes8(ql.add(l + 32)), bytes8(qh.add(l)));
-                    // Each high pair is at most 3, so shifting it left by 4 in 16-bit lanes stays in its byte.
-                    let hi = |sh: i32| {
-                        let x = match sh {
-                            0 => hb,
-                            2 => _mm_srli_epi16::<2>(hb),
-                            4 => _mm_srli_epi16::<4>(hb),
-                            _ => _mm_srli_epi16::<6>(hb),
-                        };
-                        _mm_slli_epi16::<4>(_mm_and_si128(x, m2))
-                    };
-                    let q1 = _mm_or_si128(_mm_and_si128(a, m4), hi(0));
-                    let q2 = _mm_or_si128(_mm_and_si128(c, m4), hi(2));
-                    let q3 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(a), m4), hi(4));
-                    let q4 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(c), m4), hi(6));
+                    let [q1, q2, q3, q4] = q6k_codes(ql, qh, l);
                     let y = op.add(128 * n + l);
                     _mm256_storeu_ps(y, _mm256_mul_ps(s(is), codes_ps(q1, 32)));
                     _mm256_storeu_ps(y.add(32), _mm256_mul_ps(s(is + 2), codes_ps(q2, 32)));
@@ -442,6 +481,88 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// [`super::dot_kquant`] of a Q4_K row: [`dequant_q4k`]'s elements, each 8 taken into [`dot_f32`]'s
+    /// accumulator `(element % 32) / 8` in the order `dot_f32` takes them.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `row` is whole 144-byte super-blocks and `x` 256 floats for each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4k(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let m4 = _mm_set1_epi8(15);
+        for (sb, b) in row.chunks_exact(144).enumerate() {
+            let (d, dmin) = (quants::h(b, 0), quants::h(b, 2));
+            let sc = &b[4..16];
+            let (qp, xp) = (b[16..].as_ptr(), x[256 * sb..][..256].as_ptr());
+            for j in 0..4 {
+                let (s1, m1) = quants::scale_min_k4(2 * j, sc);
+                let (s2, m2) = quants::scale_min_k4(2 * j + 1, sc);
+                let (d1, d2) = (_mm256_set1_ps(d * f32::from(s1)), _mm256_set1_ps(d * f32::from(s2)));
+                let (n1, n2) = (_mm256_set1_ps(dmin * f32::from(m1)), _mm256_set1_ps(dmin * f32::from(m2)));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let l = 8 * k;
+                    // SAFETY: 32j + l + 8 <= 128 code bytes after byte 16 of the 144; elements
+                    // 64j + 32 + l + 8 <= 256 of this super-block's x.
+                    unsafe {
+                        let v = bytes8(qp.add(32 * j + l));
+                        let lo = codes_ps(_mm_and_si128(v, m4), 0);
+                        let hi = codes_ps(_mm_and_si128(_mm_srli_epi16::<4>(v), m4), 0);
+                        let w_lo = _mm256_sub_ps(_mm256_mul_ps(d1, lo), n1);
+                        let w_hi = _mm256_sub_ps(_mm256_mul_ps(d2, hi), n2);
+                        *a = _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(xp.add(64 * j + l)), *a);
+                        *a = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(xp.add(64 * j + 32 + l)), *a);
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    }
+
+    /// [`super::dot_kquant`] of a Q6_K row: [`dequant_q6k`]'s elements in [`dot_f32`]'s order.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `row` is whole 210-byte super-blocks and `x` 256 floats for each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q6k(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (sb, b) in row.chunks_exact(210).enumerate() {
+            let d = quants::h(b, 208);
+            let xp = x[256 * sb..][..256].as_ptr();
+            for n in 0..2 {
+                let (ql, qh) = (b[64 * n..].as_ptr(), b[128 + 32 * n..].as_ptr());
+                let sc = &b[192 + 8 * n..200 + 8 * n];
+                let s = |k: usize| _mm256_set1_ps(d * f32::from(sc[k] as i8));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let l = 8 * k;
+                    let is = l / 16;
+                    // SAFETY: ql + l + 32 + 8 <= 64 bytes of this half, qh + l + 8 <= 32; elements
+                    // 128n + l + 96 + 8 <= 256 of this super-block's x.
+                    unsafe {
+                        let [q1, q2, q3, q4] = q6k_codes(ql, qh, l);
+                        let y = xp.add(128 * n + l);
+                        *a = _mm256_fmadd_ps(_mm256_mul_ps(s(is), codes_ps(q1, 32)), _mm256_loadu_ps(y), *a);
+                        *a = _mm256_fmadd_ps(
+                            _mm256_mul_ps(s(is + 2), codes_ps(q2, 32)),
+                            _mm256_loadu_ps(y.add(32)),
+                            *a,
+                        );
+                        *a = _mm256_fmadd_ps(
+                            _mm256_mul_ps(s(is + 4), codes_ps(q3, 32)),
+                            _mm256_loadu_ps(y.add(64)),
+                            *a,
+                        );
+                        *a = _mm256_fmadd_ps(
+                            _mm256_mul_ps(s(is + 6), codes_ps(q4, 32)),
+                            _mm256_loadu_ps(y.add(96)),
+                            *a,
+                        );
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
     }
 
     /// # Safety
@@ -604,6 +725,34 @@ mod tests {
                 dequant_row(ty, &bytes, &mut got, true);
                 for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                     assert_eq!(w.to_bits(), g.to_bits(), "{ty} blocks={nb} element {i}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// The fused K-quant dot gives the bits of dequantizing the row and then taking the f32 dot, on the
+    /// vector path and on the portable one, over rows of 1 to 10 super-blocks whose scales span the
+    /// subnormal edge to 2^15 (a different summation order would differ in the last bits on most rows).
+    #[test]
+    fn fused_k_quant_dot_equals_dequantize_then_dot_bit_for_bit() {
+        let paths: &[bool] = if has_avx2() { &[false, true] } else { &[false] };
+        if !has_avx2() {
+            eprintln!("vector path skipped: this CPU has no AVX2/FMA");
+        }
+        for ty in [TensorType::Q4K, TensorType::Q6K] {
+            for (nb, seed) in [(1usize, 11u64), (2, 12), (3, 13), (4, 14), (8, 15), (10, 16)] {
+                let bytes = k_blocks(ty, nb, seed);
+                let x: Vec<f32> = (0..nb * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+                for &avx2 in paths {
+                    let mut w = vec![0f32; nb * 256];
+                    dequant_row(ty, &bytes, &mut w, avx2);
+                    let want = dot_f32(&w, &x, avx2);
+                    let got = dot_kquant(ty, &bytes, &x, avx2);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{ty} blocks={nb} avx2={avx2}: {got} vs {want}"
+                    );
                 }
             }
         }

@@ -654,6 +654,11 @@ impl Model {
                 for (k, out) in block.chunks_exact_mut(n).enumerate() {
                     kernels::add_mins(w.ty, row(k), &st, n, out, avx2);
                 }
+            } else if n == 1 && matches!(w.ty, TensorType::Q4K | TensorType::Q6K) {
+                // One token: the row's elements go straight into the dot (the same bits as below).
+                for (k, out) in block.iter_mut().enumerate() {
+                    *out = kernels::dot_kquant(w.ty, row(k), x, avx2);
+                }
             } else {
                 let mut buf = vec![0f32; w.cols];
                 for (k, out) in block.chunks_exact_mut(n).enumerate() {
