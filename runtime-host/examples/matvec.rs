@@ -97,6 +97,9 @@ fn main() -> anyhow::Result<()> {
         }
         v
     });
+    // Each matrix's kind as an index into `kinds`, found once rather than in the timed loop.
+    let kind_of: Vec<usize> =
+        mats.iter().map(|(k, _)| kinds.iter().position(|x| x == k).unwrap_or(0)).collect();
     let buf: Vec<u64> = (0..total.div_ceil(8) as u64).map(|i| i.wrapping_mul(0x9e37_79b9)).collect();
     let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     if !o.json {
@@ -126,10 +129,10 @@ fn main() -> anyhow::Result<()> {
                         model.set_portable(portable);
                         let mut per = vec![0f64; kinds.len()];
                         let t0 = Instant::now();
-                        for (k, w) in &mats {
+                        for ((_, w), &ki) in mats.iter().zip(&kind_of) {
                             let t = Instant::now();
                             model.matmul(w, &x[..n * w.cols], &mut y[..n * w.rows], &mut act);
-                            per[kinds.iter().position(|x| x == k).unwrap_or(0)] += t.elapsed().as_secs_f64();
+                            per[ki] += t.elapsed().as_secs_f64();
                         }
                         let step = t0.elapsed().as_secs_f64();
                         // The first round warms the caches and the pool.

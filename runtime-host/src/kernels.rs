@@ -393,6 +393,36 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(bias)))
     }
 
+    /// The scales and minimums of Q4_K sub-blocks `2j` and `2j + 1`, broadcast: `[d1, n1, d2, n2]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4k_scales(d: f32, dmin: f32, sc: &[u8], j: usize) -> [__m256; 4] {
+        let (s1, m1) = quants::scale_min_k4(2 * j, sc);
+        let (s2, m2) = quants::scale_min_k4(2 * j + 1, sc);
+        [
+            _mm256_set1_ps(d * f32::from(s1)),
+            _mm256_set1_ps(dmin * f32::from(m1)),
+            _mm256_set1_ps(d * f32::from(s2)),
+            _mm256_set1_ps(dmin * f32::from(m2)),
+        ]
+    }
+
+    /// Eight low-nibble and eight high-nibble elements of a Q4_K sub-block pair from the 8 code bytes at
+    /// `p`: `d * q - n`, the multiply and the subtract rounded apart as in the scalar code.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4k_pair(p: *const u8, sm: &[__m256; 4]) -> [__m256; 2] {
+        let m4 = _mm_set1_epi8(15);
+        // SAFETY: the caller's contract.
+        let v = unsafe { bytes8(p) };
+        let lo = codes_ps(_mm_and_si128(v, m4), 0);
+        let hi = codes_ps(_mm_and_si128(_mm_srli_epi16::<4>(v), m4), 0);
+        [_mm256_sub_ps(_mm256_mul_ps(sm[0], lo), sm[1]), _mm256_sub_ps(_mm256_mul_ps(sm[2], hi), sm[3])]
+    }
+
     /// One Q4_K super-block (144 bytes) into 256 floats: `d * sc * q - dmin * m` per element, the
     /// multiply and the subtract rounded apart as in the scalar code.
     ///
@@ -404,21 +434,15 @@ mod x86 {
         let (d, dmin) = (quants::h(b, 0), quants::h(b, 2));
         let sc = &b[4..16];
         let (qp, op) = (b[16..].as_ptr(), out.as_mut_ptr());
-        let m4 = _mm_set1_epi8(15);
         for j in 0..4 {
-            let (s1, m1) = quants::scale_min_k4(2 * j, sc);
-            let (s2, m2) = quants::scale_min_k4(2 * j + 1, sc);
-            let (d1, d2) = (_mm256_set1_ps(d * f32::from(s1)), _mm256_set1_ps(d * f32::from(s2)));
-            let (n1, n2) = (_mm256_set1_ps(dmin * f32::from(m1)), _mm256_set1_ps(dmin * f32::from(m2)));
+            let sm = q4k_scales(d, dmin, sc, j);
             for l in (0..32).step_by(8) {
                 // SAFETY: 32j + l + 8 <= 128 code bytes after byte 16 (b.len() >= 144); outputs
                 // 64j + l + 32 + 8 <= 256.
                 unsafe {
-                    let v = bytes8(qp.add(32 * j + l));
-                    let lo = codes_ps(_mm_and_si128(v, m4), 0);
-                    let hi = codes_ps(_mm_and_si128(_mm_srli_epi16::<4>(v), m4), 0);
-                    _mm256_storeu_ps(op.add(64 * j + l), _mm256_sub_ps(_mm256_mul_ps(d1, lo), n1));
-                    _mm256_storeu_ps(op.add(64 * j + 32 + l), _mm256_sub_ps(_mm256_mul_ps(d2, hi), n2));
+                    let [lo, hi] = q4k_pair(qp.add(32 * j + l), &sm);
+                    _mm256_storeu_ps(op.add(64 * j + l), lo);
+                    _mm256_storeu_ps(op.add(64 * j + 32 + l), hi);
                 }
             }
         }
@@ -491,26 +515,18 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4k(row: &[u8], x: &[f32]) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 4];
-        let m4 = _mm_set1_epi8(15);
         for (sb, b) in row.chunks_exact(144).enumerate() {
             let (d, dmin) = (quants::h(b, 0), quants::h(b, 2));
             let sc = &b[4..16];
             let (qp, xp) = (b[16..].as_ptr(), x[256 * sb..][..256].as_ptr());
             for j in 0..4 {
-                let (s1, m1) = quants::scale_min_k4(2 * j, sc);
-                let (s2, m2) = quants::scale_min_k4(2 * j + 1, sc);
-                let (d1, d2) = (_mm256_set1_ps(d * f32::from(s1)), _mm256_set1_ps(d * f32::from(s2)));
-                let (n1, n2) = (_mm256_set1_ps(dmin * f32::from(m1)), _mm256_set1_ps(dmin * f32::from(m2)));
+                let sm = q4k_scales(d, dmin, sc, j);
                 for (k, a) in acc.iter_mut().enumerate() {
                     let l = 8 * k;
                     // SAFETY: 32j + l + 8 <= 128 code bytes after byte 16 of the 144; elements
                     // 64j + 32 + l + 8 <= 256 of this super-block's x.
                     unsafe {
-                        let v = bytes8(qp.add(32 * j + l));
-                        let lo = codes_ps(_mm_and_si128(v, m4), 0);
-                        let hi = codes_ps(_mm_and_si128(_mm_srli_epi16::<4>(v), m4), 0);
-                        let w_lo = _mm256_sub_ps(_mm256_mul_ps(d1, lo), n1);
-                        let w_hi = _mm256_sub_ps(_mm256_mul_ps(d2, hi), n2);
+                        let [w_lo, w_hi] = q4k_pair(qp.add(32 * j + l), &sm);
                         *a = _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(xp.add(64 * j + l)), *a);
                         *a = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(xp.add(64 * j + 32 + l)), *a);
                     }
