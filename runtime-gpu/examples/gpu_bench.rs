@@ -1,15 +1,17 @@
 //! Decode attention on the GPU per step, over all layers of a model's shape, fp16 against KIVI-2 and
-//! KIVI-4 in the same run, with the device's copy bandwidth measured in the same run.
+//! KIVI-4 (and `kvq2`, read by the generic kernels) in the same run, with the device's copy bandwidth
+//! measured in the same run.
 //!
 //! ```text
 //! cargo run --release -p kvq-gpu --example gpu_bench -- [--tokens 4096,16384,65536,131072]
-//!     [--model smollm2,gemma3] [--specs fp16,kivi2,kivi4] [--reps 50] [--json]
+//!     [--model smollm2,gemma3] [--specs fp16,kivi2,kivi4,kvq2] [--reps 50] [--json]
 //! ```
 //!
 //! Shapes: SmolLM2-135M (30 layers, 3 KV heads, 9 query heads, head_dim 64) and Gemma 3 270M (18 layers,
 //! 1 KV head, 4 query heads, head_dim 256; its 3 global layers hold the context in the spec, its 15 local
 //! layers an fp16 window of 512 tokens). The caches are filled with synthetic keys and values through
-//! the device append. Bytes read are the bytes the caches hold (kvq-core's accounting).
+//! the device append; `kvq2` (the model's recipe, uncalibrated tables) is filled by kvq-core on the host
+//! and synced. Bytes read are the bytes the caches hold (kvq-core's accounting).
 
 mod support;
 
@@ -18,8 +20,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kvq_core::cache::{CacheConfig, Overflow};
+use kvq_core::cache::{Cache, CacheConfig, Overflow, Precision, QuantSpec, Transform};
 use kvq_core::pack::Width;
+use kvq_core::quant::param::ParamFormat;
+use kvq_core::transform::{Pairing, Rope};
+use kvq_gpu::abi::KvqLayout;
 use kvq_gpu::{DeviceCache, Gpu};
 use support::rows;
 
@@ -31,8 +36,8 @@ struct Args {
     /// Model shapes: smollm2, gemma3.
     #[arg(long, value_delimiter = ',', default_value = "smollm2,gemma3")]
     model: Vec<String>,
-    /// Caches: fp16, kivi2, kivi4.
-    #[arg(long, value_delimiter = ',', default_value = "fp16,kivi2,kivi4")]
+    /// Caches: fp16, kivi2, kivi4, kvq2.
+    #[arg(long, value_delimiter = ',', default_value = "fp16,kivi2,kivi4,kvq2")]
     specs: Vec<String>,
     /// Timed steps.
     #[arg(long, default_value_t = 50)]
@@ -59,25 +64,63 @@ fn shape(name: &str) -> Result<Shape> {
     })
 }
 
-fn config(spec: &str, heads: usize, d: usize, cap: usize) -> Result<CacheConfig> {
+fn config(spec: &str, model: &str, heads: usize, d: usize, cap: usize) -> Result<CacheConfig> {
     Ok(match spec {
         "fp16" => CacheConfig::fp16(heads, d, cap),
         "kivi2" => CacheConfig::kivi(Width::B2, 32, 128, heads, d, cap),
         "kivi4" => CacheConfig::kivi(Width::B4, 32, 128, heads, d, cap),
-        _ => anyhow::bail!("unknown spec {spec} (fp16, kivi2, kivi4)"),
+        "kvq2" => {
+            // kvq's 2-bit recipe (kvq-host's `kvq2` preset): 3-bit keys in 64-token groups before RoPE,
+            // 2-bit values in 64-channel groups with FP8 parameters, 4 sinks; values rotated, and keys
+            // too except on a model whose keys pass a per-head norm (Gemma 3).
+            let gemma = model == "gemma3";
+            let rope = if gemma {
+                Rope { base: 1_000_000.0, pairing: Pairing::Halves }
+            } else {
+                Rope { base: 10_000.0, pairing: Pairing::Adjacent }
+            };
+            CacheConfig {
+                keys: Precision::Quant(QuantSpec::per_channel(Width::B3, 64)),
+                values: Precision::Quant(
+                    QuantSpec::per_token(Width::B2, 64).with_params(ParamFormat::Fp8E4M3),
+                ),
+                ..CacheConfig::kivi(Width::B2, 32, 128, heads, d, cap).with_sinks(4).with_transform(
+                    Transform {
+                        rope: Some(rope),
+                        rotate_keys: !gemma,
+                        rotate_values: true,
+                        ..Transform::NONE
+                    },
+                )
+            }
+        }
+        _ => anyhow::bail!("unknown spec {spec} (fp16, kivi2, kivi4, kvq2)"),
     })
 }
 
-/// A cache of `cfg` filled with `tokens` synthetic tokens.
+/// A cache of `cfg` filled with `tokens` synthetic tokens: on the device, or for a format the device does
+/// not append, by kvq-core on the host and synced.
 fn filled(gpu: &Arc<Gpu>, cfg: CacheConfig, tokens: usize) -> Result<DeviceCache> {
     let mut c = DeviceCache::new(gpu.clone(), cfg)?;
     let hd = cfg.kv_heads * cfg.head_dim;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut host = None;
+    if !KvqLayout::new(&cfg, &cfg.layout()?)?.device_append() {
+        host = Some(vec![0u32; cfg.layout()?.total_words]);
+    }
+    let mut cache = host.as_mut().map(|a| Cache::new(cfg, a)).transpose()?;
     let mut left = tokens;
     while left > 0 {
         let n = left.min(8192);
-        c.append(&rows(&mut seed, n * hd), &rows(&mut seed, n * hd))?;
+        let (k, v) = (rows(&mut seed, n * hd), rows(&mut seed, n * hd));
+        match cache.as_mut() {
+            Some(h) => h.append(&k, &v)?,
+            None => c.append(&k, &v)?,
+        }
         left -= n;
+    }
+    if let Some(h) = &cache {
+        c.sync(h)?;
     }
     Ok(c)
 }
@@ -114,7 +157,7 @@ fn main() -> Result<()> {
         for &tokens in &a.tokens {
             let mut fp16_us = None;
             for spec in &a.specs {
-                let global = filled(&gpu, config(spec, s.kv_heads, s.d, tokens + 1)?, tokens)?;
+                let global = filled(&gpu, config(spec, m, s.kv_heads, s.d, tokens + 1)?, tokens)?;
                 let local = if s.local > 0 {
                     let cfg = CacheConfig::fp16(s.kv_heads, s.d, s.window).with_overflow(Overflow::Slide);
                     Some(filled(&gpu, cfg, tokens.min(s.window))?)

@@ -14,6 +14,13 @@
 // Each element is dequantized as kvq-core dequantizes it (code * scale + zero, two roundings); the scales
 // are not folded into the query as kvq-core's CPU kernels fold them, because a tile of 32 tokens can
 // straddle a key group, the sinks and the window.
+//
+// `kvq_attend_gG` reads KIVI's plain formats; `kvq_attend_generic_gG` also reads every calibrated format
+// through kvq.cuh's generic reader: a lane rebuilds its token's whole key row (codes, parameters,
+// codebooks, outliers, tier corrections, then the inverse transforms) in local memory and scores it; for
+// values, each lane rebuilds its token's row and the warp reads it from shared memory one token at a
+// time. The rows are kvq-core's `Cache::dequantize` bit for bit, so the arithmetic after them is the plain
+// kernel's.
 #include "kvq.cuh"
 
 #define KVQ_WARPS 4u
@@ -26,6 +33,7 @@ struct Row {
     const unsigned short *h;
     const float *f;
     unsigned slot;
+    unsigned j; // logical body index (body slots)
 };
 
 __device__ __forceinline__ Row kvq_row(const unsigned *arena, const KvqLayout &l, const KvqCounts &k, int keys,
@@ -36,6 +44,7 @@ __device__ __forceinline__ Row kvq_row(const unsigned *arena, const KvqLayout &l
     r.h = 0;
     r.f = 0;
     r.slot = 0;
+    r.j = 0;
     if (t >= held) {
         r.kind = 1u;
         r.f = chunk + ((unsigned long long)(t - held) * l.kv_heads + h) * d;
@@ -55,11 +64,12 @@ __device__ __forceinline__ Row kvq_row(const unsigned *arena, const KvqLayout &l
     } else {
         r.kind = s->kind == KVQ_F16 ? 2u : 3u;
         r.slot = at;
+        r.j = k.base + (t - k.sinks);
     }
     return r;
 }
 
-template <int G>
+template <int G, bool GEN>
 __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l, const KvqCounts k,
                            const float *__restrict__ q, const float *__restrict__ ck,
                            const float *__restrict__ cv, float scale, unsigned split, float *__restrict__ part_o,
@@ -67,6 +77,7 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
     __shared__ float qs[G][KVQ_MAX_HEAD_DIM];
     __shared__ float wm[KVQ_WARPS][G], wl[KVQ_WARPS][G];
     __shared__ float wo[KVQ_WARPS][G][KVQ_MAX_HEAD_DIM];
+    __shared__ float vbuf[GEN ? KVQ_WARPS : 1][GEN ? KVQ_MAX_HEAD_DIM : 1];
     const unsigned s = blockIdx.x, h = blockIdx.y, i = blockIdx.z, splits = gridDim.x;
     const unsigned d = l.head_dim, q_heads = l.kv_heads * G;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
@@ -95,7 +106,23 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
         float sc[G];
 #pragma unroll
         for (int r = 0; r < G; r++) sc[r] = 0.0f;
-        if (t < t1) {
+        if (GEN && t < t1 && ks.generic) {
+            Row row = kvq_row(arena, l, k, 1, h, held, t, ck);
+            if (row.kind == 3u) {
+                float kr[KVQ_MAX_HEAD_DIM];
+                kvq_generic_row(arena, &l, 1, h, row.j, kr);
+                for (unsigned c = 0; c < d; c++) {
+#pragma unroll
+                    for (int r = 0; r < G; r++) sc[r] = fmaf(qs[r][c], kr[c], sc[r]);
+                }
+            } else {
+                for (unsigned c = 0; c < d; c++) {
+                    float kv = row.kind == 0u ? kvq_h2f(row.h[c]) : row.f[c];
+#pragma unroll
+                    for (int r = 0; r < G; r++) sc[r] = fmaf(qs[r][c], kv, sc[r]);
+                }
+            }
+        } else if (t < t1) {
             Row row = kvq_row(arena, l, k, 1, h, held, t, ck);
             for (unsigned c = 0; c < d; c++) {
                 float kv;
@@ -135,11 +162,33 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
         }
         // Values: lane = channels.
         const unsigned n = min(32u, t1 - tile);
+        // Generic value rows: each lane rebuilds its own token's, shared with the warp token by token.
+        float vr[GEN ? KVQ_MAX_HEAD_DIM : 1];
+        if (GEN && vs.generic && lane < n) {
+            Row own = kvq_row(arena, l, k, 0, h, held, tile + lane, cv);
+            if (own.kind == 3u) kvq_generic_row(arena, &l, 0, h, own.j, vr);
+        }
         for (unsigned j = 0; j < n; j++) {
             float pj[G];
 #pragma unroll
             for (int r = 0; r < G; r++) pj[r] = __shfl_sync(0xffffffffu, p[r], j);
             Row row = kvq_row(arena, l, k, 0, h, held, tile + j, cv);
+            if (GEN && vs.generic && row.kind == 3u) {
+                if (lane == j)
+                    for (unsigned c = 0; c < d; c++) vbuf[GEN ? warp : 0][c] = vr[GEN ? c : 0];
+                __syncwarp();
+#pragma unroll
+                for (int cc = 0; cc < 8; cc++) {
+                    unsigned c = lane + 32u * cc;
+                    if (c < d) {
+                        float v = vbuf[GEN ? warp : 0][GEN ? c : 0];
+#pragma unroll
+                        for (int r = 0; r < G; r++) o[r][cc] = fmaf(pj[r], v, o[r][cc]);
+                    }
+                }
+                __syncwarp();
+                continue;
+            }
             const unsigned *words = arena + vs.codes + (h * vs.ring + row.slot) * vs.row_words;
 #pragma unroll
             for (int cc = 0; cc < 8; cc++) {
@@ -200,7 +249,12 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
     extern "C" __global__ void __launch_bounds__(128, 1) kvq_attend_g##G(                                     \
         const unsigned *arena, KvqLayout l, KvqCounts k, const float *q, const float *ck, const float *cv, \
         float scale, unsigned split, float *part_o, float *part_ml) {                                      \
-        kvq_attend<G>(arena, l, k, q, ck, cv, scale, split, part_o, part_ml);                              \
+        kvq_attend<G, false>(arena, l, k, q, ck, cv, scale, split, part_o, part_ml);                       \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128, 1) kvq_attend_generic_g##G(                             \
+        const unsigned *arena, KvqLayout l, KvqCounts k, const float *q, const float *ck, const float *cv, \
+        float scale, unsigned split, float *part_o, float *part_ml) {                                      \
+        kvq_attend<G, true>(arena, l, k, q, ck, cv, scale, split, part_o, part_ml);                        \
     }
 
 KVQ_ATTEND(1)

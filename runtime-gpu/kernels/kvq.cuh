@@ -22,6 +22,17 @@
 #include <string.h>
 #endif
 
+// Parameter formats (kvq-core `ParamFormat`).
+#define KVQ_PARAMS_F16 0u
+#define KVQ_PARAMS_FP8 1u
+// RoPE pairings of group-relative keys (kvq-core `Pairing`); NONE: keys stored as handed in.
+#define KVQ_ROPE_NONE 0u
+#define KVQ_ROPE_ADJACENT 1u
+#define KVQ_ROPE_HALVES 2u
+// An outlier slot with no outlier (kvq-core `EMPTY_SLOT`), a tier slot with no token (`EMPTY_TOKEN`).
+#define KVQ_EMPTY_SLOT 0xffffu
+#define KVQ_EMPTY_TOKEN 0xffffffffu
+
 // Body kinds of a stream.
 #define KVQ_F16 0u
 #define KVQ_PER_CHANNEL 1u
@@ -53,7 +64,17 @@ typedef struct {
     unsigned window;        // word offset of the f16 window
     unsigned codes;         // word offset of the body
     unsigned scale;         // word offset of the group scales (f16)
-    unsigned zero;          // word offset of the group zero points (f16)
+    unsigned zero;          // word offset of the group zero points (f16, or FP8 bytes)
+    // The generic reader's fields (kvq_generic_row); zero for KIVI's plain formats.
+    unsigned generic;    // 1: read through kvq_generic_row (calibrated formats, transforms, tiers)
+    unsigned params;     // KVQ_PARAMS_F16 or KVQ_PARAMS_FP8
+    unsigned levels_n;   // levels per codebook unit (0: the uniform grid)
+    unsigned levels;     // word offset of the codebooks: [unit][encode, decode][levels_n] f32
+    unsigned outliers_n; // outlier slots per unit (key group and head, or token)
+    unsigned outliers;   // word offset of the slots: index (low 16 bits), f16 correction (high 16)
+    unsigned permuted;   // 1: per-token groups over a channel permutation with variable bounds
+    unsigned perm;       // word offset of the permutation [kv_heads][d] u16
+    unsigned bounds;     // word offset of the group bounds [kv_heads][d/G + 1] u16
 } KvqStream;
 
 // A layer cache: its shape and both streams.
@@ -66,6 +87,19 @@ typedef struct {
     unsigned total_words;
     KvqStream keys;
     KvqStream values;
+    // Transforms of the stored body (kvq-core `Transform`) and MiKV's tiers.
+    unsigned rope;          // KVQ_ROPE_*: keys stored turned back to their key group's first position
+    unsigned rotate_keys;   // 1: keys Hadamard-rotated
+    unsigned rotate_values; // 1: values Hadamard-rotated
+    unsigned center_keys;   // 1: calibrated key means subtracted
+    unsigned balance_keys;  // 1: keys scaled by calibrated factors
+    unsigned rope_table;    // word offset of [G][d/2][cos, sin] f32
+    unsigned center;        // word offset of [kv_heads][d] f32
+    unsigned balance;       // word offset of [kv_heads][d] f32
+    unsigned tier_keep;     // promoted tokens per key group and head (0: no tiers)
+    unsigned tier_bits;     // bits of the corrections
+    unsigned tier_slot_words;
+    unsigned tier_slots;    // word offset of the slots
 } KvqLayout;
 
 // The cache's token counts (kvq-core `Counts`) and where each stream's quantized run ends.
@@ -245,6 +279,214 @@ KVQ_FN float kvq_element(const unsigned *arena, const KvqLayout *l, const KvqCou
         p = kvq_value_param(s, h, c / s->group, at);
     }
     return kvq_deq(code, kvq_h2f(kvq_half_at(arena, s->scale, p)), kvq_h2f(kvq_half_at(arena, s->zero, p)));
+}
+
+// ---- the generic reader (kvq-core `Cache::dequantize_generic`) ----
+//
+// Every calibrated format reconstructs a body row in its stored basis, then turns it back: codes under
+// each group's parameters (f16 or FP8) on the uniform grid or a calibrated codebook, plus outlier and tier
+// corrections, channels permuted back; then the inverse transforms (centres, Hadamard, balance, RoPE by
+// the token's offset in its key group). The arithmetic is kvq-core's operation for operation, each
+// rounded on its own (no contraction), so the rows are the same bits; tests/header.rs checks them.
+
+KVQ_FN float kvq_mul(float a, float b) {
+#ifdef __CUDACC__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+KVQ_FN float kvq_add(float a, float b) {
+#ifdef __CUDACC__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+KVQ_FN float kvq_sub(float a, float b) {
+#ifdef __CUDACC__
+    return __fsub_rn(a, b);
+#else
+    return a - b;
+#endif
+}
+
+KVQ_FN float kvq_div(float a, float b) {
+#ifdef __CUDACC__
+    return __fdiv_rn(a, b);
+#else
+    return a / b;
+#endif
+}
+
+// The value of an FP8 E4M3 byte (kvq-core `fp8_e4m3_value`): m * 2^-9 for exponent field 0, else
+// (8 + m) * 2^(e - 10); e = 15, m = 7 is NaN. Every product is exact.
+KVQ_FN float kvq_fp8(unsigned raw) {
+    unsigned e = (raw >> 3) & 15u, m = raw & 7u, sign = (raw & 0x80u) << 24;
+    float v;
+    if (e == 15u && m == 7u) return kvq_bits_float(0x7fc00000u | sign);
+    if (e == 0u)
+        v = kvq_mul((float)m, 0.001953125f);
+    else
+        v = kvq_mul((float)(8u + m), kvq_bits_float((e - 10u + 127u) << 23));
+    return kvq_bits_float(kvq_float_bits(v) | sign);
+}
+
+// The parameters at index i of a stream's parameter regions.
+KVQ_FN void kvq_params(const unsigned *arena, const KvqStream *s, unsigned i, float *scale, float *zero) {
+    if (s->params == KVQ_PARAMS_FP8) {
+        *scale = kvq_fp8(((const unsigned char *)(arena + s->scale))[i]);
+        *zero = kvq_fp8(((const unsigned char *)(arena + s->zero))[i]);
+    } else {
+        *scale = kvq_h2f(kvq_half_at(arena, s->scale, i));
+        *zero = kvq_h2f(kvq_half_at(arena, s->zero, i));
+    }
+}
+
+// The reconstruction of `code` in codebook unit `unit` (a head, or head * d + channel for per-channel
+// keys): zero + scale * level for a codebook, code * scale + zero on the uniform grid.
+KVQ_FN float kvq_decode(const unsigned *arena, const KvqStream *s, unsigned unit, unsigned code, float scale,
+                        float zero) {
+    if (s->levels_n == 0u) return kvq_deq(code, scale, zero);
+    const float *dec = (const float *)(arena + s->levels) + (unit * 2u + 1u) * s->levels_n;
+    return kvq_add(zero, kvq_mul(scale, dec[code]));
+}
+
+// The normalized Walsh-Hadamard transform of x[0..n] in place (kvq-core `transform::hadamard`).
+KVQ_FN void kvq_hadamard(float *x, unsigned n) {
+    for (unsigned h = 1u; h < n; h *= 2u)
+        for (unsigned b = 0u; b < n; b += 2u * h)
+            for (unsigned i = b; i < b + h; i++) {
+                float u = x[i], v = x[i + h];
+                x[i] = kvq_add(u, v);
+                x[i + h] = kvq_sub(u, v);
+            }
+#ifdef __CUDACC__
+    float k = __fdiv_rn(1.0f, __fsqrt_rn((float)n));
+#else
+    float k = 1.0f / __builtin_sqrtf((float)n);
+#endif
+    for (unsigned i = 0u; i < n; i++) x[i] = kvq_mul(x[i], k);
+}
+
+// Adds tier correction `keys` (or values) of body token j of head h to row[map(i)], if j is promoted
+// (kvq-core `TierView::find` and `correction`). `perm`: the stored-to-row permutation or null.
+KVQ_FN void kvq_tier_add(const unsigned *arena, const KvqLayout *l, int keys, unsigned h, unsigned j,
+                         const unsigned short *perm, float *row) {
+    if (l->tier_keep == 0u) return;
+    unsigned d = l->head_dim, kg = l->keys.group, groups = l->keys.ring / kg, gi = (j % l->keys.ring) / kg;
+    for (unsigned k = 0u; k < l->tier_keep; k++) {
+        const unsigned *slot = arena + l->tier_slots + ((h * groups + gi) * l->tier_keep + k) * l->tier_slot_words;
+        if (slot[0] != j) continue;
+        unsigned tg = d % 64u == 0u ? 64u : d, bits = l->tier_bits;
+        unsigned pw = d / tg + d * bits / 32u;
+        const unsigned *part = slot + 1u + (keys ? 0u : pw);
+        for (unsigned c = 0u; c < d; c++) {
+            unsigned w = part[c / tg];
+            float v = kvq_deq(kvq_code(part + d / tg, c, bits), kvq_h2f((unsigned short)(w & 0xffffu)),
+                              kvq_h2f((unsigned short)(w >> 16)));
+            unsigned at = perm ? perm[c] : c;
+            row[at] = kvq_add(row[at], v);
+        }
+        return;
+    }
+}
+
+// The inverse transforms of a stored-basis row of head h (kvq-core `Cache::inverse`); `offset` is the
+// token's position in its key group (RoPE offsets).
+KVQ_FN void kvq_inverse(const unsigned *arena, const KvqLayout *l, int keys, unsigned h, unsigned offset,
+                        float *row) {
+    unsigned d = l->head_dim;
+    if (!keys) {
+        if (l->rotate_values) kvq_hadamard(row, d);
+        return;
+    }
+    if (l->center_keys) {
+        const float *m = (const float *)(arena + l->center) + h * d;
+        for (unsigned c = 0u; c < d; c++) row[c] = kvq_add(row[c], m[c]);
+    }
+    if (l->rotate_keys) kvq_hadamard(row, d);
+    if (l->balance_keys) {
+        const float *b = (const float *)(arena + l->balance) + h * d;
+        for (unsigned c = 0u; c < d; c++) row[c] = kvq_div(row[c], b[c]);
+    }
+    if (l->rope != KVQ_ROPE_NONE) {
+        const float *cs = (const float *)(arena + l->rope_table) + offset * d;
+        for (unsigned i = 0u; i < d / 2u; i++) {
+            unsigned a = l->rope == KVQ_ROPE_ADJACENT ? 2u * i : i;
+            unsigned b = l->rope == KVQ_ROPE_ADJACENT ? 2u * i + 1u : i + d / 2u;
+            float c = cs[2u * i], s = cs[2u * i + 1u], x0 = row[a], x1 = row[b];
+            row[a] = kvq_sub(kvq_mul(x0, c), kvq_mul(x1, s));
+            row[b] = kvq_add(kvq_mul(x0, s), kvq_mul(x1, c));
+        }
+    }
+}
+
+// Body token j (logical index, held in the quantized body) of head h, reconstructed into row[0..d] as
+// kvq-core's `Cache::dequantize` reconstructs it.
+KVQ_FN void kvq_generic_row(const unsigned *arena, const KvqLayout *l, int keys, unsigned h, unsigned j,
+                            float *row) {
+    const KvqStream *s = keys ? &l->keys : &l->values;
+    unsigned d = l->head_dim, slot = j % s->ring;
+    const unsigned *outl = arena + s->outliers;
+    float scale, zero;
+    if (s->kind == KVQ_PER_CHANNEL) {
+        unsigned gi = slot / s->group, col = slot & (s->block - 1u);
+        const unsigned *head = arena + s->codes + h * kvq_key_head_words(s, d);
+        for (unsigned c = 0u; c < d; c++) {
+            unsigned code = kvq_code(head + kvq_key_row(s, slot, c, d), col, s->bits);
+            kvq_params(arena, s, (h * s->row_groups + gi) * d + c, &scale, &zero);
+            row[c] = kvq_decode(arena, s, h * d + c, code, scale, zero);
+        }
+        for (unsigned k = 0u; k < s->outliers_n; k++) {
+            unsigned w = outl[(h * s->row_groups + gi) * s->outliers_n + k], i = w & 0xffffu;
+            if (i != KVQ_EMPTY_SLOT && i / d == slot % s->group)
+                row[i % d] = kvq_add(row[i % d], kvq_h2f((unsigned short)(w >> 16)));
+        }
+        kvq_tier_add(arena, l, keys, h, j, 0, row);
+        kvq_inverse(arena, l, keys, h, slot % s->group, row);
+        return;
+    }
+    // Per token: stored channel i lands in row[perm[i]]; outliers and tier corrections are indexed in
+    // the stored order and follow it.
+    const unsigned short *perm = s->permuted ? (const unsigned short *)(arena + s->perm) + h * d : 0;
+    const unsigned *words = arena + s->codes + (h * s->ring + slot) * s->row_words;
+    unsigned groups = d / s->group;
+    for (unsigned g = 0u; g < groups; g++) {
+        unsigned lo = g * s->group, hi = lo + s->group;
+        if (s->permuted) {
+            const unsigned short *b = (const unsigned short *)(arena + s->bounds) + h * (groups + 1u);
+            lo = b[g];
+            hi = b[g + 1u];
+        }
+        kvq_params(arena, s, (h * s->row_groups + g) * s->ring + slot, &scale, &zero);
+        for (unsigned i = lo; i < hi; i++)
+            row[perm ? perm[i] : i] = kvq_decode(arena, s, h, kvq_code(words, i, s->bits), scale, zero);
+    }
+    for (unsigned k = 0u; k < s->outliers_n; k++) {
+        unsigned w = outl[slot * s->outliers_n + k], i = w & 0xffffu;
+        if (i != KVQ_EMPTY_SLOT && i / d == h) {
+            unsigned at = perm ? perm[i % d] : i % d;
+            row[at] = kvq_add(row[at], kvq_h2f((unsigned short)(w >> 16)));
+        }
+    }
+    kvq_tier_add(arena, l, keys, h, j, perm, row);
+    kvq_inverse(arena, l, keys, h, 0u, row);
+}
+
+// Held token t of head h, a whole row (sinks, window, fp16 or coded body, any format), as kvq-core's
+// `Cache::dequantize` gives it.
+KVQ_FN void kvq_read_row(const unsigned *arena, const KvqLayout *l, const KvqCounts *k, int keys, unsigned h,
+                         unsigned t, float *row) {
+    const KvqStream *s = keys ? &l->keys : &l->values;
+    unsigned at, q_end = keys ? k->key_q_end : k->value_q_end;
+    if (s->generic && kvq_locate(l, k, q_end, s, t, &at) == 2u) {
+        kvq_generic_row(arena, l, keys, h, k->base + (t - k->sinks), row);
+        return;
+    }
+    for (unsigned c = 0u; c < l->head_dim; c++) row[c] = kvq_element(arena, l, k, keys, h, t, c);
 }
 
 // ---- the quantizer (kvq-core `UniformSpec` with f16 parameters, no clipping) ----

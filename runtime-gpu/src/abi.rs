@@ -3,6 +3,8 @@
 //! `Cache::append` moves them token by token.
 
 use kvq_core::cache::{Axis, CacheConfig, Counts, Layout, Overflow, Precision, StreamLayout};
+use kvq_core::quant::param::ParamFormat;
+use kvq_core::transform::Pairing;
 
 use crate::error::{GpuError, Result};
 
@@ -49,6 +51,25 @@ pub struct KvqStream {
     pub scale: u32,
     /// Word offset of the zero points.
     pub zero: u32,
+    /// 1 where the body is read through the generic reader (`kvq_generic_row`): any calibrated format
+    /// (codebook, outliers, FP8 parameters, permutation, clipping), a transform or tiers, or per-token keys.
+    pub generic: u32,
+    /// Parameter format: [`PARAMS_F16`] or [`PARAMS_FP8`].
+    pub params: u32,
+    /// Levels per codebook unit (`2^bits`), 0 for the uniform grid.
+    pub levels_n: u32,
+    /// Word offset of the codebook levels (`[unit][enc, dec][levels_n]` f32).
+    pub levels: u32,
+    /// Outlier slots per unit, 0 for none.
+    pub outliers_n: u32,
+    /// Word offset of the outlier slots (one word each: index in the low half, f16 delta in the high).
+    pub outliers: u32,
+    /// 1 for per-token groups over a calibrated channel permutation.
+    pub permuted: u32,
+    /// Word offset of the permutation (`[kv_heads][d]` u16).
+    pub perm: u32,
+    /// Word offset of the group bounds (`[kv_heads][d/G + 1]` u16).
+    pub bounds: u32,
 }
 
 /// A layer cache's shape and streams (`KvqLayout`).
@@ -71,7 +92,43 @@ pub struct KvqLayout {
     pub keys: KvqStream,
     /// Values.
     pub values: KvqStream,
+    /// Keys stored relative to their key group's first position: [`ROPE_NONE`], [`ROPE_ADJACENT`] or
+    /// [`ROPE_HALVES`] (the pairing).
+    pub rope: u32,
+    /// 1 where keys are Hadamard-rotated.
+    pub rotate_keys: u32,
+    /// 1 where values are Hadamard-rotated.
+    pub rotate_values: u32,
+    /// 1 where calibrated key means are subtracted.
+    pub center_keys: u32,
+    /// 1 where keys are scaled by calibrated balancing factors.
+    pub balance_keys: u32,
+    /// Word offset of the RoPE offsets table (`[G][d/2][cos, sin]` f32).
+    pub rope_table: u32,
+    /// Word offset of the key centres (`[kv_heads][d]` f32).
+    pub center: u32,
+    /// Word offset of the balancing factors (`[kv_heads][d]` f32).
+    pub balance: u32,
+    /// MiKV: promoted tokens per key group and KV head, 0 without tiers.
+    pub tier_keep: u32,
+    /// Bits of the tier corrections.
+    pub tier_bits: u32,
+    /// Words of one tier slot.
+    pub tier_slot_words: u32,
+    /// Word offset of the tier slots.
+    pub tier_slots: u32,
 }
+
+/// `KVQ_PARAMS_F16`: group parameters in f16.
+pub const PARAMS_F16: u32 = 0;
+/// `KVQ_PARAMS_FP8`: group parameters in FP8 E4M3, one byte each.
+pub const PARAMS_FP8: u32 = 1;
+/// `KVQ_ROPE_NONE`: keys stored as handed in.
+pub const ROPE_NONE: u32 = 0;
+/// `KVQ_ROPE_ADJACENT`: RoPE pairs `(2i, 2i + 1)`.
+pub const ROPE_ADJACENT: u32 = 1;
+/// `KVQ_ROPE_HALVES`: RoPE pairs `(i, i + d/2)`.
+pub const ROPE_HALVES: u32 = 2;
 
 /// Token counts and the ends of the quantized runs (`KvqCounts`).
 #[repr(C)]
@@ -116,31 +173,7 @@ fn u32_of(what: &'static str, v: usize) -> Result<u32> {
 }
 
 fn stream(cfg: &CacheConfig, p: Precision, l: &StreamLayout, keys: bool) -> Result<KvqStream> {
-    let (kind, bits, max_code, group) = match p {
-        Precision::F16 => (KIND_F16, 16, 0, 0),
-        Precision::Quant(q) => {
-            // `plain` leaves clipping to the quantizer; the device's quantizer has none.
-            if !q.plain() || cfg.generic(!keys) || q.clip != 1.0 {
-                return Err(GpuError::Unsupported {
-                    what: "cache format on the GPU (only fp16 and KIVI's plain uniform formats, unclipped)",
-                    value: 0,
-                });
-            }
-            let kind = match (q.axis, keys) {
-                (Axis::PerChannel, true) => KIND_PER_CHANNEL,
-                (Axis::PerToken, false) => KIND_PER_TOKEN,
-                _ => {
-                    return Err(GpuError::Unsupported { what: "per-token keys on the GPU", value: 0 });
-                }
-            };
-            (kind, q.width.bits(), u32::from(q.width.max_code()), u32_of("group", q.group)?)
-        }
-    };
-    Ok(KvqStream {
-        kind,
-        bits,
-        max_code,
-        group,
+    let mut s = KvqStream {
         ring: u32_of("ring", l.ring)?,
         block: u32_of("block", l.block)?,
         row_words: u32_of("row words", l.row_words)?,
@@ -151,19 +184,51 @@ fn stream(cfg: &CacheConfig, p: Precision, l: &StreamLayout, keys: bool) -> Resu
         codes: u32_of("offset", l.codes.offset)?,
         scale: u32_of("offset", l.scale.offset)?,
         zero: u32_of("offset", l.zero.offset)?,
-    })
+        ..KvqStream::default()
+    };
+    let Precision::Quant(q) = p else {
+        s.kind = KIND_F16;
+        s.bits = 16;
+        return Ok(s);
+    };
+    s.kind = match q.axis {
+        Axis::PerChannel if keys => KIND_PER_CHANNEL,
+        Axis::PerToken => KIND_PER_TOKEN,
+        Axis::PerChannel => {
+            return Err(GpuError::Unsupported { what: "per-channel values on the GPU", value: 0 });
+        }
+    };
+    s.bits = q.width.bits();
+    s.max_code = u32::from(q.width.max_code());
+    s.group = u32_of("group", q.group)?;
+    // The device reads KIVI's plain per-channel keys and per-token values directly; everything else
+    // (and clipping, which only the quantizer sees) through the generic reader.
+    s.generic = u32::from(cfg.generic(!keys) || (keys && q.axis == Axis::PerToken) || q.clip != 1.0);
+    s.params = match q.params {
+        ParamFormat::F16 => PARAMS_F16,
+        ParamFormat::Fp8E4M3 => PARAMS_FP8,
+        _ => return Err(GpuError::Unsupported { what: "parameter format on the GPU", value: 0 }),
+    };
+    if q.codebook {
+        s.levels_n = q.width.levels();
+        s.levels = u32_of("offset", l.tables.levels.offset)?;
+    }
+    s.outliers_n = u32_of("outlier slots", q.outliers)?;
+    s.outliers = u32_of("offset", l.outliers.offset)?;
+    s.permuted = u32::from(q.permuted);
+    s.perm = u32_of("offset", l.tables.perm.offset)?;
+    s.bounds = u32_of("offset", l.tables.bounds.offset)?;
+    Ok(s)
 }
 
 impl KvqLayout {
     /// The kernels' view of `cfg`'s layout `l` (`cfg.layout()`).
     ///
     /// # Errors
-    /// [`GpuError::Unsupported`] for the calibrated formats (codebooks, outliers, FP8 parameters,
-    /// transforms, tiers), per-token keys, and arenas whose f16 indices pass `u32` (8 GiB).
+    /// [`GpuError::Unsupported`] for per-channel values and arenas whose f16 indices pass `u32` (8 GiB).
+    /// Every format `kvq-core` has is read; only KIVI's plain ones are appended on the device
+    /// ([`KvqLayout::device_append`]).
     pub fn new(cfg: &CacheConfig, l: &Layout) -> Result<Self> {
-        if cfg.tiers.is_some() || cfg.transform.rope.is_some() {
-            return Err(GpuError::Unsupported { what: "tiers or RoPE offsets on the GPU", value: 0 });
-        }
         // Kernels index halves of the arena with 32-bit integers.
         if l.total_words > (u32::MAX / 2) as usize {
             return Err(GpuError::Unsupported {
@@ -180,7 +245,30 @@ impl KvqLayout {
             total_words: u32_of("words", l.total_words)?,
             keys: stream(cfg, cfg.keys, &l.keys, true)?,
             values: stream(cfg, cfg.values, &l.values, false)?,
+            rope: match cfg.transform.rope.map(|r| r.pairing) {
+                None => ROPE_NONE,
+                Some(Pairing::Adjacent) => ROPE_ADJACENT,
+                Some(Pairing::Halves) => ROPE_HALVES,
+            },
+            rotate_keys: u32::from(cfg.transform.rotate_keys),
+            rotate_values: u32::from(cfg.transform.rotate_values),
+            center_keys: u32::from(cfg.transform.center_keys),
+            balance_keys: u32::from(cfg.transform.balance_keys),
+            rope_table: u32_of("offset", l.keys.tables.rope.offset)?,
+            center: u32_of("offset", l.keys.tables.center.offset)?,
+            balance: u32_of("offset", l.keys.tables.balance.offset)?,
+            tier_keep: u32_of("tier keep", cfg.tiers.map_or(0, |t| t.keep))?,
+            tier_bits: cfg.tiers.map_or(0, |t| t.width.bits()),
+            tier_slot_words: u32_of("tier slot words", l.tiers.slot_words)?,
+            tier_slots: u32_of("offset", l.tiers.slots.offset)?,
         })
+    }
+
+    /// Whether the device's append kernels take this cache: fp16 and KIVI's plain uniform formats
+    /// (per-channel keys, per-token values, f16 parameters, no clipping, transform or tiers). The
+    /// calibrated formats are appended on the host (`kvq-core`'s `Cache::append`) and uploaded.
+    pub fn device_append(&self) -> bool {
+        self.keys.generic == 0 && self.values.generic == 0
     }
 }
 
@@ -425,9 +513,10 @@ mod tests {
         ));
     }
 
-    /// Formats the kernels do not implement are refused, clipping included (`plain` does not look at it).
+    /// Every format is read; only fp16 and KIVI's plain formats are appended on the device, clipping
+    /// excluded (`plain` does not look at it), and per-channel values are refused.
     #[test]
-    fn unsupported_formats_are_refused() {
+    fn calibrated_formats_are_read_but_not_appended_on_the_device() {
         let kivi = CacheConfig::kivi(Width::B4, 32, 64, 2, 64, 1000);
         let clipped = QuantSpec { clip: 0.9, ..QuantSpec::per_token(Width::B4, 32) };
         let fp8 =
@@ -437,11 +526,22 @@ mod tests {
             ("clipped values", CacheConfig { values: Precision::Quant(clipped), ..kivi }),
             ("FP8 parameters", CacheConfig { values: Precision::Quant(fp8), ..kivi }),
             ("per-token keys", CacheConfig { keys: Precision::Quant(token_keys), ..kivi }),
+            (
+                "rotated values",
+                kivi.with_transform(kvq_core::cache::Transform { rotate_values: true, ..Default::default() }),
+            ),
         ] {
-            let l = cfg.layout().unwrap();
-            assert!(matches!(KvqLayout::new(&cfg, &l), Err(GpuError::Unsupported { .. })), "{what}");
+            let l = KvqLayout::new(&cfg, &cfg.layout().unwrap()).unwrap();
+            assert!(!l.device_append(), "{what}");
         }
-        assert!(KvqLayout::new(&kivi, &kivi.layout().unwrap()).is_ok());
+        for cfg in [kivi, CacheConfig::fp16(2, 64, 100), CacheConfig { keys: Precision::F16, ..kivi }] {
+            assert!(KvqLayout::new(&cfg, &cfg.layout().unwrap()).unwrap().device_append());
+        }
+        let channel_values = QuantSpec::per_channel(Width::B2, 32);
+        let cfg = CacheConfig { values: Precision::Quant(channel_values), ..kivi };
+        if let Ok(l) = cfg.layout() {
+            assert!(matches!(KvqLayout::new(&cfg, &l), Err(GpuError::Unsupported { .. })));
+        }
     }
 
     /// Counts a cache can reach pass; counts that would send the kernels outside the arena do not.

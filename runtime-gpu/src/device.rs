@@ -226,6 +226,24 @@ impl DeviceCache {
         Ok(Self { gpu, cfg, layout, abi, arena, counts })
     }
 
+    /// Copies a host cache of the same configuration (its arena, tables and counts) into this one: how a
+    /// calibrated format, appended on the host by `kvq-core` (MiKV's `observe` included), reaches the
+    /// device's attention. The whole arena is copied.
+    ///
+    /// # Errors
+    /// [`kvq_core::Error::InvalidConfig`] if `cache`'s configuration differs; driver errors.
+    pub fn sync(&mut self, cache: &kvq_core::cache::Cache<'_>) -> Result<()> {
+        if *cache.config() != self.cfg {
+            return Err(kvq_core::Error::InvalidConfig { what: "host cache configuration", value: 0 }.into());
+        }
+        let words = &cache.words()[..self.layout.total_words];
+        if !words.is_empty() {
+            self.gpu.stream.memcpy_htod(words, &mut self.arena)?;
+        }
+        self.counts = cache.counts();
+        Ok(())
+    }
+
     /// The arena's words, read back.
     ///
     /// # Errors
@@ -258,7 +276,16 @@ impl DeviceCache {
     /// # Errors
     /// The errors `Cache::append` gives for the same input; driver errors, after which the device cache
     /// may hold part of the append and should be rebuilt.
+    ///
+    /// Only fp16 and KIVI's plain formats are appended on the device; a calibrated format is refused with
+    /// [`GpuError::Unsupported`] (append to a `kvq-core` cache on the host and [`DeviceCache::sync`]).
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
+        if !self.abi.device_append() {
+            return Err(GpuError::Unsupported {
+                what: "appending a calibrated format on the device (append on the host, then `sync`)",
+                value: 0,
+            });
+        }
         let tokens = abi::check_append(&self.cfg, self.counts, keys, values)?;
         let hd = self.cfg.kv_heads * self.cfg.head_dim;
         let piece = abi::max_piece(&self.cfg, &self.layout);
@@ -523,7 +550,8 @@ impl DeviceCache {
             }
             .into());
         }
-        let f = self.gpu.function(nvrtc::ATTEND[ratio - 1])?;
+        let generic = self.abi.keys.generic != 0 || self.abi.values.generic != 0;
+        let f = self.gpu.function(if generic { nvrtc::ATTEND_GENERIC } else { nvrtc::ATTEND }[ratio - 1])?;
         let too_many = |v: usize| GpuError::Unsupported { what: "attention grid", value: v };
         let cfg = LaunchConfig {
             grid_dim: (

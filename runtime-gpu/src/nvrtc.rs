@@ -39,6 +39,39 @@ pub const ATTEND: [&str; 8] = [
     "kvq_attend_g8",
 ];
 
+/// The attention kernels that also read the calibrated formats (kvq.cuh's generic reader), by GQA group
+/// size.
+pub const ATTEND_GENERIC: [&str; 8] = [
+    "kvq_attend_generic_g1",
+    "kvq_attend_generic_g2",
+    "kvq_attend_generic_g3",
+    "kvq_attend_generic_g4",
+    "kvq_attend_generic_g5",
+    "kvq_attend_generic_g6",
+    "kvq_attend_generic_g7",
+    "kvq_attend_generic_g8",
+];
+
+/// Every kernel of `attend.cu`.
+pub const ATTEND_ALL: [&str; 16] = [
+    ATTEND[0],
+    ATTEND[1],
+    ATTEND[2],
+    ATTEND[3],
+    ATTEND[4],
+    ATTEND[5],
+    ATTEND[6],
+    ATTEND[7],
+    ATTEND_GENERIC[0],
+    ATTEND_GENERIC[1],
+    ATTEND_GENERIC[2],
+    ATTEND_GENERIC[3],
+    ATTEND_GENERIC[4],
+    ATTEND_GENERIC[5],
+    ATTEND_GENERIC[6],
+    ATTEND_GENERIC[7],
+];
+
 /// Every source.
 pub const SOURCES: [Source; 4] = [
     Source {
@@ -46,7 +79,7 @@ pub const SOURCES: [Source; 4] = [
         text: include_str!("../kernels/append.cu"),
         kernels: &["kvq_append_quantize", "kvq_append_store"],
     },
-    Source { file: "attend.cu", text: include_str!("../kernels/attend.cu"), kernels: &ATTEND },
+    Source { file: "attend.cu", text: include_str!("../kernels/attend.cu"), kernels: &ATTEND_ALL },
     Source { file: "merge.cu", text: include_str!("../kernels/merge.cu"), kernels: &["kvq_merge"] },
     Source { file: "copy.cu", text: include_str!("../kernels/copy.cu"), kernels: &["kvq_copy"] },
 ];
@@ -314,7 +347,7 @@ ptxas info    : Used 14 registers, used 0 barriers, 376 bytes cmem[0]
             let text = full_text(s);
             assert!(!text.contains("#include \"kvq.cuh\"") && text.contains("typedef struct"), "{}", s.file);
             for k in s.kernels {
-                let g = k.strip_prefix("kvq_attend_g");
+                let g = k.strip_prefix("kvq_attend_generic_g").or_else(|| k.strip_prefix("kvq_attend_g"));
                 let defined = match g {
                     Some(n) => text.contains(&format!("KVQ_ATTEND({n})")),
                     None => text.contains(&format!("void {k}(")),

@@ -7,13 +7,15 @@
 //! - decode and prefill: within the bound derived in `tests/sim.rs` of the exact attention over
 //!   kvq-core's dequantized rows, and of kvq-core's own attention, for tokens 1 to 128k, GQA 1, 3, 4 and
 //!   8, head_dim 64, 128 and 256;
+//! - the calibrated formats (kvq2, kvq3, KVQuant, SKVQ, MiKV, all at once), appended on the host and
+//!   synced: decode and prefill within the same bound of the exact attention over kvq-core's rows;
 //! - bad input: the errors kvq-core gives, and nothing on the device changes.
 
 mod common;
 
 use std::sync::Arc;
 
-use common::{Gen, check, core_decode, core_prefill, rows, rows_and_chunk};
+use common::{Gen, bound, check, core_decode, core_prefill, exact, rows, rows_and_chunk};
 use kvq_core::cache::{Cache, CacheConfig, Overflow, Stream};
 use kvq_core::pack::Width;
 use kvq_gpu::{DeviceCache, Gpu, GpuError};
@@ -191,6 +193,90 @@ fn device_prefill_equals_core_within_the_bound() {
                             held + i + 1,
                             splits,
                         );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The device's result for one query head within the bound of `tests/sim.rs` of the exact attention over
+/// kvq-core's dequantized rows (the generic reader rebuilds those rows bit for bit, `tests/header.rs`).
+#[allow(clippy::too_many_arguments)]
+fn check_exact(
+    what: &str,
+    got: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+    scale: f32,
+    d: usize,
+    tokens: usize,
+    splits: usize,
+) {
+    let ex = exact(k, v, q, scale, d, tokens);
+    let b = bound(k, v, q, scale, d, tokens, splits);
+    for c in 0..d {
+        let g = f64::from(got[c]);
+        assert!((g - ex[c]).abs() <= b[c], "{what} c{c}: device {g} vs exact {}, bound {}", ex[c], b[c]);
+    }
+}
+
+#[test]
+fn device_reads_calibrated_formats_within_the_bound() {
+    let Some(gpu) = gpu() else { return };
+    for (heads, d) in [(3usize, 64usize), (1, 128), (1, 256)] {
+        for (name, cfg) in common::calibrated_configs(heads, d, 6000) {
+            for ratio in [1usize, 3, 8] {
+                for tokens in [1usize, 100, 3001] {
+                    let q_heads = heads * ratio;
+                    let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
+                    let mut cache = Cache::new(cfg, &mut arena).unwrap();
+                    let mut g = Gen(0xc0ffee ^ tokens as u64);
+                    common::fill_tables(&mut cache, &mut g);
+                    let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
+                    common::append_observed(&mut cache, &k, &v, &mut g);
+                    let mut dev = DeviceCache::new(gpu.clone(), cfg).unwrap();
+                    assert!(matches!(
+                        dev.append(&k[..heads * d], &v[..heads * d]),
+                        Err(GpuError::Unsupported { .. })
+                    ));
+                    dev.sync(&cache).unwrap();
+                    let held = cache.held();
+                    let scale = 1.0 / (d as f32).sqrt();
+                    // Decode, then a prefill chunk of 7 positions over the same cache.
+                    let q = g.rows(1, q_heads * d);
+                    let got = dev.decode(&q, q_heads, scale).unwrap();
+                    let splits = dev.work(q_heads, 1).unwrap().splits().splits;
+                    let n = 7;
+                    let (ck, cv, qp) = (g.rows(n, heads * d), g.rows(n, heads * d), g.rows(n, q_heads * d));
+                    let gotp = dev.prefill(&qp, &ck, &cv, q_heads, scale).unwrap();
+                    let splits_p = dev.work(q_heads, n).unwrap().splits().splits;
+                    for h in 0..heads {
+                        let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
+                        let kc = rows_and_chunk(&cache, Stream::Keys, h, &ck);
+                        let vc = rows_and_chunk(&cache, Stream::Values, h, &cv);
+                        for r in 0..ratio {
+                            let qh = h * ratio + r;
+                            let what =
+                                format!("{name}: {tokens} tokens, GQA {ratio}, d {d}, query head {qh}");
+                            let row = qh * d..(qh + 1) * d;
+                            check_exact(&what, &got[row.clone()], &kr, &vr, &q[row], scale, d, held, splits);
+                            for i in 0..n {
+                                let row = (i * q_heads + qh) * d..(i * q_heads + qh + 1) * d;
+                                check_exact(
+                                    &format!("{what}, prefill position {i}"),
+                                    &gotp[row.clone()],
+                                    &kc,
+                                    &vc,
+                                    &qp[row],
+                                    scale,
+                                    d,
+                                    held + i + 1,
+                                    splits_p,
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -80,7 +80,10 @@ fn argument_structs_and_constants_match_the_header() {
         };
     }
     fields!(KvqStream: kind, bits, max_code, group, ring, block, row_words, row_groups, window_tokens, sinks, window, codes, scale, zero);
+    fields!(KvqStream: generic, params, levels_n, levels, outliers_n, outliers, permuted, perm, bounds);
     fields!(KvqLayout: kv_heads, head_dim, capacity, sinks, residual, total_words, keys, values);
+    fields!(KvqLayout: rope, rotate_keys, rotate_values, center_keys, balance_keys, rope_table, center, balance);
+    fields!(KvqLayout: tier_keep, tier_bits, tier_slot_words, tier_slots);
     fields!(KvqCounts: sinks, n, base, key_q_end, value_q_end);
     fields!(KvqAppend: sink0, sink_new, n0, tokens, key_blocks0, key_blocks, value_q0, value_q);
     want.extend([
@@ -92,6 +95,11 @@ fn argument_structs_and_constants_match_the_header() {
         ("const.KVQ_MAX_GROUP", kvq_core::cache::config::MAX_GROUP),
         ("const.KVQ_MAX_HEAD_DIM", abi::MAX_HEAD_DIM),
         ("const.KVQ_MAX_RATIO", abi::MAX_RATIO),
+        ("const.KVQ_PARAMS_F16", abi::PARAMS_F16 as usize),
+        ("const.KVQ_PARAMS_FP8", abi::PARAMS_FP8 as usize),
+        ("const.KVQ_ROPE_NONE", abi::ROPE_NONE as usize),
+        ("const.KVQ_ROPE_ADJACENT", abi::ROPE_ADJACENT as usize),
+        ("const.KVQ_ROPE_HALVES", abi::ROPE_HALVES as usize),
     ]);
     for (name, v) in &want {
         assert_eq!(c.get(name), Some(v), "{name}: the header says {:?}, Rust {v}", c.get(name));
@@ -238,6 +246,68 @@ fn header_reads_every_held_element_as_core_dequantizes_it() {
                     "{name} after {appended}: element {i}: header {a}, core {b}"
                 );
             }
+        }
+    }
+}
+
+/// The calibrated formats (kvq2 and kvq3's RoPE offsets, rotations and FP8 parameters, KVQuant's
+/// codebooks and outliers, SKVQ's permutations, MiKV's balance and tiers, all at once), with tables that
+/// are not the identity: every held row read through `kvq_generic_row` equals `Cache::dequantize` bit for
+/// bit, at several fills and past a slide.
+#[test]
+fn header_reads_every_calibrated_format_as_core_dequantizes_it() {
+    for (heads, d, name, cfg) in [(3usize, 64usize), (1, 256)]
+        .into_iter()
+        .flat_map(|(h, d)| common::calibrated_configs(h, d, 600).into_iter().map(move |(n, c)| (h, d, n, c)))
+    {
+        let layout = cfg.layout().unwrap();
+        let l = KvqLayout::new(&cfg, &layout).unwrap();
+        assert!(l.keys.generic == 1 || l.values.generic == 1, "{name} d{d} is read by the plain path");
+        assert!(!l.device_append(), "{name}");
+        let mut arena = vec![0u32; layout.total_words];
+        let mut g = Gen(0x5851_f42d_4c95_7f2d);
+        let mut cache = Cache::new(cfg, &mut arena).unwrap();
+        common::fill_tables(&mut cache, &mut g);
+        let mut appended = 0;
+        let mut promoted = 0;
+        for step in [3usize, 70, 131, 200, 300] {
+            let room = if cfg.overflow == Overflow::Stop { cfg.capacity - cache.held() } else { step };
+            let n = step.min(room);
+            if n == 0 {
+                break;
+            }
+            let (k, v) = (spread_rows(&mut g, n, heads, d), spread_rows(&mut g, n, heads, d));
+            common::append_observed(&mut cache, &k, &v, &mut g);
+            appended += n;
+            let held = cache.held();
+            let c = cache.counts();
+            promoted += (c.base..c.n).filter(|&j| (0..heads).any(|h| cache.is_promoted(h, j))).count();
+            let mut want = Vec::new();
+            for s in [Stream::Keys, Stream::Values] {
+                for h in 0..heads {
+                    let mut rows = vec![0.0f32; held * d];
+                    cache.dequantize(s, h, &mut rows).unwrap();
+                    want.extend(rows);
+                }
+            }
+            let counts = KvqCounts::new(&cfg, c);
+            let got = run(&read_request(&l, &counts, cache.words()));
+            let got: &[f32] = bytemuck::cast_slice(&got);
+            assert_eq!(got.len(), want.len(), "{name} after {appended}");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{name} d{d} after {appended}: element {i} (stream {}, head {}, token {}, channel {}): header {a}, core {b}",
+                    i / (heads * held * d),
+                    i / (held * d) % heads,
+                    i / d % held,
+                    i % d
+                );
+            }
+        }
+        if cfg.tiers.is_some() {
+            assert!(promoted > 0, "{name}: no token was promoted, the tier path went untested");
         }
     }
 }

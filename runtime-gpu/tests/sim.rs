@@ -92,6 +92,51 @@ fn split_decode_equals_core_decode_within_the_bound() {
     }
 }
 
+/// The calibrated formats through the same decomposition: the generic kernels rebuild kvq-core's rows bit
+/// for bit (`tests/header.rs`), so the decomposition over those rows is what the device computes; kvq-core
+/// scores these formats in their stored basis, and stays within the same bound.
+#[test]
+fn split_decode_over_calibrated_formats_equals_core_decode_within_the_bound() {
+    for (heads, ratio, d) in [(3usize, 3usize, 64usize), (1, 8, 128)] {
+        let q_heads = heads * ratio;
+        for (name, cfg) in common::calibrated_configs(heads, d, 1700) {
+            for tokens in [1usize, 300, 1500] {
+                let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
+                let mut cache = Cache::new(cfg, &mut arena).unwrap();
+                let mut g = Gen(0x0123_4567_89ab_cdef ^ tokens as u64);
+                common::fill_tables(&mut cache, &mut g);
+                let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
+                common::append_observed(&mut cache, &k, &v, &mut g);
+                let held = cache.held();
+                let q = g.rows(1, q_heads * d);
+                let scale = 1.0 / (d as f32).sqrt();
+                let out = core_decode(&cache, &q, q_heads, scale);
+                for h in 0..heads {
+                    let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
+                    let qg = &q[h * ratio * d..(h + 1) * ratio * d];
+                    let split = 128;
+                    let got = sim::attend(&kr, &vr, qg, scale, d, held, split);
+                    for r in 0..ratio {
+                        let qh = h * ratio + r;
+                        check(
+                            &format!("{name} {tokens} tokens h{h} q{qh} d{d}"),
+                            &got[r * d..(r + 1) * d],
+                            &out[qh * d..(qh + 1) * d],
+                            &kr,
+                            &vr,
+                            &qg[r * d..(r + 1) * d],
+                            scale,
+                            d,
+                            held,
+                            held.div_ceil(split),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn split_prefill_equals_core_prefill_within_the_bound() {
     let (heads, ratio, d) = (2usize, 3usize, 64usize);

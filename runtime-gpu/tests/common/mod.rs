@@ -3,7 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use kvq_core::attention::{self, Kernel};
-use kvq_core::cache::{Cache, Stream};
+use kvq_core::cache::{Cache, CacheConfig, Stream};
 
 pub const U: f64 = 1.0 / (1u64 << 24) as f64;
 
@@ -120,5 +120,185 @@ pub fn check(
         assert!((g - e).abs() <= b[c], "{what} c{c}: simulation {g} vs exact {e}, bound {}", b[c]);
         assert!((co - e).abs() <= b[c], "{what} c{c}: core {co} vs exact {e}, bound {}", b[c]);
         assert!((g - co).abs() <= 2.0 * b[c], "{what} c{c}: simulation {g} vs core {co}");
+    }
+}
+
+/// The calibrated formats as kvq's presets build them, over `heads` KV heads of `d` channels (a power of
+/// two where a stream is rotated), and every ingredient stacked: the generic reader's test cases.
+pub fn calibrated_configs(heads: usize, d: usize, cap: usize) -> Vec<(&'static str, CacheConfig)> {
+    use kvq_core::cache::{Precision, QuantSpec, Tiers, Transform};
+    use kvq_core::pack::Width;
+    use kvq_core::quant::param::ParamFormat::Fp8E4M3;
+    use kvq_core::transform::{Pairing, Rope};
+    let rope = |pairing| Some(Rope { base: 10_000.0, pairing });
+    let t = Transform::NONE;
+    let q = Precision::Quant;
+    let base = CacheConfig::kivi(Width::B2, 32, 64, heads, d, cap);
+    vec![
+        (
+            // kvq2 (SmolLM2): 3-bit keys in 64-token groups before RoPE, rotated; 2-bit values in
+            // 64-channel groups with FP8 parameters, rotated.
+            "kvq2",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B3, 64)),
+                values: q(QuantSpec::per_token(Width::B2, 64).with_params(Fp8E4M3)),
+                ..base.with_sinks(4).with_transform(Transform {
+                    rope: rope(Pairing::Adjacent),
+                    rotate_keys: true,
+                    rotate_values: true,
+                    ..t
+                })
+            },
+        ),
+        (
+            // kvq3 on a key-norm model (Gemma 3): keys not rotated, NeoX pairing.
+            "kvq3 halves",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B3, 32)),
+                values: q(QuantSpec::per_token(Width::B3, 64)),
+                ..base.with_sinks(4).with_transform(Transform {
+                    rope: rope(Pairing::Halves),
+                    rotate_values: true,
+                    ..t
+                })
+            },
+        ),
+        (
+            // kvquant2: codebooks and outliers on both streams, keys before RoPE, one sink.
+            "kvquant2",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B2, 32).with_codebook().with_outliers(5)),
+                values: q(QuantSpec::per_token(Width::B2, 32).with_codebook().with_outliers(3)),
+                ..base.with_sinks(1).with_transform(Transform { rope: rope(Pairing::Halves), ..t })
+            },
+        ),
+        (
+            "kvquant4",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B4, 32).with_codebook().with_outliers(4)),
+                values: q(QuantSpec::per_token(Width::B4, 16).with_codebook().with_outliers(2)),
+                ..base.with_sinks(1).with_transform(Transform { rope: rope(Pairing::Adjacent), ..t })
+            },
+        ),
+        (
+            // skvq2: per-token keys and values over calibrated permutations with uneven groups, clipped,
+            // FP8 parameters, five sinks.
+            "skvq2",
+            CacheConfig {
+                keys: q(QuantSpec { permuted: true, clip: 0.9, ..QuantSpec::per_token(Width::B2, 32) }
+                    .with_params(Fp8E4M3)),
+                values: q(QuantSpec { permuted: true, clip: 0.95, ..QuantSpec::per_token(Width::B2, 32) }
+                    .with_params(Fp8E4M3)),
+                ..base.with_sinks(5)
+            },
+        ),
+        (
+            // mikv2: balanced keys, FP8 parameters, 4-bit tier corrections of two tokens a key group.
+            "mikv2",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B2, 32).with_params(Fp8E4M3)),
+                values: q(QuantSpec::per_token(Width::B2, 32).with_params(Fp8E4M3)),
+                ..base
+                    .with_sinks(4)
+                    .with_transform(Transform { balance_keys: true, ..t })
+                    .with_tiers(Tiers { keep: 2, width: Width::B4 })
+            },
+        ),
+        (
+            // Every key transform at once, tiers over codebooks with outliers, permuted values with outliers,
+            // sliding.
+            "stacked slide",
+            CacheConfig {
+                keys: q(QuantSpec::per_channel(Width::B2, 32).with_codebook().with_outliers(4)),
+                values: q(QuantSpec { permuted: true, ..QuantSpec::per_token(Width::B3, 32) }
+                    .with_params(Fp8E4M3)
+                    .with_outliers(2)),
+                ..base
+                    .with_sinks(2)
+                    .with_overflow(kvq_core::cache::Overflow::Slide)
+                    .with_transform(Transform {
+                        rope: rope(Pairing::Halves),
+                        rotate_keys: true,
+                        rotate_values: true,
+                        center_keys: true,
+                        balance_keys: true,
+                    })
+                    .with_tiers(Tiers { keep: 5, width: Width::B8 })
+            },
+        ),
+    ]
+}
+
+/// Calibration-like tables for `cache`: uneven codebook levels, centres, balancing factors, outlier
+/// thresholds and permutations with uneven groups, so that no table is the identity.
+pub fn fill_tables(cache: &mut Cache<'_>, g: &mut Gen) {
+    use kvq_core::cache::Axis;
+    let cfg = *cache.config();
+    let d = cfg.head_dim;
+    for (stream, spec) in [(Stream::Keys, cfg.key_spec()), (Stream::Values, cfg.value_spec())] {
+        let Some(q) = spec else { continue };
+        if q.codebook {
+            let n = q.width.levels() as usize;
+            let units = if q.axis == Axis::PerChannel { cfg.kv_heads * d } else { cfg.kv_heads };
+            for u in 0..units {
+                let e = 1.2 + 0.2 * (u % 5) as f32 + 0.01 * g.next();
+                let enc: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let a = -1.0 + 2.0 * i as f32 / (n - 1) as f32;
+                        a.signum() * a.abs().powf(e)
+                    })
+                    .collect();
+                let dec: Vec<f32> = enc.iter().map(|a| a * 0.97).collect();
+                cache.set_levels(stream, u, &enc, &dec).unwrap();
+            }
+        }
+        if q.permuted {
+            let groups = d / q.group;
+            for h in 0..cfg.kv_heads {
+                let mut perm: Vec<u16> = (0..d as u16).collect();
+                for i in (1..d).rev() {
+                    perm.swap(i, ((g.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1));
+                }
+                let mut bounds: Vec<u16> = (0..=groups).map(|j| (j * d / groups) as u16).collect();
+                if groups >= 2 {
+                    bounds[1] = (d / groups / 2) as u16;
+                }
+                cache.set_permutation(stream, h, &perm, &bounds).unwrap();
+            }
+        }
+    }
+    let t = cfg.transform;
+    for h in 0..cfg.kv_heads {
+        if t.center_keys {
+            let m: Vec<f32> = (0..d).map(|_| g.next() * 3.0).collect();
+            cache.set_center(h, &m).unwrap();
+        }
+        if t.balance_keys {
+            let b: Vec<f32> = (0..d).map(|_| 2f32.powf(g.next() * 2.0)).collect();
+            cache.set_balance(h, &b).unwrap();
+        }
+        if matches!(cfg.key_spec(), Some(q) if q.outliers > 0 && q.axis == Axis::PerChannel) {
+            let lo: Vec<f32> = (0..d).map(|_| -2.0 - g.next().abs()).collect();
+            let hi: Vec<f32> = (0..d).map(|_| 2.0 + g.next().abs()).collect();
+            cache.set_thresholds(h, &lo, &hi).unwrap();
+        }
+    }
+}
+
+/// Appends `k`, `v` to `cache`: at once without tiers; with tiers a token at a time, each followed by
+/// random attention observed for every head, so that some tokens are promoted.
+pub fn append_observed(cache: &mut Cache<'_>, k: &[f32], v: &[f32], g: &mut Gen) {
+    let cfg = *cache.config();
+    if cfg.tiers.is_none() {
+        cache.append(k, v).unwrap();
+        return;
+    }
+    let w = cfg.kv_heads * cfg.head_dim;
+    for (kt, vt) in k.chunks(w).zip(v.chunks(w)) {
+        cache.append(kt, vt).unwrap();
+        for h in 0..cfg.kv_heads {
+            let p: Vec<f32> = (0..cache.tier_window()).map(|_| g.next().abs() + 1e-3).collect();
+            cache.observe(h, &p).unwrap();
+        }
     }
 }

@@ -3,6 +3,7 @@
  * little-endian 32-bit words.
  *   op 1 ABI:     (nothing)                               -> text: "name value" per line
  *   op 2 READ:    layout, counts, words W, arena[W]         -> f32 keys then values [heads][held][d]
+ *                 (kvq_read_row: every format, calibrated ones through kvq_generic_row)
  *   op 4 HALF:    N, f32[N]                                 -> u16[N] (kvq_f2h), then f32[N] (kvq_h2f of i)
  *   op 3 APPEND:  layout, append, words W, arena[W], rows N, keys[N*hd], values[N*hd] -> arena[W]
  */
@@ -44,9 +45,16 @@ int main(void) {
         FIELD(KvqStream, ring); FIELD(KvqStream, block); FIELD(KvqStream, row_words);
         FIELD(KvqStream, row_groups); FIELD(KvqStream, window_tokens); FIELD(KvqStream, sinks);
         FIELD(KvqStream, window); FIELD(KvqStream, codes); FIELD(KvqStream, scale); FIELD(KvqStream, zero);
+        FIELD(KvqStream, generic); FIELD(KvqStream, params); FIELD(KvqStream, levels_n); FIELD(KvqStream, levels);
+        FIELD(KvqStream, outliers_n); FIELD(KvqStream, outliers); FIELD(KvqStream, permuted);
+        FIELD(KvqStream, perm); FIELD(KvqStream, bounds);
         FIELD(KvqLayout, kv_heads); FIELD(KvqLayout, head_dim); FIELD(KvqLayout, capacity);
         FIELD(KvqLayout, sinks); FIELD(KvqLayout, residual); FIELD(KvqLayout, total_words);
         FIELD(KvqLayout, keys); FIELD(KvqLayout, values);
+        FIELD(KvqLayout, rope); FIELD(KvqLayout, rotate_keys); FIELD(KvqLayout, rotate_values);
+        FIELD(KvqLayout, center_keys); FIELD(KvqLayout, balance_keys); FIELD(KvqLayout, rope_table);
+        FIELD(KvqLayout, center); FIELD(KvqLayout, balance); FIELD(KvqLayout, tier_keep);
+        FIELD(KvqLayout, tier_bits); FIELD(KvqLayout, tier_slot_words); FIELD(KvqLayout, tier_slots);
         FIELD(KvqCounts, sinks); FIELD(KvqCounts, n); FIELD(KvqCounts, base); FIELD(KvqCounts, key_q_end);
         FIELD(KvqCounts, value_q_end);
         FIELD(KvqAppend, sink0); FIELD(KvqAppend, sink_new); FIELD(KvqAppend, n0); FIELD(KvqAppend, tokens);
@@ -57,6 +65,9 @@ int main(void) {
         printf("const.KVQ_KEY_BLOCK_F16 %u\nconst.KVQ_KEY_BLOCK %u\nconst.KVQ_MAX_GROUP %u\n", KVQ_KEY_BLOCK_F16,
                KVQ_KEY_BLOCK, KVQ_MAX_GROUP);
         printf("const.KVQ_MAX_HEAD_DIM %u\nconst.KVQ_MAX_RATIO %u\n", KVQ_MAX_HEAD_DIM, KVQ_MAX_RATIO);
+        printf("const.KVQ_PARAMS_F16 %u\nconst.KVQ_PARAMS_FP8 %u\n", KVQ_PARAMS_F16, KVQ_PARAMS_FP8);
+        printf("const.KVQ_ROPE_NONE %u\nconst.KVQ_ROPE_ADJACENT %u\nconst.KVQ_ROPE_HALVES %u\n", KVQ_ROPE_NONE,
+               KVQ_ROPE_ADJACENT, KVQ_ROPE_HALVES);
         return 0;
     }
     if (op == 4) {
@@ -81,13 +92,13 @@ int main(void) {
         unsigned words;
         unsigned *arena = read_arena(&words);
         unsigned held = k.sinks + k.n - k.base;
+        float row[KVQ_MAX_HEAD_DIM * 2];
         for (int keys = 1; keys >= 0; keys--)
             for (unsigned h = 0; h < l.kv_heads; h++)
-                for (unsigned t = 0; t < held; t++)
-                    for (unsigned c = 0; c < l.head_dim; c++) {
-                        float x = kvq_element(arena, &l, &k, keys, h, t, c);
-                        fwrite(&x, 4, 1, stdout);
-                    }
+                for (unsigned t = 0; t < held; t++) {
+                    kvq_read_row(arena, &l, &k, keys, h, t, row);
+                    fwrite(row, 4, l.head_dim, stdout);
+                }
         return 0;
     }
     if (op == 3) {
