@@ -85,6 +85,9 @@ pub mod view;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
 pub use error::{Error, Result};
 
 #[cfg(test)]

@@ -5,26 +5,7 @@ use crate::quant::param::{ParamFormat, Round};
 use half::f16;
 use std::vec::Vec;
 
-/// A small deterministic generator (xorshift64*), so tests need no `rand`.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub(crate) fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
+pub(crate) use crate::testing::Rng;
 
 /// Activations shaped like real keys and values: each channel has its own offset and spread (a few
 /// channels are outliers, as KIVI observes for keys), so per-channel and per-token groups differ.

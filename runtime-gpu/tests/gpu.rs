@@ -13,9 +13,11 @@
 
 mod common;
 
+use kvq_core::testing::{Rng, append_observed, fill_tables};
+
 use std::sync::Arc;
 
-use common::{Gen, bound, check, core_decode, core_prefill, exact, rows, rows_and_chunk};
+use common::{Gen, check, check_exact, core_decode, core_prefill, rows, rows_and_chunk};
 use kvq_core::cache::{Cache, CacheConfig, Overflow, Stream};
 use kvq_core::pack::Width;
 use kvq_gpu::{DeviceCache, Gpu, GpuError};
@@ -200,28 +202,6 @@ fn device_prefill_equals_core_within_the_bound() {
     }
 }
 
-/// The device's result for one query head within the bound of `tests/sim.rs` of the exact attention over
-/// kvq-core's dequantized rows (the generic reader rebuilds those rows bit for bit, `tests/header.rs`).
-#[allow(clippy::too_many_arguments)]
-fn check_exact(
-    what: &str,
-    got: &[f32],
-    k: &[f32],
-    v: &[f32],
-    q: &[f32],
-    scale: f32,
-    d: usize,
-    tokens: usize,
-    splits: usize,
-) {
-    let ex = exact(k, v, q, scale, d, tokens);
-    let b = bound(k, v, q, scale, d, tokens, splits);
-    for c in 0..d {
-        let g = f64::from(got[c]);
-        assert!((g - ex[c]).abs() <= b[c], "{what} c{c}: device {g} vs exact {}, bound {}", ex[c], b[c]);
-    }
-}
-
 #[test]
 fn device_reads_calibrated_formats_within_the_bound() {
     let Some(gpu) = gpu() else { return };
@@ -233,9 +213,10 @@ fn device_reads_calibrated_formats_within_the_bound() {
                     let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
                     let mut cache = Cache::new(cfg, &mut arena).unwrap();
                     let mut g = Gen(0xc0ffee ^ tokens as u64);
-                    common::fill_tables(&mut cache, &mut g);
+                    let mut rng = Rng::new(g.0);
+                    fill_tables(&mut cache, &mut rng);
                     let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
-                    common::append_observed(&mut cache, &k, &v, &mut g);
+                    append_observed(&mut cache, &k, &v, &mut rng);
                     let mut dev = DeviceCache::new(gpu.clone(), cfg).unwrap();
                     assert!(matches!(
                         dev.append(&k[..heads * d], &v[..heads * d]),

@@ -11,6 +11,8 @@
 
 mod common;
 
+use kvq_core::testing::{Rng, append_observed, fill_tables};
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::mem::offset_of;
@@ -205,6 +207,36 @@ fn read_request(l: &KvqLayout, k: &KvqCounts, arena: &[u32]) -> Vec<u8> {
     b
 }
 
+/// Every held row of `cache` read through the header (`kvq_read_row`) against `Cache::dequantize`, bit for
+/// bit; `what` names the case in a failure.
+fn assert_reads_like_core(what: &str, cache: &Cache<'_>, l: &KvqLayout) {
+    let cfg = *cache.config();
+    let (heads, d, held) = (cfg.kv_heads, cfg.head_dim, cache.held());
+    let mut want = Vec::new();
+    for s in [Stream::Keys, Stream::Values] {
+        for h in 0..heads {
+            let mut rows = vec![0.0f32; held * d];
+            cache.dequantize(s, h, &mut rows).unwrap();
+            want.extend(rows);
+        }
+    }
+    let counts = KvqCounts::new(&cfg, cache.counts());
+    let got = run(&read_request(l, &counts, cache.words()));
+    let got: &[f32] = bytemuck::cast_slice(&got);
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "{what}: element {i} (stream {}, head {}, token {}, channel {}): header {a}, core {b}",
+            i / (heads * held * d),
+            i / (held * d) % heads,
+            i / d % held,
+            i % d
+        );
+    }
+}
+
 #[test]
 fn header_reads_every_held_element_as_core_dequantizes_it() {
     for (name, cfg) in configs() {
@@ -225,27 +257,7 @@ fn header_reads_every_held_element_as_core_dequantizes_it() {
             let (k, v) = (spread_rows(&mut g, n, heads, d), spread_rows(&mut g, n, heads, d));
             cache.append(&k, &v).unwrap();
             appended += n;
-            let held = cache.held();
-            let mut want = Vec::new();
-            for s in [Stream::Keys, Stream::Values] {
-                for h in 0..heads {
-                    let mut rows = vec![0.0f32; held * d];
-                    cache.dequantize(s, h, &mut rows).unwrap();
-                    want.extend(rows);
-                }
-            }
-            let counts = KvqCounts::new(&cfg, cache.counts());
-            let words = cache.words().to_vec();
-            let got = run(&read_request(&l, &counts, &words));
-            let got: &[f32] = bytemuck::cast_slice(&got);
-            assert_eq!(got.len(), want.len(), "{name} after {appended}");
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{name} after {appended}: element {i}: header {a}, core {b}"
-                );
-            }
+            assert_reads_like_core(&format!("{name} after {appended}"), &cache, &l);
         }
     }
 }
@@ -267,7 +279,8 @@ fn header_reads_every_calibrated_format_as_core_dequantizes_it() {
         let mut arena = vec![0u32; layout.total_words];
         let mut g = Gen(0x5851_f42d_4c95_7f2d);
         let mut cache = Cache::new(cfg, &mut arena).unwrap();
-        common::fill_tables(&mut cache, &mut g);
+        let mut rng = Rng::new(g.0);
+        fill_tables(&mut cache, &mut rng);
         let mut appended = 0;
         let mut promoted = 0;
         for step in [3usize, 70, 131, 200, 300] {
@@ -277,34 +290,11 @@ fn header_reads_every_calibrated_format_as_core_dequantizes_it() {
                 break;
             }
             let (k, v) = (spread_rows(&mut g, n, heads, d), spread_rows(&mut g, n, heads, d));
-            common::append_observed(&mut cache, &k, &v, &mut g);
+            append_observed(&mut cache, &k, &v, &mut rng);
             appended += n;
-            let held = cache.held();
             let c = cache.counts();
             promoted += (c.base..c.n).filter(|&j| (0..heads).any(|h| cache.is_promoted(h, j))).count();
-            let mut want = Vec::new();
-            for s in [Stream::Keys, Stream::Values] {
-                for h in 0..heads {
-                    let mut rows = vec![0.0f32; held * d];
-                    cache.dequantize(s, h, &mut rows).unwrap();
-                    want.extend(rows);
-                }
-            }
-            let counts = KvqCounts::new(&cfg, c);
-            let got = run(&read_request(&l, &counts, cache.words()));
-            let got: &[f32] = bytemuck::cast_slice(&got);
-            assert_eq!(got.len(), want.len(), "{name} after {appended}");
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{name} d{d} after {appended}: element {i} (stream {}, head {}, token {}, channel {}): header {a}, core {b}",
-                    i / (heads * held * d),
-                    i / (held * d) % heads,
-                    i / d % held,
-                    i % d
-                );
-            }
+            assert_reads_like_core(&format!("{name} d{d} after {appended}"), &cache, &l);
         }
         if cfg.tiers.is_some() {
             assert!(promoted > 0, "{name}: no token was promoted, the tier path went untested");

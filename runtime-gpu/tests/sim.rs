@@ -26,6 +26,8 @@
 
 mod common;
 
+use kvq_core::testing::{Rng, append_observed, fill_tables};
+
 use common::{Gen, bound, check, core_decode, core_prefill, exact, rows, rows_and_chunk};
 use kvq_core::cache::{Cache, CacheConfig, Overflow, Stream};
 use kvq_core::pack::Width;
@@ -46,47 +48,53 @@ fn configs(heads: usize, d: usize, cap: usize) -> Vec<(&'static str, CacheConfig
     ]
 }
 
+/// One decode over a cache of `cfg` holding `tokens` tokens (calibration-like tables and MiKV
+/// observations where the format has them): the simulation at several splits against kvq-core.
+fn decode_case(name: &str, cfg: CacheConfig, ratio: usize, tokens: usize) {
+    let (heads, d) = (cfg.kv_heads, cfg.head_dim);
+    let q_heads = heads * ratio;
+    let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
+    let mut cache = Cache::new(cfg, &mut arena).unwrap();
+    let mut g = Gen(0x1234_5678_9abc_def1 ^ tokens as u64);
+    let mut rng = Rng::new(g.0);
+    fill_tables(&mut cache, &mut rng);
+    let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
+    append_observed(&mut cache, &k, &v, &mut rng);
+    let held = cache.held();
+    let q = g.rows(1, q_heads * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let out = core_decode(&cache, &q, q_heads, scale);
+    for h in 0..heads {
+        let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
+        let qg = &q[h * ratio * d..(h + 1) * ratio * d];
+        // The split the device picks for a few blocks per multiprocessor, and smaller ones.
+        for split in [Splits::new(held, heads, 1, 132 * 4).split, 128, 256] {
+            let got = sim::attend(&kr, &vr, qg, scale, d, held, split);
+            for r in 0..ratio {
+                let qh = h * ratio + r;
+                check(
+                    &format!("{name} {tokens} tokens (held {held}) h{h} q{qh} d{d} split {split}"),
+                    &got[r * d..(r + 1) * d],
+                    &out[qh * d..(qh + 1) * d],
+                    &kr,
+                    &vr,
+                    &qg[r * d..(r + 1) * d],
+                    scale,
+                    d,
+                    held,
+                    held.div_ceil(split),
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn split_decode_equals_core_decode_within_the_bound() {
     for (heads, ratio, d) in [(2usize, 1usize, 64usize), (2, 3, 96), (1, 4, 128), (3, 8, 32)] {
-        let q_heads = heads * ratio;
         for (name, cfg) in configs(heads, d, 1700) {
             for tokens in [1usize, 37, 300, 1500] {
-                let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
-                let mut cache = Cache::new(cfg, &mut arena).unwrap();
-                let mut g = Gen(0x1234_5678_9abc_def1 ^ tokens as u64);
-                let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
-                cache.append(&k, &v).unwrap();
-                let held = cache.held();
-                let q = g.rows(1, q_heads * d);
-                let scale = 1.0 / (d as f32).sqrt();
-                let out = core_decode(&cache, &q, q_heads, scale);
-                for h in 0..heads {
-                    let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
-                    let qg = &q[h * ratio * d..(h + 1) * ratio * d];
-                    // The split the device picks for a few blocks per multiprocessor, and smaller ones.
-                    for split in [Splits::new(held, heads, 1, 132 * 4).split, 128, 256] {
-                        let splits = held.div_ceil(split);
-                        let got = sim::attend(&kr, &vr, qg, scale, d, held, split);
-                        for r in 0..ratio {
-                            let qh = h * ratio + r;
-                            check(
-                                &format!(
-                                    "{name} {tokens} tokens (held {held}) h{h} q{qh} d{d} split {split}"
-                                ),
-                                &got[r * d..(r + 1) * d],
-                                &out[qh * d..(qh + 1) * d],
-                                &kr,
-                                &vr,
-                                &qg[r * d..(r + 1) * d],
-                                scale,
-                                d,
-                                held,
-                                splits,
-                            );
-                        }
-                    }
-                }
+                decode_case(name, cfg, ratio, tokens);
             }
         }
     }
@@ -98,40 +106,9 @@ fn split_decode_equals_core_decode_within_the_bound() {
 #[test]
 fn split_decode_over_calibrated_formats_equals_core_decode_within_the_bound() {
     for (heads, ratio, d) in [(3usize, 3usize, 64usize), (1, 8, 128)] {
-        let q_heads = heads * ratio;
         for (name, cfg) in common::calibrated_configs(heads, d, 1700) {
             for tokens in [1usize, 300, 1500] {
-                let mut arena = vec![0u32; cfg.layout().unwrap().total_words];
-                let mut cache = Cache::new(cfg, &mut arena).unwrap();
-                let mut g = Gen(0x0123_4567_89ab_cdef ^ tokens as u64);
-                common::fill_tables(&mut cache, &mut g);
-                let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
-                common::append_observed(&mut cache, &k, &v, &mut g);
-                let held = cache.held();
-                let q = g.rows(1, q_heads * d);
-                let scale = 1.0 / (d as f32).sqrt();
-                let out = core_decode(&cache, &q, q_heads, scale);
-                for h in 0..heads {
-                    let (kr, vr) = (rows(&cache, Stream::Keys, h), rows(&cache, Stream::Values, h));
-                    let qg = &q[h * ratio * d..(h + 1) * ratio * d];
-                    let split = 128;
-                    let got = sim::attend(&kr, &vr, qg, scale, d, held, split);
-                    for r in 0..ratio {
-                        let qh = h * ratio + r;
-                        check(
-                            &format!("{name} {tokens} tokens h{h} q{qh} d{d}"),
-                            &got[r * d..(r + 1) * d],
-                            &out[qh * d..(qh + 1) * d],
-                            &kr,
-                            &vr,
-                            &qg[r * d..(r + 1) * d],
-                            scale,
-                            d,
-                            held,
-                            held.div_ceil(split),
-                        );
-                    }
-                }
+                decode_case(name, cfg, ratio, tokens);
             }
         }
     }

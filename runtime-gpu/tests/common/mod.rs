@@ -99,6 +99,29 @@ pub fn bound(
     vmax.iter().map(|vm| f * 3.0 * vm).collect()
 }
 
+/// Checks one query head's result (the simulation's or the device's) against the exact attention over
+/// the rows `k`, `v`, within the bound.
+#[allow(clippy::too_many_arguments)]
+pub fn check_exact(
+    what: &str,
+    got: &[f32],
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+    scale: f32,
+    d: usize,
+    tokens: usize,
+    splits: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let ex = exact(k, v, q, scale, d, tokens);
+    let b = bound(k, v, q, scale, d, tokens, splits);
+    for c in 0..d {
+        let g = f64::from(got[c]);
+        assert!((g - ex[c]).abs() <= b[c], "{what} c{c}: result {g} vs exact {}, bound {}", ex[c], b[c]);
+    }
+    (ex, b)
+}
+
 /// Checks one query head's result against the exact attention and kvq-core's.
 #[allow(clippy::too_many_arguments)]
 pub fn check(
@@ -113,13 +136,11 @@ pub fn check(
     tokens: usize,
     splits: usize,
 ) {
-    let ex = exact(k, v, q, scale, d, tokens);
-    let b = bound(k, v, q, scale, d, tokens, splits);
+    let (ex, b) = check_exact(what, got, k, v, q, scale, d, tokens, splits);
     for c in 0..d {
         let (g, co, e) = (f64::from(got[c]), f64::from(core[c]), ex[c]);
-        assert!((g - e).abs() <= b[c], "{what} c{c}: simulation {g} vs exact {e}, bound {}", b[c]);
         assert!((co - e).abs() <= b[c], "{what} c{c}: core {co} vs exact {e}, bound {}", b[c]);
-        assert!((g - co).abs() <= 2.0 * b[c], "{what} c{c}: simulation {g} vs core {co}");
+        assert!((g - co).abs() <= 2.0 * b[c], "{what} c{c}: result {g} vs core {co}");
     }
 }
 
@@ -227,78 +248,4 @@ pub fn calibrated_configs(heads: usize, d: usize, cap: usize) -> Vec<(&'static s
             },
         ),
     ]
-}
-
-/// Calibration-like tables for `cache`: uneven codebook levels, centres, balancing factors, outlier
-/// thresholds and permutations with uneven groups, so that no table is the identity.
-pub fn fill_tables(cache: &mut Cache<'_>, g: &mut Gen) {
-    use kvq_core::cache::Axis;
-    let cfg = *cache.config();
-    let d = cfg.head_dim;
-    for (stream, spec) in [(Stream::Keys, cfg.key_spec()), (Stream::Values, cfg.value_spec())] {
-        let Some(q) = spec else { continue };
-        if q.codebook {
-            let n = q.width.levels() as usize;
-            let units = if q.axis == Axis::PerChannel { cfg.kv_heads * d } else { cfg.kv_heads };
-            for u in 0..units {
-                let e = 1.2 + 0.2 * (u % 5) as f32 + 0.01 * g.next();
-                let enc: Vec<f32> = (0..n)
-                    .map(|i| {
-                        let a = -1.0 + 2.0 * i as f32 / (n - 1) as f32;
-                        a.signum() * a.abs().powf(e)
-                    })
-                    .collect();
-                let dec: Vec<f32> = enc.iter().map(|a| a * 0.97).collect();
-                cache.set_levels(stream, u, &enc, &dec).unwrap();
-            }
-        }
-        if q.permuted {
-            let groups = d / q.group;
-            for h in 0..cfg.kv_heads {
-                let mut perm: Vec<u16> = (0..d as u16).collect();
-                for i in (1..d).rev() {
-                    perm.swap(i, ((g.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1));
-                }
-                let mut bounds: Vec<u16> = (0..=groups).map(|j| (j * d / groups) as u16).collect();
-                if groups >= 2 {
-                    bounds[1] = (d / groups / 2) as u16;
-                }
-                cache.set_permutation(stream, h, &perm, &bounds).unwrap();
-            }
-        }
-    }
-    let t = cfg.transform;
-    for h in 0..cfg.kv_heads {
-        if t.center_keys {
-            let m: Vec<f32> = (0..d).map(|_| g.next() * 3.0).collect();
-            cache.set_center(h, &m).unwrap();
-        }
-        if t.balance_keys {
-            let b: Vec<f32> = (0..d).map(|_| 2f32.powf(g.next() * 2.0)).collect();
-            cache.set_balance(h, &b).unwrap();
-        }
-        if matches!(cfg.key_spec(), Some(q) if q.outliers > 0 && q.axis == Axis::PerChannel) {
-            let lo: Vec<f32> = (0..d).map(|_| -2.0 - g.next().abs()).collect();
-            let hi: Vec<f32> = (0..d).map(|_| 2.0 + g.next().abs()).collect();
-            cache.set_thresholds(h, &lo, &hi).unwrap();
-        }
-    }
-}
-
-/// Appends `k`, `v` to `cache`: at once without tiers; with tiers a token at a time, each followed by
-/// random attention observed for every head, so that some tokens are promoted.
-pub fn append_observed(cache: &mut Cache<'_>, k: &[f32], v: &[f32], g: &mut Gen) {
-    let cfg = *cache.config();
-    if cfg.tiers.is_none() {
-        cache.append(k, v).unwrap();
-        return;
-    }
-    let w = cfg.kv_heads * cfg.head_dim;
-    for (kt, vt) in k.chunks(w).zip(v.chunks(w)) {
-        cache.append(kt, vt).unwrap();
-        for h in 0..cfg.kv_heads {
-            let p: Vec<f32> = (0..cache.tier_window()).map(|_| g.next().abs() + 1e-3).collect();
-            cache.observe(h, &p).unwrap();
-        }
-    }
 }
