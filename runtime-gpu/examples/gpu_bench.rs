@@ -11,7 +11,7 @@
 //! 1 KV head, 4 query heads, head_dim 256; its 3 global layers hold the context in the spec, its 15 local
 //! layers an fp16 window of 512 tokens). The caches are filled with synthetic keys and values through
 //! the device append; `kvq2` (the model's recipe, uncalibrated tables) is filled by kvq-core on the host
-//! and synced. Bytes read are the bytes the caches hold (kvq-core's accounting).
+//! and uploaded. Bytes read are the bytes the caches hold (kvq-core's accounting).
 
 mod support;
 
@@ -24,7 +24,6 @@ use kvq_core::cache::{Cache, CacheConfig, Overflow, Precision, QuantSpec, Transf
 use kvq_core::pack::Width;
 use kvq_core::quant::param::ParamFormat;
 use kvq_core::transform::{Pairing, Rope};
-use kvq_gpu::abi::KvqLayout;
 use kvq_gpu::{DeviceCache, Gpu};
 use support::rows;
 
@@ -99,28 +98,26 @@ fn config(spec: &str, model: &str, heads: usize, d: usize, cap: usize) -> Result
 }
 
 /// A cache of `cfg` filled with `tokens` synthetic tokens: on the device, or for a format the device does
-/// not append, by kvq-core on the host and synced.
+/// not append, by kvq-core on the host and uploaded.
 fn filled(gpu: &Arc<Gpu>, cfg: CacheConfig, tokens: usize) -> Result<DeviceCache> {
     let mut c = DeviceCache::new(gpu.clone(), cfg)?;
+    let mut host_arena =
+        (!c.appends_on_device()).then(|| vec![0u32; cfg.layout().map_or(0, |l| l.total_words)]);
+    let mut host = host_arena.as_mut().map(|a| Cache::new(cfg, a)).transpose()?;
     let hd = cfg.kv_heads * cfg.head_dim;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut host = None;
-    if !KvqLayout::new(&cfg, &cfg.layout()?)?.device_append() {
-        host = Some(vec![0u32; cfg.layout()?.total_words]);
-    }
-    let mut cache = host.as_mut().map(|a| Cache::new(cfg, a)).transpose()?;
     let mut left = tokens;
     while left > 0 {
         let n = left.min(8192);
         let (k, v) = (rows(&mut seed, n * hd), rows(&mut seed, n * hd));
-        match cache.as_mut() {
+        match host.as_mut() {
             Some(h) => h.append(&k, &v)?,
             None => c.append(&k, &v)?,
         }
         left -= n;
     }
-    if let Some(h) = &cache {
-        c.sync(h)?;
+    if let Some(h) = &host {
+        c = DeviceCache::upload(gpu.clone(), cfg, h.words(), h.counts())?;
     }
     Ok(c)
 }

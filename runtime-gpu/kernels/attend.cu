@@ -106,9 +106,9 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
         float sc[G];
 #pragma unroll
         for (int r = 0; r < G; r++) sc[r] = 0.0f;
-        if (GEN && t < t1 && ks.generic) {
+        if (t < t1) {
             Row row = kvq_row(arena, l, k, 1, h, held, t, ck);
-            if (row.kind == 3u) {
+            if (GEN && ks.generic && row.kind == 3u) {
                 float kr[KVQ_MAX_HEAD_DIM];
                 kvq_generic_row(arena, &l, 1, h, row.j, kr);
                 for (unsigned c = 0; c < d; c++) {
@@ -117,29 +117,22 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
                 }
             } else {
                 for (unsigned c = 0; c < d; c++) {
-                    float kv = row.kind == 0u ? kvq_h2f(row.h[c]) : row.f[c];
+                    float kv;
+                    if (row.kind == 0u) {
+                        kv = kvq_h2f(row.h[c]);
+                    } else if (row.kind == 1u) {
+                        kv = row.f[c];
+                    } else if (row.kind == 2u) {
+                        kv = kvq_h2f(kvq_half_at(arena, ks.codes, key_head + kvq_key_f16(row.slot, c, d)));
+                    } else {
+                        const unsigned *words = arena + ks.codes + key_head + kvq_key_row(&ks, row.slot, c, d);
+                        unsigned code = kvq_code(words, row.slot & (ks.block - 1u), ks.bits);
+                        unsigned p = kvq_key_param(&ks, h, row.slot, c, d);
+                        kv = kvq_deq(code, kvq_h2f(kvq_half_at(arena, ks.scale, p)), kvq_h2f(kvq_half_at(arena, ks.zero, p)));
+                    }
 #pragma unroll
                     for (int r = 0; r < G; r++) sc[r] = fmaf(qs[r][c], kv, sc[r]);
                 }
-            }
-        } else if (t < t1) {
-            Row row = kvq_row(arena, l, k, 1, h, held, t, ck);
-            for (unsigned c = 0; c < d; c++) {
-                float kv;
-                if (row.kind == 0u) {
-                    kv = kvq_h2f(row.h[c]);
-                } else if (row.kind == 1u) {
-                    kv = row.f[c];
-                } else if (row.kind == 2u) {
-                    kv = kvq_h2f(kvq_half_at(arena, ks.codes, key_head + kvq_key_f16(row.slot, c, d)));
-                } else {
-                    const unsigned *words = arena + ks.codes + key_head + kvq_key_row(&ks, row.slot, c, d);
-                    unsigned code = kvq_code(words, row.slot & (ks.block - 1u), ks.bits);
-                    unsigned p = kvq_key_param(&ks, h, row.slot, c, d);
-                    kv = kvq_deq(code, kvq_h2f(kvq_half_at(arena, ks.scale, p)), kvq_h2f(kvq_half_at(arena, ks.zero, p)));
-                }
-#pragma unroll
-                for (int r = 0; r < G; r++) sc[r] = fmaf(qs[r][c], kv, sc[r]);
             }
         }
         // Online softmax over the tile.
@@ -173,21 +166,12 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
 #pragma unroll
             for (int r = 0; r < G; r++) pj[r] = __shfl_sync(0xffffffffu, p[r], j);
             Row row = kvq_row(arena, l, k, 0, h, held, tile + j, cv);
-            if (GEN && vs.generic && row.kind == 3u) {
+            // A generic row comes from its token's lane through the warp's buffer.
+            const bool gen = GEN && vs.generic && row.kind == 3u;
+            if (gen) {
                 if (lane == j)
                     for (unsigned c = 0; c < d; c++) vbuf[GEN ? warp : 0][c] = vr[GEN ? c : 0];
                 __syncwarp();
-#pragma unroll
-                for (int cc = 0; cc < 8; cc++) {
-                    unsigned c = lane + 32u * cc;
-                    if (c < d) {
-                        float v = vbuf[GEN ? warp : 0][GEN ? c : 0];
-#pragma unroll
-                        for (int r = 0; r < G; r++) o[r][cc] = fmaf(pj[r], v, o[r][cc]);
-                    }
-                }
-                __syncwarp();
-                continue;
             }
             const unsigned *words = arena + vs.codes + (h * vs.ring + row.slot) * vs.row_words;
 #pragma unroll
@@ -195,7 +179,9 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
                 unsigned c = lane + 32u * cc;
                 if (c < d) {
                     float v;
-                    if (row.kind == 0u) {
+                    if (gen) {
+                        v = vbuf[GEN ? warp : 0][GEN ? c : 0];
+                    } else if (row.kind == 0u) {
                         v = kvq_h2f(row.h[c]);
                     } else if (row.kind == 1u) {
                         v = row.f[c];
@@ -208,6 +194,7 @@ __device__ void kvq_attend(const unsigned *__restrict__ arena, const KvqLayout l
                     for (int r = 0; r < G; r++) o[r][cc] = fmaf(pj[r], v, o[r][cc]);
                 }
             }
+            if (gen) __syncwarp();
         }
     }
 

@@ -226,22 +226,10 @@ impl DeviceCache {
         Ok(Self { gpu, cfg, layout, abi, arena, counts })
     }
 
-    /// Copies a host cache of the same configuration (its arena, tables and counts) into this one: how a
-    /// calibrated format, appended on the host by `kvq-core` (MiKV's `observe` included), reaches the
-    /// device's attention. The whole arena is copied.
-    ///
-    /// # Errors
-    /// [`kvq_core::Error::InvalidConfig`] if `cache`'s configuration differs; driver errors.
-    pub fn sync(&mut self, cache: &kvq_core::cache::Cache<'_>) -> Result<()> {
-        if *cache.config() != self.cfg {
-            return Err(kvq_core::Error::InvalidConfig { what: "host cache configuration", value: 0 }.into());
-        }
-        let words = &cache.words()[..self.layout.total_words];
-        if !words.is_empty() {
-            self.gpu.stream.memcpy_htod(words, &mut self.arena)?;
-        }
-        self.counts = cache.counts();
-        Ok(())
+    /// Whether [`DeviceCache::append`] takes this cache's format (fp16 and KIVI's plain formats); the
+    /// calibrated ones are appended on the host and uploaded.
+    pub fn appends_on_device(&self) -> bool {
+        self.abi.device_append()
     }
 
     /// The arena's words, read back.
@@ -278,11 +266,11 @@ impl DeviceCache {
     /// may hold part of the append and should be rebuilt.
     ///
     /// Only fp16 and KIVI's plain formats are appended on the device; a calibrated format is refused with
-    /// [`GpuError::Unsupported`] (append to a `kvq-core` cache on the host and [`DeviceCache::sync`]).
+    /// [`GpuError::Unsupported`] (append to a `kvq-core` cache on the host and [`DeviceCache::upload`] it).
     pub fn append(&mut self, keys: &[f32], values: &[f32]) -> Result<()> {
         if !self.abi.device_append() {
             return Err(GpuError::Unsupported {
-                what: "appending a calibrated format on the device (append on the host, then `sync`)",
+                what: "appending a calibrated format on the device (append on the host, then `upload`)",
                 value: 0,
             });
         }

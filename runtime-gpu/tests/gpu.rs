@@ -8,7 +8,7 @@
 //!   kvq-core's dequantized rows, and of kvq-core's own attention, for tokens 1 to 128k, GQA 1, 3, 4 and
 //!   8, head_dim 64, 128 and 256;
 //! - the calibrated formats (kvq2, kvq3, KVQuant, SKVQ, MiKV, all at once), appended on the host and
-//!   synced: decode and prefill within the same bound of the exact attention over kvq-core's rows;
+//!   uploaded: decode and prefill within the same bound of the exact attention over kvq-core's rows;
 //! - bad input: the errors kvq-core gives, and nothing on the device changes.
 
 mod common;
@@ -218,11 +218,12 @@ fn device_reads_calibrated_formats_within_the_bound() {
                     let (k, v) = (g.rows(tokens, heads * d), g.rows(tokens, heads * d));
                     append_observed(&mut cache, &k, &v, &mut rng);
                     let mut dev = DeviceCache::new(gpu.clone(), cfg).unwrap();
+                    assert!(!dev.appends_on_device());
                     assert!(matches!(
                         dev.append(&k[..heads * d], &v[..heads * d]),
                         Err(GpuError::Unsupported { .. })
                     ));
-                    dev.sync(&cache).unwrap();
+                    let dev = DeviceCache::upload(gpu.clone(), cfg, cache.words(), cache.counts()).unwrap();
                     let held = cache.held();
                     let scale = 1.0 / (d as f32).sqrt();
                     // Decode, then a prefill chunk of 7 positions over the same cache.
