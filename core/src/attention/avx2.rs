@@ -653,11 +653,26 @@ fn token_values<const S: bool>(
     let groups = d / b.group;
     // work: ps[g][qi][t] products p * scale for the current tile; zacc[qi][g][8] partial sums of p * zero.
     let (ps, rest) = work.split_at_mut(groups * TILE * nq);
-    let zacc = &mut rest[..nq * groups * 8];
+    let (zacc, spare) = rest.split_at_mut(nq * groups * 8);
     zacc.fill(0.0);
     let whole = n - n % TILE;
-    for t0 in (0..whole).step_by(TILE) {
-        let slot = start + t0;
+    // A last tile of fewer tokens: the whole tile that ends with the body, its tokens before `whole` (which
+    // the tiles before it summed) weighted 0 through a copy of the probabilities in `spare`. Adding
+    // `0 * s * code` and `0 * z` leaves every sum as it was; with too little scratch, or a body shorter than
+    // a tile, the portable twin takes the tail instead.
+    let overlap = whole < n && n >= TILE && spare.len() >= nq * TILE;
+    if overlap {
+        let skip = whole - (n - TILE);
+        for (qi, row) in spare[..nq * TILE].chunks_exact_mut(TILE).enumerate() {
+            row[..skip].fill(0.0);
+            row[skip..].copy_from_slice(&p.data[qi * p.stride + p.pos + whole..][..n - whole]);
+        }
+    }
+    let tail = Probs { data: &spare[..if overlap { nq * TILE } else { 0 }], stride: TILE, pos: 0 };
+    for k in 0..whole / TILE + usize::from(overlap) {
+        // Tile k's first ring slot, and its probabilities with the position of its first token.
+        let (slot, p, t0) =
+            if k * TILE < whole { (start + k * TILE, p, k * TILE) } else { (start + n - TILE, &tail, 0) };
         for gi in 0..groups {
             for t8 in (0..TILE).step_by(8) {
                 let s = ld_ph(&b.scale[gi * b.ring + slot + t8..]);
@@ -725,7 +740,7 @@ fn token_values<const S: bool>(
             }
         }
     }
-    if whole < n {
+    if whole < n && !overlap {
         portable::values_q_token(b, start + whole, n - whole, &Probs { pos: p.pos + whole, ..*p }, d, out);
     }
 }
@@ -1495,14 +1510,21 @@ fn q8_token_values<const S: bool>(
     let nq = out.len() / d;
     let g = b.group;
     let groups = d / g;
-    let ValueWork { l, zl, tile, lp, packed } = ValueWork::split(work, nq, d, groups);
+    let ValueWork { l, zl, tile, lp, packed, pad } = ValueWork::split(work, nq, d, groups);
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 2]);
-    let delta = &mut tile[..groups * nq];
+    let (delta, spare) = tile.split_at_mut(groups * nq);
+    let delta = &mut delta[..];
     lp.fill(0.0);
     zl.fill(0.0);
-    let whole = n - n % T;
-    for t0 in (0..whole).step_by(T) {
-        let slot = start + t0;
+    for t0 in (0..n).step_by(T) {
+        // A last tile of fewer tokens runs as a whole one over zero-padded copies (see `pad_tile`).
+        let (b, p, slot, t0) = if t0 + T <= n {
+            (*b, *p, start + t0, t0)
+        } else {
+            let (b, p) = pad_tile(b, start + t0, n - t0, p, t0, nq, groups, &mut *pad, &mut *spare);
+            (b, p, 0, 0)
+        };
+        let (b, p) = (&b, &p);
         for gi in 0..groups {
             // The group's scales and zero points over the tile, converted once for every query.
             // Each resliced once to its tile, so that the loads below carry no bounds checks (they were
@@ -1572,23 +1594,22 @@ fn q8_token_values<const S: bool>(
             }
         }
     }
-    if whole < n {
-        portable::value_tile_q8(b, start, whole, n - whole, p, d, l, zl, tile);
-    }
     portable::finish_values_q8(g, d, l, zl, out);
 }
 
 /// The int8 value path's `work` ([`super::q8_value_work`] floats): the outputs `l` (`[nq][d]`), the
 /// zero-point lanes `zl` (8 per query and group), the portable tail's `tile` (its first `groups * nq`
-/// floats the current tile's scales `delta`), the permuted sums `lp` (`[nq][d]`, these kernels only), and
-/// the rounded weights (`packed`: pairs, `Q8_TILE / 2` per group and query, here; quads, `Q8_TILE / 4`, for
-/// the AVX-512 kernels).
+/// floats the current tile's scales `delta`, the rest a partial tile's probabilities), the permuted sums
+/// `lp` (`[nq][d]`, these kernels only), the rounded weights (`packed`: pairs, `Q8_TILE / 2` per group and
+/// query, here; quads, `Q8_TILE / 4`, for the AVX-512 kernels), and a partial tile's codes and parameters
+/// (`pad`, see [`pad_tile`]).
 pub(super) struct ValueWork<'w> {
     pub(super) l: &'w mut [f32],
     pub(super) zl: &'w mut [f32],
     pub(super) tile: &'w mut [f32],
     pub(super) lp: &'w mut [f32],
     pub(super) packed: &'w mut [f32],
+    pub(super) pad: &'w mut [f32],
 }
 
 impl<'w> ValueWork<'w> {
@@ -1597,9 +1618,58 @@ impl<'w> ValueWork<'w> {
         let (l, rest) = work.split_at_mut(nq * d);
         let (zl, rest) = rest.split_at_mut(nq * groups * 8);
         let (tile, rest) = rest.split_at_mut(nq * d + groups * nq * (T + 1));
-        let (lp, packed) = rest.split_at_mut(nq * d);
-        ValueWork { l, zl, tile, lp, packed }
+        let (lp, rest) = rest.split_at_mut(nq * d);
+        let (packed, pad) = rest.split_at_mut(groups * nq * T / 2);
+        ValueWork { l, zl, tile, lp, packed, pad }
     }
+}
+
+/// The last tile of an int8 value body when it holds fewer than [`super::Q8_TILE`] tokens, copied into
+/// whole-tile buffers with zeros after its tokens, so that the vector kernels run it as a whole tile: its
+/// code rows, scales and zero points into `pad` (`Q8_TILE * (row_words + groups)` floats of scratch), each
+/// query's probabilities into `probs` (`nq * Q8_TILE`). That gives the portable twin's bits, which sums
+/// only the tile's tokens: a zero probability rounds to a zero weight (the tile's largest weight, and so
+/// its scale, are unchanged; the integer sums are exact), and adds `0 * 0 = +0` to a zero-point lane,
+/// which leaves it as it is (a lane is never -0: it starts at +0, and a sum that cancels rounds to +0).
+/// Before this the tile ran the portable twin, which at 1,120 tokens took more than half of `kivi2`'s
+/// int8 step and made it slower than fp16 (`decode_bench`, Zen 4).
+///
+/// Takes the `len` tokens from ring slot `slot` of `b` (`groups` channel groups) and positions
+/// `t0..t0 + len` of `p`'s rows; returns them as a body whose tile starts at slot 0 and probabilities
+/// whose tile starts at position 0.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pad_tile<'a>(
+    b: &TokenBody<'_>,
+    slot: usize,
+    len: usize,
+    p: &Probs<'_>,
+    t0: usize,
+    nq: usize,
+    groups: usize,
+    pad: &'a mut [f32],
+    probs: &'a mut [f32],
+) -> (TokenBody<'a>, Probs<'a>) {
+    const T: usize = super::Q8_TILE;
+    let rw = b.row_words;
+    let (codes, params) = pad.split_at_mut(T * rw);
+    let params: &mut [u16] = bytemuck::cast_slice_mut(&mut params[..T * groups]);
+    let (scale, zero) = params.split_at_mut(T * groups);
+    codes[..len * rw].copy_from_slice(bytemuck::cast_slice(&b.codes[slot * rw..][..len * rw]));
+    codes[len * rw..].fill(0.0);
+    for gi in 0..groups {
+        for (dst, src) in [(&mut *scale, b.scale), (&mut *zero, b.zero)] {
+            let dst = &mut dst[gi * T..][..T];
+            dst[..len].copy_from_slice(&src[gi * b.ring + slot..][..len]);
+            dst[len..].fill(0);
+        }
+    }
+    let probs = &mut probs[..nq * T];
+    for (qi, row) in probs.chunks_exact_mut(T).enumerate() {
+        row[..len].copy_from_slice(&p.data[qi * p.stride + p.pos + t0..][..len]);
+        row[len..].fill(0.0);
+    }
+    let body = TokenBody { codes: bytemuck::cast_slice(codes), scale, zero, ring: T, ..*b };
+    (body, Probs { data: probs, stride: T, pos: 0 })
 }
 
 /// Adds `p_t z_t` over a value tile (`zr`: the group's zero points over its `Q8_TILE` tokens from `t0`)

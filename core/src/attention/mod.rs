@@ -222,6 +222,7 @@ impl ChannelBody<'_> {
 }
 
 /// One head of a per-token quantized body.
+#[derive(Clone, Copy)]
 pub(crate) struct TokenBody<'c> {
     pub(crate) codes: &'c [u32],
     pub(crate) row_words: usize,
@@ -313,10 +314,16 @@ pub fn q8_key_max(d: usize, width: Width) -> f32 {
 }
 
 /// Floats of work the int8 value path needs: sums `l` and integer sums (`nq * d` each), zero-point lanes
-/// (`nq * groups * 8`), rounded weights and scales (`groups * nq * (Q8_TILE + 1)`), and the AVX2 twin's
-/// channel-permuted sums and paired weights (`nq * d`, `groups * nq * Q8_TILE / 2`).
+/// (`nq * groups * 8`), rounded weights and scales (`groups * nq * (Q8_TILE + 1)`), the AVX2 twin's
+/// channel-permuted sums and paired weights (`nq * d`, `groups * nq * Q8_TILE / 2`), and the vector
+/// kernels' copy of a last, partial tile: 2-bit code rows (`d / 16` words a token) and f16 scales and
+/// zero points (`groups` floats a token).
 const fn q8_value_work(nq: usize, d: usize, groups: usize) -> usize {
-    3 * nq * d + nq * groups * 8 + groups * nq * (Q8_TILE + 1) + groups * nq * Q8_TILE / 2
+    3 * nq * d
+        + nq * groups * 8
+        + groups * nq * (Q8_TILE + 1)
+        + groups * nq * Q8_TILE / 2
+        + Q8_TILE * (d / 16 + groups)
 }
 
 /// Whether the int8 path reads a body of `width` codes.

@@ -50,7 +50,8 @@
 
 use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
 use super::{
-    GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, prefetch_next_block, read16, zero_lanes,
+    GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, pad_tile, prefetch_next_block, read16,
+    zero_lanes,
 };
 use crate::cache::layout::key_row;
 use crate::pack::Width;
@@ -390,15 +391,21 @@ fn token_values<const S: bool>(
     let groups = d / g;
     // The AVX2 path's split of `work`; its permuted sums are not needed (these go in channel order), and
     // the quads take half of its pairs' room.
-    let ValueWork { l, zl, tile, packed, .. } = ValueWork::split(work, nq, d, groups);
+    let ValueWork { l, zl, tile, packed, pad, .. } = ValueWork::split(work, nq, d, groups);
     let quads: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 4]);
-    let delta = &mut tile[..groups * nq];
+    let (delta, spare) = tile.split_at_mut(groups * nq);
     l.fill(0.0);
     zl.fill(0.0);
     let (lo_idx, hi_idx) = quad_indices();
-    let whole = n - n % T;
-    for t0 in (0..whole).step_by(T) {
-        let slot = start + t0;
+    for t0 in (0..n).step_by(T) {
+        // A last tile of fewer tokens runs as a whole one over zero-padded copies (see `pad_tile`).
+        let (b, p, slot, t0) = if t0 + T <= n {
+            (*b, *p, start + t0, t0)
+        } else {
+            let (b, p) = pad_tile(b, start + t0, n - t0, p, t0, nq, groups, &mut *pad, &mut *spare);
+            (b, p, 0, 0)
+        };
+        let (b, p) = (&b, &p);
         for gi in 0..groups {
             let at = gi * b.ring + slot;
             let (sr, zr) = (&b.scale[at..][..T], &b.zero[at..][..T]);
@@ -480,9 +487,6 @@ fn token_values<const S: bool>(
                 }
             }
         }
-    }
-    if whole < n {
-        portable::value_tile_q8(b, start, whole, n - whole, p, d, l, zl, tile);
     }
     portable::finish_values_q8(g, d, l, zl, out);
 }
