@@ -38,19 +38,110 @@ pub fn dot_q16<const M: usize>(
     b0: [usize; M],
     avx2: bool,
 ) -> [f32; M] {
-    dot_q16_with::<M, true>(ty, row, a, b0, avx2)
+    dot_q16_with::<M, true>(ty, RowRef::Plain(row), a, b0, avx2)
+}
+
+/// A row of a 32-element integer block type as the kernels read it: in the file's layout, or row `r` of
+/// a packed group of [`PACK_ROWS`] rows of `row_bytes` ([`pack_rows`]).
+#[derive(Clone, Copy, Debug)]
+pub enum RowRef<'a> {
+    /// The row's bytes, blocks one after another.
+    Plain(&'a [u8]),
+    /// Row `r` of the packed group `group`.
+    Packed {
+        /// The group's bytes (`PACK_ROWS * row_bytes`).
+        group: &'a [u8],
+        /// The row within the group.
+        r: usize,
+        /// Bytes of one row.
+        row_bytes: usize,
+    },
+}
+
+impl<'a> From<&'a [u8]> for RowRef<'a> {
+    fn from(row: &'a [u8]) -> Self {
+        RowRef::Plain(row)
+    }
+}
+
+impl RowRef<'_> {
+    /// Blocks of `ty` in the row.
+    fn blocks(&self, ty: TensorType) -> usize {
+        match *self {
+            RowRef::Plain(row) => row.len() / ty.block_bytes(),
+            RowRef::Packed { row_bytes, .. } => row_bytes / ty.block_bytes(),
+        }
+    }
+
+    /// Where the fields of the row's blocks lie in [`Self::bytes`], for kernel type `t` (see [`FIELDS`]).
+    fn at(&self, t: usize) -> BlockAt {
+        let (f, bb) = (FIELDS[t], [34, 18, 20, 22][t]);
+        let (qs, qs_len) = f[f.len() - 1];
+        match *self {
+            RowRef::Plain(_) => BlockAt { stride: bb, d: 0, mid: 2, qs },
+            RowRef::Packed { r, .. } => {
+                let mid = if f.len() == 3 { PACK_ROWS * f[1].0 + r * f[1].1 } else { 0 };
+                BlockAt { stride: PACK_ROWS * bb, d: 2 * r, mid, qs: PACK_ROWS * qs + r * qs_len }
+            }
+        }
+    }
+
+    /// The bytes the row's blocks lie in, checked to hold them.
+    fn bytes(&self, ty: TensorType) -> &[u8] {
+        match *self {
+            RowRef::Plain(row) => row,
+            RowRef::Packed { group, r, row_bytes } => {
+                assert!(
+                    r < PACK_ROWS
+                        && group.len() >= PACK_ROWS * row_bytes
+                        && row_bytes.is_multiple_of(ty.block_bytes()),
+                    "packed row {r} of {row_bytes} bytes in a group of {}",
+                    group.len()
+                );
+                &group[..PACK_ROWS * row_bytes]
+            }
+        }
+    }
+
+    /// The row in the file's layout (a copy for a packed row), for the portable kernels.
+    fn plain(&self, ty: TensorType) -> std::borrow::Cow<'_, [u8]> {
+        match *self {
+            RowRef::Plain(row) => std::borrow::Cow::Borrowed(row),
+            RowRef::Packed { r, row_bytes, .. } => {
+                let mut row = vec![0u8; row_bytes];
+                unpack_rows(ty, self.bytes(ty), row_bytes, r, &mut row);
+                std::borrow::Cow::Owned(row)
+            }
+        }
+    }
+
+    /// The minimums `m` of the row's Q4_1 blocks, in order.
+    fn mins(&self) -> impl Iterator<Item = f32> + '_ {
+        let (at, bytes) = (self.at(2), self.bytes(TensorType::Q4_1));
+        (0..self.blocks(TensorType::Q4_1)).map(move |i| quants::h(bytes, i * at.stride + at.mid))
+    }
+}
+
+/// Where the fields of a row's blocks lie: block `i` at `i * stride`, its f16 scale at `+ d`, its middle
+/// field (Q4_1's f16 minimum, Q5_0's high bits) at `+ mid`, its code bytes at `+ qs`.
+#[derive(Clone, Copy, Debug)]
+struct BlockAt {
+    stride: usize,
+    d: usize,
+    mid: usize,
+    qs: usize,
 }
 
 /// [`dot_q16`], or with `MIN` false without Q4_1's minimum terms (for the other types the same): the sum
 /// over blocks of `dw * dy * Σ qw qy`.
 fn dot_q16_with<const M: usize, const MIN: bool>(
     ty: TensorType,
-    row: &[u8],
+    row: RowRef<'_>,
     a: &Q16Act,
     b0: [usize; M],
     avx2: bool,
 ) -> [f32; M] {
-    let nb = row.len() / ty.block_bytes();
+    let nb = row.blocks(ty);
     for &b in &b0 {
         assert!(
             a.q().len() >= (b + nb) * 32 && a.d.len() >= b + nb && a.s.len() >= b + nb,
@@ -59,39 +150,158 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
     }
     #[cfg(target_arch = "x86_64")]
     if avx2 {
-        // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; lengths checked above.
+        let t = kernel_type(ty).expect("dot_q16 takes 32-element integer block types only");
+        let (bytes, at) = (row.bytes(ty), row.at(t));
+        assert!(nb == 0 || (nb - 1) * at.stride + at.qs + FIELDS[t][FIELDS[t].len() - 1].1 <= bytes.len());
+        // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; the activations' lengths
+        // are checked above, and the row's last block ends in `bytes` (checked above; its code bytes are
+        // its last field).
         return unsafe {
-            match ty {
-                TensorType::Q8_0 => x86::dot::<0, M, MIN>(row, a, b0),
-                TensorType::Q4_0 => x86::dot::<1, M, MIN>(row, a, b0),
-                TensorType::Q4_1 => x86::dot::<2, M, MIN>(row, a, b0),
-                TensorType::Q5_0 => x86::dot::<3, M, MIN>(row, a, b0),
-                _ => unreachable!("dot_q16 takes 32-element block types only"),
+            match t {
+                0 => x86::dot::<0, M, MIN>(bytes.as_ptr(), nb, at, a, b0),
+                1 => x86::dot::<1, M, MIN>(bytes.as_ptr(), nb, at, a, b0),
+                2 => x86::dot::<2, M, MIN>(bytes.as_ptr(), nb, at, a, b0),
+                _ => x86::dot::<3, M, MIN>(bytes.as_ptr(), nb, at, a, b0),
             }
         };
     }
     let _ = avx2;
+    let plain = row.plain(ty);
     b0.map(|b| {
-        let scaled = quants::dot_q16_scaled_ref(ty, row, a, b);
-        if MIN && ty == TensorType::Q4_1 {
-            scaled + min_chain(row.chunks_exact(ty.block_bytes()).map(min_of), |i| a.s[b + i])
-        } else {
-            scaled
-        }
+        let scaled = quants::dot_q16_scaled_ref(ty, &plain, a, b);
+        if MIN && ty == TensorType::Q4_1 { scaled + min_chain(row.mins(), |i| a.s[b + i]) } else { scaled }
     })
+}
+
+/// The fields of the 32-element block types the integer kernels read, as (offset, length) in a block, in
+/// order: the f16 scale first, the code bytes last (Q4_1's f16 minimum and Q5_0's 4 bytes of high bits
+/// between). Indexed by the kernels' type number: Q8_0, Q4_0, Q4_1, Q5_0.
+const FIELDS: [&[(usize, usize)]; 4] =
+    [&[(0, 2), (2, 32)], &[(0, 2), (2, 16)], &[(0, 2), (2, 2), (4, 16)], &[(0, 2), (2, 4), (6, 16)]];
+
+/// Rows of a packed group ([`pack_rows`]).
+pub const PACK_ROWS: usize = 8;
+
+/// The kernels' number of a 32-element integer block type, if `ty` is one.
+fn kernel_type(ty: TensorType) -> Option<usize> {
+    match ty {
+        TensorType::Q8_0 => Some(0),
+        TensorType::Q4_0 => Some(1),
+        TensorType::Q4_1 => Some(2),
+        TensorType::Q5_0 => Some(3),
+        _ => None,
+    }
+}
+
+/// Whether a matrix of `ty` with `rows` rows can be packed ([`pack_rows`]): Q8_0, Q4_0, Q4_1 or Q5_0, and
+/// whole groups of [`PACK_ROWS`] rows.
+pub fn packs(ty: TensorType, rows: usize) -> bool {
+    kernel_type(ty).is_some() && rows.is_multiple_of(PACK_ROWS)
+}
+
+/// A matrix of `ty` (rows of `row_bytes`, whole groups of [`PACK_ROWS`]) in the layout [`dots_packed`]
+/// reads: per group of 8 rows and per block, each field of the 8 rows' blocks side by side (the 8 scales,
+/// then the 8 minimums or high bits, then the 8 rows' code bytes). The bytes are the same, moved: a
+/// group of 8 rows takes `8 * row_bytes`, and [`unpack_rows`] gives the rows back.
+///
+/// # Panics
+/// If `ty` does not pack or `rows` is not whole groups of rows.
+pub fn pack_rows(ty: TensorType, rows: &[u8], row_bytes: usize) -> Vec<u8> {
+    let fields = FIELDS[kernel_type(ty).expect("pack_rows takes Q8_0, Q4_0, Q4_1 and Q5_0")];
+    let bb = ty.block_bytes();
+    assert!(
+        row_bytes.is_multiple_of(bb) && rows.len().is_multiple_of(PACK_ROWS * row_bytes),
+        "pack_rows: {} bytes are not whole groups of {PACK_ROWS} rows of {row_bytes}",
+        rows.len()
+    );
+    let mut out = vec![0u8; rows.len()];
+    for (src, dst) in
+        rows.chunks_exact(PACK_ROWS * row_bytes).zip(out.chunks_exact_mut(PACK_ROWS * row_bytes))
+    {
+        for (r, row) in src.chunks_exact(row_bytes).enumerate() {
+            for (blk, packed) in row.chunks_exact(bb).zip(dst.chunks_exact_mut(PACK_ROWS * bb)) {
+                for &(o, len) in fields {
+                    packed[PACK_ROWS * o + r * len..][..len].copy_from_slice(&blk[o..o + len]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Rows `r0..r0 + out.len() / row_bytes` of a matrix packed by [`pack_rows`], back in the file's layout.
+///
+/// # Panics
+/// If `ty` does not pack, or the rows do not lie in `packed`.
+pub fn unpack_rows(ty: TensorType, packed: &[u8], row_bytes: usize, r0: usize, out: &mut [u8]) {
+    let fields = FIELDS[kernel_type(ty).expect("unpack_rows takes Q8_0, Q4_0, Q4_1 and Q5_0")];
+    let bb = ty.block_bytes();
+    for (k, row) in out.chunks_exact_mut(row_bytes).enumerate() {
+        let (g, r) = ((r0 + k) / PACK_ROWS, (r0 + k) % PACK_ROWS);
+        let group = &packed[g * PACK_ROWS * row_bytes..][..PACK_ROWS * row_bytes];
+        for (blk, src) in row.chunks_exact_mut(bb).zip(group.chunks_exact(PACK_ROWS * bb)) {
+            for &(o, len) in fields {
+                blk[o..o + len].copy_from_slice(&src[PACK_ROWS * o + r * len..][..len]);
+            }
+        }
+    }
+}
+
+/// One token's dots (activations from block 0) with the rows of a packed matrix ([`pack_rows`]; `packed`
+/// holds `out.len()` rows of `row_bytes`, whole groups): `out[k]` is [`dot_q16`] of row `k`, bit for bit.
+/// The vector kernel takes 8 rows at a time: each block's scales (and minimums) are converted once for
+/// the 8 rows, and the 8 rows' FMA chains overlap. On SmolLM2's Q4_1 matrices this read 1.7x as many
+/// bytes a second as one row at a time (Zen 4, one thread; docs/decode-speed.md).
+///
+/// # Panics
+/// If `ty` does not pack, the rows are not whole groups in `packed`, or `a` holds fewer blocks than a row.
+pub fn dots_packed(ty: TensorType, packed: &[u8], row_bytes: usize, a: &Q16Act, out: &mut [f32], avx2: bool) {
+    let t = kernel_type(ty).expect("dots_packed takes Q8_0, Q4_0, Q4_1 and Q5_0");
+    let nb = row_bytes / ty.block_bytes();
+    assert!(
+        out.len().is_multiple_of(PACK_ROWS) && packed.len() >= out.len() * row_bytes,
+        "dots_packed: {} rows of {row_bytes} bytes in {}",
+        out.len(),
+        packed.len()
+    );
+    assert!(a.q().len() >= nb * 32 && a.d.len() >= nb && a.s.len() >= nb, "activations shorter than the row");
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        for (g, o) in out.chunks_exact_mut(PACK_ROWS).enumerate() {
+            let p = packed[g * PACK_ROWS * row_bytes..][..PACK_ROWS * row_bytes].as_ptr();
+            // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; the group lies in
+            // `packed` (resliced above) and `a` holds nb blocks (checked above).
+            let dots = unsafe {
+                match t {
+                    0 => x86::dot8::<0>(p, nb, a),
+                    1 => x86::dot8::<1>(p, nb, a),
+                    2 => x86::dot8::<2>(p, nb, a),
+                    _ => x86::dot8::<3>(p, nb, a),
+                }
+            };
+            o.copy_from_slice(&dots);
+        }
+        return;
+    }
+    let g = PACK_ROWS * row_bytes;
+    for (k, o) in out.iter_mut().enumerate() {
+        let row = RowRef::Packed { group: &packed[k / PACK_ROWS * g..][..g], r: k % PACK_ROWS, row_bytes };
+        *o = dot_q16_with::<1, true>(ty, row, a, [0], avx2)[0];
+    }
 }
 
 /// [`dot_q16`] without Q4_1's minimum terms, of `row` for the tokens `ts` into `out[t]`, token `t`'s activations starting at block
 /// `t * bpr`: four tokens per kernel call while they fill one, then one at a time.
-pub fn dots_scaled(
+pub fn dots_scaled<'r>(
     ty: TensorType,
-    row: &[u8],
+    row: impl Into<RowRef<'r>>,
     a: &Q16Act,
     bpr: usize,
     ts: std::ops::Range<usize>,
     out: &mut [f32],
     avx2: bool,
 ) {
+    let row = row.into();
     let mut t = ts.start;
     while t + 4 <= ts.end {
         let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
@@ -101,12 +311,6 @@ pub fn dots_scaled(
     for (tt, o) in out.iter_mut().enumerate().take(ts.end).skip(t) {
         *o = dot_q16_with::<1, false>(ty, row, a, [tt * bpr], avx2)[0];
     }
-}
-
-/// A Q4_1 block's minimum `m`.
-#[inline]
-fn min_of(block: &[u8]) -> f32 {
-    quants::h(block, 2)
 }
 
 /// `Σ_i m_i s(i)` over a row's minimums as one f32 FMA chain in block order: the chain every path runs (the
@@ -119,11 +323,19 @@ fn min_chain(mins: impl Iterator<Item = f32>, s: impl Fn(usize) -> f32) -> f32 {
 /// the activation blocks' `d * Σ q` block-major (`st[i * n + t]` = token `t`'s block `i`). The sum for each
 /// token is the FMA chain [`dot_q16`] runs, so `dots_scaled + add_mins` equals `dot_q16` bit for bit.
 /// Other types have no minimum: nothing is added.
-pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32], avx2: bool) {
+pub fn add_mins<'r>(
+    ty: TensorType,
+    row: impl Into<RowRef<'r>>,
+    st: &[f32],
+    n: usize,
+    out: &mut [f32],
+    avx2: bool,
+) {
     if ty != TensorType::Q4_1 {
         return;
     }
-    let nb = row.len() / ty.block_bytes();
+    let row = row.into();
+    let nb = row.blocks(ty);
     assert!(st.len() >= nb * n && out.len() >= n, "add_mins: {n} tokens, {nb} blocks, st {}", st.len());
     // The minimums as f32 once per row: on the stack for rows up to 8192 columns.
     let mut stack = [0f32; 256];
@@ -134,8 +346,8 @@ pub fn add_mins(ty: TensorType, row: &[u8], st: &[f32], n: usize, out: &mut [f32
         heap.resize(nb, 0.0);
         &mut heap
     };
-    for (m, blk) in mins.iter_mut().zip(row.chunks_exact(ty.block_bytes())) {
-        *m = min_of(blk);
+    for (m, v) in mins.iter_mut().zip(row.mins()) {
+        *m = v;
     }
     let mins = &*mins;
     let mut t = 0;
@@ -280,69 +492,105 @@ mod x86 {
         _mm256_and_si256(_mm256_cmpeq_epi16(v, sel), _mm256_set1_epi16(0x10))
     }
 
-    /// Dot of a row of type `T` (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0) with `M` tokens' 16-bit activations.
+    /// The 32 codes of a block of type `T` (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0) as two vectors of 16 i16
+    /// (elements 0..16 and 16..32), from its code bytes at `qs` and (Q5_0) its high bits at `qh`.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `a` holds blocks `b0[m]..b0[m] + row.len() / block_bytes` for every m.
+    /// The CPU has AVX2, FMA and F16C; `qs` points at the block's code bytes and, for Q5_0, `qh` at its four
+    /// bytes of high bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn codes<const T: u8>(qs: *const u8, qh: *const u8) -> [__m256i; 2] {
+        // SAFETY: caller's contract: every read below lies in the block's fields.
+        unsafe {
+            match T {
+                0 => [
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(qs.cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(qs.add(16).cast())),
+                ],
+                1 => {
+                    let [lo, hi] = nibbles16(qs);
+                    let eight = _mm256_set1_epi16(8);
+                    [_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight)]
+                }
+                2 => nibbles16(qs),
+                _ => {
+                    let qh = qh.cast::<u32>().read_unaligned();
+                    let [lo, hi] = nibbles16(qs);
+                    let sixteen = _mm256_set1_epi16(16);
+                    [
+                        _mm256_sub_epi16(_mm256_or_si256(lo, bit4_lanes(qh)), sixteen),
+                        _mm256_sub_epi16(_mm256_or_si256(hi, bit4_lanes(qh >> 16)), sixteen),
+                    ]
+                }
+            }
+        }
+    }
+
+    /// The block of type `T` whose fields lie at `at`'s offsets from `b` (see [`super::BlockAt`]): its codes
+    /// ([`codes`]), its scale `d` and (Q4_1) its minimum `m`, each broadcast to 8 f32 lanes (zero for the
+    /// other types).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the block's fields lie in readable memory at those offsets.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<const T: u8>(b: *const u8, at: BlockAt) -> ([__m256i; 2], __m256, __m256) {
+        // SAFETY: caller's contract: the fields lie at `at`'s offsets from `b`.
+        unsafe {
+            let m = if T == 2 { f16x8_at(b.add(at.mid)) } else { _mm256_setzero_ps() };
+            (codes::<T>(b.add(at.qs), b.add(at.mid)), f16x8_at(b.add(at.d)), m)
+        }
+    }
+
+    /// One block's term of a dot: `acc + f32(Σ w y) * scale`, the integer sum over the block's 32
+    /// activations at `y`, `scale` the weights' scale times the activations' (`dw * dy`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `y` points at 32 readable i16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_term(w: &[__m256i; 2], scale: __m256, y: *const i16, acc: __m256) -> __m256 {
+        // SAFETY: caller's contract; unaligned 32-byte loads.
+        let p = unsafe {
+            _mm256_add_epi32(
+                _mm256_madd_epi16(w[0], _mm256_loadu_si256(y.cast())),
+                _mm256_madd_epi16(w[1], _mm256_loadu_si256(y.add(16).cast())),
+            )
+        };
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc)
+    }
+
+    /// Dot of a row of type `T` (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0; `nb` blocks from `rp`, their fields at
+    /// `at`) with `M` tokens' 16-bit activations.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the `nb` blocks' fields lie in readable memory; `a` holds blocks
+    /// `b0[m]..b0[m] + nb` for every m.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot<const T: u8, const M: usize, const MIN: bool>(
-        row: &[u8],
+        rp: *const u8,
+        nb: usize,
+        at: BlockAt,
         a: &Q16Act,
         b0: [usize; M],
     ) -> [f32; M] {
-        let bb = [34, 18, 20, 22][T as usize];
-        let nb = row.len() / bb;
-        let (rp, yp, dp, sp) = (row.as_ptr(), a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+        let (yp, dp, sp) = (a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         let mut acc = [_mm256_setzero_ps(); M];
         let mut offs = [_mm256_setzero_ps(); M];
         for i in 0..nb {
-            // SAFETY: block i lies in `row` (i < nb); activation block b0[m] + i lies in `a` (the caller's
-            // contract, checked by `dot_q16`).
+            // SAFETY: block i's fields lie in readable memory (i < nb); activation block b0[m] + i lies in
+            // `a` (the caller's contract, checked by `dot_q16`).
             unsafe {
-                let b = rp.add(i * bb);
-                let (w, dw) = match T {
-                    0 => (
-                        [
-                            _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(2).cast())),
-                            _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(18).cast())),
-                        ],
-                        f16x8_at(b),
-                    ),
-                    1 => {
-                        let [lo, hi] = nibbles16(b.add(2));
-                        let eight = _mm256_set1_epi16(8);
-                        ([_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight)], f16x8_at(b))
+                let (w, dw, mw) = block::<T>(rp.add(i * at.stride), at);
+                if MIN && T == 2 {
+                    for (o, &b0m) in offs.iter_mut().zip(&b0) {
+                        *o = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sp.add(b0m + i)), *o);
                     }
-                    2 => {
-                        if MIN {
-                            let mw = f16x8_at(b.add(2));
-                            for (o, &b0m) in offs.iter_mut().zip(&b0) {
-                                *o = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sp.add(b0m + i)), *o);
-                            }
-                        }
-                        (nibbles16(b.add(4)), f16x8_at(b))
-                    }
-                    _ => {
-                        let qh = b.add(2).cast::<u32>().read_unaligned();
-                        let [lo, hi] = nibbles16(b.add(6));
-                        let sixteen = _mm256_set1_epi16(16);
-                        (
-                            [
-                                _mm256_sub_epi16(_mm256_or_si256(lo, bit4_lanes(qh)), sixteen),
-                                _mm256_sub_epi16(_mm256_or_si256(hi, bit4_lanes(qh >> 16)), sixteen),
-                            ],
-                            f16x8_at(b),
-                        )
-                    }
-                };
+                }
                 for m in 0..M {
-                    let y = yp.add((b0[m] + i) * 32);
-                    let p = _mm256_add_epi32(
-                        _mm256_madd_epi16(w[0], _mm256_loadu_si256(y.cast())),
-                        _mm256_madd_epi16(w[1], _mm256_loadu_si256(y.add(16).cast())),
-                    );
                     let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*dp.add(b0[m] + i)));
-                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[m]);
+                    acc[m] = block_term(&w, scale, yp.add((b0[m] + i) * 32), acc[m]);
                 }
             }
         }
@@ -352,6 +600,46 @@ mod x86 {
             out[m] = if MIN && T == 2 { hsum(acc[m]) + _mm256_cvtss_f32(offs[m]) } else { hsum(acc[m]) };
         }
         out
+    }
+
+    /// One token's dots with a packed group of 8 rows of type `T` ([`super::pack_rows`]), as [`dot`] with
+    /// `M = 1`, `b0 = [0]` and `MIN` computes each row, with the same bits: a block's 8 scales (and Q4_1's
+    /// minimums) are one vector, converted and scaled by the activations' once for the 8 rows, whose
+    /// lane `r` is what [`dot`] broadcasts for row `r`; the minimums' 8 FMA chains run in one vector.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `g` points at a packed group of `nb` blocks a row, and `a` holds `nb`
+    /// blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot8<const T: u8>(g: *const u8, nb: usize, a: &Q16Act) -> [f32; 8] {
+        let fields = FIELDS[T as usize];
+        let bb8 = 8 * [34, 18, 20, 22][T as usize];
+        let (qs, qsl) = fields[fields.len() - 1];
+        let (yp, dp, sp) = (a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut offs = _mm256_setzero_ps();
+        for i in 0..nb {
+            // SAFETY: block i of the group and activation block i lie in the buffers (the caller's
+            // contract); a field at offset `o` of the block holds the 8 rows' at `8 o + r * len`.
+            unsafe {
+                let b = g.add(i * bb8);
+                let sc =
+                    _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(b.cast())), _mm256_set1_ps(*dp.add(i)));
+                if T == 2 {
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(b.add(16).cast()));
+                    offs = _mm256_fmadd_ps(m, _mm256_set1_ps(*sp.add(i)), offs);
+                }
+                let y = yp.add(i * 32);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let w = codes::<T>(b.add(8 * qs + r * qsl), b.add(16 + 4 * r));
+                    *acc = block_term(&w, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(r as i32)), y, *acc);
+                }
+            }
+        }
+        let mut mins = [0f32; 8];
+        // SAFETY: `mins` holds 8 floats; an unaligned store.
+        unsafe { _mm256_storeu_ps(mins.as_mut_ptr(), offs) };
+        core::array::from_fn(|r| if T == 2 { hsum(acc[r]) + mins[r] } else { hsum(acc[r]) })
     }
 
     /// The vector part of [`super::add_mins`]: tokens in groups of 8; returns how many it did.
@@ -678,6 +966,74 @@ mod tests {
         }
     }
 
+    /// Packed matrices: unpacking gives the rows back (any run of rows), the packed one-token dots (8 rows
+    /// at a time on the vector path, a row at a time on the portable one) equal `dot_q16` of each row bit
+    /// for bit, and so do several tokens' dots and minimum terms read from a packed row in place, for
+    /// every packing type and row lengths with and without remainders of the kernels' unrolling.
+    #[test]
+    fn packed_dots_equal_one_row_dots_bit_for_bit() {
+        if !has_avx2() {
+            eprintln!("vector half skipped: this CPU has no AVX2/FMA; the portable packed dots still run");
+        }
+        for ty in [TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0] {
+            for (nb, rows) in [(1usize, 8usize), (2, 16), (3, 8), (18, 24), (48, 16)] {
+                let rb = nb * ty.block_bytes();
+                let mut data = rand_bytes(rows * rb, (nb * 131 + rows) as u64);
+                for b in data.chunks_exact_mut(ty.block_bytes()) {
+                    let d = f16::from_f32(f32::from(b[0]) / 997.0 + 0.01).to_le_bytes();
+                    b[0..2].copy_from_slice(&d);
+                    if ty == TensorType::Q4_1 {
+                        let m = f16::from_f32(f32::from(b[2]) / -512.0).to_le_bytes();
+                        b[2..4].copy_from_slice(&m);
+                    }
+                }
+                assert!(packs(ty, rows) && !packs(ty, rows + 1) && !packs(TensorType::Q4K, rows));
+                let packed = pack_rows(ty, &data, rb);
+                assert_eq!(packed.len(), data.len());
+                assert_ne!(packed, data, "{ty}: packing moved no byte");
+                for (r0, n) in [(0, rows), (3, 1), (5, rows - 5), (rows - 8, 8)] {
+                    let mut back = vec![0u8; n * rb];
+                    unpack_rows(ty, &packed, rb, r0, &mut back);
+                    assert!(back == data[r0 * rb..(r0 + n) * rb], "{ty}: rows {r0}..{} come back", r0 + n);
+                }
+                let x: Vec<f32> = (0..nb * 32).map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0).collect();
+                let mut a = Q16Act::default();
+                a.quantize(&x);
+                for avx in [false, has_avx2()] {
+                    let mut out = vec![0f32; rows];
+                    dots_packed(ty, &packed, rb, &a, &mut out, avx);
+                    for (k, o) in out.iter().enumerate() {
+                        let one = dot_q16(ty, &data[k * rb..][..rb], &a, [0], avx)[0];
+                        assert_eq!(
+                            o.to_bits(),
+                            one.to_bits(),
+                            "{ty} nb={nb} row {k} avx2={avx}: {o} vs {one}"
+                        );
+                    }
+                }
+                // Several tokens (a prefill chunk) read a packed row in place: the plain row's bits.
+                let n = 5;
+                let x: Vec<f32> = (0..n * nb * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+                let mut a = Q16Act::default();
+                a.quantize(&x);
+                let st = a.block_major_sums(n);
+                for avx in [false, has_avx2()] {
+                    for k in [0, rows - 1, 5 % rows] {
+                        let g = &packed[k / PACK_ROWS * PACK_ROWS * rb..][..PACK_ROWS * rb];
+                        let pr = RowRef::Packed { group: g, r: k % PACK_ROWS, row_bytes: rb };
+                        let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+                        dots_scaled(ty, pr, &a, nb, 0..n, &mut got, avx);
+                        add_mins(ty, pr, &st, n, &mut got, avx);
+                        dots_scaled(ty, &data[k * rb..][..rb], &a, nb, 0..n, &mut want, avx);
+                        add_mins(ty, &data[k * rb..][..rb], &st, n, &mut want, avx);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{ty} nb={nb} row {k} of {n} tokens, avx2={avx}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The batched split (`dots_scaled`: groups of four tokens, then `add_mins` over all tokens from
     /// block-major sums) gives every token the bits of the one-token `dot_q16`, on both paths, for token
     /// counts that leave every remainder of the 4-token and 8-token groups.
@@ -702,8 +1058,8 @@ mod tests {
                 let st = a.block_major_sums(n);
                 for avx in [false, has_avx2()] {
                     let mut out = vec![0f32; n];
-                    dots_scaled(ty, &row, &a, nb, 0..n, &mut out, avx);
-                    add_mins(ty, &row, &st, n, &mut out, avx);
+                    dots_scaled(ty, &row[..], &a, nb, 0..n, &mut out, avx);
+                    add_mins(ty, &row[..], &st, n, &mut out, avx);
                     for (tt, o) in out.iter().enumerate() {
                         let one = dot_q16(ty, &row, &a, [tt * nb], avx)[0];
                         assert_eq!(o.to_bits(), one.to_bits(), "{ty} n={n} token {tt} avx2={avx}");

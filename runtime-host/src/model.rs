@@ -100,6 +100,9 @@ pub struct Weight {
     pub cols: usize,
     offset: usize,
     row_bytes: usize,
+    /// Where the matrix was packed for the decode kernels ([`kernels::pack_rows`]): its index in
+    /// `Model::packed`, which then holds its bytes instead of the file.
+    packed: Option<usize>,
 }
 
 /// One transformer block's weights (public so that tests can replay a forward pass outside [`Session`]).
@@ -150,6 +153,8 @@ pub enum MatMode {
 /// A loaded model: the mapped file, its parsed header and the layer table.
 pub struct Model {
     map: memmap2::Mmap,
+    /// The matrices packed in groups of 8 rows at load ([`Weight::packed`]).
+    packed: Vec<Vec<u8>>,
     /// Parsed header and metadata.
     pub gguf: Gguf,
     /// Hyper-parameters.
@@ -359,11 +364,18 @@ impl Model {
                 down: weight(&n("ffn_down.weight"), cfg.n_ff, n_embd)?,
             });
         }
-        let embd = weight_of(&gguf, &embd_info, n_embd, cfg.n_vocab)?;
-        let output = match gguf.tensor("output.weight") {
+        let mut embd = weight_of(&gguf, &embd_info, n_embd, cfg.n_vocab)?;
+        let tied = gguf.tensor("output.weight").is_none();
+        let mut output = match gguf.tensor("output.weight") {
             Some(t) => weight_of(&gguf, t, n_embd, cfg.n_vocab)?,
             None => embd.clone(),
         };
+        let avx2 = kernels::has_avx2();
+        let packed = if avx2 { pack_matrices(&map, &mut layers, &mut output) } else { Vec::new() };
+        if tied {
+            // The embedding table is the output matrix: its rows come from the packed copy too.
+            embd.packed = output.packed;
+        }
         let output_norm = vector("output_norm.weight", n_embd)?;
         let inv = |base: f32| -> Vec<f64> {
             (0..head_dim / 2).map(|i| f64::from(base).powf(-2.0 * i as f64 / head_dim as f64)).collect()
@@ -374,13 +386,14 @@ impl Model {
         });
         Ok(Self {
             map,
+            packed,
             gguf,
             cfg,
             layers,
             embd,
             output,
             output_norm,
-            avx2: kernels::has_avx2(),
+            avx2,
             inv_freq,
             inv_freq_local,
             local_cache,
@@ -575,8 +588,17 @@ impl Model {
         v
     }
 
-    fn rows<'a>(&'a self, w: &Weight) -> &'a [u8] {
-        &self.map[w.offset..w.offset + w.rows * w.row_bytes]
+    /// Rows `r0..r0 + n` of `w` in the file's layout: a slice of the file, or unpacked into `buf`.
+    fn rows<'a>(&'a self, w: &Weight, r0: usize, n: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        let rb = w.row_bytes;
+        match w.packed {
+            Some(i) => {
+                buf.resize(n * rb, 0);
+                kernels::unpack_rows(w.ty, &self.packed[i], rb, r0, buf);
+                buf
+            }
+            None => &self.map[w.offset + r0 * rb..][..n * rb],
+        }
     }
 
     /// `w` dequantized to f32, row-major `[rows][cols]` (for the backward pass of [`crate::grad`]).
@@ -584,7 +606,8 @@ impl Model {
     /// # Errors
     /// Too little memory for the matrix.
     pub fn dense(&self, w: &Weight) -> Result<Vec<f32>> {
-        let data = self.rows(w);
+        let mut buf = Vec::new();
+        let data = self.rows(w, 0, w.rows, &mut buf);
         let mut out: Vec<f32> = zeroed(w.rows * w.cols, "a dequantized weight")?;
         out.par_chunks_mut(w.cols).enumerate().for_each(|(r, o)| {
             quants::dequant_row(w.ty, &data[r * w.row_bytes..(r + 1) * w.row_bytes], o);
@@ -620,8 +643,11 @@ impl Model {
         // Its output is row-major `[row][token]`: for one token that is `y` itself, for several a transposed
         // block copied out afterwards. Rows per task: enough work to amortize scheduling (about 16k weight
         // blocks), at least 4 tasks a matrix to balance two cores.
-        let chunk_of =
-            |w: &Weight| (16384 / bpr.max(1) / n.max(1)).clamp(4, 1024).min(w.rows.div_ceil(4)).max(1);
+        // A packed matrix's tasks take whole groups of rows.
+        let chunk_of = |w: &Weight| {
+            let c = (16384 / bpr.max(1) / n.max(1)).clamp(4, 1024).min(w.rows.div_ceil(4)).max(1);
+            if w.packed.is_some() { c.next_multiple_of(kernels::PACK_ROWS) } else { c }
+        };
         let mut yts: Vec<Vec<f32>> =
             if n == 1 { Vec::new() } else { ws.iter().map(|w| vec![0f32; n * w.rows]).collect() };
         let mut tasks = Vec::new();
@@ -636,24 +662,29 @@ impl Model {
             tasks.extend(out.chunks_mut(c * n).enumerate().map(|(ci, b)| (*w, ci * c, b)));
         }
         let run = |(w, r0, block): (&Weight, usize, &mut [f32])| {
-            let data = self.rows(w);
-            let row = |k: usize| &data[(r0 + k) * w.row_bytes..(r0 + k + 1) * w.row_bytes];
+            let (nr, rb) = (block.len() / n, w.row_bytes);
+            if let (Some(i), true) = (w.packed, int(w)) {
+                let packed = &self.packed[i][r0 * rb..][..nr * rb];
+                if n == 1 {
+                    return kernels::dots_packed(w.ty, packed, rb, act, block, avx2);
+                }
+                let g = kernels::PACK_ROWS * rb;
+                let row = |k: usize| kernels::RowRef::Packed {
+                    group: &packed[k / kernels::PACK_ROWS * g..][..g],
+                    r: k % kernels::PACK_ROWS,
+                    row_bytes: rb,
+                };
+                return int_tokens(w, block, n, act, &st, avx2, &row);
+            }
+            let mut buf = Vec::new();
+            let data = self.rows(w, r0, nr, &mut buf);
+            let row = |k: usize| &data[k * rb..(k + 1) * rb];
             if int(w) && n == 1 {
                 for (k, out) in block.iter_mut().enumerate() {
                     *out = kernels::dot_q16(w.ty, row(k), act, [0], avx2)[0];
                 }
             } else if int(w) {
-                // Tokens in tiles whose 16-bit activations stay in L1 (about 16 KiB) while every row of the
-                // task passes over them: without tiles each row streams all n tokens' activations from L2.
-                let tile = (16384 / (2 * w.cols)).max(4) / 4 * 4;
-                for t0 in (0..n).step_by(tile) {
-                    for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                        kernels::dots_scaled(w.ty, row(k), act, bpr, t0..(t0 + tile).min(n), out, avx2);
-                    }
-                }
-                for (k, out) in block.chunks_exact_mut(n).enumerate() {
-                    kernels::add_mins(w.ty, row(k), &st, n, out, avx2);
-                }
+                int_tokens(w, block, n, act, &st, avx2, &|k| kernels::RowRef::Plain(row(k)));
             } else if n == 1 && matches!(w.ty, TensorType::Q4K | TensorType::Q6K) {
                 // One token: the row's elements go straight into the dot (the same bits as below).
                 for (k, out) in block.iter_mut().enumerate() {
@@ -713,8 +744,8 @@ impl Model {
             return Err(Error::Token { id: token, vocab: self.cfg.n_vocab });
         }
         let w = &self.embd;
-        let data = self.rows(w);
-        quants::dequant_row(w.ty, &data[t * w.row_bytes..(t + 1) * w.row_bytes], out);
+        let mut buf = Vec::new();
+        quants::dequant_row(w.ty, self.rows(w, t, 1, &mut buf), out);
         if self.cfg.embd_scale != 1.0 {
             out.iter_mut().for_each(|x| *x *= self.cfg.embd_scale);
         }
@@ -737,7 +768,65 @@ fn weight_of(g: &Gguf, t: &TensorInfo, cols: usize, rows: usize) -> Result<Weigh
         cols,
         offset: (g.data_start + t.offset) as usize,
         row_bytes: t.ty.row_bytes(cols),
+        packed: None,
     })
+}
+
+/// `n` tokens' products with a block of rows on the integer kernels (`block` is `[row][token]`, row `k`
+/// read through `row`): the tokens in tiles whose 16-bit activations stay in L1 (about 16 KiB) while
+/// every row passes over them (without tiles each row streams all the tokens' activations from L2), then
+/// Q4_1's minimum terms from the activations' block-major sums `st`.
+fn int_tokens<'r>(
+    w: &Weight,
+    block: &mut [f32],
+    n: usize,
+    act: &Q16Act,
+    st: &[f32],
+    avx2: bool,
+    row: &dyn Fn(usize) -> kernels::RowRef<'r>,
+) {
+    let bpr = w.cols / 32;
+    let tile = (16384 / (2 * w.cols)).max(4) / 4 * 4;
+    for t0 in (0..n).step_by(tile) {
+        for (k, out) in block.chunks_exact_mut(n).enumerate() {
+            kernels::dots_scaled(w.ty, row(k), act, bpr, t0..(t0 + tile).min(n), out, avx2);
+        }
+    }
+    for (k, out) in block.chunks_exact_mut(n).enumerate() {
+        kernels::add_mins(w.ty, row(k), st, n, out, avx2);
+    }
+}
+
+/// Packs every layer matrix and the output matrix the packed decode kernel reads
+/// ([`kernels::pack_rows`]: Q8_0, Q4_0, Q4_1 and Q5_0 in whole groups of 8 rows), in parallel, and marks
+/// each with its index in the returned list. The packed copy then serves every read of these matrices
+/// (an embedding table that is the output matrix included: its rows are unpacked), so the file's pages
+/// of them are dropped from the process (`MADV_DONTNEED`) and the weights stay resident once. One decode
+/// step reads each matrix once: on SmolLM2's Q4_1 matrices the packed kernel read 1.7x as many bytes a
+/// second (Zen 4, one thread; docs/decode-speed.md).
+fn pack_matrices(map: &memmap2::Mmap, layers: &mut [Layer], output: &mut Weight) -> Vec<Vec<u8>> {
+    let mut ws: Vec<&mut Weight> = Vec::new();
+    for l in layers.iter_mut() {
+        ws.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down]);
+    }
+    ws.push(output);
+    ws.retain(|w| kernels::packs(w.ty, w.rows));
+    let packed: Vec<Vec<u8>> = ws
+        .par_iter()
+        .map(|w| kernels::pack_rows(w.ty, &map[w.offset..][..w.rows * w.row_bytes], w.row_bytes))
+        .collect();
+    for (i, w) in ws.into_iter().enumerate() {
+        w.packed = Some(i);
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and backed by the file, so dropping its pages loses nothing (nothing
+        // reads these ranges again; a read would fault them in from the file). A failure only leaves the
+        // pages resident.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, w.offset, w.rows * w.row_bytes)
+        };
+    }
+    packed
 }
 
 /// RMSNorm of `x` scaled by `w` into `out` (the mean square in f64).
