@@ -813,18 +813,27 @@ fn pack_matrices(map: &memmap2::Mmap, layers: &mut [Layer], output: &mut Weight)
     ws.retain(|w| kernels::packs(w.ty, w.rows));
     let packed: Vec<Vec<u8>> = ws
         .par_iter()
-        .map(|w| kernels::pack_rows(w.ty, &map[w.offset..][..w.rows * w.row_bytes], w.row_bytes))
+        .map(|w| {
+            // A few MB of rows at a time, their file pages dropped as soon as they are packed, so that
+            // loading holds about one copy of the weights, not two (Gemma's output matrix is 168 MB).
+            let chunk = (4 << 20) / w.row_bytes / kernels::PACK_ROWS * kernels::PACK_ROWS;
+            let chunk = chunk.max(kernels::PACK_ROWS) * w.row_bytes;
+            let mut p = Vec::with_capacity(w.rows * w.row_bytes);
+            for at in (w.offset..w.offset + w.rows * w.row_bytes).step_by(chunk) {
+                let len = chunk.min(w.offset + w.rows * w.row_bytes - at);
+                p.extend_from_slice(&kernels::pack_rows(w.ty, &map[at..][..len], w.row_bytes));
+                #[cfg(unix)]
+                // SAFETY: the map is read-only and backed by the file, so dropping its pages loses nothing
+                // (nothing reads these ranges again; a read would fault them in from the file). A failure
+                // only leaves the pages resident.
+                #[allow(unsafe_code)]
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
+            }
+            p
+        })
         .collect();
     for (i, w) in ws.into_iter().enumerate() {
         w.packed = Some(i);
-        #[cfg(unix)]
-        // SAFETY: the map is read-only and backed by the file, so dropping its pages loses nothing (nothing
-        // reads these ranges again; a read would fault them in from the file). A failure only leaves the
-        // pages resident.
-        #[allow(unsafe_code)]
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, w.offset, w.rows * w.row_bytes)
-        };
     }
     packed
 }
