@@ -1513,17 +1513,10 @@ fn q8_token_values<const S: bool>(
     let ValueWork { l, zl, tile, lp, packed, pad } = ValueWork::split(work, nq, d, groups);
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 2]);
     let (delta, spare) = tile.split_at_mut(groups * nq);
-    let delta = &mut delta[..];
     lp.fill(0.0);
     zl.fill(0.0);
     for t0 in (0..n).step_by(T) {
-        // A last tile of fewer tokens runs as a whole one over zero-padded copies (see `pad_tile`).
-        let (b, p, slot, t0) = if t0 + T <= n {
-            (*b, *p, start + t0, t0)
-        } else {
-            let (b, p) = pad_tile(b, start + t0, n - t0, p, t0, nq, groups, &mut *pad, &mut *spare);
-            (b, p, 0, 0)
-        };
+        let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
         for gi in 0..groups {
             // The group's scales and zero points over the tile, converted once for every query.
@@ -1622,6 +1615,29 @@ impl<'w> ValueWork<'w> {
         let (packed, pad) = rest.split_at_mut(groups * nq * T / 2);
         ValueWork { l, zl, tile, lp, packed, pad }
     }
+}
+
+/// Tile `t0` of an int8 value body of `n` tokens from ring slot `start` (`nq` queries, `groups` channel
+/// groups), as the vector kernels read it: the body and probabilities with the tile's first ring slot
+/// and position, or, for a last tile of fewer than [`super::Q8_TILE`] tokens, its zero-padded copy
+/// ([`pad_tile`]) from slot and position 0.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn q8_tile<'a>(
+    b: &TokenBody<'a>,
+    p: &Probs<'a>,
+    start: usize,
+    t0: usize,
+    n: usize,
+    nq: usize,
+    groups: usize,
+    pad: &'a mut [f32],
+    spare: &'a mut [f32],
+) -> (TokenBody<'a>, Probs<'a>, usize, usize) {
+    if t0 + super::Q8_TILE <= n {
+        return (*b, *p, start + t0, t0);
+    }
+    let (b, p) = pad_tile(b, start + t0, n - t0, p, t0, nq, groups, pad, spare);
+    (b, p, 0, 0)
 }
 
 /// The last tile of an int8 value body when it holds fewer than [`super::Q8_TILE`] tokens, copied into

@@ -50,7 +50,7 @@
 
 use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
 use super::{
-    GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, pad_tile, prefetch_next_block, read16,
+    GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, prefetch_next_block, q8_tile, read16,
     zero_lanes,
 };
 use crate::cache::layout::key_row;
@@ -398,13 +398,7 @@ fn token_values<const S: bool>(
     zl.fill(0.0);
     let (lo_idx, hi_idx) = quad_indices();
     for t0 in (0..n).step_by(T) {
-        // A last tile of fewer tokens runs as a whole one over zero-padded copies (see `pad_tile`).
-        let (b, p, slot, t0) = if t0 + T <= n {
-            (*b, *p, start + t0, t0)
-        } else {
-            let (b, p) = pad_tile(b, start + t0, n - t0, p, t0, nq, groups, &mut *pad, &mut *spare);
-            (b, p, 0, 0)
-        };
+        let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
         for gi in 0..groups {
             let at = gi * b.ring + slot;
