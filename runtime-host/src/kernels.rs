@@ -257,6 +257,33 @@ pub fn unpack_rows(ty: TensorType, packed: &[u8], row_bytes: usize, r0: usize, o
 /// # Panics
 /// If `ty` does not pack, the rows are not whole groups in `packed`, or `a` holds fewer blocks than a row.
 pub fn dots_packed(ty: TensorType, packed: &[u8], row_bytes: usize, a: &Q16Act, out: &mut [f32], avx2: bool) {
+    dots_packed_with(ty, packed, row_bytes, a, out, avx2, avx2 && has_avx512bw());
+}
+
+/// Whether this CPU has AVX-512 F, BW and VL (the masked Q5_0 codes of [`dots_packed`]).
+pub fn has_avx512bw() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`dots_packed`] with the AVX-512 kernel for Q5_0 on or off (`avx512` only where [`has_avx512bw`]).
+fn dots_packed_with(
+    ty: TensorType,
+    packed: &[u8],
+    row_bytes: usize,
+    a: &Q16Act,
+    out: &mut [f32],
+    avx2: bool,
+    avx512: bool,
+) {
     let t = kernel_type(ty).expect("dots_packed takes Q8_0, Q4_0, Q4_1 and Q5_0");
     let nb = row_bytes / ty.block_bytes();
     assert!(
@@ -270,13 +297,15 @@ pub fn dots_packed(ty: TensorType, packed: &[u8], row_bytes: usize, a: &Q16Act, 
     if avx2 {
         for (g, o) in out.chunks_exact_mut(PACK_ROWS).enumerate() {
             let p = packed[g * PACK_ROWS * row_bytes..][..PACK_ROWS * row_bytes].as_ptr();
-            // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; the group lies in
-            // `packed` (resliced above) and `a` holds nb blocks (checked above).
+            // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C, and `avx512` where
+            // `has_avx512bw()` found AVX-512 F, BW and VL; the group lies in `packed` (resliced above) and
+            // `a` holds nb blocks (checked above).
             let dots = unsafe {
                 match t {
                     0 => x86::dot8::<0>(p, nb, a),
                     1 => x86::dot8::<1>(p, nb, a),
                     2 => x86::dot8::<2>(p, nb, a),
+                    _ if avx512 => x86::dot8_q5_avx512(p, nb, a),
                     _ => x86::dot8::<3>(p, nb, a),
                 }
             };
@@ -613,16 +642,53 @@ mod x86 {
     /// blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot8<const T: u8>(g: *const u8, nb: usize, a: &Q16Act) -> [f32; 8] {
+        // SAFETY: the caller's contract.
+        unsafe { dot8_in::<T, false>(g, nb, a) }
+    }
+
+    /// [`dot8`] for Q5_0 with AVX-512 (BW, VL) masks: a row's 32 high bits are two mask registers, and
+    /// `code - 16` gains its 16 where the bit is set in one masked add, where AVX2 spreads each bit over a
+    /// lane with four operations. The codes are the same integers, so the dots keep their bits.
+    ///
+    /// # Safety
+    /// As [`dot8`], and the CPU has AVX-512 F, BW and VL.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dot8_q5_avx512(g: *const u8, nb: usize, a: &Q16Act) -> [f32; 8] {
+        // SAFETY: the caller's contract.
+        unsafe { dot8_in::<3, true>(g, nb, a) }
+    }
+
+    /// Q5_0's codes as [`codes`] gives them, with AVX-512 masks for the high bits (see [`dot8_q5_avx512`]).
+    ///
+    /// # Safety
+    /// As [`codes`], and the CPU has AVX-512 F, BW and VL.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn codes_q5_masked(qs: *const u8, qh: *const u8) -> [__m256i; 2] {
+        // SAFETY: caller's contract: 4 bytes of high bits at `qh`, 16 code bytes at `qs`.
+        let (qh, [lo, hi]) = unsafe { (qh.cast::<u32>().read_unaligned(), nibbles16(qs)) };
+        let (sixteen, k) = (_mm256_set1_epi16(16), [qh as __mmask16, (qh >> 16) as __mmask16]);
+        let [lo, hi] = [_mm256_sub_epi16(lo, sixteen), _mm256_sub_epi16(hi, sixteen)];
+        [_mm256_mask_add_epi16(lo, k[0], lo, sixteen), _mm256_mask_add_epi16(hi, k[1], hi, sixteen)]
+    }
+
+    /// [`dot8`]'s loop, inlined into each caller's target features; `K`: Q5_0's codes by masks.
+    ///
+    /// # Safety
+    /// As [`dot8`], and, where `K`, as [`dot8_q5_avx512`].
+    #[inline(always)]
+    unsafe fn dot8_in<const T: u8, const K: bool>(g: *const u8, nb: usize, a: &Q16Act) -> [f32; 8] {
         let fields = FIELDS[T as usize];
         let bb8 = 8 * [34, 18, 20, 22][T as usize];
         let (qs, qsl) = fields[fields.len() - 1];
         let (yp, dp, sp) = (a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut offs = _mm256_setzero_ps();
-        for i in 0..nb {
-            // SAFETY: block i of the group and activation block i lie in the buffers (the caller's
-            // contract); a field at offset `o` of the block holds the 8 rows' at `8 o + r * len`.
-            unsafe {
+        // SAFETY: block i of the group and activation block i lie in the buffers for i < nb (the caller's
+        // contract); a field at offset `o` of a block holds the 8 rows' at `8 o + r * len`. The caller's
+        // target features hold every intrinsic's.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut offs = _mm256_setzero_ps();
+            for i in 0..nb {
                 let b = g.add(i * bb8);
                 let sc =
                     _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(b.cast())), _mm256_set1_ps(*dp.add(i)));
@@ -632,15 +698,18 @@ mod x86 {
                 }
                 let y = yp.add(i * 32);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let w = codes::<T>(b.add(8 * qs + r * qsl), b.add(16 + 4 * r));
+                    let (qs, qh) = (b.add(8 * qs + r * qsl), b.add(16 + 4 * r));
+                    let w = if K { codes_q5_masked(qs, qh) } else { codes::<T>(qs, qh) };
                     *acc = block_term(&w, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(r as i32)), y, *acc);
                 }
             }
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), offs);
+            for (o, acc) in out.iter_mut().zip(acc) {
+                *o = if T == 2 { hsum(acc) + *o } else { hsum(acc) };
+            }
+            out
         }
-        let mut mins = [0f32; 8];
-        // SAFETY: `mins` holds 8 floats; an unaligned store.
-        unsafe { _mm256_storeu_ps(mins.as_mut_ptr(), offs) };
-        core::array::from_fn(|r| if T == 2 { hsum(acc[r]) + mins[r] } else { hsum(acc[r]) })
     }
 
     /// The vector part of [`super::add_mins`]: tokens in groups of 8; returns how many it did.
@@ -976,6 +1045,9 @@ mod tests {
         if !has_avx2() {
             eprintln!("vector half skipped: this CPU has no AVX2/FMA; the portable packed dots still run");
         }
+        if !has_avx512bw() {
+            eprintln!("AVX-512 Q5_0 codes skipped: this CPU lacks one of AVX-512 F, BW, VL");
+        }
         for ty in [TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0] {
             for (nb, rows) in [(1usize, 8usize), (2, 16), (3, 8), (18, 24), (48, 16)] {
                 let rb = nb * ty.block_bytes();
@@ -1000,15 +1072,16 @@ mod tests {
                 let x: Vec<f32> = (0..nb * 32).map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0).collect();
                 let mut a = Q16Act::default();
                 a.quantize(&x);
-                for avx in [false, has_avx2()] {
+                // The portable path, AVX2, and AVX2 with AVX-512's Q5_0 codes.
+                for (avx, avx512) in [(false, false), (has_avx2(), false), (has_avx2(), has_avx512bw())] {
                     let mut out = vec![0f32; rows];
-                    dots_packed(ty, &packed, rb, &a, &mut out, avx);
+                    dots_packed_with(ty, &packed, rb, &a, &mut out, avx, avx512);
                     for (k, o) in out.iter().enumerate() {
                         let one = dot_q16(ty, &data[k * rb..][..rb], &a, [0], avx)[0];
                         assert_eq!(
                             o.to_bits(),
                             one.to_bits(),
-                            "{ty} nb={nb} row {k} avx2={avx}: {o} vs {one}"
+                            "{ty} nb={nb} row {k} avx2={avx} avx512={avx512}: {o} vs {one}"
                         );
                     }
                 }
