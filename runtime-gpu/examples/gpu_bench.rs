@@ -100,26 +100,29 @@ fn config(spec: &str, model: &str, heads: usize, d: usize, cap: usize) -> Result
 /// A cache of `cfg` filled with `tokens` synthetic tokens: on the device, or for a format the device does
 /// not append, by kvq-core on the host and uploaded.
 fn filled(gpu: &Arc<Gpu>, cfg: CacheConfig, tokens: usize) -> Result<DeviceCache> {
-    let mut c = DeviceCache::new(gpu.clone(), cfg)?;
-    let mut host_arena =
-        (!c.appends_on_device()).then(|| vec![0u32; cfg.layout().map_or(0, |l| l.total_words)]);
-    let mut host = host_arena.as_mut().map(|a| Cache::new(cfg, a)).transpose()?;
     let hd = cfg.kv_heads * cfg.head_dim;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut left = tokens;
-    while left > 0 {
+    let (mut seed, mut left) = (0x9e37_79b9_7f4a_7c15u64, tokens);
+    // The next (up to) 8192 tokens' keys and values.
+    let mut next = || {
         let n = left.min(8192);
-        let (k, v) = (rows(&mut seed, n * hd), rows(&mut seed, n * hd));
-        match host.as_mut() {
-            Some(h) => h.append(&k, &v)?,
-            None => c.append(&k, &v)?,
-        }
         left -= n;
+        (n > 0).then(|| (rows(&mut seed, n * hd), rows(&mut seed, n * hd)))
+    };
+    let mut dev = DeviceCache::new(gpu.clone(), cfg)?;
+    if dev.appends_on_device() {
+        while let Some((k, v)) = next() {
+            dev.append(&k, &v)?;
+        }
+        return Ok(dev);
     }
-    if let Some(h) = &host {
-        c = DeviceCache::upload(gpu.clone(), cfg, h.words(), h.counts())?;
+    // Uploaded whole at the end: no device arena until then.
+    drop(dev);
+    let mut arena = vec![0u32; cfg.layout()?.total_words];
+    let mut host = Cache::new(cfg, &mut arena)?;
+    while let Some((k, v)) = next() {
+        host.append(&k, &v)?;
     }
-    Ok(c)
+    Ok(DeviceCache::upload(gpu.clone(), cfg, host.words(), host.counts())?)
 }
 
 /// Copy bandwidth in GB/s (bytes read plus bytes written), over 512 MiB.

@@ -65,7 +65,7 @@ impl<'a> From<&'a [u8]> for RowRef<'a> {
     }
 }
 
-impl RowRef<'_> {
+impl<'a> RowRef<'a> {
     /// Blocks of `ty` in the row.
     fn blocks(&self, ty: TensorType) -> usize {
         match *self {
@@ -74,16 +74,17 @@ impl RowRef<'_> {
         }
     }
 
+    /// Row `k` of a matrix packed by [`pack_rows`] (`packed` holds its rows of `row_bytes` from row 0).
+    pub fn of_packed(packed: &'a [u8], row_bytes: usize, k: usize) -> Self {
+        let g = PACK_ROWS * row_bytes;
+        RowRef::Packed { group: &packed[k / PACK_ROWS * g..][..g], r: k % PACK_ROWS, row_bytes }
+    }
+
     /// Where the fields of the row's blocks lie in [`Self::bytes`], for kernel type `t` (see [`FIELDS`]).
     fn at(&self, t: usize) -> BlockAt {
-        let (f, bb) = (FIELDS[t], [34, 18, 20, 22][t]);
-        let (qs, qs_len) = f[f.len() - 1];
         match *self {
-            RowRef::Plain(_) => BlockAt { stride: bb, d: 0, mid: 2, qs },
-            RowRef::Packed { r, .. } => {
-                let mid = if f.len() == 3 { PACK_ROWS * f[1].0 + r * f[1].1 } else { 0 };
-                BlockAt { stride: PACK_ROWS * bb, d: 2 * r, mid, qs: PACK_ROWS * qs + r * qs_len }
-            }
+            RowRef::Plain(_) => BlockAt::plain(t),
+            RowRef::Packed { r, .. } => BlockAt::packed(t, r),
         }
     }
 
@@ -133,6 +134,27 @@ struct BlockAt {
     qs: usize,
 }
 
+impl BlockAt {
+    /// Blocks of kernel type `t` (see [`FIELDS`]) in the file's layout, one after another.
+    const fn plain(t: usize) -> Self {
+        Self { stride: BLOCK_BYTES[t], d: 0, mid: 2, qs: codes_field(t).0 }
+    }
+
+    /// Row `r` of a packed group of kernel type `t` ([`pack_rows`]): a field at offset `o` of a block,
+    /// `len` bytes long, holds the 8 rows' at `8 o + r * len`.
+    const fn packed(t: usize, r: usize) -> Self {
+        let f = FIELDS[t];
+        let mid = if f.len() == 3 { PACK_ROWS * f[1].0 + r * f[1].1 } else { 0 };
+        let (qs, qs_len) = codes_field(t);
+        Self { stride: PACK_ROWS * BLOCK_BYTES[t], d: 2 * r, mid, qs: PACK_ROWS * qs + r * qs_len }
+    }
+
+    /// Bytes from the first block's start to the end of block `nb - 1`'s codes (its last field).
+    const fn span(&self, t: usize, nb: usize) -> usize {
+        if nb == 0 { 0 } else { (nb - 1) * self.stride + self.qs + codes_field(t).1 }
+    }
+}
+
 /// [`dot_q16`], or with `MIN` false without Q4_1's minimum terms (for the other types the same): the sum
 /// over blocks of `dw * dy * Σ qw qy`.
 fn dot_q16_with<const M: usize, const MIN: bool>(
@@ -153,7 +175,7 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
     if avx2 {
         let t = kernel_type(ty).expect("dot_q16 takes 32-element integer block types only");
         let (bytes, at) = (row.bytes(ty), row.at(t));
-        assert!(nb == 0 || (nb - 1) * at.stride + at.qs + FIELDS[t][FIELDS[t].len() - 1].1 <= bytes.len());
+        assert!(at.span(t, nb) <= bytes.len(), "row shorter than its blocks");
         // SAFETY: `avx2` is only true when `has_avx2()` found AVX2, FMA and F16C; the activations' lengths
         // are checked above, and the row's last block ends in `bytes` (checked above; its code bytes are
         // its last field).
@@ -179,6 +201,14 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
 /// between). Indexed by the kernels' type number: Q8_0, Q4_0, Q4_1, Q5_0.
 const FIELDS: [&[(usize, usize)]; 4] =
     [&[(0, 2), (2, 32)], &[(0, 2), (2, 16)], &[(0, 2), (2, 2), (4, 16)], &[(0, 2), (2, 4), (6, 16)]];
+
+/// Bytes of a block of each kernel type, as [`FIELDS`] (`TensorType::block_bytes`).
+const BLOCK_BYTES: [usize; 4] = [34, 18, 20, 22];
+
+/// The code bytes' field, (offset, length), of kernel type `t`'s blocks: the last of [`FIELDS`].
+const fn codes_field(t: usize) -> (usize, usize) {
+    FIELDS[t][FIELDS[t].len() - 1]
+}
 
 /// Rows of a packed group ([`pack_rows`]).
 pub const PACK_ROWS: usize = 8;
@@ -208,6 +238,16 @@ pub fn packs(ty: TensorType, rows: usize) -> bool {
 /// # Panics
 /// If `ty` does not pack or `rows` is not whole groups of rows.
 pub fn pack_rows(ty: TensorType, rows: &[u8], row_bytes: usize) -> Vec<u8> {
+    let mut out = vec![0u8; rows.len()];
+    pack_rows_into(ty, rows, row_bytes, &mut out);
+    out
+}
+
+/// [`pack_rows`] into `out`, which holds as many bytes as `rows`.
+///
+/// # Panics
+/// As [`pack_rows`], or if `out`'s length differs from `rows`'.
+pub fn pack_rows_into(ty: TensorType, rows: &[u8], row_bytes: usize, out: &mut [u8]) {
     let fields = FIELDS[kernel_type(ty).expect("pack_rows takes Q8_0, Q4_0, Q4_1 and Q5_0")];
     let bb = ty.block_bytes();
     assert!(
@@ -215,7 +255,7 @@ pub fn pack_rows(ty: TensorType, rows: &[u8], row_bytes: usize) -> Vec<u8> {
         "pack_rows: {} bytes are not whole groups of {PACK_ROWS} rows of {row_bytes}",
         rows.len()
     );
-    let mut out = vec![0u8; rows.len()];
+    assert_eq!(out.len(), rows.len(), "pack_rows: the packed matrix takes as many bytes as the rows");
     for (src, dst) in
         rows.chunks_exact(PACK_ROWS * row_bytes).zip(out.chunks_exact_mut(PACK_ROWS * row_bytes))
     {
@@ -227,7 +267,6 @@ pub fn pack_rows(ty: TensorType, rows: &[u8], row_bytes: usize) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Rows `r0..r0 + out.len() / row_bytes` of a matrix packed by [`pack_rows`], back in the file's layout.
@@ -313,10 +352,8 @@ fn dots_packed_with(
         }
         return;
     }
-    let g = PACK_ROWS * row_bytes;
     for (k, o) in out.iter_mut().enumerate() {
-        let row = RowRef::Packed { group: &packed[k / PACK_ROWS * g..][..g], r: k % PACK_ROWS, row_bytes };
-        *o = dot_q16_with::<1, true>(ty, row, a, [0], avx2)[0];
+        *o = dot_q16_with::<1, true>(ty, RowRef::of_packed(packed, row_bytes, k), a, [0], avx2)[0];
     }
 }
 
@@ -678,9 +715,7 @@ mod x86 {
     /// As [`dot8`], and, where `K`, as [`dot8_q5_avx512`].
     #[inline(always)]
     unsafe fn dot8_in<const T: u8, const K: bool>(g: *const u8, nb: usize, a: &Q16Act) -> [f32; 8] {
-        let fields = FIELDS[T as usize];
-        let bb8 = 8 * [34, 18, 20, 22][T as usize];
-        let (qs, qsl) = fields[fields.len() - 1];
+        let bb8 = PACK_ROWS * BLOCK_BYTES[T as usize];
         let (yp, dp, sp) = (a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         // SAFETY: block i of the group and activation block i lie in the buffers for i < nb (the caller's
         // contract); a field at offset `o` of a block holds the 8 rows' at `8 o + r * len`. The caller's
@@ -698,7 +733,8 @@ mod x86 {
                 }
                 let y = yp.add(i * 32);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let (qs, qh) = (b.add(8 * qs + r * qsl), b.add(16 + 4 * r));
+                    let at = BlockAt::packed(T as usize, r);
+                    let (qs, qh) = (b.add(at.qs), b.add(at.mid));
                     let w = if K { codes_q5_masked(qs, qh) } else { codes::<T>(qs, qh) };
                     *acc = block_term(&w, _mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(r as i32)), y, *acc);
                 }
@@ -1093,8 +1129,7 @@ mod tests {
                 let st = a.block_major_sums(n);
                 for avx in [false, has_avx2()] {
                     for k in [0, rows - 1, 5 % rows] {
-                        let g = &packed[k / PACK_ROWS * PACK_ROWS * rb..][..PACK_ROWS * rb];
-                        let pr = RowRef::Packed { group: g, r: k % PACK_ROWS, row_bytes: rb };
+                        let pr = RowRef::of_packed(&packed, rb, k);
                         let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
                         dots_scaled(ty, pr, &a, nb, 0..n, &mut got, avx);
                         add_mins(ty, pr, &st, n, &mut got, avx);

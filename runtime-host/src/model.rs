@@ -365,10 +365,9 @@ impl Model {
             });
         }
         let mut embd = weight_of(&gguf, &embd_info, n_embd, cfg.n_vocab)?;
-        let tied = gguf.tensor("output.weight").is_none();
-        let mut output = match gguf.tensor("output.weight") {
-            Some(t) => weight_of(&gguf, t, n_embd, cfg.n_vocab)?,
-            None => embd.clone(),
+        let (mut output, tied) = match gguf.tensor("output.weight") {
+            Some(t) => (weight_of(&gguf, t, n_embd, cfg.n_vocab)?, false),
+            None => (embd.clone(), true),
         };
         let avx2 = kernels::has_avx2();
         let packed = if avx2 { pack_matrices(&map, &mut layers, &mut output) } else { Vec::new() };
@@ -668,12 +667,7 @@ impl Model {
                 if n == 1 {
                     return kernels::dots_packed(w.ty, packed, rb, act, block, avx2);
                 }
-                let g = kernels::PACK_ROWS * rb;
-                let row = |k: usize| kernels::RowRef::Packed {
-                    group: &packed[k / kernels::PACK_ROWS * g..][..g],
-                    r: k % kernels::PACK_ROWS,
-                    row_bytes: rb,
-                };
+                let row = |k: usize| kernels::RowRef::of_packed(packed, rb, k);
                 return int_tokens(w, block, n, act, &st, avx2, &row);
             }
             let mut buf = Vec::new();
@@ -818,10 +812,10 @@ fn pack_matrices(map: &memmap2::Mmap, layers: &mut [Layer], output: &mut Weight)
             // loading holds about one copy of the weights, not two (Gemma's output matrix is 168 MB).
             let chunk = (4 << 20) / w.row_bytes / kernels::PACK_ROWS * kernels::PACK_ROWS;
             let chunk = chunk.max(kernels::PACK_ROWS) * w.row_bytes;
-            let mut p = Vec::with_capacity(w.rows * w.row_bytes);
-            for at in (w.offset..w.offset + w.rows * w.row_bytes).step_by(chunk) {
-                let len = chunk.min(w.offset + w.rows * w.row_bytes - at);
-                p.extend_from_slice(&kernels::pack_rows(w.ty, &map[at..][..len], w.row_bytes));
+            let mut p = vec![0u8; w.rows * w.row_bytes];
+            for (i, dst) in p.chunks_mut(chunk).enumerate() {
+                let (at, len) = (w.offset + i * chunk, dst.len());
+                kernels::pack_rows_into(w.ty, &map[at..][..len], w.row_bytes, dst);
                 #[cfg(unix)]
                 // SAFETY: the map is read-only and backed by the file, so dropping its pages loses nothing
                 // (nothing reads these ranges again; a read would fault them in from the file). A failure

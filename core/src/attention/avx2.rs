@@ -657,10 +657,10 @@ fn token_values<const S: bool>(
     zacc.fill(0.0);
     let whole = n - n % TILE;
     // A last tile of fewer tokens: the whole tile that ends with the body, its tokens before `whole` (which
-    // the tiles before it summed) weighted 0 through a copy of the probabilities in `spare`. Adding
-    // `0 * s * code` and `0 * z` leaves every sum as it was; with too little scratch, or a body shorter than
-    // a tile, the portable twin takes the tail instead.
-    let overlap = whole < n && n >= TILE && spare.len() >= nq * TILE;
+    // the tiles before it summed) weighted 0 through a copy of the probabilities in `spare` (`work_len`
+    // leaves at least `64 nq` floats there). Adding `0 * s * code` and `0 * z` leaves every sum as it was.
+    // A body shorter than a tile takes the portable twin instead.
+    let overlap = whole < n && n >= TILE;
     if overlap {
         let skip = whole - (n - TILE);
         for (qi, row) in spare[..nq * TILE].chunks_exact_mut(TILE).enumerate() {
