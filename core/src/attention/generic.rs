@@ -55,8 +55,10 @@ pub(crate) fn key_group_stored(
 /// `k_s` at offset `o` is the key `R(o) (H (k_s + mu)) / b` (see [`Cache::inverse`]), so its score is
 /// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives them transposed, with offsets side
 /// by side as a key group's codes lie (see [`oq_at`]), `bias` `[nq][G]`.
-/// Turning the `G * nq` queries once per step replaces turning every key row back.
-#[allow(unsafe_code)]
+/// Turning the `G * nq` queries once per step replaces turning every key row back. Where `avx512` (and the
+/// shapes fit: runs of 16 offsets, keys neither balanced nor centred) the AVX-512 kernel forms them, the same
+/// bits.
+#[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) fn offset_queries(
     cache: &Cache<'_>,
     h: usize,
@@ -65,14 +67,31 @@ pub(crate) fn offset_queries(
     oq: &mut [f32],
     bias: &mut [f32],
     vector: bool,
+    avx512: bool,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512 && vector {
+        let (d, t) = (queries.d, cache.config().transform);
+        let rotate = t.rotate_keys && crate::transform::hadamard_len_ok(d);
+        if oq_run(g) == 16
+            && d.is_multiple_of(16)
+            && d <= super::avx2::avx512::OQ_MAX_D
+            && !t.balance_keys
+            && !t.center_keys
+        {
+            let rope = t.rope.map(|r| (r, cache.view(Stream::Keys).tables.rope));
+            // SAFETY: `avx512` comes from an AVX-512 `Kernel`, which exists only where the CPU has the
+            // features the kernel enables (see the note above the dispatchers in `attention`).
+            return unsafe { super::avx2::avx512::offset_queries(rope, rotate, g, queries, oq, bias) };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if vector {
         // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
         // F16C (see the note above the dispatchers in `attention`).
         return unsafe { offset_queries_avx2(cache, h, g, queries, oq, bias) };
     }
-    let _ = vector;
+    let _ = (vector, avx512);
     offset_queries_in(cache, h, g, queries, oq, bias)
 }
 

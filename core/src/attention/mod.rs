@@ -858,11 +858,11 @@ fn key_scores(
                 Axis::PerChannel => {
                     let (acc, rest) = gw.rows.split_at_mut(spec.group * q.nq);
                     let (oq, bias) = rest.split_at_mut(spec.group * q.nq * d);
+                    let avx512 = kernel.avx512 && vector;
                     if !offsets_ready {
-                        generic::offset_queries(cache, h, spec.group, q, oq, bias, vector);
+                        generic::offset_queries(cache, h, spec.group, q, oq, bias, vector, avx512);
                         offsets_ready = true;
                     }
-                    let avx512 = kernel.avx512 && vector;
                     generic::channel_key_scores(
                         sv, spec, h, seg.start, seg.len, q.nq, d, oq, bias, &mut out, acc, vector, avx512,
                     );

@@ -36,6 +36,10 @@
 //! The generic per-token value path (codebook values: KVQuant) takes the same 16-lane lookups
 //! ([`value_run_sums`]), its per-token tables filled 16 tokens at a time ([`fill_token_tables`]).
 //!
+//! The generic per-channel path's offset queries (RoPE by each offset of a key group, then the Hadamard
+//! rotation: [`offset_queries`]) take a channel of 16 offsets a vector, RoPE and the first three Hadamard
+//! stages in registers, the later stages four at a time.
+//!
 //! KIVI's f32 per-channel keys (`kivi4`, and `kivi2` under `--f32-attention`) take 16 tokens a vector and
 //! two runs of 16 at a time ([`key_chunks`]): six chains of FMAs for three queries, each token's sum over
 //! the channels in the AVX2 path's order.
@@ -1151,4 +1155,221 @@ fn value_run_block<const B: i32, const M: usize>(run: &ValueRun<'_>, d: usize, a
             unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *am) };
         }
     }
+}
+
+/// Largest `head_dim` [`offset_queries`] takes: its run's RoPE angles (two vectors per channel pair) stay on
+/// the stack, 16 KiB at 256.
+pub(crate) const OQ_MAX_D: usize = 256;
+
+/// [`generic::offset_queries`](super::super::generic::offset_queries) on 64-byte vectors, the same bits, for
+/// runs of 16 offsets, `head_dim` a multiple of 16 up to [`OQ_MAX_D`], keys neither balanced nor centred
+/// (`bias` is zero). A vector holds one channel of a run's 16 offsets, as `oq` lays them out.
+///
+/// The portable loops sweep the whole `[d][16]` block once per RoPE step and once per Hadamard stage
+/// (`log2 d` stages, each a load and a store of every vector). Here a block of 8 channels is rotated by
+/// RoPE in registers and takes the first three stages there (they mix only channels within aligned
+/// blocks of 8), and each later sweep takes up to four stages over 16 channels `2^k` apart: two sweeps
+/// at `d = 64` instead of seven. Every butterfly is the same addition or subtraction of the same two
+/// floats, and RoPE and the final scaling the same products, so the results are the portable loops' bits.
+/// The run's cosines and sines are transposed into channel vectors once for every query.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn offset_queries(
+    rope: Option<(crate::transform::Rope, &[f32])>,
+    rotate: bool,
+    g: usize,
+    queries: &Queries<'_>,
+    oq: &mut [f32],
+    bias: &mut [f32],
+) {
+    use super::super::generic::oq_at;
+    const RUN: usize = 16;
+    let (d, nq) = (queries.d, queries.nq);
+    assert!(
+        d.is_multiple_of(16)
+            && d <= OQ_MAX_D
+            && g.is_multiple_of(RUN)
+            && oq.len() >= nq * d * g
+            && bias.len() >= nq * g
+            && queries.q.len() >= nq * d
+            && rope.is_none_or(|(_, t)| t.len() >= g * d),
+        "offset queries: shapes outside this kernel's"
+    );
+    let norm = _mm512_set1_ps(1.0 / libm::sqrtf(d as f32));
+    let neg = _mm512_set1_epi32(i32::MIN);
+    let mut cs = [_mm512_setzero_ps(); OQ_MAX_D];
+    // Stages left after the first three, in sweeps of up to four.
+    let later = d.trailing_zeros().saturating_sub(3);
+    for o0 in (0..g).step_by(RUN) {
+        if let Some((_, table)) = rope {
+            // Offsets o0..o0 + 16 are 16 rows of `d` floats (cosine, sine per pair); each 16 columns of
+            // them, transposed, are 16 channel vectors of the run.
+            let rows = &table[o0 * d..][..RUN * d];
+            for c0 in (0..d).step_by(16) {
+                let t = transpose16(core::array::from_fn(|l| ld16(&rows[l * d + c0..])));
+                for (j, v) in t.into_iter().enumerate() {
+                    // The portable loops' `sin = -table[..]`: a sign flip, exact.
+                    cs[c0 + j] = if j % 2 == 0 {
+                        v
+                    } else {
+                        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), neg))
+                    };
+                }
+            }
+        }
+        for qi in 0..nq {
+            let q = queries.row(qi);
+            let x = &mut oq[oq_at(qi, 0, o0, nq, d, g)..][..d * RUN];
+            let xp = x.as_mut_ptr();
+            for blk in (0..d).step_by(8) {
+                let mut v: [__m512; 8] = core::array::from_fn(|j| rope_lane(rope, &cs, q, blk + j));
+                if rotate {
+                    butterflies(&mut v);
+                }
+                for (j, v) in v.iter().enumerate() {
+                    // SAFETY: channel blk + j < d of the run's `d * 16` floats at `xp`; unaligned stores.
+                    unsafe { _mm512_storeu_ps(xp.add((blk + j) * RUN), *v) };
+                }
+            }
+            if rotate {
+                let (mut hh, mut left) = (8, later);
+                while left > 0 {
+                    let k = left.min(4);
+                    left -= k;
+                    let last = left == 0;
+                    // SAFETY: every channel touched is below d (sweep's contract).
+                    unsafe {
+                        match k {
+                            1 => sweep::<2>(xp, d, hh, last.then_some(norm)),
+                            2 => sweep::<4>(xp, d, hh, last.then_some(norm)),
+                            3 => sweep::<8>(xp, d, hh, last.then_some(norm)),
+                            _ => sweep::<16>(xp, d, hh, last.then_some(norm)),
+                        }
+                    }
+                    hh <<= k;
+                }
+            }
+        }
+        for qi in 0..nq {
+            bias[qi * g + o0..][..RUN].fill(0.0);
+        }
+    }
+}
+
+/// Channel `c`'s 16 lanes of a run after RoPE (`cs`: the run's cosine and negated sine vectors per pair):
+/// `qa cos - qb sin` for the pair's first channel, `qa sin + qb cos` for its second, as the portable
+/// loops form them; without RoPE, `q_c` in every lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn rope_lane(rope: Option<(crate::transform::Rope, &[f32])>, cs: &[__m512], q: &[f32], c: usize) -> __m512 {
+    let Some((r, _)) = rope else { return _mm512_set1_ps(q[c]) };
+    let d = q.len();
+    let (i, first) = match r.pairing {
+        crate::transform::Pairing::Adjacent => (c / 2, c.is_multiple_of(2)),
+        crate::transform::Pairing::Halves => (c % (d / 2), c < d / 2),
+    };
+    let (a, b) = r.pair(i, d);
+    let (qa, qb) = (_mm512_set1_ps(q[a]), _mm512_set1_ps(q[b]));
+    let (cv, sv) = (cs[2 * i], cs[2 * i + 1]);
+    if first {
+        _mm512_sub_ps(_mm512_mul_ps(qa, cv), _mm512_mul_ps(qb, sv))
+    } else {
+        _mm512_add_ps(_mm512_mul_ps(qa, sv), _mm512_mul_ps(qb, cv))
+    }
+}
+
+/// The Hadamard stages `1, 2, .., N / 2` (in vector positions) on `v`: `(v_j, v_{j+s}) <- (v_j + v_{j+s},
+/// v_j - v_{j+s})`, the portable butterflies' order of operands.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn butterflies<const N: usize>(v: &mut [__m512; N]) {
+    let mut s = 1;
+    while s < N {
+        for blk in (0..N).step_by(2 * s) {
+            for j in blk..blk + s {
+                let (a, b) = (v[j], v[j + s]);
+                (v[j], v[j + s]) = (_mm512_add_ps(a, b), _mm512_sub_ps(a, b));
+            }
+        }
+        s *= 2;
+    }
+}
+
+/// The Hadamard stages `hh, 2 hh, .., N hh / 2` of a run's `d` channel vectors at `x` (16 floats each), `N`
+/// channels `hh` apart at a time, scaled by `norm` where given (the last sweep).
+///
+/// # Safety
+/// `x` holds `d * 16` floats, and `N * hh` divides `d`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn sweep<const N: usize>(x: *mut f32, d: usize, hh: usize, norm: Option<__m512>) {
+    for blk in (0..d).step_by(N * hh) {
+        for r in blk..blk + hh {
+            // SAFETY: channels r + j hh < blk + N hh <= d (the caller's contract); unaligned accesses.
+            let mut v: [__m512; N] =
+                core::array::from_fn(|j| unsafe { _mm512_loadu_ps(x.add((r + j * hh) * 16)) });
+            butterflies(&mut v);
+            for (j, v) in v.iter().enumerate() {
+                let v = match norm {
+                    Some(n) => _mm512_mul_ps(*v, n),
+                    None => *v,
+                };
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(x.add((r + j * hh) * 16), v) };
+            }
+        }
+    }
+}
+
+/// The transpose of 16 rows of 16 floats: lane `j` of vector `i` is lane `i` of row `j`. Four stages of
+/// 2x2 block swaps (blocks of 8, 4, 2 and 1 lanes), each one `vpermt2ps` per vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn transpose16(mut r: [__m512; 16]) -> [__m512; 16] {
+    /// `vpermt2ps` indices of a stage of block `s`: the low row keeps its lanes with bit `s` clear and
+    /// takes the high row's lanes `j - s` into the others; the high row takes the low row's `j + s` and
+    /// keeps its own.
+    const fn idx(s: usize, high: bool) -> [i32; 16] {
+        let mut x = [0i32; 16];
+        let mut j = 0;
+        while j < 16 {
+            x[j] = match (high, j & s == 0) {
+                (false, true) => j as i32,
+                (false, false) => (16 + j - s) as i32,
+                (true, true) => (j + s) as i32,
+                (true, false) => (16 + j) as i32,
+            };
+            j += 1;
+        }
+        x
+    }
+    const IDX: [[[i32; 16]; 2]; 4] = [
+        [idx(8, false), idx(8, true)],
+        [idx(4, false), idx(4, true)],
+        [idx(2, false), idx(2, true)],
+        [idx(1, false), idx(1, true)],
+    ];
+    /// One stage: rows `a` and `a + S` for every `a` with bit `S` clear.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    fn stage<const S: usize>(r: &mut [__m512; 16], idx: &[[i32; 16]; 2]) {
+        // SAFETY: each index table holds 16 i32; unaligned reads.
+        let (lo, hi) = unsafe {
+            (_mm512_loadu_si512(idx[0].as_ptr().cast()), _mm512_loadu_si512(idx[1].as_ptr().cast()))
+        };
+        for blk in (0..16).step_by(2 * S) {
+            for a in blk..blk + S {
+                let (x, y) = (r[a], r[a + S]);
+                r[a] = _mm512_permutex2var_ps(x, lo, y);
+                r[a + S] = _mm512_permutex2var_ps(x, hi, y);
+            }
+        }
+    }
+    stage::<8>(&mut r, &IDX[0]);
+    stage::<4>(&mut r, &IDX[1]);
+    stage::<2>(&mut r, &IDX[2]);
+    stage::<1>(&mut r, &IDX[3]);
+    r
 }
