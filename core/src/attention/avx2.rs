@@ -1357,16 +1357,18 @@ impl KeyTiles<'_> {
     fn check(&self, per_entry: usize, unpacked: bool, out: &Scores<'_>) {
         let (b, d, nq) = (self.b, self.d, self.nq);
         let (w, per_group) = (b.block_words, b.group / 32);
+        // A tile's row is 32 codes: as many words as the codes have bits.
+        let bits = b.width.bits() as usize;
         // The last tile's codes start furthest on (a tile's first word grows with its slot), and the last
         // group's entries come last.
         let last = self.b0 + 32 * (self.tiles - 1);
-        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) / 16;
+        let last_word = key_row(last, 0, d, b.block, w) + (last & (b.block - 1)) * bits / 32;
         let entries = ((self.tiles - 1) / per_group.max(1) + 1) * nq;
         assert!(
             d >= 4
                 && d.is_multiple_of(4)
                 && per_group > 0
-                && b.codes.len() >= last_word + (d - 1) * w + 2
+                && b.codes.len() >= last_word + (d - 1) * w + bits
                 && unpacked
                 && self.packed.len() >= entries * per_entry
                 && self.delta.len() >= entries

@@ -17,8 +17,8 @@
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
 //!
 //! By default every product is f32, so attention over the cache equals attention over the dequantized cache
-//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits: the
-//! f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not by the
+//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits (and
+//! 4-bit ones on the AVX-512 kernels, whose dword sums hold them): the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not by the
 //! bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
 //! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`]
 //! tokens the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output
@@ -57,9 +57,10 @@ impl Kernel {
     pub const PORTABLE: Self = Self { avx2: false, avx512: false, int8: false };
 
     /// The same kernels with the int8 path on or off (off by default). On it, bodies of codes up to 2 bits
-    /// (`B1`, `B2`, `Ternary`) are read with integer dot products: per key group, the query with the
-    /// group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for `head_dim` up
-    /// to 85), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers of at most
+    /// (`B1`, `B2`, `Ternary`), and 4-bit ones where the kernels are AVX-512's or portable (not AVX2's, which
+    /// read them in f32: see [`q8_key_max`]), are read with integer dot products: per key group, the query
+    /// with the group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for
+    /// `head_dim` up to 85, and at 4 bits), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers of at most
     /// [`Q8_VALUE_MAX`], each on its own scale `delta`. Each score then moves by at most `delta / 2` per
     /// unit of code summed over the channels, each output by `delta / 2` per unit of code summed over a
     /// tile's tokens (the tests derive the attention bound from this); zero points, the softmax and
@@ -306,9 +307,22 @@ pub const Q8_TILE: usize = 128;
 /// channel in 16 bits, each pair at most `2 * 85 * 3`, so a tile at most 32,640 (exact below 2^15).
 pub const Q8_VALUE_MAX: f32 = 85.0;
 
+/// Largest rounded value weight of the int8 path over codes of `width`: [`Q8_VALUE_MAX`], or 127 for 4-bit
+/// codes, which only the kernels with dword sums read (a tile's sums stay below `Q8_TILE * 127 * 15`,
+/// 243,840). With 85 levels the 4-bit int8 path's values raised `kivi4`'s KL divergence from f16 by half
+/// again as much as its keys did (`kvq perplexity -c 2048 --chunks 8`, SmolLM2).
+pub fn q8_value_max(width: Width) -> f32 {
+    if width == Width::B4 { 127.0 } else { Q8_VALUE_MAX }
+}
+
 /// Largest integer of the int8 path's folded queries over `d` channels of `width` codes: 127, or less
 /// where `d * max_code * 127` would pass the 16-bit sums AVX2 accumulates (`head_dim` above 85 at 2 bits).
+/// 4-bit codes take the int8 path only where the sums are 32-bit (AVX-512 VNNI, and the portable twin),
+/// so they keep 127 (`d * 15 * 127` stays exact in f32 up to `head_dim` 8,800).
 pub fn q8_key_max(d: usize, width: Width) -> f32 {
+    if width == Width::B4 {
+        return 127.0;
+    }
     let cmax = (1usize << width.bits()) - 1;
     (i16::MAX as usize / (d * cmax).max(1)).clamp(1, 127) as f32
 }
@@ -316,19 +330,23 @@ pub fn q8_key_max(d: usize, width: Width) -> f32 {
 /// Floats of work the int8 value path needs: sums `l` and integer sums (`nq * d` each), zero-point lanes
 /// (`nq * groups * 8`), rounded weights and scales (`groups * nq * (Q8_TILE + 1)`), the AVX2 twin's
 /// channel-permuted sums and paired weights (`nq * d`, `groups * nq * Q8_TILE / 2`), and the vector
-/// kernels' copy of a last, partial tile: 2-bit code rows (`d / 16` words a token) and f16 scales and
+/// kernels' copy of a last, partial tile: code rows (`d / 8` words a token at 4 bits) and f16 scales and
 /// zero points (`groups` floats a token).
 const fn q8_value_work(nq: usize, d: usize, groups: usize) -> usize {
     3 * nq * d
         + nq * groups * 8
         + groups * nq * (Q8_TILE + 1)
         + groups * nq * Q8_TILE / 2
-        + Q8_TILE * (d / 16 + groups)
+        + Q8_TILE * (d / 8 + groups)
 }
 
-/// Whether the int8 path reads a body of `width` codes.
+/// Whether the int8 path reads a body of `width` codes: up to 2 bits everywhere; 4 bits with the
+/// AVX-512 kernels (dword sums) and the portable twin, not with AVX2, whose 16-bit sums would cut 4-bit
+/// value tiles to 16 tokens (there 4-bit bodies stay on the f32 kernels).
 fn q8_width(kernel: Kernel, width: Width) -> bool {
-    kernel.int8 && matches!(width, Width::B1 | Width::B2 | Width::Ternary)
+    kernel.int8
+        && (matches!(width, Width::B1 | Width::B2 | Width::Ternary)
+            || (width == Width::B4 && (kernel.avx512 || !kernel.avx2)))
 }
 
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
@@ -1099,7 +1117,11 @@ fn channel_keys(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector && b.width.bits() == 2 && b.group.is_multiple_of(32) && q.d.is_multiple_of(16) {
+        if vector
+            && (b.width.bits() == 2 || avx512 && b.width == Width::B4)
+            && b.group.is_multiple_of(32)
+            && q.d.is_multiple_of(16)
+        {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).
@@ -1134,7 +1156,11 @@ fn token_values(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector && b.width.bits() == 2 && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
+        if vector
+            && (b.width.bits() == 2 || avx512 && b.width == Width::B4)
+            && b.group.is_multiple_of(32)
+            && d.is_multiple_of(64)
+        {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).

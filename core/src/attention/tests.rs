@@ -719,6 +719,8 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
             (Width::B2, 32, 128, 3),
             (Width::B2, 64, 64, 1),
             (Width::Ternary, 32, 32, 2),
+            (Width::B4, 32, 32, 0),
+            (Width::B4, 64, 128, 3),
         ] {
             for (t, cap, slide) in [
                 (1usize, 600, false),
@@ -792,6 +794,10 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                         got.push((scores, out));
                     }
                     for (k, kernel) in fast.iter().enumerate() {
+                        // 4-bit codes take the int8 path only on the AVX-512 kernels (AVX2 reads them in f32).
+                        if width == Width::B4 && *kernel == avx2 {
+                            continue;
+                        }
                         let what = std::format!(
                             "{} {width:?} d {d} G {g} R {r} S {s} T {t} ratio {ratio}",
                             kernel.name()
@@ -811,22 +817,23 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
             }
         }
     }
-    assert_eq!(cases, 3 * 4 * 6 * 5);
+    assert_eq!(cases, 3 * 6 * 6 * 5);
 }
 
 /// The AVX2 int8 kernels' 16-bit sums at their largest: every key code 3 against a query rounded to
 /// `q8_key_max` in every channel (`d * 3 * qmax`, 32,640 at `head_dim` 128), and value codes 3 in every even
 /// channel of every token against weights all at [`Q8_VALUE_MAX`] (a tile's `Q8_TILE / 2` token pairs of
 /// `2 * 3 * 85`, 32,640). A wider rounding or a longer tile would wrap the sums, and the twins would part.
-/// The AVX-512 keys (dword sums, where the CPU has them) must give the same bits.
+/// The AVX-512 keys (dword sums, where the CPU has them) must give the same bits; so must their 4-bit
+/// sums (codes 15 against queries of 127, `d * 15 * 127`), which only they and the portable twin take.
 #[test]
 fn int8_sums_at_their_largest_stay_exact() {
     let Some(fast) = Kernel::avx2() else {
         std::println!("skipped: this CPU has no AVX2 (the portable twin is the only int8 path)");
         return;
     };
-    for d in [64usize, 128] {
-        let cfg = CacheConfig::kivi(Width::B2, 32, 32, 1, d, 1024);
+    for (width, d) in [(Width::B2, 64usize), (Width::B2, 128), (Width::B4, 64), (Width::B4, 128)] {
+        let cfg = CacheConfig::kivi(width, 32, 32, 1, d, 1024);
         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
         let mut cache = Cache::new(cfg, &mut mem).unwrap();
         // Keys: every channel 1 at even tokens, -1 at odd (codes 3 and 0, one scale for all channels).
@@ -847,7 +854,8 @@ fn int8_sums_at_their_largest_stay_exact() {
         let p: Vec<f32> =
             (0..nq * held).map(|i| if vb.contains(&(i % held)) { 1.0 / held as f32 } else { 0.0 }).collect();
         let mut got = Vec::new();
-        let kernels = [Kernel::PORTABLE, fast].into_iter().chain(Kernel::avx512());
+        let avx2 = Some(fast).filter(|_| width != Width::B4);
+        let kernels = core::iter::once(Kernel::PORTABLE).chain(avx2).chain(Kernel::avx512());
         for kernel in kernels.map(|k| k.with_int8(true)) {
             let mut work = vec![0.0f32; work_len(nq, d)];
             let mut scores = vec![0.0f32; nq * held];
@@ -881,10 +889,10 @@ fn int8_sums_at_their_largest_stay_exact() {
             for (i, (a, b)) in
                 got[0].0.iter().zip(&other.0).enumerate().filter(|(i, _)| kb.contains(&(i % held)))
             {
-                assert_eq!(a.to_bits(), b.to_bits(), "d {d}: score {i}: {a} vs {b}");
+                assert_eq!(a.to_bits(), b.to_bits(), "{width:?} d {d}: score {i}: {a} vs {b}");
             }
             for (i, (a, b)) in got[0].1.iter().zip(&other.1).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "d {d}: value sum {i}: {a} vs {b}");
+                assert_eq!(a.to_bits(), b.to_bits(), "{width:?} d {d}: value sum {i}: {a} vs {b}");
             }
         }
         // The even channels' sums are the body's weight, the odd ones' nothing (to the f16 rounding of
@@ -892,7 +900,7 @@ fn int8_sums_at_their_largest_stay_exact() {
         let w = vb.len() as f32 / held as f32;
         for (i, &o) in got[0].1.iter().enumerate() {
             let want = if i % 2 == 0 { w } else { 0.0 };
-            assert!((o - want).abs() <= 0.01 * w, "d {d}: output {i}: {o} vs {want}");
+            assert!((o - want).abs() <= 0.01 * w, "{width:?} d {d}: output {i}: {o} vs {want}");
         }
     }
 }
@@ -917,9 +925,10 @@ fn int8_path_follows_its_definition() {
         (Width::Ternary, 32, 64, 64, 260, 600, false),
         (Width::B1, 32, 32, 64, 200, 600, false),
         (Width::B2, 32, 32, 64, 640, 250, true),
+        (Width::B4, 32, 64, 64, 300, 600, false),
     ]
     .into_iter()
-    .take(if cfg!(miri) { 1 } else { 5 })
+    .take(if cfg!(miri) { 1 } else { 6 })
     {
         let mut cfg = CacheConfig::kivi(width, g, r, 1, d, cap).with_sinks(2);
         if slide {
@@ -1025,7 +1034,8 @@ fn int8_path_follows_its_definition() {
                             })
                             .collect();
                         let m = ps.iter().fold(0.0f32, |a, &x| a.max(x));
-                        let (inv, delta) = (Q8_VALUE_MAX / m, m / Q8_VALUE_MAX);
+                        let vmax = q8_value_max(width);
+                        let (inv, delta) = (vmax / m, m / vmax);
                         for c in gi * g..(gi + 1) * g {
                             let mut int = 0i64;
                             for (i, &x) in ps.iter().enumerate() {
@@ -1063,7 +1073,7 @@ fn int8_path_follows_its_definition() {
 
 /// The int8 path stays within the bound its definition gives, against plain attention over the same
 /// dequantized cache. A key group's rounded query moves a score by at most `delta_g / 2` per unit of code,
-/// so by `E = max_g delta_g * cmax * d / 2` (`cmax` = 3, the largest stored code); that scales each
+/// so by `E = max_g delta_g * cmax * d / 2` (`cmax` the largest stored code, 3 or 15); that scales each
 /// probability by a factor within `exp(+-2E)`. A value tile's rounded weights move output `c` by at most
 /// `delta_tile / 2 * sum_t code_tc <= delta_tile * cmax * len / 2`, `delta_tile = max_t p_t s_t /
 /// Q8_VALUE_MAX`, with the kernel's `p` at most `exp(2E)` times the exact one. Float rounding adds
@@ -1073,18 +1083,23 @@ fn int8_attention_is_within_its_bound() {
     let mut rng = Rng::new(5);
     let mut kernels: Vec<Kernel> = vec![Kernel::PORTABLE.with_int8(true)];
     kernels.extend(Kernel::avx2().map(|k| k.with_int8(true)));
+    kernels.extend(Kernel::avx512().map(|k| k.with_int8(true)));
     let mut worst = 0.0f64;
     // The last two: FP8 value parameters, which every kernel reads in f32 (the AVX2 one a tile at a time
     // as f16 through KIVI's f32 kernel, the portable twin on the generic path), inside the same bound.
+    // 4-bit codes (the int8 path on AVX-512 and the portable twin; f32 on AVX2): the same bound with the
+    // largest code 15 for 3.
     let cases = [
-        (64usize, 32, 32, 0, 200usize, false),
-        (64, 32, 128, 4, 517, false),
-        (128, 64, 64, 2, 300, false),
-        (64, 64, 64, 4, 599, true),
-        (128, 32, 32, 0, 333, true),
+        (Width::B2, 64usize, 32, 32, 0, 200usize, false),
+        (Width::B2, 64, 32, 128, 4, 517, false),
+        (Width::B2, 128, 64, 64, 2, 300, false),
+        (Width::B2, 64, 64, 64, 4, 599, true),
+        (Width::B2, 128, 32, 32, 0, 333, true),
+        (Width::B4, 64, 32, 32, 0, 300, false),
+        (Width::B4, 128, 32, 128, 2, 517, false),
     ];
-    for (d, g, r, s, t, fp8) in cases.into_iter().take(if cfg!(miri) { 1 } else { 5 }) {
-        let mut cfg = CacheConfig::kivi(Width::B2, g, r, 1, d, 600).with_sinks(s);
+    for (width, d, g, r, s, t, fp8) in cases.into_iter().take(if cfg!(miri) { 1 } else { 7 }) {
+        let mut cfg = CacheConfig::kivi(width, g, r, 1, d, 600).with_sinks(s);
         if fp8 {
             cfg.values = Precision::Quant(QuantSpec::per_token(Width::B2, g).with_params(Fp8E4M3));
         }
@@ -1099,7 +1114,8 @@ fn int8_attention_is_within_its_bound() {
         let scale = 1.0 / (d as f32).sqrt();
         let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
         let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
-        let qmax = f64::from(q8_key_max(d, Width::B2));
+        let qmax = f64::from(q8_key_max(d, width));
+        let cmax = f64::from(width.max_code());
         for kernel in &kernels {
             let mut out = vec![0.0f32; qh * d];
             let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
@@ -1112,7 +1128,7 @@ fn int8_attention_is_within_its_bound() {
                         let m = (0..d)
                             .map(|c| (f64::from(qr[c] * scale) * f(ks.scale[gi * d + c])).abs())
                             .fold(0.0, f64::max);
-                        e = e.max(m / qmax * (1.0 + 1e-6) * 3.0 * d as f64 / 2.0);
+                        e = e.max(m / qmax * (1.0 + 1e-6) * cmax * d as f64 / 2.0);
                     }
                 }
                 let grow = (2.0 * e).exp();
@@ -1133,7 +1149,8 @@ fn int8_attention_is_within_its_bound() {
                                 })
                                 .fold(0.0, f64::max);
                             for x in &mut tiles[gi * g..(gi + 1) * g] {
-                                *x += m / Q8_VALUE_MAX as f64 * (1.0 + 1e-6) * 3.0 * len as f64 / 2.0;
+                                *x += m / f64::from(q8_value_max(width)) * (1.0 + 1e-6) * cmax * len as f64
+                                    / 2.0;
                             }
                         }
                     }
@@ -1146,7 +1163,7 @@ fn int8_attention_is_within_its_bound() {
                     let err = (f64::from(out[hq * d + c]) - want[hq * d + c]).abs();
                     assert!(
                         err <= bound,
-                        "{} d {d} G {g} T {t}: head {hq} channel {c}: {err} > {bound}",
+                        "{} {width:?} d {d} G {g} T {t}: head {hq} channel {c}: {err} > {bound}",
                         kernel.name()
                     );
                     worst = worst.max(err / bound);

@@ -22,6 +22,12 @@
 //! transposed by the same `vpermb` so that one `vpdpbusd` adds four tokens' products for 16 channels
 //! ([`values_q8_token`]).
 //!
+//! 4-bit codes (`kivi4`) take the int8 path here and not on AVX2: their sums need dwords (AVX2 adds
+//! 16-bit ones). Four rows of 32 codes are 16 bytes each, one 128-bit lane apiece, and `vpermb` puts the
+//! byte holding position `i` of each row in dword `i`, whose odd positions a shift of 4 bits brings down
+//! ([`nibble_quads`]), so the sums come out in order and need no permute. Their value weights are rounded
+//! to 127 levels rather than 85 ([`q8_value_max`]).
+//!
 //! The generic per-channel key path (`kvq2`, `kvq3`, KVQuant, MiKV: [`group_scores`]) takes 16 tokens a
 //! vector: a channel's 16 codes are one broadcast and per-lane shift, and its reconstruction table of 16
 //! entries fits one register, so a code's value is one `vpermps` (AVX2 needs two per 16 codes, and a
@@ -52,7 +58,7 @@
 //! `unsafe` here takes the parent's forms: pointer reads in the multiply loop whose whole range [`KeyTiles::check`]
 //! checks once, and the loads of the permute indices.
 
-use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
+use super::super::{ChannelBody, Probs, Q8_TILE, Queries, Scores, TokenBody, portable, q8_value_max};
 use super::{
     GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, prefetch_next_block, q8_tile, read16,
     zero_lanes,
@@ -77,12 +83,29 @@ const fn quad_index<const OFF: usize>() -> [u8; 64] {
 const QUAD_LO: [u8; 64] = quad_index::<0>();
 const QUAD_HI: [u8; 64] = quad_index::<4>();
 
+/// `vpermb` indices of [`nibble_quads`]: byte `4 i + j` of the result is byte `16 j + i / 2 + OFF` of the
+/// four rows (row `j` is the `j`-th 128-bit lane of the source): the byte that holds code `i` (`2 OFF + i`)
+/// of row `j`.
+const fn nibble_index<const OFF: usize>() -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        idx[i] = (16 * (i % 4) + i / 8 + OFF) as u8;
+        i += 1;
+    }
+    idx
+}
+
+const NIBBLE_LO: [u8; 64] = nibble_index::<0>();
+const NIBBLE_HI: [u8; 64] = nibble_index::<8>();
+
 /// Largest `head_dim` whose unpacked key tile (two 64-byte vectors per four channels, 4 KiB at 128) is
 /// kept on the stack to share among blocks of queries (more than 4 queries: prefill); larger heads
 /// unpack the tile once per block of 4.
 const MAX_UNPACKED: usize = 128;
 
-/// See [`super::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`.
+/// See [`super::scores_q8_channel`] (the same bits). 2-bit codes, or 4-bit ones (which the AVX2 kernel does
+/// not take; the portable twin's bits), `group % 32 == 0`, `d % 16 == 0`.
 ///
 /// # Safety (of calling it)
 /// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL, VNNI and VBMI (a [`super::super::Kernel`] with
@@ -96,11 +119,19 @@ pub(crate) fn scores_q8_channel(
     out: &mut Scores<'_>,
     work: &mut [f32],
 ) {
+    let four = b.width == Width::B4;
     if q.nq > 4 && q.d <= MAX_UNPACKED {
         let mut unpacked = [_mm512_setzero_si512(); MAX_UNPACKED / 2];
-        return channel_scores::<true>(b, start, n, q, out, work, &mut unpacked[..q.d / 2]);
+        let u = &mut unpacked[..q.d / 2];
+        if four {
+            return channel_scores::<true, 4>(b, start, n, q, out, work, u);
+        }
+        return channel_scores::<true, 2>(b, start, n, q, out, work, u);
     }
-    channel_scores::<false>(b, start, n, q, out, work, &mut []);
+    if four {
+        return channel_scores::<false, 4>(b, start, n, q, out, work, &mut []);
+    }
+    channel_scores::<false, 2>(b, start, n, q, out, work, &mut []);
 }
 
 /// [`scores_q8_channel`]'s loops: the parent's batching (up to a key block of groups folded together),
@@ -108,7 +139,7 @@ pub(crate) fn scores_q8_channel(
 /// vectors).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-fn channel_scores<const S: bool>(
+fn channel_scores<const S: bool, const B: u32>(
     b: &ChannelBody<'_>,
     start: usize,
     n: usize,
@@ -136,7 +167,7 @@ fn channel_scores<const S: bool>(
             delta: &*delta,
             bias: &*bias,
         };
-        tiles.run512::<S>(out, unpacked);
+        tiles.run512::<S, B>(out, unpacked);
     }
 }
 
@@ -189,17 +220,67 @@ unsafe fn code_quads(rp: *const u32, w: usize, lo_idx: __m512i, hi_idx: __m512i)
     [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m3), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m3)]
 }
 
+/// The 4-bit codes of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, four words each)
+/// as bytes, the four rows' codes of each position in one dword, in order: positions 0-15 in the first
+/// vector, 16-31 in the second. Each row's 16 bytes go in one 128-bit lane, `vpermb` puts the byte that
+/// holds position `i` of the four rows in dword `i`, and a shift of 4 bits in the odd dwords and a mask
+/// leave its codes.
+///
+/// # Safety
+/// Words `0..4` of `rp + j w` are readable for `j < 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn nibble_quads(rp: *const u32, w: usize, lo_idx: __m512i, hi_idx: __m512i) -> [__m512i; 2] {
+    // SAFETY: the caller's contract; unaligned reads.
+    let rows = unsafe {
+        let r = _mm512_castsi128_si512(_mm_loadu_si128(rp.cast()));
+        let r = _mm512_inserti32x4::<1>(r, _mm_loadu_si128(rp.add(w).cast()));
+        let r = _mm512_inserti32x4::<2>(r, _mm_loadu_si128(rp.add(2 * w).cast()));
+        _mm512_inserti32x4::<3>(r, _mm_loadu_si128(rp.add(3 * w).cast()))
+    };
+    let sh = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    let m = _mm512_set1_epi8(15);
+    let lo = _mm512_permutexvar_epi8(lo_idx, rows);
+    let hi = _mm512_permutexvar_epi8(hi_idx, rows);
+    [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m)]
+}
+
+/// [`code_quads`] (`B = 2`) or [`nibble_quads`] (`B = 4`) with their indices (see [`indices`]).
+///
+/// # Safety
+/// Words `0..B` of `rp + j w` are readable for `j < 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn unpack_quads<const B: u32>(
+    rp: *const u32,
+    w: usize,
+    lo_idx: __m512i,
+    hi_idx: __m512i,
+) -> [__m512i; 2] {
+    // SAFETY: the caller's contract.
+    unsafe { if B == 4 { nibble_quads(rp, w, lo_idx, hi_idx) } else { code_quads(rp, w, lo_idx, hi_idx) } }
+}
+
+/// The permute indices of [`unpack_quads`] for `B`-bit codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn indices<const B: u32>() -> (__m512i, __m512i) {
+    let (lo, hi) = if B == 4 { (&NIBBLE_LO, &NIBBLE_HI) } else { (&QUAD_LO, &QUAD_HI) };
+    // SAFETY: each constant holds 64 bytes; unaligned reads.
+    unsafe { (_mm512_loadu_si512(lo.as_ptr().cast()), _mm512_loadu_si512(hi.as_ptr().cast())) }
+}
+
 /// `M` queries' dword sums over `n` quads: quad `i`'s two vectors of codes, from `codes[2 i..2 i + 2]` where
-/// `S` or else from [`code_quads`] at `rp + 4 i stride` (rows `stride` apart), each multiplied by query
+/// `S` or else from [`unpack_quads`] at `rp + 4 i stride` (rows `stride` apart, `B`-bit codes), each multiplied by query
 /// `m`'s four bytes `qp[m * n + i]` broadcast and added with `vpdpbusd`. The key tiles' quads are four
 /// channel rows of 32 tokens, the value tiles' four token rows of 32 channels.
 ///
 /// # Safety
 /// For `i < n` and `m < M`: entry `m * n + i` of `qp` is readable; where `S`, `codes.len() >= 2 n`, else
-/// words `0..2` of `rp + (4 i + j) stride` are readable for `j < 4`.
+/// words `0..B` of `rp + (4 i + j) stride` are readable for `j < 4`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-unsafe fn dp_quads<const M: usize, const S: bool>(
+unsafe fn dp_quads<const M: usize, const S: bool, const B: u32>(
     codes: &[__m512i],
     mut rp: *const u32,
     stride: usize,
@@ -214,7 +295,7 @@ unsafe fn dp_quads<const M: usize, const S: bool>(
             unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
         } else {
             // SAFETY: rows 4 i..4 i + 4 at `rp` (the caller's contract).
-            unsafe { code_quads(rp, stride, idx[0], idx[1]) }
+            unsafe { unpack_quads::<B>(rp, stride, idx[0], idx[1]) }
         };
         rp = rp.wrapping_add(4 * stride);
         for (m, a) in acc.iter_mut().enumerate() {
@@ -244,37 +325,29 @@ fn quad_order() -> __m512i {
     _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
 }
 
-/// The permute indices of [`code_quads`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-fn quad_indices() -> (__m512i, __m512i) {
-    // SAFETY: each constant holds 64 bytes; unaligned reads.
-    unsafe { (_mm512_loadu_si512(QUAD_LO.as_ptr().cast()), _mm512_loadu_si512(QUAD_HI.as_ptr().cast())) }
-}
-
 /// The parent's key tiles with `packed` holding quads (`d / 4` per entry), on 64-byte vectors.
 impl KeyTiles<'_> {
     /// Every tile by every block of up to 4 queries; where `S`, each tile's codes are unpacked once into
     /// `unpacked` (`d / 2` vectors) for all the blocks, else each block unpacks them in place.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    fn run512<const S: bool>(&self, out: &mut Scores<'_>, unpacked: &mut [__m512i]) {
+    fn run512<const S: bool, const B: u32>(&self, out: &mut Scores<'_>, unpacked: &mut [__m512i]) {
         let (b, d, nq) = (self.b, self.d, self.nq);
         let (w, per_group) = (b.block_words, b.group / 32);
         if self.tiles == 0 {
             return;
         }
         self.check(d / 4, !S || unpacked.len() >= d / 2, out);
-        let (lo_idx, hi_idx) = quad_indices();
+        let (lo_idx, hi_idx) = indices::<B>();
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
-            let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) / 16;
+            let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) * B as usize / 32;
             prefetch_next_block::<32>(b, t0, d);
             if S {
                 for (i, v) in unpacked[..d / 2].chunks_exact_mut(2).enumerate() {
                     // SAFETY: rows 4 i..4 i + 4 < d of this tile lie in the codes (checked above).
                     v.copy_from_slice(&unsafe {
-                        code_quads(b.codes.as_ptr().add(word + 4 * i * w), w, lo_idx, hi_idx)
+                        unpack_quads::<B>(b.codes.as_ptr().add(word + 4 * i * w), w, lo_idx, hi_idx)
                     });
                 }
             }
@@ -284,10 +357,10 @@ impl KeyTiles<'_> {
                 // at + nq <= entries otherwise), k < tiles (all checked above).
                 unsafe {
                     match nq - qb {
-                        1 => self.tile512::<1, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
-                        2 => self.tile512::<2, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
-                        3 => self.tile512::<3, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
-                        _ => self.tile512::<4, S>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        1 => self.tile512::<1, S, B>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        2 => self.tile512::<2, S, B>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        3 => self.tile512::<3, S, B>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
+                        _ => self.tile512::<4, S, B>(k, word, at + qb, qb, unpacked, out, lo_idx, hi_idx),
                     }
                 }
             }
@@ -302,7 +375,7 @@ impl KeyTiles<'_> {
     #[inline]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    unsafe fn tile512<const M: usize, const S: bool>(
+    unsafe fn tile512<const M: usize, const S: bool, const B: u32>(
         &self,
         k: usize,
         word: usize,
@@ -318,7 +391,7 @@ impl KeyTiles<'_> {
         // codes, entries e..e + M of `quads` (h each) in it, and `codes` holds d / 2 = 2 h vectors where S
         // (the caller's contract).
         let acc = unsafe {
-            dp_quads::<M, S>(
+            dp_quads::<M, S, B>(
                 codes,
                 self.b.codes.as_ptr().add(word),
                 w,
@@ -336,15 +409,19 @@ impl KeyTiles<'_> {
             let at = out.pos + self.col + (qb + m) * out.stride + 32 * k;
             for (j, v) in a.iter().enumerate() {
                 let s = _mm512_add_ps(_mm512_mul_ps(dl, _mm512_cvtepi32_ps(*v)), bs);
+                // 4-bit quads come in token order.
+                let s = if B == 4 { s } else { _mm512_permutexvar_ps(order, s) };
                 // SAFETY: at + 16 j + 16 <= pos + col + (nq - 1) stride + 32 tiles <= out.data.len() (the
                 // caller's contract); an unaligned store.
-                unsafe { _mm512_storeu_ps(op.add(at + 16 * j), _mm512_permutexvar_ps(order, s)) };
+                unsafe { _mm512_storeu_ps(op.add(at + 16 * j), s) };
             }
         }
     }
 }
 
-/// See [`super::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`.
+/// See [`super::values_q8_token`] (the same bits). 2-bit codes, or 4-bit ones (which the AVX2 kernel does
+/// not take; the portable twin's bits, 32 channels being four words of a row and [`nibble_quads`] their
+/// unpacking, in channel order), `group % 32 == 0`, `d % 64 == 0`.
 ///
 /// Per tile of [`Q8_TILE`] tokens: the weights `p_t s_t` of each channel group and query are rounded as
 /// the AVX2 path rounds them and narrowed to bytes in token order, four to a dword; the zero-point lanes
@@ -367,11 +444,18 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
+    let four = b.width == Width::B4;
     if out.len() / d > 4 {
         let mut unpacked = [_mm512_setzero_si512(); Q8_TILE / 2];
-        return token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
+        if four {
+            return token_values::<true, 4>(b, start, n, p, d, out, work, &mut unpacked);
+        }
+        return token_values::<true, 2>(b, start, n, p, d, out, work, &mut unpacked);
     }
-    token_values::<false>(b, start, n, p, d, out, work, &mut []);
+    if four {
+        return token_values::<false, 4>(b, start, n, p, d, out, work, &mut []);
+    }
+    token_values::<false, 2>(b, start, n, p, d, out, work, &mut []);
 }
 
 /// [`values_q8_token`]'s loops; `S`: more than 4 queries share each word pair's unpacking (`unpacked`,
@@ -379,7 +463,7 @@ pub(crate) fn values_q8_token(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-fn token_values<const S: bool>(
+fn token_values<const S: bool, const B: u32>(
     b: &TokenBody<'_>,
     start: usize,
     n: usize,
@@ -400,7 +484,8 @@ fn token_values<const S: bool>(
     let (delta, spare) = tile.split_at_mut(groups * nq);
     l.fill(0.0);
     zl.fill(0.0);
-    let (lo_idx, hi_idx) = quad_indices();
+    let (lo_idx, hi_idx) = indices::<B>();
+    let vmax = q8_value_max(b.width);
     for t0 in (0..n).step_by(T) {
         let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
@@ -436,13 +521,13 @@ fn token_values<const S: bool>(
                     delta[gi * nq + qi] = 0.0;
                     continue;
                 }
-                let inv = _mm512_set1_ps(Q8_VALUE_MAX / m);
+                let inv = _mm512_set1_ps(vmax / m);
                 for (k, o) in pq.chunks_exact_mut(4).enumerate() {
                     let r = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(ps[k], inv)));
                     // SAFETY: `o` holds 4 u32, 16 bytes; an unaligned store.
                     unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), r) };
                 }
-                delta[gi * nq + qi] = m / Q8_VALUE_MAX;
+                delta[gi * nq + qi] = m / vmax;
             }
         }
         let rw = b.row_words;
@@ -453,11 +538,13 @@ fn token_values<const S: bool>(
         for at in (0..4 * T * rw).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
         }
-        for word in (0..d / 16).step_by(2) {
-            let group = word * 16 / g;
+        // 32 channels (one group or more) are `B` words of each row.
+        let per_word = 32 / B as usize;
+        for word in (0..d / per_word).step_by(B as usize) {
+            let group = word * per_word / g;
             // The layout guarantees these; a failure is a bug in this crate.
             assert!(
-                word + 2 <= rw && quads.len() >= (group + 1) * nq * T / 4,
+                word + B as usize <= rw && quads.len() >= (group + 1) * nq * T / 4,
                 "value rows shorter than their layout"
             );
             if S {
@@ -465,7 +552,7 @@ fn token_values<const S: bool>(
                     // SAFETY: rows 4 i..4 i + 4 < T of the tile, words word..word + 2 < rw of each (checked
                     // above and by the reslice of `rows`).
                     v.copy_from_slice(&unsafe {
-                        code_quads(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx)
+                        unpack_quads::<B>(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx)
                     });
                 }
             }
@@ -476,12 +563,12 @@ fn token_values<const S: bool>(
                 delta: &delta[group * nq..],
             };
             for qb in (0..nq).step_by(4) {
-                let o = &mut l[qb * d + word * 16..];
+                let o = &mut l[qb * d + word * per_word..];
                 match nq - qb {
-                    1 => v.add::<1, S>(qb, unpacked, o, d, lo_idx, hi_idx),
-                    2 => v.add::<2, S>(qb, unpacked, o, d, lo_idx, hi_idx),
-                    3 => v.add::<3, S>(qb, unpacked, o, d, lo_idx, hi_idx),
-                    _ => v.add::<4, S>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    1 => v.add::<1, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    2 => v.add::<2, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    3 => v.add::<3, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    _ => v.add::<4, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
                 }
             }
         }
@@ -503,7 +590,7 @@ impl ValueTile<'_> {
     /// codes come unpacked from `codes` where `S`, else straight from the rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    fn add<const M: usize, const S: bool>(
+    fn add<const M: usize, const S: bool, const B: u32>(
         &self,
         qb: usize,
         codes: &[__m512i],
@@ -514,21 +601,21 @@ impl ValueTile<'_> {
     ) {
         const T: usize = Q8_TILE;
         let rw = self.rw;
-        // Reads words `t * rw + i` (i < 2) of `rows` for t < T (or T / 2 vectors of `codes`) and entries
+        // Reads words `t * rw + i` (i < B) of `rows` for t < T (or T / 2 vectors of `codes`) and entries
         // `(qb + m) * T / 4 + i` (i < T / 4) of `quads` for m < M: checked once here, then read through
         // pointers. The layout guarantees this; a failure is a bug in this crate.
         assert!(
-            self.rows.len() >= (T - 1) * rw + 2
+            self.rows.len() >= (T - 1) * rw + B as usize
                 && (!S || codes.len() >= T / 2)
                 && self.quads.len() >= (qb + M) * T / 4
                 && self.delta.len() >= qb + M
                 && o.len() >= (M - 1) * d + 32,
             "value rows shorter than their layout"
         );
-        // SAFETY: token rows 4 i..4 i + 4 < T (two words each) lie in `rows`, entries qb..qb + M of `quads`
+        // SAFETY: token rows 4 i..4 i + 4 < T (B words each) lie in `rows`, entries qb..qb + M of `quads`
         // (T / 4 each) in it, and `codes` holds T / 2 vectors where S (checked above).
         let acc = unsafe {
-            dp_quads::<M, S>(
+            dp_quads::<M, S, B>(
                 codes,
                 self.rows.as_ptr(),
                 rw,
@@ -542,7 +629,9 @@ impl ValueTile<'_> {
             let dl = _mm512_set1_ps(self.delta[qb + m]);
             let om = &mut o[m * d..][..32];
             for (h, v) in a.iter().enumerate() {
-                let x = _mm512_permutexvar_ps(order, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(*v)));
+                let x = _mm512_mul_ps(dl, _mm512_cvtepi32_ps(*v));
+                // 4-bit quads come in channel order.
+                let x = if B == 4 { x } else { _mm512_permutexvar_ps(order, x) };
                 let oh = &mut om[16 * h..][..16];
                 // SAFETY: `oh` holds 16 floats; unaligned accesses.
                 unsafe { _mm512_storeu_ps(oh.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(oh.as_ptr()), x)) };
