@@ -1081,7 +1081,8 @@ fn sti(d: &mut [u32], v: __m256i) {
     unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), v) }
 }
 
-/// See [`portable::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`.
+/// See [`portable::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`; 4-bit
+/// codes take the same loops with [`nibble_pairs`] and [`madd_nibble_pairs`].
 ///
 /// Per key block the groups' queries are folded ([`fold_keys`], reductions batched in [`Pending`]) and
 /// rounded ([`round_pairs`]); then per group 32 tokens (two words of each channel row) by up to 3
@@ -1138,7 +1139,11 @@ fn q8_channel_scores<const S: bool>(
             delta: &*delta,
             bias: &*bias,
         };
-        kt.run::<S>(out, unpacked);
+        if b.width == Width::B4 {
+            kt.run::<S, 4>(out, unpacked);
+        } else {
+            kt.run::<S, 2>(out, unpacked);
+        }
     }
 }
 
@@ -1257,14 +1262,105 @@ unsafe fn code_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
 /// reads them where `S`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn unpack_code_pairs(raw: &[u32], stride: usize, codes: &mut [__m256i]) {
+fn unpack_code_pairs<const B: u32>(raw: &[u32], stride: usize, codes: &mut [__m256i]) {
     let n = codes.len() / 2;
-    // Reads words `r * stride + k` (k < 2) of `raw` for r < 2 n: checked once, then read through pointers.
-    assert!(n > 0 && raw.len() >= (2 * n - 1) * stride + 2, "code rows shorter than their layout");
+    let bw = B as usize;
+    // Reads words `r * stride + k` (k < B) of `raw` for r < 2 n: checked once, then read through pointers.
+    assert!(n > 0 && raw.len() >= (2 * n - 1) * stride + bw, "code rows shorter than their layout");
     for (i, yz) in codes.chunks_exact_mut(2).enumerate() {
-        // SAFETY: 2 i + 1 < 2 n, so the words read, up to (2 i + 1) stride + 1, lie in `raw` (checked above).
-        yz.copy_from_slice(&unsafe { code_pairs(raw.as_ptr().add(2 * i * stride), stride) });
+        let rp = raw.as_ptr().wrapping_add(2 * i * stride);
+        // SAFETY: 2 i + 1 < 2 n, so the words read, up to (2 i + 1) stride + B - 1, lie in `raw` (checked
+        // above).
+        yz.copy_from_slice(&unsafe {
+            if B == 4 { nibble_pairs(rp, stride) } else { code_pairs(rp, stride) }
+        });
     }
+}
+
+/// The 32 4-bit codes at `rp` (four words) and the 32 at `rp + stride`, unpacked to bytes and interleaved
+/// into 16-bit lanes that pair the two runs' codes at the same position, as [`code_pairs`] pairs 2-bit
+/// ones, in another order: vector 0 holds the even positions (128-bit lane `l`, lane `m`: position
+/// `16 l + 2 m`), vector 1 the odd ones (`16 l + 2 m + 1`). The low nibbles are the even positions, the
+/// high ones the odd; `vpermq` puts each run's first eight bytes beside the other's in lane 0 (the last
+/// eight in lane 1), and `vpshufb` interleaves them.
+///
+/// # Safety
+/// Words `0..4` and `stride..stride + 4` of `rp` are readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibble_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
+    // SAFETY: the caller's contract; unaligned reads.
+    let x = unsafe { _mm256_loadu2_m128i(rp.add(stride).cast(), rp.cast()) };
+    let m = _mm256_set1_epi8(15);
+    let idx = _mm256_setr_epi8(
+        0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14,
+        7, 15,
+    );
+    let pair = |v: __m256i| _mm256_shuffle_epi8(_mm256_permute4x64_epi64::<0b11_01_10_00>(v), idx);
+    [pair(_mm256_and_si256(x, m)), pair(_mm256_and_si256(_mm256_srli_epi16::<4>(x), m))]
+}
+
+/// [`madd_pairs`] for 4-bit codes ([`nibble_pairs`]), whose pair products (up to `2 * 15 * 127`) let
+/// 16-bit sums take 8 pairs: every 8 pairs the sums are widened into dwords and restarted. Returns per
+/// query the dword sums of positions 0-14 even, 16-30 even, 1-15 odd and 17-31 odd.
+///
+/// # Safety
+/// As [`madd_pairs`], with words `0..4` of each run; `n` a multiple of 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn madd_nibble_pairs<const M: usize, const S: bool>(
+    codes: &[__m256i],
+    mut rp: *const u32,
+    stride: usize,
+    pp: *const u32,
+    n: usize,
+) -> [[__m256i; 4]; M] {
+    let mut wide = [[_mm256_setzero_si256(); 4]; M];
+    for i8 in (0..n).step_by(8) {
+        let mut acc = [[_mm256_setzero_si256(); 2]; M];
+        for i in i8..i8 + 8 {
+            let [y, z] = if S {
+                // SAFETY: 2 i + 1 < 2 n <= codes.len() (the caller's contract).
+                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
+            } else {
+                // SAFETY: `rp` is `rp + 2 i stride` of the call (the caller's contract).
+                unsafe { nibble_pairs(rp, stride) }
+            };
+            rp = rp.wrapping_add(2 * stride);
+            for (m, a) in acc.iter_mut().enumerate() {
+                // SAFETY: m * n + i < M * n (the caller's contract).
+                let w = _mm256_set1_epi32(unsafe { pp.add(m * n + i).read() } as i32);
+                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, w));
+                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, w));
+            }
+        }
+        for (w, a) in wide.iter_mut().zip(&acc) {
+            for (h, &v) in a.iter().enumerate() {
+                let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+                let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v));
+                w[2 * h] = _mm256_add_epi32(w[2 * h], lo);
+                w[2 * h + 1] = _mm256_add_epi32(w[2 * h + 1], hi);
+            }
+        }
+    }
+    wide
+}
+
+/// The dword sums of [`madd_nibble_pairs`] (evens 0-14, evens 16-30, odds 1-15, odds 17-31), each through
+/// `f`, in position order: four vectors of 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibble_order(w: &[__m256i; 4], f: impl Fn(__m256i) -> __m256) -> [__m256; 4] {
+    let [e0, e1, o0, o1] = [f(w[0]), f(w[1]), f(w[2]), f(w[3])];
+    // (0, 1, 2, 3 | 8, 9, 10, 11) and (4, 5, 6, 7 | 12, 13, 14, 15) of each half.
+    let (a, b) = (_mm256_unpacklo_ps(e0, o0), _mm256_unpackhi_ps(e0, o0));
+    let (c, d) = (_mm256_unpacklo_ps(e1, o1), _mm256_unpackhi_ps(e1, o1));
+    [
+        _mm256_permute2f128_ps::<0x20>(a, b),
+        _mm256_permute2f128_ps::<0x31>(a, b),
+        _mm256_permute2f128_ps::<0x20>(c, d),
+        _mm256_permute2f128_ps::<0x31>(c, d),
+    ]
 }
 
 /// `M` queries' 16-bit sums over `n` code pairs (`n` even): pair `i`'s two `vpmaddubsw` operands, from
@@ -1383,7 +1479,7 @@ impl KeyTiles<'_> {
     /// unpacks them in place.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn run<const S: bool>(&self, out: &mut Scores<'_>, unpacked: &mut [__m256i]) {
+    fn run<const S: bool, const B: u32>(&self, out: &mut Scores<'_>, unpacked: &mut [__m256i]) {
         let (b, d, nq) = (self.b, self.d, self.nq);
         let (w, per_group) = (b.block_words, b.group / 32);
         if self.tiles == 0 {
@@ -1392,10 +1488,10 @@ impl KeyTiles<'_> {
         self.check(d / 2, !S || unpacked.len() >= d, out);
         for k in 0..self.tiles {
             let t0 = self.b0 + 32 * k;
-            let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) / 16;
+            let word = key_row(t0, 0, d, b.block, w) + (t0 & (b.block - 1)) * B as usize / 32;
             prefetch_next_block::<32>(b, t0, d);
             if S {
-                unpack_code_pairs(&b.codes[word..], w, unpacked);
+                unpack_code_pairs::<B>(&b.codes[word..], w, unpacked);
             }
             let at = k / per_group * nq;
             for qb in (0..nq).step_by(3) {
@@ -1403,9 +1499,9 @@ impl KeyTiles<'_> {
                 // at + nq <= entries otherwise), k < tiles (all checked above).
                 unsafe {
                     match nq - qb {
-                        1 => self.tile::<1, S>(k, word, at + qb, qb, unpacked, out),
-                        2 => self.tile::<2, S>(k, word, at + qb, qb, unpacked, out),
-                        _ => self.tile::<3, S>(k, word, at + qb, qb, unpacked, out),
+                        1 => self.tile::<1, S, B>(k, word, at + qb, qb, unpacked, out),
+                        2 => self.tile::<2, S, B>(k, word, at + qb, qb, unpacked, out),
+                        _ => self.tile::<3, S, B>(k, word, at + qb, qb, unpacked, out),
                     }
                 }
             }
@@ -1419,7 +1515,7 @@ impl KeyTiles<'_> {
     /// entries, `qb + M <= nq`, `k < tiles`, and `codes` holds `d` vectors where `S`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const M: usize, const S: bool>(
+    unsafe fn tile<const M: usize, const S: bool, const B: u32>(
         &self,
         k: usize,
         word: usize,
@@ -1429,6 +1525,33 @@ impl KeyTiles<'_> {
         out: &mut Scores<'_>,
     ) {
         let h = self.d / 2;
+        if B == 4 {
+            // SAFETY: as below, with four words per channel row (`check` took the codes' width); h is a
+            // multiple of 8 (d of 16).
+            let acc = unsafe {
+                madd_nibble_pairs::<M, S>(
+                    codes,
+                    self.b.codes.as_ptr().add(word),
+                    self.b.block_words,
+                    self.packed.as_ptr().add(e * h),
+                    h,
+                )
+            };
+            let op = out.data.as_mut_ptr();
+            for (m, a) in acc.iter().enumerate() {
+                // SAFETY: e + m < the batch's entries <= delta.len(), bias.len() (the caller's contract).
+                let (dl, bs) = unsafe { (*self.delta.get_unchecked(e + m), *self.bias.get_unchecked(e + m)) };
+                let (dl, bs) = (_mm256_set1_ps(dl), _mm256_set1_ps(bs));
+                let at = out.pos + self.col + (qb + m) * out.stride + 32 * k;
+                let f = |x: __m256i| _mm256_add_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(x)), bs);
+                for (j, v) in nibble_order(a, f).into_iter().enumerate() {
+                    // SAFETY: at + 8 j + 8 <= pos + col + (nq - 1) stride + 32 tiles <= out.data.len() (the
+                    // caller's contract); an unaligned store.
+                    unsafe { _mm256_storeu_ps(op.add(at + 8 * j), v) };
+                }
+            }
+            return;
+        }
         // SAFETY: channel pair i's rows (words word + 2 i w + {0, 1} and word + (2 i + 1) w + {0, 1},
         // 2 i + 1 < d) lie in the codes; the pairs read, (e + m) h + i for m < M, i < h, lie in `pairs`; `codes`
         // holds d = 2 h vectors where S (the caller's contract); h is even.
@@ -1464,7 +1587,9 @@ const fn v8_channel(r: usize) -> usize {
     32 * j + 4 * m + 2 * l + h
 }
 
-/// See [`portable::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`.
+/// See [`portable::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`; 4-bit
+/// codes take the same loops with [`nibble_pairs`] and [`madd_nibble_pairs`] (four words per 32 channels),
+/// their sums in channel order.
 ///
 /// Per tile of [`super::Q8_TILE`] tokens, the weights `p_t s_t` of each channel group and query are rounded
 /// ([`portable::value_tile_q8`]) and laid out as [`byte_pairs`] over token pairs; then, for each chunk of
@@ -1474,7 +1599,7 @@ const fn v8_channel(r: usize) -> usize {
 /// queries, one weight broadcast per query), which the tile's scales take into f32; with more than 3
 /// queries (prefill) the codes are unpacked once ([`unpack_code_pairs`]) for all blocks of 3. The sums are
 /// kept in a channel-permuted order ([`v8_channel`]) and put back in order once; a last partial tile runs
-/// the portable twin.
+/// as a zero-padded whole one ([`q8_tile`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn values_q8_token(
     b: &TokenBody<'_>,
@@ -1485,11 +1610,18 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
+    let four = b.width == Width::B4;
     if out.len() / d > 3 {
         let mut unpacked = [_mm256_setzero_si256(); super::Q8_TILE];
-        return q8_token_values::<true>(b, start, n, p, d, out, work, &mut unpacked);
+        if four {
+            return q8_token_values::<true, 4>(b, start, n, p, d, out, work, &mut unpacked);
+        }
+        return q8_token_values::<true, 2>(b, start, n, p, d, out, work, &mut unpacked);
     }
-    q8_token_values::<false>(b, start, n, p, d, out, work, &mut []);
+    if four {
+        return q8_token_values::<false, 4>(b, start, n, p, d, out, work, &mut []);
+    }
+    q8_token_values::<false, 2>(b, start, n, p, d, out, work, &mut []);
 }
 
 /// [`values_q8_token`]'s loops: `S` (shared) unpacks each word pair of a tile once into
@@ -1498,7 +1630,7 @@ pub(crate) fn values_q8_token(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q8_token_values<const S: bool>(
+fn q8_token_values<const S: bool, const B: u32>(
     b: &TokenBody<'_>,
     start: usize,
     n: usize,
@@ -1517,6 +1649,7 @@ fn q8_token_values<const S: bool>(
     let (delta, spare) = tile.split_at_mut(groups * nq);
     lp.fill(0.0);
     zl.fill(0.0);
+    let vmax = super::q8_value_max(b.width);
     for t0 in (0..n).step_by(T) {
         let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
@@ -1552,35 +1685,38 @@ fn q8_token_values<const S: bool>(
                     delta[gi * nq + qi] = 0.0;
                     continue;
                 }
-                let inv = _mm256_set1_ps(super::Q8_VALUE_MAX / m);
+                let inv = _mm256_set1_ps(vmax / m);
                 for (h, o) in pq.chunks_exact_mut(16).enumerate() {
                     let r: [__m256i; 4] =
                         core::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(ps[4 * h + k], inv)));
                     sti(&mut o[..8], byte_pairs(r[0], r[1]));
                     sti(&mut o[8..], byte_pairs(r[2], r[3]));
                 }
-                delta[gi * nq + qi] = m / super::Q8_VALUE_MAX;
+                delta[gi * nq + qi] = m / vmax;
             }
         }
         let rows = &b.codes[slot * b.row_words..][..T * b.row_words];
-        for ch in 0..d / 64 {
-            for j in 0..2 {
-                let group = (ch * 64 + 32 * j) / g;
-                let v =
-                    Q8Values { rows, row_words: b.row_words, word: ch * 4 + 2 * j, group, nq, pairs, delta };
-                if S {
-                    unpack_code_pairs(&rows[v.word..], b.row_words, unpacked);
-                }
-                for qb in (0..nq).step_by(3) {
-                    let lq = &mut lp[qb * d..];
-                    match nq - qb {
-                        1 => v.tile::<1, S>(unpacked, lq, d, qb),
-                        2 => v.tile::<2, S>(unpacked, lq, d, qb),
-                        _ => v.tile::<3, S>(unpacked, lq, d, qb),
-                    }
+        // 32 channels (one group or more) are `B` words of each row.
+        for c0 in (0..d).step_by(32) {
+            let word = c0 * B as usize / 32;
+            let v = Q8Values { rows, row_words: b.row_words, word, group: c0 / g, nq, pairs, delta };
+            if S {
+                unpack_code_pairs::<B>(&rows[v.word..], b.row_words, unpacked);
+            }
+            for qb in (0..nq).step_by(3) {
+                let lq = &mut lp[qb * d..];
+                match nq - qb {
+                    1 => v.tile::<1, S, B>(unpacked, lq, d, qb, c0),
+                    2 => v.tile::<2, S, B>(unpacked, lq, d, qb, c0),
+                    _ => v.tile::<3, S, B>(unpacked, lq, d, qb, c0),
                 }
             }
         }
+    }
+    if B == 4 {
+        // 4-bit sums are kept in channel order.
+        l.copy_from_slice(lp);
+        return portable::finish_values_q8(g, d, l, zl, out);
     }
     for (lr, pr) in l.chunks_exact_mut(d).zip(lp.chunks_exact(d)) {
         for (lc, pc) in lr.chunks_exact_mut(64).zip(pr.chunks_exact(64)) {
@@ -1745,9 +1881,52 @@ impl Q8Values<'_> {
     /// come unpacked from `codes` where `S` (see [`unpack_code_pairs`]), else straight from the rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const M: usize, const S: bool>(&self, codes: &[__m256i], lq: &mut [f32], d: usize, qb: usize) {
+    fn tile<const M: usize, const S: bool, const B: u32>(
+        &self,
+        codes: &[__m256i],
+        lq: &mut [f32],
+        d: usize,
+        qb: usize,
+        c0: usize,
+    ) {
         const T: usize = super::Q8_TILE;
         let rw = self.row_words;
+        if B == 4 {
+            let p0 = (self.group * self.nq + qb) * T / 2;
+            // Reads words `t * rw + word + i` (i < 4) of `rows` for t < T (or entries i < T of `codes`) and
+            // entries `p0 + i` (i < M * T / 2) of `pairs`: checked once here. The layout guarantees this; a
+            // failure is a bug in this crate.
+            assert!(
+                self.rows.len() >= T * rw
+                    && self.word + 4 <= rw
+                    && (!S || codes.len() >= T)
+                    && self.pairs.len() >= p0 + M * T / 2
+                    && lq.len() >= (M - 1) * d + c0 + 32,
+                "value rows shorter than their layout"
+            );
+            // SAFETY: token pair tp's rows start at word 2 tp rw of `rows[word..]` and 2 tp + 1 < T, word + 4
+            // <= rw, so the words read lie in `rows`; `pairs[p0..]` holds M * T / 2 entries; `codes` T where
+            // S (all checked above); T / 2 is a multiple of 8.
+            let acc = unsafe {
+                madd_nibble_pairs::<M, S>(
+                    codes,
+                    self.rows[self.word..].as_ptr(),
+                    rw,
+                    self.pairs[p0..].as_ptr(),
+                    T / 2,
+                )
+            };
+            for (m, a) in acc.iter().enumerate() {
+                let dl = _mm256_set1_ps(self.delta[self.group * self.nq + qb + m]);
+                let o = &mut lq[m * d + c0..][..32];
+                let f = |x: __m256i| _mm256_mul_ps(dl, _mm256_cvtepi32_ps(x));
+                for (j, x) in nibble_order(a, f).into_iter().enumerate() {
+                    let y = _mm256_add_ps(ld(&o[8 * j..]), x);
+                    st(&mut o[8 * j..], y);
+                }
+            }
+            return;
+        }
         // Reads words `t * rw + word + i` (i < 2) of `rows` for t < T (or entries i < T of `codes`) and
         // entries `(group * nq + qb + m) * T / 2 + i` (i < T / 2) of `pairs` for m < M: checked once here,
         // then read through pointers. The layout guarantees this; a failure is a bug in this crate.

@@ -17,8 +17,8 @@
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
 //!
 //! By default every product is f32, so attention over the cache equals attention over the dequantized cache
-//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits (and
-//! 4-bit ones on the AVX-512 kernels, whose dword sums hold them): the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not by the
+//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits and of
+//! 4 bits: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not by the
 //! bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
 //! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`]
 //! tokens the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output
@@ -57,8 +57,7 @@ impl Kernel {
     pub const PORTABLE: Self = Self { avx2: false, avx512: false, int8: false };
 
     /// The same kernels with the int8 path on or off (off by default). On it, bodies of codes up to 2 bits
-    /// (`B1`, `B2`, `Ternary`), and 4-bit ones where the kernels are AVX-512's or portable (not AVX2's, which
-    /// read them in f32: see [`q8_key_max`]), are read with integer dot products: per key group, the query
+    /// (`B1`, `B2`, `Ternary`) and of 4 bits are read with integer dot products: per key group, the query
     /// with the group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for
     /// `head_dim` up to 85, and at 4 bits), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers of at most
     /// [`Q8_VALUE_MAX`], each on its own scale `delta`. Each score then moves by at most `delta / 2` per
@@ -308,8 +307,8 @@ pub const Q8_TILE: usize = 128;
 pub const Q8_VALUE_MAX: f32 = 85.0;
 
 /// Largest rounded value weight of the int8 path over codes of `width`: [`Q8_VALUE_MAX`], or 127 for 4-bit
-/// codes, which only the kernels with dword sums read (a tile's sums stay below `Q8_TILE * 127 * 15`,
-/// 243,840). With 85 levels the 4-bit int8 path's values raised `kivi4`'s KL divergence from f16 by half
+/// codes, whose sums are dwords (AVX2 widens its 16-bit sums every 8 token pairs; a tile's sums stay below
+/// `Q8_TILE * 127 * 15`, 243,840). With 85 levels the 4-bit int8 path's values raised `kivi4`'s KL divergence from f16 by half
 /// again as much as its keys did (`kvq perplexity -c 2048 --chunks 8`, SmolLM2).
 pub fn q8_value_max(width: Width) -> f32 {
     if width == Width::B4 { 127.0 } else { Q8_VALUE_MAX }
@@ -317,8 +316,8 @@ pub fn q8_value_max(width: Width) -> f32 {
 
 /// Largest integer of the int8 path's folded queries over `d` channels of `width` codes: 127, or less
 /// where `d * max_code * 127` would pass the 16-bit sums AVX2 accumulates (`head_dim` above 85 at 2 bits).
-/// 4-bit codes take the int8 path only where the sums are 32-bit (AVX-512 VNNI, and the portable twin),
-/// so they keep 127 (`d * 15 * 127` stays exact in f32 up to `head_dim` 8,800).
+/// 4-bit codes keep 127: their sums are dwords (AVX-512 VNNI; AVX2 widens its 16-bit sums every 8 channel
+/// pairs, at most `8 * 2 * 15 * 127` = 30,480), and `d * 15 * 127` stays exact in f32 up to `head_dim` 8,800.
 pub fn q8_key_max(d: usize, width: Width) -> f32 {
     if width == Width::B4 {
         return 127.0;
@@ -340,13 +339,9 @@ const fn q8_value_work(nq: usize, d: usize, groups: usize) -> usize {
         + Q8_TILE * (d / 8 + groups)
 }
 
-/// Whether the int8 path reads a body of `width` codes: up to 2 bits everywhere; 4 bits with the
-/// AVX-512 kernels (dword sums) and the portable twin, not with AVX2, whose 16-bit sums would cut 4-bit
-/// value tiles to 16 tokens (there 4-bit bodies stay on the f32 kernels).
+/// Whether the int8 path reads a body of `width` codes: up to 2 bits, and 4.
 fn q8_width(kernel: Kernel, width: Width) -> bool {
-    kernel.int8
-        && (matches!(width, Width::B1 | Width::B2 | Width::Ternary)
-            || (width == Width::B4 && (kernel.avx512 || !kernel.avx2)))
+    kernel.int8 && matches!(width, Width::B1 | Width::B2 | Width::Ternary | Width::B4)
 }
 
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
@@ -1118,7 +1113,7 @@ fn channel_keys(
     if int8 {
         #[cfg(target_arch = "x86_64")]
         if vector
-            && (b.width.bits() == 2 || avx512 && b.width == Width::B4)
+            && (b.width.bits() == 2 || b.width == Width::B4)
             && b.group.is_multiple_of(32)
             && q.d.is_multiple_of(16)
         {
@@ -1157,7 +1152,7 @@ fn token_values(
     if int8 {
         #[cfg(target_arch = "x86_64")]
         if vector
-            && (b.width.bits() == 2 || avx512 && b.width == Width::B4)
+            && (b.width.bits() == 2 || b.width == Width::B4)
             && b.group.is_multiple_of(32)
             && d.is_multiple_of(64)
         {

@@ -64,7 +64,7 @@ pub(crate) struct ModelArgs {
     /// exact arithmetic.
     #[arg(long)]
     pub(crate) exact: bool,
-    /// Read 2-bit (and, on AVX-512, 4-bit) KV caches with f32 arithmetic instead of attention's int8 path (implied by --exact).
+    /// Read 2- and 4-bit KV caches with f32 arithmetic instead of attention's int8 path (implied by --exact).
     #[arg(long)]
     pub(crate) f32_attention: bool,
     /// Attention kernels: the fastest this CPU runs (auto), or one set, to compare them.

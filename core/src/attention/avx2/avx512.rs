@@ -22,11 +22,10 @@
 //! transposed by the same `vpermb` so that one `vpdpbusd` adds four tokens' products for 16 channels
 //! ([`values_q8_token`]).
 //!
-//! 4-bit codes (`kivi4`) take the int8 path here and not on AVX2: their sums need dwords (AVX2 adds
-//! 16-bit ones). Four rows of 32 codes are 16 bytes each, one 128-bit lane apiece, and `vpermb` puts the
-//! byte holding position `i` of each row in dword `i`, whose odd positions a shift of 4 bits brings down
-//! ([`nibble_quads`]), so the sums come out in order and need no permute. Their value weights are rounded
-//! to 127 levels rather than 85 ([`q8_value_max`]).
+//! 4-bit codes (`kivi4`) take the same int8 loops: four rows of 32 codes are 16 bytes each, one 128-bit
+//! lane apiece, and `vpermb` puts the byte holding position `i` of each row in dword `i`, whose odd
+//! positions a shift of 4 bits brings down ([`nibble_quads`]), so the sums come out in order and need no
+//! permute. Their value weights are rounded to 127 levels rather than 85 ([`q8_value_max`]).
 //!
 //! The generic per-channel key path (`kvq2`, `kvq3`, KVQuant, MiKV: [`group_scores`]) takes 16 tokens a
 //! vector: a channel's 16 codes are one broadcast and per-lane shift, and its reconstruction table of 16
@@ -104,8 +103,7 @@ const NIBBLE_HI: [u8; 64] = nibble_index::<8>();
 /// unpack the tile once per block of 4.
 const MAX_UNPACKED: usize = 128;
 
-/// See [`super::scores_q8_channel`] (the same bits). 2-bit codes, or 4-bit ones (which the AVX2 kernel does
-/// not take; the portable twin's bits), `group % 32 == 0`, `d % 16 == 0`.
+/// See [`super::scores_q8_channel`] (the same bits). 2- or 4-bit codes, `group % 32 == 0`, `d % 16 == 0`.
 ///
 /// # Safety (of calling it)
 /// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL, VNNI and VBMI (a [`super::super::Kernel`] with
@@ -419,9 +417,8 @@ impl KeyTiles<'_> {
     }
 }
 
-/// See [`super::values_q8_token`] (the same bits). 2-bit codes, or 4-bit ones (which the AVX2 kernel does
-/// not take; the portable twin's bits, 32 channels being four words of a row and [`nibble_quads`] their
-/// unpacking, in channel order), `group % 32 == 0`, `d % 64 == 0`.
+/// See [`super::values_q8_token`] (the same bits). 2- or 4-bit codes (32 channels being four words of a row
+/// at 4 bits, [`nibble_quads`] their unpacking, in channel order), `group % 32 == 0`, `d % 64 == 0`.
 ///
 /// Per tile of [`Q8_TILE`] tokens: the weights `p_t s_t` of each channel group and query are rounded as
 /// the AVX2 path rounds them and narrowed to bytes in token order, four to a dword; the zero-point lanes
@@ -429,7 +426,7 @@ impl KeyTiles<'_> {
 /// four tokens, [`code_quads`] puts the four tokens' codes of each channel in a dword, and one `vpdpbusd`
 /// per 16 channels and query adds the four products. The sums are put in channel order once per tile
 /// (`vpermps`), scaled by the tile's `delta` and added to the query's output, as the AVX2 path adds them;
-/// a last partial tile runs the portable twin.
+/// a last partial tile runs as a zero-padded whole one ([`q8_tile`]).
 ///
 /// # Safety (of calling it)
 /// As [`scores_q8_channel`].
