@@ -1301,7 +1301,7 @@ unsafe fn nibble_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
 }
 
 /// [`madd_pairs`] for 4-bit codes ([`nibble_pairs`]), whose pair products (up to `2 * 15 * 127`) let
-/// 16-bit sums take 8 pairs: every 8 pairs the sums are widened into dwords and restarted. Returns per
+/// 16-bit sums take 8 pairs: 8 pairs at a time, each run's sums widened into dwords. Returns per
 /// query the dword sums of positions 0-14 even, 16-30 even, 1-15 odd and 17-31 odd.
 ///
 /// # Safety
@@ -1310,30 +1310,15 @@ unsafe fn nibble_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn madd_nibble_pairs<const M: usize, const S: bool>(
     codes: &[__m256i],
-    mut rp: *const u32,
+    rp: *const u32,
     stride: usize,
     pp: *const u32,
     n: usize,
 ) -> [[__m256i; 4]; M] {
     let mut wide = [[_mm256_setzero_si256(); 4]; M];
     for i8 in (0..n).step_by(8) {
-        let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        for i in i8..i8 + 8 {
-            let [y, z] = if S {
-                // SAFETY: 2 i + 1 < 2 n <= codes.len() (the caller's contract).
-                unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
-            } else {
-                // SAFETY: `rp` is `rp + 2 i stride` of the call (the caller's contract).
-                unsafe { nibble_pairs(rp, stride) }
-            };
-            rp = rp.wrapping_add(2 * stride);
-            for (m, a) in acc.iter_mut().enumerate() {
-                // SAFETY: m * n + i < M * n (the caller's contract).
-                let w = _mm256_set1_epi32(unsafe { pp.add(m * n + i).read() } as i32);
-                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(y, w));
-                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(z, w));
-            }
-        }
+        // SAFETY: the caller's contract, for pairs i8..i8 + 8 of n.
+        let acc = unsafe { madd_pairs::<M, S, 4>(codes, rp, stride, pp, n, i8..i8 + 8) };
         for (w, a) in wide.iter_mut().zip(&acc) {
             for (h, &v) in a.iter().enumerate() {
                 let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
@@ -1363,34 +1348,39 @@ fn nibble_order(w: &[__m256i; 4], f: impl Fn(__m256i) -> __m256) -> [__m256; 4] 
     ]
 }
 
-/// `M` queries' 16-bit sums over `n` code pairs (`n` even): pair `i`'s two `vpmaddubsw` operands, from
-/// `codes[2 i..2 i + 2]` where `S` ([`unpack_code_pairs`]) or else from [`code_pairs`] at `rp + 2 i stride`
-/// with `stride` apart, each multiplied by query `m`'s byte pair `pp[m * n + i]` broadcast ([`byte_pairs`])
-/// and added into `acc[m]`. The key tile's pairs are channel pairs, the value tile's token pairs. The rows
-/// are walked by pointer, so that the loop computes no row offsets (two `imul`s a pair, a fifth of its
-/// instructions, when it did), and two pairs go per iteration, so that the counter and pointer steps are
-/// paid once for both.
+/// `M` queries' 16-bit sums over code pairs `span` of `n` (`span` of even bounds): pair `i`'s two
+/// `vpmaddubsw` operands, from `codes[2 i..2 i + 2]` where `S` ([`unpack_code_pairs`]) or else from
+/// [`code_pairs`] (`B = 2`) or [`nibble_pairs`] (`B = 4`) at `rp + 2 i stride` with `stride` apart, each
+/// multiplied by query `m`'s byte pair `pp[m * n + i]` broadcast ([`byte_pairs`]) and added into `acc[m]`.
+/// The key tile's pairs are channel pairs, the value tile's token pairs. The rows are walked by pointer, so
+/// that the loop computes no row offsets (two `imul`s a pair, a fifth of its instructions, when it did),
+/// and two pairs go per iteration, so that the counter and pointer steps are paid once for both.
 ///
 /// # Safety
-/// For `i < n` and `m < M`: entry `m * n + i` of `pp` is readable; where `S`, `codes.len() >= 2 n`, else
-/// words `0..2` and `stride..stride + 2` of `rp + 2 i stride` are readable.
+/// For `i` in `span` and `m < M`: entry `m * n + i` of `pp` is readable; where `S`, `codes.len() >= 2 n`,
+/// else words `0..B` and `stride..stride + B` of `rp + 2 i stride` are readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn madd_pairs<const M: usize, const S: bool>(
+unsafe fn madd_pairs<const M: usize, const S: bool, const B: u32>(
     codes: &[__m256i],
-    mut rp: *const u32,
+    rp: *const u32,
     stride: usize,
     pp: *const u32,
     n: usize,
+    span: core::ops::Range<usize>,
 ) -> [[__m256i; 2]; M] {
     let mut acc = [[_mm256_setzero_si256(); 2]; M];
-    for i2 in (0..n).step_by(2) {
+    let mut rp = rp.wrapping_add(2 * span.start * stride);
+    for i2 in span.step_by(2) {
         for i in i2..i2 + 2 {
             let [y, z] = if S {
                 // SAFETY: 2 i + 1 < 2 n <= codes.len() (the caller's contract).
                 unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
-            } else {
+            } else if B == 4 {
                 // SAFETY: `rp` is `rp + 2 i stride` of the call (the caller's contract).
+                unsafe { nibble_pairs(rp, stride) }
+            } else {
+                // SAFETY: as above.
                 unsafe { code_pairs(rp, stride) }
             };
             rp = rp.wrapping_add(2 * stride);
@@ -1556,12 +1546,13 @@ impl KeyTiles<'_> {
         // 2 i + 1 < d) lie in the codes; the pairs read, (e + m) h + i for m < M, i < h, lie in `pairs`; `codes`
         // holds d = 2 h vectors where S (the caller's contract); h is even.
         let acc = unsafe {
-            madd_pairs::<M, S>(
+            madd_pairs::<M, S, 2>(
                 codes,
                 self.b.codes.as_ptr().add(word),
                 self.b.block_words,
                 self.packed.as_ptr().add(e * h),
                 h,
+                0..h,
             )
         };
         let op = out.data.as_mut_ptr();
@@ -1942,7 +1933,14 @@ impl Q8Values<'_> {
         // rw, so the words read lie in `rows`; `pairs[p0..]` holds M * T / 2 entries; `codes` T where S (all
         // checked above); T / 2 is even.
         let acc = unsafe {
-            madd_pairs::<M, S>(codes, self.rows[self.word..].as_ptr(), rw, self.pairs[p0..].as_ptr(), T / 2)
+            madd_pairs::<M, S, 2>(
+                codes,
+                self.rows[self.word..].as_ptr(),
+                rw,
+                self.pairs[p0..].as_ptr(),
+                T / 2,
+                0..T / 2,
+            )
         };
         for (m, ac) in acc.iter().enumerate() {
             let dl = _mm256_set1_ps(self.delta[self.group * self.nq + qb + m]);

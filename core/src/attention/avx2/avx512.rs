@@ -24,7 +24,7 @@
 //!
 //! 4-bit codes (`kivi4`) take the same int8 loops: four rows of 32 codes are 16 bytes each, one 128-bit
 //! lane apiece, and `vpermb` puts the byte holding position `i` of each row in dword `i`, whose odd
-//! positions a shift of 4 bits brings down ([`nibble_quads`]), so the sums come out in order and need no
+//! positions a shift of 4 bits brings down ([`code_quads`]), so the sums come out in order and need no
 //! permute. Their value weights are rounded to 127 levels rather than 85 ([`q8_value_max`]).
 //!
 //! The generic per-channel key path (`kvq2`, `kvq3`, KVQuant, MiKV: [`group_scores`]) takes 16 tokens a
@@ -66,7 +66,7 @@ use crate::cache::layout::key_row;
 use crate::pack::Width;
 use core::arch::x86_64::*;
 
-/// `vpermb` indices of [`code_quads`]: byte `16 k + 4 b + j` of the result is byte `8 j + b + OFF` of the
+/// `vpermb` indices of [`code_quads`] at 2 bits: byte `16 k + 4 b + j` of the result is byte `8 j + b + OFF` of the
 /// four rows (row `j` is the `j`-th 64-bit lane of the source), for every 128-bit lane `k`.
 const fn quad_index<const OFF: usize>() -> [u8; 64] {
     let mut idx = [0u8; 64];
@@ -82,7 +82,7 @@ const fn quad_index<const OFF: usize>() -> [u8; 64] {
 const QUAD_LO: [u8; 64] = quad_index::<0>();
 const QUAD_HI: [u8; 64] = quad_index::<4>();
 
-/// `vpermb` indices of [`nibble_quads`]: byte `4 i + j` of the result is byte `16 j + i / 2 + OFF` of the
+/// `vpermb` indices of [`code_quads`] at 4 bits: byte `4 i + j` of the result is byte `16 j + i / 2 + OFF` of the
 /// four rows (row `j` is the `j`-th 128-bit lane of the source): the byte that holds code `i` (`2 OFF + i`)
 /// of row `j`.
 const fn nibble_index<const OFF: usize>() -> [u8; 64] {
@@ -192,74 +192,51 @@ fn round_quads(x: &[f32], inv: &[f32], quads: &mut [u32]) {
     }
 }
 
-/// The 2-bit codes of 32 tokens of four channel rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, two words
-/// each) as bytes, each token's four codes in one dword: tokens 0-15 in the first vector, 16-31 in the
-/// second, dword `b` of 128-bit lane `k` holding token `4 b + k` (16 more in the second).
-///
-/// # Safety
-/// Words `0..2` of `rp + j w` are readable for `j < 4`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-unsafe fn code_quads(rp: *const u32, w: usize, lo_idx: __m512i, hi_idx: __m512i) -> [__m512i; 2] {
-    // SAFETY: the caller's contract; unaligned reads.
-    let rows = unsafe {
-        _mm256_setr_epi64x(
-            rp.cast::<i64>().read_unaligned(),
-            rp.add(w).cast::<i64>().read_unaligned(),
-            rp.add(2 * w).cast::<i64>().read_unaligned(),
-            rp.add(3 * w).cast::<i64>().read_unaligned(),
-        )
-    };
-    let rows = _mm512_zextsi256_si512(rows);
-    let sh = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-    let m3 = _mm512_set1_epi8(3);
-    let lo = _mm512_permutexvar_epi8(lo_idx, rows);
-    let hi = _mm512_permutexvar_epi8(hi_idx, rows);
-    [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m3), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m3)]
-}
-
-/// The 4-bit codes of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, four words each)
-/// as bytes, the four rows' codes of each position in one dword, in order: positions 0-15 in the first
-/// vector, 16-31 in the second. Each row's 16 bytes go in one 128-bit lane, `vpermb` puts the byte that
-/// holds position `i` of the four rows in dword `i`, and a shift of 4 bits in the odd dwords and a mask
-/// leave its codes.
-///
-/// # Safety
-/// Words `0..4` of `rp + j w` are readable for `j < 4`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-unsafe fn nibble_quads(rp: *const u32, w: usize, lo_idx: __m512i, hi_idx: __m512i) -> [__m512i; 2] {
-    // SAFETY: the caller's contract; unaligned reads.
-    let rows = unsafe {
-        let r = _mm512_castsi128_si512(_mm_loadu_si128(rp.cast()));
-        let r = _mm512_inserti32x4::<1>(r, _mm_loadu_si128(rp.add(w).cast()));
-        let r = _mm512_inserti32x4::<2>(r, _mm_loadu_si128(rp.add(2 * w).cast()));
-        _mm512_inserti32x4::<3>(r, _mm_loadu_si128(rp.add(3 * w).cast()))
-    };
-    let sh = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-    let m = _mm512_set1_epi8(15);
-    let lo = _mm512_permutexvar_epi8(lo_idx, rows);
-    let hi = _mm512_permutexvar_epi8(hi_idx, rows);
-    [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m)]
-}
-
-/// [`code_quads`] (`B = 2`) or [`nibble_quads`] (`B = 4`) with their indices (see [`indices`]).
+/// The `B`-bit codes (2 or 4) of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, `B` words
+/// each) as bytes, the four rows' codes of each position in one dword: positions 0-15 in the first
+/// vector, 16-31 in the second. The rows' bytes go side by side (2 bits: 8 bytes each in a 256-bit
+/// vector; 4 bits: 16 bytes each, a 128-bit lane apiece) and `vpermb` ([`indices`]) gathers the four rows'
+/// bytes of each dword; a shift per dword and a mask leave the codes. At 2 bits dword `b` of 128-bit lane
+/// `k` holds position `4 b + k` (shifts of `2 k`); at 4 bits dword `i` holds position `i`, the byte that
+/// holds it shifted by 4 where `i` is odd.
 ///
 /// # Safety
 /// Words `0..B` of `rp + j w` are readable for `j < 4`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-unsafe fn unpack_quads<const B: u32>(
+unsafe fn code_quads<const B: u32>(
     rp: *const u32,
     w: usize,
     lo_idx: __m512i,
     hi_idx: __m512i,
 ) -> [__m512i; 2] {
-    // SAFETY: the caller's contract.
-    unsafe { if B == 4 { nibble_quads(rp, w, lo_idx, hi_idx) } else { code_quads(rp, w, lo_idx, hi_idx) } }
+    // SAFETY: the caller's contract; unaligned reads.
+    let rows = unsafe {
+        if B == 4 {
+            let r = _mm512_castsi128_si512(_mm_loadu_si128(rp.cast()));
+            let r = _mm512_inserti32x4::<1>(r, _mm_loadu_si128(rp.add(w).cast()));
+            let r = _mm512_inserti32x4::<2>(r, _mm_loadu_si128(rp.add(2 * w).cast()));
+            _mm512_inserti32x4::<3>(r, _mm_loadu_si128(rp.add(3 * w).cast()))
+        } else {
+            _mm512_zextsi256_si512(_mm256_setr_epi64x(
+                rp.cast::<i64>().read_unaligned(),
+                rp.add(w).cast::<i64>().read_unaligned(),
+                rp.add(2 * w).cast::<i64>().read_unaligned(),
+                rp.add(3 * w).cast::<i64>().read_unaligned(),
+            ))
+        }
+    };
+    let (sh, m) = if B == 4 {
+        (_mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4), _mm512_set1_epi8(15))
+    } else {
+        (_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), _mm512_set1_epi8(3))
+    };
+    let lo = _mm512_permutexvar_epi8(lo_idx, rows);
+    let hi = _mm512_permutexvar_epi8(hi_idx, rows);
+    [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m)]
 }
 
-/// The permute indices of [`unpack_quads`] for `B`-bit codes.
+/// The permute indices of [`code_quads`] for `B`-bit codes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
 fn indices<const B: u32>() -> (__m512i, __m512i) {
@@ -269,7 +246,7 @@ fn indices<const B: u32>() -> (__m512i, __m512i) {
 }
 
 /// `M` queries' dword sums over `n` quads: quad `i`'s two vectors of codes, from `codes[2 i..2 i + 2]` where
-/// `S` or else from [`unpack_quads`] at `rp + 4 i stride` (rows `stride` apart, `B`-bit codes), each multiplied by query
+/// `S` or else from [`code_quads`] at `rp + 4 i stride` (rows `stride` apart, `B`-bit codes), each multiplied by query
 /// `m`'s four bytes `qp[m * n + i]` broadcast and added with `vpdpbusd`. The key tiles' quads are four
 /// channel rows of 32 tokens, the value tiles' four token rows of 32 channels.
 ///
@@ -293,7 +270,7 @@ unsafe fn dp_quads<const M: usize, const S: bool, const B: u32>(
             unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
         } else {
             // SAFETY: rows 4 i..4 i + 4 at `rp` (the caller's contract).
-            unsafe { unpack_quads::<B>(rp, stride, idx[0], idx[1]) }
+            unsafe { code_quads::<B>(rp, stride, idx[0], idx[1]) }
         };
         rp = rp.wrapping_add(4 * stride);
         for (m, a) in acc.iter_mut().enumerate() {
@@ -345,7 +322,7 @@ impl KeyTiles<'_> {
                 for (i, v) in unpacked[..d / 2].chunks_exact_mut(2).enumerate() {
                     // SAFETY: rows 4 i..4 i + 4 < d of this tile lie in the codes (checked above).
                     v.copy_from_slice(&unsafe {
-                        unpack_quads::<B>(b.codes.as_ptr().add(word + 4 * i * w), w, lo_idx, hi_idx)
+                        code_quads::<B>(b.codes.as_ptr().add(word + 4 * i * w), w, lo_idx, hi_idx)
                     });
                 }
             }
@@ -418,7 +395,7 @@ impl KeyTiles<'_> {
 }
 
 /// See [`super::values_q8_token`] (the same bits). 2- or 4-bit codes (32 channels being four words of a row
-/// at 4 bits, [`nibble_quads`] their unpacking, in channel order), `group % 32 == 0`, `d % 64 == 0`.
+/// at 4 bits, [`code_quads`] their unpacking, in channel order), `group % 32 == 0`, `d % 64 == 0`.
 ///
 /// Per tile of [`Q8_TILE`] tokens: the weights `p_t s_t` of each channel group and query are rounded as
 /// the AVX2 path rounds them and narrowed to bytes in token order, four to a dword; the zero-point lanes
@@ -549,7 +526,7 @@ fn token_values<const S: bool, const B: u32>(
                     // SAFETY: rows 4 i..4 i + 4 < T of the tile, words word..word + 2 < rw of each (checked
                     // above and by the reslice of `rows`).
                     v.copy_from_slice(&unsafe {
-                        unpack_quads::<B>(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx)
+                        code_quads::<B>(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx)
                     });
                 }
             }
