@@ -480,7 +480,7 @@ fn lookup_path(q: QuantSpec, d: usize) -> bool {
 }
 
 /// [`channel_key_scores_in`] with hand-written AVX2 for the groups' codes (see
-/// [`super::avx2::channel_group_lookup`]): per batch of key groups, each channel's reconstruction of every
+/// [`super::avx2::GroupRun::scores`]): per batch of key groups, each channel's reconstruction of every
 /// code is formed once (`zero + scale * level`, as the portable path forms it), then the scores are table
 /// lookups and FMAs in registers, written straight to `out`; outliers are added after, as the portable path
 /// adds them. `d <= LOOKUP_TABLES`.
