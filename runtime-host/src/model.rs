@@ -172,7 +172,8 @@ pub struct Model {
     local_cache: Option<CacheConfig>,
     /// Matrix-product mode.
     pub mode: MatMode,
-    /// Whether sessions read caches of codes up to 2 bits, and of 4 bits, on attention's int8 path ([`Kernel::with_int8`]; on by default, off with `--exact` or `--f32-attention`).
+    /// Whether sessions read caches of codes up to 2 bits, and of 4 bits, on attention's int8 path
+    /// ([`Kernel::with_int8`]; on by default, off with `--exact` or `--f32-attention`).
     pub int8_attention: bool,
     /// The attention kernels sessions run ([`Kernel::detect`] by default: AVX-512 where the CPU has it,
     /// else AVX2, else the portable twins; `--attention-kernels` picks one); the int8 path is

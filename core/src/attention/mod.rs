@@ -17,13 +17,13 @@
 //! stay in the caller's scratch and are handed back ([`AttnProbs`]) for policies that rank tokens by them.
 //!
 //! By default every product is f32, so attention over the cache equals attention over the dequantized cache
-//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits and of
-//! 4 bits: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not by the
-//! bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
-//! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`]
-//! tokens the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output
-//! by a bound the tests derive (`int8_attention_is_within_its_bound`), well under the 2-bit quantizer's
-//! own error. Both twins give the same bits on this path.
+//! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits and of 4
+//! bits: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not
+//! by the bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
+//! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`] tokens
+//! the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output by a bound
+//! the tests derive (`int8_attention_is_within_its_bound`), well under the 2-bit quantizer's own error. Both
+//! twins give the same bits on this path.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -58,13 +58,13 @@ impl Kernel {
 
     /// The same kernels with the int8 path on or off (off by default). On it, bodies of codes up to 2 bits
     /// (`B1`, `B2`, `Ternary`) and of 4 bits are read with integer dot products: per key group, the query
-    /// with the group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for
-    /// `head_dim` up to 85, and at 4 bits), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers of at most
-    /// [`Q8_VALUE_MAX`], each on its own scale `delta`. Each score then moves by at most `delta / 2` per
-    /// unit of code summed over the channels, each output by `delta / 2` per unit of code summed over a
-    /// tile's tokens (the tests derive the attention bound from this); zero points, the softmax and
-    /// everything in f16 stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the portable twin gives the
-    /// same bits.
+    /// with the group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for `head_dim`
+    /// up to 85, and at 4 bits), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers
+    /// of at most [`q8_value_max`] (85, or 127 at 4 bits), each on its own scale `delta`. Each score then
+    /// moves by at most `delta / 2` per unit of code summed over the channels, each output by `delta / 2`
+    /// per unit of code summed over a tile's tokens (the tests derive the attention bound from this); zero
+    /// points, the softmax and everything in f16 stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the
+    /// portable twin gives the same bits.
     pub const fn with_int8(self, on: bool) -> Self {
         Self { int8: on, ..self }
     }
@@ -308,8 +308,8 @@ pub const Q8_VALUE_MAX: f32 = 85.0;
 
 /// Largest rounded value weight of the int8 path over codes of `width`: [`Q8_VALUE_MAX`], or 127 for 4-bit
 /// codes, whose sums are dwords (AVX2 widens its 16-bit sums every 8 token pairs; a tile's sums stay below
-/// `Q8_TILE * 127 * 15`, 243,840). With 85 levels the 4-bit int8 path's values raised `kivi4`'s KL divergence from f16 by half
-/// again as much as its keys did (`kvq perplexity -c 2048 --chunks 8`, SmolLM2).
+/// `Q8_TILE * 127 * 15`, 243,840). With 85 levels the 4-bit int8 path's values raised `kivi4`'s KL divergence
+/// from f16 by half again as much as its keys did (`kvq perplexity -c 2048 --chunks 8`, SmolLM2).
 pub fn q8_value_max(width: Width) -> f32 {
     if width == Width::B4 { 127.0 } else { Q8_VALUE_MAX }
 }

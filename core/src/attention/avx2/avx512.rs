@@ -66,8 +66,8 @@ use crate::cache::layout::key_row;
 use crate::pack::Width;
 use core::arch::x86_64::*;
 
-/// `vpermb` indices of [`code_quads`] at 2 bits: byte `16 k + 4 b + j` of the result is byte `8 j + b + OFF` of the
-/// four rows (row `j` is the `j`-th 64-bit lane of the source), for every 128-bit lane `k`.
+/// `vpermb` indices of [`code_quads`] at 2 bits: byte `16 k + 4 b + j` of the result is byte `8 j + b + OFF`
+/// of the four rows (row `j` is the `j`-th 64-bit lane of the source), for every 128-bit lane `k`.
 const fn quad_index<const OFF: usize>() -> [u8; 64] {
     let mut idx = [0u8; 64];
     let mut i = 0;
@@ -82,9 +82,9 @@ const fn quad_index<const OFF: usize>() -> [u8; 64] {
 const QUAD_LO: [u8; 64] = quad_index::<0>();
 const QUAD_HI: [u8; 64] = quad_index::<4>();
 
-/// `vpermb` indices of [`code_quads`] at 4 bits: byte `4 i + j` of the result is byte `16 j + i / 2 + OFF` of the
-/// four rows (row `j` is the `j`-th 128-bit lane of the source): the byte that holds code `i` (`2 OFF + i`)
-/// of row `j`.
+/// `vpermb` indices of [`code_quads`] at 4 bits: byte `4 i + j` of the result is byte `16 j + i / 2 + OFF` of
+/// the four rows (row `j` is the `j`-th 128-bit lane of the source): the byte that holds code `i`
+/// (`2 OFF + i`) of row `j`.
 const fn nibble_index<const OFF: usize>() -> [u8; 64] {
     let mut idx = [0u8; 64];
     let mut i = 0;
@@ -246,9 +246,9 @@ fn indices<const B: u32>() -> (__m512i, __m512i) {
 }
 
 /// `M` queries' dword sums over `n` quads: quad `i`'s two vectors of codes, from `codes[2 i..2 i + 2]` where
-/// `S` or else from [`code_quads`] at `rp + 4 i stride` (rows `stride` apart, `B`-bit codes), each multiplied by query
-/// `m`'s four bytes `qp[m * n + i]` broadcast and added with `vpdpbusd`. The key tiles' quads are four
-/// channel rows of 32 tokens, the value tiles' four token rows of 32 channels.
+/// `S` or else from [`code_quads`] at `rp + 4 i stride` (rows `stride` apart, `B`-bit codes), each multiplied
+/// by query `m`'s four bytes `qp[m * n + i]` broadcast and added with `vpdpbusd`. The key tiles' quads are
+/// four channel rows of 32 tokens, the value tiles' four token rows of 32 channels.
 ///
 /// # Safety
 /// For `i < n` and `m < M`: entry `m * n + i` of `qp` is readable; where `S`, `codes.len() >= 2 n`, else
