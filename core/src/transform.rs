@@ -49,6 +49,16 @@ impl Rope {
         }
     }
 
+    /// The pair channel `c` belongs to in a head of `d`, and whether it is the pair's first channel (the
+    /// inverse of [`Rope::pair`]).
+    #[inline]
+    pub const fn pair_of(&self, c: usize, d: usize) -> (usize, bool) {
+        match self.pairing {
+            Pairing::Adjacent => (c / 2, c.is_multiple_of(2)),
+            Pairing::Halves => (c % (d / 2), c < d / 2),
+        }
+    }
+
     /// Fills `table` (`[offsets][d/2][2]`, cosine then sine) with the rotation by `t` positions for
     /// `t < offsets`, angles computed in f64.
     ///

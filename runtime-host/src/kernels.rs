@@ -137,7 +137,7 @@ struct BlockAt {
 impl BlockAt {
     /// Blocks of kernel type `t` (see [`FIELDS`]) in the file's layout, one after another.
     const fn plain(t: usize) -> Self {
-        Self { stride: BLOCK_BYTES[t], d: 0, mid: 2, qs: codes_field(t).0 }
+        Self { stride: block_bytes(t), d: 0, mid: 2, qs: codes_field(t).0 }
     }
 
     /// Row `r` of a packed group of kernel type `t` ([`pack_rows`]): a field at offset `o` of a block,
@@ -146,7 +146,7 @@ impl BlockAt {
         let f = FIELDS[t];
         let mid = if f.len() == 3 { PACK_ROWS * f[1].0 + r * f[1].1 } else { 0 };
         let (qs, qs_len) = codes_field(t);
-        Self { stride: PACK_ROWS * BLOCK_BYTES[t], d: 2 * r, mid, qs: PACK_ROWS * qs + r * qs_len }
+        Self { stride: PACK_ROWS * block_bytes(t), d: 2 * r, mid, qs: PACK_ROWS * qs + r * qs_len }
     }
 
     /// Bytes from the first block's start to the end of block `nb - 1`'s codes (its last field).
@@ -202,12 +202,15 @@ fn dot_q16_with<const M: usize, const MIN: bool>(
 const FIELDS: [&[(usize, usize)]; 4] =
     [&[(0, 2), (2, 32)], &[(0, 2), (2, 16)], &[(0, 2), (2, 2), (4, 16)], &[(0, 2), (2, 4), (6, 16)]];
 
-/// Bytes of a block of each kernel type, as [`FIELDS`] (`TensorType::block_bytes`).
-const BLOCK_BYTES: [usize; 4] = [34, 18, 20, 22];
-
 /// The code bytes' field, (offset, length), of kernel type `t`'s blocks: the last of [`FIELDS`].
 const fn codes_field(t: usize) -> (usize, usize) {
     FIELDS[t][FIELDS[t].len() - 1]
+}
+
+/// Bytes of a block of kernel type `t` (`TensorType::block_bytes`): where its last field, the codes, ends.
+const fn block_bytes(t: usize) -> usize {
+    let (o, len) = codes_field(t);
+    o + len
 }
 
 /// Rows of a packed group ([`pack_rows`]).
@@ -715,7 +718,7 @@ mod x86 {
     /// As [`dot8`], and, where `K`, as [`dot8_q5_avx512`].
     #[inline(always)]
     unsafe fn dot8_in<const T: u8, const K: bool>(g: *const u8, nb: usize, a: &Q16Act) -> [f32; 8] {
-        let bb8 = PACK_ROWS * BLOCK_BYTES[T as usize];
+        let bb8 = PACK_ROWS * block_bytes(T as usize);
         let (yp, dp, sp) = (a.q().as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         // SAFETY: block i of the group and activation block i lie in the buffers for i < nb (the caller's
         // contract); a field at offset `o` of a block holds the 8 rows' at `8 o + r * len`. The caller's

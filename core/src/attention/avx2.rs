@@ -1638,7 +1638,9 @@ fn q8_token_values<const S: bool, const B: u32>(
     let ValueWork { l, zl, tile, lp, packed, pad } = ValueWork::split(work, nq, d, groups);
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 2]);
     let (delta, spare) = tile.split_at_mut(groups * nq);
-    lp.fill(0.0);
+    // 4-bit sums come in channel order, straight into `l`; 2-bit ones go permuted into `lp`.
+    let sums: &mut [f32] = if B == 4 { &mut *l } else { &mut *lp };
+    sums.fill(0.0);
     zl.fill(0.0);
     let vmax = super::q8_value_max(b.width);
     for t0 in (0..n).step_by(T) {
@@ -1695,7 +1697,7 @@ fn q8_token_values<const S: bool, const B: u32>(
                 unpack_code_pairs::<B>(&rows[v.word..], b.row_words, unpacked);
             }
             for qb in (0..nq).step_by(3) {
-                let lq = &mut lp[qb * d..];
+                let lq = &mut sums[qb * d..];
                 match nq - qb {
                     1 => v.tile::<1, S, B>(unpacked, lq, d, qb, c0),
                     2 => v.tile::<2, S, B>(unpacked, lq, d, qb, c0),
@@ -1705,8 +1707,6 @@ fn q8_token_values<const S: bool, const B: u32>(
         }
     }
     if B == 4 {
-        // 4-bit sums are kept in channel order.
-        l.copy_from_slice(lp);
         return portable::finish_values_q8(g, d, l, zl, out);
     }
     for (lr, pr) in l.chunks_exact_mut(d).zip(lp.chunks_exact(d)) {
@@ -1868,8 +1868,8 @@ struct Q8Values<'a> {
 }
 
 impl Q8Values<'_> {
-    /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted); the codes
-    /// come unpacked from `codes` where `S` (see [`unpack_code_pairs`]), else straight from the rows.
+    /// Queries `qb..qb + M`: adds the tile's sums, scaled, into `lq` (`M` rows of `d`, permuted at 2 bits);
+    /// the codes come unpacked from `codes` where `S` (see [`unpack_code_pairs`]), else straight from the rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn tile<const M: usize, const S: bool, const B: u32>(

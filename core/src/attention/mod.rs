@@ -344,6 +344,13 @@ fn q8_width(kernel: Kernel, width: Width) -> bool {
     kernel.int8 && matches!(width, Width::B1 | Width::B2 | Width::Ternary | Width::B4)
 }
 
+/// Whether the vector int8 kernels unpack codes of `width` (2-bit and ternary, 4-bit); 1-bit bodies run
+/// the portable twin.
+#[cfg(target_arch = "x86_64")]
+fn q8_vector_width(width: Width) -> bool {
+    width.bits() == 2 || width == Width::B4
+}
+
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
 /// scores of every query head and their softmax denominators, which come back as [`AttnProbs`], plus
 /// working space.
@@ -1112,11 +1119,7 @@ fn channel_keys(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector
-            && (b.width.bits() == 2 || b.width == Width::B4)
-            && b.group.is_multiple_of(32)
-            && q.d.is_multiple_of(16)
-        {
+        if vector && q8_vector_width(b.width) && b.group.is_multiple_of(32) && q.d.is_multiple_of(16) {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).
@@ -1151,11 +1154,7 @@ fn token_values(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector
-            && (b.width.bits() == 2 || b.width == Width::B4)
-            && b.group.is_multiple_of(32)
-            && d.is_multiple_of(64)
-        {
+        if vector && q8_vector_width(b.width) && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).

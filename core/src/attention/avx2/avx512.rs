@@ -513,9 +513,8 @@ fn token_values<const S: bool, const B: u32>(
             _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
         }
         // 32 channels (one group or more) are `B` words of each row.
-        let per_word = 32 / B as usize;
-        for word in (0..d / per_word).step_by(B as usize) {
-            let group = word * per_word / g;
+        for c0 in (0..d).step_by(32) {
+            let (word, group) = (c0 * B as usize / 32, c0 / g);
             // The layout guarantees these; a failure is a bug in this crate.
             assert!(
                 word + B as usize <= rw && quads.len() >= (group + 1) * nq * T / 4,
@@ -537,7 +536,7 @@ fn token_values<const S: bool, const B: u32>(
                 delta: &delta[group * nq..],
             };
             for qb in (0..nq).step_by(4) {
-                let o = &mut l[qb * d + word * per_word..];
+                let o = &mut l[qb * d + c0..];
                 match nq - qb {
                     1 => v.add::<1, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
                     2 => v.add::<2, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
@@ -1315,10 +1314,8 @@ pub(crate) fn offset_queries(
                 }
             }
         }
-        for qi in 0..nq {
-            bias[qi * g + o0..][..RUN].fill(0.0);
-        }
     }
+    bias[..nq * g].fill(0.0);
 }
 
 /// Channel `c`'s 16 lanes of a run after RoPE (`cs`: the run's cosine and negated sine vectors per pair):
@@ -1329,10 +1326,7 @@ pub(crate) fn offset_queries(
 fn rope_lane(rope: Option<(crate::transform::Rope, &[f32])>, cs: &[__m512], q: &[f32], c: usize) -> __m512 {
     let Some((r, _)) = rope else { return _mm512_set1_ps(q[c]) };
     let d = q.len();
-    let (i, first) = match r.pairing {
-        crate::transform::Pairing::Adjacent => (c / 2, c.is_multiple_of(2)),
-        crate::transform::Pairing::Halves => (c % (d / 2), c < d / 2),
-    };
+    let (i, first) = r.pair_of(c, d);
     let (a, b) = r.pair(i, d);
     let (qa, qb) = (_mm512_set1_ps(q[a]), _mm512_set1_ps(q[b]));
     let (cv, sv) = (cs[2 * i], cs[2 * i + 1]);
