@@ -626,7 +626,10 @@ impl Model {
         let n = x.len() / cols;
         let avx2 = self.avx2;
         let int = |w: &Weight| self.mode == MatMode::Fast && quants::uses_q16(w.ty);
-        if ws.iter().any(|w| int(w)) {
+        // K-quant rows against the same 16-bit activations (`kernels::dot_kq16`).
+        let kint =
+            |w: &Weight| self.mode == MatMode::Fast && matches!(w.ty, TensorType::Q4K | TensorType::Q6K);
+        if ws.iter().any(|w| int(w) || kint(w)) {
             act.quantize(x);
         }
         let act = &*act;
@@ -679,6 +682,19 @@ impl Model {
                 }
             } else if int(w) {
                 int_tokens(w, block, n, act, &st, avx2, &|k| kernels::RowRef::Plain(row(k)));
+            } else if kint(w) {
+                // Four tokens a call while they fill one: each super-block decoded once for the four.
+                for (k, out) in block.chunks_exact_mut(n).enumerate() {
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let b = [t * bpr, (t + 1) * bpr, (t + 2) * bpr, (t + 3) * bpr];
+                        out[t..t + 4].copy_from_slice(&kernels::dot_kq16(w.ty, row(k), act, b, avx2));
+                        t += 4;
+                    }
+                    for (t, o) in out.iter_mut().enumerate().skip(t) {
+                        *o = kernels::dot_kq16(w.ty, row(k), act, [t * bpr], avx2)[0];
+                    }
+                }
             } else if n == 1 && matches!(w.ty, TensorType::Q4K | TensorType::Q6K) {
                 // One token: the row's elements go straight into the dot (the same bits as below).
                 for (k, out) in block.iter_mut().enumerate() {

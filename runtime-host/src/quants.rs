@@ -251,6 +251,88 @@ fn ref_dot(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize, mins: bool) -> f32
     acc
 }
 
+/// A K-quant super-block's integer codes in element order and its sub-blocks' parameters: for Q4_K eight
+/// sub-blocks of 32, codes `0..16`, scales `d * sc` and minimums `dmin * m` (`x = d sc q - dmin m`); for
+/// Q6_K sixteen of 16, codes `-32..32` and scales `d * sc` (`x = d sc q`), no minimums.
+fn k_codes(ty: TensorType, b: &[u8]) -> ([i32; 256], [f32; 16], [f32; 8]) {
+    let (mut q, mut sc, mut mn) = ([0i32; 256], [0f32; 16], [0f32; 8]);
+    if ty == TensorType::Q4K {
+        let (d, dmin) = (h(b, 0), h(b, 2));
+        for k in 0..8 {
+            let (s, m) = scale_min_k4(k, &b[4..16]);
+            (sc[k], mn[k]) = (d * f32::from(s), dmin * f32::from(m));
+        }
+        for (e, o) in q.iter_mut().enumerate() {
+            let byte = b[16 + 32 * (e / 64) + e % 32];
+            *o = i32::from(if e % 64 < 32 { byte & 15 } else { byte >> 4 });
+        }
+    } else {
+        let d = h(b, 208);
+        for (k, s) in sc.iter_mut().enumerate() {
+            *s = d * f32::from(b[192 + k] as i8);
+        }
+        for (e, o) in q.iter_mut().enumerate() {
+            // Element 128n + 32g + l: nibble g / 2 of ql[64n + l + 32 (g % 2)], bit pair g of qh[32n + l].
+            let (n, g, l) = (e / 128, (e % 128) / 32, e % 32);
+            let lo = b[64 * n + l + 32 * (g % 2)] >> (4 * (g / 2)) & 15;
+            let hi = (b[128 + 32 * n + l] >> (2 * g)) & 3;
+            *o = i32::from(lo | hi << 4) - 32;
+        }
+    }
+    (q, sc, mn)
+}
+
+/// The horizontal sum of 8 lanes in the order the vector kernels' `hsum` adds them.
+fn hsum8(v: [f32; 8]) -> f32 {
+    ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+}
+
+/// Dot product of a Q4_K or Q6_K row with 16-bit activations from block `b0` (the row's super-block `i`
+/// against activation blocks `b0 + 8i ..`), scalar, as the vector kernel
+/// ([`crate::kernels::dot_kq16`]) computes it and with its bits: the portable path and the twin it is
+/// tested against.
+///
+/// Per sub-block `k` (32 elements for Q4_K, 16 for Q6_K) the integer products go into 8 lanes, element
+/// `e` into lane `(e % 16) / 2` (the lanes of `vpmaddwd`); each lane's sum (at most 4 * 15 * 32767 or
+/// 2 * 32 * 32767, exact in f32) is multiplied by `fs = (d sc_k) * dy` and added to accumulator `k % 2`
+/// with one FMA. Q4_K's minimum terms `Σ_k (dmin m_k) * s_k` go lane `k` of a third accumulator, one FMA
+/// per super-block. The result: `hsum(acc0 + acc1) - hsum(mins)`.
+///
+/// # Panics
+/// If `ty` is neither, the row is not whole super-blocks, or `a` holds fewer blocks than the row from
+/// `b0`.
+pub fn dot_kq16_ref(ty: TensorType, row: &[u8], a: &Q16Act, b0: usize) -> f32 {
+    assert!(matches!(ty, TensorType::Q4K | TensorType::Q6K), "dot_kq16_ref takes Q4_K and Q6_K rows");
+    let bb = ty.block_bytes();
+    assert!(row.len().is_multiple_of(bb), "row of {ty} has the wrong length");
+    let nb = row.len() / bb;
+    assert!(a.q().len() >= (b0 + 8 * nb) * 32, "activations shorter than the row");
+    let sub = if ty == TensorType::Q4K { 32 } else { 16 };
+    let (mut acc, mut mins) = ([[0f32; 8]; 2], [0f32; 8]);
+    for (i, blk) in row.chunks_exact(bb).enumerate() {
+        let b = b0 + 8 * i;
+        let (q, sc, mn) = k_codes(ty, blk);
+        let y = &a.q()[32 * b..][..256];
+        for k in 0..256 / sub {
+            let mut lanes = [0i32; 8];
+            for e in sub * k..sub * (k + 1) {
+                lanes[(e % 16) / 2] += q[e] * i32::from(y[e]);
+            }
+            let fs = sc[k] * a.d[b + k * sub / 32];
+            for (l, &s) in acc[k % 2].iter_mut().zip(&lanes) {
+                *l = (s as f32).mul_add(fs, *l);
+            }
+        }
+        if ty == TensorType::Q4K {
+            for (k, l) in mins.iter_mut().enumerate() {
+                *l = mn[k].mul_add(a.s[b + k], *l);
+            }
+        }
+    }
+    let scaled = hsum8(std::array::from_fn(|l| acc[0][l] + acc[1][l]));
+    if ty == TensorType::Q4K { scaled - hsum8(mins) } else { scaled }
+}
+
 /// Whether `ty` takes the integer path (32-element blocks against [`Q16Act`]).
 pub fn uses_q16(ty: TensorType) -> bool {
     matches!(ty, TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0)

@@ -60,7 +60,7 @@ pub(crate) struct ModelArgs {
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     pub(crate) threads: Option<usize>,
-    /// Multiply with f32 activations (weights dequantized) instead of 8-bit activations: slower, closer to
+    /// Multiply with f32 activations (weights dequantized) instead of 16-bit activations: slower, closer to
     /// exact arithmetic.
     #[arg(long)]
     pub(crate) exact: bool,
