@@ -24,7 +24,7 @@
 //! by 3 (9) for fp16 keys.
 #![allow(unsafe_code)]
 
-use super::{ChannelBody, Probs, Queries, Scores, TokenBody, portable};
+use super::{ChannelBody, Probs, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
 use crate::cache::layout::{KEY_BLOCK, KEY_BLOCK_F16, key_f16, key_row};
 use crate::pack::Width;
 use core::arch::x86_64::*;
@@ -1642,7 +1642,7 @@ fn q8_token_values<const S: bool, const B: u32>(
     let sums: &mut [f32] = if B == 4 { &mut *l } else { &mut *lp };
     sums.fill(0.0);
     zl.fill(0.0);
-    let vmax = super::q8_value_max(b.width);
+    let vmax = Q8_VALUE_MAX;
     for t0 in (0..n).step_by(T) {
         let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
@@ -1929,26 +1929,30 @@ impl Q8Values<'_> {
                 && self.pairs.len() >= p0 + M * T / 2,
             "value rows shorter than their layout"
         );
+        // Two halves of the tile's 64 token pairs, each at most `32 * 2 * 3 * 127` = 24,384 in 16 bits,
+        // widened and added in dwords (the whole tile would pass 2^15).
         // SAFETY: token pair tp's rows start at word 2 tp rw of `rows[word..]` and 2 tp + 1 < T, word + 2 <=
         // rw, so the words read lie in `rows`; `pairs[p0..]` holds M * T / 2 entries; `codes` T where S (all
-        // checked above); T / 2 is even.
-        let acc = unsafe {
+        // checked above); T / 4 is even.
+        let half = |span: core::ops::Range<usize>| unsafe {
             madd_pairs::<M, S, 2>(
                 codes,
                 self.rows[self.word..].as_ptr(),
                 rw,
                 self.pairs[p0..].as_ptr(),
                 T / 2,
-                0..T / 2,
+                span,
             )
         };
-        for (m, ac) in acc.iter().enumerate() {
+        let (a0, a1) = (half(0..T / 4), half(T / 4..T / 2));
+        for (m, (ac0, ac1)) in a0.iter().zip(&a1).enumerate() {
             let dl = _mm256_set1_ps(self.delta[self.group * self.nq + qb + m]);
             let o = &mut lq[m * d + self.word * 16..][..32];
-            for (h, &v) in ac.iter().enumerate() {
-                let e = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
-                for (l, e) in e.into_iter().enumerate() {
-                    let x = _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(e)));
+            for (h, (&v0, &v1)) in ac0.iter().zip(ac1).enumerate() {
+                let lanes = |v: __m256i| [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
+                for (l, (e0, e1)) in lanes(v0).into_iter().zip(lanes(v1)).enumerate() {
+                    let sum = _mm256_add_epi32(_mm256_cvtepi16_epi32(e0), _mm256_cvtepi16_epi32(e1));
+                    let x = _mm256_mul_ps(dl, _mm256_cvtepi32_ps(sum));
                     let at = 16 * h + 8 * l;
                     let y = _mm256_add_ps(ld(&o[at..]), x);
                     st(&mut o[at..], y);

@@ -60,7 +60,7 @@ impl Kernel {
     /// (`B1`, `B2`, `Ternary`) and of 4 bits are read with integer dot products: per key group, the query
     /// with the group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for `head_dim`
     /// up to 85, and at 4 bits), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers
-    /// of at most [`q8_value_max`] (85, or 127 at 4 bits), each on its own scale `delta`. Each score then
+    /// of at most [`Q8_VALUE_MAX`] (127), each on its own scale `delta`. Each score then
     /// moves by at most `delta / 2` per unit of code summed over the channels, each output by `delta / 2`
     /// per unit of code summed over a tile's tokens (the tests derive the attention bound from this); zero
     /// points, the softmax and everything in f16 stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the
@@ -295,24 +295,20 @@ pub(crate) const fn q8_key_work(nq: usize, d: usize, groups: usize) -> usize {
 
 /// Tokens per tile of the int8 value path: the weights of one tile share a scale.
 ///
-/// 128 tokens with weights up to [`Q8_VALUE_MAX`] = 85 rather than 64 with 127: each tile pays a
-/// reduction, two divisions and a rounding per channel group and query, and these serial steps were the
-/// costliest part of the value kernel per instruction. Halving their count took the int8 decode step
-/// at 16k tokens on one thread from 14.1 to 13.9 ms (best of six alternating runs; medians 15.3 and
-/// 14.3). The weights lose half a bit (85 levels, not 127), far under the 2-bit codes' own error.
+/// 128 tokens rather than 64: each tile pays a reduction, two divisions and a rounding per channel group
+/// and query, and these serial steps were the costliest part of the value kernel per instruction. Halving
+/// their count took the int8 decode step at 16k tokens on one thread from 14.1 to 13.9 ms (best of six
+/// alternating runs; medians 15.3 and 14.3).
 pub const Q8_TILE: usize = 128;
 
-/// Largest rounded value weight of the int8 path: AVX2 sums a tile's `Q8_TILE / 2` token pairs per
-/// channel in 16 bits, each pair at most `2 * 85 * 3`, so a tile at most 32,640 (exact below 2^15).
-pub const Q8_VALUE_MAX: f32 = 85.0;
-
-/// Largest rounded value weight of the int8 path over codes of `width`: [`Q8_VALUE_MAX`], or 127 for 4-bit
-/// codes, whose sums are dwords (AVX2 widens its 16-bit sums every 8 token pairs; a tile's sums stay below
-/// `Q8_TILE * 127 * 15`, 243,840). With 85 levels the 4-bit int8 path's values raised `kivi4`'s KL divergence
-/// from f16 by half again as much as its keys did (`kvq perplexity -c 2048 --chunks 8`, SmolLM2).
-pub fn q8_value_max(width: Width) -> f32 {
-    if width == Width::B4 { 127.0 } else { Q8_VALUE_MAX }
-}
+/// Largest rounded value weight of the int8 path (7 bits and sign-free, `vpmaddubsw`'s unsigned side).
+///
+/// AVX2 sums 2-bit codes in 16 bits and widens them to dwords every 32 token pairs (at most
+/// `32 * 2 * 3 * 127` = 24,384), 4-bit codes every 8 (`8 * 2 * 15 * 127` = 30,480); AVX-512 VNNI sums in
+/// dwords. Until 2026-12-07 2-bit weights were rounded to 85 levels, which let a whole tile's 64 pairs
+/// stay in 16 bits: on `kvq2`'s values that lost `kvq demo`'s planted fact, which 127 levels find (SmolLM2,
+/// Zen 4); on `kivi4` 85 levels added half again the KL divergence its keys did.
+pub const Q8_VALUE_MAX: f32 = 127.0;
 
 /// Largest integer of the int8 path's folded queries over `d` channels of `width` codes: 127, or less
 /// where `d * max_code * 127` would pass the 16-bit sums AVX2 accumulates (`head_dim` above 85 at 2 bits).
@@ -953,9 +949,12 @@ fn value_sums(
                 axpy_rows(&body[seg.start * d..][..seg.len * d], seg.len, &pr, d, out, vector);
             }
             #[cfg(target_arch = "x86_64")]
-            (Part::Body, Precision::Quant(spec)) if vector && fp8_plain(spec) => {
+            (Part::Body, Precision::Quant(spec))
+                if (vector || q8_width(kernel, spec.width)) && fp8_plain(spec) =>
+            {
                 let dst = if stored { &mut *acc } else { &mut *out };
-                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, kernel.avx512);
+                let int8 = q8_width(kernel, spec.width);
+                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, vector, int8, kernel.avx512);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => generic::token_value_sums(
                 sv,
@@ -1007,12 +1006,14 @@ fn fp8_plain(q: crate::cache::QuantSpec) -> bool {
         && q.group.is_multiple_of(16)
 }
 
-/// KIVI's f32 value kernel over a per-token body with FP8 group parameters: a tile of [`FP8_TILE`] tokens
+/// KIVI's value kernels over a per-token body with FP8 group parameters: a tile of [`FP8_TILE`] tokens
 /// at a time, its parameters are decoded and stored as f16 first. That is exact (every E4M3 value is an
-/// f16 value), so each tile is summed as the plain body with the same parameters would be. Measured with
-/// `decode_bench` at 8k tokens: the generic lookup path it replaces for these bodies took `kvq2`'s step
-/// from 0.74x to 0.46x of fp16's. The int8 value path is not taken here, even where the kernel allows it:
-/// on these bodies it measured no faster (0.72x) and cost `kvq demo` its fact with `kvq2`.
+/// f16 value), so each tile is summed as the plain body with the same parameters would be, on the int8
+/// path where the kernel takes it (`int8`; the portable twin as well, so that it gives the vector kernels'
+/// bits) and in f32 otherwise. x86-64 only: elsewhere (the firmware) these bodies take the generic f32
+/// path, which needs no 16 KiB tile of parameters on the stack. Measured with `decode_bench` at 8k tokens: the generic lookup path this
+/// replaced took `kvq2`'s step from 0.74x to 0.46x of fp16's (AVX2); the int8 path took it from 17.3-18.3
+/// to 12.5-13.0 ms on AVX-512 and from 20.4-20.9 to 18.6-18.9 ms on AVX2 (Zen 4, alternating runs).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn fp8_token_values(
@@ -1024,6 +1025,8 @@ fn fp8_token_values(
     d: usize,
     out: &mut [f32],
     work: &mut [f32],
+    vector: bool,
+    int8: bool,
     avx512: bool,
 ) {
     let l = sv.layout;
@@ -1051,7 +1054,7 @@ fn fp8_token_values(
             group: spec.group,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
-        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, true, false, avx512);
+        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, avx512);
     }
 }
 

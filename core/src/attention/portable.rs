@@ -301,8 +301,8 @@ pub(crate) fn values_q8_token(
 
 /// One tile of `len` tokens, `start + t0..`, of the int8 value path. Per channel group and query, the
 /// products `p_t s_t` are rounded to integers `P_t = rint(p_t s_t / delta)` with
-/// `delta = max_t p_t s_t / vmax` (`vmax` = [`super::q8_value_max`]); the exact integer sums
-/// `sum_t P_t code_tc` (at most `Q8_TILE * 85 * 3` = 32,640 at 2 bits, `Q8_TILE * 127 * 15` at 4) scaled by
+/// `delta = max_t p_t s_t / vmax` (`vmax` = [`super::Q8_VALUE_MAX`]); the exact integer sums
+/// `sum_t P_t code_tc` (at most `Q8_TILE * 127 * 3` = 48,768 at 2 bits, `Q8_TILE * 127 * 15` at 4) scaled by
 /// `delta` are added to `l` (`[nq][d]`), and `p_t z_t` to lane
 /// `(t0 + t) % 8` of `zl` (`[nq][groups][8]`). `tile` holds `nq * d + groups * nq * (Q8_TILE + 1)` floats.
 #[allow(clippy::too_many_arguments)]
@@ -336,7 +336,7 @@ pub(crate) fn value_tile_q8(
                 let lane = &mut zl[(qi * groups + gi) * 8 + (t0 + t) % 8];
                 *lane += pt * f(b.zero[gi * b.ring + slot]);
             }
-            delta[gi * nq + qi] = round_on_scale(pr, m, super::q8_value_max(b.width));
+            delta[gi * nq + qi] = round_on_scale(pr, m, super::Q8_VALUE_MAX);
         }
     }
     iacc.fill(0.0);

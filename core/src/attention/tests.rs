@@ -696,7 +696,8 @@ fn head_ranges_compose() {
 }
 
 /// The int8 path's AVX2 and AVX-512 kernels give the same bits as their portable twins: key scores and
-/// value sums (from the same probabilities) over 2-bit and ternary bodies, G 32 and 64, R, S, head_dim 64,
+/// value sums (from the same probabilities) over 2-bit, ternary and 4-bit bodies (2-bit values also with
+/// FP8 parameters, as `kvq2` stores them), G 32 and 64, R, S, head_dim 64,
 /// 128 and 256, GQA 1, 3, 4, 5 and 7 (the AVX-512 keys go by blocks of 4 queries, sharing each tile's
 /// unpacking above 4 up to head_dim 128), token counts that leave partial value tiles, rings that have
 /// wrapped, and key blocks of 64 to 256 tokens (rings of 300, 600 and 1,056 slots).
@@ -714,13 +715,14 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
     let mut rng = Rng::new(7);
     let mut cases = 0;
     for d in [64usize, 128, 256] {
-        for (width, g, r, s) in [
-            (Width::B2, 32, 32, 0),
-            (Width::B2, 32, 128, 3),
-            (Width::B2, 64, 64, 1),
-            (Width::Ternary, 32, 32, 2),
-            (Width::B4, 32, 32, 0),
-            (Width::B4, 64, 128, 3),
+        for (width, g, r, s, fp8) in [
+            (Width::B2, 32, 32, 0, false),
+            (Width::B2, 32, 128, 3, false),
+            (Width::B2, 64, 64, 1, false),
+            (Width::B2, 64, 64, 1, true),
+            (Width::Ternary, 32, 32, 2, false),
+            (Width::B4, 32, 32, 0, false),
+            (Width::B4, 64, 128, 3, false),
         ] {
             for (t, cap, slide) in [
                 (1usize, 600, false),
@@ -733,6 +735,9 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                 let mut cfg = CacheConfig::kivi(width, g, r, 2, d, cap).with_sinks(s);
                 if slide {
                     cfg = cfg.with_overflow(Overflow::Slide);
+                }
+                if fp8 {
+                    cfg.values = Precision::Quant(QuantSpec::per_token(width, g).with_params(Fp8E4M3));
                 }
                 let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
                 let mut cache = Cache::new(cfg, &mut mem).unwrap();
@@ -813,16 +818,17 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
             }
         }
     }
-    assert_eq!(cases, 3 * 6 * 6 * 5);
+    assert_eq!(cases, 3 * 7 * 6 * 5);
 }
 
 /// The AVX2 int8 kernels' 16-bit sums at their largest: every key code 3 against a query rounded to
 /// `q8_key_max` in every channel (`d * 3 * qmax`, 32,640 at `head_dim` 128), and value codes 3 in every even
-/// channel of every token against weights all at [`Q8_VALUE_MAX`] (a tile's `Q8_TILE / 2` token pairs of
-/// `2 * 3 * 85`, 32,640). A wider rounding or a longer tile would wrap the sums, and the twins would part.
-/// The AVX-512 keys (dword sums, where the CPU has them) must give the same bits. At 4 bits (codes 15
-/// against queries and weights of 127) AVX2 widens its 16-bit sums every 8 pairs (`8 * 2 * 15 * 127`,
-/// 30,480): widening every 16 would wrap them.
+/// channel of every token against weights all at [`Q8_VALUE_MAX`] (AVX2 widens a tile's sums after each 32
+/// of its 64 token pairs, `32 * 2 * 3 * 127` = 24,384; the whole tile, 48,768, would wrap). A wider
+/// rounding or a longer span would wrap the sums, and the twins would part. The AVX-512 kernels (dword
+/// sums, where the CPU has them) must give the same bits. At 4 bits (codes 15 against queries and weights
+/// of 127) AVX2 widens its 16-bit sums every 8 pairs (`8 * 2 * 15 * 127`, 30,480): widening every 16
+/// would wrap them.
 #[test]
 fn int8_sums_at_their_largest_stay_exact() {
     let Some(fast) = Kernel::avx2() else {
@@ -1030,7 +1036,7 @@ fn int8_path_follows_its_definition() {
                             })
                             .collect();
                         let m = ps.iter().fold(0.0f32, |a, &x| a.max(x));
-                        let vmax = q8_value_max(width);
+                        let vmax = Q8_VALUE_MAX;
                         let (inv, delta) = (vmax / m, m / vmax);
                         for c in gi * g..(gi + 1) * g {
                             let mut int = 0i64;
@@ -1144,8 +1150,7 @@ fn int8_attention_is_within_its_bound() {
                                 })
                                 .fold(0.0, f64::max);
                             for x in &mut tiles[gi * g..(gi + 1) * g] {
-                                *x += m / f64::from(q8_value_max(width)) * (1.0 + 1e-6) * cmax * len as f64
-                                    / 2.0;
+                                *x += m / f64::from(Q8_VALUE_MAX) * (1.0 + 1e-6) * cmax * len as f64 / 2.0;
                             }
                         }
                     }

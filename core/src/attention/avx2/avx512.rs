@@ -25,7 +25,7 @@
 //! 4-bit codes (`kivi4`) take the same int8 loops: four rows of 32 codes are 16 bytes each, one 128-bit
 //! lane apiece, and `vpermb` puts the byte holding position `i` of each row in dword `i`, whose odd
 //! positions a shift of 4 bits brings down ([`code_quads`]), so the sums come out in order and need no
-//! permute. Their value weights are rounded to 127 levels rather than 85 ([`q8_value_max`]).
+//! permute. Value weights are rounded to 127 levels at every width ([`Q8_VALUE_MAX`]).
 //!
 //! The generic per-channel key path (`kvq2`, `kvq3`, KVQuant, MiKV: [`group_scores`]) takes 16 tokens a
 //! vector: a channel's 16 codes are one broadcast and per-lane shift, and its reconstruction table of 16
@@ -57,7 +57,7 @@
 //! `unsafe` here takes the parent's forms: pointer reads in the multiply loop whose whole range [`KeyTiles::check`]
 //! checks once, and the loads of the permute indices.
 
-use super::super::{ChannelBody, Probs, Q8_TILE, Queries, Scores, TokenBody, portable, q8_value_max};
+use super::super::{ChannelBody, Probs, Q8_TILE, Q8_VALUE_MAX, Queries, Scores, TokenBody, portable};
 use super::{
     GroupRun, KeyTiles, KeyWork, ValueRun, ValueWork, fold_batch, prefetch_next_block, q8_tile, read16,
     zero_lanes,
@@ -459,7 +459,7 @@ fn token_values<const S: bool, const B: u32>(
     l.fill(0.0);
     zl.fill(0.0);
     let (lo_idx, hi_idx) = indices::<B>();
-    let vmax = q8_value_max(b.width);
+    let vmax = Q8_VALUE_MAX;
     for t0 in (0..n).step_by(T) {
         let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
