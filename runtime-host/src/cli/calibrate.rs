@@ -18,7 +18,7 @@ pub(crate) struct CalibrateArgs {
     /// Tokens per chunk (a fresh context each).
     #[arg(short = 'c', long = "ctx-size", default_value_t = kvq_host::calib::DEFAULT_CTX)]
     pub(crate) ctx: usize,
-    /// Where to write the file (default: $KVQ_CACHE/calib/<model sha256>.json, where presets look).
+    /// Where to write the file (default: `$KVQ_CACHE/calib/<model sha256>.json`, where presets look).
     #[arg(short = 'o', long)]
     pub(crate) out: Option<PathBuf>,
     /// How the codebooks' k-means weighs elements: fisher (squared loss gradients from a backward pass

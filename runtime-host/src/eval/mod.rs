@@ -2,7 +2,7 @@
 //! `kvq bench` and `kvq plot-quality` measure and draw, and the texts they measure on. Behind the `eval`
 //! feature (on by default), so a program that only runs models can leave it out.
 //!
-//! - [`perplexity`]: perplexity with KL divergence and top-1 agreement against the `f16` cache.
+//! - [`perplexity`](mod@perplexity): perplexity with KL divergence and top-1 agreement against the `f16` cache.
 //! - [`retrieval`]: passkey and line retrieval cases and how a session does on them.
 //! - [`demo`]: `kvq demo`'s document with its planted fact.
 //! - [`texts`]: evaluation and calibration texts from Debian packages ([`rdata`] reads R's lazy-load
