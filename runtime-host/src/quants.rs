@@ -145,20 +145,15 @@ impl Q16Act {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         let q = &mut self.buf[self.off..self.off + self.len];
+        let avx2 = crate::kernels::has_avx2();
         let one = |((xb, qb), (d, s)): Block<'_>| {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let dd = amax / 32767.0;
-            let id = if dd > 0.0 { 1.0 / dd } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                // Round half to even by the 1.5 * 2^23 trick (exact for |v * id| <= 2^22; here <= 32767),
-                // numpy's rounding and much cheaper than a libm call; the cast saturates any excess.
-                *q = ((v * id + 12_582_912.0) - 12_582_912.0) as i16;
-                sum += i32::from(*q);
+            if avx2 {
+                (*d, *s) = crate::kernels::quantize_q16_block(xb, qb);
+            } else {
+                (*d, *s) = quantize_block(xb, qb);
             }
-            *d = dd;
-            *s = dd * sum as f32;
         };
+
         // Several tokens' worth (a prefill chunk) is split over the thread pool; one token is not worth it.
         if nb >= 256 {
             use rayon::prelude::*;
@@ -186,6 +181,22 @@ impl Q16Act {
         let nb = self.s.len() / n;
         (0..nb * n).map(|k| self.s[(k % n) * nb + k / n]).collect()
     }
+}
+
+/// One block of 32 activations into 16-bit codes, scalar: returns its scale `d = max|x| / 32767` and
+/// `d * sum(q)`. The reference for [`crate::kernels::quantize_q16_block`], which gives the same bits.
+pub fn quantize_block(xb: &[f32], qb: &mut [i16]) -> (f32, f32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let dd = amax / 32767.0;
+    let id = if dd > 0.0 { 1.0 / dd } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        // Round half to even by the 1.5 * 2^23 trick (exact for |v * id| <= 2^22; here <= 32767), numpy's
+        // rounding and much cheaper than a libm call; the cast saturates any excess (and NaN gives 0).
+        *q = ((v * id + 12_582_912.0) - 12_582_912.0) as i16;
+        sum += i32::from(*q);
+    }
+    (dd, dd * sum as f32)
 }
 
 /// One block for [`Q16Act::quantize`]: the inputs, the codes, the scale and the `d * sum(q)` to write.
