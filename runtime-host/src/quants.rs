@@ -145,15 +145,8 @@ impl Q16Act {
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         let q = &mut self.buf[self.off..self.off + self.len];
-        let avx2 = crate::kernels::has_avx2();
-        let one = |((xb, qb), (d, s)): Block<'_>| {
-            if avx2 {
-                (*d, *s) = crate::kernels::quantize_q16_block(xb, qb);
-            } else {
-                (*d, *s) = quantize_block(xb, qb);
-            }
-        };
-
+        // The vector rounding where the CPU has AVX2 (it falls back to `quantize_block`), the same bits.
+        let one = |((xb, qb), (d, s)): Block<'_>| (*d, *s) = crate::kernels::quantize_q16_block(xb, qb);
         // Several tokens' worth (a prefill chunk) is split over the thread pool; one token is not worth it.
         if nb >= 256 {
             use rayon::prelude::*;

@@ -953,8 +953,7 @@ fn value_sums(
                 if (vector || q8_width(kernel, spec.width)) && fp8_plain(spec) =>
             {
                 let dst = if stored { &mut *acc } else { &mut *out };
-                let int8 = q8_width(kernel, spec.width);
-                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, vector, int8, kernel.avx512);
+                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, vector, kernel);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => generic::token_value_sums(
                 sv,
@@ -1009,7 +1008,7 @@ fn fp8_plain(q: crate::cache::QuantSpec) -> bool {
 /// KIVI's value kernels over a per-token body with FP8 group parameters: a tile of [`FP8_TILE`] tokens
 /// at a time, its parameters are decoded and stored as f16 first. That is exact (every E4M3 value is an
 /// f16 value), so each tile is summed as the plain body with the same parameters would be, on the int8
-/// path where the kernel takes it (`int8`; the portable twin as well, so that it gives the vector kernels'
+/// path where `kernel` takes it (the portable twin as well, so that it gives the vector kernels'
 /// bits) and in f32 otherwise. x86-64 only: elsewhere (the firmware) these bodies take the generic f32
 /// path, which needs no 16 KiB tile of parameters on the stack. Measured with `decode_bench` at 8k tokens: the generic lookup path this
 /// replaced took `kvq2`'s step from 0.74x to 0.46x of fp16's (AVX2); the int8 path took it from 17.3-18.3
@@ -1026,10 +1025,9 @@ fn fp8_token_values(
     out: &mut [f32],
     work: &mut [f32],
     vector: bool,
-    int8: bool,
-    avx512: bool,
+    kernel: Kernel,
 ) {
-    let l = sv.layout;
+    let (l, int8) = (sv.layout, q8_width(kernel, spec.width));
     let groups = d / spec.group;
     debug_assert!(groups <= FP8_GROUPS && l.row_groups == groups);
     let mut scale = [0u16; FP8_TILE * FP8_GROUPS];
@@ -1054,7 +1052,7 @@ fn fp8_token_values(
             group: spec.group,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
-        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, avx512);
+        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, kernel.avx512);
     }
 }
 
