@@ -1118,7 +1118,7 @@ fn sti(d: &mut [u32], v: __m256i) {
 }
 
 /// See [`portable::scores_q8_channel`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 16 == 0`; 4-bit
-/// codes take the same loops with [`nibble_pairs`] and [`madd_nibble_pairs`].
+/// codes take the same loops with [`nibble_pairs`] and [`madd_wide_pairs`].
 ///
 /// Per key block the groups' queries are folded ([`fold_keys`], reductions batched in [`Pending`]) and
 /// rounded ([`round_pairs`]); then per group 32 tokens (two words of each channel row) by up to 3
@@ -1308,7 +1308,11 @@ fn unpack_code_pairs<const B: u32>(raw: &[u32], stride: usize, codes: &mut [__m2
         // SAFETY: 2 i + 1 < 2 n, so the words read, up to (2 i + 1) stride + B - 1, lie in `raw` (checked
         // above).
         yz.copy_from_slice(&unsafe {
-            if B == 4 { nibble_pairs(rp, stride) } else { code_pairs(rp, stride) }
+            match B {
+                4 => nibble_pairs(rp, stride),
+                3 => triple_pairs(rp, stride),
+                _ => code_pairs(rp, stride),
+            }
         });
     }
 }
@@ -1336,25 +1340,88 @@ unsafe fn nibble_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
     [pair(_mm256_and_si256(x, m)), pair(_mm256_and_si256(_mm256_srli_epi16::<4>(x), m))]
 }
 
-/// [`madd_pairs`] for 4-bit codes ([`nibble_pairs`]), whose pair products (up to `2 * 15 * 127`) let
-/// 16-bit sums take 8 pairs: 8 pairs at a time, each run's sums widened into dwords. Returns per
-/// query the dword sums of positions 0-14 even, 16-30 even, 1-15 odd and 17-31 odd.
+/// `vpshufb` indices and `vpsrlvd` counts of [`triple_pairs`]: vector `k`, 128-bit lane `l`, dword `i` takes
+/// position `p = 16 l + 4 k + i` of both runs. Lane `l` holds bytes `4 l..4 l + 8` of the first run and the
+/// same of the second (8 bytes after), so the dword gathers the two bytes `b, b + 1` (`b = 3 p / 8 - 4 l`)
+/// that hold the first run's code, then the second run's, and a shift of `3 p % 8` brings both codes
+/// down. A byte past the lane's 8 (only `b + 1` for position 31, whose code lies in its byte `b`) is
+/// taken as zero.
+const fn triple_consts() -> ([[u8; 32]; 4], [[u32; 8]; 4]) {
+    let (mut idx, mut sh) = ([[0u8; 32]; 4], [[0u32; 8]; 4]);
+    let mut k = 0;
+    while k < 4 {
+        let mut j = 0;
+        while j < 8 {
+            let (l, i) = (j / 4, j % 4);
+            let p = 16 * l + 4 * k + i;
+            let b = 3 * p / 8 - 4 * l;
+            // b <= 7; the byte after b = 7 lies past the lane's first run.
+            let next = if b < 7 { b as u8 + 1 } else { 0x80 };
+            idx[k][16 * l + 4 * i] = b as u8;
+            idx[k][16 * l + 4 * i + 1] = next;
+            idx[k][16 * l + 4 * i + 2] = b as u8 | 8;
+            idx[k][16 * l + 4 * i + 3] = next | 8;
+            sh[k][j] = (3 * p % 8) as u32;
+            j += 1;
+        }
+        k += 1;
+    }
+    (idx, sh)
+}
+
+const TRIPLE: ([[u8; 32]; 4], [[u32; 8]; 4]) = triple_consts();
+
+/// The 32 3-bit codes at `rp` (three words) and the 32 at `rp + stride`, unpacked to bytes and interleaved
+/// into 16-bit lanes that pair the two runs' codes at the same position, as [`code_pairs`] and
+/// [`nibble_pairs`] pair theirs: vector 0 holds positions 0-7 in its low 128-bit lane and 16-23 in its high
+/// one, vector 1 positions 8-15 and 24-31, in order. A code may straddle two bytes, so each run's bytes
+/// 0-7 and 4-11 go into the low and high lanes; per position a dword gathers the two bytes that hold the
+/// code from each run ([`triple_consts`]), one shift per dword and a mask leave the two codes in its two
+/// 16-bit halves, and `vpackuswb` narrows four such vectors to the two of byte pairs.
 ///
 /// # Safety
-/// As [`madd_pairs`], with words `0..4` of each run; `n` a multiple of 8.
+/// Words `0..3` and `stride..stride + 3` of `rp` are readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn madd_nibble_pairs<const M: usize, const S: bool>(
+unsafe fn triple_pairs(rp: *const u32, stride: usize) -> [__m256i; 2] {
+    // SAFETY: the caller's contract: words 0-1 and 1-2 of each run; unaligned reads.
+    let v = unsafe {
+        let r = |p: *const u32| p.cast::<i64>().read_unaligned();
+        _mm256_setr_epi64x(r(rp), r(rp.add(stride)), r(rp.add(1)), r(rp.add(stride + 1)))
+    };
+    let m = _mm256_set1_epi32(0x0007_0007);
+    let (idx, sh) = &TRIPLE;
+    // SAFETY: each constant holds 32 bytes; unaligned reads.
+    let q = |k: usize| unsafe {
+        let i = _mm256_loadu_si256(idx[k].as_ptr().cast());
+        let s = _mm256_loadu_si256(sh[k].as_ptr().cast());
+        _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, i), s), m)
+    };
+    [_mm256_packus_epi16(q(0), q(1)), _mm256_packus_epi16(q(2), q(3))]
+}
+
+/// [`madd_pairs`] for 4-bit codes ([`nibble_pairs`]) and 3-bit ones ([`triple_pairs`]), whose pair
+/// products (up to `2 * 15 * 127` and `2 * 7 * 127`) let 16-bit sums take 8 pairs and 16 (at most
+/// 30,480 and 28,448): that many pairs at a time, each run's sums widened into dwords. Returns per query
+/// the dword sums of vector 0's low and high 128-bit lanes, then vector 1's: at 4 bits positions 0-14
+/// even, 16-30 even, 1-15 odd and 17-31 odd; at 3 bits 0-7, 16-23, 8-15 and 24-31.
+///
+/// # Safety
+/// As [`madd_pairs`], with words `0..B` of each run; `n` a multiple of 16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn madd_wide_pairs<const M: usize, const S: bool, const B: u32>(
     codes: &[__m256i],
     rp: *const u32,
     stride: usize,
     pp: *const u32,
     n: usize,
 ) -> [[__m256i; 4]; M] {
+    let span = if B == 4 { 8 } else { 16 };
     let mut wide = [[_mm256_setzero_si256(); 4]; M];
-    for i8 in (0..n).step_by(8) {
-        // SAFETY: the caller's contract, for pairs i8..i8 + 8 of n.
-        let acc = unsafe { madd_pairs::<M, S, 4>(codes, rp, stride, pp, n, i8..i8 + 8) };
+    for i0 in (0..n).step_by(span) {
+        // SAFETY: the caller's contract, for pairs i0..i0 + span of n.
+        let acc = unsafe { madd_pairs::<M, S, B>(codes, rp, stride, pp, n, i0..i0 + span) };
         for (w, a) in wide.iter_mut().zip(&acc) {
             for (h, &v) in a.iter().enumerate() {
                 let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
@@ -1367,7 +1434,7 @@ unsafe fn madd_nibble_pairs<const M: usize, const S: bool>(
     wide
 }
 
-/// The dword sums of [`madd_nibble_pairs`] (evens 0-14, evens 16-30, odds 1-15, odds 17-31), each through
+/// The dword sums of [`madd_wide_pairs`] at 4 bits (evens 0-14, evens 16-30, odds 1-15, odds 17-31), each through
 /// `f`, in position order: four vectors of 8.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1415,6 +1482,9 @@ unsafe fn madd_pairs<const M: usize, const S: bool, const B: u32>(
             } else if B == 4 {
                 // SAFETY: `rp` is `rp + 2 i stride` of the call (the caller's contract).
                 unsafe { nibble_pairs(rp, stride) }
+            } else if B == 3 {
+                // SAFETY: as above.
+                unsafe { triple_pairs(rp, stride) }
             } else {
                 // SAFETY: as above.
                 unsafe { code_pairs(rp, stride) }
@@ -1555,7 +1625,7 @@ impl KeyTiles<'_> {
             // SAFETY: as below, with four words per channel row (`check` took the codes' width); h is a
             // multiple of 8 (d of 16).
             let acc = unsafe {
-                madd_nibble_pairs::<M, S>(
+                madd_wide_pairs::<M, S, 4>(
                     codes,
                     self.b.codes.as_ptr().add(word),
                     self.b.block_words,
@@ -1615,8 +1685,8 @@ const fn v8_channel(r: usize) -> usize {
 }
 
 /// See [`portable::values_q8_token`] (the same bits). 2-bit codes, `group % 32 == 0`, `d % 64 == 0`; 4-bit
-/// codes take the same loops with [`nibble_pairs`] and [`madd_nibble_pairs`] (four words per 32 channels),
-/// their sums in channel order.
+/// and 3-bit codes take the same loops with [`nibble_pairs`] or [`triple_pairs`] and [`madd_wide_pairs`]
+/// (four or three words per 32 channels), their sums in channel order.
 ///
 /// Per tile of [`super::Q8_TILE`] tokens, the weights `p_t s_t` of each channel group and query are rounded
 /// ([`portable::value_tile_q8`]) and laid out as [`byte_pairs`] over token pairs; then, for each chunk of
@@ -1637,18 +1707,20 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
-    let four = b.width == Width::B4;
     if out.len() / d > 3 {
         let mut unpacked = [_mm256_setzero_si256(); super::Q8_TILE];
-        if four {
-            return q8_token_values::<true, 4>(b, start, n, p, d, out, work, &mut unpacked);
-        }
-        return q8_token_values::<true, 2>(b, start, n, p, d, out, work, &mut unpacked);
+        let u = &mut unpacked;
+        return match b.width {
+            Width::B4 => q8_token_values::<true, 4>(b, start, n, p, d, out, work, u),
+            Width::B3 => q8_token_values::<true, 3>(b, start, n, p, d, out, work, u),
+            _ => q8_token_values::<true, 2>(b, start, n, p, d, out, work, u),
+        };
     }
-    if four {
-        return q8_token_values::<false, 4>(b, start, n, p, d, out, work, &mut []);
+    match b.width {
+        Width::B4 => q8_token_values::<false, 4>(b, start, n, p, d, out, work, &mut []),
+        Width::B3 => q8_token_values::<false, 3>(b, start, n, p, d, out, work, &mut []),
+        _ => q8_token_values::<false, 2>(b, start, n, p, d, out, work, &mut []),
     }
-    q8_token_values::<false, 2>(b, start, n, p, d, out, work, &mut []);
 }
 
 /// [`values_q8_token`]'s loops: `S` (shared) unpacks each word pair of a tile once into
@@ -1674,8 +1746,8 @@ fn q8_token_values<const S: bool, const B: u32>(
     let ValueWork { l, zl, tile, lp, packed, pad } = ValueWork::split(work, nq, d, groups);
     let pairs: &mut [u32] = bytemuck::cast_slice_mut(&mut packed[..groups * nq * T / 2]);
     let (delta, spare) = tile.split_at_mut(groups * nq);
-    // 4-bit sums come in channel order, straight into `l`; 2-bit ones go permuted into `lp`.
-    let sums: &mut [f32] = if B == 4 { &mut *l } else { &mut *lp };
+    // 3- and 4-bit sums come in channel order, straight into `l`; 2-bit ones go permuted into `lp`.
+    let sums: &mut [f32] = if B == 2 { &mut *lp } else { &mut *l };
     sums.fill(0.0);
     zl.fill(0.0);
     let vmax = Q8_VALUE_MAX;
@@ -1742,7 +1814,7 @@ fn q8_token_values<const S: bool, const B: u32>(
             }
         }
     }
-    if B == 4 {
+    if B != 2 {
         return portable::finish_values_q8(g, d, l, zl, out);
     }
     for (lr, pr) in l.chunks_exact_mut(d).zip(lp.chunks_exact(d)) {
@@ -1890,11 +1962,11 @@ fn zero_lanes<const M: usize>(
     }
 }
 
-/// One tile's rows and rounded weights, for one word pair (32 channels of one group).
+/// One tile's rows and rounded weights, for one run of 32 channels of one group (a word pair at 2 bits).
 struct Q8Values<'a> {
     rows: &'a [u32],
     row_words: usize,
-    /// The pair's first word in each row (even).
+    /// The run's first word in each row (`B` words of 32 channels).
     word: usize,
     /// The channel group of its 32 channels.
     group: usize,
@@ -1918,24 +1990,24 @@ impl Q8Values<'_> {
     ) {
         const T: usize = super::Q8_TILE;
         let rw = self.row_words;
-        if B == 4 {
+        if B != 2 {
             let p0 = (self.group * self.nq + qb) * T / 2;
-            // Reads words `t * rw + word + i` (i < 4) of `rows` for t < T (or entries i < T of `codes`) and
+            // Reads words `t * rw + word + i` (i < B) of `rows` for t < T (or entries i < T of `codes`) and
             // entries `p0 + i` (i < M * T / 2) of `pairs`: checked once here. The layout guarantees this; a
             // failure is a bug in this crate.
             assert!(
                 self.rows.len() >= T * rw
-                    && self.word + 4 <= rw
+                    && self.word + B as usize <= rw
                     && (!S || codes.len() >= T)
                     && self.pairs.len() >= p0 + M * T / 2
                     && lq.len() >= (M - 1) * d + c0 + 32,
                 "value rows shorter than their layout"
             );
-            // SAFETY: token pair tp's rows start at word 2 tp rw of `rows[word..]` and 2 tp + 1 < T, word + 4
+            // SAFETY: token pair tp's rows start at word 2 tp rw of `rows[word..]` and 2 tp + 1 < T, word + B
             // <= rw, so the words read lie in `rows`; `pairs[p0..]` holds M * T / 2 entries; `codes` T where
-            // S (all checked above); T / 2 is a multiple of 8.
+            // S (all checked above); T / 2 is a multiple of 16.
             let acc = unsafe {
-                madd_nibble_pairs::<M, S>(
+                madd_wide_pairs::<M, S, B>(
                     codes,
                     self.rows[self.word..].as_ptr(),
                     rw,
@@ -1947,7 +2019,9 @@ impl Q8Values<'_> {
                 let dl = _mm256_set1_ps(self.delta[self.group * self.nq + qb + m]);
                 let o = &mut lq[m * d + c0..][..32];
                 let f = |x: __m256i| _mm256_mul_ps(dl, _mm256_cvtepi32_ps(x));
-                for (j, x) in nibble_order(a, f).into_iter().enumerate() {
+                // 3-bit sums come as positions 0-7, 16-23, 8-15, 24-31 ([`triple_pairs`]).
+                let xs = if B == 4 { nibble_order(a, f) } else { [f(a[0]), f(a[2]), f(a[1]), f(a[3])] };
+                for (j, x) in xs.into_iter().enumerate() {
                     let y = _mm256_add_ps(ld(&o[8 * j..]), x);
                     st(&mut o[8 * j..], y);
                 }

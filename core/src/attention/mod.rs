@@ -18,7 +18,7 @@
 //!
 //! By default every product is f32, so attention over the cache equals attention over the dequantized cache
 //! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits and of 4
-//! bits: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not
+//! bits, and for 3-bit values: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not
 //! by the bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
 //! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`] tokens
 //! the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output by a bound
@@ -57,7 +57,8 @@ impl Kernel {
     pub const PORTABLE: Self = Self { avx2: false, avx512: false, int8: false };
 
     /// The same kernels with the int8 path on or off (off by default). On it, bodies of codes up to 2 bits
-    /// (`B1`, `B2`, `Ternary`) and of 4 bits are read with integer dot products: per key group, the query
+    /// (`B1`, `B2`, `Ternary`) and of 4 bits, and value bodies of 3 bits, are read with integer dot
+    /// products: per key group, the query
     /// with the group's scales folded in is rounded to integers of at most [`q8_key_max`] (127 for `head_dim`
     /// up to 85, and at 4 bits), and per tile of [`Q8_TILE`] tokens the value weights `p_t s_t` to integers
     /// of at most [`Q8_VALUE_MAX`] (127), each on its own scale `delta`. Each score then
@@ -304,8 +305,8 @@ pub const Q8_TILE: usize = 128;
 /// Largest rounded value weight of the int8 path (7 bits and sign-free, `vpmaddubsw`'s unsigned side).
 ///
 /// AVX2 sums 2-bit codes in 16 bits and widens them to dwords every 32 token pairs (at most
-/// `32 * 2 * 3 * 127` = 24,384), 4-bit codes every 8 (`8 * 2 * 15 * 127` = 30,480); AVX-512 VNNI sums in
-/// dwords. Until 2026-12-07 2-bit weights were rounded to 85 levels, which let a whole tile's 64 pairs
+/// `32 * 2 * 3 * 127` = 24,384), 3-bit codes every 16 (`16 * 2 * 7 * 127` = 28,448), 4-bit codes every 8
+/// (`8 * 2 * 15 * 127` = 30,480); AVX-512 VNNI sums in dwords. Until 2026-12-07 2-bit weights were rounded to 85 levels, which let a whole tile's 64 pairs
 /// stay in 16 bits: on `kvq2`'s values that lost `kvq demo`'s planted fact, which 127 levels find (SmolLM2,
 /// Zen 4); on `kivi4` 85 levels added half again the KL divergence its keys did.
 pub const Q8_VALUE_MAX: f32 = 127.0;
@@ -335,13 +336,20 @@ const fn q8_value_work(nq: usize, d: usize, groups: usize) -> usize {
         + Q8_TILE * (d / 8 + groups)
 }
 
-/// Whether the int8 path reads a body of `width` codes: up to 2 bits, and 4.
+/// Whether the int8 path reads a key body of `width` codes: up to 2 bits, and 4.
 fn q8_width(kernel: Kernel, width: Width) -> bool {
     kernel.int8 && matches!(width, Width::B1 | Width::B2 | Width::Ternary | Width::B4)
 }
 
-/// Whether the vector int8 kernels unpack codes of `width` (2-bit and ternary, 4-bit); 1-bit bodies run
-/// the portable twin.
+/// Whether the int8 path reads a value body of `width` codes: the key widths and 3 bits (`kvq3`). 3-bit
+/// keys stay off it: no preset stores them per channel, and their folded queries would round to fewer
+/// levels ([`q8_key_max`]).
+fn q8_value_width(kernel: Kernel, width: Width) -> bool {
+    q8_width(kernel, width) || kernel.int8 && width == Width::B3
+}
+
+/// Whether the vector int8 kernels unpack codes of `width` (2-bit and ternary, 4-bit; the value kernels
+/// 3-bit as well); 1-bit bodies run the portable twin.
 #[cfg(target_arch = "x86_64")]
 fn q8_vector_width(width: Width) -> bool {
     width.bits() == 2 || width == Width::B4
@@ -950,7 +958,7 @@ fn value_sums(
             }
             #[cfg(target_arch = "x86_64")]
             (Part::Body, Precision::Quant(spec))
-                if (vector || q8_width(kernel, spec.width)) && fp8_plain(spec) =>
+                if (vector || q8_value_width(kernel, spec.width)) && fp8_plain(spec) =>
             {
                 let dst = if stored { &mut *acc } else { &mut *out };
                 fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, vector, kernel);
@@ -970,7 +978,7 @@ fn value_sums(
             (Part::Body, Precision::Quant(spec)) => {
                 let b = token_body(sv, h, spec.width, spec.group);
                 let dst = if stored { &mut *acc } else { &mut *out };
-                let int8 = q8_width(kernel, spec.width);
+                let int8 = q8_value_width(kernel, spec.width);
                 token_values(&b, seg, &pr, d, dst, work, vector, int8, kernel.avx512);
             }
         }
@@ -1027,7 +1035,7 @@ fn fp8_token_values(
     vector: bool,
     kernel: Kernel,
 ) {
-    let (l, int8) = (sv.layout, q8_width(kernel, spec.width));
+    let (l, int8) = (sv.layout, q8_value_width(kernel, spec.width));
     let groups = d / spec.group;
     debug_assert!(groups <= FP8_GROUPS && l.row_groups == groups);
     let mut scale = [0u16; FP8_TILE * FP8_GROUPS];
@@ -1155,7 +1163,8 @@ fn token_values(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector && q8_vector_width(b.width) && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
+        let width = q8_vector_width(b.width) || b.width == Width::B3;
+        if vector && width && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).

@@ -302,7 +302,7 @@ pub(crate) fn values_q8_token(
 /// One tile of `len` tokens, `start + t0..`, of the int8 value path. Per channel group and query, the
 /// products `p_t s_t` are rounded to integers `P_t = rint(p_t s_t / delta)` with
 /// `delta = max_t p_t s_t / vmax` (`vmax` = [`super::Q8_VALUE_MAX`]); the exact integer sums
-/// `sum_t P_t code_tc` (at most `Q8_TILE * 127 * 3` = 48,768 at 2 bits, `Q8_TILE * 127 * 15` at 4) scaled by
+/// `sum_t P_t code_tc` (at most `Q8_TILE * 127 * 3` = 48,768 at 2 bits, `* 7` at 3, `* 15` at 4) scaled by
 /// `delta` are added to `l` (`[nq][d]`), and `p_t z_t` to lane
 /// `(t0 + t) % 8` of `zl` (`[nq][groups][8]`). `tile` holds `nq * d + groups * nq * (Q8_TILE + 1)` floats.
 #[allow(clippy::too_many_arguments)]

@@ -696,8 +696,9 @@ fn head_ranges_compose() {
 }
 
 /// The int8 path's AVX2 and AVX-512 kernels give the same bits as their portable twins: key scores and
-/// value sums (from the same probabilities) over 2-bit, ternary and 4-bit bodies (2-bit values also with
-/// FP8 parameters, as `kvq2` stores them), G 32 and 64, R, S, head_dim 64,
+/// value sums (from the same probabilities) over 2-bit, ternary and 4-bit bodies and 3-bit values (beside
+/// 2-bit keys; 2- and 3-bit values also with FP8 parameters, as `kvq2` and `kvq3` store them), G 32 and
+/// 64, R, S, head_dim 64,
 /// 128 and 256, GQA 1, 3, 4, 5 and 7 (the AVX-512 keys go by blocks of 4 queries, sharing each tile's
 /// unpacking above 4 up to head_dim 128), token counts that leave partial value tiles, rings that have
 /// wrapped, and key blocks of 64 to 256 tokens (rings of 300, 600 and 1,056 slots).
@@ -723,6 +724,8 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
             (Width::Ternary, 32, 32, 2, false),
             (Width::B4, 32, 32, 0, false),
             (Width::B4, 64, 128, 3, false),
+            (Width::B3, 32, 32, 2, false),
+            (Width::B3, 64, 64, 1, true),
         ] {
             for (t, cap, slide) in [
                 (1usize, 600, false),
@@ -732,10 +735,13 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                 (700, 300, true),
                 (600, 1056, false),
             ] {
-                let mut cfg = CacheConfig::kivi(width, g, r, 2, d, cap).with_sinks(s);
+                // 3-bit keys stay off the int8 path: 3-bit values go beside 2-bit keys.
+                let kw = if width == Width::B3 { Width::B2 } else { width };
+                let mut cfg = CacheConfig::kivi(kw, g, r, 2, d, cap).with_sinks(s);
                 if slide {
                     cfg = cfg.with_overflow(Overflow::Slide);
                 }
+                cfg.values = Precision::Quant(QuantSpec::per_token(width, g));
                 if fp8 {
                     cfg.values = Precision::Quant(QuantSpec::per_token(width, g).with_params(Fp8E4M3));
                 }
@@ -818,7 +824,7 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
             }
         }
     }
-    assert_eq!(cases, 3 * 7 * 6 * 5);
+    assert_eq!(cases, 3 * 9 * 6 * 5);
 }
 
 /// The AVX2 int8 kernels' 16-bit sums at their largest: every key code 3 against a query rounded to
@@ -828,15 +834,19 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
 /// rounding or a longer span would wrap the sums, and the twins would part. The AVX-512 kernels (dword
 /// sums, where the CPU has them) must give the same bits. At 4 bits (codes 15 against queries and weights
 /// of 127) AVX2 widens its 16-bit sums every 8 pairs (`8 * 2 * 15 * 127`, 30,480): widening every 16
-/// would wrap them.
+/// would wrap them. 3-bit values (codes 7, beside 2-bit keys) widen every 16 pairs (`16 * 2 * 7 * 127`,
+/// 28,448): every 32 would wrap.
 #[test]
 fn int8_sums_at_their_largest_stay_exact() {
     let Some(fast) = Kernel::avx2() else {
         std::println!("skipped: this CPU has no AVX2 (the portable twin is the only int8 path)");
         return;
     };
-    for (width, d) in [(Width::B2, 64usize), (Width::B2, 128), (Width::B4, 64), (Width::B4, 128)] {
-        let cfg = CacheConfig::kivi(width, 32, 32, 1, d, 1024);
+    let cases = [(Width::B2, 64usize), (Width::B2, 128), (Width::B4, 64), (Width::B4, 128), (Width::B3, 64)];
+    for (width, d) in cases {
+        let kw = if width == Width::B3 { Width::B2 } else { width };
+        let mut cfg = CacheConfig::kivi(kw, 32, 32, 1, d, 1024);
+        cfg.values = Precision::Quant(QuantSpec::per_token(width, 32));
         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
         let mut cache = Cache::new(cfg, &mut mem).unwrap();
         // Keys: every channel 1 at even tokens, -1 at odd (codes 3 and 0, one scale for all channels).
@@ -928,11 +938,16 @@ fn int8_path_follows_its_definition() {
         (Width::B1, 32, 32, 64, 200, 600, false),
         (Width::B2, 32, 32, 64, 640, 250, true),
         (Width::B4, 32, 64, 64, 300, 600, false),
+        (Width::B3, 32, 32, 64, 300, 600, false),
     ]
     .into_iter()
-    .take(if cfg!(miri) { 1 } else { 6 })
+    .take(if cfg!(miri) { 1 } else { 7 })
     {
+        // 3-bit values go beside 2-bit keys (3-bit keys stay off the int8 path).
+        let vw = width;
+        let width = if vw == Width::B3 { Width::B2 } else { vw };
         let mut cfg = CacheConfig::kivi(width, g, r, 1, d, cap).with_sinks(2);
+        cfg.values = Precision::Quant(QuantSpec::per_token(vw, g));
         if slide {
             cfg = cfg.with_overflow(Overflow::Slide);
         }
@@ -1044,7 +1059,7 @@ fn int8_path_follows_its_definition() {
                                 let slot = seg.start + t0 + i;
                                 pack::unpack_bits(
                                     &vs.codes[slot * vs.layout.row_words..],
-                                    width,
+                                    vw,
                                     c,
                                     &mut codes[..1],
                                 );
@@ -1066,7 +1081,7 @@ fn int8_path_follows_its_definition() {
             let tol = gamma(held + 4) * 2.0 * mag[i] + 1e-30;
             assert!(
                 (f64::from(o) - w).abs() <= tol,
-                "{width:?} G {g} d {d}: value {i}: {o} vs {w} (tol {tol:e})"
+                "{vw:?} G {g} d {d}: value {i}: {o} vs {w} (tol {tol:e})"
             );
         }
     }
@@ -1087,9 +1102,9 @@ fn int8_attention_is_within_its_bound() {
     kernels.extend(Kernel::avx2().map(|k| k.with_int8(true)));
     kernels.extend(Kernel::avx512().map(|k| k.with_int8(true)));
     let mut worst = 0.0f64;
-    // The last two: FP8 value parameters, which every kernel reads in f32 (the AVX2 one a tile at a time
-    // as f16 through KIVI's f32 kernel, the portable twin on the generic path), inside the same bound.
-    // 4-bit codes: the same bound with the largest code 15 for 3.
+    // Those marked true: FP8 value parameters (as `kvq2` and `kvq3` store them), which every kernel decodes
+    // to f16 a tile at a time and reads on the int8 path (the portable twin on x86-64; elsewhere the
+    // generic f32 path), inside the same bound. 4-bit codes: the same bound with the largest code 15 for 3; 3-bit values (beside 2-bit keys) with 7.
     let cases = [
         (Width::B2, 64usize, 32, 32, 0, 200usize, false),
         (Width::B2, 64, 32, 128, 4, 517, false),
@@ -1098,11 +1113,15 @@ fn int8_attention_is_within_its_bound() {
         (Width::B2, 128, 32, 32, 0, 333, true),
         (Width::B4, 64, 32, 32, 0, 300, false),
         (Width::B4, 128, 32, 128, 2, 517, false),
+        (Width::B3, 64, 32, 32, 2, 517, false),
+        (Width::B3, 128, 64, 64, 0, 300, true),
     ];
-    for (width, d, g, r, s, t, fp8) in cases.into_iter().take(if cfg!(miri) { 1 } else { 7 }) {
+    for (vw, d, g, r, s, t, fp8) in cases.into_iter().take(if cfg!(miri) { 1 } else { 9 }) {
+        let width = if vw == Width::B3 { Width::B2 } else { vw };
         let mut cfg = CacheConfig::kivi(width, g, r, 1, d, 600).with_sinks(s);
+        cfg.values = Precision::Quant(QuantSpec::per_token(vw, g));
         if fp8 {
-            cfg.values = Precision::Quant(QuantSpec::per_token(Width::B2, g).with_params(Fp8E4M3));
+            cfg.values = Precision::Quant(QuantSpec::per_token(vw, g).with_params(Fp8E4M3));
         }
         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
         let mut cache = Cache::new(cfg, &mut mem).unwrap();
@@ -1116,7 +1135,7 @@ fn int8_attention_is_within_its_bound() {
         let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
         let (want, probs) = naive_p(&q, &keys, &values, qh, d, scale);
         let qmax = f64::from(q8_key_max(d, width));
-        let cmax = f64::from(width.max_code());
+        let (cmax, vmax) = (f64::from(width.max_code()), f64::from(vw.max_code()));
         for kernel in &kernels {
             let mut out = vec![0.0f32; qh * d];
             let mut scratch = vec![0.0f32; cfg.decode_scratch_len(qh)];
@@ -1150,7 +1169,7 @@ fn int8_attention_is_within_its_bound() {
                                 })
                                 .fold(0.0, f64::max);
                             for x in &mut tiles[gi * g..(gi + 1) * g] {
-                                *x += m / f64::from(Q8_VALUE_MAX) * (1.0 + 1e-6) * cmax * len as f64 / 2.0;
+                                *x += m / f64::from(Q8_VALUE_MAX) * (1.0 + 1e-6) * vmax * len as f64 / 2.0;
                             }
                         }
                     }
@@ -1163,7 +1182,7 @@ fn int8_attention_is_within_its_bound() {
                     let err = (f64::from(out[hq * d + c]) - want[hq * d + c]).abs();
                     assert!(
                         err <= bound,
-                        "{} {width:?} d {d} G {g} T {t}: head {hq} channel {c}: {err} > {bound}",
+                        "{} {vw:?} d {d} G {g} T {t}: head {hq} channel {c}: {err} > {bound}",
                         kernel.name()
                     );
                     worst = worst.max(err / bound);

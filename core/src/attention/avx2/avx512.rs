@@ -27,6 +27,11 @@
 //! positions a shift of 4 bits brings down ([`code_quads`]), so the sums come out in order and need no
 //! permute. Value weights are rounded to 127 levels at every width ([`Q8_VALUE_MAX`]).
 //!
+//! 3-bit values (`kvq3`) too: a row's 32 codes are 12 bytes, loaded masked into a 128-bit lane apiece;
+//! `vpermb` puts the two bytes that hold positions `2 k` and `2 k + 1` of each row side by side in qword
+//! `k`, and `vpmultishiftqb` takes each code's bits from there into its byte, so the sums come out in
+//! order as well ([`code_quads`]).
+//!
 //! The generic per-channel key path (`kvq2`, `kvq3`, KVQuant, MiKV: [`group_scores`]) takes 16 tokens a
 //! vector: a channel's 16 codes are one broadcast and per-lane shift, and its reconstruction table of 16
 //! entries fits one register, so a code's value is one `vpermps` (AVX2 needs two per 16 codes, and a
@@ -97,6 +102,40 @@ const fn nibble_index<const OFF: usize>() -> [u8; 64] {
 
 const NIBBLE_LO: [u8; 64] = nibble_index::<0>();
 const NIBBLE_HI: [u8; 64] = nibble_index::<8>();
+
+/// `vpermb` indices of [`code_quads`] at 3 bits, for positions `OFF..OFF + 16`: qword `k` of the result holds
+/// positions `OFF + 2 k` and `OFF + 2 k + 1` of the four rows, and its bytes `2 j`, `2 j + 1` are bytes `b`,
+/// `b + 1` of row `j` (the `j`-th 128-bit lane of the source), `b = 3 (OFF + 2 k) / 8`: the 16 bits that
+/// hold both codes (a row's bytes past its 12 are loaded as zeros).
+const fn triple_index<const OFF: usize>() -> [u8; 64] {
+    let mut idx = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        let (k, j, e) = (i / 8, i % 8 / 2, i % 2);
+        idx[i] = (16 * j + 3 * (OFF + 2 * k) / 8 + e) as u8;
+        i += 1;
+    }
+    idx
+}
+
+const TRIPLE_LO: [u8; 64] = triple_index::<0>();
+const TRIPLE_HI: [u8; 64] = triple_index::<16>();
+
+/// `vpmultishiftqb` offsets of [`code_quads`] at 3 bits: byte `4 h + j` of qword `k` (row `j`'s code at
+/// position `2 k + h`, the same for positions 16 on, which start 6 bytes later) takes the bits from
+/// `16 j + 3 (2 k) % 8 + 3 h` of [`triple_index`]'s qword.
+const fn triple_shift() -> [u8; 64] {
+    let mut sh = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        let (k, h, j) = (i / 8, i % 8 / 4, i % 4);
+        sh[i] = (16 * j + 3 * (2 * k) % 8 + 3 * h) as u8;
+        i += 1;
+    }
+    sh
+}
+
+const TRIPLE_SHIFT: [u8; 64] = triple_shift();
 
 /// Largest `head_dim` whose unpacked key tile (two 64-byte vectors per four channels, 4 KiB at 128) is
 /// kept on the stack to share among blocks of queries (more than 4 queries: prefill); larger heads
@@ -192,13 +231,16 @@ fn round_quads(x: &[f32], inv: &[f32], quads: &mut [u32]) {
     }
 }
 
-/// The `B`-bit codes (2 or 4) of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, `B` words
+/// The `B`-bit codes (2, 3 or 4) of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, `B` words
 /// each) as bytes, the four rows' codes of each position in one dword: positions 0-15 in the first
 /// vector, 16-31 in the second. The rows' bytes go side by side (2 bits: 8 bytes each in a 256-bit
 /// vector; 4 bits: 16 bytes each, a 128-bit lane apiece) and `vpermb` ([`indices`]) gathers the four rows'
 /// bytes of each dword; a shift per dword and a mask leave the codes. At 2 bits dword `b` of 128-bit lane
 /// `k` holds position `4 b + k` (shifts of `2 k`); at 4 bits dword `i` holds position `i`, the byte that
-/// holds it shifted by 4 where `i` is odd.
+/// holds it shifted by 4 where `i` is odd. At 3 bits (12 bytes a row, a 128-bit lane apiece, the lane's
+/// last 4 bytes zero) dword `i` holds position `i` too: `vpermb` puts each row's two bytes that hold
+/// positions `2 k` and `2 k + 1` in qword `k` ([`triple_index`]) and `vpmultishiftqb` takes each code's
+/// bits from them ([`triple_shift`]).
 ///
 /// # Safety
 /// Words `0..B` of `rp + j w` are readable for `j < 4`.
@@ -210,6 +252,24 @@ unsafe fn code_quads<const B: u32>(
     lo_idx: __m512i,
     hi_idx: __m512i,
 ) -> [__m512i; 2] {
+    if B == 3 {
+        // SAFETY: the caller's contract; each read takes bytes 0..12 of a row, the rest of its lane zeroed
+        // (masked off, never read).
+        let rows = unsafe {
+            let row = |j: usize| _mm_maskz_loadu_epi8(0x0fff, rp.add(j * w).cast());
+            let r = _mm512_castsi128_si512(row(0));
+            let r = _mm512_inserti32x4::<1>(r, row(1));
+            let r = _mm512_inserti32x4::<2>(r, row(2));
+            _mm512_inserti32x4::<3>(r, row(3))
+        };
+        // SAFETY: the constant holds 64 bytes; an unaligned read.
+        let sh = unsafe { _mm512_loadu_si512(TRIPLE_SHIFT.as_ptr().cast()) };
+        let m = _mm512_set1_epi8(7);
+        let code = |idx: __m512i| {
+            _mm512_and_si512(_mm512_multishift_epi64_epi8(sh, _mm512_permutexvar_epi8(idx, rows)), m)
+        };
+        return [code(lo_idx), code(hi_idx)];
+    }
     // SAFETY: the caller's contract; unaligned reads.
     let rows = unsafe {
         if B == 4 {
@@ -240,7 +300,11 @@ unsafe fn code_quads<const B: u32>(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
 fn indices<const B: u32>() -> (__m512i, __m512i) {
-    let (lo, hi) = if B == 4 { (&NIBBLE_LO, &NIBBLE_HI) } else { (&QUAD_LO, &QUAD_HI) };
+    let (lo, hi) = match B {
+        4 => (&NIBBLE_LO, &NIBBLE_HI),
+        3 => (&TRIPLE_LO, &TRIPLE_HI),
+        _ => (&QUAD_LO, &QUAD_HI),
+    };
     // SAFETY: each constant holds 64 bytes; unaligned reads.
     unsafe { (_mm512_loadu_si512(lo.as_ptr().cast()), _mm512_loadu_si512(hi.as_ptr().cast())) }
 }
@@ -418,18 +482,20 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
-    let four = b.width == Width::B4;
     if out.len() / d > 4 {
         let mut unpacked = [_mm512_setzero_si512(); Q8_TILE / 2];
-        if four {
-            return token_values::<true, 4>(b, start, n, p, d, out, work, &mut unpacked);
-        }
-        return token_values::<true, 2>(b, start, n, p, d, out, work, &mut unpacked);
+        let u = &mut unpacked;
+        return match b.width {
+            Width::B4 => token_values::<true, 4>(b, start, n, p, d, out, work, u),
+            Width::B3 => token_values::<true, 3>(b, start, n, p, d, out, work, u),
+            _ => token_values::<true, 2>(b, start, n, p, d, out, work, u),
+        };
     }
-    if four {
-        return token_values::<false, 4>(b, start, n, p, d, out, work, &mut []);
+    match b.width {
+        Width::B4 => token_values::<false, 4>(b, start, n, p, d, out, work, &mut []),
+        Width::B3 => token_values::<false, 3>(b, start, n, p, d, out, work, &mut []),
+        _ => token_values::<false, 2>(b, start, n, p, d, out, work, &mut []),
     }
-    token_values::<false, 2>(b, start, n, p, d, out, work, &mut []);
 }
 
 /// [`values_q8_token`]'s loops; `S`: more than 4 queries share each word pair's unpacking (`unpacked`,
@@ -603,8 +669,8 @@ impl ValueTile<'_> {
             let om = &mut o[m * d..][..32];
             for (h, v) in a.iter().enumerate() {
                 let x = _mm512_mul_ps(dl, _mm512_cvtepi32_ps(*v));
-                // 4-bit quads come in channel order.
-                let x = if B == 4 { x } else { _mm512_permutexvar_ps(order, x) };
+                // 3- and 4-bit quads come in channel order.
+                let x = if B == 2 { _mm512_permutexvar_ps(order, x) } else { x };
                 let oh = &mut om[16 * h..][..16];
                 // SAFETY: `oh` holds 16 floats; unaligned accesses.
                 unsafe { _mm512_storeu_ps(oh.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(oh.as_ptr()), x)) };
