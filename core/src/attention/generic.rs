@@ -903,9 +903,102 @@ pub(crate) fn tier_key_scores(
     });
 }
 
+/// [`tier_key_scores`] where every offset of a key group has the same query (no RoPE by offset): `q` holds
+/// the stored-basis queries, one row of `d` per query. Compiled for AVX2 where `vector` says the CPU has
+/// it (the same code, so the same bits).
+#[allow(unsafe_code)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn tier_key_scores_flat(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
+        // F16C (see the note above the dispatchers in `attention`).
+        return unsafe { tier_key_scores_flat_avx2(tv, h, j0, n, q, out) };
+    }
+    let _ = vector;
+    tier_key_scores_flat_in(tv, h, j0, n, q, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tier_key_scores_flat_avx2(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
+    tier_key_scores_flat_in(tv, h, j0, n, q, out);
+}
+
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn tier_key_scores_flat_in(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+) {
+    let d = q.d;
+    let mut corr = [0.0f32; MAX_HEAD_DIM];
+    for (t, slot) in tv.promoted(h, j0, n) {
+        tv.correction(slot, Stream::Keys, &mut corr[..d]);
+        for (qi, row) in q.q.chunks_exact(d).take(q.nq).enumerate() {
+            *out.at(qi, t) += super::dot(row, &corr[..d]);
+        }
+    }
+}
+
 /// Adds `p_t * c_t` for KV head `h`'s promoted values among logical body tokens `j0..j0 + n` into the
-/// stored-basis sums `acc` (`[nq][d]`), `c_t` the decoded correction.
+/// stored-basis sums `acc` (`[nq][d]`), `c_t` the decoded correction. Compiled for AVX2 where `vector`
+/// says the CPU has it (the same code, so the same bits).
+#[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) fn tier_value_sums(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+    vector: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: as in `tier_key_scores_flat`.
+        return unsafe { tier_value_sums_avx2(tv, h, j0, n, p, d, acc) };
+    }
+    let _ = vector;
+    tier_value_sums_in(tv, h, j0, n, p, d, acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tier_value_sums_avx2(
+    tv: &TierView<'_>,
+    h: usize,
+    j0: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    acc: &mut [f32],
+) {
+    tier_value_sums_in(tv, h, j0, n, p, d, acc);
+}
+
+#[inline(always)]
+fn tier_value_sums_in(
     tv: &TierView<'_>,
     h: usize,
     j0: usize,
@@ -915,7 +1008,7 @@ pub(crate) fn tier_value_sums(
     acc: &mut [f32],
 ) {
     let mut corr = [0.0f32; MAX_HEAD_DIM];
-    tv.each(h, j0, n, |t, slot| {
+    for (t, slot) in tv.promoted(h, j0, n) {
         tv.correction(slot, Stream::Values, &mut corr[..d]);
         for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
             let pt = p.at(qi, t);
@@ -923,7 +1016,7 @@ pub(crate) fn tier_value_sums(
                 *a += pt * x;
             }
         }
-    });
+    }
 }
 
 /// [`channel_key_scores_in`], compiled for AVX2 where `vector` says the CPU has it (the loops are the same code; the

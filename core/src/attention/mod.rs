@@ -384,13 +384,15 @@ pub const fn prefill_scratch_len(
 }
 
 /// Floats the generic formats need for `nq` query rows of one KV head, beyond the KIVI kernels' scratch,
-/// as `[queries, rows, acc]`: the transformed queries of a rotated or balanced plain key body; for a
+/// as `[queries, rows, acc, params]`: the transformed queries of a rotated or balanced plain key body; for a
 /// generic per-channel key body, the score accumulators (`[nq][G]`), the queries per offset within a key
 /// group (`[nq][d][G]`) and their biases (`[nq][G]`); the stored-basis value sums of a transformed or
-/// generic value body.
-const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 3] {
+/// generic value body; FP8 group parameters decoded to f16 (two to a float) for the KIVI kernels, a key
+/// block's ([`fp8_key_scores`]) or a value tile's ([`fp8_token_values`]).
+const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
     let d = cfg.head_dim;
-    let queries = if cfg.transform.keys() && cfg.plain_keys() { nq * d } else { 0 };
+    let queries =
+        if cfg.transform.keys() && (cfg.plain_keys() || fp8_channel_keys(cfg)) { nq * d } else { 0 };
     let rows = match cfg.keys {
         Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => {
             q.group * nq * (d + 2)
@@ -398,13 +400,53 @@ const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 3] {
         _ => 0,
     };
     let acc = if cfg.generic(true) { nq * d } else { 0 };
-    [queries, rows, acc]
+    let keys = match cfg.keys {
+        Precision::Quant(q) if fp8_channel_keys(cfg) && q.group.is_multiple_of(16) => KEY_BLOCK / q.group * d,
+        _ => 0,
+    };
+    let values = match cfg.values {
+        Precision::Quant(q)
+            if matches!(q.axis, Axis::PerToken)
+                && matches!(q.params, crate::quant::param::ParamFormat::Fp8E4M3) =>
+        {
+            FP8_TILE * d.div_ceil(q.group)
+        }
+        _ => 0,
+    };
+    // Only x86-64 reads FP8 bodies through the KIVI kernels; elsewhere (the firmware) they take the
+    // generic path, and the scratch stays as it was.
+    let params = if !cfg!(target_arch = "x86_64") {
+        0
+    } else if keys > values {
+        keys
+    } else {
+        values
+    };
+    [queries, rows, acc, params]
+}
+
+/// Whether the key body is KIVI's per-channel format but for FP8 (E4M3) group parameters, with at most
+/// the transforms and tiers the KIVI kernels take around it: balancing and rotation (stored-basis
+/// queries) and MiKV's tiers (corrections added to the scores). No RoPE by offset, centring, codebook,
+/// outliers or permutation. On x86-64 such a body is read by the KIVI kernels a block at a time
+/// ([`fp8_key_scores`]); elsewhere (and for group sizes those kernels do not take) by the generic path.
+const fn fp8_channel_keys(cfg: &CacheConfig) -> bool {
+    match cfg.keys {
+        Precision::Quant(q) => {
+            matches!(q.axis, Axis::PerChannel)
+                && matches!(q.params, crate::quant::param::ParamFormat::Fp8E4M3)
+                && crate::cache::QuantSpec { params: crate::quant::param::ParamFormat::F16, ..q }.plain()
+                && cfg.transform.rope.is_none()
+                && !cfg.transform.center_keys
+        }
+        Precision::F16 => false,
+    }
 }
 
 /// The total of [`generic_parts`].
 const fn generic_work(cfg: &CacheConfig, nq: usize) -> usize {
-    let [queries, rows, acc] = generic_parts(cfg, nq);
-    queries + rows + acc
+    let [queries, rows, acc, params] = generic_parts(cfg, nq);
+    queries + rows + acc + params
 }
 
 impl CacheConfig {
@@ -438,23 +480,21 @@ struct GenericWork<'w> {
     rows: &'w mut [f32],
     /// Stored-basis value sums.
     acc: &'w mut [f32],
+    /// FP8 parameters decoded to f16 (two to a float; x86-64 only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    params: &'w mut [f32],
 }
 
 impl<'w> GenericWork<'w> {
-    /// No generic work (KIVI's plain formats).
-    #[cfg(test)]
-    fn none() -> Self {
-        Self { queries: &mut [], rows: &mut [], acc: &mut [] }
-    }
-
     /// Splits the generic parts off the end of `work` (whose front stays the KIVI kernels' work).
     fn split(cfg: &CacheConfig, nq: usize, work: &'w mut [f32]) -> (&'w mut [f32], Self) {
-        let [nqueries, _, nacc] = generic_parts(cfg, nq);
+        let [nqueries, nrows, nacc, _] = generic_parts(cfg, nq);
         let at = work.len() - generic_work(cfg, nq);
         let (front, rest) = work.split_at_mut(at);
         let (queries, rest) = rest.split_at_mut(nqueries);
-        let (acc, rows) = rest.split_at_mut(nacc);
-        (front, Self { queries, rows, acc })
+        let (acc, rest) = rest.split_at_mut(nacc);
+        let (rows, params) = rest.split_at_mut(nrows);
+        (front, Self { queries, rows, acc, params })
     }
 
     /// The stored-basis queries of a rotated or balanced plain key body: `H (q / b)` per row.
@@ -739,6 +779,7 @@ pub fn prefill_heads(
 }
 
 /// `a · b` with 8 partial sums (the compiler vectorizes them; a single running sum it may not reorder).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -872,6 +913,19 @@ fn key_scores(
             (Part::Sinks | Part::Window, _) => {
                 dot_rows(token_rows(cache, sv, h, seg), seg.len, q, &mut out, vector)
             }
+            #[cfg(target_arch = "x86_64")]
+            (Part::Body, Precision::Quant(spec))
+                if fp8_channel_keys(cfg)
+                    && (vector || q8_width(kernel, spec.width))
+                    && spec.group.is_multiple_of(16)
+                    && l.block.is_multiple_of(spec.group) =>
+            {
+                fp8_key_scores(sv, spec, h, seg, &stored, &mut out, work, gw.params, vector, kernel);
+                if let Some(tv) = TierView::of(cache) {
+                    let j0 = body_index(cache, seg);
+                    generic::tier_key_scores_flat(&tv, h, j0, seg.len, &stored, &mut out, vector);
+                }
+            }
             (Part::Body, Precision::Quant(spec)) if !cfg.plain_keys() => match spec.axis {
                 Axis::PerChannel if generic::dequant_path(spec, q.nq, vector) => {
                     let tiers = TierView::of(cache).map(|tv| (tv, body_index(cache, seg)));
@@ -926,6 +980,65 @@ fn key_scores(
     }
 }
 
+/// KIVI's key kernels over a per-channel body with FP8 group parameters ([`fp8_channel_keys`]), a key block
+/// at a time: the block's parameters are decoded and stored as f16 first, which is exact (every E4M3 value
+/// is an f16 value), so each block is scored as the plain body with the same parameters would be, on
+/// the int8 path where `kernel` takes it (its portable twin as well) and in f32 otherwise. `q` holds the
+/// stored-basis queries. Before this, such bodies (MiKV's keys) took the generic per-offset path, with
+/// one query per offset of a group although every offset's was the same.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn fp8_key_scores(
+    sv: &StreamView<'_>,
+    spec: crate::cache::QuantSpec,
+    h: usize,
+    seg: Segment,
+    q: &Queries<'_>,
+    out: &mut Scores<'_>,
+    work: &mut [f32],
+    stage: &mut [f32],
+    vector: bool,
+    kernel: Kernel,
+) {
+    let (l, d, g) = (sv.layout, q.d, spec.group);
+    let (block, gd, words) = (l.block, l.row_groups * d, l.key_head_words(d));
+    debug_assert!(g.is_multiple_of(16) && block.is_multiple_of(g) && block <= KEY_BLOCK);
+    let codes = &sv.codes[h * words..][..words];
+    let (s8, z8) = (&sv.scale8[h * gd..][..gd], &sv.zero8[h * gd..][..gd]);
+    let f16 = &crate::quant::param::FP8_E4M3_F16;
+    let int8 = q8_width(kernel, spec.width);
+    let bg = block / g;
+    // The block's parameters: `KEY_BLOCK / g * d` floats of the scratch ([`generic_parts`]).
+    let (scale, zero) =
+        bytemuck::cast_slice_mut::<f32, u16>(&mut stage[..KEY_BLOCK / g * d]).split_at_mut(bg * d);
+    let mut t = 0;
+    while t < seg.len {
+        let slot = seg.start + t;
+        let b0 = slot - slot % block;
+        let n = (b0 + block - slot).min(seg.len - t);
+        for gi in slot / g..(slot + n).div_ceil(g) {
+            let (src, dst) = (gi * d, (gi - b0 / g) * d);
+            for (c, (s, z)) in s8[src..][..d].iter().zip(&z8[src..][..d]).enumerate() {
+                scale[dst + c] = f16[usize::from(*s)];
+                zero[dst + c] = f16[usize::from(*z)];
+            }
+        }
+        let b = ChannelBody {
+            codes: &codes[l.key_row(b0, 0, d)..][..d * l.row_words],
+            block,
+            block_words: l.row_words,
+            scale: &scale[..bg * d],
+            zero: &zero[..bg * d],
+            width: spec.width,
+            group: g,
+        };
+        let part = Segment { part: Part::Body, start: slot - b0, len: n, pos: seg.pos + t };
+        let mut o = Scores { data: &mut *out.data, stride: out.stride, pos: out.pos + t };
+        channel_keys(&b, part, q, &mut o, work, vector, int8, kernel.avx512);
+        t += n;
+    }
+}
+
 /// Adds `sum_t p[qi][t] * v_t` over every held token of KV head `h` into `out[qi]`.
 #[allow(clippy::too_many_arguments)]
 fn value_sums(
@@ -961,7 +1074,7 @@ fn value_sums(
                 if (vector || q8_value_width(kernel, spec.width)) && fp8_plain(spec) =>
             {
                 let dst = if stored { &mut *acc } else { &mut *out };
-                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, vector, kernel);
+                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => generic::token_value_sums(
                 sv,
@@ -986,7 +1099,7 @@ fn value_sums(
             && let Some(tv) = TierView::of(cache)
         {
             // Tiers make the value body generic, so its sums are in `acc`.
-            generic::tier_value_sums(&tv, h, body_index(cache, seg), seg.len, &pr, d, acc);
+            generic::tier_value_sums(&tv, h, body_index(cache, seg), seg.len, &pr, d, acc, vector);
         }
     }
     if stored {
@@ -996,12 +1109,7 @@ fn value_sums(
 
 /// Tokens of a per-token body with FP8 parameters whose parameters [`fp8_token_values`] turns into f16 at a
 /// time.
-#[cfg(target_arch = "x86_64")]
 const FP8_TILE: usize = 256;
-
-/// Most groups in a value row the FP8 tile holds (the vector kernels take groups of 16 channels or more).
-#[cfg(target_arch = "x86_64")]
-const FP8_GROUPS: usize = crate::cache::config::MAX_HEAD_DIM / 16;
 
 /// Whether a per-token value body is KIVI's but for FP8 (E4M3) group parameters: no codebook, outliers or
 /// permutation, groups the vector kernels take.
@@ -1032,14 +1140,18 @@ fn fp8_token_values(
     d: usize,
     out: &mut [f32],
     work: &mut [f32],
+    stage: &mut [f32],
     vector: bool,
     kernel: Kernel,
 ) {
     let (l, int8) = (sv.layout, q8_value_width(kernel, spec.width));
     let groups = d / spec.group;
-    debug_assert!(groups <= FP8_GROUPS && l.row_groups == groups);
-    let mut scale = [0u16; FP8_TILE * FP8_GROUPS];
-    let mut zero = [0u16; FP8_TILE * FP8_GROUPS];
+    debug_assert!(l.row_groups == groups);
+    // The tile's parameters: `FP8_TILE * groups` floats of the scratch ([`generic_parts`]). They were two
+    // stack arrays sized for the largest head, 16 KiB zeroed a call; with the same for FP8 keys, that
+    // zeroing was 3.6% of `mikv2`'s decode samples at 1k tokens (`perf`, Zen 4).
+    let n = FP8_TILE * groups;
+    let (scale, zero) = bytemuck::cast_slice_mut::<f32, u16>(&mut stage[..n]).split_at_mut(n);
     for t0 in (0..seg.len).step_by(FP8_TILE) {
         let nt = FP8_TILE.min(seg.len - t0);
         for gj in 0..groups {
@@ -1163,8 +1275,11 @@ fn token_values(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        let width = q8_vector_width(b.width) || b.width == Width::B3;
-        if vector && width && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
+        if vector
+            && (q8_vector_width(b.width) || b.width == Width::B3)
+            && b.group.is_multiple_of(32)
+            && d.is_multiple_of(64)
+        {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).

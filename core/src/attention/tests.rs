@@ -697,8 +697,8 @@ fn head_ranges_compose() {
 
 /// The int8 path's AVX2 and AVX-512 kernels give the same bits as their portable twins: key scores and
 /// value sums (from the same probabilities) over 2-bit, ternary and 4-bit bodies and 3-bit values (beside
-/// 2-bit keys; 2- and 3-bit values also with FP8 parameters, as `kvq2` and `kvq3` store them), G 32 and
-/// 64, R, S, head_dim 64,
+/// 2-bit keys; 2- and 3-bit values also with FP8 parameters, as `kvq2` and `kvq3` store them, and 2- and
+/// 4-bit keys with FP8 parameters, as `mikv2` stores them), G 32 and 64, R, S, head_dim 64,
 /// 128 and 256, GQA 1, 3, 4, 5 and 7 (the AVX-512 keys go by blocks of 4 queries, sharing each tile's
 /// unpacking above 4 up to head_dim 128), token counts that leave partial value tiles, rings that have
 /// wrapped, and key blocks of 64 to 256 tokens (rings of 300, 600 and 1,056 slots).
@@ -716,16 +716,18 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
     let mut rng = Rng::new(7);
     let mut cases = 0;
     for d in [64usize, 128, 256] {
-        for (width, g, r, s, fp8) in [
-            (Width::B2, 32, 32, 0, false),
-            (Width::B2, 32, 128, 3, false),
-            (Width::B2, 64, 64, 1, false),
-            (Width::B2, 64, 64, 1, true),
-            (Width::Ternary, 32, 32, 2, false),
-            (Width::B4, 32, 32, 0, false),
-            (Width::B4, 64, 128, 3, false),
-            (Width::B3, 32, 32, 2, false),
-            (Width::B3, 64, 64, 1, true),
+        // (value width, G, R, S, FP8 value parameters, FP8 key parameters)
+        for (width, g, r, s, fp8, kp8) in [
+            (Width::B2, 32, 32, 0, false, false),
+            (Width::B2, 32, 128, 3, false, false),
+            (Width::B2, 64, 64, 1, false, false),
+            (Width::B2, 64, 64, 1, true, false),
+            (Width::B2, 32, 32, 2, true, true),
+            (Width::Ternary, 32, 32, 2, false, false),
+            (Width::B4, 32, 32, 0, false, false),
+            (Width::B4, 64, 128, 3, false, true),
+            (Width::B3, 32, 32, 2, false, false),
+            (Width::B3, 64, 64, 1, true, false),
         ] {
             for (t, cap, slide) in [
                 (1usize, 600, false),
@@ -744,6 +746,9 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                 cfg.values = Precision::Quant(QuantSpec::per_token(width, g));
                 if fp8 {
                     cfg.values = Precision::Quant(QuantSpec::per_token(width, g).with_params(Fp8E4M3));
+                }
+                if kp8 {
+                    cfg.keys = Precision::Quant(QuantSpec::per_channel(kw, g).with_params(Fp8E4M3));
                 }
                 let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
                 let mut cache = Cache::new(cfg, &mut mem).unwrap();
@@ -774,7 +779,8 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                     let mut got = Vec::new();
                     let kernels = core::iter::once(Kernel::PORTABLE).chain(fast.iter().copied());
                     for kernel in kernels.map(|k| k.with_int8(true)) {
-                        let mut work = vec![0.0f32; work_len(nq, d)];
+                        let mut buf = vec![0.0f32; work_len(nq, d) + generic_work(&cfg, nq)];
+                        let (work, mut gw) = GenericWork::split(&cfg, nq, &mut buf);
                         let mut scores = vec![0.0f32; nq * held];
                         for h in 0..2 {
                             key_scores(
@@ -784,8 +790,8 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                                 &qv,
                                 &mut scores,
                                 held,
-                                &mut work,
-                                &mut GenericWork::none(),
+                                work,
+                                &mut gw,
                                 kernel,
                             );
                         }
@@ -798,8 +804,8 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
                             &pr,
                             nq,
                             &mut out,
-                            &mut work,
-                            &mut GenericWork::none(),
+                            work,
+                            &mut gw,
                             kernel,
                         );
                         got.push((scores, out));
@@ -824,7 +830,7 @@ fn int8_kernels_equal_their_portable_twin_bit_for_bit() {
             }
         }
     }
-    assert_eq!(cases, 3 * 9 * 6 * 5);
+    assert_eq!(cases, 3 * 10 * 6 * 5);
 }
 
 /// The AVX2 int8 kernels' 16-bit sums at their largest: every key code 3 against a query rounded to
@@ -869,32 +875,13 @@ fn int8_sums_at_their_largest_stay_exact() {
         let mut got = Vec::new();
         let kernels = [Kernel::PORTABLE, fast].into_iter().chain(Kernel::avx512());
         for kernel in kernels.map(|k| k.with_int8(true)) {
-            let mut work = vec![0.0f32; work_len(nq, d)];
+            let mut buf = vec![0.0f32; work_len(nq, d) + generic_work(&cfg, nq)];
+            let (work, mut gw) = GenericWork::split(&cfg, nq, &mut buf);
             let mut scores = vec![0.0f32; nq * held];
-            key_scores(
-                &cache,
-                &cache.view(Stream::Keys),
-                0,
-                &qv,
-                &mut scores,
-                held,
-                &mut work,
-                &mut GenericWork::none(),
-                kernel,
-            );
+            key_scores(&cache, &cache.view(Stream::Keys), 0, &qv, &mut scores, held, work, &mut gw, kernel);
             let mut out = vec![0.0f32; nq * d];
             let pr = Probs { data: &p, stride: held, pos: 0 };
-            value_sums(
-                &cache,
-                &cache.view(Stream::Values),
-                0,
-                &pr,
-                nq,
-                &mut out,
-                &mut work,
-                &mut GenericWork::none(),
-                kernel,
-            );
+            value_sums(&cache, &cache.view(Stream::Values), 0, &pr, nq, &mut out, work, &mut gw, kernel);
             got.push((scores, out));
         }
         for other in &got[1..] {
@@ -960,20 +947,11 @@ fn int8_path_follows_its_definition() {
         let nq = 3;
         let q: Vec<f32> = (0..nq * d).map(|_| rng.unit() * 0.4).collect();
         let p: Vec<f32> = (0..nq * held).map(|_| rng.unit().abs().powi(3)).collect();
-        let mut work = vec![0.0f32; work_len(nq, d)];
+        let mut buf = vec![0.0f32; work_len(nq, d) + generic_work(&cfg, nq)];
+        let (work, mut gw) = GenericWork::split(&cfg, nq, &mut buf);
         let mut scores = vec![0.0f32; nq * held];
         let (ks, vs) = (cache.view(Stream::Keys), cache.view(Stream::Values));
-        key_scores(
-            &cache,
-            &ks,
-            0,
-            &Queries { q: &q, nq, d },
-            &mut scores,
-            held,
-            &mut work,
-            &mut GenericWork::none(),
-            kernel,
-        );
+        key_scores(&cache, &ks, 0, &Queries { q: &q, nq, d }, &mut scores, held, work, &mut gw, kernel);
         let mut out = vec![0.0f32; nq * d];
         value_sums(
             &cache,
@@ -982,8 +960,8 @@ fn int8_path_follows_its_definition() {
             &Probs { data: &p, stride: held, pos: 0 },
             nq,
             &mut out,
-            &mut work,
-            &mut GenericWork::none(),
+            work,
+            &mut gw,
             kernel,
         );
         let qmax = q8_key_max(d, width);
@@ -1116,20 +1094,33 @@ fn int8_attention_is_within_its_bound() {
         (Width::B3, 64, 32, 32, 2, 517, false),
         (Width::B3, 128, 64, 64, 0, 300, true),
     ];
-    for (vw, d, g, r, s, t, fp8) in cases.into_iter().take(if cfg!(miri) { 1 } else { 9 }) {
+    // The last two again as MiKV stores keys: FP8 parameters and 4-bit tiers (attention observed, so that
+    // tokens are promoted), the tiers' corrections exact f32 terms beside the rounded body.
+    let mikv = [(Width::B2, 64usize, 32, 32, 4, 517usize, true), (Width::B4, 64, 32, 64, 0, 300, false)];
+    let all = cases.into_iter().map(|c| (c, false)).chain(mikv.into_iter().map(|c| (c, true)));
+    for ((vw, d, g, r, s, t, fp8), kp8) in all.take(if cfg!(miri) { 1 } else { 11 }) {
         let width = if vw == Width::B3 { Width::B2 } else { vw };
         let mut cfg = CacheConfig::kivi(width, g, r, 1, d, 600).with_sinks(s);
         cfg.values = Precision::Quant(QuantSpec::per_token(vw, g));
         if fp8 {
             cfg.values = Precision::Quant(QuantSpec::per_token(vw, g).with_params(Fp8E4M3));
         }
+        if kp8 {
+            cfg.keys = Precision::Quant(QuantSpec::per_channel(width, g).with_params(Fp8E4M3));
+            cfg = cfg.with_tiers(crate::cache::config::Tiers { keep: 2, width: Width::B4 });
+        }
         let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
         let mut cache = Cache::new(cfg, &mut mem).unwrap();
-        cache.append(&activations(&mut rng, t, 1, d), &activations(&mut rng, t, 1, d)).unwrap();
+        let (k, v) = (activations(&mut rng, t, 1, d), activations(&mut rng, t, 1, d));
+        if kp8 {
+            crate::cache::tests::append_observed(&mut cache, &k, &v, &mut rng);
+            assert!((0..t).any(|j| cache.is_promoted(0, j)), "no token promoted");
+        } else {
+            cache.append(&k, &v).unwrap();
+        }
         let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
         let (ks, vs) = (cache.view(Stream::Keys), cache.view(Stream::Values));
-        let f = |b: u16| f64::from(half::f16::from_bits(b).to_f32());
-        let vparams = cfg.value_spec().unwrap().params;
+        let (kparams, vparams) = (cfg.key_spec().unwrap().params, cfg.value_spec().unwrap().params);
         let qh = 3;
         let scale = 1.0 / (d as f32).sqrt();
         let q: Vec<f32> = (0..qh * d).map(|_| rng.unit() * 2.0).collect();
@@ -1146,7 +1137,10 @@ fn int8_attention_is_within_its_bound() {
                 for seg in segments(&cache, &ks).filter(|x| x.part == Part::Body) {
                     for gi in seg.start / g..(seg.start + seg.len) / g {
                         let m = (0..d)
-                            .map(|c| (f64::from(qr[c] * scale) * f(ks.scale[gi * d + c])).abs())
+                            .map(|c| {
+                                let s = ks.params(kparams, gi * d + c).scale;
+                                (f64::from(qr[c] * scale) * f64::from(s)).abs()
+                            })
                             .fold(0.0, f64::max);
                         e = e.max(m / qmax * (1.0 + 1e-6) * cmax * d as f64 / 2.0);
                     }

@@ -351,6 +351,18 @@ pub(crate) fn generic_configs(kv: usize, d: usize, cap: usize) -> Vec<(&'static 
         ),
         ("tiers-b8", base.with_tiers(Tiers { keep: 3, width: Width::B8 })),
         (
+            // MiKV's format (`mikv2`): balanced keys with FP8 parameters, which the KIVI kernels read a
+            // block at a time, and 4-bit tiers.
+            "mikv-fp8-tiers",
+            CacheConfig {
+                keys: q(ch(Width::B2).with_params(Fp8E4M3)),
+                values: q(tok(Width::B2).with_params(Fp8E4M3)),
+                ..base
+                    .with_transform(Transform { balance_keys: true, ..t })
+                    .with_tiers(Tiers { keep: 2, width: Width::B4 })
+            },
+        ),
+        (
             // kvq2 until 2026-12-06: 3-bit keys in 64-token groups with FP8 parameters, 2-bit values in
             // 64-channel groups.
             "kvq2-k3g64",
