@@ -1005,7 +1005,6 @@ fn fp8_key_scores(
     debug_assert!(g.is_multiple_of(16) && block.is_multiple_of(g) && block <= KEY_BLOCK);
     let codes = &sv.codes[h * words..][..words];
     let (s8, z8) = (&sv.scale8[h * gd..][..gd], &sv.zero8[h * gd..][..gd]);
-    let f16 = &crate::quant::param::FP8_E4M3_F16;
     let int8 = q8_width(kernel, spec.width);
     let bg = block / g;
     // The block's parameters: `KEY_BLOCK / g * d` floats of the scratch ([`generic_parts`]).
@@ -1018,10 +1017,8 @@ fn fp8_key_scores(
         let n = (b0 + block - slot).min(seg.len - t);
         for gi in slot / g..(slot + n).div_ceil(g) {
             let (src, dst) = (gi * d, (gi - b0 / g) * d);
-            for (c, (s, z)) in s8[src..][..d].iter().zip(&z8[src..][..d]).enumerate() {
-                scale[dst + c] = f16[usize::from(*s)];
-                zero[dst + c] = f16[usize::from(*z)];
-            }
+            fp8_f16(&s8[src..][..d], &mut scale[dst..][..d], kernel);
+            fp8_f16(&z8[src..][..d], &mut zero[dst..][..d], kernel);
         }
         let b = ChannelBody {
             codes: &codes[l.key_row(b0, 0, d)..][..d * l.row_words],
@@ -1156,11 +1153,8 @@ fn fp8_token_values(
         let nt = FP8_TILE.min(seg.len - t0);
         for gj in 0..groups {
             let at = (h * l.row_groups + gj) * l.ring + seg.start + t0;
-            let f16 = &crate::quant::param::FP8_E4M3_F16;
-            for t in 0..nt {
-                scale[gj * FP8_TILE + t] = f16[usize::from(sv.scale8[at + t])];
-                zero[gj * FP8_TILE + t] = f16[usize::from(sv.zero8[at + t])];
-            }
+            fp8_f16(&sv.scale8[at..][..nt], &mut scale[gj * FP8_TILE..][..nt], kernel);
+            fp8_f16(&sv.zero8[at..][..nt], &mut zero[gj * FP8_TILE..][..nt], kernel);
         }
         let b = TokenBody {
             codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
@@ -1173,6 +1167,22 @@ fn fp8_token_values(
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
         token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, kernel.avx512);
+    }
+}
+
+/// FP8 (E4M3) parameters to their f16 bits (exact, [`crate::quant::param::FP8_E4M3_F16`]): 32 at a time
+/// on the AVX-512 kernels, else a table read each.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn fp8_f16(src: &[u8], dst: &mut [u16], kernel: Kernel) {
+    if kernel.avx512 {
+        // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL, VNNI and
+        // VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).
+        return unsafe { avx2::avx512::fp8_to_f16(src, dst) };
+    }
+    let t = &crate::quant::param::FP8_E4M3_F16;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = t[usize::from(x)];
     }
 }
 

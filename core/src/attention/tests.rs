@@ -1525,3 +1525,25 @@ fn avx512_offset_queries_equal_the_portable_loops_bit_for_bit() {
     }
     assert_eq!(cases, 5 * 4 * 4 * 3);
 }
+
+/// The AVX-512 FP8-to-f16 conversion gives the exact table's bits for every byte, over runs of every
+/// length from 0 to 100 (whole vectors and tails) at every offset of a 64-byte buffer.
+#[test]
+fn fp8_parameters_convert_as_the_table() {
+    let Some(k) = Kernel::avx512() else {
+        std::println!("skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI");
+        return;
+    };
+    let t = &crate::quant::param::FP8_E4M3_F16;
+    let all: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    for len in 0..=100usize {
+        for off in [0usize, 1, 7, 33, 200] {
+            let src = &all[off..][..len.min(all.len() - off)];
+            let mut dst = vec![0xdeadu16; src.len()];
+            fp8_f16(src, &mut dst, k);
+            for (i, (&x, &y)) in src.iter().zip(&dst).enumerate() {
+                assert_eq!(y, t[usize::from(x)], "len {len} off {off}: byte {i} = {x:#x}");
+            }
+        }
+    }
+}
