@@ -1434,8 +1434,8 @@ unsafe fn madd_wide_pairs<const M: usize, const S: bool, const B: u32>(
     wide
 }
 
-/// The dword sums of [`madd_wide_pairs`] at 4 bits (evens 0-14, evens 16-30, odds 1-15, odds 17-31), each through
-/// `f`, in position order: four vectors of 8.
+/// The dword sums of [`madd_wide_pairs`] at 4 bits (evens 0-14, evens 16-30, odds 1-15, odds 17-31), each
+/// through `f`, in position order: four vectors of 8.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn nibble_order(w: &[__m256i; 4], f: impl Fn(__m256i) -> __m256) -> [__m256; 4] {

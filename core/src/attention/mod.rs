@@ -18,8 +18,9 @@
 //!
 //! By default every product is f32, so attention over the cache equals attention over the dequantized cache
 //! to float rounding. [`Kernel::with_int8`] turns on the int8 path for bodies of codes up to 2 bits and of 4
-//! bits, and for 3-bit values: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per token and KV head), not
-//! by the bytes they read, and `vpmaddubsw` does 32 of them per instruction against an FMA's 8. Per key group
+//! bits, and for 3-bit values: the f32 kernels there are bound by arithmetic (3 x 64 x 2 multiply-adds per
+//! token and KV head), not by the bytes they read, and `vpmaddubsw` does 32 of them per instruction against
+//! an FMA's 8. Per key group
 //! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`] tokens
 //! the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output by a bound
 //! the tests derive (`int8_attention_is_within_its_bound`), well under the 2-bit quantizer's own error. Both
@@ -306,9 +307,10 @@ pub const Q8_TILE: usize = 128;
 ///
 /// AVX2 sums 2-bit codes in 16 bits and widens them to dwords every 32 token pairs (at most
 /// `32 * 2 * 3 * 127` = 24,384), 3-bit codes every 16 (`16 * 2 * 7 * 127` = 28,448), 4-bit codes every 8
-/// (`8 * 2 * 15 * 127` = 30,480); AVX-512 VNNI sums in dwords. Until 2026-12-07 2-bit weights were rounded to 85 levels, which let a whole tile's 64 pairs
-/// stay in 16 bits: on `kvq2`'s values that lost `kvq demo`'s planted fact, which 127 levels find (SmolLM2,
-/// Zen 4); on `kivi4` 85 levels added half again the KL divergence its keys did.
+/// (`8 * 2 * 15 * 127` = 30,480); AVX-512 VNNI sums in dwords. Until 2026-12-07 2-bit weights were rounded
+/// to 85 levels, which let a whole tile's 64 pairs stay in 16 bits: on `kvq2`'s values that lost `kvq
+/// demo`'s planted fact, which 127 levels find (SmolLM2, Zen 4); on `kivi4` 85 levels added half again the
+/// KL divergence its keys did.
 pub const Q8_VALUE_MAX: f32 = 127.0;
 
 /// Largest integer of the int8 path's folded queries over `d` channels of `width` codes: 127, or less

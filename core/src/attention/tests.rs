@@ -1082,7 +1082,8 @@ fn int8_attention_is_within_its_bound() {
     let mut worst = 0.0f64;
     // Those marked true: FP8 value parameters (as `kvq2` and `kvq3` store them), which every kernel decodes
     // to f16 a tile at a time and reads on the int8 path (the portable twin on x86-64; elsewhere the
-    // generic f32 path), inside the same bound. 4-bit codes: the same bound with the largest code 15 for 3; 3-bit values (beside 2-bit keys) with 7.
+    // generic f32 path), inside the same bound. 4-bit codes: the same bound with the largest code 15 for 3;
+    // 3-bit values (beside 2-bit keys) with 7.
     let cases = [
         (Width::B2, 64usize, 32, 32, 0, 200usize, false),
         (Width::B2, 64, 32, 128, 4, 517, false),

@@ -74,7 +74,8 @@ use core::arch::x86_64::*;
 /// FP8 (E4M3) parameters to their f16 bits, 32 at a time (`dst[i]` = `FP8_E4M3_F16[src[i]]`, the same
 /// bits): the exact table's first 128 entries (the magnitudes) are four vectors, two `vpermt2w` lookups and
 /// a blend on bit 6 of the byte pick the magnitude's, and the sign bit moves to bit 15 (both formats are
-/// sign and magnitude; the table's NaN has none). The table read a byte at a time was 6% of `mikv2`'s decode samples at 1k tokens.
+/// sign and magnitude; the table's NaN has none). The table read a byte at a time was 6% of `mikv2`'s
+/// decode samples at 1k tokens.
 ///
 /// # Safety (of calling it)
 /// As [`scores_q8_channel`].
@@ -268,8 +269,8 @@ fn round_quads(x: &[f32], inv: &[f32], quads: &mut [u32]) {
     }
 }
 
-/// The `B`-bit codes (2, 3 or 4) of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, `B` words
-/// each) as bytes, the four rows' codes of each position in one dword: positions 0-15 in the first
+/// The `B`-bit codes (2, 3 or 4) of 32 positions of four rows (`rp`, `rp + w`, `rp + 2 w`, `rp + 3 w`, `B`
+/// words each) as bytes, the four rows' codes of each position in one dword: positions 0-15 in the first
 /// vector, 16-31 in the second. The rows' bytes go side by side (2 bits: 8 bytes each in a 256-bit
 /// vector; 4 bits: 16 bytes each, a 128-bit lane apiece) and `vpermb` ([`indices`]) gathers the four rows'
 /// bytes of each dword; a shift per dword and a mask leave the codes. At 2 bits dword `b` of 128-bit lane
