@@ -393,8 +393,9 @@ pub const fn prefill_scratch_len(
 /// block's ([`fp8_key_scores`]) or a value tile's ([`fp8_token_values`]).
 const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
     let d = cfg.head_dim;
-    let queries =
-        if cfg.transform.keys() && (cfg.plain_keys() || fp8_channel_keys(cfg)) { nq * d } else { 0 };
+    // The KIVI kernels read FP8 per-channel keys on x86-64 only ([`fp8_key_scores`]).
+    let kivi_keys = cfg.plain_keys() || cfg!(target_arch = "x86_64") && fp8_channel_keys(cfg);
+    let queries = if cfg.transform.keys() && kivi_keys { nq * d } else { 0 };
     let rows = match cfg.keys {
         Precision::Quant(q) if !cfg.plain_keys() && matches!(q.axis, Axis::PerChannel) => {
             q.group * nq * (d + 2)
