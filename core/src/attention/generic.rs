@@ -626,12 +626,12 @@ fn channel_key_scores_dequant_avx2(
     for g0 in (start..start + n).step_by(g) {
         key_group_stored(sv, q, h, d, g0, rows);
         if let Some((tv, j0)) = &tiers {
-            tv.each(h, j0 + (g0 - start), g, |t, slot| {
+            for (t, slot) in tv.promoted(h, j0 + (g0 - start), g) {
                 tv.correction(slot, Stream::Keys, &mut corr[..d]);
                 for (x, &c) in rows[t * d..][..d].iter_mut().zip(&corr[..d]) {
                     *x += c;
                 }
-            });
+            }
         }
         for (o, row) in rows.chunks_exact_mut(d).enumerate() {
             cache.inverse(Stream::Keys, h, o, row);
@@ -893,14 +893,14 @@ pub(crate) fn tier_key_scores(
     out: &mut Scores<'_>,
 ) {
     let mut corr = [0.0f32; MAX_HEAD_DIM];
-    tv.each(h, j0, n, |t, slot| {
+    for (t, slot) in tv.promoted(h, j0, n) {
         tv.correction(slot, Stream::Keys, &mut corr[..d]);
         let o = (j0 + t) % g;
         for qi in 0..nq {
             let s: f32 = corr[..d].iter().enumerate().map(|(c, &x)| oq[oq_at(qi, c, o, nq, d, g)] * x).sum();
             *out.at(qi, t) += s;
         }
-    });
+    }
 }
 
 /// [`tier_key_scores`] where every offset of a key group has the same query (no RoPE by offset): `q` holds

@@ -350,11 +350,17 @@ fn q8_value_width(kernel: Kernel, width: Width) -> bool {
     q8_width(kernel, width) || kernel.int8 && width == Width::B3
 }
 
-/// Whether the vector int8 kernels unpack codes of `width` (2-bit and ternary, 4-bit; the value kernels
-/// 3-bit as well); 1-bit bodies run the portable twin.
+/// Whether the vector int8 key kernels unpack codes of `width` (2-bit and ternary, 4-bit); 1-bit bodies
+/// run the portable twin.
 #[cfg(target_arch = "x86_64")]
 fn q8_vector_width(width: Width) -> bool {
     width.bits() == 2 || width == Width::B4
+}
+
+/// Whether the vector int8 value kernels unpack codes of `width`: the key kernels' widths and 3 bits.
+#[cfg(target_arch = "x86_64")]
+fn q8_vector_value_width(width: Width) -> bool {
+    q8_vector_width(width) || width == Width::B3
 }
 
 /// Scratch floats a decode needs over `tokens` held tokens (pass the capacity to size it once): the
@@ -404,7 +410,7 @@ const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
     };
     let acc = if cfg.generic(true) { nq * d } else { 0 };
     let keys = match cfg.keys {
-        Precision::Quant(q) if fp8_channel_keys(cfg) && q.group.is_multiple_of(16) => KEY_BLOCK / q.group * d,
+        Precision::Quant(q) if fp8_channel_keys(cfg) => KEY_BLOCK / q.group * d,
         _ => 0,
     };
     let values = match cfg.values {
@@ -431,8 +437,8 @@ const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
 /// Whether the key body is KIVI's per-channel format but for FP8 (E4M3) group parameters, with at most
 /// the transforms and tiers the KIVI kernels take around it: balancing and rotation (stored-basis
 /// queries) and MiKV's tiers (corrections added to the scores). No RoPE by offset, centring, codebook,
-/// outliers or permutation. On x86-64 such a body is read by the KIVI kernels a block at a time
-/// ([`fp8_key_scores`]); elsewhere (and for group sizes those kernels do not take) by the generic path.
+/// outliers or permutation; groups of a multiple of 16 tokens. On x86-64 such a body is read by the KIVI
+/// kernels a block at a time ([`fp8_key_scores`]); elsewhere by the generic path.
 const fn fp8_channel_keys(cfg: &CacheConfig) -> bool {
     match cfg.keys {
         Precision::Quant(q) => {
@@ -441,6 +447,7 @@ const fn fp8_channel_keys(cfg: &CacheConfig) -> bool {
                 && crate::cache::QuantSpec { params: crate::quant::param::ParamFormat::F16, ..q }.plain()
                 && cfg.transform.rope.is_none()
                 && !cfg.transform.center_keys
+                && q.group.is_multiple_of(16)
         }
         Precision::F16 => false,
     }
@@ -920,7 +927,6 @@ fn key_scores(
             (Part::Body, Precision::Quant(spec))
                 if fp8_channel_keys(cfg)
                     && (vector || q8_width(kernel, spec.width))
-                    && spec.group.is_multiple_of(16)
                     && l.block.is_multiple_of(spec.group) =>
             {
                 fp8_key_scores(sv, spec, h, seg, &stored, &mut out, work, gw.params, vector, kernel);
@@ -1010,9 +1016,8 @@ fn fp8_key_scores(
     let (s8, z8) = (&sv.scale8[h * gd..][..gd], &sv.zero8[h * gd..][..gd]);
     let int8 = q8_width(kernel, spec.width);
     let bg = block / g;
-    // The block's parameters: `KEY_BLOCK / g * d` floats of the scratch ([`generic_parts`]).
-    let (scale, zero) =
-        bytemuck::cast_slice_mut::<f32, u16>(&mut stage[..KEY_BLOCK / g * d]).split_at_mut(bg * d);
+    // The block's parameters (at most `KEY_BLOCK / g * d` floats of the scratch, [`generic_parts`]).
+    let (scale, zero) = staged_params(stage, bg * d);
     let mut t = 0;
     while t < seg.len {
         let slot = seg.start + t;
@@ -1027,8 +1032,8 @@ fn fp8_key_scores(
             codes: &codes[l.key_row(b0, 0, d)..][..d * l.row_words],
             block,
             block_words: l.row_words,
-            scale: &scale[..bg * d],
-            zero: &zero[..bg * d],
+            scale: &*scale,
+            zero: &*zero,
             width: spec.width,
             group: g,
         };
@@ -1150,8 +1155,7 @@ fn fp8_token_values(
     // The tile's parameters: `FP8_TILE * groups` floats of the scratch ([`generic_parts`]). They were two
     // stack arrays sized for the largest head, 16 KiB zeroed a call; with the same for FP8 keys, that
     // zeroing was 3.6% of `mikv2`'s decode samples at 1k tokens (`perf`, Zen 4).
-    let n = FP8_TILE * groups;
-    let (scale, zero) = bytemuck::cast_slice_mut::<f32, u16>(&mut stage[..n]).split_at_mut(n);
+    let (scale, zero) = staged_params(stage, FP8_TILE * groups);
     for t0 in (0..seg.len).step_by(FP8_TILE) {
         let nt = FP8_TILE.min(seg.len - t0);
         for gj in 0..groups {
@@ -1162,8 +1166,8 @@ fn fp8_token_values(
         let b = TokenBody {
             codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
             row_words: l.row_words,
-            scale: &scale[..groups * FP8_TILE],
-            zero: &zero[..groups * FP8_TILE],
+            scale: &*scale,
+            zero: &*zero,
             ring: FP8_TILE,
             width: spec.width,
             group: spec.group,
@@ -1171,6 +1175,13 @@ fn fp8_token_values(
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
         token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, kernel.avx512);
     }
+}
+
+/// The scratch's FP8 staging (`GenericWork::params`, [`generic_parts`]) as `n` f16 scales and `n` zero
+/// points.
+#[cfg(target_arch = "x86_64")]
+fn staged_params(stage: &mut [f32], n: usize) -> (&mut [u16], &mut [u16]) {
+    bytemuck::cast_slice_mut::<f32, u16>(&mut stage[..n]).split_at_mut(n)
 }
 
 /// FP8 (E4M3) parameters to their f16 bits (exact, [`crate::quant::param::FP8_E4M3_F16`]): 32 at a time
@@ -1288,11 +1299,7 @@ fn token_values(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector
-            && (q8_vector_width(b.width) || b.width == Width::B3)
-            && b.group.is_multiple_of(32)
-            && d.is_multiple_of(64)
-        {
+        if vector && q8_vector_value_width(b.width) && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).

@@ -64,14 +64,6 @@ impl<'c> TierView<'c> {
         ((h * self.groups + gi) * self.tiers.keep + k) * self.slot_words
     }
 
-    /// For each promoted token of head `h` among logical body tokens `j0..j0 + n`: `f(j - j0, slot)`.
-    #[inline(always)]
-    pub(crate) fn each(&self, h: usize, j0: usize, n: usize, mut f: impl FnMut(usize, &'c [u32])) {
-        for (t, slot) in self.promoted(h, j0, n) {
-            f(t, slot);
-        }
-    }
-
     /// The promoted tokens of head `h` among logical body tokens `j0..j0 + n`, as `(j - j0, slot)`, in
     /// group order. An iterator rather than a closure, so that a kernel compiled for AVX2 inlines all of
     /// its loop (a closure is compiled for the baseline target).
@@ -83,9 +75,7 @@ impl<'c> TierView<'c> {
 
     /// The slot of logical body token `j`, head `h`, if it is promoted.
     pub(crate) fn find(&self, h: usize, j: usize) -> Option<&'c [u32]> {
-        let mut found = None;
-        self.each(h, j, 1, |_, s| found = Some(s));
-        found
+        self.promoted(h, j, 1).last().map(|(_, s)| s)
     }
 
     /// Decodes `stream`'s correction of a slot into `out` (`head_dim` floats).
@@ -169,16 +159,19 @@ fn decode(part: &[u32], d: usize, width: Width, out: &mut [f32]) {
     decode_serial(part, d, width, out);
 }
 
+/// A correction group's parameters from their word (f16 scale low, f16 zero high; see [`encode`]).
+#[inline(always)]
+fn params_of(w: u32) -> GroupParams {
+    GroupParams { scale: f16::from_bits(w as u16).to_f32(), zero: f16::from_bits((w >> 16) as u16).to_f32() }
+}
+
 /// [`decode`] for `B`-bit codes, `32 / B` to a word, correction groups of `tg` channels (whole words).
 #[inline(always)]
 fn decode_words<const B: usize>(params: &[u32], codes: &[u32], tg: usize, out: &mut [f32]) {
     let per = 32 / B;
     let mask = (1u32 << B) - 1;
     for (gi, &w) in params.iter().enumerate() {
-        let p = GroupParams {
-            scale: f16::from_bits(w as u16).to_f32(),
-            zero: f16::from_bits((w >> 16) as u16).to_f32(),
-        };
+        let p = params_of(w);
         let o = &mut out[gi * tg..(gi + 1) * tg];
         for (chunk, &word) in o.chunks_exact_mut(per).zip(&codes[gi * tg / per..]) {
             for (k, x) in chunk.iter_mut().enumerate() {
@@ -195,10 +188,7 @@ fn decode_serial(part: &[u32], d: usize, width: Width, out: &mut [f32]) {
     let mut c = [0u8; MAX_HEAD_DIM];
     pack::unpack_bits(codes, width, 0, &mut c[..d]);
     for (gi, &w) in params.iter().enumerate() {
-        let p = GroupParams {
-            scale: f16::from_bits(w as u16).to_f32(),
-            zero: f16::from_bits((w >> 16) as u16).to_f32(),
-        };
+        let p = params_of(w);
         for (o, &k) in out[gi * tg..(gi + 1) * tg].iter_mut().zip(&c[gi * tg..]) {
             *o = p.decode(k);
         }
