@@ -657,6 +657,7 @@ pub(crate) fn values_q_token(
     work: &mut [f32],
     avx512: bool,
 ) {
+    debug_assert!(b.levels.is_none(), "integer levels are the int8 path's");
     if out.len() / d > 3 {
         let mut unpacked = [_mm256_setzero_ps(); 2 * VALUE_TILE];
         return token_values::<true>(b, start, n, p, d, out, work, &mut unpacked, false);
@@ -1707,6 +1708,7 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
+    debug_assert!(b.levels.is_none(), "integer levels run on AVX-512 or the portable twin");
     if out.len() / d > 3 {
         let mut unpacked = [_mm256_setzero_si256(); super::Q8_TILE];
         let u = &mut unpacked;
@@ -1892,7 +1894,7 @@ pub(super) fn q8_tile<'a>(
 /// whose tile starts at position 0.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pad_tile<'a>(
-    b: &TokenBody<'_>,
+    b: &TokenBody<'a>,
     slot: usize,
     len: usize,
     p: &Probs<'_>,
@@ -2316,6 +2318,35 @@ pub(crate) fn fill_table(table: &mut [f32; 16], levels: &[f32; 16], scale: f32, 
     let (s, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero));
     st(&mut table[..8], _mm256_add_ps(z, _mm256_mul_ps(s, ld(&levels[..8]))));
     st(&mut table[8..], _mm256_add_ps(z, _mm256_mul_ps(s, ld(&levels[8..]))));
+}
+
+/// Zero points shifted by a codebook's lowest level ([`super::Q8Levels`]): `zero[i]` becomes
+/// `f16(zero[i] + scale[i] * base)` (one fused multiply-add in f32, then rounded to the nearest f16; F16C),
+/// 8 at a time, a last partial 8 through a padded copy. `scale` and `zero` are f16 bits of equal length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn shift_zeros(scale: &[u16], zero: &mut [u16], base: f32) {
+    let b = _mm256_set1_ps(base);
+    let shift = |s: &[u16], z: &mut [u16]| {
+        // SAFETY: `s` and `z` hold 8 u16 each (16 bytes); unaligned accesses.
+        unsafe {
+            let sv = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()));
+            let zv = _mm256_cvtph_ps(_mm_loadu_si128(z.as_ptr().cast()));
+            let r = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_fmadd_ps(sv, b, zv));
+            _mm_storeu_si128(z.as_mut_ptr().cast(), r);
+        }
+    };
+    let n = scale.len().min(zero.len());
+    let whole = n - n % 8;
+    for (s, z) in scale[..whole].chunks_exact(8).zip(zero[..whole].chunks_exact_mut(8)) {
+        shift(s, z);
+    }
+    if whole < n {
+        let (mut s, mut z) = ([0u16; 8], [0u16; 8]);
+        s[..n - whole].copy_from_slice(&scale[whole..n]);
+        z[..n - whole].copy_from_slice(&zero[whole..n]);
+        shift(&s, &mut z);
+        zero[whole..n].copy_from_slice(&z[..n - whole]);
+    }
 }
 
 /// An f16 (its bits) as f32, with F16C.

@@ -24,7 +24,9 @@
 //! the query with the group's scales folded in is rounded to integers, per value tile of [`Q8_TILE`] tokens
 //! the weights `p_t s_t`; the integer sums are exact, and the rounding moves each score and output by a bound
 //! the tests derive (`int8_attention_is_within_its_bound`), well under the 2-bit quantizer's own error. Both
-//! twins give the same bits on this path.
+//! twins give the same bits on this path. Value bodies with codebook levels (KVQuant's) join it on AVX-512
+//! and the portable twin: each code is read as its level rounded to a 7-bit integer, a
+//! further bound the tests derive (`codebook_int8_values_equal_their_twin_and_stay_within_their_bound`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -66,7 +68,9 @@ impl Kernel {
     /// moves by at most `delta / 2` per unit of code summed over the channels, each output by `delta / 2`
     /// per unit of code summed over a tile's tokens (the tests derive the attention bound from this); zero
     /// points, the softmax and everything in f16 stay in f32. AVX2 reads 32 codes per `vpmaddubsw`; the
-    /// portable twin gives the same bits.
+    /// portable twin gives the same bits. Per-token value bodies with codebook levels (2, 3 and 4 bits,
+    /// ternary) take it too on the AVX-512 kernels and the portable twin (AVX2 keeps their f32 path),
+    /// each level rounded to the nearest of 128 steps over the codebook's span.
     pub const fn with_int8(self, on: bool) -> Self {
         Self { int8: on, ..self }
     }
@@ -233,6 +237,49 @@ pub(crate) struct TokenBody<'c> {
     pub(crate) ring: usize,
     pub(crate) width: Width,
     pub(crate) group: usize,
+    /// A codebook's levels as integers, which the int8 kernels read each code as (AVX-512 and the
+    /// portable twin; `None`: the code itself).
+    pub(crate) levels: Option<&'c Q8Levels>,
+}
+
+/// Largest integer level of [`Q8Levels`]: with [`Q8_VALUE_MAX`], a product of at most 127 * 127 and a tile's
+/// sum below `Q8_TILE * 127 * 127` (2,064,512), exact in f32 and in AVX-512's dwords.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const Q8_LEVEL_MAX: f32 = 127.0;
+
+/// A codebook's reconstruction levels on the int8 value path: level `k` is read as `base + step * bytes[k]`,
+/// with `bytes[k] = rint((level_k - base) / step)`, `base` the lowest level and `step` the span over
+/// [`Q8_LEVEL_MAX`], so each is off by at most `step / 2` (entries past the codebook's levels repeat
+/// its last, as codes never reach them). A value `s * level + z` is then
+/// `(s * step) * bytes[code] + (z + s * base)`: the kernels sum the integer levels as they sum uniform codes,
+/// with `step` folded into each tile's scale, and the zero points are staged with `s * base` added.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Q8Levels {
+    pub(crate) bytes: [u8; 16],
+    pub(crate) step: f32,
+    pub(crate) base: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Q8Levels {
+    /// The integer levels of codebook reconstruction levels `dec` (1 to 16 of them), or `None` where one
+    /// is not finite or their span overflows.
+    pub(crate) fn of(dec: &[f32]) -> Option<Self> {
+        let (lo, hi) = dec.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        let span = hi - lo;
+        if dec.is_empty() || dec.len() > 16 || !span.is_finite() || dec.iter().any(|x| !x.is_finite()) {
+            return None;
+        }
+        let step = if span > 0.0 { span / Q8_LEVEL_MAX } else { 1.0 };
+        if step == 0.0 || !step.is_normal() {
+            return None;
+        }
+        let bytes = core::array::from_fn(|k| {
+            let x = libm::rintf((dec[k.min(dec.len() - 1)] - lo) / step);
+            x.clamp(0.0, Q8_LEVEL_MAX) as u8
+        });
+        Some(Self { bytes, step, base: lo })
+    }
 }
 
 /// Widths the vector kernels unpack (ternary codes are stored as 2-bit).
@@ -413,17 +460,19 @@ const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
         Precision::Quant(q) if fp8_channel_keys(cfg) => KEY_BLOCK / q.group * d,
         _ => 0,
     };
+    // FP8 and codebook value bodies stage a tile's parameters ([`fp8_token_values`],
+    // [`codebook_token_values`]).
     let values = match cfg.values {
         Precision::Quant(q)
             if matches!(q.axis, Axis::PerToken)
-                && matches!(q.params, crate::quant::param::ParamFormat::Fp8E4M3) =>
+                && (matches!(q.params, crate::quant::param::ParamFormat::Fp8E4M3) || q.codebook) =>
         {
             FP8_TILE * d.div_ceil(q.group)
         }
         _ => 0,
     };
-    // Only x86-64 reads FP8 bodies through the KIVI kernels; elsewhere (the firmware) they take the
-    // generic path, and the scratch stays as it was.
+    // Only x86-64 reads FP8 and codebook bodies through the KIVI kernels; elsewhere (the firmware) they
+    // take the generic path, and the scratch stays as it was.
     let params = if !cfg!(target_arch = "x86_64") {
         0
     } else if keys > values {
@@ -1081,6 +1130,13 @@ fn value_sums(
                 let dst = if stored { &mut *acc } else { &mut *out };
                 fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel);
             }
+            #[cfg(target_arch = "x86_64")]
+            (Part::Body, Precision::Quant(spec))
+                if kernel.int8 && (kernel.avx512 || !vector) && codebook_values(spec, d) =>
+            {
+                let dst = if stored { &mut *acc } else { &mut *out };
+                codebook_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel);
+            }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => generic::token_value_sums(
                 sv,
                 spec,
@@ -1171,10 +1227,113 @@ fn fp8_token_values(
             ring: FP8_TILE,
             width: spec.width,
             group: spec.group,
+            levels: None,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
         token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, kernel.avx512);
     }
+}
+
+/// Whether a per-token value body is read by [`codebook_token_values`]: codebook levels (outliers and
+/// FP8 parameters allowed, no permutation), codes the vector int8 kernels unpack, groups of a multiple of
+/// 32 channels over a head_dim of a multiple of 64.
+#[cfg(target_arch = "x86_64")]
+fn codebook_values(q: crate::cache::QuantSpec, d: usize) -> bool {
+    q.codebook
+        && !q.permuted
+        && q.axis == Axis::PerToken
+        && q8_vector_value_width(q.width)
+        && q.group.is_multiple_of(32)
+        && d.is_multiple_of(64)
+}
+
+/// The int8 value kernels over a per-token body with codebook levels ([`codebook_values`]; the AVX-512
+/// kernels and their portable twin, which gives the same bits; AVX2 keeps the generic f32 path): the
+/// codebook's levels as integers ([`Q8Levels`]), which the kernels read each code as, and per tile of
+/// [`FP8_TILE`] tokens the zero points staged as `f16(z + s * base)` (and FP8 scales as f16). The result
+/// differs from the exact path's by the level rounding (at most `step / 2` of each value's scale), the
+/// zero points' f16 rounding (half an ulp) and the int8 weights; each tile's outliers are added after it,
+/// in f32. A codebook without finite integer levels, or a tile whose shifted zero points leave f16's
+/// range, takes the generic path.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn codebook_token_values(
+    sv: &StreamView<'_>,
+    spec: crate::cache::QuantSpec,
+    h: usize,
+    seg: Segment,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    stage: &mut [f32],
+    vector: bool,
+    kernel: Kernel,
+) {
+    let avx512 = kernel.avx512 && vector;
+    let levels = sv.coder(spec, h).levels.and_then(|(_, dec)| Q8Levels::of(dec));
+    let Some(levels) = levels else {
+        return generic::token_value_sums(sv, spec, h, seg.start, seg.len, p, d, out, vector, avx512);
+    };
+    let l = sv.layout;
+    let groups = d / spec.group;
+    debug_assert!(l.row_groups == groups);
+    // The tile's parameters: `FP8_TILE * groups` floats of the scratch ([`generic_parts`]).
+    let (scale, zero) = staged_params(stage, FP8_TILE * groups);
+    for t0 in (0..seg.len).step_by(FP8_TILE) {
+        let nt = FP8_TILE.min(seg.len - t0);
+        let pt = Probs { pos: p.pos + t0, ..*p };
+        let mut finite = true;
+        for gj in 0..groups {
+            let at = (h * l.row_groups + gj) * l.ring + seg.start + t0;
+            let (s, z) = (&mut scale[gj * FP8_TILE..][..nt], &mut zero[gj * FP8_TILE..][..nt]);
+            if spec.params == crate::quant::param::ParamFormat::Fp8E4M3 {
+                fp8_f16(&sv.scale8[at..][..nt], s, kernel);
+                fp8_f16(&sv.zero8[at..][..nt], z, kernel);
+            } else {
+                s.copy_from_slice(&sv.scale[at..][..nt]);
+                z.copy_from_slice(&sv.zero[at..][..nt]);
+            }
+            finite &= shift_zeros(s, z, levels.base, avx512);
+        }
+        if !finite {
+            let (start, n) = (seg.start + t0, nt);
+            generic::token_value_sums(sv, spec, h, start, n, &pt, d, out, vector, avx512);
+            continue;
+        }
+        let b = TokenBody {
+            codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
+            row_words: l.row_words,
+            scale: &*scale,
+            zero: &*zero,
+            ring: FP8_TILE,
+            width: spec.width,
+            group: spec.group,
+            levels: Some(&levels),
+        };
+        let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
+        token_values(&b, tile, &pt, d, out, work, avx512, true, avx512);
+        generic::add_token_outliers(sv, spec, h, d, seg.start + t0, nt, &pt, out, avx512);
+    }
+}
+
+/// Shifts staged zero points by a codebook's lowest level: `zero[i] = f16(fma(scale[i], base, zero[i]))`
+/// (round to nearest even), with F16C where `f16c` (AVX-512 kernels), else in software (the same bits).
+/// Returns whether every result is finite.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn shift_zeros(scale: &[u16], zero: &mut [u16], base: f32, f16c: bool) -> bool {
+    if f16c {
+        // SAFETY: AVX-512 kernels exist only where the CPU has AVX2, FMA and F16C (`Kernel::avx512`).
+        unsafe { avx2::shift_zeros(scale, zero, base) };
+    } else {
+        for (z, &s) in zero.iter_mut().zip(scale) {
+            let (sf, zf) = (half::f16::from_bits(s).to_f32(), half::f16::from_bits(*z).to_f32());
+            *z = half::f16::from_f32(libm::fmaf(sf, base, zf)).to_bits();
+        }
+    }
+    // Exponent all ones: infinite (or NaN).
+    zero.iter().all(|&z| z & 0x7c00 != 0x7c00)
 }
 
 /// The scratch's FP8 staging (`GenericWork::params`, [`generic_parts`]) as `n` f16 scales and `n` zero
@@ -1211,6 +1370,7 @@ fn token_body<'c>(sv: &StreamView<'c>, h: usize, width: Width, group: usize) -> 
         ring: l.ring,
         width,
         group,
+        levels: None,
     }
 }
 
@@ -1299,7 +1459,12 @@ fn token_values(
 ) {
     if int8 {
         #[cfg(target_arch = "x86_64")]
-        if vector && q8_vector_value_width(b.width) && b.group.is_multiple_of(32) && d.is_multiple_of(64) {
+        if vector
+            && q8_vector_value_width(b.width)
+            && b.group.is_multiple_of(32)
+            && d.is_multiple_of(64)
+            && (avx512 || b.levels.is_none())
+        {
             if avx512 {
                 // SAFETY: a `Kernel` with `avx512` set exists only where the CPU has AVX-512 F, BW, VL,
                 // VNNI and VBMI beside AVX2, FMA and F16C (`Kernel::avx512`).
@@ -1318,6 +1483,7 @@ fn token_values(
         return unsafe { avx2::values_q_token(b, seg.start, seg.len, p, d, out, work, avx512) };
     }
     let _ = (vector, work, avx512);
+    debug_assert!(b.levels.is_none(), "integer levels are the int8 path's");
     portable::values_q_token(b, seg.start, seg.len, p, d, out);
 }
 

@@ -302,7 +302,8 @@ pub(crate) fn values_q8_token(
 /// One tile of `len` tokens, `start + t0..`, of the int8 value path. Per channel group and query, the
 /// products `p_t s_t` are rounded to integers `P_t = rint(p_t s_t / delta)` with
 /// `delta = max_t p_t s_t / vmax` (`vmax` = [`super::Q8_VALUE_MAX`]); the exact integer sums
-/// `sum_t P_t code_tc` (at most `Q8_TILE * 127 * 3` = 48,768 at 2 bits, `* 7` at 3, `* 15` at 4) scaled by
+/// `sum_t P_t code_tc` (at most `Q8_TILE * 127 * 3` = 48,768 at 2 bits, `* 7` at 3, `* 15` at 4; with
+/// [`super::Q8Levels`], of the codes' integer levels, at most `* 127`, and `delta` times their step) scaled by
 /// `delta` are added to `l` (`[nq][d]`), and `p_t z_t` to lane
 /// `(t0 + t) % 8` of `zl` (`[nq][groups][8]`). `tile` holds `nq * d + groups * nq * (Q8_TILE + 1)` floats.
 #[allow(clippy::too_many_arguments)]
@@ -336,7 +337,9 @@ pub(crate) fn value_tile_q8(
                 let lane = &mut zl[(qi * groups + gi) * 8 + (t0 + t) % 8];
                 *lane += pt * f(b.zero[gi * b.ring + slot]);
             }
-            delta[gi * nq + qi] = round_on_scale(pr, m, super::Q8_VALUE_MAX);
+            // Levels: the integer sums are of levels `step` apart.
+            delta[gi * nq + qi] =
+                round_on_scale(pr, m, super::Q8_VALUE_MAX) * b.levels.map_or(1.0, |l| l.step);
         }
     }
     iacc.fill(0.0);
@@ -345,6 +348,11 @@ pub(crate) fn value_tile_q8(
         let row = &b.codes[(start + t0 + t) * b.row_words..][..b.row_words];
         for (gi, c0) in (0..d).step_by(g).enumerate() {
             pack::unpack_bits(row, b.width, c0, &mut codes[..g]);
+            if let Some(lv) = b.levels {
+                for c in &mut codes[..g] {
+                    *c = lv.bytes[usize::from(*c)];
+                }
+            }
             for qi in 0..nq {
                 let pt = pq[(gi * nq + qi) * T + t];
                 for (a, &code) in iacc[qi * d + c0..][..g].iter_mut().zip(&codes[..g]) {

@@ -1548,3 +1548,239 @@ fn fp8_parameters_convert_as_the_table() {
         }
     }
 }
+
+/// [`Q8Levels`] puts each codebook level within half a step of `base + step * byte`, bytes in
+/// `0..=Q8_LEVEL_MAX` with the lowest level at 0 and the highest at the top; one level, equal levels and
+/// ternary tables work; a non-finite level or span gives `None`.
+#[test]
+fn codebook_levels_become_integers_within_half_a_step() {
+    let mut rng = Rng::new(41);
+    let mut tables: Vec<Vec<f32>> = vec![vec![0.25], vec![-1.0, -1.0, -1.0, -1.0], vec![-0.9, 0.1, 1.0]];
+    for n in [2usize, 3, 4, 8, 16] {
+        for _ in 0..50 {
+            let mut t: Vec<f32> = (0..n).map(|_| rng.unit() * 3.0 + 0.5).collect();
+            t.sort_by(f32::total_cmp);
+            tables.push(t);
+        }
+    }
+    for dec in &tables {
+        let lv = Q8Levels::of(dec).unwrap();
+        let (lo, hi) = (
+            dec.iter().copied().fold(f32::INFINITY, f32::min),
+            dec.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        );
+        assert_eq!(lv.base, lo);
+        for (k, &x) in dec.iter().enumerate() {
+            let b = lv.bytes[k];
+            assert!(f32::from(b) <= Q8_LEVEL_MAX);
+            let err = (f64::from(lv.base) + f64::from(lv.step) * f64::from(b) - f64::from(x)).abs();
+            assert!(err <= f64::from(lv.step) * (0.5 + 1e-5), "{dec:?}: level {k}: {err} > step/2");
+        }
+        assert!(lv.bytes[dec.len()..].iter().all(|&b| b == lv.bytes[dec.len() - 1]));
+        if hi > lo {
+            assert_eq!(f32::from(lv.bytes[dec.iter().position(|&x| x == hi).unwrap()]), Q8_LEVEL_MAX);
+        }
+    }
+    for bad in [&[0.0, f32::NAN][..], &[f32::NEG_INFINITY, 1.0], &[-3e38, 3e38], &[]] {
+        assert_eq!(Q8Levels::of(bad), None, "{bad:?}");
+    }
+    // Shifted zero points: software and F16C round alike, over a partial 8 too; one past f16's range is
+    // reported (its tile then takes the generic path).
+    let h = |x: f32| half::f16::from_f32(x).to_bits();
+    let scale: Vec<u16> = (0..13).map(|i| h(0.01 + 0.37 * i as f32)).collect();
+    let zero: Vec<u16> = (0..13).map(|i| h(-2.0 + 0.29 * i as f32)).collect();
+    let mut runs = vec![(false, zero.clone())];
+    runs.extend(Kernel::avx2().map(|_| (true, zero.clone())));
+    for (f16c, z) in &mut runs {
+        assert!(shift_zeros(&scale, z, -0.731, *f16c));
+    }
+    for (i, &z) in runs[0].1.iter().enumerate() {
+        let f = |b: u16| half::f16::from_bits(b).to_f32();
+        assert_eq!(z, h(libm::fmaf(f(scale[i]), -0.731, f(zero[i]))), "{i}");
+        assert!(runs.iter().all(|r| r.1[i] == z), "{i}: F16C and software differ");
+    }
+    for (f16c, _) in runs {
+        let mut z = vec![h(1.0); 9];
+        assert!(!shift_zeros(&[h(60000.0); 9], &mut z, 2.0, f16c), "an infinite zero point passes");
+    }
+}
+
+/// Codebook values on the int8 path (`kvquantN`'s: per-token codebooks, outliers, F16 or FP8 parameters):
+/// the AVX-512 kernels give the portable twin's bits (where the CPU has them), and the twin stays within
+/// the bound its definition gives of exact sums over the dequantized cache. For output channel `c`, per
+/// value tile of [`Q8_TILE`] tokens and channel group, the weight `p_t s_t` is rounded to `P_t delta`
+/// (`delta = max_t p_t s_t / Q8_VALUE_MAX`), off by at most `min(delta / 2, p_t s_t)` (a weight below
+/// half a step rounds to 0), and meets the level byte `B_tc` read as `step * B_tc`; the level itself is
+/// off by at most `s_t step / 2` ([`Q8Levels`]); the shifted zero point `f16(fma(s_t, base, z_t))` by at
+/// most `2^-11 + 2^-23` of its size; float sums add `gamma(t + 16)` of twice the terms' magnitudes. So
+/// `|out_c - sum_t p_t v_tc| <= sum_t (min(delta / 2, p_t s_t) step B_tc + p_t s_t step / 2 +
+/// p_t (|z_t| + s_t |base|) (2^-11 + 2^-23) 1.001) + rounding`. With one token holding half the weight
+/// and the rest tiny, a code of that token moved by one level leaves the bound. Only body tokens are
+/// weighed (the sinks and window are f16 rows that each kernel sums in its own order).
+#[test]
+fn codebook_int8_values_equal_their_twin_and_stay_within_their_bound() {
+    let fast = Kernel::avx512().map(|k| k.with_int8(true));
+    if fast.is_none() {
+        std::println!("AVX-512 twin check skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI");
+    }
+    let portable = Kernel::PORTABLE.with_int8(true);
+    let mut rng = Rng::new(43);
+    let (mut cases, mut worst, mut moved, mut least) = (0, 0.0f64, 0, f64::INFINITY);
+    // (value width, G, outliers per token, FP8 parameters, head_dim, tokens, capacity, sliding)
+    let all = [
+        (Width::B2, 32, 2, false, 64, 300, 1024, false),
+        (Width::B2, 32, 0, false, 64, 1, 1024, false),
+        (Width::B2, 64, 2, true, 128, 517, 1024, false),
+        (Width::B3, 32, 3, false, 64, 97, 1024, false),
+        (Width::B4, 32, 2, false, 128, 300, 1024, false),
+        (Width::Ternary, 32, 1, true, 64, 260, 1024, false),
+        (Width::B2, 32, 2, false, 64, 700, 400, true),
+    ];
+    for (w, g, o, fp8, d, t, cap, slide) in all.into_iter().take(if cfg!(miri) { 1 } else { 7 }) {
+        let mut cfg = CacheConfig::kivi(Width::B2, 32, 32, 2, d, cap).with_sinks(2);
+        if slide {
+            cfg = cfg.with_overflow(Overflow::Slide);
+        }
+        let mut spec = QuantSpec::per_token(w, g).with_codebook().with_outliers(o);
+        if fp8 {
+            spec = spec.with_params(Fp8E4M3);
+        }
+        cfg.values = Precision::Quant(spec);
+        let mut mem = Vec::new();
+        let mut cache = observed_cache(cfg, &mut mem, t, &mut rng);
+        let held = cache.held();
+        let dq = dequantized(&cache, Stream::Values);
+        for (nq, heavy) in [(1usize, false), (3, false), (5, false), (7, false), (3, true)] {
+            let body: Vec<Segment> =
+                segments(&cache, &cache.view(Stream::Values)).filter(|s| s.part == Part::Body).collect();
+            let Some(first) = body.first().copied() else { continue };
+            // Weights: random, or half on one body token and the rest tiny.
+            let in_body = |u: usize| body.iter().any(|s| (s.pos..s.pos + s.len).contains(&u));
+            let p: Vec<f32> = (0..nq * held)
+                .map(|i| {
+                    let u = rng.unit().abs();
+                    match heavy {
+                        // Sinks and window are summed in f32 by other kernels: only the body is weighed.
+                        _ if !in_body(i % held) => 0.0,
+                        false => u * u / 8.0,
+                        true if i % held == first.pos + first.len / 2 => 0.5,
+                        true => u * 1e-4,
+                    }
+                })
+                .collect();
+            let pr = Probs { data: &p, stride: held, pos: 0 };
+            let run = |cache: &Cache<'_>, h: usize, kernel: Kernel| {
+                let mut buf = vec![0.0f32; work_len(nq, d) + generic_work(&cfg, nq)];
+                let (work, mut gw) = GenericWork::split(&cfg, nq, &mut buf);
+                let mut out = vec![0.0f32; nq * d];
+                value_sums(cache, &cache.view(Stream::Values), h, &pr, nq, &mut out, work, &mut gw, kernel);
+                out
+            };
+            for (h, dq) in dq.iter().enumerate() {
+                let got = run(&cache, h, portable);
+                if let Some(k) = fast {
+                    for (i, (a, b)) in got.iter().zip(&run(&cache, h, k)).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{w:?} G {g} d {d} T {t} nq {nq} h {h}: {i}");
+                    }
+                }
+                let vs = cache.view(Stream::Values);
+                let lv = Q8Levels::of(vs.coder(spec, h).levels.unwrap().1).unwrap();
+                let (step, base) = (f64::from(lv.step), f64::from(lv.base));
+                let mut codes = [0u8; 1];
+                let mut bound = vec![0.0f64; nq * d];
+                let mut want = vec![0.0f64; nq * d];
+                let mut mag = vec![0.0f64; nq * d];
+                for qi in 0..nq {
+                    for u in 0..held {
+                        let pu = f64::from(p[qi * held + u]);
+                        for c in 0..d {
+                            want[qi * d + c] += pu * f64::from(dq[u * d + c]);
+                            mag[qi * d + c] += 2.0 * pu * f64::from(dq[u * d + c].abs());
+                        }
+                    }
+                    for seg in &body {
+                        for t0 in (0..seg.len).step_by(Q8_TILE) {
+                            let len = (seg.len - t0).min(Q8_TILE);
+                            for gi in 0..d / g {
+                                let at = |i: usize| {
+                                    (h * vs.layout.row_groups + gi) * vs.layout.ring + seg.start + t0 + i
+                                };
+                                let pp = |i: usize| p[qi * held + seg.pos + t0 + i];
+                                let ps: Vec<f32> =
+                                    (0..len).map(|i| pp(i) * vs.params(spec.params, at(i)).scale).collect();
+                                let delta =
+                                    f64::from(ps.iter().fold(0.0f32, |a, &x| a.max(x)) / Q8_VALUE_MAX)
+                                        * (1.0 + 1e-6);
+                                for (i, &x) in ps.iter().enumerate() {
+                                    let gp = vs.params(spec.params, at(i));
+                                    let (s, z, pt) =
+                                        (f64::from(gp.scale), f64::from(gp.zero), f64::from(pp(i)));
+                                    let slot = seg.start + t0 + i;
+                                    for c in gi * g..(gi + 1) * g {
+                                        let row =
+                                            &vs.codes[(h * vs.layout.ring + slot) * vs.layout.row_words..];
+                                        crate::pack::unpack_bits(row, w, c, &mut codes);
+                                        let b = f64::from(lv.bytes[usize::from(codes[0])]);
+                                        let e = (delta / 2.0).min(f64::from(x) * (1.0 + 1e-6)) * step * b
+                                            + pt * s * step / 2.0 * (1.0 + 1e-5)
+                                            + pt * (z.abs() + s * base.abs())
+                                                * (2f64.powi(-11) + 2f64.powi(-23))
+                                                * 1.001;
+                                        bound[qi * d + c] += e;
+                                        mag[qi * d + c] += 2.0
+                                            * pt
+                                            * (s * (base.abs() + step * b) + 2.0 * z.abs() + s * base.abs());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let tol: Vec<f64> =
+                    bound.iter().zip(&mag).map(|(b, m)| b + gamma(held + 16) * m + 1e-30).collect();
+                if !heavy {
+                    for (i, (&o, &x)) in got.iter().zip(&want).enumerate() {
+                        let err = (f64::from(o) - x).abs();
+                        assert!(
+                            err <= tol[i],
+                            "{w:?} G {g} d {d} T {t} nq {nq} h {h}: out {i}: {o} vs {x} (tol {:e})",
+                            tol[i]
+                        );
+                        worst = worst.max(err / tol[i]);
+                    }
+                    cases += 1;
+                    continue;
+                }
+                // The heavy token's code one level off, channel by channel, must leave the bound.
+                let slot = first.start + first.len / 2;
+                let mut far = 0.0f64;
+                for c in 0..d {
+                    let delta = if cache.shift_value_code(h, slot, c, 1) { 1 } else { -1 };
+                    if delta < 0 {
+                        assert!(cache.shift_value_code(h, slot, c, -1));
+                    }
+                    let off = run(&cache, h, portable);
+                    assert!(cache.shift_value_code(h, slot, c, -delta));
+                    far = far.max(
+                        (0..nq)
+                            .map(|qi| (f64::from(off[qi * d + c]) - want[qi * d + c]).abs() / tol[qi * d + c])
+                            .fold(0.0, f64::max),
+                    );
+                }
+                assert!(
+                    far > 1.0,
+                    "{w:?} G {g} d {d} T {t} h {h}: one level off stays within the bound ({far:.3})"
+                );
+                least = least.min(far);
+                moved += 1;
+            }
+        }
+    }
+    std::println!("codebook int8 values: worst error / bound = {worst:.3}");
+    std::println!("codebook int8 values: one level off is at least {least:.1} times the bound");
+    assert!(worst > 0.0);
+    assert!(
+        cases >= if cfg!(miri) { 4 } else { 48 } && moved >= if cfg!(miri) { 1 } else { 12 },
+        "{cases} {moved}"
+    );
+}

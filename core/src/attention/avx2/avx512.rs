@@ -334,6 +334,14 @@ unsafe fn code_quads<const B: u32>(
     [_mm512_and_si512(_mm512_srlv_epi32(lo, sh), m), _mm512_and_si512(_mm512_srlv_epi32(hi, sh), m)]
 }
 
+/// [`code_quads`]' codes as their integer levels where `L` (`vpshufb` with `levels`, a codebook's
+/// [`crate::attention::Q8Levels`] bytes in each 128-bit lane), else as they are.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn level_quads<const L: bool>(q: [__m512i; 2], levels: __m512i) -> [__m512i; 2] {
+    if L { [_mm512_shuffle_epi8(levels, q[0]), _mm512_shuffle_epi8(levels, q[1])] } else { q }
+}
+
 /// The permute indices of [`code_quads`] for `B`-bit codes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
@@ -357,13 +365,13 @@ fn indices<const B: u32>() -> (__m512i, __m512i) {
 /// words `0..B` of `rp + (4 i + j) stride` are readable for `j < 4`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-unsafe fn dp_quads<const M: usize, const S: bool, const B: u32>(
+unsafe fn dp_quads<const M: usize, const S: bool, const B: u32, const L: bool>(
     codes: &[__m512i],
     mut rp: *const u32,
     stride: usize,
     qp: *const u32,
     n: usize,
-    idx: [__m512i; 2],
+    idx: [__m512i; 3],
 ) -> [[__m512i; 2]; M] {
     let mut acc = [[_mm512_setzero_si512(); 2]; M];
     for i in 0..n {
@@ -372,7 +380,7 @@ unsafe fn dp_quads<const M: usize, const S: bool, const B: u32>(
             unsafe { [*codes.get_unchecked(2 * i), *codes.get_unchecked(2 * i + 1)] }
         } else {
             // SAFETY: rows 4 i..4 i + 4 at `rp` (the caller's contract).
-            unsafe { code_quads::<B>(rp, stride, idx[0], idx[1]) }
+            level_quads::<L>(unsafe { code_quads::<B>(rp, stride, idx[0], idx[1]) }, idx[2])
         };
         rp = rp.wrapping_add(4 * stride);
         for (m, a) in acc.iter_mut().enumerate() {
@@ -468,13 +476,13 @@ impl KeyTiles<'_> {
         // codes, entries e..e + M of `quads` (h each) in it, and `codes` holds d / 2 = 2 h vectors where S
         // (the caller's contract).
         let acc = unsafe {
-            dp_quads::<M, S, B>(
+            dp_quads::<M, S, B, false>(
                 codes,
                 self.b.codes.as_ptr().add(word),
                 w,
                 self.packed.as_ptr().add(e * h),
                 h,
-                [lo_idx, hi_idx],
+                [lo_idx, hi_idx, lo_idx],
             )
         };
         let order = quad_order();
@@ -505,7 +513,9 @@ impl KeyTiles<'_> {
 /// four tokens, [`code_quads`] puts the four tokens' codes of each channel in a dword, and one `vpdpbusd`
 /// per 16 channels and query adds the four products. The sums are put in channel order once per tile
 /// (`vpermps`), scaled by the tile's `delta` and added to the query's output, as the AVX2 path adds them;
-/// a last partial tile runs as a zero-padded whole one ([`q8_tile`]).
+/// a last partial tile runs as a zero-padded whole one ([`q8_tile`]). A body with codebook levels
+/// (`b.levels`; the portable twin's bits, AVX2 has no such kernel) reads each code as its integer level,
+/// one `vpshufb` per 64 codes after [`code_quads`], and folds the levels' step into `delta`.
 ///
 /// # Safety (of calling it)
 /// As [`scores_q8_channel`].
@@ -520,19 +530,37 @@ pub(crate) fn values_q8_token(
     out: &mut [f32],
     work: &mut [f32],
 ) {
+    if b.levels.is_some() {
+        return token_values_any::<true>(b, start, n, p, d, out, work);
+    }
+    token_values_any::<false>(b, start, n, p, d, out, work)
+}
+
+/// [`values_q8_token`] for codes read as themselves or, where `L`, as their codebook's integer levels.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+fn token_values_any<const L: bool>(
+    b: &TokenBody<'_>,
+    start: usize,
+    n: usize,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+) {
     if out.len() / d > 4 {
         let mut unpacked = [_mm512_setzero_si512(); Q8_TILE / 2];
         let u = &mut unpacked;
         return match b.width {
-            Width::B4 => token_values::<true, 4>(b, start, n, p, d, out, work, u),
-            Width::B3 => token_values::<true, 3>(b, start, n, p, d, out, work, u),
-            _ => token_values::<true, 2>(b, start, n, p, d, out, work, u),
+            Width::B4 => token_values::<true, 4, L>(b, start, n, p, d, out, work, u),
+            Width::B3 => token_values::<true, 3, L>(b, start, n, p, d, out, work, u),
+            _ => token_values::<true, 2, L>(b, start, n, p, d, out, work, u),
         };
     }
     match b.width {
-        Width::B4 => token_values::<false, 4>(b, start, n, p, d, out, work, &mut []),
-        Width::B3 => token_values::<false, 3>(b, start, n, p, d, out, work, &mut []),
-        _ => token_values::<false, 2>(b, start, n, p, d, out, work, &mut []),
+        Width::B4 => token_values::<false, 4, L>(b, start, n, p, d, out, work, &mut []),
+        Width::B3 => token_values::<false, 3, L>(b, start, n, p, d, out, work, &mut []),
+        _ => token_values::<false, 2, L>(b, start, n, p, d, out, work, &mut []),
     }
 }
 
@@ -541,7 +569,7 @@ pub(crate) fn values_q8_token(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-fn token_values<const S: bool, const B: u32>(
+fn token_values<const S: bool, const B: u32, const L: bool>(
     b: &TokenBody<'_>,
     start: usize,
     n: usize,
@@ -564,6 +592,14 @@ fn token_values<const S: bool, const B: u32>(
     zl.fill(0.0);
     let (lo_idx, hi_idx) = indices::<B>();
     let vmax = Q8_VALUE_MAX;
+    // A codebook's levels in every 128-bit lane, and the step its integer levels are in.
+    let (levels, step) = match b.levels {
+        Some(lv) => {
+            // SAFETY: `lv.bytes` holds 16 bytes; an unaligned read.
+            (_mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(lv.bytes.as_ptr().cast()) }), lv.step)
+        }
+        None => (_mm512_setzero_si512(), 1.0),
+    };
     for t0 in (0..n).step_by(T) {
         let (b, p, slot, t0) = q8_tile(b, p, start, t0, n, nq, groups, &mut *pad, &mut *spare);
         let (b, p) = (&b, &p);
@@ -605,7 +641,8 @@ fn token_values<const S: bool, const B: u32>(
                     // SAFETY: `o` holds 4 u32, 16 bytes; an unaligned store.
                     unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), r) };
                 }
-                delta[gi * nq + qi] = m / vmax;
+                // `L`: the integer sums are of levels, each `step` apart (a product with 1 otherwise).
+                delta[gi * nq + qi] = m / vmax * step;
             }
         }
         let rw = b.row_words;
@@ -628,9 +665,10 @@ fn token_values<const S: bool, const B: u32>(
                 for (i, v) in unpacked[..T / 2].chunks_exact_mut(2).enumerate() {
                     // SAFETY: rows 4 i..4 i + 4 < T of the tile, words word..word + 2 < rw of each (checked
                     // above and by the reslice of `rows`).
-                    v.copy_from_slice(&unsafe {
-                        code_quads::<B>(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx)
-                    });
+                    v.copy_from_slice(&level_quads::<L>(
+                        unsafe { code_quads::<B>(rows.as_ptr().add(4 * i * rw + word), rw, lo_idx, hi_idx) },
+                        levels,
+                    ));
                 }
             }
             let v = ValueTile {
@@ -641,11 +679,12 @@ fn token_values<const S: bool, const B: u32>(
             };
             for qb in (0..nq).step_by(4) {
                 let o = &mut l[qb * d + c0..];
+                let idx = [lo_idx, hi_idx, levels];
                 match nq - qb {
-                    1 => v.add::<1, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
-                    2 => v.add::<2, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
-                    3 => v.add::<3, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
-                    _ => v.add::<4, S, B>(qb, unpacked, o, d, lo_idx, hi_idx),
+                    1 => v.add::<1, S, B, L>(qb, unpacked, o, d, idx),
+                    2 => v.add::<2, S, B, L>(qb, unpacked, o, d, idx),
+                    3 => v.add::<3, S, B, L>(qb, unpacked, o, d, idx),
+                    _ => v.add::<4, S, B, L>(qb, unpacked, o, d, idx),
                 }
             }
         }
@@ -664,17 +703,17 @@ struct ValueTile<'a> {
 
 impl ValueTile<'_> {
     /// Queries `qb..qb + M`: adds the tile's 32 channel sums, scaled, into `o` (query `m`'s at `m * d`); the
-    /// codes come unpacked from `codes` where `S`, else straight from the rows.
+    /// codes come unpacked from `codes` where `S`, else straight from the rows (`idx`: [`indices`], then
+    /// the levels that `L` reads them as).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    fn add<const M: usize, const S: bool, const B: u32>(
+    fn add<const M: usize, const S: bool, const B: u32, const L: bool>(
         &self,
         qb: usize,
         codes: &[__m512i],
         o: &mut [f32],
         d: usize,
-        lo_idx: __m512i,
-        hi_idx: __m512i,
+        idx: [__m512i; 3],
     ) {
         const T: usize = Q8_TILE;
         let rw = self.rw;
@@ -692,13 +731,13 @@ impl ValueTile<'_> {
         // SAFETY: token rows 4 i..4 i + 4 < T (B words each) lie in `rows`, entries qb..qb + M of `quads`
         // (T / 4 each) in it, and `codes` holds T / 2 vectors where S (checked above).
         let acc = unsafe {
-            dp_quads::<M, S, B>(
+            dp_quads::<M, S, B, L>(
                 codes,
                 self.rows.as_ptr(),
                 rw,
                 self.quads[qb * T / 4..].as_ptr(),
                 T / 4,
-                [lo_idx, hi_idx],
+                idx,
             )
         };
         let order = quad_order();
@@ -776,6 +815,32 @@ fn group_block<const B: i32, const M: usize>(run: &GroupRun<'_>, out: &mut Score
         let mut j = 0;
         while j < ng {
             let (o0, fast0) = at(j);
+            if fast0 && j + 3 < ng && at(j + 3).1 {
+                let o: [usize; 4] = core::array::from_fn(|k| at(j + k).0);
+                // SAFETY: the four groups' reads lie in the codes (checked by `at`: the last group's reads
+                // end furthest), their tables are entries j d..(j + 4) d of `tables` (checked above), and
+                // `oq` holds M d runs of 16 (resliced).
+                let sums = unsafe {
+                    channel_sums::<B, M, 4>(
+                        o.map(|o| bytes.as_ptr().add(o)),
+                        rw4,
+                        core::array::from_fn(|k| run.tables[(j + k) * d..].as_ptr().cast()),
+                        oq.as_ptr(),
+                        d,
+                        [bias; 4],
+                    )
+                };
+                for (k, s) in sums.iter().enumerate() {
+                    let (_, _, col) = run.groups[j + k];
+                    for (m, am) in s.iter().enumerate() {
+                        let o = &mut out.data[(qb + m) * out.stride + out.pos + col + t0..][..16];
+                        // SAFETY: `o` holds 16 floats; an unaligned store.
+                        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *am) };
+                    }
+                }
+                j += 4;
+                continue;
+            }
             let two = j + 1 < ng && at(j + 1).1;
             let sums: [[__m512; M]; 2] = if fast0 && two {
                 let o1 = at(j + 1).0;
@@ -1533,4 +1598,53 @@ fn transpose16(mut r: [__m512; 16]) -> [__m512; 16] {
     stage::<2>(&mut r, &IDX[2]);
     stage::<1>(&mut r, &IDX[3]);
     r
+}
+
+/// The outliers of channels `lo..lo + d` (one KV head's) among `slots`, in order: for each, its place in
+/// `slots` into `at`, its channel (less `lo`) into `chan` and its delta as f32 into `w`; returns how many.
+/// Sixteen slots at a time: an unsigned compare of `index - lo` against `d` (and against the empty slot)
+/// picks them, `vpcompressd` packs them into a register stored whole at the next free entry (a compressed
+/// store to memory is slow on Zen 4), so each array needs 15 entries of room past the slots. The
+/// portable loop in `generic::add_token_outliers` keeps the same entries.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn keep_outliers(
+    slots: &[crate::quant::outliers::Outlier],
+    lo: usize,
+    d: usize,
+    at: &mut [u32],
+    chan: &mut [u32],
+    w: &mut [f32],
+) -> usize {
+    let n = slots.len();
+    assert!(
+        at.len() >= n + 15 && chan.len() >= n + 15 && w.len() >= n + 15 && lo + d <= 1 << 16,
+        "outlier buffers shorter than their slots"
+    );
+    let words: &[u32] = bytemuck::cast_slice(slots);
+    let (lov, dv) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(d as i32));
+    let (low, empty) = (_mm512_set1_epi32(0xffff), _mm512_set1_epi32(i32::from(crate::cache::EMPTY_SLOT)));
+    let step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut m = 0;
+    for i0 in (0..n).step_by(16) {
+        let live: __mmask16 = if n - i0 >= 16 { 0xffff } else { (1 << (n - i0)) - 1 };
+        // SAFETY: the lanes of `live` lie in `words` (i0 + its count <= n); the rest are not read.
+        let raw = unsafe { _mm512_maskz_loadu_epi32(live, words.as_ptr().add(i0).cast()) };
+        let index = _mm512_and_si512(raw, low);
+        let c = _mm512_sub_epi32(index, lov);
+        let hit = _mm512_mask_cmplt_epu32_mask(live, c, dv) & _mm512_cmpneq_epi32_mask(index, empty);
+        let delta = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(raw)));
+        let place = _mm512_add_epi32(step, _mm512_set1_epi32(i0 as i32));
+        // SAFETY: m <= i0, so entries m..m + 16 lie within n + 15 of each array (checked above); unaligned
+        // stores, whose lanes past the kept ones are overwritten or left unread.
+        unsafe {
+            _mm512_storeu_si512(at.as_mut_ptr().add(m).cast(), _mm512_maskz_compress_epi32(hit, place));
+            _mm512_storeu_si512(chan.as_mut_ptr().add(m).cast(), _mm512_maskz_compress_epi32(hit, c));
+            _mm512_storeu_ps(w.as_mut_ptr().add(m), _mm512_maskz_compress_ps(hit, delta));
+        }
+        m += hit.count_ones() as usize;
+    }
+    m
 }
