@@ -1323,6 +1323,198 @@ fn token_key_scores_lookup(
     }
 }
 
+/// Queries per pass of [`token_key_scores_q8`].
+#[cfg(target_arch = "x86_64")]
+const Q8_TOKEN_QUERIES: usize = 4;
+
+/// Tokens per block of [`token_key_scores_q8`]'s kernels (a vector's dwords on AVX-512).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const Q8_TOKEN_BLOCK: usize = 16;
+
+/// Whether decode's per-token key body of spec `q` (SKVQ's) takes the int8 path [`token_key_scores_q8`]:
+/// uniform 2-bit (or ternary) codes, `head_dim` a multiple of 64 up to 256, at most 8 groups a row
+/// (permuted ones of any sizes).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn q8_token_keys(q: QuantSpec, d: usize) -> bool {
+    q.width.bits() == 2 && !q.codebook && d.is_multiple_of(64) && d <= 256 && d / q.group <= 8
+}
+
+/// A block of queries as the int8 per-token key kernels read them: per query `m` and channel group `g`
+/// (stored order), the query rounded to integers of at most 127 on its own step `delta[m][g]` and zero
+/// outside the group (`q8[(m * groups + g) * d..]`), the exact sum of its elements in the group
+/// (`qsum[m][g]`), and its centring `bias[m]`; `span[g]` the quads (4 channels) the group touches.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct TokenQueriesQ8<'a> {
+    pub(crate) q8: &'a [i8],
+    pub(crate) delta: &'a [f32],
+    pub(crate) qsum: &'a [f32],
+    pub(crate) bias: &'a [f32],
+    pub(crate) span: &'a [(usize, usize)],
+    pub(crate) d: usize,
+    pub(crate) groups: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TokenQueriesQ8<'_> {
+    /// The portable twin of the AVX-512 block kernel: scores of the `n` rows of 2-bit codes at `codes`
+    /// (`row_words` apart) with group parameters `scale[g * Q8_TOKEN_BLOCK + t]`, `zero[..]`, given to
+    /// `put(m, t, score)`. Per query and row, the integer sums `I_g = sum_c q8[m][g][c] code_c` are exact;
+    /// then from `bias[m]`, for each group in order, `+ (s_g delta[m][g]) I_g` and `+ z_g qsum[m][g]`, each
+    /// product and sum rounded in f32, as the vector kernel forms them.
+    pub(crate) fn scores(
+        &self,
+        codes: &[u32],
+        row_words: usize,
+        n: usize,
+        scale: &[f32],
+        zero: &[f32],
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
+        let (d, groups) = (self.d, self.groups);
+        let nq = self.bias.len();
+        let mut row = [0u8; 256];
+        for t in 0..n {
+            pack::unpack_bits(&codes[t * row_words..][..row_words], pack::Width::B2, 0, &mut row[..d]);
+            for m in 0..nq {
+                let mut acc = self.bias[m];
+                for g in 0..groups {
+                    let q8 = &self.q8[(m * groups + g) * d..][..d];
+                    let int: i32 = q8.iter().zip(&row[..d]).map(|(&q, &c)| i32::from(q) * i32::from(c)).sum();
+                    let (s, z) = (scale[g * Q8_TOKEN_BLOCK + t], zero[g * Q8_TOKEN_BLOCK + t]);
+                    acc += (s * self.delta[m * groups + g]) * int as f32;
+                    acc += z * self.qsum[m * groups + g];
+                }
+                put(m, t, acc);
+            }
+        }
+    }
+}
+
+/// Decode's scores of body tokens at ring slots `start..start + n` of a per-token key body of 2-bit codes
+/// ([`q8_token_keys`]; SKVQ's keys) on the int8 path, with the AVX-512 kernel where `avx512` (whole blocks
+/// of [`Q8_TOKEN_BLOCK`] tokens; the rest, and every block on the portable kernel, by
+/// [`TokenQueriesQ8::scores`], the same bits).
+///
+/// Per query, in the stored basis and order (transformed and permuted as [`token_key_scores_lookup`]
+/// forms it), each channel group's elements are rounded to integers of at most 127 on the group's step
+/// `delta = max |q_c| / 127`; a score is then `sum_g (s_g delta_g) I_g + z_g qsum_g` with the exact
+/// integer sums `I_g` of the rounded query against the codes, so it moves by at most
+/// `sum_g s_g delta_g / 2 * sum_{c in g} code_c` from the f32 path's (the bound the tests derive). The
+/// f32 path reconstructs every row and takes each query's dot product with it: with SKVQ's permuted
+/// groups that was four fifths of `skvq2`'s decode step (`perf`, 8k tokens, Zen 4).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments, unsafe_code)]
+pub(crate) fn token_key_scores_q8(
+    cache: &Cache<'_>,
+    sv: &StreamView<'_>,
+    q: QuantSpec,
+    h: usize,
+    start: usize,
+    n: usize,
+    queries: &Queries<'_>,
+    out: &mut Scores<'_>,
+    avx512: bool,
+) {
+    const M: usize = Q8_TOKEN_QUERIES;
+    const T: usize = Q8_TOKEN_BLOCK;
+    let (d, l) = (queries.d, sv.layout);
+    let t = cache.config().transform;
+    let groups = d / q.group;
+    let (perm, bounds) = sv.tables.order(h, d, groups);
+    let lo = |g: usize| if bounds.is_empty() { g * q.group } else { usize::from(bounds[g]) };
+    let mut span = [(0usize, 0usize); 8];
+    for (g, sp) in span[..groups].iter_mut().enumerate() {
+        *sp = (lo(g) / 4, lo(g + 1).div_ceil(4));
+    }
+    let mut q8 = [0i8; M * 8 * 256];
+    let (mut delta, mut qsum, mut bias) = ([0f32; M * 8], [0f32; M * 8], [0f32; M]);
+    let mut row = [0f32; 256];
+    let mut qs = [0f32; M * 256];
+    let (mut scale, mut zero) = ([0f32; 8 * T], [0f32; 8 * T]);
+    for q0 in (0..queries.nq).step_by(M) {
+        let m = M.min(queries.nq - q0);
+        for j in 0..m {
+            let r = &mut row[..d];
+            r.copy_from_slice(queries.row(q0 + j));
+            if t.balance_keys {
+                for (x, &b) in r.iter_mut().zip(&sv.tables.balance[h * d..][..d]) {
+                    *x /= b;
+                }
+            }
+            if t.rotate_keys {
+                crate::transform::hadamard(r);
+            }
+            bias[j] = if t.center_keys { super::dot(r, &sv.tables.center[h * d..][..d]) } else { 0.0 };
+            let dst = &mut qs[j * d..][..d];
+            if perm.is_empty() {
+                dst.copy_from_slice(r);
+            } else {
+                for (x, &p) in dst.iter_mut().zip(perm) {
+                    *x = r[usize::from(p)];
+                }
+            }
+            for g in 0..groups {
+                let (a, b) = (lo(g), lo(g + 1));
+                let part = &dst[a..b];
+                let top = part.iter().fold(0f32, |x, &y| x.max(y.abs()));
+                let q8g = &mut q8[(j * groups + g) * d..][..d];
+                q8g.fill(0);
+                let inv = if top > 0.0 { 127.0 / top } else { 0.0 };
+                for (o, &x) in q8g[a..b].iter_mut().zip(part) {
+                    *o = libm::rintf(x * inv) as i8;
+                }
+                delta[j * groups + g] = top / 127.0;
+                qsum[j * groups + g] = part.iter().sum();
+            }
+        }
+        let kq = TokenQueriesQ8 {
+            q8: &q8[..m * groups * d],
+            delta: &delta[..m * groups],
+            qsum: &qsum[..m * groups],
+            bias: &bias[..m],
+            span: &span[..groups],
+            d,
+            groups,
+        };
+        for t0 in (0..n).step_by(T) {
+            let nt = T.min(n - t0);
+            for g in 0..groups {
+                for t in 0..nt {
+                    let i = (h * l.row_groups + g) * l.ring + start + t0 + t;
+                    let p = if avx512 {
+                        // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where
+                        // the CPU has AVX2, FMA and F16C too (`Kernel::avx512`).
+                        unsafe { params_f16c(sv, q.params, i) }
+                    } else {
+                        let p = sv.params(q.params, i);
+                        (p.scale, p.zero)
+                    };
+                    (scale[g * T + t], zero[g * T + t]) = p;
+                }
+            }
+            let codes = &sv.codes[(h * l.ring + start + t0) * l.row_words..][..nt * l.row_words];
+            let mut put = |j: usize, tt: usize, x: f32| *out.at(q0 + j, t0 + tt) = x;
+            if avx512 && nt == T {
+                // SAFETY: as above.
+                unsafe {
+                    super::avx2::avx512::token_keys_q8(&kq, codes, l.row_words, &scale, &zero, &mut put)
+                };
+            } else {
+                kq.scores(codes, l.row_words, nt, &scale, &zero, &mut put);
+            }
+            if q.outliers > 0 {
+                for tt in 0..nt {
+                    for (c, w) in token_outliers(sv, q, h, d, start + t0 + tt) {
+                        for j in 0..m {
+                            *out.at(q0 + j, t0 + tt) += qs[j * d + c] * w;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(unsafe_code)]

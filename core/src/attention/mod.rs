@@ -462,7 +462,9 @@ const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
     };
     // FP8 and codebook value bodies stage a tile's parameters ([`fp8_token_values`],
     // [`codebook_token_values`]).
+    // Permuted ones (SKVQ's) stage one group's at a time, beside their sums ([`grouped_token_values`]).
     let values = match cfg.values {
+        Precision::Quant(q) if matches!(q.axis, Axis::PerToken) && q.permuted => FP8_TILE + nq * d,
         Precision::Quant(q)
             if matches!(q.axis, Axis::PerToken)
                 && (matches!(q.params, crate::quant::param::ParamFormat::Fp8E4M3) || q.codebook) =>
@@ -1007,6 +1009,16 @@ fn key_scores(
                         generic::tier_key_scores(&tv, h, j0, seg.len, q.nq, d, spec.group, oq, &mut out);
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                Axis::PerToken
+                    if kernel.int8
+                        && (kernel.avx512 || !vector)
+                        && q.nq < generic::DEQUANT_QUERIES
+                        && generic::q8_token_keys(spec, d) =>
+                {
+                    let avx512 = kernel.avx512 && vector;
+                    generic::token_key_scores_q8(cache, sv, spec, h, seg.start, seg.len, q, &mut out, avx512)
+                }
                 Axis::PerToken => {
                     generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out, vector)
                 }
@@ -1136,6 +1148,11 @@ fn value_sums(
             {
                 let dst = if stored { &mut *acc } else { &mut *out };
                 codebook_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel);
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Part::Body, Precision::Quant(spec)) if kernel.int8 && grouped_values(spec, d) => {
+                let dst = if stored { &mut *acc } else { &mut *out };
+                grouped_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel);
             }
             (Part::Body, Precision::Quant(spec)) if !spec.plain() => generic::token_value_sums(
                 sv,
@@ -1315,6 +1332,86 @@ fn codebook_token_values(
         token_values(&b, tile, &pt, d, out, work, avx512, true, avx512);
         generic::add_token_outliers(sv, spec, h, d, seg.start + t0, nt, &pt, out, avx512);
     }
+}
+
+/// Whether a per-token value body is read by [`grouped_token_values`]: permuted groups (SKVQ's), uniform
+/// codes the vector int8 kernels unpack, a head_dim of a multiple of 64.
+#[cfg(target_arch = "x86_64")]
+fn grouped_values(q: crate::cache::QuantSpec, d: usize) -> bool {
+    q.permuted
+        && !q.codebook
+        && q.axis == Axis::PerToken
+        && q8_vector_value_width(q.width)
+        && d.is_multiple_of(64)
+}
+
+/// The int8 value kernels over a per-token body whose channel groups are a calibrated permutation's, of
+/// any sizes (SKVQ's; [`grouped_values`]), on every kernel set: one group at a time, the kernels sum the
+/// whole rows with that group's scales and zero points (staged as f16 a tile of [`FP8_TILE`] tokens at a
+/// time, as [`fp8_token_values`] stages them) into `nq * d` floats of the scratch, and the group's
+/// channels of those sums are added to `out` (stored order). So each output channel is the int8 path's
+/// sum over its own group's parameters, within the bound the int8 path derives for a group, at the cost
+/// of a pass per group. The generic f32 path reconstructs every row and adds each query's products:
+/// with its keys on the int8 path too, that was two thirds of `skvq2`'s decode step (`perf`, 8k tokens,
+/// Zen 4). Outliers are added after, in f32.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn grouped_token_values(
+    sv: &StreamView<'_>,
+    spec: crate::cache::QuantSpec,
+    h: usize,
+    seg: Segment,
+    p: &Probs<'_>,
+    d: usize,
+    out: &mut [f32],
+    work: &mut [f32],
+    stage: &mut [f32],
+    vector: bool,
+    kernel: Kernel,
+) {
+    let l = sv.layout;
+    let groups = d / spec.group;
+    let nq = out.len() / d;
+    let (_, bounds) = sv.tables.order(h, d, groups);
+    let (params, sums) = stage.split_at_mut(FP8_TILE);
+    let sums = &mut sums[..nq * d];
+    let (scale, zero) = staged_params(params, FP8_TILE / 2);
+    for g in 0..groups {
+        let lo = |g: usize| if bounds.is_empty() { g * spec.group } else { usize::from(bounds[g]) };
+        let (a, b) = (lo(g), lo(g + 1));
+        sums.fill(0.0);
+        for t0 in (0..seg.len).step_by(FP8_TILE / 2) {
+            let nt = (FP8_TILE / 2).min(seg.len - t0);
+            let at = (h * l.row_groups + g) * l.ring + seg.start + t0;
+            let (s, z) = (&mut scale[..nt], &mut zero[..nt]);
+            if spec.params == crate::quant::param::ParamFormat::Fp8E4M3 {
+                fp8_f16(&sv.scale8[at..][..nt], s, kernel);
+                fp8_f16(&sv.zero8[at..][..nt], z, kernel);
+            } else {
+                s.copy_from_slice(&sv.scale[at..][..nt]);
+                z.copy_from_slice(&sv.zero[at..][..nt]);
+            }
+            let body = TokenBody {
+                codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
+                row_words: l.row_words,
+                scale: &*scale,
+                zero: &*zero,
+                ring: FP8_TILE / 2,
+                width: spec.width,
+                group: d,
+                levels: None,
+            };
+            let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
+            let pt = Probs { pos: p.pos + t0, ..*p };
+            token_values(&body, tile, &pt, d, sums, work, vector, true, kernel.avx512);
+        }
+        for (o, x) in out.chunks_exact_mut(d).zip(sums.chunks_exact(d)) {
+            for (o, x) in o[a..b].iter_mut().zip(&x[a..b]) {
+                *o += x;
+            }
+        }
+    }
+    generic::add_token_outliers(sv, spec, h, d, seg.start, seg.len, p, out, kernel.avx512 && vector);
 }
 
 /// Shifts staged zero points by a codebook's lowest level: `zero[i] = f16(fma(scale[i], base, zero[i]))`

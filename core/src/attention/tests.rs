@@ -1784,3 +1784,353 @@ fn codebook_int8_values_equal_their_twin_and_stay_within_their_bound() {
         "{cases} {moved}"
     );
 }
+
+/// SKVQ's bodies on the int8 path: per-token keys of 2-bit (and ternary) codes and per-token values, both
+/// in a calibrated permutation's groups of any sizes (bounds off the 4-channel quads, an empty group),
+/// with F16 or FP8 parameters, key outliers, fixed groups too, head_dim 64 to 256, GQA 1 to 7 (two passes
+/// of 4 queries), lengths that leave partial 16-token key blocks and value tiles, a wrapped ring.
+///
+/// Twins: the AVX-512 keys, and the AVX2 and AVX-512 values, equal the portable twin bit for bit (AVX2
+/// keys keep the f32 path), and the keys' scores are their definition, rebuilt here from the codes and
+/// the query rounded here (to float rounding; without outliers). Bounds, from the definitions: a key group's query elements are rounded on
+/// the step `delta_g = max_{c in g} |q_c| / 127`, so a score moves by at most
+/// `sum_g s_g delta_g / 2 * sum_{c in g} code_c`; a value tile's weights `p_t s_t` (its own group's `s`)
+/// by at most `min(delta / 2, p_t s_t)` per unit of code, `delta = max_t p_t s_t / Q8_VALUE_MAX`; float
+/// sums add `gamma(d + 16)` (scores) and `gamma(t + 16)` (sums) of twice the terms' magnitudes. A key
+/// code one level off (queries with one channel far above the rest), and a value code one level off in
+/// a token holding half the weight, leave the bounds.
+#[test]
+fn grouped_int8_keys_and_values_equal_their_twins_and_stay_within_their_bounds() {
+    let portable = Kernel::PORTABLE.with_int8(true);
+    let avx512 = Kernel::avx512().map(|k| k.with_int8(true));
+    if avx512.is_none() {
+        std::println!("AVX-512 twin checks skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI");
+    }
+    let value_twins: Vec<Kernel> =
+        Kernel::avx2().into_iter().chain(Kernel::avx512()).map(|k| k.with_int8(true)).collect();
+    let mut rng = Rng::new(47);
+    let (mut worst_k, mut worst_v, mut least_k, mut least_v) = (0f64, 0f64, f64::INFINITY, f64::INFINITY);
+    let mut cases = 0;
+    // (key width, value width, G, FP8, permuted, key outliers, head_dim, tokens, capacity, sliding)
+    let all = [
+        (Width::B2, Width::Ternary, 32, true, true, 0, 64, 300, 1024, false),
+        (Width::B2, Width::B2, 16, false, true, 0, 64, 97, 1024, false),
+        (Width::Ternary, Width::B4, 32, true, true, 0, 128, 517, 1024, false),
+        (Width::B2, Width::B2, 32, false, false, 2, 64, 200, 1024, false),
+        (Width::B2, Width::Ternary, 64, true, true, 0, 256, 130, 1024, false),
+        (Width::B2, Width::Ternary, 32, true, true, 0, 64, 700, 400, true),
+    ];
+    for (kw, vw, g, fp8, permuted, ko, d, t, cap, slide) in
+        all.into_iter().take(if cfg!(miri) { 1 } else { 6 })
+    {
+        let fmt = if fp8 { Fp8E4M3 } else { crate::quant::param::ParamFormat::F16 };
+        let spec = |w| QuantSpec { permuted, ..QuantSpec::per_token(w, g) }.with_params(fmt);
+        let mut cfg = CacheConfig::kivi(Width::B2, 32, 32, 2, d, cap).with_sinks(2);
+        if slide {
+            cfg = cfg.with_overflow(Overflow::Slide);
+        }
+        cfg.keys = Precision::Quant(spec(kw).with_outliers(ko));
+        cfg.values = Precision::Quant(spec(vw));
+        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = Cache::new(cfg, &mut mem).unwrap();
+        crate::testing::fill_tables(&mut cache, &mut rng);
+        let groups = d / g;
+        if permuted {
+            // Bounds off the quads, and an empty group where there are four or more.
+            let mut bounds: Vec<u16> = (0..=groups).map(|j| (j * d / groups) as u16).collect();
+            bounds[1] = (d / groups / 2 - 3) as u16;
+            if groups >= 4 {
+                bounds[2] = bounds[1];
+                bounds[3] += 1;
+            }
+            for h in 0..2 {
+                let mut perm: Vec<u16> = (0..d as u16).collect();
+                for i in (1..d).rev() {
+                    perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+                }
+                for s in [Stream::Keys, Stream::Values] {
+                    cache.set_permutation(s, h, &perm, &bounds).unwrap();
+                }
+            }
+        }
+        let (k, v) = (activations(&mut rng, t, 2, d), activations(&mut rng, t, 2, d));
+        cache.append(&k, &v).unwrap();
+        let held = cache.held();
+        let (keys, values) = (dequantized(&cache, Stream::Keys), dequantized(&cache, Stream::Values));
+        let body_of = |cache: &Cache<'_>, s| -> Vec<Segment> {
+            segments(cache, &cache.view(s)).filter(|x| x.part == Part::Body).collect()
+        };
+        let (kbody, vbody) = (body_of(&cache, Stream::Keys), body_of(&cache, Stream::Values));
+        let in_body = |b: &[Segment], u: usize| b.iter().any(|s| (s.pos..s.pos + s.len).contains(&u));
+        let what = std::format!("{kw:?}/{vw:?} G {g} FP8 {fp8} perm {permuted} d {d} T {t}");
+        for (nq, spike) in [(1usize, false), (3, false), (5, false), (7, false), (3, true)] {
+            // A spike: one channel of each query far above the rest, so that one code of it one level off
+            // shows beyond the bound summed over every group.
+            let q: Vec<f32> = (0..nq * d)
+                .map(|i| {
+                    if !spike {
+                        rng.unit() * 0.4
+                    } else if i % d == 7 {
+                        1.0
+                    } else {
+                        rng.unit() * 0.01
+                    }
+                })
+                .collect();
+            let qv = Queries { q: &q, nq, d };
+            let run_keys = |cache: &Cache<'_>, h: usize, kernel: Kernel| {
+                let mut buf = vec![0.0f32; work_len(nq, d) + generic_work(&cfg, nq)];
+                let (work, mut gw) = GenericWork::split(&cfg, nq, &mut buf);
+                let mut scores = vec![0.0f32; nq * held];
+                key_scores(
+                    cache,
+                    &cache.view(Stream::Keys),
+                    h,
+                    &qv,
+                    &mut scores,
+                    held,
+                    work,
+                    &mut gw,
+                    kernel,
+                );
+                scores
+            };
+            for (h, keys) in keys.iter().enumerate() {
+                let got = run_keys(&cache, h, portable);
+                if let Some(k) = avx512 {
+                    let other = run_keys(&cache, h, k);
+                    for i in (0..nq * held).filter(|i| in_body(&kbody, i % held)) {
+                        assert_eq!(got[i].to_bits(), other[i].to_bits(), "{what} nq {nq} h {h}: score {i}");
+                    }
+                }
+                // The bound, per body token and query.
+                let ks = cache.view(Stream::Keys);
+                let (perm, bounds) = ks.tables.order(h, d, groups);
+                let lo = |j: usize| if bounds.is_empty() { j * g } else { usize::from(bounds[j]) };
+                let stored = |c: usize| if perm.is_empty() { c } else { usize::from(perm[c]) };
+                let mut codes = [0u8; 1];
+                let mut tol = vec![0f64; nq * held];
+                let mut want = vec![0f64; nq * held];
+                for seg in &kbody {
+                    for i in 0..seg.len {
+                        let (slot, u) = (seg.start + i, seg.pos + i);
+                        for m in 0..nq {
+                            let qr = &q[m * d..][..d];
+                            let (mut e, mut mag) = (0f64, 0f64);
+                            for c in 0..d {
+                                let x = f64::from(qr[c]) * f64::from(keys[u * d + c]);
+                                want[m * held + u] += x;
+                                mag += x.abs();
+                            }
+                            // The definition, from the codes and a rounding of the query done here.
+                            let (mut def, mut dmag) = (0f64, 0f64);
+                            for j in 0..groups {
+                                let gp =
+                                    ks.params(fmt, (h * ks.layout.row_groups + j) * ks.layout.ring + slot);
+                                let top =
+                                    (lo(j)..lo(j + 1)).map(|c| qr[stored(c)].abs()).fold(0f32, f32::max);
+                                let (mut sum, mut int, mut qsum) = (0f64, 0f64, 0f64);
+                                for c in lo(j)..lo(j + 1) {
+                                    let row = &ks.codes[(h * ks.layout.ring + slot) * ks.layout.row_words..];
+                                    crate::pack::unpack_bits(row, kw, c, &mut codes);
+                                    sum += f64::from(codes[0]);
+                                    let x = qr[stored(c)];
+                                    int += f64::from((x * (127.0 / top)).round_ties_even())
+                                        * f64::from(codes[0]);
+                                    qsum += f64::from(x);
+                                    mag +=
+                                        2.0 * f64::from(x.abs()) * f64::from(gp.zero.abs() + 3.0 * gp.scale);
+                                }
+                                e += f64::from(gp.scale) * f64::from(top) / 127.0 * (1.0 + 1e-6) / 2.0 * sum;
+                                if top > 0.0 {
+                                    let x = f64::from(gp.scale) * f64::from(top / 127.0) * int;
+                                    def += x + f64::from(gp.zero) * qsum;
+                                    dmag += x.abs() + (f64::from(gp.zero) * qsum).abs();
+                                }
+                            }
+                            let i = m * held + u;
+                            if ko == 0 {
+                                let tol = gamma(d + 16) * 4.0 * dmag + 1e-30;
+                                let err = (f64::from(got[i]) - def).abs();
+                                assert!(
+                                    err <= tol,
+                                    "{what} nq {nq} h {h}: score {i}: {} vs its definition {def}",
+                                    got[i]
+                                );
+                            }
+                            tol[i] = e + gamma(d + 16) * 2.0 * mag + 1e-30;
+                        }
+                    }
+                }
+                for i in (0..nq * held).filter(|i| in_body(&kbody, i % held)) {
+                    let err = (f64::from(got[i]) - want[i]).abs();
+                    assert!(
+                        err <= tol[i],
+                        "{what} nq {nq} h {h}: score {i}: {} vs {} (tol {:e})",
+                        got[i],
+                        want[i],
+                        tol[i]
+                    );
+                    worst_k = worst_k.max(err / tol[i]);
+                }
+                // With the spike, one key code of the first body token one level off, channel by channel.
+                if spike {
+                    let (slot, u) = (kbody[0].start, kbody[0].pos);
+                    let mut far = 0f64;
+                    for c in 0..d {
+                        let step = if cache.shift_key_code(h, slot, c, 1) { 1 } else { -1 };
+                        if step < 0 {
+                            assert!(cache.shift_key_code(h, slot, c, -1));
+                        }
+                        let off = run_keys(&cache, h, portable);
+                        assert!(cache.shift_key_code(h, slot, c, -step));
+                        for m in 0..nq {
+                            let i = m * held + u;
+                            far = far.max((f64::from(off[i]) - want[i]).abs() / tol[i]);
+                        }
+                    }
+                    assert!(
+                        far > 1.0,
+                        "{what} h {h}: a key code one level off stays within the bound ({far:.3})"
+                    );
+                    least_k = least_k.min(far);
+                }
+            }
+            // Values: every int8 kernel set, weights on body tokens only (random, or half on one token).
+            for heavy in [false, true] {
+                if spike {
+                    continue;
+                }
+                let first = vbody[0];
+                let p: Vec<f32> = (0..nq * held)
+                    .map(|i| match (in_body(&vbody, i % held), heavy) {
+                        (false, _) => 0.0,
+                        (true, false) => rng.unit().abs().powi(2) / 8.0,
+                        (true, true) if i % held == first.pos + first.len / 2 => 0.5,
+                        (true, true) => rng.unit().abs() * 1e-4,
+                    })
+                    .collect();
+                let pr = Probs { data: &p, stride: held, pos: 0 };
+                let run_values = |cache: &Cache<'_>, h: usize, kernel: Kernel| {
+                    let mut buf = vec![0.0f32; work_len(nq, d) + generic_work(&cfg, nq)];
+                    let (work, mut gw) = GenericWork::split(&cfg, nq, &mut buf);
+                    let mut out = vec![0.0f32; nq * d];
+                    value_sums(
+                        cache,
+                        &cache.view(Stream::Values),
+                        h,
+                        &pr,
+                        nq,
+                        &mut out,
+                        work,
+                        &mut gw,
+                        kernel,
+                    );
+                    out
+                };
+                for (h, values) in values.iter().enumerate() {
+                    let got = run_values(&cache, h, portable);
+                    for k in &value_twins {
+                        for (i, (a, b)) in got.iter().zip(&run_values(&cache, h, *k)).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{what} {} nq {nq} h {h}: sum {i}",
+                                k.name()
+                            );
+                        }
+                    }
+                    let vs = cache.view(Stream::Values);
+                    let (perm, bounds) = vs.tables.order(h, d, groups);
+                    let lo = |j: usize| if bounds.is_empty() { j * g } else { usize::from(bounds[j]) };
+                    let orig = |c: usize| if perm.is_empty() { c } else { usize::from(perm[c]) };
+                    let (mut want, mut tol) = (vec![0f64; nq * d], vec![0f64; nq * d]);
+                    let mut codes = [0u8; 1];
+                    for m in 0..nq {
+                        let mut mag = vec![0f64; d];
+                        for u in 0..held {
+                            let pu = f64::from(p[m * held + u]);
+                            for c in 0..d {
+                                want[m * d + c] += pu * f64::from(values[u * d + c]);
+                                mag[c] += 2.0 * pu * f64::from(values[u * d + c].abs());
+                            }
+                        }
+                        for seg in &vbody {
+                            for t0 in (0..seg.len).step_by(Q8_TILE) {
+                                let len = (seg.len - t0).min(Q8_TILE);
+                                for j in 0..groups {
+                                    let at = |i: usize| {
+                                        (h * vs.layout.row_groups + j) * vs.layout.ring + seg.start + t0 + i
+                                    };
+                                    let pp = |i: usize| p[m * held + seg.pos + t0 + i];
+                                    let ps: Vec<f32> =
+                                        (0..len).map(|i| pp(i) * vs.params(fmt, at(i)).scale).collect();
+                                    let delta =
+                                        f64::from(ps.iter().fold(0f32, |a, &x| a.max(x)) / Q8_VALUE_MAX)
+                                            * (1.0 + 1e-6);
+                                    for (i, &x) in ps.iter().enumerate() {
+                                        let gp = vs.params(fmt, at(i));
+                                        for c in lo(j)..lo(j + 1) {
+                                            let row = &vs.codes[(h * vs.layout.ring + seg.start + t0 + i)
+                                                * vs.layout.row_words..];
+                                            crate::pack::unpack_bits(row, vw, c, &mut codes);
+                                            let oc = orig(c);
+                                            tol[m * d + oc] += (delta / 2.0).min(f64::from(x) * (1.0 + 1e-6))
+                                                * f64::from(codes[0]);
+                                            mag[oc] += 2.0
+                                                * f64::from(pp(i))
+                                                * f64::from(gp.zero.abs() + gp.scale * 15.0);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        for c in 0..d {
+                            tol[m * d + c] += gamma(held + 16) * mag[c] + 1e-30;
+                        }
+                    }
+                    if !heavy {
+                        for (i, (&o, &w)) in got.iter().zip(&want).enumerate() {
+                            let err = (f64::from(o) - w).abs();
+                            assert!(
+                                err <= tol[i],
+                                "{what} nq {nq} h {h}: sum {i}: {o} vs {w} (tol {:e})",
+                                tol[i]
+                            );
+                            worst_v = worst_v.max(err / tol[i]);
+                        }
+                        cases += 1;
+                        continue;
+                    }
+                    if nq != 3 {
+                        continue;
+                    }
+                    let slot = first.start + first.len / 2;
+                    let mut far = 0f64;
+                    for c in 0..d {
+                        let step = if cache.shift_value_code(h, slot, c, 1) { 1 } else { -1 };
+                        if step < 0 {
+                            assert!(cache.shift_value_code(h, slot, c, -1));
+                        }
+                        let off = run_values(&cache, h, portable);
+                        assert!(cache.shift_value_code(h, slot, c, -step));
+                        for i in 0..nq * d {
+                            far = far.max((f64::from(off[i]) - want[i]).abs() / tol[i]);
+                        }
+                    }
+                    assert!(
+                        far > 1.0,
+                        "{what} h {h}: a value code one level off stays within the bound ({far:.3})"
+                    );
+                    least_v = least_v.min(far);
+                }
+            }
+        }
+    }
+    std::println!("grouped int8: worst error / bound {worst_k:.3} (keys), {worst_v:.3} (values)");
+    std::println!(
+        "grouped int8: one level off at least {least_k:.1} (keys), {least_v:.1} (values) times the bound"
+    );
+    assert!(worst_k > 0.0 && worst_v > 0.0);
+    assert!(cases >= if cfg!(miri) { 8 } else { 48 }, "{cases}");
+}

@@ -377,11 +377,21 @@ impl<'a> Cache<'a> {
 
     /// Moves the code of per-channel key row `slot`, channel `c`, of head `h` by `delta` levels; false (and
     /// nothing moved) where that leaves the code's range. For tests that a tolerance notices one level.
+    /// Per-token keys: the code of token `slot`'s stored column `c`, as [`Self::shift_value_code`].
     #[cfg(test)]
     pub(crate) fn shift_key_code(&mut self, h: usize, slot: usize, c: usize, delta: i32) -> bool {
         let (Precision::Quant(q), l) = self.stream_cfg(Stream::Keys) else { return false };
         let d = self.cfg.head_dim;
         let codes = &mut self.arena[l.codes.offset..l.codes.end()];
+        if q.axis == Axis::PerToken {
+            let w = &mut codes[(h * l.ring + slot) * l.row_words..][..l.row_words];
+            let code = i32::from(pack::get(w, q.width, c).unwrap()) + delta;
+            if !(0..q.width.levels() as i32).contains(&code) {
+                return false;
+            }
+            pack::pack(&[code as u8], q.width, w, c).unwrap();
+            return true;
+        }
         let w = &mut codes[h * l.key_head_words(d) + l.key_row(slot, c, d)..][..l.row_words];
         let code = i32::from(pack::get(w, q.width, l.key_col(slot)).unwrap()) + delta;
         if !(0..q.width.levels() as i32).contains(&code) {

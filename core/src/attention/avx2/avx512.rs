@@ -1648,3 +1648,125 @@ pub(crate) fn keep_outliers(
     }
     m
 }
+
+/// [`crate::attention::generic::TokenQueriesQ8::scores`] for a block of 16 rows of 2-bit codes (the same
+/// bits), a token per dword.
+///
+/// Per channel group `g` and per quad `c` (4 channels, one byte of each row) it touches: the quad's byte of
+/// the 16 rows (`rows`: four vectors of four rows' 16-byte runs of 64 channels, one row per 128-bit lane)
+/// is gathered with two `vpermt2b` and a blend into the low bytes of dword pairs, `vpmultishiftqb` and a
+/// mask spread each row's four codes over its dword, and one `vpdpbusd` per query adds the row's dot
+/// product with the query's four rounded elements (zero outside `g`, so a quad shared by two groups
+/// counts once in each). Then per query the group's integer sums meet its scales and zero points, 16 rows
+/// at once, as the portable twin forms them.
+///
+/// # Safety (of calling it)
+/// As [`scores_q8_channel`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub(crate) fn token_keys_q8(
+    kq: &crate::attention::generic::TokenQueriesQ8<'_>,
+    codes: &[u32],
+    row_words: usize,
+    scale: &[f32],
+    zero: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    const T: usize = crate::attention::generic::Q8_TOKEN_BLOCK;
+    let (d, groups, nq) = (kq.d, kq.groups, kq.bias.len());
+    let row_bytes = row_words * 4;
+    assert!(
+        d.is_multiple_of(64)
+            && row_bytes * 4 == d
+            && codes.len() >= T * row_words
+            && (1..=4).contains(&nq)
+            && kq.q8.len() >= nq * groups * d
+            && kq.delta.len() >= nq * groups
+            && kq.qsum.len() >= nq * groups
+            && kq.span.len() >= groups
+            && kq.span[..groups].iter().all(|&(a, b)| a <= b && b <= d / 4)
+            && scale.len() >= groups * T
+            && zero.len() >= groups * T,
+        "key block shorter than its layout"
+    );
+    let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
+    // Quad `c`'s byte of rows 2k, 2k + 1 (k < 8) into bytes 0 and 1 of qword k: from rows 0-3 and 8-11
+    // (`rows[0]`, `rows[2]`) for qwords 0, 1, 4, 5, and rows 4-7, 12-15 for the others, at the same
+    // offsets; the other bytes repeat them.
+    let base = _mm512_set_epi64(
+        QUAD_PAIR[3],
+        QUAD_PAIR[2],
+        QUAD_PAIR[3],
+        QUAD_PAIR[2],
+        QUAD_PAIR[1],
+        QUAD_PAIR[0],
+        QUAD_PAIR[1],
+        QUAD_PAIR[0],
+    );
+    let shifts = _mm512_set1_epi64(0x0e0c_0a08_0604_0200);
+    let three = _mm512_set1_epi8(3);
+    let mut chunk = usize::MAX;
+    let mut rows = [_mm512_setzero_si512(); 4];
+    let mut score = [_mm512_setzero_ps(); 4];
+    for (m, s) in score.iter_mut().enumerate().take(nq) {
+        *s = _mm512_set1_ps(kq.bias[m]);
+    }
+    for g in 0..groups {
+        let (a, b) = kq.span[g];
+        let mut acc = [_mm512_setzero_si512(); 4];
+        for c in a..b {
+            if c / 16 != chunk {
+                chunk = c / 16;
+                rows = core::array::from_fn(|j| {
+                    let at = |i: usize| (4 * j + i) * row_bytes + 16 * chunk;
+                    // SAFETY: row 4 j + i < 16 holds `row_bytes` bytes from `at(i)` - 16 chunk, and
+                    // 16 chunk + 16 <= d / 4 = row_bytes (checked above); unaligned 16-byte reads.
+                    unsafe {
+                        let r = _mm512_castsi128_si512(_mm_loadu_si128(bytes.as_ptr().add(at(0)).cast()));
+                        let r = _mm512_inserti32x4::<1>(r, _mm_loadu_si128(bytes.as_ptr().add(at(1)).cast()));
+                        let r = _mm512_inserti32x4::<2>(r, _mm_loadu_si128(bytes.as_ptr().add(at(2)).cast()));
+                        _mm512_inserti32x4::<3>(r, _mm_loadu_si128(bytes.as_ptr().add(at(3)).cast()))
+                    }
+                });
+            }
+            let idx = _mm512_add_epi8(base, _mm512_set1_epi8((c % 16) as i8));
+            let lo = _mm512_permutex2var_epi8(rows[0], idx, rows[2]);
+            let hi = _mm512_permutex2var_epi8(rows[1], idx, rows[3]);
+            let pairs = _mm512_mask_blend_epi64(0xcc, lo, hi);
+            let x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, pairs), three);
+            for (m, am) in acc.iter_mut().enumerate().take(nq) {
+                let q = &kq.q8[(m * groups + g) * d + 4 * c..][..4];
+                let w = i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
+                *am = _mm512_dpbusd_epi32(*am, x, _mm512_set1_epi32(w));
+            }
+        }
+        // SAFETY: the group's 16 scales and zero points lie in `scale` and `zero` (checked above);
+        // unaligned reads.
+        let (s, z) =
+            unsafe { (_mm512_loadu_ps(scale[g * T..].as_ptr()), _mm512_loadu_ps(zero[g * T..].as_ptr())) };
+        for (m, sc) in score.iter_mut().enumerate().take(nq) {
+            let (dl, qs) = (kq.delta[m * groups + g], kq.qsum[m * groups + g]);
+            let x = _mm512_mul_ps(_mm512_mul_ps(s, _mm512_set1_ps(dl)), _mm512_cvtepi32_ps(acc[m]));
+            *sc = _mm512_add_ps(*sc, x);
+            *sc = _mm512_add_ps(*sc, _mm512_mul_ps(z, _mm512_set1_ps(qs)));
+        }
+    }
+    for (m, sc) in score.iter().enumerate().take(nq) {
+        let mut v = [0f32; T];
+        // SAFETY: `v` holds 16 floats; an unaligned store.
+        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), *sc) };
+        for (t, &x) in v.iter().enumerate() {
+            put(m, t, x);
+        }
+    }
+}
+
+/// [`token_keys_q8`]'s byte indices into a pair of row vectors: qword `k` (of 0-3, repeated for 4-7 from
+/// the other pair) takes byte 0 of rows `2k % 4`, `2k % 4 + 1` of the pair's first vector, or of its
+/// second for `k >= 2`; the other six bytes repeat the pair.
+const QUAD_PAIR: [i64; 4] = [pair_index(0), pair_index(32), pair_index(64), pair_index(96)];
+
+/// A qword of byte indices `[i, i + 16]` repeated four times.
+const fn pair_index(i: i64) -> i64 {
+    let two = i | (i + 16) << 8;
+    two | two << 16 | two << 32 | two << 48
+}
