@@ -1339,6 +1339,15 @@ pub(crate) fn q8_token_keys(q: QuantSpec, d: usize) -> bool {
     q.width.bits() == 2 && !q.codebook && d.is_multiple_of(64) && d <= 256 && d / q.group <= 8
 }
 
+/// One KV head's group parameters of a per-token body from a block's first token: group `g`'s for the
+/// block's tokens from entry `g * ring`, f16 or FP8 (E4M3) bits.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) enum BlockParams<'a> {
+    F16 { scale: &'a [u16], zero: &'a [u16], ring: usize },
+    Fp8 { scale: &'a [u8], zero: &'a [u8], ring: usize },
+}
+
 /// A block of queries as the int8 per-token key kernels read them: per query `m` and channel group `g`
 /// (stored order), the query rounded to integers of at most 127 on its own step `delta[m][g]` and zero
 /// outside the group (`q8[(m * groups + g) * d..]`), the exact sum of its elements in the group
@@ -1391,9 +1400,9 @@ impl TokenQueriesQ8<'_> {
 }
 
 /// Decode's scores of body tokens at ring slots `start..start + n` of a per-token key body of 2-bit codes
-/// ([`q8_token_keys`]; SKVQ's keys) on the int8 path, with the AVX-512 kernel where `avx512` (whole blocks
-/// of [`Q8_TOKEN_BLOCK`] tokens; the rest, and every block on the portable kernel, by
-/// [`TokenQueriesQ8::scores`], the same bits).
+/// ([`q8_token_keys`]; SKVQ's keys) on the int8 path, with the AVX-512 kernel where `avx512` (blocks of
+/// [`Q8_TOKEN_BLOCK`] tokens reading their parameters in place, a last partial one zero-padded), else by
+/// [`TokenQueriesQ8::scores`], the same bits.
 ///
 /// Per query, in the stored basis and order (transformed and permuted as [`token_key_scores_lookup`]
 /// forms it), each channel group's elements are rounded to integers of at most 127 on the group's step
@@ -1478,28 +1487,63 @@ pub(crate) fn token_key_scores_q8(
         };
         for t0 in (0..n).step_by(T) {
             let nt = T.min(n - t0);
-            for g in 0..groups {
-                for t in 0..nt {
-                    let i = (h * l.row_groups + g) * l.ring + start + t0 + t;
-                    let p = if avx512 {
-                        // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where
-                        // the CPU has AVX2, FMA and F16C too (`Kernel::avx512`).
-                        unsafe { params_f16c(sv, q.params, i) }
-                    } else {
-                        let p = sv.params(q.params, i);
-                        (p.scale, p.zero)
-                    };
-                    (scale[g * T + t], zero[g * T + t]) = p;
-                }
-            }
             let codes = &sv.codes[(h * l.ring + start + t0) * l.row_words..][..nt * l.row_words];
-            let mut put = |j: usize, tt: usize, x: f32| *out.at(q0 + j, t0 + tt) = x;
+            let (at, ring) = (h * l.row_groups * l.ring + start + t0, l.ring);
             if avx512 && nt == T {
-                // SAFETY: as above.
-                unsafe {
-                    super::avx2::avx512::token_keys_q8(&kq, codes, l.row_words, &scale, &zero, &mut put)
+                let params = match q.params {
+                    crate::quant::param::ParamFormat::F16 => {
+                        BlockParams::F16 { scale: &sv.scale[at..], zero: &sv.zero[at..], ring }
+                    }
+                    _ => BlockParams::Fp8 { scale: &sv.scale8[at..], zero: &sv.zero8[at..], ring },
                 };
+                // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU
+                // has AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+                unsafe { super::avx2::avx512::token_keys_q8(&kq, codes, l.row_words, params, out, q0, t0) };
+            } else if avx512 {
+                // A last partial block, copied into a whole one with zeros after its rows (each row's
+                // scores are its own lanes'; the padding's are dropped): the portable twin took a block's
+                // time per row, a tenth of `skvq2`'s step at 1k tokens.
+                let rw = l.row_words;
+                let mut rows = [0u32; Q8_TOKEN_BLOCK * 16];
+                rows[..nt * rw].copy_from_slice(codes);
+                let (mut s16, mut z16) = ([0u16; 8 * T], [0u16; 8 * T]);
+                let (mut s8, mut z8) = ([0u8; 8 * T], [0u8; 8 * T]);
+                for g in 0..groups {
+                    let (src, dst) = (at + g * ring, g * T);
+                    match q.params {
+                        crate::quant::param::ParamFormat::F16 => {
+                            s16[dst..][..nt].copy_from_slice(&sv.scale[src..][..nt]);
+                            z16[dst..][..nt].copy_from_slice(&sv.zero[src..][..nt]);
+                        }
+                        _ => {
+                            s8[dst..][..nt].copy_from_slice(&sv.scale8[src..][..nt]);
+                            z8[dst..][..nt].copy_from_slice(&sv.zero8[src..][..nt]);
+                        }
+                    }
+                }
+                let params = match q.params {
+                    crate::quant::param::ParamFormat::F16 => {
+                        BlockParams::F16 { scale: &s16, zero: &z16, ring: T }
+                    }
+                    _ => BlockParams::Fp8 { scale: &s8, zero: &z8, ring: T },
+                };
+                let mut block = [0f32; Q8_TOKEN_QUERIES * T];
+                let mut o = Scores { data: &mut block, stride: T, pos: 0 };
+                // SAFETY: as above.
+                unsafe { super::avx2::avx512::token_keys_q8(&kq, &rows, rw, params, &mut o, 0, 0) };
+                for j in 0..m {
+                    for tt in 0..nt {
+                        *out.at(q0 + j, t0 + tt) = block[j * T + tt];
+                    }
+                }
             } else {
+                for g in 0..groups {
+                    for t in 0..nt {
+                        let p = sv.params(q.params, (h * l.row_groups + g) * l.ring + start + t0 + t);
+                        (scale[g * T + t], zero[g * T + t]) = (p.scale, p.zero);
+                    }
+                }
+                let mut put = |j: usize, tt: usize, x: f32| *out.at(q0 + j, t0 + tt) = x;
                 kq.scores(codes, l.row_words, nt, &scale, &zero, &mut put);
             }
             if q.outliers > 0 {

@@ -1657,23 +1657,32 @@ pub(crate) fn keep_outliers(
 /// is gathered with two `vpermt2b` and a blend into the low bytes of dword pairs, `vpmultishiftqb` and a
 /// mask spread each row's four codes over its dword, and one `vpdpbusd` per query adds the row's dot
 /// product with the query's four rounded elements (zero outside `g`, so a quad shared by two groups
-/// counts once in each). Then per query the group's integer sums meet its scales and zero points, 16 rows
-/// at once, as the portable twin forms them.
+/// counts once in each). Then per query the group's integer sums meet its scales and zero points (read
+/// 16 tokens at once: f16 with `vcvtph2ps`, FP8 through the exact table with `vgatherdps`), as the portable
+/// twin forms them, and each query's 16 scores are stored at `out` row `q0 + m`, columns `t0..t0 + 16`.
+/// `params`: the group parameters of the block's tokens, group `g`'s 16 from entry `g * ring`.
 ///
 /// # Safety (of calling it)
 /// As [`scores_q8_channel`].
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
 pub(crate) fn token_keys_q8(
     kq: &crate::attention::generic::TokenQueriesQ8<'_>,
     codes: &[u32],
     row_words: usize,
-    scale: &[f32],
-    zero: &[f32],
-    put: &mut impl FnMut(usize, usize, f32),
+    params: crate::attention::generic::BlockParams<'_>,
+    out: &mut Scores<'_>,
+    q0: usize,
+    t0: usize,
 ) {
+    use crate::attention::generic::BlockParams;
     const T: usize = crate::attention::generic::Q8_TOKEN_BLOCK;
     let (d, groups, nq) = (kq.d, kq.groups, kq.bias.len());
     let row_bytes = row_words * 4;
+    let (plen, ring) = match params {
+        BlockParams::F16 { scale, zero, ring } => (scale.len().min(zero.len()), ring),
+        BlockParams::Fp8 { scale, zero, ring } => (scale.len().min(zero.len()), ring),
+    };
     assert!(
         d.is_multiple_of(64)
             && row_bytes * 4 == d
@@ -1684,10 +1693,12 @@ pub(crate) fn token_keys_q8(
             && kq.qsum.len() >= nq * groups
             && kq.span.len() >= groups
             && kq.span[..groups].iter().all(|&(a, b)| a <= b && b <= d / 4)
-            && scale.len() >= groups * T
-            && zero.len() >= groups * T,
+            && groups > 0
+            && plen >= (groups - 1) * ring + T
+            && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + T,
         "key block shorter than its layout"
     );
+    let fp8 = crate::quant::param::fp8_e4m3_table();
     let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
     // Quad `c`'s byte of rows 2k, 2k + 1 (k < 8) into bytes 0 and 1 of qword k: from rows 0-3 and 8-11
     // (`rows[0]`, `rows[2]`) for qwords 0, 1, 4, 5, and rows 4-7, 12-15 for the others, at the same
@@ -1739,10 +1750,21 @@ pub(crate) fn token_keys_q8(
                 *am = _mm512_dpbusd_epi32(*am, x, _mm512_set1_epi32(w));
             }
         }
-        // SAFETY: the group's 16 scales and zero points lie in `scale` and `zero` (checked above);
-        // unaligned reads.
-        let (s, z) =
-            unsafe { (_mm512_loadu_ps(scale[g * T..].as_ptr()), _mm512_loadu_ps(zero[g * T..].as_ptr())) };
+        // SAFETY: the group's 16 parameters from entry g ring lie in the slices (checked above); unaligned
+        // reads; every gathered index is a byte, under the FP8 table's 256 entries.
+        let (s, z) = unsafe {
+            match params {
+                BlockParams::F16 { scale, zero, .. } => (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(scale.as_ptr().add(g * ring).cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(zero.as_ptr().add(g * ring).cast())),
+                ),
+                BlockParams::Fp8 { scale, zero, .. } => {
+                    let si = _mm512_cvtepu8_epi32(_mm_loadu_si128(scale.as_ptr().add(g * ring).cast()));
+                    let zi = _mm512_cvtepu8_epi32(_mm_loadu_si128(zero.as_ptr().add(g * ring).cast()));
+                    (_mm512_i32gather_ps::<4>(si, fp8.as_ptr()), _mm512_i32gather_ps::<4>(zi, fp8.as_ptr()))
+                }
+            }
+        };
         for (m, sc) in score.iter_mut().enumerate().take(nq) {
             let (dl, qs) = (kq.delta[m * groups + g], kq.qsum[m * groups + g]);
             let x = _mm512_mul_ps(_mm512_mul_ps(s, _mm512_set1_ps(dl)), _mm512_cvtepi32_ps(acc[m]));
@@ -1751,12 +1773,9 @@ pub(crate) fn token_keys_q8(
         }
     }
     for (m, sc) in score.iter().enumerate().take(nq) {
-        let mut v = [0f32; T];
-        // SAFETY: `v` holds 16 floats; an unaligned store.
-        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), *sc) };
-        for (t, &x) in v.iter().enumerate() {
-            put(m, t, x);
-        }
+        let at = (q0 + m) * out.stride + out.pos + t0;
+        // SAFETY: `at + 16` is within `out.data` (checked above); an unaligned store.
+        unsafe { _mm512_storeu_ps(out.data.as_mut_ptr().add(at), *sc) };
     }
 }
 
