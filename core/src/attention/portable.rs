@@ -303,9 +303,9 @@ pub(crate) fn values_q8_token(
 /// products `p_t s_t` are rounded to integers `P_t = rint(p_t s_t / delta)` with
 /// `delta = max_t p_t s_t / vmax` (`vmax` = [`super::Q8_VALUE_MAX`]); the exact integer sums
 /// `sum_t P_t code_tc` (at most `Q8_TILE * 127 * 3` = 48,768 at 2 bits, `* 7` at 3, `* 15` at 4; with
-/// [`super::Q8Levels`], of the codes' integer levels, at most `* 127`, and `delta` times their step) scaled by
-/// `delta` are added to `l` (`[nq][d]`), and `p_t z_t` to lane
-/// `(t0 + t) % 8` of `zl` (`[nq][groups][8]`). `tile` holds `nq * d + groups * nq * (Q8_TILE + 1)` floats.
+/// [`super::Q8Levels`], of the codes' integer levels, at most `* 127`, and `delta` times their step)
+/// scaled by `delta` are added to `l` (`[nq][d]`), and `p_t z_t` to lane `(t0 + t) % 8` of `zl`
+/// (`[nq][groups][8]`). `tile` holds `nq * d + groups * nq * (Q8_TILE + 1)` floats.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn value_tile_q8(
     b: &TokenBody<'_>,

@@ -1792,8 +1792,9 @@ fn codebook_int8_values_equal_their_twin_and_stay_within_their_bound() {
 ///
 /// Twins: the AVX-512 keys, and the AVX2 and AVX-512 values, equal the portable twin bit for bit (AVX2
 /// keys keep the f32 path), and the keys' scores are their definition, rebuilt here from the codes and
-/// the query rounded here (to float rounding; without outliers). Bounds, from the definitions: a key group's query elements are rounded on
-/// the step `delta_g = max_{c in g} |q_c| / 127`, so a score moves by at most
+/// the query rounded here (to float rounding; without outliers). Bounds, from the definitions: a key
+/// group's query elements are rounded on the step `delta_g = max_{c in g} |q_c| / 127`, so a score moves
+/// by at most
 /// `sum_g s_g delta_g / 2 * sum_{c in g} code_c`; a value tile's weights `p_t s_t` (its own group's `s`)
 /// by at most `min(delta / 2, p_t s_t)` per unit of code, `delta = max_t p_t s_t / Q8_VALUE_MAX`; float
 /// sums add `gamma(d + 16)` (scores) and `gamma(t + 16)` (sums) of twice the terms' magnitudes. A key
