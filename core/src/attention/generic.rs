@@ -1278,25 +1278,8 @@ fn token_key_scores_lookup(
     for q0 in (0..queries.nq).step_by(TOKEN_QUERIES) {
         let m = TOKEN_QUERIES.min(queries.nq - q0);
         for j in 0..m {
-            let r = &mut row[..d];
-            r.copy_from_slice(queries.row(q0 + j));
-            if t.balance_keys {
-                for (x, &b) in r.iter_mut().zip(&sv.tables.balance[h * d..][..d]) {
-                    *x /= b;
-                }
-            }
-            if t.rotate_keys {
-                crate::transform::hadamard(r);
-            }
-            bias[j] = if t.center_keys { super::dot(r, &sv.tables.center[h * d..][..d]) } else { 0.0 };
             let dst = &mut qs[j * d..][..d];
-            if perm.is_empty() {
-                dst.copy_from_slice(r);
-            } else {
-                for (x, &p) in dst.iter_mut().zip(perm) {
-                    *x = r[usize::from(p)];
-                }
-            }
+            bias[j] = stored_token_query(sv, t, h, perm, queries.row(q0 + j), &mut row[..d], dst);
         }
         let keys = super::avx2::TokenRows {
             codes: sv.codes,
@@ -1321,6 +1304,40 @@ fn token_key_scores_lookup(
             keys.dots(r, |j, x| *out.at(q0 + j, tt) = x);
         }
     }
+}
+
+/// Query `q` of KV head `h` in a per-token key body's stored basis and order (`dst`): divided by the
+/// balancing factors, rotated, then permuted by `perm` (`row`: scratch of `d` floats); returns its
+/// centring term `q' . mu` (0 without centring).
+#[cfg(target_arch = "x86_64")]
+fn stored_token_query(
+    sv: &StreamView<'_>,
+    t: crate::cache::Transform,
+    h: usize,
+    perm: &[u16],
+    q: &[f32],
+    row: &mut [f32],
+    dst: &mut [f32],
+) -> f32 {
+    let d = row.len();
+    row.copy_from_slice(q);
+    if t.balance_keys {
+        for (x, &b) in row.iter_mut().zip(&sv.tables.balance[h * d..][..d]) {
+            *x /= b;
+        }
+    }
+    if t.rotate_keys {
+        crate::transform::hadamard(row);
+    }
+    let bias = if t.center_keys { super::dot(row, &sv.tables.center[h * d..][..d]) } else { 0.0 };
+    if perm.is_empty() {
+        dst.copy_from_slice(row);
+    } else {
+        for (x, &p) in dst.iter_mut().zip(perm) {
+            *x = row[usize::from(p)];
+        }
+    }
+    bias
 }
 
 /// Queries per pass of [`token_key_scores_q8`].
@@ -1443,25 +1460,8 @@ pub(crate) fn token_key_scores_q8(
     for q0 in (0..queries.nq).step_by(M) {
         let m = M.min(queries.nq - q0);
         for j in 0..m {
-            let r = &mut row[..d];
-            r.copy_from_slice(queries.row(q0 + j));
-            if t.balance_keys {
-                for (x, &b) in r.iter_mut().zip(&sv.tables.balance[h * d..][..d]) {
-                    *x /= b;
-                }
-            }
-            if t.rotate_keys {
-                crate::transform::hadamard(r);
-            }
-            bias[j] = if t.center_keys { super::dot(r, &sv.tables.center[h * d..][..d]) } else { 0.0 };
             let dst = &mut qs[j * d..][..d];
-            if perm.is_empty() {
-                dst.copy_from_slice(r);
-            } else {
-                for (x, &p) in dst.iter_mut().zip(perm) {
-                    *x = r[usize::from(p)];
-                }
-            }
+            bias[j] = stored_token_query(sv, t, h, perm, queries.row(q0 + j), &mut row[..d], dst);
             for g in 0..groups {
                 let (a, b) = (lo(g), lo(g + 1));
                 let part = &dst[a..b];

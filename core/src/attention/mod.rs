@@ -1304,13 +1304,7 @@ fn codebook_token_values(
         for gj in 0..groups {
             let at = (h * l.row_groups + gj) * l.ring + seg.start + t0;
             let (s, z) = (&mut scale[gj * FP8_TILE..][..nt], &mut zero[gj * FP8_TILE..][..nt]);
-            if spec.params == crate::quant::param::ParamFormat::Fp8E4M3 {
-                fp8_f16(&sv.scale8[at..][..nt], s, kernel);
-                fp8_f16(&sv.zero8[at..][..nt], z, kernel);
-            } else {
-                s.copy_from_slice(&sv.scale[at..][..nt]);
-                z.copy_from_slice(&sv.zero[at..][..nt]);
-            }
+            stage_token_params(sv, spec, at, s, z, kernel);
             finite &= shift_zeros(s, z, levels.base, avx512);
         }
         if !finite {
@@ -1383,14 +1377,7 @@ fn grouped_token_values(
         for t0 in (0..seg.len).step_by(FP8_TILE / 2) {
             let nt = (FP8_TILE / 2).min(seg.len - t0);
             let at = (h * l.row_groups + g) * l.ring + seg.start + t0;
-            let (s, z) = (&mut scale[..nt], &mut zero[..nt]);
-            if spec.params == crate::quant::param::ParamFormat::Fp8E4M3 {
-                fp8_f16(&sv.scale8[at..][..nt], s, kernel);
-                fp8_f16(&sv.zero8[at..][..nt], z, kernel);
-            } else {
-                s.copy_from_slice(&sv.scale[at..][..nt]);
-                z.copy_from_slice(&sv.zero[at..][..nt]);
-            }
+            stage_token_params(sv, spec, at, &mut scale[..nt], &mut zero[..nt], kernel);
             let body = TokenBody {
                 codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
                 row_words: l.row_words,
@@ -1412,6 +1399,27 @@ fn grouped_token_values(
         }
     }
     generic::add_token_outliers(sv, spec, h, d, seg.start, seg.len, p, out, kernel.avx512 && vector);
+}
+
+/// A per-token body's group parameters from entry `at` (`scale.len()` consecutive tokens of one group) as
+/// f16 bits into `scale` and `zero`: copied, or decoded from FP8 (exact).
+#[cfg(target_arch = "x86_64")]
+fn stage_token_params(
+    sv: &StreamView<'_>,
+    spec: crate::cache::QuantSpec,
+    at: usize,
+    scale: &mut [u16],
+    zero: &mut [u16],
+    kernel: Kernel,
+) {
+    let n = scale.len();
+    if spec.params == crate::quant::param::ParamFormat::Fp8E4M3 {
+        fp8_f16(&sv.scale8[at..][..n], scale, kernel);
+        fp8_f16(&sv.zero8[at..][..n], zero, kernel);
+    } else {
+        scale.copy_from_slice(&sv.scale[at..][..n]);
+        zero.copy_from_slice(&sv.zero[at..][..n]);
+    }
 }
 
 /// Shifts staged zero points by a codebook's lowest level: `zero[i] = f16(fma(scale[i], base, zero[i]))`
