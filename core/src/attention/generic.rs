@@ -1179,6 +1179,13 @@ fn token_lookup_path(q: QuantSpec, d: usize) -> bool {
     q.width != pack::Width::B8 && d.is_multiple_of(16) && d <= LOOKUP_TABLES && d / q.group <= 8
 }
 
+/// The first channel of channel group `g` (of `d / q.group`, or `g == groups` for the row's end) of a
+/// per-token row in the stored order: fixed groups of `q.group`, or a permuted stream's `bounds`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn group_start(q: QuantSpec, bounds: &[u16], g: usize) -> usize {
+    if bounds.is_empty() { g * q.group } else { usize::from(bounds[g]) }
+}
+
 /// Each channel's group in a per-token row (stored order): fixed groups of `q.group`, or a permuted
 /// stream's `bounds`.
 #[cfg(target_arch = "x86_64")]
@@ -1365,6 +1372,58 @@ pub(crate) enum BlockParams<'a> {
     Fp8 { scale: &'a [u8], zero: &'a [u8], ring: usize },
 }
 
+#[cfg(target_arch = "x86_64")]
+impl<'a> BlockParams<'a> {
+    /// The parameters of `sv` from entry `at` in place, in its format `fmt`.
+    fn of(sv: &StreamView<'a>, fmt: crate::quant::param::ParamFormat, at: usize, ring: usize) -> Self {
+        let (s16, z16, s8, z8) = (sv.scale, sv.zero, sv.scale8, sv.zero8);
+        match fmt {
+            crate::quant::param::ParamFormat::F16 => Self::F16 { scale: &s16[at..], zero: &z16[at..], ring },
+            _ => Self::Fp8 { scale: &s8[at..], zero: &z8[at..], ring },
+        }
+    }
+
+    /// The entries its scale and zero slices both hold, and the distance between groups.
+    pub(crate) fn extent(&self) -> (usize, usize) {
+        match *self {
+            Self::F16 { scale, zero, ring } => (scale.len().min(zero.len()), ring),
+            Self::Fp8 { scale, zero, ring } => (scale.len().min(zero.len()), ring),
+        }
+    }
+
+    /// The first `nt` tokens of each of `groups` groups copied into `pad`, zeros after, as a whole block
+    /// (groups [`Q8_TOKEN_BLOCK`] apart).
+    fn padded<'p>(&self, nt: usize, groups: usize, pad: &'p mut PadParams) -> BlockParams<'p> {
+        const T: usize = Q8_TOKEN_BLOCK;
+        fn copy<X: Copy>(src: &[X], ring: usize, nt: usize, groups: usize, dst: &mut [X]) {
+            for g in 0..groups {
+                dst[g * T..][..nt].copy_from_slice(&src[g * ring..][..nt]);
+            }
+        }
+        match *self {
+            Self::F16 { scale, zero, ring } => {
+                copy(scale, ring, nt, groups, &mut pad.s16);
+                copy(zero, ring, nt, groups, &mut pad.z16);
+                BlockParams::F16 { scale: &pad.s16, zero: &pad.z16, ring: T }
+            }
+            Self::Fp8 { scale, zero, ring } => {
+                copy(scale, ring, nt, groups, &mut pad.s8);
+                copy(zero, ring, nt, groups, &mut pad.z8);
+                BlockParams::Fp8 { scale: &pad.s8, zero: &pad.z8, ring: T }
+            }
+        }
+    }
+}
+
+/// A zero-padded block's parameters ([`BlockParams::padded`]): up to 8 groups of [`Q8_TOKEN_BLOCK`].
+#[cfg(target_arch = "x86_64")]
+struct PadParams {
+    s16: [u16; 8 * Q8_TOKEN_BLOCK],
+    z16: [u16; 8 * Q8_TOKEN_BLOCK],
+    s8: [u8; 8 * Q8_TOKEN_BLOCK],
+    z8: [u8; 8 * Q8_TOKEN_BLOCK],
+}
+
 /// A block of queries as the int8 per-token key kernels read them: per query `m` and channel group `g`
 /// (stored order), the query rounded to integers of at most 127 on its own step `delta[m][g]` and zero
 /// outside the group (`q8[(m * groups + g) * d..]`), the exact sum of its elements in the group
@@ -1447,7 +1506,7 @@ pub(crate) fn token_key_scores_q8(
     let t = cache.config().transform;
     let groups = d / q.group;
     let (perm, bounds) = sv.tables.order(h, d, groups);
-    let lo = |g: usize| if bounds.is_empty() { g * q.group } else { usize::from(bounds[g]) };
+    let lo = |g: usize| group_start(q, bounds, g);
     let mut span = [(0usize, 0usize); 8];
     for (g, sp) in span[..groups].iter_mut().enumerate() {
         *sp = (lo(g) / 4, lo(g + 1).div_ceil(4));
@@ -1488,14 +1547,8 @@ pub(crate) fn token_key_scores_q8(
         for t0 in (0..n).step_by(T) {
             let nt = T.min(n - t0);
             let codes = &sv.codes[(h * l.ring + start + t0) * l.row_words..][..nt * l.row_words];
-            let (at, ring) = (h * l.row_groups * l.ring + start + t0, l.ring);
+            let params = BlockParams::of(sv, q.params, h * l.row_groups * l.ring + start + t0, l.ring);
             if avx512 && nt == T {
-                let params = match q.params {
-                    crate::quant::param::ParamFormat::F16 => {
-                        BlockParams::F16 { scale: &sv.scale[at..], zero: &sv.zero[at..], ring }
-                    }
-                    _ => BlockParams::Fp8 { scale: &sv.scale8[at..], zero: &sv.zero8[at..], ring },
-                };
                 // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU
                 // has AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
                 unsafe { super::avx2::avx512::token_keys_q8(&kq, codes, l.row_words, params, out, q0, t0) };
@@ -1506,27 +1559,8 @@ pub(crate) fn token_key_scores_q8(
                 let rw = l.row_words;
                 let mut rows = [0u32; Q8_TOKEN_BLOCK * 16];
                 rows[..nt * rw].copy_from_slice(codes);
-                let (mut s16, mut z16) = ([0u16; 8 * T], [0u16; 8 * T]);
-                let (mut s8, mut z8) = ([0u8; 8 * T], [0u8; 8 * T]);
-                for g in 0..groups {
-                    let (src, dst) = (at + g * ring, g * T);
-                    match q.params {
-                        crate::quant::param::ParamFormat::F16 => {
-                            s16[dst..][..nt].copy_from_slice(&sv.scale[src..][..nt]);
-                            z16[dst..][..nt].copy_from_slice(&sv.zero[src..][..nt]);
-                        }
-                        _ => {
-                            s8[dst..][..nt].copy_from_slice(&sv.scale8[src..][..nt]);
-                            z8[dst..][..nt].copy_from_slice(&sv.zero8[src..][..nt]);
-                        }
-                    }
-                }
-                let params = match q.params {
-                    crate::quant::param::ParamFormat::F16 => {
-                        BlockParams::F16 { scale: &s16, zero: &z16, ring: T }
-                    }
-                    _ => BlockParams::Fp8 { scale: &s8, zero: &z8, ring: T },
-                };
+                let mut pad = PadParams { s16: [0; 8 * T], z16: [0; 8 * T], s8: [0; 8 * T], z8: [0; 8 * T] };
+                let params = params.padded(nt, groups, &mut pad);
                 let mut block = [0f32; Q8_TOKEN_QUERIES * T];
                 let mut o = Scores { data: &mut block, stride: T, pos: 0 };
                 // SAFETY: as above.

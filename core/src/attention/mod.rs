@@ -265,13 +265,14 @@ impl Q8Levels {
     /// The integer levels of codebook reconstruction levels `dec` (1 to 16 of them), or `None` where one
     /// is not finite or their span overflows.
     pub(crate) fn of(dec: &[f32]) -> Option<Self> {
-        let (lo, hi) = dec.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        let span = hi - lo;
-        if dec.is_empty() || dec.len() > 16 || !span.is_finite() || dec.iter().any(|x| !x.is_finite()) {
+        if dec.is_empty() || dec.len() > 16 || dec.iter().any(|x| !x.is_finite()) {
             return None;
         }
+        let (lo, hi) = dec.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        let span = hi - lo;
+        // An infinite span (finite levels far apart) or a subnormal step: no integer levels.
         let step = if span > 0.0 { span / Q8_LEVEL_MAX } else { 1.0 };
-        if step == 0.0 || !step.is_normal() {
+        if !step.is_normal() {
             return None;
         }
         let bytes = core::array::from_fn(|k| {
@@ -443,7 +444,7 @@ pub const fn prefill_scratch_len(
 /// generic per-channel key body, the score accumulators (`[nq][G]`), the queries per offset within a key
 /// group (`[nq][d][G]`) and their biases (`[nq][G]`); the stored-basis value sums of a transformed or
 /// generic value body; FP8 group parameters decoded to f16 (two to a float) for the KIVI kernels, a key
-/// block's ([`fp8_key_scores`]) or a value tile's ([`fp8_token_values`]).
+/// block's ([`fp8_key_scores`]) or a value tile's ([`staged_token_values`]).
 const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
     let d = cfg.head_dim;
     // The KIVI kernels read FP8 per-channel keys on x86-64 only ([`fp8_key_scores`]).
@@ -460,7 +461,7 @@ const fn generic_parts(cfg: &CacheConfig, nq: usize) -> [usize; 4] {
         Precision::Quant(q) if fp8_channel_keys(cfg) => KEY_BLOCK / q.group * d,
         _ => 0,
     };
-    // FP8 and codebook value bodies stage a tile's parameters ([`fp8_token_values`],
+    // FP8 and codebook value bodies stage a tile's parameters ([`staged_token_values`],
     // [`codebook_token_values`]).
     // Permuted ones (SKVQ's) stage one group's at a time, beside their sums ([`grouped_token_values`]).
     let values = match cfg.values {
@@ -1140,7 +1141,7 @@ fn value_sums(
                 if (vector || q8_value_width(kernel, spec.width)) && fp8_plain(spec) =>
             {
                 let dst = if stored { &mut *acc } else { &mut *out };
-                fp8_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel);
+                staged_token_values(sv, spec, h, seg, &pr, d, dst, work, gw.params, vector, kernel, None);
             }
             #[cfg(target_arch = "x86_64")]
             (Part::Body, Precision::Quant(spec))
@@ -1185,8 +1186,8 @@ fn value_sums(
     }
 }
 
-/// Tokens of a per-token body with FP8 parameters whose parameters [`fp8_token_values`] turns into f16 at a
-/// time.
+/// Tokens of a per-token body with FP8 parameters or codebook levels whose parameters
+/// [`staged_token_values`] turns into f16 at a time.
 const FP8_TILE: usize = 256;
 
 /// Whether a per-token value body is KIVI's but for FP8 (E4M3) group parameters: no codebook, outliers or
@@ -1199,17 +1200,21 @@ fn fp8_plain(q: crate::cache::QuantSpec) -> bool {
         && q.group.is_multiple_of(16)
 }
 
-/// KIVI's value kernels over a per-token body with FP8 group parameters: a tile of [`FP8_TILE`] tokens
-/// at a time, its parameters are decoded and stored as f16 first. That is exact (every E4M3 value is an
-/// f16 value), so each tile is summed as the plain body with the same parameters would be, on the int8
-/// path where `kernel` takes it (the portable twin as well, so that it gives the vector kernels'
-/// bits) and in f32 otherwise. x86-64 only: elsewhere (the firmware) these bodies take the generic f32
-/// path, which needs no 16 KiB tile of parameters on the stack. Measured with `decode_bench` at 8k tokens: the generic lookup path this
-/// replaced took `kvq2`'s step from 0.74x to 0.46x of fp16's (AVX2); the int8 path took it from 17.3-18.3
-/// to 12.5-13.0 ms on AVX-512 and from 20.4-20.9 to 18.6-18.9 ms on AVX2 (Zen 4, alternating runs).
+/// KIVI's value kernels over a per-token body with FP8 group parameters or codebook levels: a tile of
+/// [`FP8_TILE`] tokens at a time, its parameters are decoded and stored as f16 first. That is exact (every
+/// E4M3 value is an f16 value), so each tile is summed as the plain body with the same parameters would
+/// be, on the int8 path where `kernel` takes it (the portable twin as well, so that it gives the vector
+/// kernels' bits) and in f32 otherwise. With `levels` (a codebook's, [`codebook_token_values`]) the
+/// kernels read each code as its integer level, the zero points are staged shifted by the lowest level
+/// ([`shift_zeros`]; a tile that leaves f16's range takes the generic path), and each tile's outliers are
+/// added after it, in f32. x86-64 only: elsewhere (the firmware) these bodies take the generic f32 path,
+/// which needs no tile of parameters in the scratch. Measured with `decode_bench` at 8k tokens: the
+/// generic lookup path this replaced took `kvq2`'s step from 0.74x to 0.46x of fp16's (AVX2); the int8
+/// path took it from 17.3-18.3 to 12.5-13.0 ms on AVX-512 and from 20.4-20.9 to 18.6-18.9 ms on AVX2
+/// (Zen 4, alternating runs).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn fp8_token_values(
+fn staged_token_values(
     sv: &StreamView<'_>,
     spec: crate::cache::QuantSpec,
     h: usize,
@@ -1221,8 +1226,11 @@ fn fp8_token_values(
     stage: &mut [f32],
     vector: bool,
     kernel: Kernel,
+    levels: Option<&Q8Levels>,
 ) {
-    let (l, int8) = (sv.layout, q8_value_width(kernel, spec.width));
+    let l = sv.layout;
+    let int8 = levels.is_some() || q8_value_width(kernel, spec.width);
+    let avx512 = kernel.avx512 && vector;
     let groups = d / spec.group;
     debug_assert!(l.row_groups == groups);
     // The tile's parameters: `FP8_TILE * groups` floats of the scratch ([`generic_parts`]). They were two
@@ -1231,10 +1239,19 @@ fn fp8_token_values(
     let (scale, zero) = staged_params(stage, FP8_TILE * groups);
     for t0 in (0..seg.len).step_by(FP8_TILE) {
         let nt = FP8_TILE.min(seg.len - t0);
+        let pt = Probs { pos: p.pos + t0, ..*p };
+        let mut finite = true;
         for gj in 0..groups {
             let at = (h * l.row_groups + gj) * l.ring + seg.start + t0;
-            fp8_f16(&sv.scale8[at..][..nt], &mut scale[gj * FP8_TILE..][..nt], kernel);
-            fp8_f16(&sv.zero8[at..][..nt], &mut zero[gj * FP8_TILE..][..nt], kernel);
+            let (s, z) = (&mut scale[gj * FP8_TILE..][..nt], &mut zero[gj * FP8_TILE..][..nt]);
+            stage_token_params(sv, spec, at, s, z, kernel);
+            if let Some(lv) = levels {
+                finite &= shift_zeros(s, z, lv.base, avx512);
+            }
+        }
+        if !finite {
+            generic::token_value_sums(sv, spec, h, seg.start + t0, nt, &pt, d, out, vector, avx512);
+            continue;
         }
         let b = TokenBody {
             codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
@@ -1244,10 +1261,11 @@ fn fp8_token_values(
             ring: FP8_TILE,
             width: spec.width,
             group: spec.group,
-            levels: None,
+            levels,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
-        token_values(&b, tile, &Probs { pos: p.pos + t0, ..*p }, d, out, work, vector, int8, kernel.avx512);
+        token_values(&b, tile, &pt, d, out, work, vector, int8, kernel.avx512);
+        generic::add_token_outliers(sv, spec, h, d, seg.start + t0, nt, &pt, out, avx512);
     }
 }
 
@@ -1266,12 +1284,10 @@ fn codebook_values(q: crate::cache::QuantSpec, d: usize) -> bool {
 
 /// The int8 value kernels over a per-token body with codebook levels ([`codebook_values`]; the AVX-512
 /// kernels and their portable twin, which gives the same bits; AVX2 keeps the generic f32 path): the
-/// codebook's levels as integers ([`Q8Levels`]), which the kernels read each code as, and per tile of
-/// [`FP8_TILE`] tokens the zero points staged as `f16(z + s * base)` (and FP8 scales as f16). The result
-/// differs from the exact path's by the level rounding (at most `step / 2` of each value's scale), the
-/// zero points' f16 rounding (half an ulp) and the int8 weights; each tile's outliers are added after it,
-/// in f32. A codebook without finite integer levels, or a tile whose shifted zero points leave f16's
-/// range, takes the generic path.
+/// codebook's levels as integers ([`Q8Levels`]), which the kernels read each code as, the tiles staged by
+/// [`staged_token_values`]. The result differs from the exact path's by the level rounding (at most
+/// `step / 2` of each value's scale), the zero points' f16 rounding (half an ulp) and the int8 weights.
+/// A codebook without finite integer levels takes the generic path.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn codebook_token_values(
@@ -1287,44 +1303,12 @@ fn codebook_token_values(
     vector: bool,
     kernel: Kernel,
 ) {
-    let avx512 = kernel.avx512 && vector;
-    let levels = sv.coder(spec, h).levels.and_then(|(_, dec)| Q8Levels::of(dec));
-    let Some(levels) = levels else {
-        return generic::token_value_sums(sv, spec, h, seg.start, seg.len, p, d, out, vector, avx512);
-    };
-    let l = sv.layout;
-    let groups = d / spec.group;
-    debug_assert!(l.row_groups == groups);
-    // The tile's parameters: `FP8_TILE * groups` floats of the scratch ([`generic_parts`]).
-    let (scale, zero) = staged_params(stage, FP8_TILE * groups);
-    for t0 in (0..seg.len).step_by(FP8_TILE) {
-        let nt = FP8_TILE.min(seg.len - t0);
-        let pt = Probs { pos: p.pos + t0, ..*p };
-        let mut finite = true;
-        for gj in 0..groups {
-            let at = (h * l.row_groups + gj) * l.ring + seg.start + t0;
-            let (s, z) = (&mut scale[gj * FP8_TILE..][..nt], &mut zero[gj * FP8_TILE..][..nt]);
-            stage_token_params(sv, spec, at, s, z, kernel);
-            finite &= shift_zeros(s, z, levels.base, avx512);
+    match sv.coder(spec, h).levels.and_then(|(_, dec)| Q8Levels::of(dec)) {
+        Some(lv) => staged_token_values(sv, spec, h, seg, p, d, out, work, stage, vector, kernel, Some(&lv)),
+        None => {
+            let avx512 = kernel.avx512 && vector;
+            generic::token_value_sums(sv, spec, h, seg.start, seg.len, p, d, out, vector, avx512)
         }
-        if !finite {
-            let (start, n) = (seg.start + t0, nt);
-            generic::token_value_sums(sv, spec, h, start, n, &pt, d, out, vector, avx512);
-            continue;
-        }
-        let b = TokenBody {
-            codes: &sv.codes[(h * l.ring + seg.start + t0) * l.row_words..][..nt * l.row_words],
-            row_words: l.row_words,
-            scale: &*scale,
-            zero: &*zero,
-            ring: FP8_TILE,
-            width: spec.width,
-            group: spec.group,
-            levels: Some(&levels),
-        };
-        let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
-        token_values(&b, tile, &pt, d, out, work, avx512, true, avx512);
-        generic::add_token_outliers(sv, spec, h, d, seg.start + t0, nt, &pt, out, avx512);
     }
 }
 
@@ -1342,7 +1326,7 @@ fn grouped_values(q: crate::cache::QuantSpec, d: usize) -> bool {
 /// The int8 value kernels over a per-token body whose channel groups are a calibrated permutation's, of
 /// any sizes (SKVQ's; [`grouped_values`]), on every kernel set: one group at a time, the kernels sum the
 /// whole rows with that group's scales and zero points (staged as f16 a tile of [`FP8_TILE`] tokens at a
-/// time, as [`fp8_token_values`] stages them) into `nq * d` floats of the scratch, and the group's
+/// time, as [`staged_token_values`] stages them) into `nq * d` floats of the scratch, and the group's
 /// channels of those sums are added to `out` (stored order). So each output channel is the int8 path's
 /// sum over its own group's parameters, within the bound the int8 path derives for a group, at the cost
 /// of a pass per group. The generic f32 path reconstructs every row and adds each query's products:
@@ -1371,8 +1355,7 @@ fn grouped_token_values(
     let sums = &mut sums[..nq * d];
     let (scale, zero) = staged_params(params, FP8_TILE / 2);
     for g in 0..groups {
-        let lo = |g: usize| if bounds.is_empty() { g * spec.group } else { usize::from(bounds[g]) };
-        let (a, b) = (lo(g), lo(g + 1));
+        let (a, b) = (generic::group_start(spec, bounds, g), generic::group_start(spec, bounds, g + 1));
         sums.fill(0.0);
         for t0 in (0..seg.len).step_by(FP8_TILE / 2) {
             let nt = (FP8_TILE / 2).min(seg.len - t0);

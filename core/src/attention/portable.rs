@@ -325,6 +325,8 @@ pub(crate) fn value_tile_q8(
     let (iacc, rest) = tile.split_at_mut(nq * d);
     let (pq, rest) = rest.split_at_mut(groups * nq * T);
     let delta = &mut rest[..groups * nq];
+    // Levels: the integer sums are of levels `step` apart.
+    let step = b.levels.map_or(1.0, |l| l.step);
     for gi in 0..groups {
         for qi in 0..nq {
             let pr = &mut pq[(gi * nq + qi) * T..][..len];
@@ -337,9 +339,7 @@ pub(crate) fn value_tile_q8(
                 let lane = &mut zl[(qi * groups + gi) * 8 + (t0 + t) % 8];
                 *lane += pt * f(b.zero[gi * b.ring + slot]);
             }
-            // Levels: the integer sums are of levels `step` apart.
-            delta[gi * nq + qi] =
-                round_on_scale(pr, m, super::Q8_VALUE_MAX) * b.levels.map_or(1.0, |l| l.step);
+            delta[gi * nq + qi] = round_on_scale(pr, m, super::Q8_VALUE_MAX) * step;
         }
     }
     iacc.fill(0.0);

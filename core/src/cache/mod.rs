@@ -240,6 +240,18 @@ impl<'c> StreamView<'c> {
     }
 }
 
+/// Moves code `i` of `words` by `delta` levels of `width`; false (and nothing moved) where that leaves the
+/// code's range.
+#[cfg(test)]
+fn shift_code(words: &mut [u32], width: pack::Width, i: usize, delta: i32) -> bool {
+    let code = i32::from(pack::get(words, width, i).unwrap()) + delta;
+    if !(0..width.levels() as i32).contains(&code) {
+        return false;
+    }
+    pack::pack(&[code as u8], width, words, i).unwrap();
+    true
+}
+
 fn f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
@@ -381,24 +393,13 @@ impl<'a> Cache<'a> {
     #[cfg(test)]
     pub(crate) fn shift_key_code(&mut self, h: usize, slot: usize, c: usize, delta: i32) -> bool {
         let (Precision::Quant(q), l) = self.stream_cfg(Stream::Keys) else { return false };
+        if q.axis == Axis::PerToken {
+            return self.shift_row_code(Stream::Keys, h, slot, c, delta);
+        }
         let d = self.cfg.head_dim;
         let codes = &mut self.arena[l.codes.offset..l.codes.end()];
-        if q.axis == Axis::PerToken {
-            let w = &mut codes[(h * l.ring + slot) * l.row_words..][..l.row_words];
-            let code = i32::from(pack::get(w, q.width, c).unwrap()) + delta;
-            if !(0..q.width.levels() as i32).contains(&code) {
-                return false;
-            }
-            pack::pack(&[code as u8], q.width, w, c).unwrap();
-            return true;
-        }
         let w = &mut codes[h * l.key_head_words(d) + l.key_row(slot, c, d)..][..l.row_words];
-        let code = i32::from(pack::get(w, q.width, l.key_col(slot)).unwrap()) + delta;
-        if !(0..q.width.levels() as i32).contains(&code) {
-            return false;
-        }
-        pack::pack(&[code as u8], q.width, w, l.key_col(slot)).unwrap();
-        true
+        shift_code(w, q.width, l.key_col(slot), delta)
     }
 
     /// Moves the code of per-token value row `slot` (ring slot), stored column `c`, of head `h` by `delta`
@@ -406,15 +407,15 @@ impl<'a> Cache<'a> {
     /// notices one level.
     #[cfg(test)]
     pub(crate) fn shift_value_code(&mut self, h: usize, slot: usize, c: usize, delta: i32) -> bool {
-        let (Precision::Quant(q), l) = self.stream_cfg(Stream::Values) else { return false };
+        self.shift_row_code(Stream::Values, h, slot, c, delta)
+    }
+
+    /// [`Self::shift_value_code`] for either stream's per-token rows.
+    #[cfg(test)]
+    fn shift_row_code(&mut self, s: Stream, h: usize, slot: usize, c: usize, delta: i32) -> bool {
+        let (Precision::Quant(q), l) = self.stream_cfg(s) else { return false };
         let codes = &mut self.arena[l.codes.offset..l.codes.end()];
-        let w = &mut codes[(h * l.ring + slot) * l.row_words..][..l.row_words];
-        let code = i32::from(pack::get(w, q.width, c).unwrap()) + delta;
-        if !(0..q.width.levels() as i32).contains(&code) {
-            return false;
-        }
-        pack::pack(&[code as u8], q.width, w, c).unwrap();
-        true
+        shift_code(&mut codes[(h * l.ring + slot) * l.row_words..][..l.row_words], q.width, c, delta)
     }
 
     /// Read-only views of one stream.

@@ -815,60 +815,28 @@ fn group_block<const B: i32, const M: usize>(run: &GroupRun<'_>, out: &mut Score
         let mut j = 0;
         while j < ng {
             let (o0, fast0) = at(j);
-            if fast0 && j + 3 < ng && at(j + 3).1 {
-                let o: [usize; 4] = core::array::from_fn(|k| at(j + k).0);
-                // SAFETY: the four groups' reads lie in the codes (checked by `at`: the last group's reads
-                // end furthest), their tables are entries j d..(j + 4) d of `tables` (checked above), and
+            // Four groups a pass where their reads are whole (each offset query load serves four), else
+            // two, else one; a group at the arena's end takes the checked reads.
+            let n = match () {
+                _ if fast0 && j + 3 < ng && at(j + 3).1 => 4,
+                _ if fast0 && j + 1 < ng && at(j + 1).1 => 2,
+                _ => 1,
+            };
+            let offs: [usize; 4] = core::array::from_fn(|k| if k < n { at(j + k).0 } else { o0 });
+            let sums: [[__m512; M]; 4] = if fast0 {
+                // SAFETY: the `n` groups' reads lie in the codes (checked by `at`: the last group's reads
+                // end furthest), their tables are entries j d..(j + n) d of `tables` (checked above), and
                 // `oq` holds M d runs of 16 (resliced).
-                let sums = unsafe {
-                    channel_sums::<B, M, 4>(
-                        o.map(|o| bytes.as_ptr().add(o)),
-                        rw4,
-                        core::array::from_fn(|k| run.tables[(j + k) * d..].as_ptr().cast()),
-                        oq.as_ptr(),
-                        d,
-                        [bias; 4],
-                    )
-                };
-                for (k, s) in sums.iter().enumerate() {
-                    let (_, _, col) = run.groups[j + k];
-                    for (m, am) in s.iter().enumerate() {
-                        let o = &mut out.data[(qb + m) * out.stride + out.pos + col + t0..][..16];
-                        // SAFETY: `o` holds 16 floats; an unaligned store.
-                        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *am) };
+                unsafe {
+                    match n {
+                        4 => group_sums::<B, M, 4>(run, bytes, offs, j, oq, bias),
+                        2 => {
+                            let [a, b] = group_sums::<B, M, 2>(run, bytes, [offs[0], offs[1]], j, oq, bias);
+                            [a, b, a, b]
+                        }
+                        _ => [group_sums::<B, M, 1>(run, bytes, [o0], j, oq, bias)[0]; 4],
                     }
                 }
-                j += 4;
-                continue;
-            }
-            let two = j + 1 < ng && at(j + 1).1;
-            let sums: [[__m512; M]; 2] = if fast0 && two {
-                let o1 = at(j + 1).0;
-                // SAFETY: both groups' reads lie in the codes (checked by `at`), their tables are entries
-                // j d..(j + 2) d of `tables` (checked above), and `oq` holds M d runs of 16 (resliced).
-                unsafe {
-                    channel_sums::<B, M, 2>(
-                        [bytes.as_ptr().add(o0), bytes.as_ptr().add(o1)],
-                        rw4,
-                        [run.tables[j * d..].as_ptr().cast(), run.tables[(j + 1) * d..].as_ptr().cast()],
-                        oq.as_ptr(),
-                        d,
-                        [bias; 2],
-                    )
-                }
-            } else if fast0 {
-                // SAFETY: as above, for group j alone.
-                let [s] = unsafe {
-                    channel_sums::<B, M, 1>(
-                        [bytes.as_ptr().add(o0)],
-                        rw4,
-                        [run.tables[j * d..].as_ptr().cast()],
-                        oq.as_ptr(),
-                        d,
-                        [bias],
-                    )
-                };
-                [s, s]
             } else {
                 let mut a = bias;
                 for (c, table) in run.tables[j * d..][..d].iter().enumerate() {
@@ -878,9 +846,8 @@ fn group_block<const B: i32, const M: usize>(run: &GroupRun<'_>, out: &mut Score
                         *am = _mm512_fmadd_ps(ld16(&oq[(m * d + c) * 16..]), v, *am);
                     }
                 }
-                [a, a]
+                [a; 4]
             };
-            let n = if fast0 && two { 2 } else { 1 };
             for (k, s) in sums.iter().enumerate().take(n) {
                 let (_, _, col) = run.groups[j + k];
                 for (m, am) in s.iter().enumerate() {
@@ -891,6 +858,36 @@ fn group_block<const B: i32, const M: usize>(run: &GroupRun<'_>, out: &mut Score
             }
             j += n;
         }
+    }
+}
+
+/// [`channel_sums`] of `NG` key groups from `j` (their first code bytes at `offs` in `bytes`, their tables
+/// `run.tables[(j + k) d..]`), 16 tokens against the offset queries `oq`, from `bias`.
+///
+/// # Safety
+/// As [`channel_sums`]: each group's `d` channel reads (8 bytes at `offs[k] + c * row_words * 4`) lie in
+/// `bytes`, its tables in `run.tables`, and `oq` holds `M d` runs of 16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn group_sums<const B: i32, const M: usize, const NG: usize>(
+    run: &GroupRun<'_>,
+    bytes: &[u8],
+    offs: [usize; NG],
+    j: usize,
+    oq: &[f32],
+    bias: [__m512; M],
+) -> [[__m512; M]; NG] {
+    let d = run.d;
+    // SAFETY: the caller's contract.
+    unsafe {
+        channel_sums::<B, M, NG>(
+            offs.map(|o| bytes.as_ptr().add(o)),
+            run.row_words * 4,
+            core::array::from_fn(|k| run.tables[(j + k) * d..].as_ptr().cast()),
+            oq.as_ptr(),
+            d,
+            [bias; NG],
+        )
     }
 }
 
@@ -1679,10 +1676,7 @@ pub(crate) fn token_keys_q8(
     const T: usize = crate::attention::generic::Q8_TOKEN_BLOCK;
     let (d, groups, nq) = (kq.d, kq.groups, kq.bias.len());
     let row_bytes = row_words * 4;
-    let (plen, ring) = match params {
-        BlockParams::F16 { scale, zero, ring } => (scale.len().min(zero.len()), ring),
-        BlockParams::Fp8 { scale, zero, ring } => (scale.len().min(zero.len()), ring),
-    };
+    let (plen, ring) = params.extent();
     assert!(
         d.is_multiple_of(64)
             && row_bytes * 4 == d
