@@ -2510,3 +2510,196 @@ impl TokenRows<'_> {
         }
     }
 }
+
+/// The AVX2 kernel of [`super::generic::token_key_scores_q8`] (SKVQ's keys on the int8 path), equal bit for
+/// bit to its portable twin [`super::generic::TokenQueriesQ8::scores`]: scores of a block of
+/// [`super::generic::Q8_TOKEN_BLOCK`] (16) rows of 2-bit codes at `codes` (`row_words` apart) for the
+/// block's queries, written at `out`'s rows `q0..` and columns `t0..t0 + 16`.
+///
+/// Tokens go across lanes, a token per dword in two halves of 8. For every 16 bytes of the 8 rows of a
+/// half, two rounds of byte and word unpacking transpose them (a vector per 4 byte positions, the 4 rows of
+/// each lane in a dword), the four 2-bit planes are split off, and two more rounds give a vector per quad
+/// (4 channels) whose dword `t` holds row `t`'s four codes, a byte each. Per query and quad, `vpmaddubsw`
+/// with the query's four bytes broadcast adds pairs into 16 bits (at most `2 * 3 * 127 = 762` a quad, so
+/// 32 quads stay under `i16::MAX`), and every 32 quads `vpmaddwd` by ones widens them into the group's
+/// exact 32-bit sums. A quad two groups share counts in each, the other group's query bytes zero.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn token_keys_q8(
+    kq: &super::generic::TokenQueriesQ8<'_>,
+    codes: &[u32],
+    row_words: usize,
+    params: super::generic::BlockParams<'_>,
+    out: &mut Scores<'_>,
+    q0: usize,
+    t0: usize,
+) {
+    match kq.bias.len() {
+        1 => keys_q8_m::<1>(kq, codes, row_words, params, out, q0, t0),
+        2 => keys_q8_m::<2>(kq, codes, row_words, params, out, q0, t0),
+        3 => keys_q8_m::<3>(kq, codes, row_words, params, out, q0, t0),
+        _ => keys_q8_m::<4>(kq, codes, row_words, params, out, q0, t0),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn keys_q8_m<const M: usize>(
+    kq: &super::generic::TokenQueriesQ8<'_>,
+    codes: &[u32],
+    row_words: usize,
+    params: super::generic::BlockParams<'_>,
+    out: &mut Scores<'_>,
+    q0: usize,
+    t0: usize,
+) {
+    use super::generic::BlockParams;
+    const T: usize = super::generic::Q8_TOKEN_BLOCK;
+    let (d, groups) = (kq.d, kq.groups);
+    let row_bytes = row_words * 4;
+    let (plen, ring) = params.extent();
+    assert!(
+        d.is_multiple_of(64)
+            && d <= 256
+            && row_bytes * 4 == d
+            && codes.len() >= T * row_words
+            && kq.bias.len() == M
+            && kq.q8.len() >= M * kq.stride
+            && kq.at.len() >= groups
+            && kq.delta.len() >= M * groups
+            && kq.qsum.len() >= M * groups
+            && kq.span.len() >= groups
+            && kq.span[..groups]
+                .iter()
+                .zip(kq.at)
+                .all(|(&(a, b), &at)| a <= b && b <= d / 4 && at + 4 * (b - a) <= kq.stride)
+            && groups > 0
+            && plen >= (groups - 1) * ring + T
+            && out.data.len() >= (q0 + M - 1) * out.stride + out.pos + t0 + T,
+        "key block shorter than its layout"
+    );
+    let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
+    // The quads of the 16 bytes a row at `16 * chunk`, made when a group's span first reaches them (spans
+    // go up with the groups, so each chunk is made once).
+    let mut chunk = 0;
+    let mut quads = chunk_quads(bytes, row_bytes, chunk);
+    let fp8 = crate::quant::param::fp8_e4m3_table();
+    let ones = _mm256_set1_epi16(1);
+    let mut score: [[__m256; 2]; M] = core::array::from_fn(|m| [_mm256_set1_ps(kq.bias[m]); 2]);
+    for g in 0..groups {
+        let (a, b) = kq.span[g];
+        let mut acc = [[_mm256_setzero_si256(); 2]; M];
+        for c0 in (a..b).step_by(32) {
+            let mut w16 = [[_mm256_setzero_si256(); 2]; M];
+            for c in c0..b.min(c0 + 32) {
+                if c / 16 != chunk {
+                    chunk = c / 16;
+                    quads = chunk_quads(bytes, row_bytes, chunk);
+                }
+                let v = [quads[0][c % 16], quads[1][c % 16]];
+                for (m, wm) in w16.iter_mut().enumerate() {
+                    let q = &kq.q8[m * kq.stride + kq.at[g] + 4 * (c - a)..][..4];
+                    let w = _mm256_set1_epi32(i32::from_le_bytes([
+                        q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8,
+                    ]));
+                    wm[0] = _mm256_add_epi16(wm[0], _mm256_maddubs_epi16(v[0], w));
+                    wm[1] = _mm256_add_epi16(wm[1], _mm256_maddubs_epi16(v[1], w));
+                }
+            }
+            for (am, wm) in acc.iter_mut().zip(&w16) {
+                am[0] = _mm256_add_epi32(am[0], _mm256_madd_epi16(wm[0], ones));
+                am[1] = _mm256_add_epi32(am[1], _mm256_madd_epi16(wm[1], ones));
+            }
+        }
+        // SAFETY: the group's 16 parameters from entry g ring lie in the slices (checked above); unaligned
+        // reads; every gathered index is a byte, under the FP8 table's 256 entries.
+        let (s, z) = unsafe {
+            match params {
+                BlockParams::F16 { scale, zero, .. } => {
+                    let (sp, zp) = (scale.as_ptr().add(g * ring), zero.as_ptr().add(g * ring));
+                    (
+                        [
+                            _mm256_cvtph_ps(_mm_loadu_si128(sp.cast())),
+                            _mm256_cvtph_ps(_mm_loadu_si128(sp.add(8).cast())),
+                        ],
+                        [
+                            _mm256_cvtph_ps(_mm_loadu_si128(zp.cast())),
+                            _mm256_cvtph_ps(_mm_loadu_si128(zp.add(8).cast())),
+                        ],
+                    )
+                }
+                BlockParams::Fp8 { scale, zero, .. } => {
+                    let get = |p: *const u8| {
+                        let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+                        _mm256_i32gather_ps::<4>(fp8.as_ptr(), i)
+                    };
+                    let (sp, zp) = (scale.as_ptr().add(g * ring), zero.as_ptr().add(g * ring));
+                    ([get(sp), get(sp.add(8))], [get(zp), get(zp.add(8))])
+                }
+            }
+        };
+        for (m, sc) in score.iter_mut().enumerate() {
+            let (dl, qs) =
+                (_mm256_set1_ps(kq.delta[m * groups + g]), _mm256_set1_ps(kq.qsum[m * groups + g]));
+            for h in 0..2 {
+                let x = _mm256_mul_ps(_mm256_mul_ps(s[h], dl), _mm256_cvtepi32_ps(acc[m][h]));
+                sc[h] = _mm256_add_ps(sc[h], x);
+                sc[h] = _mm256_add_ps(sc[h], _mm256_mul_ps(z[h], qs));
+            }
+        }
+    }
+    for (m, sc) in score.iter().enumerate() {
+        let at = (q0 + m) * out.stride + out.pos + t0;
+        st(&mut out.data[at..][..8], sc[0]);
+        st(&mut out.data[at + 8..][..8], sc[1]);
+    }
+}
+
+/// [`token_keys_q8`]'s codes of quads `16 * chunk..16 * chunk + 16` of 16 rows (`row_bytes` apart in
+/// `bytes`): entry `[h][c]` holds in dword `t` the four codes of quad `16 * chunk + c` of row `8 h + t`,
+/// a byte each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn chunk_quads(bytes: &[u8], row_bytes: usize, chunk: usize) -> [[__m256i; 16]; 2] {
+    assert!(
+        16 * chunk + 16 <= row_bytes && bytes.len() >= 16 * row_bytes,
+        "key block shorter than its layout"
+    );
+    let three = _mm256_set1_epi8(3);
+    let mut quads = [[_mm256_setzero_si256(); 16]; 2];
+    for (h, half) in quads.iter_mut().enumerate() {
+        let pair = |r: usize| {
+            let at = |r: usize| (8 * h + r) * row_bytes + 16 * chunk;
+            // SAFETY: rows 8 h + r and + 4 (< 16) hold `row_bytes` bytes from `at(r)` - 16 chunk, and
+            // 16 chunk + 16 <= row_bytes (checked above); unaligned reads.
+            unsafe {
+                let lo = _mm_loadu_si128(bytes.as_ptr().add(at(r)).cast());
+                let hi = _mm_loadu_si128(bytes.as_ptr().add(at(r + 4)).cast());
+                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+            }
+        };
+        // Rows 0-3 in the low lane, 4-7 in the high one: bytes of two rows interleaved, then of four, so
+        // that dword j of `bytes4[k]` holds byte 4 k + j of the lane's four rows.
+        let (a, b, c, e) = (pair(0), pair(1), pair(2), pair(3));
+        let (s0, s1) = (_mm256_unpacklo_epi8(a, b), _mm256_unpackhi_epi8(a, b));
+        let (s2, s3) = (_mm256_unpacklo_epi8(c, e), _mm256_unpackhi_epi8(c, e));
+        let bytes4 = [
+            _mm256_unpacklo_epi16(s0, s2),
+            _mm256_unpackhi_epi16(s0, s2),
+            _mm256_unpacklo_epi16(s1, s3),
+            _mm256_unpackhi_epi16(s1, s3),
+        ];
+        // Each byte's four codes as planes, interleaved back so that a dword holds one row's quad.
+        for (k, &x) in bytes4.iter().enumerate() {
+            let p0 = _mm256_and_si256(x, three);
+            let p1 = _mm256_and_si256(_mm256_srli_epi16::<2>(x), three);
+            let p2 = _mm256_and_si256(_mm256_srli_epi16::<4>(x), three);
+            let p3 = _mm256_and_si256(_mm256_srli_epi16::<6>(x), three);
+            let (l01, h01) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+            let (l23, h23) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+            half[4 * k] = _mm256_unpacklo_epi16(l01, l23);
+            half[4 * k + 1] = _mm256_unpackhi_epi16(l01, l23);
+            half[4 * k + 2] = _mm256_unpacklo_epi16(h01, h23);
+            half[4 * k + 3] = _mm256_unpackhi_epi16(h01, h23);
+        }
+    }
+    quads
+}

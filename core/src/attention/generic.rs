@@ -1424,13 +1424,16 @@ struct PadParams {
     z8: [u8; 8 * Q8_TOKEN_BLOCK],
 }
 
-/// A block of queries as the int8 per-token key kernels read them: per query `m` and channel group `g`
-/// (stored order), the query rounded to integers of at most 127 on its own step `delta[m][g]` and zero
-/// outside the group (`q8[(m * groups + g) * d..]`), the exact sum of its elements in the group
-/// (`qsum[m][g]`), and its centring `bias[m]`; `span[g]` the quads (4 channels) the group touches.
+/// A block of queries as the int8 per-token key kernels read them: `span[g]` the quads (4 channels) that
+/// channel group `g` (stored order) touches; per query `m` and group `g`, the query rounded to integers of
+/// at most 127 on its own step `delta[m][g]` over the group's quads, zero on the channels of a shared quad
+/// outside the group (`q8[m * stride + at[g]..]`, 4 bytes a quad from quad `span[g].0`), the exact sum of
+/// its elements in the group (`qsum[m][g]`), and its centring `bias[m]`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) struct TokenQueriesQ8<'a> {
     pub(crate) q8: &'a [i8],
+    pub(crate) at: &'a [usize],
+    pub(crate) stride: usize,
     pub(crate) delta: &'a [f32],
     pub(crate) qsum: &'a [f32],
     pub(crate) bias: &'a [f32],
@@ -1463,8 +1466,10 @@ impl TokenQueriesQ8<'_> {
             for m in 0..nq {
                 let mut acc = self.bias[m];
                 for g in 0..groups {
-                    let q8 = &self.q8[(m * groups + g) * d..][..d];
-                    let int: i32 = q8.iter().zip(&row[..d]).map(|(&q, &c)| i32::from(q) * i32::from(c)).sum();
+                    let (a, b) = self.span[g];
+                    let q8 = &self.q8[m * self.stride + self.at[g]..][..4 * (b - a)];
+                    let int: i32 =
+                        q8.iter().zip(&row[4 * a..4 * b]).map(|(&q, &c)| i32::from(q) * i32::from(c)).sum();
                     let (s, z) = (scale[g * Q8_TOKEN_BLOCK + t], zero[g * Q8_TOKEN_BLOCK + t]);
                     acc += (s * self.delta[m * groups + g]) * int as f32;
                     acc += z * self.qsum[m * groups + g];
@@ -1475,10 +1480,19 @@ impl TokenQueriesQ8<'_> {
     }
 }
 
+/// The kernel set [`token_key_scores_q8`] runs: the AVX-512 or the AVX2 block kernel, or the portable twin.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Q8Keys {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
 /// Decode's scores of body tokens at ring slots `start..start + n` of a per-token key body of 2-bit codes
-/// ([`q8_token_keys`]; SKVQ's keys) on the int8 path, with the AVX-512 kernel where `avx512` (blocks of
-/// [`Q8_TOKEN_BLOCK`] tokens reading their parameters in place, a last partial one zero-padded), else by
-/// [`TokenQueriesQ8::scores`], the same bits.
+/// ([`q8_token_keys`]; SKVQ's keys) on the int8 path, with the AVX-512 or AVX2 block kernel as `kernels`
+/// says (blocks of [`Q8_TOKEN_BLOCK`] tokens reading their parameters in place, a last partial one
+/// zero-padded), else by [`TokenQueriesQ8::scores`], the same bits.
 ///
 /// Per query, in the stored basis and order (transformed and permuted as [`token_key_scores_lookup`]
 /// forms it), each channel group's elements are rounded to integers of at most 127 on the group's step
@@ -1498,7 +1512,7 @@ pub(crate) fn token_key_scores_q8(
     n: usize,
     queries: &Queries<'_>,
     out: &mut Scores<'_>,
-    avx512: bool,
+    kernels: Q8Keys,
 ) {
     const M: usize = Q8_TOKEN_QUERIES;
     const T: usize = Q8_TOKEN_BLOCK;
@@ -1507,11 +1521,14 @@ pub(crate) fn token_key_scores_q8(
     let groups = d / q.group;
     let (perm, bounds) = sv.tables.order(h, d, groups);
     let lo = |g: usize| group_start(q, bounds, g);
-    let mut span = [(0usize, 0usize); 8];
-    for (g, sp) in span[..groups].iter_mut().enumerate() {
-        *sp = (lo(g) / 4, lo(g + 1).div_ceil(4));
+    let (mut span, mut at, mut stride) = ([(0usize, 0usize); 8], [0usize; 8], 0);
+    for g in 0..groups {
+        span[g] = (lo(g) / 4, lo(g + 1).div_ceil(4));
+        at[g] = stride;
+        stride += 4 * (span[g].1 - span[g].0);
     }
-    let mut q8 = [0i8; M * 8 * 256];
+    // Each group's quads, at most one shared with each neighbour: d + 4 * 7 bytes a query.
+    let mut q8 = [0i8; M * (256 + 28)];
     let (mut delta, mut qsum, mut bias) = ([0f32; M * 8], [0f32; M * 8], [0f32; M]);
     let mut row = [0f32; 256];
     let mut qs = [0f32; M * 256];
@@ -1525,10 +1542,10 @@ pub(crate) fn token_key_scores_q8(
                 let (a, b) = (lo(g), lo(g + 1));
                 let part = &dst[a..b];
                 let top = part.iter().fold(0f32, |x, &y| x.max(y.abs()));
-                let q8g = &mut q8[(j * groups + g) * d..][..d];
+                let q8g = &mut q8[j * stride + at[g]..][..4 * (span[g].1 - span[g].0)];
                 q8g.fill(0);
                 let inv = if top > 0.0 { 127.0 / top } else { 0.0 };
-                for (o, &x) in q8g[a..b].iter_mut().zip(part) {
+                for (o, &x) in q8g[a - 4 * span[g].0..].iter_mut().zip(part) {
                     *o = libm::rintf(x * inv) as i8;
                 }
                 delta[j * groups + g] = top / 127.0;
@@ -1536,7 +1553,9 @@ pub(crate) fn token_key_scores_q8(
             }
         }
         let kq = TokenQueriesQ8 {
-            q8: &q8[..m * groups * d],
+            q8: &q8[..m * stride],
+            at: &at[..groups],
+            stride,
             delta: &delta[..m * groups],
             qsum: &qsum[..m * groups],
             bias: &bias[..m],
@@ -1548,11 +1567,9 @@ pub(crate) fn token_key_scores_q8(
             let nt = T.min(n - t0);
             let codes = &sv.codes[(h * l.ring + start + t0) * l.row_words..][..nt * l.row_words];
             let params = BlockParams::of(sv, q.params, h * l.row_groups * l.ring + start + t0, l.ring);
-            if avx512 && nt == T {
-                // SAFETY: `avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU
-                // has AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
-                unsafe { super::avx2::avx512::token_keys_q8(&kq, codes, l.row_words, params, out, q0, t0) };
-            } else if avx512 {
+            if kernels != Q8Keys::Portable && nt == T {
+                q8_key_block(kernels, &kq, codes, l.row_words, params, out, q0, t0);
+            } else if kernels != Q8Keys::Portable {
                 // A last partial block, copied into a whole one with zeros after its rows (each row's
                 // scores are its own lanes'; the padding's are dropped): the portable twin took a block's
                 // time per row, a tenth of `skvq2`'s step at 1k tokens.
@@ -1561,13 +1578,12 @@ pub(crate) fn token_key_scores_q8(
                 rows[..nt * rw].copy_from_slice(codes);
                 let mut pad = PadParams { s16: [0; 8 * T], z16: [0; 8 * T], s8: [0; 8 * T], z8: [0; 8 * T] };
                 let params = params.padded(nt, groups, &mut pad);
-                let mut block = [0f32; Q8_TOKEN_QUERIES * T];
-                let mut o = Scores { data: &mut block, stride: T, pos: 0 };
-                // SAFETY: as above.
-                unsafe { super::avx2::avx512::token_keys_q8(&kq, &rows, rw, params, &mut o, 0, 0) };
+                let mut scores = [0f32; Q8_TOKEN_QUERIES * T];
+                let mut o = Scores { data: &mut scores, stride: T, pos: 0 };
+                q8_key_block(kernels, &kq, &rows, rw, params, &mut o, 0, 0);
                 for j in 0..m {
                     for tt in 0..nt {
-                        *out.at(q0 + j, t0 + tt) = block[j * T + tt];
+                        *out.at(q0 + j, t0 + tt) = scores[j * T + tt];
                     }
                 }
             } else {
@@ -1590,6 +1606,32 @@ pub(crate) fn token_key_scores_q8(
                 }
             }
         }
+    }
+}
+
+/// A whole block of [`token_key_scores_q8`] with the AVX-512 or AVX2 kernel, as `kernels` says (not
+/// `Portable`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments, unsafe_code)]
+fn q8_key_block(
+    kernels: Q8Keys,
+    kq: &TokenQueriesQ8<'_>,
+    codes: &[u32],
+    row_words: usize,
+    params: BlockParams<'_>,
+    out: &mut Scores<'_>,
+    q0: usize,
+    t0: usize,
+) {
+    if kernels == Q8Keys::Avx512 {
+        // SAFETY: `Avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
+        // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+        unsafe { super::avx2::avx512::token_keys_q8(kq, codes, row_words, params, out, q0, t0) }
+    } else {
+        debug_assert_eq!(kernels, Q8Keys::Avx2);
+        // SAFETY: `Avx2` comes from a `Kernel` with AVX2 set, which exists only where the CPU has AVX2,
+        // FMA and F16C (`Kernel::avx2`).
+        unsafe { super::avx2::token_keys_q8(kq, codes, row_words, params, out, q0, t0) }
     }
 }
 

@@ -1012,13 +1012,14 @@ fn key_scores(
                 }
                 #[cfg(target_arch = "x86_64")]
                 Axis::PerToken
-                    if kernel.int8
-                        && (kernel.avx512 || !vector)
-                        && q.nq < generic::DEQUANT_QUERIES
-                        && generic::q8_token_keys(spec, d) =>
+                    if kernel.int8 && q.nq < generic::DEQUANT_QUERIES && generic::q8_token_keys(spec, d) =>
                 {
-                    let avx512 = kernel.avx512 && vector;
-                    generic::token_key_scores_q8(cache, sv, spec, h, seg.start, seg.len, q, &mut out, avx512)
+                    let kernels = match (vector, kernel.avx512) {
+                        (false, _) => generic::Q8Keys::Portable,
+                        (true, false) => generic::Q8Keys::Avx2,
+                        (true, true) => generic::Q8Keys::Avx512,
+                    };
+                    generic::token_key_scores_q8(cache, sv, spec, h, seg.start, seg.len, q, &mut out, kernels)
                 }
                 Axis::PerToken => {
                     generic::token_key_scores(cache, sv, spec, h, seg.start, seg.len, q, &mut out, vector)

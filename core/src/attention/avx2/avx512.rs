@@ -1682,11 +1682,15 @@ pub(crate) fn token_keys_q8(
             && row_bytes * 4 == d
             && codes.len() >= T * row_words
             && (1..=4).contains(&nq)
-            && kq.q8.len() >= nq * groups * d
+            && kq.q8.len() >= nq * kq.stride
+            && kq.at.len() >= groups
             && kq.delta.len() >= nq * groups
             && kq.qsum.len() >= nq * groups
             && kq.span.len() >= groups
-            && kq.span[..groups].iter().all(|&(a, b)| a <= b && b <= d / 4)
+            && kq.span[..groups]
+                .iter()
+                .zip(kq.at)
+                .all(|(&(a, b), &at)| a <= b && b <= d / 4 && at + 4 * (b - a) <= kq.stride)
             && groups > 0
             && plen >= (groups - 1) * ring + T
             && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + T,
@@ -1739,7 +1743,7 @@ pub(crate) fn token_keys_q8(
             let pairs = _mm512_mask_blend_epi64(0xcc, lo, hi);
             let x = _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, pairs), three);
             for (m, am) in acc.iter_mut().enumerate().take(nq) {
-                let q = &kq.q8[(m * groups + g) * d + 4 * c..][..4];
+                let q = &kq.q8[m * kq.stride + kq.at[g] + 4 * (c - a)..][..4];
                 let w = i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
                 *am = _mm512_dpbusd_epi32(*am, x, _mm512_set1_epi32(w));
             }
