@@ -645,6 +645,48 @@ fn exp_chunk(c: &[f32]) -> [f32; 8] {
     a
 }
 
+/// The AVX2 key kernel's FP8 decoding without a table gives the table's bits for every byte (NaN included).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn fp8_bytes_decode_without_a_table_as_with_it() {
+    let Some(_) = Kernel::avx2() else {
+        std::println!("skipped: this CPU has no AVX2/FMA/F16C");
+        return;
+    };
+    let table = crate::quant::param::fp8_e4m3_table();
+    for b0 in (0..256).step_by(8) {
+        let bytes: [u8; 8] = core::array::from_fn(|i| (b0 + i) as u8);
+        // SAFETY: the AVX2 kernel exists, so the CPU has the features.
+        #[allow(unsafe_code)]
+        let got = unsafe { fp8_chunk(&bytes) };
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(g.to_bits(), table[b0 + i].to_bits(), "byte {:#04x}", b0 + i);
+        }
+    }
+    // As f16 bits, every byte, with a tail of 5 through the table.
+    let all: Vec<u8> = (0..=255u8).chain(250..=254).collect();
+    let mut f16 = vec![0u16; all.len()];
+    // SAFETY: as above.
+    #[allow(unsafe_code)]
+    unsafe {
+        avx2::fp8_to_f16(&all, &mut f16)
+    };
+    for (&b, &h) in all.iter().zip(&f16) {
+        assert_eq!(h, crate::quant::param::FP8_E4M3_F16[usize::from(b)], "byte {b:#04x}");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn fp8_chunk(bytes: &[u8; 8]) -> [f32; 8] {
+    use core::arch::x86_64::*;
+    let mut a = [0.0f32; 8];
+    // SAFETY: `bytes` holds 8 bytes and `a` 8 f32; unaligned load and store.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), avx2::fp8_ps(_mm_loadl_epi64(bytes.as_ptr().cast()))) };
+    a
+}
+
 /// Head ranges: decoding and prefilling head groups separately, each into its own output, gives exactly
 /// the rows the whole call gives (threads may split a layer by heads); bad ranges are errors.
 #[test]
