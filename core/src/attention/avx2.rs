@@ -2511,35 +2511,43 @@ impl TokenRows<'_> {
 }
 
 /// The AVX2 kernel of [`super::generic::token_key_scores_q8`] (SKVQ's keys on the int8 path), equal bit for
-/// bit to its portable twin [`super::generic::TokenQueriesQ8::scores`]: scores of a block of
+/// bit to its portable twin [`super::generic::TokenQueriesQ8::scores`]: scores of `blocks` blocks of
 /// [`super::generic::Q8_TOKEN_BLOCK`] (16) rows of 2-bit codes at `codes` (`row_words` apart) for the
-/// block's queries, written at `out`'s rows `q0..` and columns `t0..t0 + 16`.
+/// queries of `kq`, written at `out`'s rows `q0..` and columns `0..16 * blocks`.
 ///
 /// Tokens go across lanes, a token per dword in two halves of 8. For every 16 bytes of the 8 rows of a
 /// half, two rounds of byte and word unpacking transpose them (a vector per 4 byte positions, the 4 rows of
 /// each lane in a dword), the four 2-bit planes are split off, and two more rounds give a vector per quad
-/// (4 channels) whose dword `t` holds row `t`'s four codes, a byte each. Per query and quad, `vpmaddubsw`
-/// with the query's four bytes broadcast adds pairs into 16 bits (at most `2 * 3 * 127 = 762` a quad, so
-/// 32 quads stay under `i16::MAX`), and every 32 quads `vpmaddwd` by ones widens them into the group's
-/// exact 32-bit sums. A quad two groups share counts in each, the other group's query bytes zero.
+/// (4 channels) whose dword `t` holds row `t`'s four codes, a byte each ([`chunk_quads`]). Per query and
+/// quad, `vpmaddubsw` with the query's four bytes broadcast adds pairs into 16 bits (at most
+/// `2 * 3 * 127 = 762` a quad, so 32 quads stay under `i16::MAX`), and every 32 quads `vpmaddwd` by ones
+/// widens them into the group's exact 32-bit sums. A quad two groups share counts in each, the other
+/// group's query bytes zero. FP8 parameters are decoded by [`fp8_ps`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn token_keys_q8(
     kq: &super::generic::TokenQueriesQ8<'_>,
     codes: &[u32],
     row_words: usize,
+    blocks: usize,
     params: super::generic::BlockParams<'_>,
     out: &mut Scores<'_>,
     q0: usize,
-    t0: usize,
 ) {
-    match kq.bias.len() {
-        1 => keys_q8_m::<1>(kq, codes, row_words, params, out, q0, t0),
-        2 => keys_q8_m::<2>(kq, codes, row_words, params, out, q0, t0),
-        3 => keys_q8_m::<3>(kq, codes, row_words, params, out, q0, t0),
-        _ => keys_q8_m::<4>(kq, codes, row_words, params, out, q0, t0),
+    let mut quads = [[_mm256_setzero_si256(); 16]; 2];
+    for b in 0..blocks {
+        let (codes, params) = (&codes[b * 16 * row_words..], params.advanced(b * 16));
+        let q = &mut quads;
+        match kq.bias.len() {
+            1 => keys_q8_m::<1>(kq, codes, row_words, params, out, q0, 16 * b, q),
+            2 => keys_q8_m::<2>(kq, codes, row_words, params, out, q0, 16 * b, q),
+            3 => keys_q8_m::<3>(kq, codes, row_words, params, out, q0, 16 * b, q),
+            _ => keys_q8_m::<4>(kq, codes, row_words, params, out, q0, 16 * b, q),
+        }
     }
 }
 
+/// One block of [`token_keys_q8`] for `M` queries, at column `t0`; `quads` the scratch of [`chunk_quads`].
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn keys_q8_m<const M: usize>(
     kq: &super::generic::TokenQueriesQ8<'_>,
@@ -2549,6 +2557,7 @@ fn keys_q8_m<const M: usize>(
     out: &mut Scores<'_>,
     q0: usize,
     t0: usize,
+    quads: &mut [[__m256i; 16]; 2],
 ) {
     use super::generic::BlockParams;
     const T: usize = super::generic::Q8_TOKEN_BLOCK;
@@ -2578,8 +2587,7 @@ fn keys_q8_m<const M: usize>(
     let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
     // The quads of the 16 bytes a row at `16 * chunk`, made when a group's span first reaches them (spans
     // go up with the groups, so each chunk is made once).
-    let mut chunk = 0;
-    let mut quads = chunk_quads(bytes, row_bytes, chunk);
+    let mut chunk = usize::MAX;
     let ones = _mm256_set1_epi16(1);
     let mut score: [[__m256; 2]; M] = core::array::from_fn(|m| [_mm256_set1_ps(kq.bias[m]); 2]);
     for g in 0..groups {
@@ -2590,7 +2598,7 @@ fn keys_q8_m<const M: usize>(
             for c in c0..b.min(c0 + 32) {
                 if c / 16 != chunk {
                     chunk = c / 16;
-                    quads = chunk_quads(bytes, row_bytes, chunk);
+                    chunk_quads(bytes, row_bytes, chunk, quads);
                 }
                 let v = [quads[0][c % 16], quads[1][c % 16]];
                 for (m, wm) in w16.iter_mut().enumerate() {
@@ -2649,17 +2657,16 @@ fn keys_q8_m<const M: usize>(
 }
 
 /// [`token_keys_q8`]'s codes of quads `16 * chunk..16 * chunk + 16` of 16 rows (`row_bytes` apart in
-/// `bytes`): entry `[h][c]` holds in dword `t` the four codes of quad `16 * chunk + c` of row `8 h + t`,
-/// a byte each.
+/// `bytes`) into `quads`: entry `[h][c]` holds in dword `t` the four codes of quad `16 * chunk + c` of
+/// row `8 h + t`, a byte each.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn chunk_quads(bytes: &[u8], row_bytes: usize, chunk: usize) -> [[__m256i; 16]; 2] {
+fn chunk_quads(bytes: &[u8], row_bytes: usize, chunk: usize, quads: &mut [[__m256i; 16]; 2]) {
     assert!(
         16 * chunk + 16 <= row_bytes && bytes.len() >= 16 * row_bytes,
         "key block shorter than its layout"
     );
     let three = _mm256_set1_epi8(3);
-    let mut quads = [[_mm256_setzero_si256(); 16]; 2];
     for (h, half) in quads.iter_mut().enumerate() {
         let pair = |r: usize| {
             let at = |r: usize| (8 * h + r) * row_bytes + 16 * chunk;
@@ -2696,7 +2703,6 @@ fn chunk_quads(bytes: &[u8], row_bytes: usize, chunk: usize) -> [[__m256i; 16]; 
             half[4 * k + 3] = _mm256_unpackhi_epi16(h01, h23);
         }
     }
-    quads
 }
 
 /// The values of the 8 E4M3 bytes in the low half of `x`, as [`crate::quant::param::ParamFormat::decode`]

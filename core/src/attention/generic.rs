@@ -1383,6 +1383,14 @@ impl<'a> BlockParams<'a> {
         }
     }
 
+    /// The parameters of the tokens `n` on from these (each group's slices advanced by `n`).
+    pub(crate) fn advanced(self, n: usize) -> Self {
+        match self {
+            Self::F16 { scale, zero, ring } => Self::F16 { scale: &scale[n..], zero: &zero[n..], ring },
+            Self::Fp8 { scale, zero, ring } => Self::Fp8 { scale: &scale[n..], zero: &zero[n..], ring },
+        }
+    }
+
     /// The entries its scale and zero slices both hold, and the distance between groups.
     pub(crate) fn extent(&self) -> (usize, usize) {
         match *self {
@@ -1563,16 +1571,21 @@ pub(crate) fn token_key_scores_q8(
             d,
             groups,
         };
-        for t0 in (0..n).step_by(T) {
+        // Whole blocks in one call of a vector kernel; a last partial one, or every block of the twin, after.
+        let full = if kernels == Q8Keys::Portable { 0 } else { n / T * T };
+        if full > 0 {
+            let codes = &sv.codes[(h * l.ring + start) * l.row_words..][..full * l.row_words];
+            let params = BlockParams::of(sv, q.params, h * l.row_groups * l.ring + start, l.ring);
+            q8_key_blocks(kernels, &kq, codes, l.row_words, full / T, params, out, q0);
+        }
+        for t0 in (full..n).step_by(T) {
             let nt = T.min(n - t0);
             let codes = &sv.codes[(h * l.ring + start + t0) * l.row_words..][..nt * l.row_words];
-            let params = BlockParams::of(sv, q.params, h * l.row_groups * l.ring + start + t0, l.ring);
-            if kernels != Q8Keys::Portable && nt == T {
-                q8_key_block(kernels, &kq, codes, l.row_words, params, out, q0, t0);
-            } else if kernels != Q8Keys::Portable {
+            if kernels != Q8Keys::Portable {
                 // A last partial block, copied into a whole one with zeros after its rows (each row's
                 // scores are its own lanes'; the padding's are dropped): the portable twin took a block's
                 // time per row, a tenth of `skvq2`'s step at 1k tokens.
+                let params = BlockParams::of(sv, q.params, h * l.row_groups * l.ring + start + t0, l.ring);
                 let rw = l.row_words;
                 let mut rows = [0u32; Q8_TOKEN_BLOCK * 16];
                 rows[..nt * rw].copy_from_slice(codes);
@@ -1580,7 +1593,7 @@ pub(crate) fn token_key_scores_q8(
                 let params = params.padded(nt, groups, &mut pad);
                 let mut scores = [0f32; Q8_TOKEN_QUERIES * T];
                 let mut o = Scores { data: &mut scores, stride: T, pos: 0 };
-                q8_key_block(kernels, &kq, &rows, rw, params, &mut o, 0, 0);
+                q8_key_blocks(kernels, &kq, &rows, rw, 1, params, &mut o, 0);
                 for j in 0..m {
                     for tt in 0..nt {
                         *out.at(q0 + j, t0 + tt) = scores[j * T + tt];
@@ -1596,12 +1609,12 @@ pub(crate) fn token_key_scores_q8(
                 let mut put = |j: usize, tt: usize, x: f32| *out.at(q0 + j, t0 + tt) = x;
                 kq.scores(codes, l.row_words, nt, &scale, &zero, &mut put);
             }
-            if q.outliers > 0 {
-                for tt in 0..nt {
-                    for (c, w) in token_outliers(sv, q, h, d, start + t0 + tt) {
-                        for j in 0..m {
-                            *out.at(q0 + j, t0 + tt) += qs[j * d + c] * w;
-                        }
+        }
+        if q.outliers > 0 {
+            for tt in 0..n {
+                for (c, w) in token_outliers(sv, q, h, d, start + tt) {
+                    for j in 0..m {
+                        *out.at(q0 + j, tt) += qs[j * d + c] * w;
                     }
                 }
             }
@@ -1609,29 +1622,43 @@ pub(crate) fn token_key_scores_q8(
     }
 }
 
-/// A whole block of [`token_key_scores_q8`] with the AVX-512 or AVX2 kernel, as `kernels` says (not
-/// `Portable`).
+/// `blocks` whole blocks of [`token_key_scores_q8`] (rows `codes`, parameters from `params`, scores to
+/// columns `0..16 * blocks` of `out`) with the AVX-512 or AVX2 kernel, as `kernels` says (not `Portable`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments, unsafe_code)]
-fn q8_key_block(
+fn q8_key_blocks(
     kernels: Q8Keys,
     kq: &TokenQueriesQ8<'_>,
     codes: &[u32],
     row_words: usize,
+    blocks: usize,
     params: BlockParams<'_>,
     out: &mut Scores<'_>,
     q0: usize,
-    t0: usize,
 ) {
+    const T: usize = Q8_TOKEN_BLOCK;
     if kernels == Q8Keys::Avx512 {
-        // SAFETY: `Avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
-        // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
-        unsafe { super::avx2::avx512::token_keys_q8(kq, codes, row_words, params, out, q0, t0) }
+        for b in 0..blocks {
+            let codes = &codes[b * T * row_words..];
+            // SAFETY: `Avx512` comes from a `Kernel` with AVX-512 set, which exists only where the CPU has
+            // AVX-512 F, BW, VL, VNNI and VBMI (`Kernel::avx512`).
+            unsafe {
+                super::avx2::avx512::token_keys_q8(
+                    kq,
+                    codes,
+                    row_words,
+                    params.advanced(b * T),
+                    out,
+                    q0,
+                    b * T,
+                )
+            }
+        }
     } else {
         debug_assert_eq!(kernels, Q8Keys::Avx2);
         // SAFETY: `Avx2` comes from a `Kernel` with AVX2 set, which exists only where the CPU has AVX2,
         // FMA and F16C (`Kernel::avx2`).
-        unsafe { super::avx2::token_keys_q8(kq, codes, row_words, params, out, q0, t0) }
+        unsafe { super::avx2::token_keys_q8(kq, codes, row_words, blocks, params, out, q0) }
     }
 }
 
