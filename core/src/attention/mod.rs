@@ -1439,7 +1439,7 @@ fn staged_params(stage: &mut [f32], n: usize) -> (&mut [u16], &mut [u16]) {
 }
 
 /// FP8 (E4M3) parameters to their f16 bits (exact, [`crate::quant::param::FP8_E4M3_F16`]): 32 at a time
-/// on the AVX-512 kernels, 8 at a time on AVX2 ones, else a table read each.
+/// on the AVX-512 kernels, 16 at a time on AVX2 ones, else a table read each.
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 fn fp8_f16(src: &[u8], dst: &mut [u16], kernel: Kernel) {
