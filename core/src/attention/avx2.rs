@@ -1800,8 +1800,9 @@ fn q8_token_values<const S: bool, const B: u32>(
             }
         }
         let rows = &b.codes[slot * b.row_words..][..T * b.row_words];
-        // 32 channels (one group or more) are `B` words of each row.
-        for c0 in (0..d).step_by(32) {
+        // 32 channels (one group or more) are `B` words of each row; only those the caller reads.
+        let (c_lo, c_hi) = b.reads.map_or((0, d), |(a, e)| (a / 32 * 32, e.div_ceil(32).min(d / 32) * 32));
+        for c0 in (c_lo..c_hi).step_by(32) {
             let word = c0 * B as usize / 32;
             let v = Q8Values { rows, row_words: b.row_words, word, group: c0 / g, nq, pairs, delta };
             if S {

@@ -240,6 +240,10 @@ pub(crate) struct TokenBody<'c> {
     /// A codebook's levels as integers, which the int8 kernels read each code as (AVX-512 and the
     /// portable twin; `None`: the code itself).
     pub(crate) levels: Option<&'c Q8Levels>,
+    /// The channels `a..b` of the sums its caller reads, where it reads only those (SKVQ's group passes,
+    /// [`grouped_token_values`]): the AVX2 int8 kernels then skip the 32-channel runs outside them, whose
+    /// sums are left unspecified. `None`: every channel.
+    pub(crate) reads: Option<(usize, usize)>,
 }
 
 /// Largest integer level of [`Q8Levels`]: with [`Q8_VALUE_MAX`], a product of at most 127 * 127 and a tile's
@@ -1269,6 +1273,7 @@ fn staged_token_values(
             width: spec.width,
             group: spec.group,
             levels,
+            reads: None,
         };
         let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
         token_values(&b, tile, &pt, d, out, work, vector, int8, kernel.avx512);
@@ -1332,11 +1337,12 @@ fn grouped_values(q: crate::cache::QuantSpec, d: usize) -> bool {
 
 /// The int8 value kernels over a per-token body whose channel groups are a calibrated permutation's, of
 /// any sizes (SKVQ's; [`grouped_values`]), on every kernel set: one group at a time, the kernels sum the
-/// whole rows with that group's scales and zero points (staged as f16 a tile of [`FP8_TILE`] tokens at a
-/// time, as [`staged_token_values`] stages them) into `nq * d` floats of the scratch, and the group's
-/// channels of those sums are added to `out` (stored order). So each output channel is the int8 path's
-/// sum over its own group's parameters, within the bound the int8 path derives for a group, at the cost
-/// of a pass per group. The generic f32 path reconstructs every row and adds each query's products:
+/// rows with that group's scales and zero points (staged as f16 [`GROUPED_TILE`] tokens at a time, as
+/// [`staged_token_values`] stages them) into `nq * d` floats of the scratch, and the group's channels of
+/// those sums are added to `out` (stored order). So each output channel is the int8 path's sum over its
+/// own group's parameters, within the bound the int8 path derives for a group, at the cost of a pass per
+/// group (the AVX2 kernels sum only the 32-channel runs the group touches, [`TokenBody::reads`]; an empty
+/// group takes none). The generic f32 path reconstructs every row and adds each query's products:
 /// with its keys on the int8 path too, that was two thirds of `skvq2`'s decode step (`perf`, 8k tokens,
 /// Zen 4). Outliers are added after, in f32.
 #[cfg(target_arch = "x86_64")]
@@ -1363,6 +1369,9 @@ fn grouped_token_values(
     let (scale, zero) = staged_params(params, GROUPED_TILE);
     for g in 0..groups {
         let (a, b) = (generic::group_start(spec, bounds, g), generic::group_start(spec, bounds, g + 1));
+        if a == b {
+            continue;
+        }
         sums.fill(0.0);
         for t0 in (0..seg.len).step_by(GROUPED_TILE) {
             let nt = GROUPED_TILE.min(seg.len - t0);
@@ -1377,6 +1386,7 @@ fn grouped_token_values(
                 width: spec.width,
                 group: d,
                 levels: None,
+                reads: Some((a, b)),
             };
             let tile = Segment { part: Part::Body, start: 0, len: nt, pos: seg.pos + t0 };
             let pt = Probs { pos: p.pos + t0, ..*p };
@@ -1471,6 +1481,7 @@ fn token_body<'c>(sv: &StreamView<'c>, h: usize, width: Width, group: usize) -> 
         width,
         group,
         levels: None,
+        reads: None,
     }
 }
 
