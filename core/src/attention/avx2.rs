@@ -2562,27 +2562,11 @@ fn keys_q8_m<const M: usize>(
 ) {
     use super::generic::BlockParams;
     const T: usize = super::generic::Q8_TOKEN_BLOCK;
-    let (d, groups) = (kq.d, kq.groups);
+    let groups = kq.groups;
     let row_bytes = row_words * 4;
-    let (plen, ring) = params.extent();
+    let (_, ring) = params.extent();
     assert!(
-        d.is_multiple_of(64)
-            && d <= 256
-            && row_bytes * 4 == d
-            && codes.len() >= T * row_words
-            && kq.bias.len() == M
-            && kq.q8.len() >= M * kq.stride
-            && kq.at.len() >= groups
-            && kq.delta.len() >= M * groups
-            && kq.qsum.len() >= M * groups
-            && kq.span.len() >= groups
-            && kq.span[..groups]
-                .iter()
-                .zip(kq.at)
-                .all(|(&(a, b), &at)| a <= b && b <= d / 4 && at + 4 * (b - a) <= kq.stride)
-            && groups > 0
-            && plen >= (groups - 1) * ring + T
-            && out.data.len() >= (q0 + M - 1) * out.stride + out.pos + t0 + T,
+        kq.bias.len() == M && kq.fits(codes, row_words, &params, out, q0, t0),
         "key block shorter than its layout"
     );
     let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);

@@ -1452,6 +1452,42 @@ pub(crate) struct TokenQueriesQ8<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl TokenQueriesQ8<'_> {
+    /// Whether a vector kernel's block of [`Q8_TOKEN_BLOCK`] rows fits the layout it reads: 1 to 4 queries,
+    /// `head_dim` a multiple of 64 up to 256 in 2-bit rows of `row_words` (`codes` holding the block),
+    /// every group's quads within the row and its rounded query within `stride`, the block's parameters in
+    /// `params`, and its scores (rows `q0..`, columns `t0..t0 + 16`) in `out`. The kernels assert it once
+    /// and then read through pointers; a failure is a bug in this crate.
+    pub(crate) fn fits(
+        &self,
+        codes: &[u32],
+        row_words: usize,
+        params: &BlockParams<'_>,
+        out: &Scores<'_>,
+        q0: usize,
+        t0: usize,
+    ) -> bool {
+        const T: usize = Q8_TOKEN_BLOCK;
+        let (d, groups, nq) = (self.d, self.groups, self.bias.len());
+        let (plen, ring) = params.extent();
+        d.is_multiple_of(64)
+            && d <= 256
+            && row_words * 16 == d
+            && codes.len() >= T * row_words
+            && (1..=Q8_TOKEN_QUERIES).contains(&nq)
+            && self.q8.len() >= nq * self.stride
+            && self.at.len() >= groups
+            && self.delta.len() >= nq * groups
+            && self.qsum.len() >= nq * groups
+            && self.span.len() >= groups
+            && self.span[..groups]
+                .iter()
+                .zip(self.at)
+                .all(|(&(a, b), &at)| a <= b && b <= d / 4 && at + 4 * (b - a) <= self.stride)
+            && groups > 0
+            && plen >= (groups - 1) * ring + T
+            && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + T
+    }
+
     /// The portable twin of the AVX-512 block kernel: scores of the `n` rows of 2-bit codes at `codes`
     /// (`row_words` apart) with group parameters `scale[g * Q8_TOKEN_BLOCK + t]`, `zero[..]`, given to
     /// `put(m, t, score)`. Per query and row, the integer sums `I_g = sum_c q8[m][g][c] code_c` are exact;
@@ -1490,7 +1526,8 @@ impl TokenQueriesQ8<'_> {
 
 /// `x` rounded to the nearest integer, ties to even, as `rintf` (under the default rounding mode), for
 /// `|x| < 2^22` (and NaN stays NaN; a result of zero is +0 where `rintf` may give -0, the same integer):
-/// past `1.5 * 2^23` a float's unit is 1, so the sum rounds and the difference is exact. Inlined and vectorized where `rintf`, a call each, was 1.5% of `skvq2`'s step.
+/// past `1.5 * 2^23` a float's unit is 1, so the sum rounds and the difference is exact. Inlined and
+/// vectorized where `rintf`, a call each, was 1.5% of `skvq2`'s step.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn rint_small(x: f32) -> f32 {

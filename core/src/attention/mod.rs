@@ -243,6 +243,7 @@ pub(crate) struct TokenBody<'c> {
     /// The channels `a..b` of the sums its caller reads, where it reads only those (SKVQ's group passes,
     /// [`grouped_token_values`]): the AVX2 int8 kernels then skip the 32-channel runs outside them, whose
     /// sums are left unspecified. `None`: every channel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) reads: Option<(usize, usize)>,
 }
 

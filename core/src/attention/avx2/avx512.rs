@@ -1674,28 +1674,10 @@ pub(crate) fn token_keys_q8(
 ) {
     use crate::attention::generic::BlockParams;
     const T: usize = crate::attention::generic::Q8_TOKEN_BLOCK;
-    let (d, groups, nq) = (kq.d, kq.groups, kq.bias.len());
+    let (groups, nq) = (kq.groups, kq.bias.len());
     let row_bytes = row_words * 4;
-    let (plen, ring) = params.extent();
-    assert!(
-        d.is_multiple_of(64)
-            && row_bytes * 4 == d
-            && codes.len() >= T * row_words
-            && (1..=4).contains(&nq)
-            && kq.q8.len() >= nq * kq.stride
-            && kq.at.len() >= groups
-            && kq.delta.len() >= nq * groups
-            && kq.qsum.len() >= nq * groups
-            && kq.span.len() >= groups
-            && kq.span[..groups]
-                .iter()
-                .zip(kq.at)
-                .all(|(&(a, b), &at)| a <= b && b <= d / 4 && at + 4 * (b - a) <= kq.stride)
-            && groups > 0
-            && plen >= (groups - 1) * ring + T
-            && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + T,
-        "key block shorter than its layout"
-    );
+    let (_, ring) = params.extent();
+    assert!(kq.fits(codes, row_words, &params, out, q0, t0), "key block shorter than its layout");
     let fp8 = crate::quant::param::fp8_e4m3_table();
     let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
     // Quad `c`'s byte of rows 2k, 2k + 1 (k < 8) into bytes 0 and 1 of qword k: from rows 0-3 and 8-11
