@@ -1351,7 +1351,7 @@ fn stored_token_query(
 #[cfg(target_arch = "x86_64")]
 const Q8_TOKEN_QUERIES: usize = 4;
 
-/// Tokens per block of [`token_key_scores_q8`]'s kernels (a vector's dwords on AVX-512).
+/// Tokens per block of [`token_key_scores_q8`]'s kernels (a vector's dwords on AVX-512, two on AVX2).
 #[cfg(target_arch = "x86_64")]
 pub(crate) const Q8_TOKEN_BLOCK: usize = 16;
 
@@ -1488,7 +1488,7 @@ impl TokenQueriesQ8<'_> {
             && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + T
     }
 
-    /// The portable twin of the AVX-512 block kernel: scores of the `n` rows of 2-bit codes at `codes`
+    /// The portable twin of the AVX-512 and AVX2 block kernels: scores of the `n` rows of 2-bit codes at `codes`
     /// (`row_words` apart) with group parameters `scale[g * Q8_TOKEN_BLOCK + t]`, `zero[..]`, given to
     /// `put(m, t, score)`. Per query and row, the integer sums `I_g = sum_c q8[m][g][c] code_c` are exact;
     /// then from `bias[m]`, for each group in order, `+ (s_g delta[m][g]) I_g` and `+ z_g qsum[m][g]`, each
