@@ -2534,23 +2534,31 @@ pub(crate) fn token_keys_q8(
     out: &mut Scores<'_>,
     q0: usize,
 ) {
+    assert!(kq.fits(codes, row_words, blocks, &params, out, q0, 0), "key blocks shorter than their layout");
     let mut quads = [[_mm256_setzero_si256(); 16]; 2];
     for b in 0..blocks {
         let (codes, params) = (&codes[b * 16 * row_words..], params.advanced(b * 16));
         let q = &mut quads;
-        match kq.bias.len() {
-            1 => keys_q8_m::<1>(kq, codes, row_words, params, out, q0, 16 * b, q),
-            2 => keys_q8_m::<2>(kq, codes, row_words, params, out, q0, 16 * b, q),
-            3 => keys_q8_m::<3>(kq, codes, row_words, params, out, q0, 16 * b, q),
-            _ => keys_q8_m::<4>(kq, codes, row_words, params, out, q0, 16 * b, q),
+        // SAFETY: block b of the blocks checked above.
+        unsafe {
+            match kq.bias.len() {
+                1 => keys_q8_m::<1>(kq, codes, row_words, params, out, q0, 16 * b, q),
+                2 => keys_q8_m::<2>(kq, codes, row_words, params, out, q0, 16 * b, q),
+                3 => keys_q8_m::<3>(kq, codes, row_words, params, out, q0, 16 * b, q),
+                _ => keys_q8_m::<4>(kq, codes, row_words, params, out, q0, 16 * b, q),
+            }
         }
     }
 }
 
 /// One block of [`token_keys_q8`] for `M` queries, at column `t0`; `quads` the scratch of [`chunk_quads`].
+///
+/// # Safety
+/// The block's layout fits (`TokenQueriesQ8::fits` for this block holds; [`token_keys_q8`] checks it for
+/// every block, once a call): the parameters are read through pointers.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn keys_q8_m<const M: usize>(
+unsafe fn keys_q8_m<const M: usize>(
     kq: &super::generic::TokenQueriesQ8<'_>,
     codes: &[u32],
     row_words: usize,
@@ -2565,10 +2573,7 @@ fn keys_q8_m<const M: usize>(
     let groups = kq.groups;
     let row_bytes = row_words * 4;
     let (_, ring) = params.extent();
-    assert!(
-        kq.bias.len() == M && kq.fits(codes, row_words, &params, out, q0, t0),
-        "key block shorter than its layout"
-    );
+    debug_assert_eq!(kq.bias.len(), M);
     let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
     // The quads of the 16 bytes a row at `16 * chunk`, made when a group's span first reaches them (spans
     // go up with the groups, so each chunk is made once).
@@ -2600,8 +2605,8 @@ fn keys_q8_m<const M: usize>(
                 am[1] = _mm256_add_epi32(am[1], _mm256_madd_epi16(wm[1], ones));
             }
         }
-        // SAFETY: the group's 16 parameters from entry g ring lie in the slices (checked above); unaligned
-        // 16-byte (f16) or 8-byte (FP8) reads.
+        // SAFETY: the group's 16 parameters from entry g ring lie in the slices (`token_keys_q8` checked
+        // every block's); unaligned 16-byte (f16) or 8-byte (FP8) reads.
         let (s, z) = unsafe {
             match params {
                 BlockParams::F16 { scale, zero, .. } => {

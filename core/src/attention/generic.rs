@@ -1452,27 +1452,29 @@ pub(crate) struct TokenQueriesQ8<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl TokenQueriesQ8<'_> {
-    /// Whether a vector kernel's block of [`Q8_TOKEN_BLOCK`] rows fits the layout it reads: 1 to 4 queries,
-    /// `head_dim` a multiple of 64 up to 256 in 2-bit rows of `row_words` (`codes` holding the block),
-    /// every group's quads within the row and its rounded query within `stride`, the block's parameters in
-    /// `params`, and its scores (rows `q0..`, columns `t0..t0 + 16`) in `out`. The kernels assert it once
-    /// and then read through pointers; a failure is a bug in this crate.
+    /// Whether a vector kernel's `blocks` blocks of [`Q8_TOKEN_BLOCK`] rows fit the layout it reads: 1 to
+    /// 4 queries, `head_dim` a multiple of 64 up to 256 in 2-bit rows of `row_words` (`codes` holding the
+    /// blocks), every group's quads within the row and its rounded query within `stride`, the blocks'
+    /// parameters in `params`, and their scores (rows `q0..`, columns `t0..t0 + 16 * blocks`) in `out`. The
+    /// kernels assert it once a call and then read through pointers; a failure is a bug in this crate.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn fits(
         &self,
         codes: &[u32],
         row_words: usize,
+        blocks: usize,
         params: &BlockParams<'_>,
         out: &Scores<'_>,
         q0: usize,
         t0: usize,
     ) -> bool {
-        const T: usize = Q8_TOKEN_BLOCK;
+        let t = Q8_TOKEN_BLOCK * blocks;
         let (d, groups, nq) = (self.d, self.groups, self.bias.len());
         let (plen, ring) = params.extent();
         d.is_multiple_of(64)
             && d <= 256
             && row_words * 16 == d
-            && codes.len() >= T * row_words
+            && codes.len() >= t * row_words
             && (1..=Q8_TOKEN_QUERIES).contains(&nq)
             && self.q8.len() >= nq * self.stride
             && self.at.len() >= groups
@@ -1484,8 +1486,8 @@ impl TokenQueriesQ8<'_> {
                 .zip(self.at)
                 .all(|(&(a, b), &at)| a <= b && b <= d / 4 && at + 4 * (b - a) <= self.stride)
             && groups > 0
-            && plen >= (groups - 1) * ring + T
-            && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + T
+            && plen >= (groups - 1) * ring + t
+            && out.data.len() >= (q0 + nq - 1) * out.stride + out.pos + t0 + t
     }
 
     /// The portable twin of the AVX-512 and AVX2 block kernels: scores of the `n` rows of 2-bit codes at `codes`

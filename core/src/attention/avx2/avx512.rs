@@ -1677,7 +1677,7 @@ pub(crate) fn token_keys_q8(
     let (groups, nq) = (kq.groups, kq.bias.len());
     let row_bytes = row_words * 4;
     let (_, ring) = params.extent();
-    assert!(kq.fits(codes, row_words, &params, out, q0, t0), "key block shorter than its layout");
+    assert!(kq.fits(codes, row_words, 1, &params, out, q0, t0), "key block shorter than its layout");
     let fp8 = crate::quant::param::fp8_e4m3_table();
     let bytes: &[u8] = bytemuck::cast_slice(&codes[..T * row_words]);
     // Quad `c`'s byte of rows 2k, 2k + 1 (k < 8) into bytes 0 and 1 of qword k: from rows 0-3 and 8-11
