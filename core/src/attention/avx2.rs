@@ -2174,12 +2174,25 @@ impl GroupRun<'_> {
         let nq = self.bias.len() / g;
         let bytes: &[u8] = bytemuck::cast_slice(self.codes);
         let b = B as usize;
+        let rw = self.row_words * 4;
         for t0 in (0..g).step_by(16) {
             let oq = &self.oq[crate::attention::generic::oq_at(qb, 0, t0, nq, d, g)..][..M * d * 16];
             for (&(word, col, at), tables) in self.groups.iter().zip(self.tables.chunks_exact(d)) {
                 let mut a: [[__m256; 2]; M] =
                     core::array::from_fn(|m| ldn::<2>(&self.bias[(qb + m) * g + t0..][..16]));
                 let off = word * 4 + (col + t0) * b / 8;
+                // The last channel's second read ends 4 bytes after its byte `b`; where that is inside
+                // `bytes` (every group but possibly the last of the buffer), the reads go unchecked.
+                if d > 0 && off + (d - 1) * rw + b + 4 <= bytes.len() {
+                    // SAFETY: `fast_run` reads 4 bytes at `off + c * rw` and at `off + c * rw + b` for
+                    // `c < d` (inside `bytes`, checked just above) and the `M * d * 16` floats of `oq`
+                    // (sliced to that length above); AVX2, FMA and F16C are enabled here.
+                    unsafe {
+                        Self::fast_run::<B, M>(bytes.as_ptr().add(off), rw, tables, oq.as_ptr(), d, &mut a)
+                    };
+                    store_scores(&a, out, qb, at + t0);
+                    continue;
+                }
                 for (c, table) in tables.iter().enumerate() {
                     let at = off + c * self.row_words * 4;
                     let x = read16::<B>(bytes, at);
@@ -2199,6 +2212,253 @@ impl GroupRun<'_> {
             }
         }
     }
+
+    /// One run of 16 tokens of one group, its `d` channels against queries `0..M` of the block: channel
+    /// `c`'s 16 codes are the `2 B` bytes at `codes + c * rw`, read as two 4-byte words (at byte 0 and at
+    /// byte `B`, 8 codes each; bits past a code are ignored by [`lookup8`]), each broadcast and shifted
+    /// per lane; the offset queries are `oq[(m * d + c) * 16..][..16]`.
+    ///
+    /// # Safety
+    /// The 4 bytes at `codes + c * rw` and at `codes + c * rw + B` are readable for every `c < d`, as are
+    /// the `M * d * 16` floats at `oq`; `tables` holds `d` tables.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fast_run<const B: i32, const M: usize>(
+        codes: *const u8,
+        rw: usize,
+        tables: &[[f32; 16]],
+        oq: *const f32,
+        d: usize,
+        a: &mut [[__m256; 2]; M],
+    ) {
+        let b = B as usize;
+        let sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+        let mut row = codes;
+        for (c, table) in tables[..d].iter().enumerate() {
+            let lo = ld(&table[..8]);
+            let hi = if B < 4 { lo } else { ld(&table[8..]) };
+            // SAFETY: the caller's contract: 4 readable bytes at `row` and at `row + b`.
+            let (x0, x1) =
+                unsafe { (row.cast::<i32>().read_unaligned(), row.add(b).cast::<i32>().read_unaligned()) };
+            let v0 = lookup8::<B>(lo, hi, _mm256_srlv_epi32(_mm256_set1_epi32(x0), sh));
+            let v1 = lookup8::<B>(lo, hi, _mm256_srlv_epi32(_mm256_set1_epi32(x1), sh));
+            for (m, am) in a.iter_mut().enumerate() {
+                // SAFETY: `(m * d + c) * 16 + 16 <= M * d * 16` floats at `oq`, the caller's contract.
+                let w = unsafe { oq.add((m * d + c) * 16) };
+                // SAFETY: as just above.
+                let (w0, w1) = unsafe { (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))) };
+                am[0] = _mm256_fmadd_ps(w0, v0, am[0]);
+                am[1] = _mm256_fmadd_ps(w1, v1, am[1]);
+            }
+            // `wrapping_add`: past the last channel the pointer is not read.
+            row = row.wrapping_add(rw);
+        }
+    }
+}
+
+/// Largest `head_dim` [`offset_queries`] takes: its run's RoPE angles (two vectors per channel pair) stay on
+/// the stack, 16 KiB at 256.
+pub(crate) const OQ_MAX_D: usize = 256;
+
+/// [`generic::offset_queries`](super::generic::offset_queries) in AVX2 registers, the same bits, for runs
+/// of 16 offsets, `head_dim` a multiple of 8 up to [`OQ_MAX_D`], keys neither balanced nor centred (`bias`
+/// is zero): the AVX-512 kernel's scheme (see `avx512::offset_queries`) on half runs. A vector holds one
+/// channel of 8 offsets, the first or second half of a run as `oq` lays them out.
+///
+/// The compiled portable loops sweep the whole `[d][16]` block once per RoPE step and once per Hadamard
+/// stage, a load and a store of every vector each time (a third of `kvq2`'s step at 1k tokens on Zen 3).
+/// Here a block of 8 channels is rotated by RoPE in registers and takes the first three stages there
+/// (they mix only channels within aligned blocks of 8), and each later sweep takes up to three stages over
+/// 8 channels `2^k` apart: two sweeps at `d = 64` instead of seven. Every butterfly is the same addition
+/// or subtraction of the same two floats in the same order of stages, and RoPE and the final scaling the
+/// same products, so the results are the portable loops' bits. The run's cosines and sines are
+/// transposed into channel vectors once for every query.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn offset_queries(
+    rope: Option<(crate::transform::Rope, &[f32])>,
+    rotate: bool,
+    g: usize,
+    queries: &Queries<'_>,
+    oq: &mut [f32],
+    bias: &mut [f32],
+) {
+    use super::generic::oq_at;
+    const RUN: usize = 16;
+    let (d, nq) = (queries.d, queries.nq);
+    assert!(
+        d.is_multiple_of(8)
+            && d <= OQ_MAX_D
+            && (!rotate || d.is_power_of_two())
+            && g.is_multiple_of(RUN)
+            && oq.len() >= nq * d * g
+            && bias.len() >= nq * g
+            && queries.q.len() >= nq * d
+            && rope.is_none_or(|(_, t)| t.len() >= g * d),
+        "offset queries: shapes outside this kernel's"
+    );
+    let norm = _mm256_set1_ps(1.0 / libm::sqrtf(d as f32));
+    let neg = _mm256_set1_epi32(i32::MIN);
+    // Per column of the RoPE table (cosine, sine per pair) and half run, the 8 offsets' values.
+    let mut cs = [[_mm256_setzero_ps(); 2]; OQ_MAX_D];
+    // Stages left after the first three, in sweeps of up to three.
+    let later = d.trailing_zeros().saturating_sub(3);
+    for o0 in (0..g).step_by(RUN) {
+        if let Some((_, table)) = rope {
+            // Offsets o0..o0 + 16 are 16 rows of `d` floats; each 8 columns of 8 of them, transposed,
+            // are 8 channel vectors of a half run.
+            let rows = &table[o0 * d..][..RUN * d];
+            for (h, half) in rows.chunks_exact(8 * d).enumerate() {
+                for c0 in (0..d).step_by(8) {
+                    let t = transpose8(core::array::from_fn(|l| ld(&half[l * d + c0..])));
+                    for (j, v) in t.into_iter().enumerate() {
+                        // The portable loops' `sin = -table[..]`: a sign flip, exact.
+                        cs[c0 + j][h] = if j % 2 == 0 {
+                            v
+                        } else {
+                            _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), neg))
+                        };
+                    }
+                }
+            }
+        }
+        for qi in 0..nq {
+            let q = queries.row(qi);
+            let x = &mut oq[oq_at(qi, 0, o0, nq, d, g)..][..d * RUN];
+            for h in 0..2 {
+                // Channel `c`'s half `h` is the 8 floats at `xh + c * 16`.
+                let xh = x[8 * h..].as_mut_ptr();
+                for blk in (0..d).step_by(8) {
+                    let mut v: [__m256; 8] = core::array::from_fn(|j| rope_lane(rope, &cs, h, q, blk + j));
+                    if rotate {
+                        butterflies(&mut v);
+                    }
+                    for (j, v) in v.iter().enumerate() {
+                        // SAFETY: channel blk + j < d of the run's `d * 16` floats at `x`, half `h` of it
+                        // (8 floats from `xh + (blk + j) * 16`); unaligned stores.
+                        unsafe { _mm256_storeu_ps(xh.add((blk + j) * RUN), *v) };
+                    }
+                }
+                if rotate {
+                    let (mut hh, mut left) = (8, later);
+                    while left > 0 {
+                        let k = left.min(3);
+                        left -= k;
+                        let last = left == 0;
+                        // SAFETY: `d` is a power of two (asserted above) and `hh << k <= d`, so the sweep
+                        // touches channels below `d`, each 8 floats from `xh + c * 16`, inside `x`.
+                        unsafe {
+                            match k {
+                                1 => sweep::<2>(xh, d, hh, last.then_some(norm)),
+                                2 => sweep::<4>(xh, d, hh, last.then_some(norm)),
+                                _ => sweep::<8>(xh, d, hh, last.then_some(norm)),
+                            }
+                        }
+                        hh <<= k;
+                    }
+                    if later == 0 {
+                        // `d = 8`: the block's stages were all; the scaling is left.
+                        // SAFETY: as for the stores above.
+                        unsafe { sweep::<1>(xh, d, 1, Some(norm)) };
+                    }
+                }
+            }
+        }
+    }
+    bias[..nq * g].fill(0.0);
+}
+
+/// Channel `c`'s 8 lanes of half `h` of a run after RoPE (`cs`: the run's cosine and negated sine vectors
+/// per pair and half): `qa cos - qb sin` for the pair's first channel, `qa sin + qb cos` for its second, as
+/// the portable loops form them; without RoPE, `q_c` in every lane.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rope_lane(
+    rope: Option<(crate::transform::Rope, &[f32])>,
+    cs: &[[__m256; 2]],
+    h: usize,
+    q: &[f32],
+    c: usize,
+) -> __m256 {
+    let Some((r, _)) = rope else { return _mm256_set1_ps(q[c]) };
+    let d = q.len();
+    let (i, first) = r.pair_of(c, d);
+    let (a, b) = r.pair(i, d);
+    let (qa, qb) = (_mm256_set1_ps(q[a]), _mm256_set1_ps(q[b]));
+    let (cv, sv) = (cs[2 * i][h], cs[2 * i + 1][h]);
+    if first {
+        _mm256_sub_ps(_mm256_mul_ps(qa, cv), _mm256_mul_ps(qb, sv))
+    } else {
+        _mm256_add_ps(_mm256_mul_ps(qa, sv), _mm256_mul_ps(qb, cv))
+    }
+}
+
+/// The Hadamard stages `1, 2, .., N / 2` (in vector positions) on `v`: `(v_j, v_{j+s}) <- (v_j + v_{j+s},
+/// v_j - v_{j+s})`, the portable butterflies' order of operands.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn butterflies<const N: usize>(v: &mut [__m256; N]) {
+    let mut s = 1;
+    while s < N {
+        for blk in (0..N).step_by(2 * s) {
+            for j in blk..blk + s {
+                let (a, b) = (v[j], v[j + s]);
+                (v[j], v[j + s]) = (_mm256_add_ps(a, b), _mm256_sub_ps(a, b));
+            }
+        }
+        s *= 2;
+    }
+}
+
+/// The Hadamard stages `hh, 2 hh, .., N hh / 2` of a half run's `d` channel vectors (8 floats at `x + c *
+/// 16` for channel `c`), `N` channels `hh` apart at a time, scaled by `norm` where given (the last sweep).
+///
+/// # Safety
+/// The 8 floats at `x + c * 16` are writable for every `c < d`, and `N * hh` divides `d`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sweep<const N: usize>(x: *mut f32, d: usize, hh: usize, norm: Option<__m256>) {
+    for blk in (0..d).step_by(N * hh) {
+        for r in blk..blk + hh {
+            // SAFETY: channels r + j hh < blk + N hh <= d (the caller's contract); unaligned accesses.
+            let mut v: [__m256; N] =
+                core::array::from_fn(|j| unsafe { _mm256_loadu_ps(x.add((r + j * hh) * 16)) });
+            butterflies(&mut v);
+            for (j, v) in v.iter().enumerate() {
+                let v = match norm {
+                    Some(n) => _mm256_mul_ps(*v, n),
+                    None => *v,
+                };
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(x.add((r + j * hh) * 16), v) };
+            }
+        }
+    }
+}
+
+/// The transpose of 8 rows of 8 floats: lane `j` of vector `i` is lane `i` of row `j` (unpacking pairs,
+/// then quads, then swapping 128-bit halves).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t: [__m256; 8] = core::array::from_fn(|i| {
+        let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+        if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+    });
+    // t[0] = r0_0 r1_0 r0_1 r1_1 | r0_4 r1_4 r0_5 r1_5; t[1] the lanes 2, 3 | 6, 7; t[2], t[3] rows 2 and 3.
+    let u: [__m256; 8] = core::array::from_fn(|i| {
+        let (blk, k) = (i / 4, i % 4);
+        let (a, b) = (t[4 * blk + k / 2], t[4 * blk + 2 + k / 2]);
+        if k % 2 == 0 {
+            _mm256_shuffle_ps::<0b01_00_01_00>(a, b)
+        } else {
+            _mm256_shuffle_ps::<0b11_10_11_10>(a, b)
+        }
+    });
+    // u[k] (k < 4) = rows 0-3 at lanes k | k + 4; u[4 + k] the same for rows 4-7.
+    core::array::from_fn(|i| {
+        let (a, b) = (u[i % 4], u[4 + i % 4]);
+        if i < 4 { _mm256_permute2f128_ps::<0x20>(a, b) } else { _mm256_permute2f128_ps::<0x31>(a, b) }
+    })
 }
 
 /// Per-token value rows of the generic path (see `generic::token_value_sums_in`) in one pass:
@@ -2306,6 +2566,70 @@ impl ValueRun<'_> {
             for (m, am) in a.iter().enumerate() {
                 stn(&mut acc[(qb + m) * d + c0..][..16], *am);
             }
+        }
+    }
+}
+
+/// [`fill_table`] for `tables.len()` channels (a multiple of 8) from their f16 or FP8 scales and zero
+/// points: 8 channels' parameters converted at once (F16C, or [`fp8_ps`], both exact) and broadcast a lane
+/// at a time, each table formed as [`fill_table`] forms it (the same bits). Only the first 8 entries where
+/// not `full` (codes of up to 3 bits read no others). One conversion per channel and parameter, each
+/// waiting on the last through the register it merged into, was a fifth of `kvq2`'s step on Zen 3.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn fill_tables(
+    tables: &mut [[f32; 16]],
+    levels: &[[f32; 16]],
+    params: TableParams<'_>,
+    full: bool,
+) {
+    let d = tables.len();
+    assert!(d.is_multiple_of(8) && levels.len() >= d && params.len() >= d);
+    for c0 in (0..d).step_by(8) {
+        let (s, z) = match params {
+            TableParams::F16(scale, zero) => {
+                let (sr, zr) = (&scale[c0..][..8], &zero[c0..][..8]);
+                // SAFETY: `sr` and `zr` hold 8 u16 (16 bytes) each; unaligned reads.
+                unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(sr.as_ptr().cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(zr.as_ptr().cast())),
+                    )
+                }
+            }
+            TableParams::Fp8(scale, zero) => {
+                let (sr, zr) = (&scale[c0..][..8], &zero[c0..][..8]);
+                // SAFETY: `sr` and `zr` hold 8 bytes each; unaligned 8-byte reads.
+                unsafe {
+                    (fp8_ps(_mm_loadl_epi64(sr.as_ptr().cast())), fp8_ps(_mm_loadl_epi64(zr.as_ptr().cast())))
+                }
+            }
+        };
+        for (k, (t, lv)) in tables[c0..c0 + 8].iter_mut().zip(&levels[c0..c0 + 8]).enumerate() {
+            let i = _mm256_set1_epi32(k as i32);
+            let (sk, zk) = (_mm256_permutevar8x32_ps(s, i), _mm256_permutevar8x32_ps(z, i));
+            st(&mut t[..8], _mm256_add_ps(zk, _mm256_mul_ps(sk, ld(&lv[..8]))));
+            if full {
+                st(&mut t[8..], _mm256_add_ps(zk, _mm256_mul_ps(sk, ld(&lv[8..]))));
+            }
+        }
+    }
+}
+
+/// The scales and zero points [`fill_tables`] reads, channel by channel.
+#[derive(Clone, Copy)]
+pub(crate) enum TableParams<'a> {
+    /// f16 bits.
+    F16(&'a [u16], &'a [u16]),
+    /// FP8 (E4M3) bytes.
+    Fp8(&'a [u8], &'a [u8]),
+}
+
+impl TableParams<'_> {
+    /// Channels held (the shorter of the two).
+    fn len(&self) -> usize {
+        match self {
+            Self::F16(s, z) => s.len().min(z.len()),
+            Self::Fp8(s, z) => s.len().min(z.len()),
         }
     }
 }

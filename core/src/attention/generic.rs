@@ -87,8 +87,21 @@ pub(crate) fn offset_queries(
     }
     #[cfg(target_arch = "x86_64")]
     if vector {
-        // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA and
-        // F16C (see the note above the dispatchers in `attention`).
+        let (d, t) = (queries.d, cache.config().transform);
+        let rotate = t.rotate_keys && crate::transform::hadamard_len_ok(d);
+        if oq_run(g) == 16
+            && d.is_multiple_of(8)
+            && d <= super::avx2::OQ_MAX_D
+            && (!rotate || d.is_power_of_two())
+            && !t.balance_keys
+            && !t.center_keys
+        {
+            let rope = t.rope.map(|r| (r, cache.view(Stream::Keys).tables.rope));
+            // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA
+            // and F16C (see the note above the dispatchers in `attention`).
+            return unsafe { super::avx2::offset_queries(rope, rotate, g, queries, oq, bias) };
+        }
+        // SAFETY: as just above.
         return unsafe { offset_queries_avx2(cache, h, g, queries, oq, bias) };
     }
     let _ = (vector, avx512);
@@ -528,6 +541,14 @@ fn channel_key_scores_lookup(
                         super::avx2::avx512::fill_tables_fp8(tb, lv, &sv.scale8[i0..], &sv.zero8[i0..])
                     },
                 }
+            } else if d.is_multiple_of(8) {
+                use super::avx2::TableParams;
+                use crate::quant::param::ParamFormat;
+                let params = match q.params {
+                    ParamFormat::F16 => TableParams::F16(&sv.scale[i0..], &sv.zero[i0..]),
+                    ParamFormat::Fp8E4M3 => TableParams::Fp8(&sv.scale8[i0..], &sv.zero8[i0..]),
+                };
+                super::avx2::fill_tables(tb, &levels[..d], params, q.width.bits() > 3);
             } else {
                 for (c, (table, lv)) in tb.iter_mut().zip(&levels[..d]).enumerate() {
                     let (scale, zero) = params_f16c(sv, q.params, i0 + c);

@@ -1513,21 +1513,30 @@ fn generic_formats_attend_as_their_dequantized_cache() {
     assert!(cases > if big { 300 } else { 3 }, "{cases}");
 }
 
-/// The AVX-512 offset queries (RoPE and Hadamard stages in registers) equal the portable loops bit for bit,
-/// over both pairings, with and without each transform, every head size the kernel takes (its sweeps of
-/// one to four later stages) and key groups of one to eight runs. A butterfly's operands swapped, a stage
-/// skipped or a wrong sine sign fails it.
+/// The AVX2 and AVX-512 offset queries (RoPE and Hadamard stages in registers) equal the portable loops bit
+/// for bit, over both pairings, with and without each transform, every head size the kernels take (their
+/// sweeps of one to four later stages, none at 8 channels) and key groups of one to eight runs. A
+/// butterfly's operands swapped, a stage skipped or a wrong sine sign fails it.
 #[test]
-fn avx512_offset_queries_equal_the_portable_loops_bit_for_bit() {
+fn vector_offset_queries_equal_the_portable_loops_bit_for_bit() {
     use crate::cache::Transform;
     use crate::transform::{Pairing, Rope};
-    if Kernel::avx512().is_none() {
-        std::println!("skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI");
+    // (vector, avx512) of `generic::offset_queries` for each kernel set this CPU has.
+    let mut sets = std::vec::Vec::new();
+    match Kernel::avx2() {
+        Some(_) => sets.push((true, false)),
+        None => std::println!("AVX2 kernel skipped: this CPU lacks one of AVX2, FMA, F16C"),
+    }
+    match Kernel::avx512() {
+        Some(_) => sets.push((true, true)),
+        None => std::println!("AVX-512 kernel skipped: this CPU lacks one of AVX-512 F, BW, VL, VNNI, VBMI"),
+    }
+    if sets.is_empty() {
         return;
     }
     let mut rng = Rng::new(5);
     let mut cases = 0;
-    for d in [16usize, 32, 64, 128, 256] {
+    for d in [8usize, 16, 32, 64, 128, 256] {
         for g in [16usize, 32, 64, 128] {
             for (rope, rotate) in [
                 (Some(Pairing::Adjacent), true),
@@ -1540,8 +1549,10 @@ fn avx512_offset_queries_equal_the_portable_loops_bit_for_bit() {
                     rotate_keys: rotate,
                     ..Transform::NONE
                 };
+                // Value groups fill whole words: 8 channels of 2 bits do not.
+                let vw = if d < 16 { Width::B4 } else { Width::B2 };
                 let cfg = CacheConfig {
-                    values: Precision::Quant(QuantSpec::per_token(Width::B2, d.min(32))),
+                    values: Precision::Quant(QuantSpec::per_token(vw, d.min(32))),
                     ..CacheConfig::kivi(Width::B2, g, g, 1, d, 512)
                 }
                 .with_transform(t);
@@ -1550,23 +1561,31 @@ fn avx512_offset_queries_equal_the_portable_loops_bit_for_bit() {
                 for nq in [1usize, 3, 5] {
                     let q: Vec<f32> = (0..nq * d).map(|_| rng.unit() * 3.0).collect();
                     let queries = Queries { q: &q, nq, d };
-                    let mut outs = Vec::new();
-                    for avx512 in [false, true] {
+                    let run = |(vector, avx512)| {
                         let (mut oq, mut bias) = (vec![f32::NAN; nq * d * g], vec![f32::NAN; nq * g]);
-                        generic::offset_queries(&cache, 0, g, &queries, &mut oq, &mut bias, avx512, avx512);
-                        outs.push((oq, bias));
+                        generic::offset_queries(&cache, 0, g, &queries, &mut oq, &mut bias, vector, avx512);
+                        (oq, bias)
+                    };
+                    let (want, _) = run((false, false));
+                    for &set in &sets {
+                        // The AVX-512 kernel takes head dimensions of a multiple of 16 only.
+                        if set.1 && d % 16 != 0 {
+                            continue;
+                        }
+                        let (oq, bias) = run(set);
+                        let what = std::format!("{set:?} d {d} g {g} rope {rope:?} rotate {rotate} nq {nq}");
+                        for (i, (a, b)) in want.iter().zip(&oq).enumerate() {
+                            assert_eq!(a.to_bits(), b.to_bits(), "{what} oq {i}: {a} vs {b}");
+                        }
+                        assert!(bias.iter().all(|&b| b == 0.0), "{what}: bias");
+                        cases += 1;
                     }
-                    let what = std::format!("d {d} g {g} rope {rope:?} rotate {rotate} nq {nq}");
-                    for (i, (a, b)) in outs[0].0.iter().zip(&outs[1].0).enumerate() {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{what} oq {i}: {a} vs {b}");
-                    }
-                    assert!(outs[1].1.iter().all(|&b| b == 0.0), "{what}: bias");
-                    cases += 1;
                 }
             }
         }
     }
-    assert_eq!(cases, 5 * 4 * 4 * 3);
+    let per_set = |avx512: bool| if avx512 { 5 * 4 * 4 * 3 } else { 6 * 4 * 4 * 3 };
+    assert_eq!(cases, sets.iter().map(|&(_, avx512)| per_set(avx512)).sum::<usize>());
 }
 
 /// The AVX-512 FP8-to-f16 conversion gives the exact table's bits for every byte, over runs of every
