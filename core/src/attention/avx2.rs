@@ -2298,37 +2298,67 @@ pub(crate) fn offset_queries(
     );
     let norm = _mm256_set1_ps(1.0 / libm::sqrtf(d as f32));
     let neg = _mm256_set1_epi32(i32::MIN);
-    // Per column of the RoPE table (cosine, sine per pair) and half run, the 8 offsets' values.
-    let mut cs = [[_mm256_setzero_ps(); 2]; OQ_MAX_D];
+    // Channel `c` after RoPE is `q[c] * cos[h][c] + q[partner[c]] * sin[h][c]` per lane of half run `h`
+    // (see below), with the run's cosine and signed sine of `c`'s pair. Left uninitialized (zeroing both,
+    // 32 KiB a call, showed in `perf`): each run writes every channel's entries before they are read.
+    let mut cos = [[core::mem::MaybeUninit::<__m256>::uninit(); OQ_MAX_D]; 2];
+    let mut sin = [[core::mem::MaybeUninit::<__m256>::uninit(); OQ_MAX_D]; 2];
+    let mut partner = [0usize; OQ_MAX_D];
+    if let Some((r, _)) = rope {
+        for (c, p) in partner[..d].iter_mut().enumerate() {
+            let (i, first) = r.pair_of(c, d);
+            let (a, b) = r.pair(i, d);
+            *p = if first { b } else { a };
+        }
+    }
     // Stages left after the first three, in sweeps of up to three.
     let later = d.trailing_zeros().saturating_sub(3);
     for o0 in (0..g).step_by(RUN) {
-        if let Some((_, table)) = rope {
-            // Offsets o0..o0 + 16 are 16 rows of `d` floats; each 8 columns of 8 of them, transposed,
-            // are 8 channel vectors of a half run.
+        if let Some((r, table)) = rope {
+            // Offsets o0..o0 + 16 are 16 rows of `d` floats (cosine, sine per pair); each 8 columns of 8
+            // of them, transposed, are 8 column vectors of a half run, put at the channels of their pair.
+            // The portable loops form a pair `(a, b)` as `qa c - qb s` and `qa s + qb c` with `s` the
+            // negated table sine; `x - y` is `x + (-y)` exactly and the sum commutes, so channel `a` is
+            // `qa c + qb (-s)` and `b` is `qb c + qa s`: `sin[a]` is the table's sine, `sin[b]` its negation.
             let rows = &table[o0 * d..][..RUN * d];
             for (h, half) in rows.chunks_exact(8 * d).enumerate() {
                 for c0 in (0..d).step_by(8) {
                     let t = transpose8(core::array::from_fn(|l| ld(&half[l * d + c0..])));
-                    for (j, v) in t.into_iter().enumerate() {
-                        // The portable loops' `sin = -table[..]`: a sign flip, exact.
-                        cs[c0 + j][h] = if j % 2 == 0 {
-                            v
-                        } else {
-                            _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), neg))
-                        };
+                    for (j, pv) in t.chunks_exact(2).enumerate() {
+                        let (a, b) = r.pair((c0 + 2 * j) / 2, d);
+                        let minus = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(pv[1]), neg));
+                        cos[h][a].write(pv[0]);
+                        cos[h][b].write(pv[0]);
+                        sin[h][a].write(pv[1]);
+                        sin[h][b].write(minus);
                     }
                 }
             }
         }
         for qi in 0..nq {
-            let q = queries.row(qi);
+            let q = &queries.row(qi)[..d];
             let x = &mut oq[oq_at(qi, 0, o0, nq, d, g)..][..d * RUN];
             for h in 0..2 {
                 // Channel `c`'s half `h` is the 8 floats at `xh + c * 16`.
                 let xh = x[8 * h..].as_mut_ptr();
                 for blk in (0..d).step_by(8) {
-                    let mut v: [__m256; 8] = core::array::from_fn(|j| rope_lane(rope, &cs, h, q, blk + j));
+                    let mut v = [_mm256_setzero_ps(); 8];
+                    for (j, v) in v.iter_mut().enumerate() {
+                        let c = blk + j;
+                        let qc = _mm256_set1_ps(q[c]);
+                        *v = match rope {
+                            Some(_) => {
+                                // SAFETY: with RoPE, this run's loop above wrote both channels of every
+                                // pair `i < d / 2` for both halves, and the pairs cover channels `0..d`.
+                                let (cv, sv) = unsafe { (cos[h][c].assume_init(), sin[h][c].assume_init()) };
+                                _mm256_add_ps(
+                                    _mm256_mul_ps(qc, cv),
+                                    _mm256_mul_ps(_mm256_set1_ps(q[partner[c]]), sv),
+                                )
+                            }
+                            None => qc,
+                        };
+                    }
                     if rotate {
                         butterflies(&mut v);
                     }
@@ -2365,31 +2395,6 @@ pub(crate) fn offset_queries(
         }
     }
     bias[..nq * g].fill(0.0);
-}
-
-/// Channel `c`'s 8 lanes of half `h` of a run after RoPE (`cs`: the run's cosine and negated sine vectors
-/// per pair and half): `qa cos - qb sin` for the pair's first channel, `qa sin + qb cos` for its second, as
-/// the portable loops form them; without RoPE, `q_c` in every lane.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn rope_lane(
-    rope: Option<(crate::transform::Rope, &[f32])>,
-    cs: &[[__m256; 2]],
-    h: usize,
-    q: &[f32],
-    c: usize,
-) -> __m256 {
-    let Some((r, _)) = rope else { return _mm256_set1_ps(q[c]) };
-    let d = q.len();
-    let (i, first) = r.pair_of(c, d);
-    let (a, b) = r.pair(i, d);
-    let (qa, qb) = (_mm256_set1_ps(q[a]), _mm256_set1_ps(q[b]));
-    let (cv, sv) = (cs[2 * i][h], cs[2 * i + 1][h]);
-    if first {
-        _mm256_sub_ps(_mm256_mul_ps(qa, cv), _mm256_mul_ps(qb, sv))
-    } else {
-        _mm256_add_ps(_mm256_mul_ps(qa, sv), _mm256_mul_ps(qb, cv))
-    }
 }
 
 /// The Hadamard stages `1, 2, .., N / 2` (in vector positions) on `v`: `(v_j, v_{j+s}) <- (v_j + v_{j+s},
