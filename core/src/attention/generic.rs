@@ -840,6 +840,10 @@ fn token_value_sums_lookup(
             unsafe {
                 super::avx2::avx512::fill_token_tables(&mut tables, &levels, sc, ze, l.ring, groups, nt)
             };
+        } else if q.params == crate::quant::param::ParamFormat::F16 {
+            let at = h * l.row_groups * l.ring + start + t0;
+            let (sc, ze) = (&sv.scale[at..], &sv.zero[at..]);
+            super::avx2::fill_token_tables(&mut tables, &levels, sc, ze, l.ring, groups, nt);
         } else {
             for (t, row) in tables[..nt * groups].chunks_exact_mut(groups).enumerate() {
                 for (gj, table) in row.iter_mut().enumerate() {
