@@ -2256,6 +2256,75 @@ impl GroupRun<'_> {
     }
 }
 
+/// Queries per KV head [`tier_key_dots`] takes at once (GQA groups up to 8 queries).
+pub(crate) const TIER_QUERIES: usize = 8;
+
+/// Channel group `gi` (64 channels, as 8 vectors) of a promoted token's 4-bit correction (`part`: `d / 64`
+/// parameter words, f16 scale low and zero high, then `d / 8` words of codes, 8 to a word from the low
+/// bits): each code `f32(code) * scale + zero`, the product and then the sum rounded, as
+/// `GroupParams::decode` forms it.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tier_group_b4(part: &[u32], d: usize, gi: usize) -> [__m256; 8] {
+    let (params, codes) = part.split_at(d / 64);
+    let ps = _mm256_cvtph_ps(_mm_set1_epi32(params[gi] as i32));
+    // Lanes 0 and 1 of `ps` hold the scale and the zero point.
+    let scale = _mm256_permutevar8x32_ps(ps, _mm256_set1_epi32(0));
+    let zero = _mm256_permutevar8x32_ps(ps, _mm256_set1_epi32(1));
+    let sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    let m = _mm256_set1_epi32(15);
+    let cw = &codes[gi * 8..][..8];
+    core::array::from_fn(|j| {
+        let c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(cw[j] as i32), sh), m);
+        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c), scale), zero)
+    })
+}
+
+/// `s[qi] = q_qi . c` for a promoted token's 4-bit correction `c` in groups of 64 channels (see
+/// [`tier_group_b4`]) and queries `qi < q.nq` (at most [`TIER_QUERIES`]), `d % 64 == 0`: `super::dot`'s
+/// sums (8 lanes, each `acc + x * y` in channel order, then the lanes in order), the same bits, with the
+/// correction decoded in registers instead of stored and read back once per query.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn tier_key_dots(part: &[u32], q: &Queries<'_>, s: &mut [f32; TIER_QUERIES]) {
+    let (d, nq) = (q.d, q.nq);
+    assert!(d.is_multiple_of(64) && nq <= TIER_QUERIES, "tier dots: shapes outside the kernel's");
+    let mut acc = [_mm256_setzero_ps(); TIER_QUERIES];
+    for gi in 0..d / 64 {
+        let c = tier_group_b4(part, d, gi);
+        for (qi, a) in acc[..nq].iter_mut().enumerate() {
+            let qr = &q.row(qi)[gi * 64..][..64];
+            for (j, &cj) in c.iter().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(ld(&qr[8 * j..]), cj));
+            }
+        }
+    }
+    // `dot`'s tail: the sum of no remainder.
+    let tail: f32 = core::iter::empty::<f32>().sum();
+    for (s, a) in s.iter_mut().zip(&acc[..nq]) {
+        let mut lanes = [0.0f32; 8];
+        st(&mut lanes, *a);
+        *s = lanes.iter().sum::<f32>() + tail;
+    }
+}
+
+/// `acc[qi] += p[qi][t] * c` for a promoted token's 4-bit correction `c` in groups of 64 channels (see
+/// [`tier_group_b4`]), `d % 64 == 0`: each lane `acc + p * x`, as the portable loop forms it.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn tier_value_axpy(part: &[u32], p: &Probs<'_>, t: usize, d: usize, acc: &mut [f32]) {
+    assert!(d.is_multiple_of(64), "tier sums: head dimension outside the kernel's");
+    for gi in 0..d / 64 {
+        let c = tier_group_b4(part, d, gi);
+        for (qi, a) in acc.chunks_exact_mut(d).enumerate() {
+            let pt = _mm256_set1_ps(p.at(qi, t));
+            let a = &mut a[gi * 64..][..64];
+            for (j, &cj) in c.iter().enumerate() {
+                let v = _mm256_add_ps(ld(&a[8 * j..]), _mm256_mul_ps(pt, cj));
+                st(&mut a[8 * j..], v);
+            }
+        }
+    }
+}
+
 /// Largest `head_dim` [`offset_queries`] takes: its run's RoPE angles (two vectors per channel pair) stay on
 /// the stack, 16 KiB at 256.
 pub(crate) const OQ_MAX_D: usize = 256;

@@ -1022,6 +1022,8 @@ pub(crate) fn tier_key_scores_flat(
     tier_key_scores_flat_in(tv, h, j0, n, q, out);
 }
 
+/// [`tier_key_scores_flat_in`] compiled for AVX2; 4-bit corrections in groups of 64 channels (`mikv2`'s)
+/// are decoded in registers and dotted there ([`super::avx2::tier_key_dots`]), the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tier_key_scores_flat_avx2(
@@ -1032,6 +1034,16 @@ fn tier_key_scores_flat_avx2(
     q: &Queries<'_>,
     out: &mut Scores<'_>,
 ) {
+    if q.d.is_multiple_of(64) && q.nq <= super::avx2::TIER_QUERIES && tv.b4_in_64s() {
+        for (t, slot) in tv.promoted(h, j0, n) {
+            let mut s = [0.0f32; super::avx2::TIER_QUERIES];
+            super::avx2::tier_key_dots(tv.part(slot, Stream::Keys), q, &mut s);
+            for (qi, s) in s[..q.nq].iter().enumerate() {
+                *out.at(qi, t) += s;
+            }
+        }
+        return;
+    }
     tier_key_scores_flat_in(tv, h, j0, n, q, out);
 }
 
@@ -1078,6 +1090,8 @@ pub(crate) fn tier_value_sums(
     tier_value_sums_in(tv, h, j0, n, p, d, acc);
 }
 
+/// [`tier_value_sums_in`] compiled for AVX2; 4-bit corrections in groups of 64 channels are decoded in
+/// registers and added from there ([`super::avx2::tier_value_axpy`]), the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tier_value_sums_avx2(
@@ -1089,6 +1103,12 @@ fn tier_value_sums_avx2(
     d: usize,
     acc: &mut [f32],
 ) {
+    if d.is_multiple_of(64) && tv.b4_in_64s() {
+        for (t, slot) in tv.promoted(h, j0, n) {
+            super::avx2::tier_value_axpy(tv.part(slot, Stream::Values), p, t, d, acc);
+        }
+        return;
+    }
     tier_value_sums_in(tv, h, j0, n, p, d, acc);
 }
 

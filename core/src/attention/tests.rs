@@ -2200,3 +2200,56 @@ fn grouped_int8_keys_and_values_equal_their_twins_and_stay_within_their_bounds()
     assert!(worst_k > 0.0 && worst_v > 0.0);
     assert!(cases >= if cfg!(miri) { 8 } else { 48 }, "{cases}");
 }
+
+/// The AVX2 tier kernels (4-bit corrections in groups of 64 channels decoded in registers) give the
+/// portable loops' bits: every promoted token's key score correction and value sum, over head sizes of
+/// one to four correction groups, one to eight queries, and ranges that start and end inside key groups.
+/// Two codes of a word swapped, or the lanes summed in another order, fails it. (A fused multiply-add in
+/// the decode would not: a 4-bit code times an f16 scale is exact in f32.)
+#[test]
+fn tier_corrections_on_avx2_equal_the_portable_loops_bit_for_bit() {
+    use crate::cache::tier::TierView;
+    if Kernel::avx2().is_none() {
+        std::println!("skipped: this CPU lacks one of AVX2, FMA, F16C");
+        return;
+    }
+    let mut rng = Rng::new(23);
+    let mut promoted = 0;
+    for (d, nq) in [(64usize, 3usize), (128, 1), (192, 8), (256, 5)] {
+        let g = 32;
+        let mut cfg = CacheConfig::kivi(Width::B2, g, 32, 1, d, 400).with_sinks(4);
+        cfg.keys = Precision::Quant(QuantSpec::per_channel(Width::B2, g).with_params(Fp8E4M3));
+        cfg = cfg.with_tiers(crate::cache::config::Tiers { keep: 2, width: Width::B4 });
+        let mut mem = vec![0u32; cfg.layout().unwrap().total_words];
+        let mut cache = Cache::new(cfg, &mut mem).unwrap();
+        let t = 300;
+        let (k, v) = (activations(&mut rng, t, 1, d), activations(&mut rng, t, 1, d));
+        crate::cache::tests::append_observed(&mut cache, &k, &v, &mut rng);
+        let tv = TierView::of(&cache).unwrap();
+        assert!(tv.b4_in_64s());
+        let q: Vec<f32> = (0..nq * d).map(|_| rng.unit() * 2.0).collect();
+        let queries = Queries { q: &q, nq, d };
+        let p: Vec<f32> = (0..nq * t).map(|_| rng.unit().abs()).collect();
+        let probs = Probs { data: &p, stride: t, pos: 0 };
+        for (j0, n) in [(0usize, t - 40), (37, 150), (101, 3)] {
+            promoted += tv.promoted(0, j0, n).count();
+            let mut runs = Vec::new();
+            for vector in [false, true] {
+                let mut s: Vec<f32> = (0..nq * t).map(|i| i as f32 * 0.25).collect();
+                let mut scores = Scores { data: &mut s, stride: t, pos: 0 };
+                generic::tier_key_scores_flat(&tv, 0, j0, n, &queries, &mut scores, vector);
+                let mut acc: Vec<f32> = (0..nq * d).map(|i| i as f32 * 0.5).collect();
+                generic::tier_value_sums(&tv, 0, j0, n, &probs, d, &mut acc, vector);
+                runs.push((s, acc));
+            }
+            let what = std::format!("d {d} nq {nq} tokens {j0}..{}", j0 + n);
+            for (a, b) in runs[0].0.iter().zip(&runs[1].0) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: key scores {a} vs {b}");
+            }
+            for (a, b) in runs[0].1.iter().zip(&runs[1].1) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: value sums {a} vs {b}");
+            }
+        }
+    }
+    assert!(promoted >= 50, "{promoted} promoted tokens");
+}

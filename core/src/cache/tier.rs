@@ -78,6 +78,21 @@ impl<'c> TierView<'c> {
         self.promoted(h, j, 1).last().map(|(_, s)| s)
     }
 
+    /// Whether the corrections are 4-bit in groups of 64 channels, the layout the AVX2 tier kernels
+    /// read: per group a parameter word (f16 scale low, zero high), then 8 words of codes per group.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) fn b4_in_64s(&self) -> bool {
+        self.tiers.width == Width::B4 && Tiers::group(self.d) == 64
+    }
+
+    /// `stream`'s part of a slot: its parameter words, then its codes.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) fn part(&self, slot: &'c [u32], stream: Stream) -> &'c [u32] {
+        part(slot, stream, self.d, self.tiers.width)
+    }
+
     /// Decodes `stream`'s correction of a slot into `out` (`head_dim` floats).
     #[inline(always)]
     pub(crate) fn correction(&self, slot: &[u32], stream: Stream, out: &mut [f32]) {
