@@ -6,8 +6,9 @@
 //! - the load/store helpers (`ld`, `st`, `ld_ph`, `ldn`, `stn`), which read or write exactly the slice they are given after
 //!   a bounds-checked reslice;
 //! - `unsafe fn` inner-loop helpers that read through raw pointers (`unpack16`, `unpack16_b3`, `ldn_ph`,
-//!   `fma_bcast`, `axpy_pass`, `code_pairs`, `madd_pairs`, the int8 tiles): each states in `# Safety` the
-//!   range it reads, and its callers check that whole range once before the loop;
+//!   `fma_bcast`, `axpy_pass`, `code_pairs`, `madd_pairs`, the int8 tiles, `GroupRun::fast_run`, the
+//!   offset queries' `sweep`): each states in `# Safety` the range it reads, and its callers check that
+//!   whole range once before the loop;
 //! - a few `get_unchecked` reads in inner loops whose indices the loop bounds already limit.
 //!
 //! What the pointer walks bought is in `docs/decode-speed-history.md` (for the int8 step, counted with

@@ -55,9 +55,9 @@ pub(crate) fn key_group_stored(
 /// `k_s` at offset `o` is the key `R(o) (H (k_s + mu)) / b` (see [`Cache::inverse`]), so its score is
 /// `q_o . k_s + q_o . mu` with `q_o = H (R(-o) q / b)`. `oq` receives them transposed, with offsets side
 /// by side as a key group's codes lie (see [`oq_at`]), `bias` `[nq][G]`.
-/// Turning the `G * nq` queries once per step replaces turning every key row back. Where `avx512` (and the
-/// shapes fit: runs of 16 offsets, keys neither balanced nor centred) the AVX-512 kernel forms them, the same
-/// bits.
+/// Turning the `G * nq` queries once per step replaces turning every key row back. Where `avx512` or
+/// `vector` (and the shapes fit: runs of 16 offsets, keys neither balanced nor centred) the AVX-512 or the
+/// AVX2 kernel forms them, the same bits.
 #[allow(unsafe_code, clippy::too_many_arguments)]
 pub(crate) fn offset_queries(
     cache: &Cache<'_>,
