@@ -2661,16 +2661,7 @@ pub(crate) fn fill_tables(
     assert!(d.is_multiple_of(8) && levels.len() >= d && params.len() >= d);
     for c0 in (0..d).step_by(8) {
         let (s, z) = match params {
-            TableParams::F16(scale, zero) => {
-                let (sr, zr) = (&scale[c0..][..8], &zero[c0..][..8]);
-                // SAFETY: `sr` and `zr` hold 8 u16 (16 bytes) each; unaligned reads.
-                unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(sr.as_ptr().cast())),
-                        _mm256_cvtph_ps(_mm_loadu_si128(zr.as_ptr().cast())),
-                    )
-                }
-            }
+            TableParams::F16(scale, zero) => (ld_ph(&scale[c0..]), ld_ph(&zero[c0..])),
             TableParams::Fp8(scale, zero) => {
                 let (sr, zr) = (&scale[c0..][..8], &zero[c0..][..8]);
                 // SAFETY: `sr` and `zr` hold 8 bytes each; unaligned 8-byte reads.
@@ -2680,13 +2671,22 @@ pub(crate) fn fill_tables(
             }
         };
         for (k, (t, lv)) in tables[c0..c0 + 8].iter_mut().zip(&levels[c0..c0 + 8]).enumerate() {
-            let i = _mm256_set1_epi32(k as i32);
-            let (sk, zk) = (_mm256_permutevar8x32_ps(s, i), _mm256_permutevar8x32_ps(z, i));
-            st(&mut t[..8], _mm256_add_ps(zk, _mm256_mul_ps(sk, ld(&lv[..8]))));
-            if full {
-                st(&mut t[8..], _mm256_add_ps(zk, _mm256_mul_ps(sk, ld(&lv[8..]))));
-            }
+            lane_table(t, s, z, k, ld(&lv[..8]), full.then(|| ld(&lv[8..])));
         }
+    }
+}
+
+/// `t = zero + scale * levels` (a product and then a sum, each rounded, as [`fill_table`] forms it) with
+/// the scale and zero point lane `k` of `s` and `z`, for the table's first 8 levels `lo` and, where given,
+/// its last 8 `hi`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lane_table(t: &mut [f32; 16], s: __m256, z: __m256, k: usize, lo: __m256, hi: Option<__m256>) {
+    let i = _mm256_set1_epi32(k as i32);
+    let (sk, zk) = (_mm256_permutevar8x32_ps(s, i), _mm256_permutevar8x32_ps(z, i));
+    st(&mut t[..8], _mm256_add_ps(zk, _mm256_mul_ps(sk, lo)));
+    if let Some(hi) = hi {
+        st(&mut t[8..], _mm256_add_ps(zk, _mm256_mul_ps(sk, hi)));
     }
 }
 
@@ -2709,29 +2709,26 @@ pub(crate) fn fill_token_tables(
     let (lo, hi) = (ld(&levels[..8]), ld(&levels[8..]));
     for gj in 0..groups {
         let (sr, zr) = (&scale[gj * ring..][..nt], &zero[gj * ring..][..nt]);
-        let mut t0 = 0;
-        while t0 < nt {
+        for t0 in (0..nt).step_by(8) {
             let k = (nt - t0).min(8);
-            let (mut sb, mut zb) = ([0u16; 8], [0u16; 8]);
-            sb[..k].copy_from_slice(&sr[t0..t0 + k]);
-            zb[..k].copy_from_slice(&zr[t0..t0 + k]);
-            // SAFETY: `sb` and `zb` hold 8 u16 (16 bytes); unaligned reads.
-            let (s, z) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(sb.as_ptr().cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(zb.as_ptr().cast())),
-                )
-            };
+            let (s, z) = (ld_ph_padded(&sr[t0..t0 + k]), ld_ph_padded(&zr[t0..t0 + k]));
             for i in 0..k {
-                let ix = _mm256_set1_epi32(i as i32);
-                let (si, zi) = (_mm256_permutevar8x32_ps(s, ix), _mm256_permutevar8x32_ps(z, ix));
-                let t = &mut tables[(t0 + i) * groups + gj];
-                st(&mut t[..8], _mm256_add_ps(zi, _mm256_mul_ps(si, lo)));
-                st(&mut t[8..], _mm256_add_ps(zi, _mm256_mul_ps(si, hi)));
+                lane_table(&mut tables[(t0 + i) * groups + gj], s, z, i, lo, Some(hi));
             }
-            t0 += k;
         }
     }
+}
+
+/// Up to 8 f16 values to f32 ([`ld_ph`]), fewer padded with zeros.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn ld_ph_padded(x: &[u16]) -> __m256 {
+    if x.len() >= 8 {
+        return ld_ph(x);
+    }
+    let mut b = [0u16; 8];
+    b[..x.len()].copy_from_slice(x);
+    ld_ph(&b)
 }
 
 /// The scales and zero points [`fill_tables`] reads, channel by channel.

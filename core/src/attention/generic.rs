@@ -70,33 +70,18 @@ pub(crate) fn offset_queries(
     avx512: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx512 && vector {
+    if vector {
         let (d, t) = (queries.d, cache.config().transform);
+        // A rotation needs a power of two (`hadamard_len_ok`), as both kernels' sweeps do.
         let rotate = t.rotate_keys && crate::transform::hadamard_len_ok(d);
-        if oq_run(g) == 16
-            && d.is_multiple_of(16)
-            && d <= super::avx2::avx512::OQ_MAX_D
-            && !t.balance_keys
-            && !t.center_keys
-        {
-            let rope = t.rope.map(|r| (r, cache.view(Stream::Keys).tables.rope));
+        let rope = t.rope.map(|r| (r, cache.view(Stream::Keys).tables.rope));
+        let fits = oq_run(g) == 16 && !t.balance_keys && !t.center_keys;
+        if fits && avx512 && d.is_multiple_of(16) && d <= super::avx2::avx512::OQ_MAX_D {
             // SAFETY: `avx512` comes from an AVX-512 `Kernel`, which exists only where the CPU has the
             // features the kernel enables (see the note above the dispatchers in `attention`).
             return unsafe { super::avx2::avx512::offset_queries(rope, rotate, g, queries, oq, bias) };
         }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if vector {
-        let (d, t) = (queries.d, cache.config().transform);
-        let rotate = t.rotate_keys && crate::transform::hadamard_len_ok(d);
-        if oq_run(g) == 16
-            && d.is_multiple_of(8)
-            && d <= super::avx2::OQ_MAX_D
-            && (!rotate || d.is_power_of_two())
-            && !t.balance_keys
-            && !t.center_keys
-        {
-            let rope = t.rope.map(|r| (r, cache.view(Stream::Keys).tables.rope));
+        if fits && d.is_multiple_of(8) && d <= super::avx2::OQ_MAX_D {
             // SAFETY: `vector` comes from an AVX2 `Kernel`, which exists only where the CPU has AVX2, FMA
             // and F16C (see the note above the dispatchers in `attention`).
             return unsafe { super::avx2::offset_queries(rope, rotate, g, queries, oq, bias) };
